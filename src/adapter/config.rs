@@ -1,0 +1,267 @@
+//! `adapter_config.json` of a Bone or MiSS adapter.
+
+use crate::error::{input, Result};
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeftType {
+    Bone,
+    Miss,
+}
+
+impl PeftType {
+    pub fn name(self) -> &'static str {
+        match self {
+            PeftType::Bone => "BONE",
+            PeftType::Miss => "MISS",
+        }
+    }
+
+    /// The suffix of a block's key in the safetensors file.
+    pub fn block_suffix(self) -> &'static str {
+        match self {
+            PeftType::Bone => ".bone_block",
+            PeftType::Miss => ".miss_block",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// `init_weights` true or false: block `[r, O]`, added periodically along the input axis.
+    Default,
+    /// `init_weights: "bat"`: block `[O/r, r, r]`, `W_ij·(I + B_i) + B_i`.
+    Bat,
+    /// MiSS `init_weights: "mini"`: block `[r, mini_r]`, tiled along the output axis.
+    Mini,
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Default => "default",
+            Variant::Bat => "bat",
+            Variant::Mini => "mini",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AdapterConfig {
+    pub peft_type: PeftType,
+    pub variant: Variant,
+    pub r: usize,
+    pub mini_r: usize,
+    pub init_weights: Value,
+    pub target_modules: Value,
+    pub modules_to_save: Vec<String>,
+    pub layers_to_transform: Value,
+    pub base_model_name_or_path: Option<String>,
+    pub peft_version: Option<String>,
+    pub task_type: Option<String>,
+    pub bias: String,
+    /// The file as read.
+    pub raw: Value,
+}
+
+/// Keys PEFT writes for every config, and those of BoneConfig / MissConfig.
+const COMMON_KEYS: &[&str] = &[
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "r",
+    "init_weights",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "bias",
+    "modules_to_save",
+];
+const MISS_KEYS: &[&str] = &["mini_r", "miss_dropout"];
+
+impl AdapterConfig {
+    /// Parse and check `adapter_config.json`; unknown keys become warnings.
+    pub fn parse(path: &Path, text: &str, warnings: &mut Vec<String>) -> Result<AdapterConfig> {
+        let p = path.display();
+        let raw: Value =
+            serde_json::from_str(text).map_err(|e| input(format!("{p}: not valid JSON: {e}")))?;
+        let obj = raw
+            .as_object()
+            .ok_or_else(|| input(format!("{p}: expected a JSON object")))?;
+        let peft_type = match obj.get("peft_type") {
+            Some(Value::String(s)) if s == "BONE" => PeftType::Bone,
+            Some(Value::String(s)) if s == "MISS" => PeftType::Miss,
+            Some(Value::String(s)) => {
+                return Err(input(format!(
+                    "{p}: peft_type is {s:?}: bone-tool handles Bone and MiSS adapters only (peft_type \"BONE\" or \"MISS\")"
+                )))
+            }
+            Some(other) => return Err(input(format!("{p}: peft_type must be the string \"BONE\" or \"MISS\", found {other}"))),
+            None => return Err(input(format!("{p}: no peft_type (expected \"BONE\" or \"MISS\")"))),
+        };
+        let positive = |key: &str, default: usize| -> Result<usize> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .map(|n| n as usize)
+                    .ok_or_else(|| {
+                        input(format!("{p}: {key} must be a positive integer, found {v}"))
+                    }),
+            }
+        };
+        let r = positive("r", 64)?;
+        let mini_r = if peft_type == PeftType::Miss {
+            positive("mini_r", 1)?
+        } else {
+            1
+        };
+        let init_weights = obj
+            .get("init_weights")
+            .cloned()
+            .unwrap_or(Value::Bool(true));
+        let variant = match (&init_weights, peft_type) {
+            (Value::Bool(_), _) => Variant::Default,
+            (Value::String(s), _) if s == "bat" => Variant::Bat,
+            (Value::String(s), PeftType::Miss) if s == "mini" => Variant::Mini,
+            (Value::String(s), PeftType::Bone) if s == "mini" => return Err(input(format!(
+                "{p}: init_weights \"mini\" exists only for MiSS (peft_type \"MISS\"), not Bone"
+            ))),
+            (other, _) => {
+                let allowed = if peft_type == PeftType::Miss {
+                    "true, false, \"bat\" or \"mini\""
+                } else {
+                    "true, false or \"bat\""
+                };
+                return Err(input(format!(
+                    "{p}: init_weights must be {allowed}, found {other}"
+                )));
+            }
+        };
+        let modules_to_save = match obj.get("modules_to_save") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| input(format!("{p}: modules_to_save must list strings")))
+                })
+                .collect::<Result<_>>()?,
+            Some(v) => {
+                return Err(input(format!(
+                    "{p}: modules_to_save must be a list or null, found {v}"
+                )))
+            }
+        };
+        let string = |key: &str| obj.get(key).and_then(Value::as_str).map(str::to_string);
+        for key in obj.keys() {
+            let known = COMMON_KEYS.contains(&key.as_str())
+                || (peft_type == PeftType::Miss && MISS_KEYS.contains(&key.as_str()));
+            if !known {
+                warnings.push(format!("{p}: unknown key {key:?} ignored"));
+            }
+        }
+        Ok(AdapterConfig {
+            peft_type,
+            variant,
+            r,
+            mini_r,
+            init_weights,
+            target_modules: obj.get("target_modules").cloned().unwrap_or(Value::Null),
+            modules_to_save,
+            layers_to_transform: obj
+                .get("layers_to_transform")
+                .cloned()
+                .unwrap_or(Value::Null),
+            base_model_name_or_path: string("base_model_name_or_path"),
+            peft_version: string("peft_version"),
+            task_type: string("task_type"),
+            bias: string("bias").unwrap_or_else(|| "none".to_string()),
+            raw,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<(AdapterConfig, Vec<String>)> {
+        let mut w = vec![];
+        AdapterConfig::parse(Path::new("adapter_config.json"), text, &mut w).map(|c| (c, w))
+    }
+
+    #[test]
+    fn defaults_follow_peft() {
+        let (c, w) = parse(r#"{"peft_type": "BONE"}"#).unwrap();
+        assert_eq!((c.r, c.variant, c.mini_r), (64, Variant::Default, 1));
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn variants_come_from_init_weights() {
+        assert_eq!(
+            parse(r#"{"peft_type":"MISS","init_weights":false}"#)
+                .unwrap()
+                .0
+                .variant,
+            Variant::Default
+        );
+        assert_eq!(
+            parse(r#"{"peft_type":"MISS","init_weights":"bat"}"#)
+                .unwrap()
+                .0
+                .variant,
+            Variant::Bat
+        );
+        let (c, _) =
+            parse(r#"{"peft_type":"MISS","init_weights":"mini","mini_r":4,"r":8}"#).unwrap();
+        assert_eq!((c.variant, c.mini_r, c.r), (Variant::Mini, 4, 8));
+    }
+
+    #[test]
+    fn rejects_what_is_not_bone_or_miss() {
+        let e = parse(r#"{"peft_type":"LORA","r":8}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"LORA\"") && e.contains("BONE") && e.contains("MISS"),
+            "{e}"
+        );
+        assert!(parse(r#"{"r":8}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("no peft_type"));
+        assert!(parse(r#"{"peft_type":"BONE","init_weights":"mini"}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("only for MiSS"));
+        assert!(parse(r#"{"peft_type":"BONE","r":0}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("positive integer"));
+        assert!(parse(r#"{"peft_type":"BONE","init_weights":"pissa"}"#).is_err());
+        assert!(parse("{not json")
+            .unwrap_err()
+            .to_string()
+            .contains("not valid JSON"));
+    }
+
+    #[test]
+    fn unknown_keys_warn() {
+        let (_, w) = parse(r#"{"peft_type":"BONE","lora_alpha":16}"#).unwrap();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("lora_alpha"));
+        // MiSS-only keys are unknown to Bone
+        let (_, w) = parse(r#"{"peft_type":"BONE","mini_r":2}"#).unwrap();
+        assert_eq!(w.len(), 1);
+    }
+}

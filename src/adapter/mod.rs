@@ -1,0 +1,328 @@
+//! PEFT Bone / MiSS adapter folders: the config, the blocks, the replacement tensors, and how each
+//! maps onto a base model's tensors.
+
+pub mod config;
+
+use crate::error::{input, Result};
+use crate::model::{io_reason, Model, SafetensorsFile, TensorEntry};
+use crate::ops::dtype::Float;
+pub use config::{AdapterConfig, PeftType, Variant};
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_NAME: &str = "adapter_config.json";
+pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
+/// The prefix PeftModel puts before every module path.
+pub const DEFAULT_PREFIX: &str = "base_model.model.";
+
+/// One adapted layer.
+#[derive(Clone, Debug)]
+pub struct Block {
+    /// The key in `adapter_model.safetensors`.
+    pub key: String,
+    /// The module path in the base model (`model.layers.0.self_attn.q_proj`).
+    pub module: String,
+    pub entry: TensorEntry,
+}
+
+impl Block {
+    /// The base tensor the block changes.
+    pub fn target(&self) -> String {
+        format!("{}.weight", self.module)
+    }
+}
+
+/// A tensor that replaces a base tensor outright (modules_to_save, resized embeddings).
+#[derive(Clone, Debug)]
+pub struct Replacement {
+    pub key: String,
+    /// The base tensor it replaces.
+    pub target: String,
+    pub entry: TensorEntry,
+}
+
+#[derive(Clone, Debug)]
+pub struct Ignored {
+    pub key: String,
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub struct Adapter {
+    pub dir: PathBuf,
+    pub config: AdapterConfig,
+    pub file: SafetensorsFile,
+    pub blocks: Vec<Block>,
+    pub replacements: Vec<Replacement>,
+    pub ignored: Vec<Ignored>,
+    pub warnings: Vec<String>,
+}
+
+/// The shape of one adapted layer, once checked against its base tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// out_features, in_features
+    pub o: usize,
+    pub i: usize,
+    pub weight: Float,
+    pub block: Float,
+}
+
+impl Adapter {
+    /// Open an adapter folder (or the path of its config or weights file).
+    pub fn open(path: &Path, prefix: &str) -> Result<Adapter> {
+        let dir = if path.is_file() {
+            path.parent().unwrap_or(Path::new(".")).to_path_buf()
+        } else {
+            path.to_path_buf()
+        };
+        let d = dir.display();
+        if !dir.is_dir() {
+            return Err(input(format!("{}: no such adapter folder", path.display())));
+        }
+        let cfg_path = dir.join(CONFIG_NAME);
+        let text = match std::fs::read_to_string(&cfg_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let hint = if dir.join("config.json").is_file() {
+                    " (this looks like a model folder: pass it with --base)"
+                } else {
+                    ""
+                };
+                return Err(input(format!(
+                    "{d}: no {CONFIG_NAME}, so this is not a PEFT adapter folder{hint}"
+                )));
+            }
+            Err(e) => return Err(input(format!("{}: {}", cfg_path.display(), io_reason(&e)))),
+        };
+        let mut warnings = vec![];
+        let config = AdapterConfig::parse(&cfg_path, &text, &mut warnings)?;
+        let weights = dir.join(WEIGHTS_NAME);
+        if !weights.is_file() {
+            if dir.join("adapter_model.bin").is_file() {
+                return Err(input(format!(
+                    "{d}: only adapter_model.bin (a torch pickle, which bone-tool does not unpickle); convert it to safetensors: \
+                     python -c \"import torch; from safetensors.torch import save_file; \
+                     save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors', metadata={{'format': 'pt'}})\""
+                )));
+            }
+            return Err(input(format!("{d}: no {WEIGHTS_NAME}")));
+        }
+        let file = SafetensorsFile::open(&weights)?;
+        let mut adapter = Adapter {
+            dir,
+            config,
+            file,
+            blocks: vec![],
+            replacements: vec![],
+            ignored: vec![],
+            warnings,
+        };
+        adapter.classify(prefix)?;
+        Ok(adapter)
+    }
+
+    /// Sort the file's tensors into blocks, replacements and ignored keys, and check each block's
+    /// shape against the config (the checks that need no base model).
+    fn classify(&mut self, prefix: &str) -> Result<()> {
+        let pt = self.config.peft_type;
+        let other = if pt == PeftType::Bone {
+            PeftType::Miss
+        } else {
+            PeftType::Bone
+        };
+        let wp = self.file.path.display().to_string();
+        for entry in self.file.tensors.clone() {
+            let key = entry.name.clone();
+            if let Some(path) = key.strip_suffix(pt.block_suffix()) {
+                let module = path.strip_prefix(prefix).unwrap_or(path).to_string();
+                let block = Block { key, module, entry };
+                self.check_block_shape(&block)?;
+                self.blocks.push(block);
+            } else if key.ends_with(other.block_suffix()) {
+                return Err(input(format!(
+                    "{wp}: tensor {key:?} is a {} block, but adapter_config.json says peft_type {:?}",
+                    other.name(),
+                    pt.name()
+                )));
+            } else if key.contains(".bone_block.") || key.contains(".miss_block.") {
+                self.ignored.push(Ignored {
+                    key,
+                    reason:
+                        "another adapter's block (PEFT <= 0.19 saved it under this adapter's name)"
+                            .into(),
+                });
+            } else if key.contains("bone_") || key.contains("miss_") {
+                self.ignored.push(Ignored {
+                    key,
+                    reason: "a Bone/MiSS tensor that is not a block".into(),
+                });
+            } else {
+                let stripped = key.strip_prefix(prefix).unwrap_or(&key);
+                let target = stripped.replace(".base_layer.", ".");
+                self.replacements.push(Replacement { key, target, entry });
+            }
+        }
+        for ig in &self.ignored {
+            self.warnings
+                .push(format!("{wp}: ignored {:?}: {}", ig.key, ig.reason));
+        }
+        if self.blocks.is_empty() && self.replacements.is_empty() {
+            return Err(input(format!(
+                "{wp}: holds no {} blocks (keys ending in {:?})",
+                pt.name(),
+                pt.block_suffix()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_block_shape(&self, b: &Block) -> Result<()> {
+        let c = &self.config;
+        let s = &b.entry.shape;
+        let at = format!("{}: block {:?}", self.file.path.display(), b.key);
+        if Float::from_dtype(b.entry.dtype).is_none() {
+            return Err(input(format!(
+                "{at}: dtype {:?}, expected F32, BF16 or F16",
+                b.entry.dtype
+            )));
+        }
+        let ok = match c.variant {
+            Variant::Default => s.len() == 2 && s[0] == c.r,
+            Variant::Mini => s.len() == 2 && s[0] == c.r && s[1] == c.mini_r,
+            Variant::Bat => s.len() == 3 && s[1] == c.r && s[2] == c.r,
+        };
+        if !ok {
+            let expected = match c.variant {
+                Variant::Default => format!("[r, out_features] = [{}, O]", c.r),
+                Variant::Mini => format!("[r, mini_r] = [{}, {}]", c.r, c.mini_r),
+                Variant::Bat => format!("[out_features / r, r, r] = [O/{0}, {0}, {0}]", c.r),
+            };
+            return Err(input(format!(
+                "{at}: shape {s:?} does not fit the {} variant with r = {}: expected {expected}",
+                c.variant.name(),
+                c.r
+            )));
+        }
+        Ok(())
+    }
+
+    /// Check one block against the base model: the tensor exists, is a float `[O, I]` matrix, and
+    /// the variant's shape and divisibility rules hold. The error names the tensor and what was
+    /// expected.
+    pub fn check_layer(&self, b: &Block, base: &Model) -> Result<Geometry, String> {
+        let c = &self.config;
+        let target = b.target();
+        let Some((_, w)) = base.tensor(&target) else {
+            return Err(missing_target(&b.key, &target, base));
+        };
+        let weight = Float::from_dtype(w.dtype).ok_or_else(|| {
+            format!(
+                "base tensor {target:?} has dtype {:?}: bone-tool merges into F32, BF16 or F16 weights (quantized bases are not supported)",
+                w.dtype
+            )
+        })?;
+        let block = Float::from_dtype(b.entry.dtype).expect("checked when the adapter was opened");
+        if w.shape.len() != 2 {
+            return Err(format!(
+                "base tensor {target:?} has shape {:?}, expected a Linear weight [out, in]",
+                w.shape
+            ));
+        }
+        let (o, i) = (w.shape[0], w.shape[1]);
+        let s = &b.entry.shape;
+        let r = c.r;
+        match c.variant {
+            Variant::Default if s[1] != o => {
+                return Err(format!(
+                    "block {:?} has shape {s:?}, but {target:?} is [{o}, {i}]: expected [{r}, {o}] ([r, out_features])",
+                    b.key
+                ))
+            }
+            Variant::Mini if o % c.mini_r != 0 => {
+                return Err(format!(
+                    "{target:?} is [{o}, {i}]: out_features {o} is not a multiple of mini_r {} (mini blocks are tiled along out_features)",
+                    c.mini_r
+                ))
+            }
+            Variant::Bat if o % r != 0 || i % r != 0 => {
+                return Err(format!(
+                    "{target:?} is [{o}, {i}]: BAT needs out_features and in_features to be multiples of r = {r}"
+                ))
+            }
+            Variant::Bat if s[0] * r != o => {
+                return Err(format!(
+                    "block {:?} has shape {s:?}, but {target:?} is [{o}, {i}]: expected [{}, {r}, {r}] ([out_features / r, r, r])",
+                    b.key,
+                    o / r
+                ))
+            }
+            _ => {}
+        }
+        Ok(Geometry {
+            o,
+            i,
+            weight,
+            block,
+        })
+    }
+
+    /// Check a replacement tensor against the base: the target exists and has the same shape.
+    pub fn check_replacement(&self, rep: &Replacement, base: &Model) -> Result<(), String> {
+        let Some((_, w)) = base.tensor(&rep.target) else {
+            return Err(missing_target(&rep.key, &rep.target, base));
+        };
+        if w.shape != rep.entry.shape {
+            return Err(format!(
+                "{:?} would replace {:?} of shape {:?} with shape {:?} (a resized vocabulary?): bone-tool keeps the base's shapes",
+                rep.key, rep.target, w.shape, rep.entry.shape
+            ));
+        }
+        if Float::from_dtype(w.dtype).is_none() && w.dtype != rep.entry.dtype {
+            return Err(format!(
+                "{:?} has dtype {:?}, but the base tensor {:?} is {:?}",
+                rep.key, rep.entry.dtype, rep.target, w.dtype
+            ));
+        }
+        if Float::from_dtype(w.dtype).is_some() && Float::from_dtype(rep.entry.dtype).is_none() {
+            return Err(format!(
+                "{:?} has dtype {:?}, expected F32, BF16 or F16",
+                rep.key, rep.entry.dtype
+            ));
+        }
+        Ok(())
+    }
+
+    /// Elements in all blocks.
+    pub fn num_parameters(&self) -> usize {
+        self.blocks.iter().map(|b| b.entry.numel()).sum()
+    }
+}
+
+/// Explain a key whose base tensor does not exist, suggesting a prefix when one would fix it.
+fn missing_target(key: &str, target: &str, base: &Model) -> String {
+    let mut msg = format!("adapter tensor {key:?}: the base has no tensor {target:?}");
+    // Would stripping more leading segments of the key, or adding "model.", find it?
+    let segments: Vec<&str> = key.split('.').collect();
+    let tail = target.rsplit('.').next().unwrap_or("weight");
+    let module_len = segments.len() - 1; // drop the block suffix or "weight"
+    for cut in 0..module_len {
+        let candidate = format!("{}.{tail}", segments[cut..module_len].join("."));
+        if candidate != target && base.has(&candidate) {
+            let prefix = if cut == 0 {
+                String::new()
+            } else {
+                format!("{}.", segments[..cut].join("."))
+            };
+            msg.push_str(&format!(
+                "; with --adapter-prefix {prefix:?} it would match {candidate:?}"
+            ));
+            return msg;
+        }
+    }
+    if base.has(&format!("model.{target}")) {
+        msg.push_str(&format!("; the base has \"model.{target}\": was the adapter made for a model wrapped differently?"));
+    } else {
+        msg.push_str(" (was the adapter made for another base model?)");
+    }
+    msg
+}

@@ -1,0 +1,154 @@
+//! The command line, defined once: every flag and its documentation.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+const ABOUT: &str =
+    "Merge, unmerge and inspect PEFT Bone / MiSS adapters: streaming, bit-for-bit PEFT's math";
+
+const LONG_ABOUT: &str = "\
+bone-tool folds PEFT Bone / BAT / MiSS adapters (DiSHA, arXiv 2409.15371) into a base model's
+safetensors weights and takes them back out, shard by shard, without loading the model into RAM.
+Results are byte-identical to PEFT 0.18.1's merge_and_unload on f16/bf16 models and on every
+default/mini adapter. Output is written to a temporary folder beside --out and renamed into place
+only when complete.";
+
+const EXAMPLES: &str = "\
+Examples:
+  bone-tool merge --base ./Llama-3.2-1B --adapter ./my-bone-adapter --out ./Llama-3.2-1B-merged
+  bone-tool merge --base ./model --adapter ./first --adapter ./second --out ./merged
+  bone-tool unmerge --merged ./Llama-3.2-1B-merged --adapter ./my-bone-adapter --out ./restored
+  bone-tool inspect adapter ./my-bone-adapter --base ./Llama-3.2-1B
+
+Exit codes: 0 ok, 1 failed while working (I/O), 2 bad usage or input, 130 interrupted.";
+
+#[derive(Parser, Debug)]
+#[command(name = "bone-tool", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Worker threads for the math [default: one per core]
+    #[arg(long, global = true, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Print no progress bar or summary (warnings and errors still go to stderr)
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Merge adapters into a base model (PEFT's merge_and_unload), writing a new model folder
+    #[command(
+        after_help = "Example:\n  bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged"
+    )]
+    Merge(MergeArgs),
+    /// Remove merged adapters from a model again (last adapter first), writing a new model folder
+    #[command(
+        after_help = "Example:\n  bone-tool unmerge --merged ./merged --adapter ./bone-adapter --out ./restored"
+    )]
+    Unmerge(UnmergeArgs),
+    /// Look inside an adapter (and check it against a base model)
+    #[command(subcommand)]
+    Inspect(InspectCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The base model: a folder with model.safetensors or model.safetensors.index.json and its
+    /// shards, or one .safetensors file
+    #[arg(long, value_name = "MODEL")]
+    pub base: PathBuf,
+
+    /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors). Repeat to stack
+    /// adapters: they are merged in the order given
+    #[arg(long = "adapter", value_name = "ADAPTER", required = true)]
+    pub adapters: Vec<PathBuf>,
+
+    /// The folder to write: the base's files with the adapters merged in
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    #[command(flatten)]
+    pub opts: ApplyOptions,
+}
+
+#[derive(Args, Debug)]
+pub struct UnmergeArgs {
+    /// The merged model (same forms as merge's --base)
+    #[arg(long, value_name = "MODEL")]
+    pub merged: PathBuf,
+
+    /// The adapters that were merged, in the order they were merged; they are removed last first
+    #[arg(long = "adapter", value_name = "ADAPTER", required = true)]
+    pub adapters: Vec<PathBuf>,
+
+    /// The folder to write: the model with the adapters taken out
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    #[command(flatten)]
+    pub opts: ApplyOptions,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyOptions {
+    /// Replace --out if it exists (only once the new folder is complete)
+    #[arg(long)]
+    pub force: bool,
+
+    /// How BAT merges round: `peft` rounds the delta to the weight dtype before adding it, as PEFT
+    /// does (byte-identical output); `once` rounds W + delta once (more accurate)
+    #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
+    pub rounding: RoundingArg,
+
+    /// Reproduce PEFT with autocast_adapter_dtype=False: the blocks are first rounded to the
+    /// weight's dtype (default: blocks are used exactly, as PEFT's default f32 upcast does)
+    #[arg(long)]
+    pub no_autocast_adapter_dtype: bool,
+
+    #[command(flatten)]
+    pub prefix: PrefixArg,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PrefixArg {
+    /// The prefix of the adapter's tensor keys before the module path; stripped to find the base
+    /// tensor (adapters saved without PeftModel may have "" or "model.")
+    #[arg(long, value_name = "PREFIX", default_value = crate::adapter::DEFAULT_PREFIX)]
+    pub adapter_prefix: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RoundingArg {
+    Peft,
+    Once,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum InspectCommand {
+    /// Summarise an adapter: type, variant, r, layers, parameters, replaced tensors, warnings
+    #[command(
+        after_help = "Examples:\n  bone-tool inspect adapter ./bone-adapter\n  bone-tool inspect adapter ./bone-adapter --base ./base-model --json"
+    )]
+    Adapter(InspectAdapterArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InspectAdapterArgs {
+    /// The adapter folder
+    #[arg(value_name = "ADAPTER")]
+    pub adapter: PathBuf,
+
+    /// Check every layer against this base model; exit 2 when the adapter cannot be merged into it
+    #[arg(long, value_name = "MODEL")]
+    pub base: Option<PathBuf>,
+
+    /// Print one JSON object instead of text
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub prefix: PrefixArg,
+}

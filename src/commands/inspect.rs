@@ -1,0 +1,269 @@
+//! `inspect adapter`: what an adapter holds, and whether it fits a base model.
+
+use crate::adapter::{Adapter, Variant};
+use crate::cli::InspectAdapterArgs;
+use crate::error::{input, Result};
+use crate::model::Model;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+
+pub fn adapter(args: &InspectAdapterArgs) -> Result<()> {
+    let a = Adapter::open(&args.adapter, &args.prefix.adapter_prefix)?;
+    let base = args.base.as_ref().map(|p| Model::open(p)).transpose()?;
+    let report = report(&a, base.as_ref());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    if report["compatible"] == Value::Bool(false) {
+        let n = report["problems"].as_array().map_or(0, Vec::len);
+        return Err(input(format!(
+            "{} cannot be merged into {}: {n} problem{} (listed above)",
+            args.adapter.display(),
+            args.base
+                .as_ref()
+                .map(|b| b.display().to_string())
+                .unwrap_or_default(),
+            if n == 1 { "" } else { "s" }
+        )));
+    }
+    Ok(())
+}
+
+/// The report as one JSON object (what `--json` prints).
+pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
+    let c = &a.config;
+    let mut problems: Vec<String> = vec![];
+    let layers: Vec<Value> = a
+        .blocks
+        .iter()
+        .map(|b| {
+            let mut l = json!({
+                "module": b.module,
+                "key": b.key,
+                "base_tensor": b.target(),
+                "block_shape": b.entry.shape,
+                "dtype": format!("{:?}", b.entry.dtype),
+            });
+            if let Some(base) = base {
+                if let Some((_, w)) = base.tensor(&b.target()) {
+                    l["base_shape"] = json!(w.shape);
+                    l["base_dtype"] = json!(format!("{:?}", w.dtype));
+                }
+                match a.check_layer(b, base) {
+                    Ok(_) => l["ok"] = json!(true),
+                    Err(p) => {
+                        l["ok"] = json!(false);
+                        l["problem"] = json!(p);
+                        problems.push(format!("{}: {p}", b.module));
+                    }
+                }
+            }
+            l
+        })
+        .collect();
+    let replacements: Vec<Value> = a
+        .replacements
+        .iter()
+        .map(|r| {
+            let mut v = json!({"key": r.key, "target": r.target, "shape": r.entry.shape, "dtype": format!("{:?}", r.entry.dtype)});
+            if let Some(base) = base {
+                if let Err(p) = a.check_replacement(r, base) {
+                    v["problem"] = json!(p);
+                    problems.push(p);
+                }
+            }
+            v
+        })
+        .collect();
+    let dtypes: BTreeSet<String> = a
+        .blocks
+        .iter()
+        .map(|b| format!("{:?}", b.entry.dtype))
+        .collect();
+    json!({
+        "adapter": a.dir.display().to_string(),
+        "peft_type": c.peft_type.name(),
+        "variant": c.variant.name(),
+        "init_weights": c.init_weights,
+        "r": c.r,
+        "mini_r": if c.variant == Variant::Mini { json!(c.mini_r) } else { Value::Null },
+        "num_layers": a.blocks.len(),
+        "num_parameters": a.num_parameters(),
+        "block_dtype": dtypes.into_iter().collect::<Vec<_>>().join(","),
+        "target_modules": c.target_modules,
+        "layers_to_transform": c.layers_to_transform,
+        "modules_to_save": a.replacements.iter().map(|r| r.target.clone()).collect::<Vec<_>>(),
+        "replacements": replacements,
+        "ignored_keys": a.ignored.iter().map(|i| json!({"key": i.key, "reason": i.reason})).collect::<Vec<_>>(),
+        "peft_version": c.peft_version,
+        "base_model_name_or_path": c.base_model_name_or_path,
+        "task_type": c.task_type,
+        "bias": c.bias,
+        "layers": layers,
+        "warnings": a.warnings,
+        "base": base.map(|b| b.path.display().to_string()),
+        "compatible": if base.is_some() { json!(problems.is_empty()) } else { Value::Null },
+        "problems": problems,
+    })
+}
+
+/// The report as text for people.
+pub fn render(r: &Value) -> String {
+    let mut s = String::new();
+    let mut line = |k: &str, v: String| s.push_str(&format!("{k:<13} {v}\n"));
+    let str_or = |v: &Value, d: &str| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| d.to_string())
+    };
+    line("adapter", str_or(&r["adapter"], ""));
+    let version = r["peft_version"]
+        .as_str()
+        .map(|v| format!(" (saved by PEFT {v})"))
+        .unwrap_or_default();
+    line(
+        "peft type",
+        format!("{}{version}", str_or(&r["peft_type"], "")),
+    );
+    let mini = r["mini_r"]
+        .as_u64()
+        .map(|m| format!(", mini_r {m}"))
+        .unwrap_or_default();
+    line(
+        "variant",
+        format!(
+            "{} (init_weights {}), r {}{mini}",
+            str_or(&r["variant"], ""),
+            r["init_weights"],
+            r["r"]
+        ),
+    );
+    let layers = r["layers"].as_array().cloned().unwrap_or_default();
+    let kinds: BTreeSet<String> = layers
+        .iter()
+        .filter_map(|l| l["module"].as_str())
+        .map(|m| m.rsplit('.').next().unwrap_or(m).to_string())
+        .collect();
+    line(
+        "layers",
+        format!(
+            "{} adapted ({})",
+            layers.len(),
+            kinds.into_iter().collect::<Vec<_>>().join(", ")
+        ),
+    );
+    line(
+        "parameters",
+        format!(
+            "{} in blocks ({})",
+            group(r["num_parameters"].as_u64().unwrap_or(0)),
+            str_or(&r["block_dtype"], "-")
+        ),
+    );
+    line("targets", compact(&r["target_modules"]));
+    if !r["layers_to_transform"].is_null() {
+        line("layer subset", compact(&r["layers_to_transform"]));
+    }
+    let reps = r["modules_to_save"].as_array().cloned().unwrap_or_default();
+    if !reps.is_empty() {
+        line(
+            "replaces",
+            reps.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
+    line(
+        "made for",
+        str_or(&r["base_model_name_or_path"], "(not recorded)"),
+    );
+    if let Some(b) = r["base"].as_str() {
+        let verdict = if r["compatible"] == Value::Bool(true) {
+            "fits: every layer can be merged".to_string()
+        } else {
+            format!(
+                "DOES NOT FIT: {} problems",
+                r["problems"].as_array().map_or(0, Vec::len)
+            )
+        };
+        line("checked on", format!("{b}: {verdict}"));
+    }
+    s.push('\n');
+    let with_base = !r["base"].is_null();
+    s.push_str(&format!(
+        "{:<44} {:<12} {:<6}{}\n",
+        "module",
+        "block",
+        "dtype",
+        if with_base { " base" } else { "" }
+    ));
+    for l in &layers {
+        let shape = compact(&l["block_shape"]);
+        let base_col = if with_base {
+            let bs = if l["base_shape"].is_null() {
+                "missing".to_string()
+            } else {
+                format!(
+                    "{} {}",
+                    compact(&l["base_shape"]),
+                    str_or(&l["base_dtype"], "")
+                )
+            };
+            let status = l["problem"]
+                .as_str()
+                .map(|p| format!("  ✗ {p}"))
+                .unwrap_or_else(|| "  ok".to_string());
+            format!(" {bs}{status}")
+        } else {
+            String::new()
+        };
+        s.push_str(&format!(
+            "{:<44} {:<12} {:<6}{base_col}\n",
+            str_or(&l["module"], ""),
+            shape,
+            str_or(&l["dtype"], "")
+        ));
+    }
+    for w in r["warnings"].as_array().into_iter().flatten() {
+        s.push_str(&format!("warning: {}\n", str_or(w, "")));
+    }
+    for p in r["problems"].as_array().into_iter().flatten() {
+        s.push_str(&format!("problem: {}\n", str_or(p, "")));
+    }
+    s
+}
+
+fn compact(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_string(),
+        Value::Array(a) => {
+            format!(
+                "[{}]",
+                a.iter()
+                    .map(|x| x
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| x.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn group(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}

@@ -1,0 +1,30 @@
+//! The commands: orchestration only. The work lives in plan, execute, ops and the readers.
+
+pub mod apply;
+pub mod inspect;
+
+use crate::cli::{Cli, Command, InspectCommand};
+use crate::error::Result;
+use crate::plan::Direction;
+
+pub fn run(cli: &Cli) -> Result<()> {
+    match &cli.command {
+        Command::Merge(a) => apply::run(
+            Direction::Merge,
+            &a.base,
+            &a.adapters,
+            &a.out,
+            &a.opts,
+            cli.quiet,
+        ),
+        Command::Unmerge(a) => apply::run(
+            Direction::Unmerge,
+            &a.merged,
+            &a.adapters,
+            &a.out,
+            &a.opts,
+            cli.quiet,
+        ),
+        Command::Inspect(InspectCommand::Adapter(a)) => inspect::adapter(a),
+    }
+}

@@ -1,0 +1,23 @@
+use bone_tool::cli::Cli;
+use bone_tool::error::{exit_code, one_line};
+use clap::Parser;
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
+            eprintln!("error: cannot start {n} threads: {e}");
+            std::process::exit(bone_tool::error::exit::FAILED);
+        }
+    }
+    // Parallelism lives in bone-tool's own loops; faer's small solves run single-threaded inside them.
+    faer::set_global_parallelism(faer::Par::Seq);
+    let _ = ctrlc::set_handler(bone_tool::execute::request_interrupt);
+    if let Err(e) = bone_tool::commands::run(&cli) {
+        eprintln!("error: {}", one_line(&e));
+        std::process::exit(exit_code(&e));
+    }
+}

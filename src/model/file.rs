@@ -1,0 +1,178 @@
+//! One safetensors file, opened read-only: its validated header, and positional reads of its data.
+//!
+//! The header is checked by the `safetensors` crate (size limit, JSON, offsets contiguous and
+//! matching shape × dtype, data ending exactly at the end of the file) before any offset is trusted.
+//! Data is read with `pread` into the caller's buffers, so a model's pages never pile up in memory.
+
+use crate::error::{input, Result};
+use anyhow::Context;
+use safetensors::tensor::{Metadata, SafeTensorError};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// One tensor of a file, as its header declares it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub start: u64,
+    pub end: u64,
+}
+
+impl TensorEntry {
+    pub fn len_bytes(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    file: File,
+    /// Tensors in the order of their data in the file.
+    pub tensors: Vec<TensorEntry>,
+    by_name: HashMap<String, usize>,
+    pub metadata: HashMap<String, String>,
+    pub len: u64,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<SafetensorsFile> {
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let len = file
+            .metadata()
+            .with_context(|| format!("cannot stat {}", path.display()))?
+            .len();
+        // Only the header's pages are touched; the mapping itself costs no memory.
+        // SAFETY: the file is opened read-only and only read through this map while it lives; a
+        // concurrent writer could change bytes under us, as with every mmap-based reader.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
+        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| header_error(path, len, e))?;
+        let data_start = 8 + n as u64;
+        let mut tensors: Vec<TensorEntry> = meta
+            .offset_keys()
+            .into_iter()
+            .map(|name| {
+                let info = meta
+                    .info(&name)
+                    .expect("offset_keys come from the same header");
+                TensorEntry {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + info.data_offsets.0 as u64,
+                    end: data_start + info.data_offsets.1 as u64,
+                    name,
+                }
+            })
+            .collect();
+        tensors.sort_by_key(|t| (t.start, t.end));
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        drop(map);
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            file,
+            tensors,
+            by_name,
+            metadata,
+            len,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorEntry> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Read `buf.len()` bytes at absolute offset `at`.
+    pub fn read_at(&self, at: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, at).with_context(|| {
+            format!(
+                "{}: cannot read {} bytes at offset {at}",
+                self.path.display(),
+                buf.len()
+            )
+        })
+    }
+
+    /// Read a whole tensor's bytes.
+    pub fn read_tensor(&self, t: &TensorEntry) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; t.len_bytes() as usize];
+        self.read_at(t.start, &mut buf)?;
+        Ok(buf)
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// Turn the crate's error into one line that says what is wrong with which file.
+fn header_error(path: &Path, len: u64, e: SafeTensorError) -> anyhow::Error {
+    let p = path.display();
+    let what = match e {
+        SafeTensorError::HeaderTooSmall => format!("{len} bytes is too short for a safetensors header (need at least 8)"),
+        SafeTensorError::HeaderTooLarge => "header length is beyond the 100 MB safetensors limit (corrupt or not a safetensors file)".to_string(),
+        SafeTensorError::InvalidHeaderLength => {
+            format!("header length points beyond the end of the file ({len} bytes): the file is truncated or not safetensors")
+        }
+        SafeTensorError::InvalidHeader(_) => "header is not valid UTF-8".to_string(),
+        SafeTensorError::InvalidHeaderDeserialization(err) => format!("header is not valid safetensors JSON: {err}"),
+        SafeTensorError::InvalidOffset(name) => {
+            format!("tensor {name:?} has data offsets that overlap, leave a gap or run backwards")
+        }
+        SafeTensorError::TensorInvalidInfo => "a tensor's byte range does not match its shape and dtype".to_string(),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            format!("the tensors' data does not end at the end of the file ({len} bytes): truncated, or extra bytes")
+        }
+        SafeTensorError::ValidationOverflow => "a tensor's shape overflows when multiplied out".to_string(),
+        SafeTensorError::MisalignedSlice => "a tensor of sub-byte elements does not fill whole bytes".to_string(),
+        other => format!("invalid safetensors file: {other:?}"),
+    };
+    input(format!("{p}: {what}"))
+}
+
+/// The header of a file holding `tensors` in this order, contiguous, with Hugging Face's
+/// `{"format":"pt"}` metadata, padded with spaces to a multiple of 8 bytes. Returns the 8-byte
+/// length prefix and the JSON together.
+pub fn build_header(tensors: &[(String, Dtype, Vec<usize>)]) -> Result<Vec<u8>> {
+    use safetensors::tensor::TensorInfo;
+    let mut offset = 0usize;
+    let infos = tensors
+        .iter()
+        .map(|(name, dtype, shape)| {
+            let size = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+            let info = TensorInfo {
+                dtype: *dtype,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + size),
+            };
+            offset += size;
+            (name.clone(), info)
+        })
+        .collect();
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let meta = Metadata::new(Some(metadata), infos)
+        .map_err(|e| anyhow::anyhow!("building header: {e:?}"))?;
+    let mut json = serde_json::to_vec(&meta)?;
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}

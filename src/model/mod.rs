@@ -1,0 +1,256 @@
+//! Reading Hugging Face model folders: one `model.safetensors`, or an index plus its shards.
+//! This module knows nothing of adapters.
+
+pub mod file;
+pub mod output;
+
+use crate::error::{input, Result};
+use anyhow::Context;
+pub use file::{SafetensorsFile, TensorEntry};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+pub const SINGLE_NAME: &str = "model.safetensors";
+
+/// A model opened for reading: its shards' headers, validated, and where each tensor lives.
+#[derive(Debug)]
+pub struct Model {
+    /// What the user passed.
+    pub path: PathBuf,
+    /// The model folder, when a folder (not a lone file) was given: its side files get copied.
+    pub folder: Option<PathBuf>,
+    pub shards: Vec<SafetensorsFile>,
+    /// The parsed `model.safetensors.index.json`, when the model is sharded.
+    pub index: Option<serde_json::Value>,
+    /// The file name of the index, when sharded.
+    pub index_name: Option<String>,
+    /// The parsed `config.json`, when present.
+    pub config: Option<serde_json::Value>,
+    tensors: HashMap<String, (usize, usize)>,
+}
+
+impl Model {
+    pub fn open(path: &Path) -> Result<Model> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| input(format!("{}: {}", path.display(), io_reason(&e))))?;
+        if meta.is_file() {
+            let name = file_name(path);
+            if name.ends_with(".index.json") {
+                let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+                return Self::open_index(path, &folder, &name);
+            }
+            let shard = SafetensorsFile::open(path)?;
+            return Self::assemble(path, None, vec![shard], None, None, None);
+        }
+        let folder = path.to_path_buf();
+        let config = read_json_if_present(&folder.join("config.json"))?;
+        if folder.join(INDEX_NAME).is_file() {
+            return Self::open_index(&folder.join(INDEX_NAME), &folder, INDEX_NAME);
+        }
+        if folder.join(SINGLE_NAME).is_file() {
+            let shard = SafetensorsFile::open(&folder.join(SINGLE_NAME))?;
+            return Self::assemble(path, Some(folder), vec![shard], None, None, config);
+        }
+        let mut found: Vec<String> = list_names(&folder)?
+            .into_iter()
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        found.sort();
+        let indexes: Vec<String> = list_names(&folder)?
+            .into_iter()
+            .filter(|n| n.ends_with(".safetensors.index.json"))
+            .collect();
+        if indexes.len() == 1 {
+            return Self::open_index(&folder.join(&indexes[0]), &folder, &indexes[0]);
+        }
+        if found.len() == 1 && found[0] != "adapter_model.safetensors" {
+            let shard = SafetensorsFile::open(&folder.join(&found[0]))?;
+            return Self::assemble(path, Some(folder), vec![shard], None, None, config);
+        }
+        let d = folder.display();
+        if folder.join("adapter_config.json").is_file() {
+            return Err(input(format!("{d}: this is an adapter folder (it has adapter_config.json), not a model: pass it with --adapter")));
+        }
+        if folder.join("pytorch_model.bin").is_file()
+            || folder.join("pytorch_model.bin.index.json").is_file()
+        {
+            return Err(input(format!(
+                "{d}: only PyTorch .bin weights, no safetensors: convert them first, e.g. with transformers: \
+                 AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            )));
+        }
+        Err(input(format!(
+            "{d}: no {SINGLE_NAME} or {INDEX_NAME} in this folder"
+        )))
+    }
+
+    fn open_index(index_path: &Path, folder: &Path, index_name: &str) -> Result<Model> {
+        let ip = index_path.display();
+        let index = read_json(index_path)?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| input(format!("{ip}: no \"weight_map\" object (expected {{\"metadata\": …, \"weight_map\": {{tensor: file}}}})")))?;
+        let mut shard_names: Vec<String> = Vec::new();
+        for (tensor, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| input(format!("{ip}: weight_map[{tensor:?}] is not a file name")))?;
+            if file.is_empty()
+                || file.contains('/')
+                || file.contains('\\')
+                || file == ".."
+                || file == "."
+            {
+                return Err(input(format!(
+                    "{ip}: weight_map[{tensor:?}] = {file:?} is not a plain file name in the model folder"
+                )));
+            }
+            if !shard_names.iter().any(|s| s == file) {
+                shard_names.push(file.to_string());
+            }
+        }
+        if shard_names.is_empty() {
+            return Err(input(format!("{ip}: the weight_map is empty")));
+        }
+        shard_names.sort();
+        let mut shards = Vec::with_capacity(shard_names.len());
+        for name in &shard_names {
+            let p = folder.join(name);
+            if !p.is_file() {
+                return Err(input(format!(
+                    "{ip}: shard {name:?} named in the index is missing from {}",
+                    folder.display()
+                )));
+            }
+            shards.push(SafetensorsFile::open(&p)?);
+        }
+        // Every tensor the index names must be in the shard it names.
+        for (tensor, file) in map {
+            let file = file.as_str().unwrap_or_default();
+            let shard = &shards[shard_names
+                .iter()
+                .position(|s| s == file)
+                .expect("collected above")];
+            if shard.get(tensor).is_none() {
+                return Err(input(format!(
+                    "{ip}: tensor {tensor:?} is listed in {file:?}, which does not hold it"
+                )));
+            }
+        }
+        let config = read_json_if_present(&folder.join("config.json"))?;
+        Self::assemble(
+            index_path,
+            Some(folder.to_path_buf()),
+            shards,
+            Some(index),
+            Some(index_name.to_string()),
+            config,
+        )
+    }
+
+    fn assemble(
+        path: &Path,
+        folder: Option<PathBuf>,
+        shards: Vec<SafetensorsFile>,
+        index: Option<serde_json::Value>,
+        index_name: Option<String>,
+        config: Option<serde_json::Value>,
+    ) -> Result<Model> {
+        let mut tensors = HashMap::new();
+        for (s, shard) in shards.iter().enumerate() {
+            for (t, entry) in shard.tensors.iter().enumerate() {
+                if let Some((other, _)) = tensors.insert(entry.name.clone(), (s, t)) {
+                    return Err(input(format!(
+                        "tensor {:?} is stored twice: in {} and in {}",
+                        entry.name,
+                        shards[other].path.display(),
+                        shard.path.display()
+                    )));
+                }
+            }
+        }
+        Ok(Model {
+            path: path.to_path_buf(),
+            folder,
+            shards,
+            index,
+            index_name,
+            config,
+            tensors,
+        })
+    }
+
+    /// The shard holding `name` and its entry.
+    pub fn tensor(&self, name: &str) -> Option<(usize, &TensorEntry)> {
+        self.tensors
+            .get(name)
+            .map(|&(s, t)| (s, &self.shards[s].tensors[t]))
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn num_tensors(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.shards
+            .iter()
+            .flat_map(|s| s.tensors.iter())
+            .map(|t| t.len_bytes())
+            .sum()
+    }
+
+    /// `config.json`'s `tie_word_embeddings`, when the file says.
+    pub fn ties_embeddings(&self) -> Option<bool> {
+        self.config.as_ref()?.get("tie_word_embeddings")?.as_bool()
+    }
+}
+
+pub fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn list_names(folder: &Path) -> Result<Vec<String>> {
+    let rd =
+        std::fs::read_dir(folder).with_context(|| format!("cannot list {}", folder.display()))?;
+    Ok(rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect())
+}
+
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| input(format!("{}: {}", path.display(), io_reason(&e))))?;
+    serde_json::from_str(&text)
+        .map_err(|e| input(format!("{}: not valid JSON: {e}", path.display())))
+}
+
+fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
+    if path.is_file() {
+        read_json(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// A short reason for an I/O error, the way a user reads it.
+pub fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file or folder".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        _ => e.to_string(),
+    }
+}

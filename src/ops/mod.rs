@@ -1,0 +1,482 @@
+//! The math of Bone / MiSS, once per variant, on f32 buffers (the CPU backend).
+//!
+//! These functions know no files and no command line. `w` is a weight `[O, I]` in row-major order,
+//! decoded to f32; after each op every value is rounded exactly as PEFT 0.18.1 rounds it (see the
+//! spec's "Dtype policy"), so that a chain of ops reproduces PEFT's bytes.
+
+pub mod dtype;
+
+use dtype::Float;
+use faer::linalg::matmul::matmul;
+use faer::linalg::solvers::DenseSolveCore;
+use faer::{Accum, Mat, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+/// How results are rounded: `weight` is the weight's dtype D, `adapter` the dtype A that PEFT holds
+/// the blocks in while merging: f32 after `PeftModel.from_pretrained` (which upcasts them), the
+/// weight's dtype with `autocast_adapter_dtype=False`. Callers round block values to A when they
+/// load them ([`Rounding::load_block`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rounding {
+    pub weight: Float,
+    pub adapter: Float,
+    /// BAT merge: round `W + Δ` once instead of PEFT's `R_D(W + R_D(Δ))`.
+    pub once: bool,
+}
+
+impl Rounding {
+    /// PEFT's rounding for weights of dtype `weight` with f32 blocks.
+    pub fn peft(weight: Float) -> Rounding {
+        Rounding {
+            weight,
+            adapter: Float::F32,
+            once: false,
+        }
+    }
+
+    /// Round block values to the dtype PEFT holds them in.
+    pub fn load_block(&self, block: &mut [f32]) {
+        self.adapter.round(block);
+    }
+
+    /// `.to(A)` then `.to(D)`: PEFT's cast of an f32 result back to the adapter's dtype (a no-op
+    /// for f32 blocks), then to the weight's.
+    fn round_as_peft_stores(self, xs: &mut [f32]) {
+        self.adapter.round(xs);
+        self.weight.round(xs);
+    }
+}
+
+/// Rows per parallel task for the elementwise ops.
+fn rows_per_task(i: usize) -> usize {
+    (1 << 15) / i.max(1) + 1
+}
+
+/// Expand a default block `[r, cols]` (cols = O) or a mini block `[r, mini_r]` (tiled along O,
+/// torch's `repeat`) into its transpose `[O, r]`: row `o` holds `E[:, o mod cols]`.
+pub fn expand_transposed(block: &[f32], r: usize, cols: usize, o: usize) -> Vec<f32> {
+    assert_eq!(block.len(), r * cols);
+    let mut et = vec![0f32; o * r];
+    for (row, dst) in et.chunks_exact_mut(r).enumerate() {
+        let col = row % cols;
+        for (k, d) in dst.iter_mut().enumerate() {
+            *d = block[k * cols + col];
+        }
+    }
+    et
+}
+
+/// Default and mini merge (`sign = 1`) or unmerge (`sign = -1`):
+/// `W'[o,c] = W[o,c] ± E[c mod r, o]`, with `et` the expanded transposed block `[O, r]`.
+pub fn add_periodic(
+    w: &mut [f32],
+    o: usize,
+    i: usize,
+    et: &[f32],
+    r: usize,
+    sign: f32,
+    rd: Rounding,
+) {
+    assert_eq!(w.len(), o * i);
+    assert_eq!(et.len(), o * r);
+    // PEFT writes the tail case (I mod r != 0) into the weight in place, which rounds to D
+    // before its cast to the adapter's dtype; without a tail it casts the f32 sum directly.
+    let tail = i % r != 0;
+    let per = rows_per_task(i);
+    w.par_chunks_mut(per * i).enumerate().for_each(|(t, rows)| {
+        for (n, row) in rows.chunks_exact_mut(i).enumerate() {
+            let e = &et[(t * per + n) * r..][..r];
+            for chunk in row.chunks_mut(r) {
+                for (x, d) in chunk.iter_mut().zip(e) {
+                    *x += sign * d;
+                }
+            }
+            if tail {
+                rd.weight.round(row);
+            }
+            rd.round_as_peft_stores(row);
+        }
+    });
+}
+
+/// BAT merge: for every output block row `i` and column block `j`,
+/// `W'_ij = W_ij + R_D(W_ij·B_i + B_i)` (or `R_D(W_ij·(I + B_i) + B_i)` with `rd.once`).
+///
+/// The row strip `W[i·r..(i+1)·r, :]` is contiguous; read as an `[I, r]` row-major matrix its rows
+/// are the rows of the tiles `W_ij`, so one GEMM `[I, r]·[r, r]` does the whole strip. View row `k`
+/// belongs to tile row `a = k / (I / r)`.
+pub fn bat_merge(w: &mut [f32], o: usize, i: usize, b: &[f32], r: usize, rd: Rounding) {
+    check_bat(w, o, i, b, r);
+    let per_a = i / r;
+    w.par_chunks_mut(r * i)
+        .zip(b.par_chunks(r * r))
+        .for_each_init(
+            || vec![0f32; i * r],
+            |delta, (strip, bi)| {
+                gemm(delta, strip, bi, i, r);
+                for (k, (drow, wrow)) in delta
+                    .chunks_exact_mut(r)
+                    .zip(strip.chunks_exact_mut(r))
+                    .enumerate()
+                {
+                    let brow = &bi[(k / per_a) * r..][..r];
+                    for (d, bv) in drow.iter_mut().zip(brow) {
+                        *d += bv;
+                    }
+                    if rd.once {
+                        for (x, d) in wrow.iter_mut().zip(drow.iter()) {
+                            *x += d;
+                        }
+                    } else {
+                        rd.round_as_peft_stores(drow);
+                        for (x, d) in wrow.iter_mut().zip(drow.iter()) {
+                            *x += d;
+                        }
+                    }
+                    rd.weight.round(wrow);
+                }
+            },
+        );
+}
+
+/// BAT unmerge: `W_ij = (W'_ij − B_i)·inv_i` with `inv` the blocks `(I + B_i)⁻¹`, `[O/r, r, r]`.
+pub fn bat_unmerge(
+    w: &mut [f32],
+    o: usize,
+    i: usize,
+    b: &[f32],
+    inv: &[f32],
+    r: usize,
+    rd: Rounding,
+) {
+    check_bat(w, o, i, b, r);
+    assert_eq!(inv.len(), b.len());
+    let per_a = i / r;
+    w.par_chunks_mut(r * i)
+        .zip(b.par_chunks(r * r))
+        .zip(inv.par_chunks(r * r))
+        .for_each_init(
+            || vec![0f32; i * r],
+            |diff, ((strip, bi), invi)| {
+                for (k, (drow, wrow)) in diff
+                    .chunks_exact_mut(r)
+                    .zip(strip.chunks_exact(r))
+                    .enumerate()
+                {
+                    let brow = &bi[(k / per_a) * r..][..r];
+                    for ((d, x), bv) in drow.iter_mut().zip(wrow).zip(brow) {
+                        *d = x - bv;
+                    }
+                }
+                gemm(strip, diff, invi, i, r);
+                rd.round_as_peft_stores(strip);
+            },
+        );
+}
+
+fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
+    assert!(
+        r > 0 && o % r == 0 && i % r == 0,
+        "BAT needs O and I divisible by r"
+    );
+    assert_eq!(w.len(), o * i);
+    assert_eq!(b.len(), (o / r) * r * r);
+}
+
+/// `dst[I, r] = lhs[I, r] · rhs[r, r]`, all row-major, single-threaded (callers parallelise).
+fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
+    let dst = MatMut::from_row_major_slice_mut(dst, i, r);
+    let lhs = MatRef::from_row_major_slice(lhs, i, r);
+    let rhs = MatRef::from_row_major_slice(rhs, r, r);
+    matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
+}
+
+/// The inverses `(I + B_i)⁻¹` of every block of a BAT layer, computed in f64 and stored as f32.
+pub struct BatInverses {
+    pub inv: Vec<f32>,
+    /// The 1-norm condition number of each `I + B_i` (from the f64 inverse).
+    pub cond: Vec<f64>,
+}
+
+/// A block `I + B_i` that has no usable inverse.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SingularBlock {
+    pub block: usize,
+    pub cond: f64,
+}
+
+/// Beyond this 1-norm condition number `I + B_i` is singular to f64 precision.
+pub const SINGULAR_COND: f64 = 1e14;
+
+pub fn bat_inverses(b: &[f32], r: usize) -> Result<BatInverses, SingularBlock> {
+    assert!(r > 0 && b.len() % (r * r) == 0);
+    let results: Vec<Result<(Vec<f32>, f64), SingularBlock>> = b
+        .par_chunks(r * r)
+        .enumerate()
+        .map(|(block, bi)| {
+            let m = Mat::<f64>::from_fn(r, r, |x, y| {
+                bi[x * r + y] as f64 + if x == y { 1.0 } else { 0.0 }
+            });
+            let inv = m.partial_piv_lu().inverse();
+            // A zero pivot leaves NaNs (which max() would skip) or garbage: check that it inverts.
+            let finite = (0..r).all(|x| (0..r).all(|y| inv[(x, y)].is_finite()));
+            let residual = (&m * &inv - Mat::<f64>::identity(r, r)).norm_max();
+            let cond = if finite {
+                norm1(m.as_ref()) * norm1(inv.as_ref())
+            } else {
+                f64::INFINITY
+            };
+            if !finite || cond > SINGULAR_COND || residual.is_nan() || residual >= 1e-6 {
+                return Err(SingularBlock { block, cond });
+            }
+            let mut out = vec![0f32; r * r];
+            for x in 0..r {
+                for y in 0..r {
+                    out[x * r + y] = inv[(x, y)] as f32;
+                }
+            }
+            Ok((out, cond))
+        })
+        .collect();
+    let mut inv = Vec::with_capacity(b.len());
+    let mut cond = Vec::with_capacity(b.len() / (r * r));
+    for res in results {
+        let (blk, c) = res?;
+        inv.extend_from_slice(&blk);
+        cond.push(c);
+    }
+    Ok(BatInverses { inv, cond })
+}
+
+/// Largest absolute column sum.
+fn norm1(m: MatRef<'_, f64>) -> f64 {
+    (0..m.ncols())
+        .map(|c| (0..m.nrows()).map(|x| m[(x, c)].abs()).sum::<f64>())
+        .fold(0.0, f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (tests need no rand crate).
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        }
+        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+            (0..n).map(|_| self.next() * scale).collect()
+        }
+    }
+
+    /// The spec's formula, element by element: `W'[o,c] = W[o,c] + B[c mod r, o mod cols]`.
+    fn naive_default(w: &[f32], o: usize, i: usize, b: &[f32], r: usize, cols: usize) -> Vec<f32> {
+        let mut out = w.to_vec();
+        for oo in 0..o {
+            for c in 0..i {
+                out[oo * i + c] = w[oo * i + c] + b[(c % r) * cols + oo % cols];
+            }
+        }
+        out
+    }
+
+    /// BAT merge tile by tile in f64: `W_ij·(I + B_i) + B_i`.
+    fn naive_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) -> Vec<f64> {
+        let mut out = vec![0f64; o * i];
+        for bi in 0..o / r {
+            for bj in 0..i / r {
+                for a in 0..r {
+                    for c in 0..r {
+                        let mut s = 0f64;
+                        for k in 0..r {
+                            s += w[(bi * r + a) * i + bj * r + k] as f64
+                                * b[bi * r * r + k * r + c] as f64;
+                        }
+                        let orig = w[(bi * r + a) * i + bj * r + c] as f64;
+                        out[(bi * r + a) * i + bj * r + c] =
+                            orig + s + b[bi * r * r + a * r + c] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn default_merge_matches_formula_with_tail_columns_and_r_above_in_features() {
+        let mut g = Lcg(1);
+        for (o, i, r) in [(12, 10, 4), (6, 9, 9), (5, 3, 7), (40, 48, 7)] {
+            let w = g.vec(o * i, 1.0);
+            let b = g.vec(r * o, 0.1);
+            let mut got = w.clone();
+            add_periodic(
+                &mut got,
+                o,
+                i,
+                &expand_transposed(&b, r, o, o),
+                r,
+                1.0,
+                Rounding::peft(Float::F32),
+            );
+            assert_eq!(got, naive_default(&w, o, i, &b, r, o), "o={o} i={i} r={r}");
+        }
+    }
+
+    #[test]
+    fn mini_merge_tiles_the_block_along_out_features() {
+        let mut g = Lcg(2);
+        let (o, i, r, mini) = (12, 10, 3, 4);
+        let w = g.vec(o * i, 1.0);
+        let m = g.vec(r * mini, 0.1);
+        let mut got = w.clone();
+        add_periodic(
+            &mut got,
+            o,
+            i,
+            &expand_transposed(&m, r, mini, o),
+            r,
+            1.0,
+            Rounding::peft(Float::F32),
+        );
+        assert_eq!(got, naive_default(&w, o, i, &m, r, mini));
+    }
+
+    #[test]
+    fn default_unmerge_undoes_merge_in_f32_within_rounding() {
+        let mut g = Lcg(3);
+        let (o, i, r) = (16, 20, 6);
+        let w = g.vec(o * i, 1.0);
+        let et = expand_transposed(&g.vec(r * o, 0.1), r, o, o);
+        let mut x = w.clone();
+        add_periodic(&mut x, o, i, &et, r, 1.0, Rounding::peft(Float::F32));
+        add_periodic(&mut x, o, i, &et, r, -1.0, Rounding::peft(Float::F32));
+        for (a, b) in x.iter().zip(&w) {
+            assert!(
+                (a - b).abs() <= 2.0 * f32::EPSILON * b.abs().max(0.1),
+                "{a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_default_merge_rounds_the_f32_sum_once() {
+        let (o, i, r) = (2, 2, 1);
+        let w = vec![1.0f32, 1.0, 1.0, 1.0];
+        // 2^-8 is half a bf16 ulp at 1.0: the tie rounds to even (1.0); 2^-8 + 2^-12 rounds up.
+        let b = vec![2f32.powi(-8), 2f32.powi(-8) + 2f32.powi(-12)];
+        let mut got = w.clone();
+        add_periodic(
+            &mut got,
+            o,
+            i,
+            &expand_transposed(&b, r, o, o),
+            r,
+            1.0,
+            Rounding::peft(Float::BF16),
+        );
+        assert_eq!(
+            got,
+            vec![1.0, 1.0, 1.0 + 2f32.powi(-7), 1.0 + 2f32.powi(-7)]
+        );
+    }
+
+    #[test]
+    fn bat_merge_matches_tilewise_formula() {
+        let mut g = Lcg(4);
+        for (o, i, r) in [(8, 12, 4), (6, 6, 3), (16, 8, 8)] {
+            let w = g.vec(o * i, 1.0);
+            let b = g.vec(o * r, 0.2);
+            let expect = naive_bat(&w, o, i, &b, r);
+            let mut got = w.clone();
+            bat_merge(&mut got, o, i, &b, r, Rounding::peft(Float::F32));
+            for (k, (a, e)) in got.iter().zip(&expect).enumerate() {
+                assert!(
+                    (*a as f64 - e).abs() < 1e-5 * e.abs().max(1.0),
+                    "o={o} i={i} r={r} at {k}: {a} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bat_unmerge_inverts_merge() {
+        let mut g = Lcg(5);
+        let (o, i, r) = (12, 16, 4);
+        let w = g.vec(o * i, 1.0);
+        let b = g.vec(o * r, 0.2);
+        let mut x = w.clone();
+        bat_merge(&mut x, o, i, &b, r, Rounding::peft(Float::F32));
+        let inv = bat_inverses(&b, r).unwrap();
+        assert!(inv.cond.iter().all(|c| *c >= 1.0 && *c < 10.0));
+        bat_unmerge(&mut x, o, i, &b, &inv.inv, r, Rounding::peft(Float::F32));
+        for (a, e) in x.iter().zip(&w) {
+            assert!((a - e).abs() < 1e-5, "{a} vs {e}");
+        }
+    }
+
+    #[test]
+    fn bat_inverse_reports_the_singular_block() {
+        let r = 2;
+        // block 0: I + B invertible; block 1: B = -I makes I + B zero.
+        let b = vec![0.1, 0.0, 0.0, 0.1, -1.0, 0.0, 0.0, -1.0];
+        let err = bat_inverses(&b, r).err().expect("singular");
+        assert_eq!(err.block, 1);
+        // rank-deficient but not zero: [[1, 1], [1, 1]] = I + [[0, 1], [1, 0]]
+        let b = vec![0.0, 1.0, 1.0, 0.0];
+        assert_eq!(bat_inverses(&b, r).err().map(|e| e.block), Some(0));
+    }
+
+    #[test]
+    fn bat_merge_rounds_delta_before_adding_like_peft() {
+        // One 1x1 tile: W = 1, B = 2^-9 + 2^-10. Δ = W·B + B = 2^-8 + 2^-9 (exact in f32).
+        // PEFT: R_bf16(Δ) = 2^-8 + 2^-9 (representable), W + Δ = 1.01171875 → R_bf16 = 1 + 2^-7 (above the tie).
+        // A case where the double rounding differs: W = 1, Δ just below half an ulp after its own rounding.
+        let w0 = 1.0f32;
+        let b0 = 2f32.powi(-9) - 2f32.powi(-20); // Δ = 2^-8 - 2^-19 → R_bf16(Δ) = 2^-8 (rounds up)
+        let mut peft = vec![w0];
+        bat_merge(&mut peft, 1, 1, &[b0], 1, Rounding::peft(Float::BF16));
+        let mut once = vec![w0];
+        bat_merge(
+            &mut once,
+            1,
+            1,
+            &[b0],
+            1,
+            Rounding {
+                once: true,
+                ..Rounding::peft(Float::BF16)
+            },
+        );
+        // PEFT: 1 + 2^-8 is a tie → 1.0 (even). Once: 1 + 2^-8 - 2^-19 is below the tie → 1.0 too;
+        // both agree here, and each equals the independent computation:
+        assert_eq!(peft, vec![1.0]);
+        assert_eq!(once, vec![1.0]);
+        // Δ slightly above a bf16 tie at its own scale, so that R(Δ) moves it onto the W tie upward:
+        let b1 = 2f32.powi(-9) + 2f32.powi(-21); // Δ = 2^-8 + 2^-20: R_bf16(Δ) = 2^-8; W+2^-8 ties to 1.0
+        let mut peft = vec![w0];
+        bat_merge(&mut peft, 1, 1, &[b1], 1, Rounding::peft(Float::BF16));
+        let mut once = vec![w0];
+        bat_merge(
+            &mut once,
+            1,
+            1,
+            &[b1],
+            1,
+            Rounding {
+                once: true,
+                ..Rounding::peft(Float::BF16)
+            },
+        );
+        assert_eq!(
+            peft,
+            vec![1.0],
+            "double rounding: the delta lost the bit that breaks the tie"
+        );
+        assert_eq!(once, vec![1.0 + 2f32.powi(-7)], "single rounding keeps it");
+    }
+}

@@ -1,0 +1,207 @@
+//! Helpers shared by the end-to-end tests: running the binary, reading and writing safetensors
+//! independently of bone-tool's own reader, and decoding values.
+#![allow(dead_code)]
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixtures() -> PathBuf {
+    root().join("fixtures")
+}
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bone-tool"))
+}
+
+/// Run bone-tool with these arguments.
+pub fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("bone-tool runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Assert success, showing stderr otherwise.
+pub fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "bone-tool failed ({:?}): {}",
+        o.status,
+        stderr(o)
+    );
+}
+
+#[derive(Clone, Debug)]
+pub struct T {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+/// Every tensor of a model folder (all its .safetensors files) or of one file.
+pub fn load(path: &Path) -> BTreeMap<String, T> {
+    let mut out = BTreeMap::new();
+    let files: Vec<PathBuf> = if path.is_file() {
+        vec![path.to_path_buf()]
+    } else {
+        let mut v: Vec<_> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .collect();
+        v.sort();
+        v
+    };
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let st =
+            SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e:?}", f.display()));
+        for (name, view) in st.tensors() {
+            let prev = out.insert(
+                name.clone(),
+                T {
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    data: view.data().to_vec(),
+                },
+            );
+            assert!(prev.is_none(), "{name} stored twice");
+        }
+    }
+    out
+}
+
+/// The `__metadata__` of a safetensors file.
+pub fn file_metadata(path: &Path) -> HashMap<String, String> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone().unwrap_or_default()
+}
+
+pub fn save(path: &Path, tensors: &BTreeMap<String, T>) {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
+        .collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), path).unwrap();
+}
+
+/// Values as f64 (F32, F16, BF16).
+pub fn values(t: &T) -> Vec<f64> {
+    match t.dtype {
+        Dtype::F32 => t
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::F16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f64())
+            .collect(),
+        Dtype::BF16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f64())
+            .collect(),
+        d => panic!("not a float dtype: {d:?}"),
+    }
+}
+
+/// Raw element bits as integers, for ulp distances.
+pub fn bits(t: &T) -> Vec<i64> {
+    match t.dtype {
+        Dtype::F32 => t
+            .data
+            .chunks_exact(4)
+            .map(|c| ordered(i32::from_le_bytes(c.try_into().unwrap()) as i64, 31))
+            .collect(),
+        _ => t
+            .data
+            .chunks_exact(2)
+            .map(|c| ordered(i16::from_le_bytes(c.try_into().unwrap()) as i64, 15))
+            .collect(),
+    }
+}
+
+/// Map sign-magnitude float bits onto a line where neighbours differ by one.
+fn ordered(v: i64, sign_bit: u32) -> i64 {
+    if v < 0 {
+        -(v & ((1i64 << sign_bit) - 1))
+    } else {
+        v
+    }
+}
+
+pub fn f32_tensor(shape: Vec<usize>, vals: &[f32]) -> T {
+    T {
+        dtype: Dtype::F32,
+        shape,
+        data: vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// Copy a folder (flat or nested) for tests that alter inputs.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+/// A digest of every file below a folder (names, sizes, contents), to prove inputs are untouched.
+pub fn digest(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Entries of a folder whose names contain `needle` (temporary folders left behind).
+pub fn leftovers(dir: &Path, needle: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(needle))
+        .collect()
+}
+
+/// The fixture manifest written by fixtures/generate.py.
+pub fn manifest() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap())
+        .unwrap()
+}
