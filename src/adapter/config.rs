@@ -131,9 +131,11 @@ impl AdapterConfig {
             (Value::Bool(_), _) => Variant::Default,
             (Value::String(s), _) if s == "bat" => Variant::Bat,
             (Value::String(s), PeftType::Miss) if s == "mini" => Variant::Mini,
-            (Value::String(s), PeftType::Bone) if s == "mini" => return Err(input(format!(
+            (Value::String(s), PeftType::Bone) if s == "mini" => {
+                return Err(input(format!(
                 "{p}: init_weights \"mini\" exists only for MiSS (peft_type \"MISS\"), not Bone"
-            ))),
+            )))
+            }
             (other, _) => {
                 let allowed = if peft_type == PeftType::Miss {
                     "true, false, \"bat\" or \"mini\""

@@ -162,7 +162,12 @@ pub fn render(r: &Value) -> String {
             str_or(&r["block_dtype"], "-")
         ),
     );
-    line("targets", compact(&r["target_modules"]));
+    // PEFT saves target_modules as a set, in arbitrary order: sort it for reading.
+    let mut targets = r["target_modules"].clone();
+    if let Some(a) = targets.as_array_mut() {
+        a.sort_by_key(|v| v.to_string());
+    }
+    line("targets", compact(&targets));
     if !r["layers_to_transform"].is_null() {
         line("layer subset", compact(&r["layers_to_transform"]));
     }

@@ -32,6 +32,12 @@ pub struct Model {
 
 impl Model {
     pub fn open(path: &Path) -> Result<Model> {
+        let mut model = Self::open_any(path)?;
+        model.path = path.to_path_buf();
+        Ok(model)
+    }
+
+    fn open_any(path: &Path) -> Result<Model> {
         let meta = std::fs::metadata(path)
             .map_err(|e| input(format!("{}: {}", path.display(), io_reason(&e))))?;
         if meta.is_file() {

@@ -1,0 +1,555 @@
+//! Bad input, each case end to end: one clear `error:` line naming the file or tensor and what was
+//! expected, exit code 2, no panic, no output folder, no temporary folder left, inputs untouched.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+struct Env {
+    tmp: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+    /// A private copy of a fixture folder.
+    fn copy(&self, fixture: &str, name: &str) -> PathBuf {
+        let to = self.path(name);
+        copy_dir(&fixtures().join(fixture), &to);
+        to
+    }
+}
+
+/// Run a command that must fail with input error `needles` and leave no trace.
+fn fails(args: &[&str], out: Option<&Path>, inputs: &[&Path], needles: &[&str]) -> String {
+    let before: Vec<_> = inputs.iter().map(|p| digest(p)).collect();
+    let o = run(args);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected exit 2, got {:?}; stderr:\n{err}",
+        o.status
+    );
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(error_lines.len(), 1, "exactly one error line:\n{err}");
+    assert!(
+        err.lines().last().unwrap().starts_with("error:"),
+        "the error comes last:\n{err}"
+    );
+    for n in needles {
+        assert!(
+            error_lines[0].contains(n),
+            "error line lacks {n:?}:\n{}",
+            error_lines[0]
+        );
+    }
+    if let Some(out) = out {
+        assert!(!out.exists(), "{} must not exist", out.display());
+        let parent = out.parent().unwrap();
+        if parent.exists() {
+            assert_eq!(
+                leftovers(parent, ".tmp-"),
+                Vec::<String>::new(),
+                "temporary folder left behind"
+            );
+        }
+    }
+    for (p, d) in inputs.iter().zip(before) {
+        assert!(digest(p) == d, "input {} changed", p.display());
+    }
+    error_lines[0].to_string()
+}
+
+fn merge_args<'a>(base: &'a str, adapter: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec!["merge", "--base", base, "--adapter", adapter, "--out", out]
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn base_f32() -> PathBuf {
+    fixtures().join("bases/llama-f32")
+}
+
+#[test]
+fn missing_adapter_config() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    std::fs::remove_file(a.join("adapter_config.json")).unwrap();
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["adapter_config.json", "not a PEFT adapter"],
+    );
+}
+
+#[test]
+fn invalid_adapter_config() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    std::fs::write(
+        a.join("adapter_config.json"),
+        "{\"peft_type\": \"BONE\", \"r\": ",
+    )
+    .unwrap();
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["adapter_config.json", "not valid JSON"],
+    );
+}
+
+#[test]
+fn lora_adapter_is_refused() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    std::fs::write(
+        a.join("adapter_config.json"),
+        r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16}"#,
+    )
+    .unwrap();
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["\"LORA\"", "BONE", "MISS"],
+    );
+}
+
+#[test]
+fn only_adapter_model_bin() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    std::fs::rename(
+        a.join("adapter_model.safetensors"),
+        a.join("adapter_model.bin"),
+    )
+    .unwrap();
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["adapter_model.bin", "save_file", "safetensors"],
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    let f = a.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["adapter_model.safetensors", "truncated"],
+    );
+    // a header length beyond the file itself
+    std::fs::write(&f, &bytes[..100]).unwrap();
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["adapter_model.safetensors", "beyond the end of the file"],
+    );
+}
+
+/// A safetensors file written by hand: header JSON and data bytes.
+fn handmade(path: &Path, header: &str, data: &[u8]) {
+    let mut h = header.as_bytes().to_vec();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&h);
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn corrupt_headers() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    let f = a.join("adapter_model.safetensors");
+    let out = e.path("out");
+    let base = base_f32();
+    let args = merge_args(s(&base), s(&a), s(&out));
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.bone_block";
+    let cases: Vec<(String, Vec<u8>, &str)> = vec![
+        (
+            "this is not json".to_string(),
+            vec![],
+            "not valid safetensors JSON",
+        ),
+        (
+            format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[0,16]}}}}"#),
+            vec![0; 8],
+            "does not match its shape",
+        ),
+        (
+            format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}}}"#),
+            vec![0; 12],
+            "does not end at the end of the file",
+        ),
+        (
+            format!(
+                r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}},"b":{{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}}}"#
+            ),
+            vec![0; 12],
+            "overlap",
+        ),
+        (
+            format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}}}"#),
+            vec![0; 16],
+            "overlap",
+        ),
+    ];
+    for (header, data, needle) in cases {
+        handmade(&f, &header, &data);
+        fails(
+            &args,
+            Some(&out),
+            &[&a],
+            &["adapter_model.safetensors", needle],
+        );
+    }
+}
+
+#[test]
+fn block_shape_disagrees_with_r() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    let cfg = a.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"r\": 8", "\"r\": 9");
+    std::fs::write(&cfg, text).unwrap();
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &[
+            "bone_block",
+            "shape [8, ",
+            "r = 9",
+            "expected [r, out_features] = [9, O]",
+        ],
+    );
+}
+
+#[test]
+fn bat_on_weights_not_divisible_by_r() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-bat-f32/adapter", "a");
+    let cfg = a.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"r\": 8", "\"r\": 7");
+    std::fs::write(&cfg, text).unwrap();
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.bone_block".to_string();
+    let t = f32_tensor(vec![6, 7, 7], &[0.01; 6 * 49]);
+    save(
+        &a.join("adapter_model.safetensors"),
+        &[(key, t)].into_iter().collect(),
+    );
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["q_proj.weight", "[48, 48]", "multiples of r = 7"],
+    );
+}
+
+#[test]
+fn missing_base_tensor_suggests_a_prefix_that_works() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    let f = a.join("adapter_model.safetensors");
+    let renamed = load(&f)
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.replace("base_model.model.", "base_model.model.transformer."),
+                v,
+            )
+        })
+        .collect();
+    save(&f, &renamed);
+    let out = e.path("out");
+    let line = fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &[
+            "base has no tensor",
+            "--adapter-prefix \"base_model.model.transformer.\"",
+        ],
+    );
+    assert!(line.contains("transformer.model.layers."), "{line}");
+    // Following the advice works, and gives PEFT's bytes.
+    let o = run(&[
+        "-q",
+        "merge",
+        "--base",
+        s(&base_f32()),
+        "--adapter",
+        s(&a),
+        "--out",
+        s(&out),
+        "--adapter-prefix",
+        "base_model.model.transformer.",
+    ]);
+    ok(&o);
+    let (x, y) = (
+        load(&out),
+        load(&fixtures().join("cases/bone-default-f32/merged")),
+    );
+    assert_eq!(x.len(), y.len());
+    assert!(x.iter().all(|(k, t)| y[k].data == t.data));
+}
+
+#[test]
+fn block_for_a_layer_the_base_lacks() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    let f = a.join("adapter_model.safetensors");
+    let mut t = load(&f);
+    let v = t["base_model.model.model.layers.0.self_attn.q_proj.bone_block"].clone();
+    t.insert(
+        "base_model.model.model.layers.9.self_attn.q_proj.bone_block".into(),
+        v,
+    );
+    save(&f, &t);
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &[
+            "model.layers.9.self_attn.q_proj.weight",
+            "another base model",
+        ],
+    );
+}
+
+#[test]
+fn missing_shard_named_in_the_index() {
+    let e = Env::new();
+    let b = e.copy("bases/llama-bf16-sharded", "base");
+    std::fs::remove_file(b.join("model-00002-of-00003.safetensors")).unwrap();
+    let a = fixtures().join("cases/miss-default-sharded-bf16/adapter");
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&b), s(&a), s(&out)),
+        Some(&out),
+        &[&b],
+        &[
+            "model.safetensors.index.json",
+            "model-00002-of-00003.safetensors",
+            "missing",
+        ],
+    );
+}
+
+#[test]
+fn singular_block_on_unmerge() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-bat-f32/adapter", "a");
+    let f = a.join("adapter_model.safetensors");
+    let mut t = load(&f);
+    let key = "base_model.model.model.layers.1.mlp.up_proj.bone_block";
+    let mut vals = values(&t[key])
+        .into_iter()
+        .map(|v| v as f32)
+        .collect::<Vec<_>>();
+    // block 3 becomes -I: I + B_3 = 0
+    for x in 0..8 {
+        for y in 0..8 {
+            vals[3 * 64 + x * 8 + y] = if x == y { -1.0 } else { 0.0 };
+        }
+    }
+    t.insert(key.into(), f32_tensor(t[key].shape.clone(), &vals));
+    save(&f, &t);
+    let merged = fixtures().join("cases/bone-bat-f32/merged");
+    let out = e.path("out");
+    fails(
+        &[
+            "unmerge",
+            "--merged",
+            s(&merged),
+            "--adapter",
+            s(&a),
+            "--out",
+            s(&out),
+        ],
+        Some(&out),
+        &[&a],
+        &["model.layers.1.mlp.up_proj", "block 3", "singular"],
+    );
+}
+
+#[test]
+fn existing_out_needs_force() {
+    let e = Env::new();
+    let a = fixtures().join("cases/bone-default-f32/adapter");
+    let out = e.path("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "old").unwrap();
+    let o = run(&merge_args(s(&base_f32()), s(&a), s(&out)));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("already exists") && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "old",
+        "untouched without --force"
+    );
+    let base = base_f32();
+    let mut args = merge_args(s(&base), s(&a), s(&out));
+    args.extend(["--force", "-q"]);
+    ok(&run(&args));
+    assert!(!out.join("keep.txt").exists(), "replaced with --force");
+    assert!(out.join("model.safetensors").exists());
+    assert_eq!(leftovers(e.tmp.path(), ".tmp-"), Vec::<String>::new());
+    assert_eq!(leftovers(e.tmp.path(), ".old-"), Vec::<String>::new());
+}
+
+#[test]
+fn unwritable_output_folder() {
+    let e = Env::new();
+    let a = fixtures().join("cases/bone-default-f32/adapter");
+    let file = e.path("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let out = file.join("out");
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        None,
+        &[],
+        &["cannot create", "a-file"],
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+}
+
+#[test]
+fn output_inside_an_input_is_refused() {
+    let e = Env::new();
+    let b = e.copy("bases/llama-f32", "base");
+    let a = fixtures().join("cases/bone-default-f32/adapter");
+    let out = b.join("merged");
+    fails(
+        &merge_args(s(&b), s(&a), s(&out)),
+        Some(&out),
+        &[&b],
+        &["overlaps the input"],
+    );
+    // --force on the base folder itself would destroy it
+    let mut args = merge_args(s(&b), s(&a), s(&b));
+    args.push("--force");
+    fails(&args, None, &[&b], &["overlaps the input"]);
+}
+
+#[test]
+fn adapter_folder_passed_as_base() {
+    let e = Env::new();
+    let a = fixtures().join("cases/bone-default-f32/adapter");
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&a), s(&a), s(&out)),
+        Some(&out),
+        &[],
+        &["adapter folder", "--adapter"],
+    );
+}
+
+#[test]
+fn bone_block_in_a_miss_adapter() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    let cfg = a.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"BONE\"", "\"MISS\"");
+    std::fs::write(&cfg, text).unwrap();
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base_f32()), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["BONE block", "\"MISS\""],
+    );
+}
+
+#[test]
+fn tied_embeddings_are_not_merged_one_sided() {
+    let e = Env::new();
+    let b = e.copy("bases/llama-bf16-sharded", "base");
+    let cfg = b.join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "\"tie_word_embeddings\": false",
+        "\"tie_word_embeddings\": true",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let a = fixtures().join("cases/miss-default-sharded-bf16/adapter");
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&b), s(&a), s(&out)),
+        Some(&out),
+        &[&b],
+        &["ties lm_head", "lm_head.weight"],
+    );
+}
+
+#[test]
+fn foreign_keys_are_ignored_with_a_warning() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    let f = a.join("adapter_model.safetensors");
+    let mut t = load(&f);
+    let v = t["base_model.model.model.layers.0.self_attn.q_proj.bone_block"].clone();
+    t.insert(
+        "base_model.model.model.layers.0.self_attn.q_proj.bone_block.other".into(),
+        v,
+    );
+    save(&f, &t);
+    let out = e.path("out");
+    let o = run(&merge_args(s(&base_f32()), s(&a), s(&out)));
+    ok(&o);
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning:")
+            && err.contains("bone_block.other")
+            && err.contains("another adapter"),
+        "{err}"
+    );
+    let (ours, peft) = (
+        load(&out),
+        load(&fixtures().join("cases/bone-default-f32/merged")),
+    );
+    assert!(
+        ours.iter().all(|(k, t)| peft[k].data == t.data),
+        "the foreign block changed nothing"
+    );
+}
