@@ -7,7 +7,7 @@ use crate::error::{input, Interrupted, Result};
 use crate::model::output::ShardWriter;
 use crate::model::{Model, SafetensorsFile, TensorEntry};
 use crate::ops::dtype::Float;
-use crate::ops::{self, add_periodic, bat_merge, bat_unmerge, expand_transposed};
+use crate::ops::{self, expand_transposed, Prepared};
 use crate::plan::{Op, Plan, TensorJob};
 use anyhow::Context;
 use indicatif::ProgressBar;
@@ -104,11 +104,28 @@ fn read_floats(file: &SafetensorsFile, t: &TensorEntry) -> Result<Vec<f32>> {
 
 /// Run a tensor's op chain; returns the bytes to write.
 fn compute(job: &TensorJob, src_file: &SafetensorsFile, adapters: &[Adapter]) -> Result<Vec<u8>> {
-    // A replacement of the same dtype with nothing after it is a byte copy.
-    if let [Op::Replace { adapter, src }] = job.ops.as_slice() {
-        if src.dtype == job.src.dtype {
-            return adapters[*adapter].file.read_tensor(src);
+    // A replacement overrides everything before it: start from the last one, or from the base.
+    let last_replace = job
+        .ops
+        .iter()
+        .rposition(|op| matches!(op, Op::Replace { .. }));
+    let (mut bytes, rest) = match last_replace {
+        Some(k) => {
+            let Op::Replace { adapter, src } = &job.ops[k] else {
+                unreachable!()
+            };
+            let raw = adapters[*adapter].file.read_tensor(src)?;
+            let bytes = if src.dtype == job.src.dtype {
+                raw
+            } else {
+                convert(&raw, src, &job.src)?
+            };
+            (bytes, &job.ops[k + 1..])
         }
+        None => (src_file.read_tensor(&job.src)?, &job.ops[..]),
+    };
+    if rest.is_empty() {
+        return Ok(bytes);
     }
     let d = job.weight_float().ok_or_else(|| {
         input(format!(
@@ -116,68 +133,89 @@ fn compute(job: &TensorJob, src_file: &SafetensorsFile, adapters: &[Adapter]) ->
             job.name, job.src.dtype
         ))
     })?;
-    let (o, i) = match job.src.shape.as_slice() {
-        [o, i] => (*o, *i),
-        _ => (0, 0),
+    let [o, i] = job.src.shape[..] else {
+        return Err(input(format!(
+            "tensor {:?} has shape {:?}, expected [out, in]",
+            job.name, job.src.shape
+        )));
     };
-    let mut w: Option<Vec<f32>> = None;
-    for op in &job.ops {
-        match op {
-            Op::Replace { adapter, src } => {
-                let mut v = read_floats(&adapters[*adapter].file, src)?;
-                d.round(&mut v);
-                w = Some(v);
+    let prepared = rest
+        .iter()
+        .map(|op| prepare(op, &job.name, o, adapters))
+        .collect::<Result<Vec<_>>>()?;
+    ops::apply_chain(&mut bytes, d, o, i, &prepared);
+    Ok(bytes)
+}
+
+/// A replacement stored in another float dtype than the base tensor: cast it (round to nearest even).
+fn convert(raw: &[u8], from: &TensorEntry, to: &TensorEntry) -> Result<Vec<u8>> {
+    let (f, t) = (Float::from_dtype(from.dtype), Float::from_dtype(to.dtype));
+    let (Some(f), Some(t)) = (f, t) else {
+        return Err(input(format!(
+            "cannot cast {:?} from {:?} to {:?}",
+            from.name, from.dtype, to.dtype
+        )));
+    };
+    let mut vals = vec![0f32; from.numel()];
+    f.decode(raw, &mut vals);
+    let mut out = vec![0u8; vals.len() * t.size()];
+    t.encode(&vals, &mut out);
+    Ok(out)
+}
+
+/// Load an op's blocks (and invert them for BAT unmerge).
+fn prepare(op: &Op, tensor: &str, o: usize, adapters: &[Adapter]) -> Result<Prepared> {
+    Ok(match op {
+        Op::Replace { .. } => unreachable!("the chain starts after the last replacement"),
+        Op::Periodic {
+            adapter,
+            block,
+            r,
+            cols,
+            sign,
+            rounding,
+        } => {
+            let mut blk = read_floats(&adapters[*adapter].file, block)?;
+            rounding.load_block(&mut blk);
+            Prepared::Periodic {
+                et: expand_transposed(&blk, *r, *cols, o),
+                r: *r,
+                sign: *sign,
+                rounding: *rounding,
             }
-            Op::Periodic {
-                adapter,
-                block,
-                r,
-                cols,
-                sign,
-                rounding,
-            } => {
-                let v = match &mut w {
-                    Some(v) => v,
-                    None => w.insert(read_floats(src_file, &job.src)?),
-                };
-                let mut blk = read_floats(&adapters[*adapter].file, block)?;
-                rounding.load_block(&mut blk);
-                let et = expand_transposed(&blk, *r, *cols, o);
-                add_periodic(v, o, i, &et, *r, *sign, *rounding);
-            }
-            Op::Bat {
-                adapter,
-                block,
-                r,
-                inverse,
-                rounding,
-            } => {
-                let v = match &mut w {
-                    Some(v) => v,
-                    None => w.insert(read_floats(src_file, &job.src)?),
-                };
-                let a = &adapters[*adapter];
-                let mut blk = read_floats(&a.file, block)?;
-                rounding.load_block(&mut blk);
-                if *inverse {
-                    let inv = ops::bat_inverses(&blk, *r).map_err(|s| {
-                        input(format!(
-                            "{}: {:?}: block {}: I + B is singular (condition number {:.3e})",
-                            a.dir.display(),
-                            job.name,
-                            s.block,
-                            s.cond
-                        ))
-                    })?;
-                    bat_unmerge(v, o, i, &blk, &inv.inv, *r, *rounding);
-                } else {
-                    bat_merge(v, o, i, &blk, *r, *rounding);
+        }
+        Op::Bat {
+            adapter,
+            block,
+            r,
+            inverse,
+            rounding,
+        } => {
+            let a = &adapters[*adapter];
+            let mut b = read_floats(&a.file, block)?;
+            rounding.load_block(&mut b);
+            if *inverse {
+                let inv = ops::bat_inverses(&b, *r).map_err(|s| {
+                    input(format!(
+                        "{}: {tensor:?}: block {}: I + B is singular (condition number {:.3e})",
+                        a.dir.display(),
+                        s.block,
+                        s.cond
+                    ))
+                })?;
+                Prepared::BatUnmerge {
+                    b,
+                    inv: inv.inv,
+                    r: *r,
+                    rounding: *rounding,
+                }
+            } else {
+                Prepared::BatMerge {
+                    b,
+                    r: *r,
+                    rounding: *rounding,
                 }
             }
         }
-    }
-    let v = w.expect("a job with ops sets its values");
-    let mut out = vec![0u8; v.len() * d.size()];
-    d.encode(&v, &mut out);
-    Ok(out)
+    })
 }

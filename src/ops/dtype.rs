@@ -3,7 +3,8 @@
 //! Every computation runs in f32. `round` reproduces what torch does when it stores an f32 result
 //! into a narrower tensor (`.to(dtype)`): round to nearest, ties to even.
 
-use half::{bf16, f16};
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
@@ -57,28 +58,116 @@ impl Float {
     pub fn round(self, xs: &mut [f32]) {
         match self {
             Float::F32 => {}
-            Float::BF16 => xs.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+            Float::BF16 => xs
+                .iter_mut()
+                .for_each(|x| *x = f32::from_bits((bf16_bits(*x) as u32) << 16)),
             Float::F16 => xs.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
         }
     }
 
-    /// Decode little-endian elements of this type into `out` (`bytes.len() == out.len() * size`).
+    /// Decode little-endian elements of this type into `out` (`bytes.len() == out.len() * size`),
+    /// in parallel.
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
         assert_eq!(bytes.len(), out.len() * self.size(), "decode: byte count");
         let n = self.size();
         out.par_chunks_mut(PAR_CHUNK)
             .zip(bytes.par_chunks(PAR_CHUNK * n))
-            .for_each(|(o, b)| decode_serial(self, b, o));
+            .for_each(|(o, b)| self.decode_serial(b, o));
     }
 
-    /// Encode `src` as little-endian elements of this type (rounding to nearest even).
+    /// Encode `src` as little-endian elements of this type (rounding to nearest even), in parallel.
     pub fn encode(self, src: &[f32], out: &mut [u8]) {
         assert_eq!(out.len(), src.len() * self.size(), "encode: byte count");
         let n = self.size();
         out.par_chunks_mut(PAR_CHUNK * n)
             .zip(src.par_chunks(PAR_CHUNK))
-            .for_each(|(o, s)| encode_serial(self, s, o));
+            .for_each(|(o, s)| self.encode_serial(s, o));
     }
+
+    /// Decode on the calling thread.
+    pub fn decode_serial(self, bytes: &[u8], out: &mut [f32]) {
+        assert_eq!(bytes.len(), out.len() * self.size(), "decode: byte count");
+        match self {
+            Float::F32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            Float::BF16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+            Float::F16 => match as_u16(bytes) {
+                // half converts slices with F16C where the processor has it
+                Some(words) => words.reinterpret_cast::<f16>().convert_to_f32_slice(out),
+                None => {
+                    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                    }
+                }
+            },
+        }
+    }
+
+    /// Encode on the calling thread.
+    pub fn encode_serial(self, src: &[f32], out: &mut [u8]) {
+        assert_eq!(out.len(), src.len() * self.size(), "encode: byte count");
+        match self {
+            Float::F32 => {
+                for (c, x) in out.chunks_exact_mut(4).zip(src) {
+                    c.copy_from_slice(&x.to_le_bytes());
+                }
+            }
+            Float::BF16 => {
+                for (c, x) in out.chunks_exact_mut(2).zip(src) {
+                    c.copy_from_slice(&bf16_bits(*x).to_le_bytes());
+                }
+            }
+            Float::F16 => match as_u16_mut(out) {
+                Some(words) => words
+                    .reinterpret_cast_mut::<f16>()
+                    .convert_from_f32_slice(src),
+                None => {
+                    for (c, x) in out.chunks_exact_mut(2).zip(src) {
+                        c.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes());
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// f32 → bf16 bits, round to nearest even (as torch does); NaN stays a quiet NaN.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let nan = ((b >> 16) | 0x40) as u16;
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }
+}
+
+/// View bytes as u16 words when aligned (little-endian machines only).
+fn as_u16(bytes: &[u8]) -> Option<&[u16]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid u16; align_to only yields the aligned middle part.
+    let (pre, mid, post) = unsafe { bytes.align_to::<u16>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+fn as_u16_mut(bytes: &mut [u8]) -> Option<&mut [u16]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: as in as_u16.
+    let (pre, mid, post) = unsafe { bytes.align_to_mut::<u16>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
 }
 
 impl std::fmt::Display for Float {
@@ -87,49 +176,10 @@ impl std::fmt::Display for Float {
     }
 }
 
-fn decode_serial(t: Float, bytes: &[u8], out: &mut [f32]) {
-    match t {
-        Float::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        Float::BF16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
-            }
-        }
-        Float::F16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
-            }
-        }
-    }
-}
-
-fn encode_serial(t: Float, src: &[f32], out: &mut [u8]) {
-    match t {
-        Float::F32 => {
-            for (c, x) in out.chunks_exact_mut(4).zip(src) {
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-        }
-        Float::BF16 => {
-            for (c, x) in out.chunks_exact_mut(2).zip(src) {
-                c.copy_from_slice(&bf16::from_f32(*x).to_bits().to_le_bytes());
-            }
-        }
-        Float::F16 => {
-            for (c, x) in out.chunks_exact_mut(2).zip(src) {
-                c.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes());
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
 
     #[test]
     fn bf16_rounds_to_nearest_even() {
@@ -164,6 +214,37 @@ mod tests {
             t.decode(&bytes, &mut back);
             assert_eq!(xs, back, "{t}");
         }
+    }
+
+    #[test]
+    fn bf16_conversion_agrees_with_half_everywhere_that_matters() {
+        // every exponent, with fraction patterns around the rounding point, both signs, specials
+        let mut xs = vec![
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-45,
+        ];
+        for e in 0..255u32 {
+            for f in [
+                0u32, 1, 0x7fff, 0x8000, 0x8001, 0x18000, 0x7f_ffff, 0x7f_8000, 0x7f_7fff,
+            ] {
+                xs.push(f32::from_bits((e << 23) | f));
+                xs.push(-f32::from_bits((e << 23) | f));
+            }
+        }
+        for x in xs {
+            assert_eq!(
+                bf16_bits(x),
+                bf16::from_f32(x).to_bits(),
+                "{x:e} ({:#x})",
+                x.to_bits()
+            );
+        }
+        assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
     }
 
     #[test]

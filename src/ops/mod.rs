@@ -12,10 +12,11 @@ use faer::linalg::solvers::DenseSolveCore;
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-/// How results are rounded: `weight` is the weight's dtype D, `adapter` the dtype A that PEFT holds
-/// the blocks in while merging: f32 after `PeftModel.from_pretrained` (which upcasts them), the
-/// weight's dtype with `autocast_adapter_dtype=False`. Callers round block values to A when they
-/// load them ([`Rounding::load_block`]).
+/// How results are rounded: `weight` is the weight's dtype D; `adapter` the dtype A that PEFT holds
+/// the blocks in while merging: f32 after `PeftModel.from_pretrained` (which upcasts them), or D
+/// with `autocast_adapter_dtype=False`. Block values are rounded to A when loaded
+/// ([`Rounding::load_block`]); since A is f32 or D, PEFT's casts of a result (`.to(A).to(D)`) come
+/// down to one rounding to D.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rounding {
     pub weight: Float,
@@ -38,18 +39,6 @@ impl Rounding {
     pub fn load_block(&self, block: &mut [f32]) {
         self.adapter.round(block);
     }
-
-    /// `.to(A)` then `.to(D)`: PEFT's cast of an f32 result back to the adapter's dtype (a no-op
-    /// for f32 blocks), then to the weight's.
-    fn round_as_peft_stores(self, xs: &mut [f32]) {
-        self.adapter.round(xs);
-        self.weight.round(xs);
-    }
-}
-
-/// Rows per parallel task for the elementwise ops.
-fn rows_per_task(i: usize) -> usize {
-    (1 << 15) / i.max(1) + 1
 }
 
 /// Expand a default block `[r, cols]` (cols = O) or a mini block `[r, mini_r]` (tiled along O,
@@ -66,8 +55,203 @@ pub fn expand_transposed(block: &[f32], r: usize, cols: usize, o: usize) -> Vec<
     et
 }
 
-/// Default and mini merge (`sign = 1`) or unmerge (`sign = -1`):
-/// `W'[o,c] = W[o,c] ± E[c mod r, o]`, with `et` the expanded transposed block `[O, r]`.
+/// One op of a tensor's chain, with its blocks loaded (and, for BAT unmerge, inverted).
+#[derive(Clone, Debug)]
+pub enum Prepared {
+    /// Default or mini: `W ± E[c mod r, o mod cols]`, `et` from [`expand_transposed`].
+    Periodic {
+        et: Vec<f32>,
+        r: usize,
+        sign: f32,
+        rounding: Rounding,
+    },
+    /// BAT merge with blocks `[O/r, r, r]`.
+    BatMerge {
+        b: Vec<f32>,
+        r: usize,
+        rounding: Rounding,
+    },
+    /// BAT unmerge with blocks and their inverses `(I + B_i)⁻¹`.
+    BatUnmerge {
+        b: Vec<f32>,
+        inv: Vec<f32>,
+        r: usize,
+        rounding: Rounding,
+    },
+}
+
+impl Prepared {
+    /// Apply to the rows `row0..row0 + w.len() / i` of a weight with `i` columns. For BAT ops,
+    /// `row0` and the row count are multiples of r.
+    pub fn apply_rows(&self, w: &mut [f32], row0: usize, i: usize, scratch: &mut Vec<f32>) {
+        match self {
+            Prepared::Periodic {
+                et,
+                r,
+                sign,
+                rounding,
+            } => periodic_rows(w, row0, i, et, *r, *sign, *rounding),
+            Prepared::BatMerge { b, r, rounding } => {
+                bat_merge_rows(w, row0, i, b, *r, *rounding, scratch)
+            }
+            Prepared::BatUnmerge {
+                b,
+                inv,
+                r,
+                rounding,
+            } => bat_unmerge_rows(w, row0, i, b, inv, *r, *rounding, scratch),
+        }
+    }
+
+    fn row_multiple(&self) -> usize {
+        match self {
+            Prepared::Periodic { .. } => 1,
+            Prepared::BatMerge { r, .. } | Prepared::BatUnmerge { r, .. } => *r,
+        }
+    }
+}
+
+/// Elements per parallel task.
+const TASK_ELEMS: usize = 1 << 15;
+
+/// Run a chain of ops over a weight `[O, I]` stored as bytes of dtype `d`, in place: rows are cut
+/// into strips (a multiple of every BAT r), and each strip is decoded to f32, put through every op,
+/// and encoded back, in parallel. Memory beyond the tensor: one strip of f32 per thread.
+pub fn apply_chain(bytes: &mut [u8], d: Float, o: usize, i: usize, ops: &[Prepared]) {
+    assert_eq!(bytes.len(), o * i * d.size());
+    let unit = ops.iter().map(Prepared::row_multiple).fold(1, lcm);
+    assert_eq!(o % unit, 0, "rows must split into whole BAT strips");
+    let h = unit * (TASK_ELEMS / (unit * i.max(1))).max(1);
+    bytes
+        .par_chunks_mut(h * i * d.size())
+        .enumerate()
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(w, scratch), (s, chunk)| {
+                w.resize(chunk.len() / d.size(), 0.0);
+                d.decode_serial(chunk, w);
+                for op in ops {
+                    op.apply_rows(w, s * h, i, scratch);
+                }
+                d.encode_serial(w, chunk);
+            },
+        );
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    a / gcd(a, b) * b
+}
+
+/// Default and mini on rows `row0..`: `W'[o,c] = R_D(W[o,c] ± E[c mod r, o mod cols])`.
+pub fn periodic_rows(
+    w: &mut [f32],
+    row0: usize,
+    i: usize,
+    et: &[f32],
+    r: usize,
+    sign: f32,
+    rd: Rounding,
+) {
+    // The row's pattern E[c mod r] tiled to a length of at least 64, so the inner loop vectorises.
+    let reps = 64usize.div_ceil(r);
+    let mut tile = vec![0f32; r * reps];
+    for (n, row) in w.chunks_exact_mut(i).enumerate() {
+        let e = &et[(row0 + n) * r..][..r];
+        for chunk in tile.chunks_exact_mut(r) {
+            for (x, v) in chunk.iter_mut().zip(e) {
+                *x = sign * v;
+            }
+        }
+        for part in row.chunks_mut(tile.len()) {
+            for (x, d) in part.iter_mut().zip(&tile) {
+                *x += d;
+            }
+        }
+        rd.weight.round(row);
+    }
+}
+
+/// BAT merge on whole strips starting at row `row0`: for every output block row `i` and column
+/// block `j`, `W'_ij = R_D(W_ij + R_D(W_ij·B_i + B_i))` (or `R_D(W_ij + W_ij·B_i + B_i)` with
+/// `rd.once`).
+///
+/// The row strip `W[i·r..(i+1)·r, :]` is contiguous; read as an `[I, r]` row-major matrix its rows
+/// are the rows of the tiles `W_ij`, so one GEMM `[I, r]·[r, r]` does the whole strip. View row `k`
+/// belongs to tile row `a = k / (I / r)`.
+pub fn bat_merge_rows(
+    w: &mut [f32],
+    row0: usize,
+    i: usize,
+    b: &[f32],
+    r: usize,
+    rd: Rounding,
+    delta: &mut Vec<f32>,
+) {
+    let per_a = i / r;
+    delta.resize(i * r, 0.0);
+    for (s, strip) in w.chunks_exact_mut(r * i).enumerate() {
+        let bi = &b[(row0 / r + s) * r * r..][..r * r];
+        gemm(delta, strip, bi, i, r);
+        for (k, (drow, wrow)) in delta
+            .chunks_exact_mut(r)
+            .zip(strip.chunks_exact_mut(r))
+            .enumerate()
+        {
+            let brow = &bi[(k / per_a) * r..][..r];
+            for (d, bv) in drow.iter_mut().zip(brow) {
+                *d += bv;
+            }
+            if !rd.once {
+                rd.weight.round(drow);
+            }
+            for (x, d) in wrow.iter_mut().zip(drow.iter()) {
+                *x += d;
+            }
+        }
+        rd.weight.round(strip);
+    }
+}
+
+/// BAT unmerge on whole strips: `W_ij = R_D((W'_ij − B_i)·inv_i)`, `inv` the `(I + B_i)⁻¹`.
+#[allow(clippy::too_many_arguments)]
+pub fn bat_unmerge_rows(
+    w: &mut [f32],
+    row0: usize,
+    i: usize,
+    b: &[f32],
+    inv: &[f32],
+    r: usize,
+    rd: Rounding,
+    diff: &mut Vec<f32>,
+) {
+    let per_a = i / r;
+    diff.resize(i * r, 0.0);
+    for (s, strip) in w.chunks_exact_mut(r * i).enumerate() {
+        let blk = (row0 / r + s) * r * r;
+        let (bi, invi) = (&b[blk..][..r * r], &inv[blk..][..r * r]);
+        for (k, (drow, wrow)) in diff
+            .chunks_exact_mut(r)
+            .zip(strip.chunks_exact(r))
+            .enumerate()
+        {
+            let brow = &bi[(k / per_a) * r..][..r];
+            for ((d, x), bv) in drow.iter_mut().zip(wrow).zip(brow) {
+                *d = x - bv;
+            }
+        }
+        gemm(strip, diff, invi, i, r);
+        rd.weight.round(strip);
+    }
+}
+
+/// Whole-tensor default/mini merge (`sign = 1`) or unmerge (`sign = -1`) on f32 values.
 pub fn add_periodic(
     w: &mut [f32],
     o: usize,
@@ -77,69 +261,24 @@ pub fn add_periodic(
     sign: f32,
     rd: Rounding,
 ) {
-    assert_eq!(w.len(), o * i);
-    assert_eq!(et.len(), o * r);
-    // PEFT writes the tail case (I mod r != 0) into the weight in place, which rounds to D
-    // before its cast to the adapter's dtype; without a tail it casts the f32 sum directly.
-    let tail = i % r != 0;
-    let per = rows_per_task(i);
-    w.par_chunks_mut(per * i).enumerate().for_each(|(t, rows)| {
-        for (n, row) in rows.chunks_exact_mut(i).enumerate() {
-            let e = &et[(t * per + n) * r..][..r];
-            for chunk in row.chunks_mut(r) {
-                for (x, d) in chunk.iter_mut().zip(e) {
-                    *x += sign * d;
-                }
-            }
-            if tail {
-                rd.weight.round(row);
-            }
-            rd.round_as_peft_stores(row);
-        }
-    });
+    assert_eq!((w.len(), et.len()), (o * i, o * r));
+    let h = (TASK_ELEMS / i.max(1)).max(1);
+    w.par_chunks_mut(h * i)
+        .enumerate()
+        .for_each(|(t, rows)| periodic_rows(rows, t * h, i, et, r, sign, rd));
 }
 
-/// BAT merge: for every output block row `i` and column block `j`,
-/// `W'_ij = W_ij + R_D(W_ij·B_i + B_i)` (or `R_D(W_ij·(I + B_i) + B_i)` with `rd.once`).
-///
-/// The row strip `W[i·r..(i+1)·r, :]` is contiguous; read as an `[I, r]` row-major matrix its rows
-/// are the rows of the tiles `W_ij`, so one GEMM `[I, r]·[r, r]` does the whole strip. View row `k`
-/// belongs to tile row `a = k / (I / r)`.
+/// Whole-tensor BAT merge on f32 values.
 pub fn bat_merge(w: &mut [f32], o: usize, i: usize, b: &[f32], r: usize, rd: Rounding) {
     check_bat(w, o, i, b, r);
-    let per_a = i / r;
     w.par_chunks_mut(r * i)
-        .zip(b.par_chunks(r * r))
-        .for_each_init(
-            || vec![0f32; i * r],
-            |delta, (strip, bi)| {
-                gemm(delta, strip, bi, i, r);
-                for (k, (drow, wrow)) in delta
-                    .chunks_exact_mut(r)
-                    .zip(strip.chunks_exact_mut(r))
-                    .enumerate()
-                {
-                    let brow = &bi[(k / per_a) * r..][..r];
-                    for (d, bv) in drow.iter_mut().zip(brow) {
-                        *d += bv;
-                    }
-                    if rd.once {
-                        for (x, d) in wrow.iter_mut().zip(drow.iter()) {
-                            *x += d;
-                        }
-                    } else {
-                        rd.round_as_peft_stores(drow);
-                        for (x, d) in wrow.iter_mut().zip(drow.iter()) {
-                            *x += d;
-                        }
-                    }
-                    rd.weight.round(wrow);
-                }
-            },
-        );
+        .enumerate()
+        .for_each_init(Vec::new, |scratch, (s, strip)| {
+            bat_merge_rows(strip, s * r, i, b, r, rd, scratch)
+        });
 }
 
-/// BAT unmerge: `W_ij = (W'_ij − B_i)·inv_i` with `inv` the blocks `(I + B_i)⁻¹`, `[O/r, r, r]`.
+/// Whole-tensor BAT unmerge on f32 values.
 pub fn bat_unmerge(
     w: &mut [f32],
     o: usize,
@@ -151,27 +290,11 @@ pub fn bat_unmerge(
 ) {
     check_bat(w, o, i, b, r);
     assert_eq!(inv.len(), b.len());
-    let per_a = i / r;
     w.par_chunks_mut(r * i)
-        .zip(b.par_chunks(r * r))
-        .zip(inv.par_chunks(r * r))
-        .for_each_init(
-            || vec![0f32; i * r],
-            |diff, ((strip, bi), invi)| {
-                for (k, (drow, wrow)) in diff
-                    .chunks_exact_mut(r)
-                    .zip(strip.chunks_exact(r))
-                    .enumerate()
-                {
-                    let brow = &bi[(k / per_a) * r..][..r];
-                    for ((d, x), bv) in drow.iter_mut().zip(wrow).zip(brow) {
-                        *d = x - bv;
-                    }
-                }
-                gemm(strip, diff, invi, i, r);
-                rd.round_as_peft_stores(strip);
-            },
-        );
+        .enumerate()
+        .for_each_init(Vec::new, |scratch, (s, strip)| {
+            bat_unmerge_rows(strip, s * r, i, b, inv, r, rd, scratch)
+        });
 }
 
 fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
