@@ -1,11 +1,14 @@
-//! Executing a plan on the CPU: for each output shard, the header first, then each tensor in
-//! order: untouched tensors are copied as bytes, changed ones are decoded to f32, put through
-//! their op chain and encoded back. Memory holds one tensor at a time.
+//! Executing a plan on the CPU, as a three-stage pipeline so that disk and math overlap:
+//! a reader thread reads each changed tensor's bytes, this thread runs its op chain in place
+//! (in parallel over row strips), and a writer thread writes the shards in order: header first,
+//! then each tensor; untouched tensors go from input to output inside the kernel
+//! (`copy_file_range`) without passing through memory. Each finished shard is fsynced in the
+//! background while the next one is written. At most a few tensors are in memory at once.
 
 use crate::adapter::Adapter;
 use crate::error::{input, Interrupted, Result};
 use crate::model::output::ShardWriter;
-use crate::model::{Model, SafetensorsFile, TensorEntry};
+use crate::model::{Model, SafetensorsFile, TensorBytes, TensorEntry};
 use crate::ops::dtype::Float;
 use crate::ops::{self, expand_transposed, Prepared};
 use crate::plan::{Op, Plan, TensorJob};
@@ -13,6 +16,7 @@ use anyhow::Context;
 use indicatif::ProgressBar;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, Sender};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -28,8 +32,22 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
-/// Bytes copied per read when a tensor passes through untouched.
-const COPY_CHUNK: usize = 8 << 20;
+/// Bytes copied per step when a tensor passes through untouched (progress and Ctrl-C in between).
+const COPY_CHUNK: u64 = 64 << 20;
+
+/// One tensor on its way through the pipeline.
+enum Payload<'a> {
+    /// Bytes that pass through unchanged, copied file to file.
+    Copy {
+        file: &'a SafetensorsFile,
+        start: u64,
+        len: u64,
+    },
+    /// The bytes a chain starts from (mapped), for the compute stage.
+    Source(TensorBytes),
+    /// The result, for the writer.
+    Bytes(Vec<u8>),
+}
 
 /// Write every file of the plan into `dir`.
 pub fn run(
@@ -39,28 +57,60 @@ pub fn run(
     dir: &Path,
     progress: &ProgressBar,
 ) -> Result<()> {
-    let total_tensors: usize = plan.shards.iter().map(|s| s.jobs.len()).sum();
-    let mut done = 0;
-    let mut buf = vec![];
-    for shard in &plan.shards {
-        let input = &base.shards[shard.input];
-        let mut w =
-            ShardWriter::create(&dir.join(&shard.file_name), &shard.header, shard.data_bytes)?;
-        progress.inc(shard.header.len() as u64);
-        for job in &shard.jobs {
-            check_interrupt()?;
-            if job.ops.is_empty() {
-                copy_tensor(input, &job.src, &mut w, &mut buf, progress)?;
-            } else {
-                let bytes = compute(job, input, adapters)?;
-                w.write(&bytes)?;
-                progress.inc(bytes.len() as u64);
+    std::thread::scope(|scope| {
+        let (to_compute, from_reader) = sync_channel::<Result<Payload>>(1);
+        let (to_writer, from_compute) = sync_channel::<Payload>(1);
+        // Written buffers come back to the compute stage: no fresh pages to fault in per tensor.
+        let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
+
+        scope.spawn(move || {
+            for shard in &plan.shards {
+                let input = &base.shards[shard.input];
+                for job in &shard.jobs {
+                    let item = check_interrupt().and_then(|_| source(job, input, adapters));
+                    let failed = item.is_err();
+                    if to_compute.send(item).is_err() || failed {
+                        return;
+                    }
+                }
             }
-            done += 1;
-            progress.set_message(format!("tensor {done}/{total_tensors}"));
+        });
+
+        let writer =
+            scope.spawn(move || write_all(plan, dir, from_compute, recycle, progress, scope));
+
+        let mut computed: Result<()> = Ok(());
+        let jobs = plan.shards.iter().flat_map(|s| s.jobs.iter());
+        for (item, job) in from_reader.into_iter().zip(jobs) {
+            let step = item.and_then(|payload| match payload {
+                Payload::Source(src) => {
+                    let mut out = recycled.try_recv().unwrap_or_default();
+                    compute(job, src.bytes(), &mut out, adapters)?;
+                    Ok(Payload::Bytes(out))
+                }
+                other => Ok(other),
+            });
+            match step {
+                Ok(item) => {
+                    if to_writer.send(item).is_err() {
+                        break; // the writer failed: its error is the one to report
+                    }
+                }
+                Err(e) => {
+                    computed = Err(e);
+                    break;
+                }
+            }
         }
-        w.finish()?;
-    }
+        drop(to_writer);
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "internal error: the writer thread panicked"
+            ))
+        });
+        computed?;
+        written
+    })?;
     if let Some((name, index)) = &plan.index {
         let text = serde_json::to_string_pretty(index)? + "\n";
         std::fs::write(dir.join(name), text)
@@ -74,59 +124,100 @@ pub fn run(
     Ok(())
 }
 
-fn copy_tensor(
-    input: &SafetensorsFile,
-    t: &TensorEntry,
-    w: &mut ShardWriter,
-    buf: &mut Vec<u8>,
-    progress: &ProgressBar,
+/// The writer stage: every shard in order, each tensor as it arrives; fsyncs run in the background.
+fn write_all<'scope>(
+    plan: &'scope Plan,
+    dir: &'scope Path,
+    items: Receiver<Payload<'scope>>,
+    recycle: Sender<Vec<u8>>,
+    progress: &'scope ProgressBar,
+    scope: &'scope std::thread::Scope<'scope, '_>,
 ) -> Result<()> {
-    let mut at = t.start;
-    while at < t.end {
-        check_interrupt()?;
-        let n = ((t.end - at) as usize).min(COPY_CHUNK);
-        buf.resize(n, 0);
-        input.read_at(at, &mut buf[..n])?;
-        w.write(&buf[..n])?;
-        progress.inc(n as u64);
-        at += n as u64;
+    let total: usize = plan.shards.iter().map(|s| s.jobs.len()).sum();
+    let mut done = 0;
+    let mut syncs = vec![];
+    for shard in &plan.shards {
+        let mut w =
+            ShardWriter::create(&dir.join(&shard.file_name), &shard.header, shard.data_bytes)?;
+        progress.inc(shard.header.len() as u64);
+        for _ in &shard.jobs {
+            let Ok(item) = items.recv() else {
+                return Ok(()); // the compute stage stopped early and reports why
+            };
+            match item {
+                Payload::Bytes(b) => {
+                    w.write(&b)?;
+                    progress.inc(b.len() as u64);
+                    let _ = recycle.send(b);
+                }
+                Payload::Copy { file, start, len } => {
+                    let mut at = start;
+                    while at < start + len {
+                        check_interrupt()?;
+                        let n = (start + len - at).min(COPY_CHUNK);
+                        w.copy_from(file.file(), at, n)?;
+                        progress.inc(n);
+                        at += n;
+                    }
+                }
+                Payload::Source(_) => unreachable!("the compute stage turns sources into bytes"),
+            }
+            done += 1;
+            progress.set_message(format!("tensor {done}/{total}"));
+        }
+        let (file, path) = w.finish()?;
+        syncs.push(scope.spawn(move || {
+            file.sync_all()
+                .with_context(|| format!("cannot sync {}", path.display()))
+        }));
+    }
+    for s in syncs {
+        s.join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: an fsync thread panicked")))?;
     }
     Ok(())
 }
 
-fn read_floats(file: &SafetensorsFile, t: &TensorEntry) -> Result<Vec<f32>> {
-    let float = Float::from_dtype(t.dtype).expect("the plan checked every dtype");
-    let bytes = file.read_tensor(t)?;
-    let mut out = vec![0f32; t.numel()];
-    float.decode(&bytes, &mut out);
-    Ok(out)
-}
-
-/// Run a tensor's op chain; returns the bytes to write.
-fn compute(job: &TensorJob, src_file: &SafetensorsFile, adapters: &[Adapter]) -> Result<Vec<u8>> {
-    // A replacement overrides everything before it: start from the last one, or from the base.
-    let last_replace = job
+/// What a job starts from: a byte copy (untouched, or replaced outright by a tensor of the same
+/// dtype), or the bytes its op chain runs on: the last replacement's (cast to the base tensor's
+/// dtype) or the base tensor's.
+fn source<'a>(
+    job: &TensorJob,
+    base: &'a SafetensorsFile,
+    adapters: &'a [Adapter],
+) -> Result<Payload<'a>> {
+    let last = job
         .ops
         .iter()
         .rposition(|op| matches!(op, Op::Replace { .. }));
-    let (mut bytes, rest) = match last_replace {
-        Some(k) => {
-            let Op::Replace { adapter, src } = &job.ops[k] else {
-                unreachable!()
-            };
+    let (file, entry) = match last.map(|k| &job.ops[k]) {
+        Some(Op::Replace { adapter, src }) if src.dtype != job.src.dtype => {
             let raw = adapters[*adapter].file.read_tensor(src)?;
-            let bytes = if src.dtype == job.src.dtype {
-                raw
-            } else {
-                convert(&raw, src, &job.src)?
-            };
-            (bytes, &job.ops[k + 1..])
+            return Ok(Payload::Source(TensorBytes::Owned(convert(
+                &raw, src, &job.src,
+            )?)));
         }
-        None => (src_file.read_tensor(&job.src)?, &job.ops[..]),
+        Some(Op::Replace { adapter, src }) => (&adapters[*adapter].file, src),
+        _ => (base, &job.src),
     };
-    if rest.is_empty() {
-        return Ok(bytes);
+    let chain_len = job.ops.len() - last.map_or(0, |k| k + 1);
+    if chain_len == 0 {
+        return Ok(Payload::Copy {
+            file,
+            start: entry.start,
+            len: entry.len_bytes(),
+        });
     }
+    Ok(Payload::Source(file.map_tensor(entry)?))
+}
+
+/// Run the op chain after the last replacement on `src`, writing the result into `out`.
+fn compute(job: &TensorJob, src: &[u8], out: &mut Vec<u8>, adapters: &[Adapter]) -> Result<()> {
+    let start = job
+        .ops
+        .iter()
+        .rposition(|op| matches!(op, Op::Replace { .. }))
+        .map_or(0, |k| k + 1);
     let d = job.weight_float().ok_or_else(|| {
         input(format!(
             "tensor {:?} has dtype {:?}: only float tensors can be changed",
@@ -139,12 +230,17 @@ fn compute(job: &TensorJob, src_file: &SafetensorsFile, adapters: &[Adapter]) ->
             job.name, job.src.shape
         )));
     };
-    let prepared = rest
+    let prepared = job.ops[start..]
         .iter()
         .map(|op| prepare(op, &job.name, o, adapters))
         .collect::<Result<Vec<_>>>()?;
-    ops::apply_chain(&mut bytes, d, o, i, &prepared);
-    Ok(bytes)
+    // Only growth is zero-filled; a recycled buffer is reused as it is, then overwritten.
+    if out.len() < src.len() {
+        out.resize(src.len(), 0);
+    }
+    out.truncate(src.len());
+    ops::apply_chain(src, out, d, o, i, &prepared);
+    Ok(())
 }
 
 /// A replacement stored in another float dtype than the base tensor: cast it (round to nearest even).
@@ -218,4 +314,12 @@ fn prepare(op: &Op, tensor: &str, o: usize, adapters: &[Adapter]) -> Result<Prep
             }
         }
     })
+}
+
+fn read_floats(file: &SafetensorsFile, t: &TensorEntry) -> Result<Vec<f32>> {
+    let float = Float::from_dtype(t.dtype).expect("the plan checked every dtype");
+    let bytes = file.read_tensor(t)?;
+    let mut out = vec![0f32; t.numel()];
+    float.decode(&bytes, &mut out);
+    Ok(out)
 }

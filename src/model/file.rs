@@ -118,6 +118,48 @@ impl SafetensorsFile {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// Map a tensor's bytes read-only (the kernel reads ahead; no copy into a buffer). Dropping the
+    /// map releases its pages from this process, so memory stays bounded by what is in flight.
+    pub fn map_tensor(&self, t: &TensorEntry) -> Result<TensorBytes> {
+        let len = t.len_bytes() as usize;
+        if len == 0 {
+            return Ok(TensorBytes::Owned(vec![]));
+        }
+        let page = 4096u64;
+        let aligned = t.start / page * page;
+        let off = (t.start - aligned) as usize;
+        // SAFETY: read-only mapping of a file opened read-only; see `open`.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(aligned)
+                .len(off + len)
+                .map(&self.file)
+        }
+        .with_context(|| format!("cannot map {} bytes of {}", len, self.path.display()))?;
+        let _ = map.advise(memmap2::Advice::Sequential);
+        let _ = map.advise(memmap2::Advice::WillNeed);
+        Ok(TensorBytes::Mapped { map, off, len })
+    }
+}
+
+/// A tensor's bytes: mapped from its file, or held in memory.
+pub enum TensorBytes {
+    Mapped {
+        map: memmap2::Mmap,
+        off: usize,
+        len: usize,
+    },
+    Owned(Vec<u8>),
+}
+
+impl TensorBytes {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            TensorBytes::Mapped { map, off, len } => &map[*off..*off + *len],
+            TensorBytes::Owned(v) => v,
+        }
+    }
 }
 
 /// Turn the crate's error into one line that says what is wrong with which file.

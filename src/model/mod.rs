@@ -6,7 +6,7 @@ pub mod output;
 
 use crate::error::{input, Result};
 use anyhow::Context;
-pub use file::{SafetensorsFile, TensorEntry};
+pub use file::{SafetensorsFile, TensorBytes, TensorEntry};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -147,7 +147,6 @@ fn random_suffix() -> String {
 }
 
 /// Writes one safetensors file: the header first, then the tensors' bytes in order.
-/// `finish` checks that exactly the planned number of bytes went in, then fsyncs.
 pub struct ShardWriter {
     path: PathBuf,
     w: BufWriter<File>,
@@ -176,7 +175,29 @@ impl ShardWriter {
         Ok(())
     }
 
-    pub fn finish(self) -> Result<()> {
+    /// Copy `len` bytes at `at` of `src` to the end of this file, inside the kernel where it can
+    /// (std's `io::copy` uses copy_file_range between files; the buffer is flushed first).
+    pub fn copy_from(&mut self, src: &File, at: u64, len: u64) -> Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = src
+            .try_clone()
+            .context("cannot duplicate an input file handle")?;
+        f.seek(SeekFrom::Start(at))
+            .context("cannot seek in an input file")?;
+        let copied = std::io::copy(&mut f.take(len), &mut self.w)
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        anyhow::ensure!(
+            copied == len,
+            "input ended early: copied {copied} of {len} bytes to {}",
+            self.path.display()
+        );
+        self.written += len;
+        Ok(())
+    }
+
+    /// Flush, check that exactly the planned number of bytes went in, and hand back the file for
+    /// the caller to fsync.
+    pub fn finish(self) -> Result<(File, PathBuf)> {
         anyhow::ensure!(
             self.written == self.expected,
             "internal error: wrote {} bytes to {}, planned {}",
@@ -190,7 +211,6 @@ impl ShardWriter {
             .into_inner()
             .map_err(|e| e.into_error())
             .with_context(|| format!("cannot write {}", path.display()))?;
-        f.sync_all()
-            .with_context(|| format!("cannot sync {}", path.display()))
+        Ok((f, path))
     }
 }

@@ -55,6 +55,7 @@ impl Float {
     }
 
     /// Round every value to this type's precision (the value stays an f32).
+    #[inline(always)]
     pub fn round(self, xs: &mut [f32]) {
         match self {
             Float::F32 => {}
@@ -85,6 +86,7 @@ impl Float {
     }
 
     /// Decode on the calling thread.
+    #[inline(always)]
     pub fn decode_serial(self, bytes: &[u8], out: &mut [f32]) {
         assert_eq!(bytes.len(), out.len() * self.size(), "decode: byte count");
         match self {
@@ -93,11 +95,18 @@ impl Float {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             }
-            Float::BF16 => {
-                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            Float::BF16 => match as_u16(bytes) {
+                Some(words) => {
+                    for (o, w) in out.iter_mut().zip(words) {
+                        *o = f32::from_bits((*w as u32) << 16);
+                    }
                 }
-            }
+                None => {
+                    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                        *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                    }
+                }
+            },
             Float::F16 => match as_u16(bytes) {
                 // half converts slices with F16C where the processor has it
                 Some(words) => words.reinterpret_cast::<f16>().convert_to_f32_slice(out),
@@ -111,6 +120,7 @@ impl Float {
     }
 
     /// Encode on the calling thread.
+    #[inline(always)]
     pub fn encode_serial(self, src: &[f32], out: &mut [u8]) {
         assert_eq!(out.len(), src.len() * self.size(), "encode: byte count");
         match self {
@@ -119,11 +129,18 @@ impl Float {
                     c.copy_from_slice(&x.to_le_bytes());
                 }
             }
-            Float::BF16 => {
-                for (c, x) in out.chunks_exact_mut(2).zip(src) {
-                    c.copy_from_slice(&bf16_bits(*x).to_le_bytes());
+            Float::BF16 => match as_u16_mut(out) {
+                Some(words) => {
+                    for (w, x) in words.iter_mut().zip(src) {
+                        *w = bf16_bits(*x);
+                    }
                 }
-            }
+                None => {
+                    for (c, x) in out.chunks_exact_mut(2).zip(src) {
+                        c.copy_from_slice(&bf16_bits(*x).to_le_bytes());
+                    }
+                }
+            },
             Float::F16 => match as_u16_mut(out) {
                 Some(words) => words
                     .reinterpret_cast_mut::<f16>()

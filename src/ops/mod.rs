@@ -82,24 +82,33 @@ pub enum Prepared {
 
 impl Prepared {
     /// Apply to the rows `row0..row0 + w.len() / i` of a weight with `i` columns. For BAT ops,
-    /// `row0` and the row count are multiples of r.
-    pub fn apply_rows(&self, w: &mut [f32], row0: usize, i: usize, scratch: &mut Vec<f32>) {
+    /// `row0` and the row count are multiples of r. `round` false skips the final rounding to D
+    /// (for the last op of a chain, whose result is encoded to D anyway: the same bytes, once).
+    #[inline(always)]
+    pub fn apply_rows(
+        &self,
+        w: &mut [f32],
+        row0: usize,
+        i: usize,
+        scratch: &mut Vec<f32>,
+        round: bool,
+    ) {
         match self {
             Prepared::Periodic {
                 et,
                 r,
                 sign,
                 rounding,
-            } => periodic_rows(w, row0, i, et, *r, *sign, *rounding),
+            } => periodic_rows(w, row0, i, et, *r, *sign, *rounding, round),
             Prepared::BatMerge { b, r, rounding } => {
-                bat_merge_rows(w, row0, i, b, *r, *rounding, scratch)
+                bat_merge_rows(w, row0, i, b, *r, *rounding, scratch, round)
             }
             Prepared::BatUnmerge {
                 b,
                 inv,
                 r,
                 rounding,
-            } => bat_unmerge_rows(w, row0, i, b, inv, *r, *rounding, scratch),
+            } => bat_unmerge_rows(w, row0, i, b, inv, *r, *rounding, scratch, round),
         }
     }
 
@@ -114,28 +123,86 @@ impl Prepared {
 /// Elements per parallel task.
 const TASK_ELEMS: usize = 1 << 15;
 
-/// Run a chain of ops over a weight `[O, I]` stored as bytes of dtype `d`, in place: rows are cut
-/// into strips (a multiple of every BAT r), and each strip is decoded to f32, put through every op,
-/// and encoded back, in parallel. Memory beyond the tensor: one strip of f32 per thread.
-pub fn apply_chain(bytes: &mut [u8], d: Float, o: usize, i: usize, ops: &[Prepared]) {
-    assert_eq!(bytes.len(), o * i * d.size());
+/// Run a chain of ops over a weight `[O, I]` stored as bytes of dtype `d`: rows are cut into
+/// strips (a multiple of every BAT r), and each strip of `src` is decoded to f32, put through every
+/// op, and encoded into the same rows of `dst`, in parallel. Memory beyond the two byte buffers: one
+/// strip of f32 per thread.
+pub fn apply_chain(src: &[u8], dst: &mut [u8], d: Float, o: usize, i: usize, ops: &[Prepared]) {
+    assert_eq!(src.len(), o * i * d.size());
+    assert_eq!(dst.len(), src.len());
     let unit = ops.iter().map(Prepared::row_multiple).fold(1, lcm);
     assert_eq!(o % unit, 0, "rows must split into whole BAT strips");
     let h = unit * (TASK_ELEMS / (unit * i.max(1))).max(1);
-    bytes
-        .par_chunks_mut(h * i * d.size())
+    let step = h * i * d.size();
+    dst.par_chunks_mut(step)
+        .zip(src.par_chunks(step))
         .enumerate()
-        .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(w, scratch), (s, chunk)| {
-                w.resize(chunk.len() / d.size(), 0.0);
-                d.decode_serial(chunk, w);
-                for op in ops {
-                    op.apply_rows(w, s * h, i, scratch);
-                }
-                d.encode_serial(w, chunk);
-            },
-        );
+        .for_each(|(s, (out, inp))| {
+            STRIP.with_borrow_mut(|(w, scratch)| strip(inp, out, w, scratch, d, s * h, i, ops));
+        });
+}
+
+thread_local! {
+    /// Each worker's f32 strip and GEMM scratch, reused from tensor to tensor.
+    static STRIP: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// One strip: decode, every op, encode. Compiled twice: for AVX2 where the processor has it
+/// (the same operations in wider registers, so the same results) and for the baseline.
+#[allow(clippy::too_many_arguments)]
+fn strip(
+    inp: &[u8],
+    out: &mut [u8],
+    w: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+    d: Float,
+    row0: usize,
+    i: usize,
+    ops: &[Prepared],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the processor supports AVX2, checked just above.
+        unsafe { strip_avx2(inp, out, w, scratch, d, row0, i, ops) };
+        return;
+    }
+    strip_body(inp, out, w, scratch, d, row0, i, ops);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn strip_avx2(
+    inp: &[u8],
+    out: &mut [u8],
+    w: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+    d: Float,
+    row0: usize,
+    i: usize,
+    ops: &[Prepared],
+) {
+    strip_body(inp, out, w, scratch, d, row0, i, ops);
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn strip_body(
+    inp: &[u8],
+    out: &mut [u8],
+    w: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+    d: Float,
+    row0: usize,
+    i: usize,
+    ops: &[Prepared],
+) {
+    w.resize(inp.len() / d.size(), 0.0);
+    d.decode_serial(inp, w);
+    for (k, op) in ops.iter().enumerate() {
+        op.apply_rows(w, row0, i, scratch, k + 1 < ops.len());
+    }
+    d.encode_serial(w, out);
 }
 
 fn lcm(a: usize, b: usize) -> usize {
@@ -150,6 +217,7 @@ fn lcm(a: usize, b: usize) -> usize {
 }
 
 /// Default and mini on rows `row0..`: `W'[o,c] = R_D(W[o,c] ± E[c mod r, o mod cols])`.
+#[inline(always)]
 pub fn periodic_rows(
     w: &mut [f32],
     row0: usize,
@@ -158,6 +226,7 @@ pub fn periodic_rows(
     r: usize,
     sign: f32,
     rd: Rounding,
+    round: bool,
 ) {
     // The row's pattern E[c mod r] tiled to a length of at least 64, so the inner loop vectorises.
     let reps = 64usize.div_ceil(r);
@@ -174,7 +243,9 @@ pub fn periodic_rows(
                 *x += d;
             }
         }
-        rd.weight.round(row);
+        if round {
+            rd.weight.round(row);
+        }
     }
 }
 
@@ -185,6 +256,7 @@ pub fn periodic_rows(
 /// The row strip `W[i·r..(i+1)·r, :]` is contiguous; read as an `[I, r]` row-major matrix its rows
 /// are the rows of the tiles `W_ij`, so one GEMM `[I, r]·[r, r]` does the whole strip. View row `k`
 /// belongs to tile row `a = k / (I / r)`.
+#[inline(always)]
 pub fn bat_merge_rows(
     w: &mut [f32],
     row0: usize,
@@ -193,6 +265,7 @@ pub fn bat_merge_rows(
     r: usize,
     rd: Rounding,
     delta: &mut Vec<f32>,
+    round: bool,
 ) {
     let per_a = i / r;
     delta.resize(i * r, 0.0);
@@ -215,12 +288,15 @@ pub fn bat_merge_rows(
                 *x += d;
             }
         }
-        rd.weight.round(strip);
+        if round {
+            rd.weight.round(strip);
+        }
     }
 }
 
 /// BAT unmerge on whole strips: `W_ij = R_D((W'_ij − B_i)·inv_i)`, `inv` the `(I + B_i)⁻¹`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub fn bat_unmerge_rows(
     w: &mut [f32],
     row0: usize,
@@ -230,6 +306,7 @@ pub fn bat_unmerge_rows(
     r: usize,
     rd: Rounding,
     diff: &mut Vec<f32>,
+    round: bool,
 ) {
     let per_a = i / r;
     diff.resize(i * r, 0.0);
@@ -247,7 +324,9 @@ pub fn bat_unmerge_rows(
             }
         }
         gemm(strip, diff, invi, i, r);
-        rd.weight.round(strip);
+        if round {
+            rd.weight.round(strip);
+        }
     }
 }
 
@@ -265,7 +344,7 @@ pub fn add_periodic(
     let h = (TASK_ELEMS / i.max(1)).max(1);
     w.par_chunks_mut(h * i)
         .enumerate()
-        .for_each(|(t, rows)| periodic_rows(rows, t * h, i, et, r, sign, rd));
+        .for_each(|(t, rows)| periodic_rows(rows, t * h, i, et, r, sign, rd, true));
 }
 
 /// Whole-tensor BAT merge on f32 values.
@@ -274,7 +353,7 @@ pub fn bat_merge(w: &mut [f32], o: usize, i: usize, b: &[f32], r: usize, rd: Rou
     w.par_chunks_mut(r * i)
         .enumerate()
         .for_each_init(Vec::new, |scratch, (s, strip)| {
-            bat_merge_rows(strip, s * r, i, b, r, rd, scratch)
+            bat_merge_rows(strip, s * r, i, b, r, rd, scratch, true)
         });
 }
 
@@ -293,7 +372,7 @@ pub fn bat_unmerge(
     w.par_chunks_mut(r * i)
         .enumerate()
         .for_each_init(Vec::new, |scratch, (s, strip)| {
-            bat_unmerge_rows(strip, s * r, i, b, inv, r, rd, scratch)
+            bat_unmerge_rows(strip, s * r, i, b, inv, r, rd, scratch, true)
         });
 }
 
