@@ -4,6 +4,10 @@
 //! decoded to f32; after each op every value is rounded exactly as PEFT 0.18.1 rounds it (see the
 //! spec's "Dtype policy"), so that a chain of ops reproduces PEFT's bytes.
 
+// The row kernels take the strip, its position, the geometry, the block and the rounding: flat
+// arguments keep them inlinable into the AVX2-compiled strip loop.
+#![allow(clippy::too_many_arguments)]
+
 pub mod dtype;
 
 use dtype::Float;
@@ -149,7 +153,6 @@ thread_local! {
 
 /// One strip: decode, every op, encode. Compiled twice: for AVX2 where the processor has it
 /// (the same operations in wider registers, so the same results) and for the baseline.
-#[allow(clippy::too_many_arguments)]
 fn strip(
     inp: &[u8],
     out: &mut [u8],
@@ -171,7 +174,6 @@ fn strip(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn strip_avx2(
     inp: &[u8],
     out: &mut [u8],
@@ -186,7 +188,6 @@ unsafe fn strip_avx2(
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn strip_body(
     inp: &[u8],
     out: &mut [u8],
@@ -295,7 +296,6 @@ pub fn bat_merge_rows(
 }
 
 /// BAT unmerge on whole strips: `W_ij = R_D((W'_ij − B_i)·inv_i)`, `inv` the `(I + B_i)⁻¹`.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn bat_unmerge_rows(
     w: &mut [f32],
