@@ -24,54 +24,18 @@ struct Shape {
 fn shape(name: &str) -> Shape {
     match name {
         // TinyLlama-1.1B: about 2.2 GB in bf16
-        "1b" => Shape {
-            hidden: 2048,
-            intermediate: 5632,
-            layers: 22,
-            heads: 32,
-            kv_heads: 4,
-            vocab: 32000,
-        },
+        "1b" => Shape { hidden: 2048, intermediate: 5632, layers: 22, heads: 32, kv_heads: 4, vocab: 32000 },
         // Llama-3.2-3B-like
-        "3b" => Shape {
-            hidden: 3072,
-            intermediate: 8192,
-            layers: 28,
-            heads: 24,
-            kv_heads: 8,
-            vocab: 32000,
-        },
+        "3b" => Shape { hidden: 3072, intermediate: 8192, layers: 28, heads: 24, kv_heads: 8, vocab: 32000 },
         // Llama-2-7B
-        "7b" => Shape {
-            hidden: 4096,
-            intermediate: 11008,
-            layers: 32,
-            heads: 32,
-            kv_heads: 32,
-            vocab: 32000,
-        },
+        "7b" => Shape { hidden: 4096, intermediate: 11008, layers: 32, heads: 32, kv_heads: 32, vocab: 32000 },
         // a quick one for smoke tests
-        "tiny" => Shape {
-            hidden: 256,
-            intermediate: 512,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 1000,
-        },
+        "tiny" => Shape { hidden: 256, intermediate: 512, layers: 2, heads: 4, kv_heads: 2, vocab: 1000 },
         other => panic!("unknown shape {other:?}: 1b, 3b, 7b or tiny"),
     }
 }
 
-const LINEAR: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
 fn linear_shape(s: &Shape, kind: &str) -> (usize, usize) {
     let kv = s.hidden / s.heads * s.kv_heads;
@@ -96,40 +60,32 @@ fn module(layer: usize, kind: &str) -> String {
 /// Seeded normal values, generated in parallel chunks.
 fn normal(n: usize, seed: u64, std: f32) -> Vec<f32> {
     let mut v = vec![0f32; n];
-    v.par_chunks_mut(1 << 16)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let mut x = seed ^ (c as u64).wrapping_mul(0x9E3779B97F4A7C15) | 1;
-            let mut next = || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-            };
-            for pair in chunk.chunks_mut(2) {
-                let (u1, u2) = (next(), next());
-                let rad = (-2.0 * u1.ln()).sqrt();
-                let th = std::f64::consts::TAU * u2;
-                pair[0] = (rad * th.cos()) as f32 * std;
-                if pair.len() > 1 {
-                    pair[1] = (rad * th.sin()) as f32 * std;
-                }
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
+        let mut x = seed ^ (c as u64).wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        for pair in chunk.chunks_mut(2) {
+            let (u1, u2) = (next(), next());
+            let rad = (-2.0 * u1.ln()).sqrt();
+            let th = std::f64::consts::TAU * u2;
+            pair[0] = (rad * th.cos()) as f32 * std;
+            if pair.len() > 1 {
+                pair[1] = (rad * th.sin()) as f32 * std;
             }
-        });
+        }
+    });
     v
 }
 
 fn encode(v: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
         Dtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Dtype::BF16 => v
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-            .collect(),
-        Dtype::F16 => v
-            .iter()
-            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-            .collect(),
+        Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+        Dtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
         _ => unreachable!(),
     }
 }
@@ -137,18 +93,14 @@ fn encode(v: &[f32], dtype: Dtype) -> Vec<u8> {
 type Spec = (String, Vec<usize>, f32);
 
 fn write_file(path: &Path, tensors: &[Spec], dtype: Dtype, seed: &mut u64) {
-    let layout: Vec<_> = tensors
-        .iter()
-        .map(|(n, s, _)| (n.clone(), dtype, s.clone()))
-        .collect();
+    let layout: Vec<_> = tensors.iter().map(|(n, s, _)| (n.clone(), dtype, s.clone())).collect();
     let header = build_header(&layout).unwrap();
     let mut w = BufWriter::with_capacity(8 << 20, std::fs::File::create(path).unwrap());
     w.write_all(&header).unwrap();
     for (_, shape, std) in tensors {
         *seed += 1;
         let n = shape.iter().product();
-        w.write_all(&encode(&normal(n, *seed, *std), dtype))
-            .unwrap();
+        w.write_all(&encode(&normal(n, *seed, *std), dtype)).unwrap();
     }
     w.flush().unwrap();
 }
@@ -176,11 +128,7 @@ fn main() {
 
     // Base tensors in Hugging Face's order (sorted by name within a dtype).
     let mut tensors: Vec<Spec> = vec![
-        (
-            "model.embed_tokens.weight".into(),
-            vec![s.vocab, s.hidden],
-            0.02,
-        ),
+        ("model.embed_tokens.weight".into(), vec![s.vocab, s.hidden], 0.02),
         ("model.norm.weight".into(), vec![s.hidden], 0.02),
         ("lm_head.weight".into(), vec![s.vocab, s.hidden], 0.02),
     ];
@@ -189,16 +137,8 @@ fn main() {
             let (o, i) = linear_shape(&s, kind);
             tensors.push((format!("{}.weight", module(l, kind)), vec![o, i], 0.02));
         }
-        tensors.push((
-            format!("model.layers.{l}.input_layernorm.weight"),
-            vec![s.hidden],
-            0.02,
-        ));
-        tensors.push((
-            format!("model.layers.{l}.post_attention_layernorm.weight"),
-            vec![s.hidden],
-            0.02,
-        ));
+        tensors.push((format!("model.layers.{l}.input_layernorm.weight"), vec![s.hidden], 0.02));
+        tensors.push((format!("model.layers.{l}.post_attention_layernorm.weight"), vec![s.hidden], 0.02));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
 
@@ -221,11 +161,8 @@ fn main() {
     let mut total = 0;
     let mut seed = 1;
     for (k, shard) in shards.iter().enumerate() {
-        let name = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
-        };
+        let name =
+            if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
         for (t, sh, _) in shard {
             weight_map.insert(t.clone(), name.clone().into());
             total += sh.iter().product::<usize>() * esize;
@@ -234,13 +171,9 @@ fn main() {
         eprintln!("wrote {}", base.join(&name).display());
     }
     if n > 1 {
-        let index =
-            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        std::fs::write(
-            base.join("model.safetensors.index.json"),
-            serde_json::to_string_pretty(&index).unwrap() + "\n",
-        )
-        .unwrap();
+        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        std::fs::write(base.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap() + "\n")
+            .unwrap();
     }
     let torch_dtype = match dtype {
         Dtype::BF16 => "bfloat16",
@@ -252,57 +185,29 @@ fn main() {
         "intermediate_size": s.intermediate, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
         "num_key_value_heads": s.kv_heads, "vocab_size": s.vocab, "tie_word_embeddings": false, "torch_dtype": torch_dtype,
     });
-    std::fs::write(
-        base.join("config.json"),
-        serde_json::to_string_pretty(&config).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(base.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
 
     // Adapters: Bone default and BAT, r on all seven linear kinds, f32 blocks.
-    for (variant, init) in [
-        ("default", serde_json::json!(true)),
-        ("bat", serde_json::json!("bat")),
-    ] {
+    for (variant, init) in [("default", serde_json::json!(true)), ("bat", serde_json::json!("bat"))] {
         let dir = out.join(variant);
         std::fs::create_dir_all(&dir).unwrap();
         let mut blocks: Vec<Spec> = vec![];
         for l in 0..s.layers {
             for kind in LINEAR {
                 let (o, _) = linear_shape(&s, kind);
-                let shape = if variant == "bat" {
-                    vec![o / r, r, r]
-                } else {
-                    vec![r, o]
-                };
+                let shape = if variant == "bat" { vec![o / r, r, r] } else { vec![r, o] };
                 // BAT blocks stay small so that I + B is well conditioned (unmerge is exact-ish).
-                let std = if variant == "bat" {
-                    0.2 / r as f32
-                } else {
-                    0.01
-                };
-                blocks.push((
-                    format!("base_model.model.{}.bone_block", module(l, kind)),
-                    shape,
-                    std,
-                ));
+                let std = if variant == "bat" { 0.2 / r as f32 } else { 0.01 };
+                blocks.push((format!("base_model.model.{}.bone_block", module(l, kind)), shape, std));
             }
         }
         blocks.sort_by(|a, b| a.0.cmp(&b.0));
-        write_file(
-            &dir.join("adapter_model.safetensors"),
-            &blocks,
-            Dtype::F32,
-            &mut seed,
-        );
+        write_file(&dir.join("adapter_model.safetensors"), &blocks, Dtype::F32, &mut seed);
         let cfg = serde_json::json!({
             "peft_type": "BONE", "r": r, "init_weights": init, "target_modules": LINEAR,
             "base_model_name_or_path": "synthetic", "bias": "none", "task_type": "CAUSAL_LM",
         });
-        std::fs::write(
-            dir.join("adapter_config.json"),
-            serde_json::to_string_pretty(&cfg).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
         eprintln!("wrote {}", dir.display());
     }
 }

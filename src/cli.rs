@@ -3,8 +3,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
-const ABOUT: &str =
-    "Merge, unmerge and inspect PEFT Bone / MiSS adapters: streaming, bit-for-bit PEFT's math";
+const ABOUT: &str = "Merge, unmerge and inspect PEFT Bone / MiSS adapters: streaming, bit-for-bit PEFT's math";
 
 const LONG_ABOUT: &str = "\
 bone-tool folds PEFT Bone / BAT / MiSS adapters (DiSHA, arXiv 2409.15371) into a base model's
@@ -40,9 +39,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Merge adapters into a base model (PEFT's merge_and_unload), writing a new model folder
-    #[command(
-        after_help = "Example:\n  bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged"
-    )]
+    #[command(after_help = "Example:\n  bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged")]
     Merge(MergeArgs),
     /// Remove merged adapters from a model again (last adapter first), writing a new model folder
     #[command(

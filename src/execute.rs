@@ -32,17 +32,16 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
+/// A BAT block whose `I + B` has a larger condition number earns a warning on unmerge.
+const BADLY_CONDITIONED: f64 = 1e3;
+
 /// Bytes copied per step when a tensor passes through untouched (progress and Ctrl-C in between).
 const COPY_CHUNK: u64 = 64 << 20;
 
 /// One tensor on its way through the pipeline.
 enum Payload<'a> {
     /// Bytes that pass through unchanged, copied file to file.
-    Copy {
-        file: &'a SafetensorsFile,
-        start: u64,
-        len: u64,
-    },
+    Copy { file: &'a SafetensorsFile, start: u64, len: u64 },
     /// The bytes a chain starts from (mapped), for the compute stage.
     Source(TensorBytes),
     /// The result, for the writer.
@@ -50,13 +49,9 @@ enum Payload<'a> {
 }
 
 /// Write every file of the plan into `dir`.
-pub fn run(
-    plan: &Plan,
-    base: &Model,
-    adapters: &[Adapter],
-    dir: &Path,
-    progress: &ProgressBar,
-) -> Result<()> {
+/// Returns warnings found on the way (badly conditioned BAT blocks).
+pub fn run(plan: &Plan, base: &Model, adapters: &[Adapter], dir: &Path, progress: &ProgressBar) -> Result<Vec<String>> {
+    let mut warnings = vec![];
     std::thread::scope(|scope| {
         let (to_compute, from_reader) = sync_channel::<Result<Payload>>(1);
         let (to_writer, from_compute) = sync_channel::<Payload>(1);
@@ -76,8 +71,7 @@ pub fn run(
             }
         });
 
-        let writer =
-            scope.spawn(move || write_all(plan, dir, from_compute, recycle, progress, scope));
+        let writer = scope.spawn(move || write_all(plan, dir, from_compute, recycle, progress, scope));
 
         let mut computed: Result<()> = Ok(());
         let jobs = plan.shards.iter().flat_map(|s| s.jobs.iter());
@@ -85,7 +79,7 @@ pub fn run(
             let step = item.and_then(|payload| match payload {
                 Payload::Source(src) => {
                     let mut out = recycled.try_recv().unwrap_or_default();
-                    compute(job, src.bytes(), &mut out, adapters)?;
+                    compute(job, src.bytes(), &mut out, adapters, &mut warnings)?;
                     Ok(Payload::Bytes(out))
                 }
                 other => Ok(other),
@@ -103,25 +97,20 @@ pub fn run(
             }
         }
         drop(to_writer);
-        let written = writer.join().unwrap_or_else(|_| {
-            Err(anyhow::anyhow!(
-                "internal error: the writer thread panicked"
-            ))
-        });
+        let written =
+            writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the writer thread panicked")));
         computed?;
         written
     })?;
     if let Some((name, index)) = &plan.index {
         let text = serde_json::to_string_pretty(index)? + "\n";
-        std::fs::write(dir.join(name), text)
-            .with_context(|| format!("cannot write {}", dir.join(name).display()))?;
+        std::fs::write(dir.join(name), text).with_context(|| format!("cannot write {}", dir.join(name).display()))?;
     }
     for f in &plan.side_files {
         let to = dir.join(f.file_name().expect("listed from a folder"));
-        std::fs::copy(f, &to)
-            .with_context(|| format!("cannot copy {} to {}", f.display(), to.display()))?;
+        std::fs::copy(f, &to).with_context(|| format!("cannot copy {} to {}", f.display(), to.display()))?;
     }
-    Ok(())
+    Ok(warnings)
 }
 
 /// The writer stage: every shard in order, each tensor as it arrives; fsyncs run in the background.
@@ -137,8 +126,7 @@ fn write_all<'scope>(
     let mut done = 0;
     let mut syncs = vec![];
     for shard in &plan.shards {
-        let mut w =
-            ShardWriter::create(&dir.join(&shard.file_name), &shard.header, shard.data_bytes)?;
+        let mut w = ShardWriter::create(&dir.join(&shard.file_name), &shard.header, shard.data_bytes)?;
         progress.inc(shard.header.len() as u64);
         for _ in &shard.jobs {
             let Ok(item) = items.recv() else {
@@ -166,14 +154,10 @@ fn write_all<'scope>(
             progress.set_message(format!("tensor {done}/{total}"));
         }
         let (file, path) = w.finish()?;
-        syncs.push(scope.spawn(move || {
-            file.sync_all()
-                .with_context(|| format!("cannot sync {}", path.display()))
-        }));
+        syncs.push(scope.spawn(move || file.sync_all().with_context(|| format!("cannot sync {}", path.display()))));
     }
     for s in syncs {
-        s.join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: an fsync thread panicked")))?;
+        s.join().unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: an fsync thread panicked")))?;
     }
     Ok(())
 }
@@ -181,59 +165,40 @@ fn write_all<'scope>(
 /// What a job starts from: a byte copy (untouched, or replaced outright by a tensor of the same
 /// dtype), or the bytes its op chain runs on: the last replacement's (cast to the base tensor's
 /// dtype) or the base tensor's.
-fn source<'a>(
-    job: &TensorJob,
-    base: &'a SafetensorsFile,
-    adapters: &'a [Adapter],
-) -> Result<Payload<'a>> {
-    let last = job
-        .ops
-        .iter()
-        .rposition(|op| matches!(op, Op::Replace { .. }));
+fn source<'a>(job: &TensorJob, base: &'a SafetensorsFile, adapters: &'a [Adapter]) -> Result<Payload<'a>> {
+    let last = job.ops.iter().rposition(|op| matches!(op, Op::Replace { .. }));
     let (file, entry) = match last.map(|k| &job.ops[k]) {
         Some(Op::Replace { adapter, src }) if src.dtype != job.src.dtype => {
             let raw = adapters[*adapter].file.read_tensor(src)?;
-            return Ok(Payload::Source(TensorBytes::Owned(convert(
-                &raw, src, &job.src,
-            )?)));
+            return Ok(Payload::Source(TensorBytes::Owned(convert(&raw, src, &job.src)?)));
         }
         Some(Op::Replace { adapter, src }) => (&adapters[*adapter].file, src),
         _ => (base, &job.src),
     };
     let chain_len = job.ops.len() - last.map_or(0, |k| k + 1);
     if chain_len == 0 {
-        return Ok(Payload::Copy {
-            file,
-            start: entry.start,
-            len: entry.len_bytes(),
-        });
+        return Ok(Payload::Copy { file, start: entry.start, len: entry.len_bytes() });
     }
     Ok(Payload::Source(file.map_tensor(entry)?))
 }
 
 /// Run the op chain after the last replacement on `src`, writing the result into `out`.
-fn compute(job: &TensorJob, src: &[u8], out: &mut Vec<u8>, adapters: &[Adapter]) -> Result<()> {
-    let start = job
-        .ops
-        .iter()
-        .rposition(|op| matches!(op, Op::Replace { .. }))
-        .map_or(0, |k| k + 1);
+fn compute(
+    job: &TensorJob,
+    src: &[u8],
+    out: &mut Vec<u8>,
+    adapters: &[Adapter],
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    let start = job.ops.iter().rposition(|op| matches!(op, Op::Replace { .. })).map_or(0, |k| k + 1);
     let d = job.weight_float().ok_or_else(|| {
-        input(format!(
-            "tensor {:?} has dtype {:?}: only float tensors can be changed",
-            job.name, job.src.dtype
-        ))
+        input(format!("tensor {:?} has dtype {:?}: only float tensors can be changed", job.name, job.src.dtype))
     })?;
     let [o, i] = job.src.shape[..] else {
-        return Err(input(format!(
-            "tensor {:?} has shape {:?}, expected [out, in]",
-            job.name, job.src.shape
-        )));
+        return Err(input(format!("tensor {:?} has shape {:?}, expected [out, in]", job.name, job.src.shape)));
     };
-    let prepared = job.ops[start..]
-        .iter()
-        .map(|op| prepare(op, &job.name, o, adapters))
-        .collect::<Result<Vec<_>>>()?;
+    let prepared =
+        job.ops[start..].iter().map(|op| prepare(op, &job.name, o, adapters, warnings)).collect::<Result<Vec<_>>>()?;
     // Only growth is zero-filled; a recycled buffer is reused as it is, then overwritten.
     if out.len() < src.len() {
         out.resize(src.len(), 0);
@@ -247,10 +212,7 @@ fn compute(job: &TensorJob, src: &[u8], out: &mut Vec<u8>, adapters: &[Adapter])
 fn convert(raw: &[u8], from: &TensorEntry, to: &TensorEntry) -> Result<Vec<u8>> {
     let (f, t) = (Float::from_dtype(from.dtype), Float::from_dtype(to.dtype));
     let (Some(f), Some(t)) = (f, t) else {
-        return Err(input(format!(
-            "cannot cast {:?} from {:?} to {:?}",
-            from.name, from.dtype, to.dtype
-        )));
+        return Err(input(format!("cannot cast {:?} from {:?} to {:?}", from.name, from.dtype, to.dtype)));
     };
     let mut vals = vec![0f32; from.numel()];
     f.decode(raw, &mut vals);
@@ -260,33 +222,15 @@ fn convert(raw: &[u8], from: &TensorEntry, to: &TensorEntry) -> Result<Vec<u8>> 
 }
 
 /// Load an op's blocks (and invert them for BAT unmerge).
-fn prepare(op: &Op, tensor: &str, o: usize, adapters: &[Adapter]) -> Result<Prepared> {
+fn prepare(op: &Op, tensor: &str, o: usize, adapters: &[Adapter], warnings: &mut Vec<String>) -> Result<Prepared> {
     Ok(match op {
         Op::Replace { .. } => unreachable!("the chain starts after the last replacement"),
-        Op::Periodic {
-            adapter,
-            block,
-            r,
-            cols,
-            sign,
-            rounding,
-        } => {
+        Op::Periodic { adapter, block, r, cols, sign, rounding } => {
             let mut blk = read_floats(&adapters[*adapter].file, block)?;
             rounding.load_block(&mut blk);
-            Prepared::Periodic {
-                et: expand_transposed(&blk, *r, *cols, o),
-                r: *r,
-                sign: *sign,
-                rounding: *rounding,
-            }
+            Prepared::Periodic { et: expand_transposed(&blk, *r, *cols, o), r: *r, sign: *sign, rounding: *rounding }
         }
-        Op::Bat {
-            adapter,
-            block,
-            r,
-            inverse,
-            rounding,
-        } => {
+        Op::Bat { adapter, block, r, inverse, rounding } => {
             let a = &adapters[*adapter];
             let mut b = read_floats(&a.file, block)?;
             rounding.load_block(&mut b);
@@ -299,18 +243,18 @@ fn prepare(op: &Op, tensor: &str, o: usize, adapters: &[Adapter]) -> Result<Prep
                         s.cond
                     ))
                 })?;
-                Prepared::BatUnmerge {
-                    b,
-                    inv: inv.inv,
-                    r: *r,
-                    rounding: *rounding,
+                let (worst, cond) =
+                    inv.cond.iter().enumerate().fold((0, 0f64), |m, (k, &c)| if c > m.1 { (k, c) } else { m });
+                if cond > BADLY_CONDITIONED {
+                    warnings.push(format!(
+                        "{}: {tensor:?}: block {worst}: I + B has condition number {cond:.3e}; \
+                         the unmerge multiplies rounding errors by about that much",
+                        a.dir.display()
+                    ));
                 }
+                Prepared::BatUnmerge { b, inv: inv.inv, r: *r, rounding: *rounding }
             } else {
-                Prepared::BatMerge {
-                    b,
-                    r: *r,
-                    rounding: *rounding,
-                }
+                Prepared::BatMerge { b, r: *r, rounding: *rounding }
             }
         }
     })

@@ -11,9 +11,7 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        Env {
-            tmp: tempfile::tempdir().unwrap(),
-        }
+        Env { tmp: tempfile::tempdir().unwrap() }
     }
     fn path(&self, p: &str) -> PathBuf {
         self.tmp.path().join(p)
@@ -31,35 +29,19 @@ fn fails(args: &[&str], out: Option<&Path>, inputs: &[&Path], needles: &[&str]) 
     let before: Vec<_> = inputs.iter().map(|p| digest(p)).collect();
     let o = run(args);
     let err = stderr(&o);
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "expected exit 2, got {:?}; stderr:\n{err}",
-        o.status
-    );
+    assert_eq!(o.status.code(), Some(2), "expected exit 2, got {:?}; stderr:\n{err}", o.status);
     assert!(!err.contains("panicked"), "panic: {err}");
     let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(error_lines.len(), 1, "exactly one error line:\n{err}");
-    assert!(
-        err.lines().last().unwrap().starts_with("error:"),
-        "the error comes last:\n{err}"
-    );
+    assert!(err.lines().last().unwrap().starts_with("error:"), "the error comes last:\n{err}");
     for n in needles {
-        assert!(
-            error_lines[0].contains(n),
-            "error line lacks {n:?}:\n{}",
-            error_lines[0]
-        );
+        assert!(error_lines[0].contains(n), "error line lacks {n:?}:\n{}", error_lines[0]);
     }
     if let Some(out) = out {
         assert!(!out.exists(), "{} must not exist", out.display());
         let parent = out.parent().unwrap();
         if parent.exists() {
-            assert_eq!(
-                leftovers(parent, ".tmp-"),
-                Vec::<String>::new(),
-                "temporary folder left behind"
-            );
+            assert_eq!(leftovers(parent, ".tmp-"), Vec::<String>::new(), "temporary folder left behind");
         }
     }
     for (p, d) in inputs.iter().zip(before) {
@@ -98,47 +80,25 @@ fn missing_adapter_config() {
 fn invalid_adapter_config() {
     let e = Env::new();
     let a = e.copy("cases/bone-default-f32/adapter", "a");
-    std::fs::write(
-        a.join("adapter_config.json"),
-        "{\"peft_type\": \"BONE\", \"r\": ",
-    )
-    .unwrap();
+    std::fs::write(a.join("adapter_config.json"), "{\"peft_type\": \"BONE\", \"r\": ").unwrap();
     let out = e.path("out");
-    fails(
-        &merge_args(s(&base_f32()), s(&a), s(&out)),
-        Some(&out),
-        &[&a],
-        &["adapter_config.json", "not valid JSON"],
-    );
+    fails(&merge_args(s(&base_f32()), s(&a), s(&out)), Some(&out), &[&a], &["adapter_config.json", "not valid JSON"]);
 }
 
 #[test]
 fn lora_adapter_is_refused() {
     let e = Env::new();
     let a = e.copy("cases/bone-default-f32/adapter", "a");
-    std::fs::write(
-        a.join("adapter_config.json"),
-        r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16}"#,
-    )
-    .unwrap();
+    std::fs::write(a.join("adapter_config.json"), r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16}"#).unwrap();
     let out = e.path("out");
-    fails(
-        &merge_args(s(&base_f32()), s(&a), s(&out)),
-        Some(&out),
-        &[&a],
-        &["\"LORA\"", "BONE", "MISS"],
-    );
+    fails(&merge_args(s(&base_f32()), s(&a), s(&out)), Some(&out), &[&a], &["\"LORA\"", "BONE", "MISS"]);
 }
 
 #[test]
 fn only_adapter_model_bin() {
     let e = Env::new();
     let a = e.copy("cases/bone-default-f32/adapter", "a");
-    std::fs::rename(
-        a.join("adapter_model.safetensors"),
-        a.join("adapter_model.bin"),
-    )
-    .unwrap();
+    std::fs::rename(a.join("adapter_model.safetensors"), a.join("adapter_model.bin")).unwrap();
     let out = e.path("out");
     fails(
         &merge_args(s(&base_f32()), s(&a), s(&out)),
@@ -156,12 +116,7 @@ fn truncated_safetensors() {
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let out = e.path("out");
-    fails(
-        &merge_args(s(&base_f32()), s(&a), s(&out)),
-        Some(&out),
-        &[&a],
-        &["adapter_model.safetensors", "truncated"],
-    );
+    fails(&merge_args(s(&base_f32()), s(&a), s(&out)), Some(&out), &[&a], &["adapter_model.safetensors", "truncated"]);
     // a header length beyond the file itself
     std::fs::write(&f, &bytes[..100]).unwrap();
     fails(
@@ -194,11 +149,7 @@ fn corrupt_headers() {
     let args = merge_args(s(&base), s(&a), s(&out));
     let key = "base_model.model.model.layers.0.self_attn.q_proj.bone_block";
     let cases: Vec<(String, Vec<u8>, &str)> = vec![
-        (
-            "this is not json".to_string(),
-            vec![],
-            "not valid safetensors JSON",
-        ),
+        ("this is not json".to_string(), vec![], "not valid safetensors JSON"),
         (
             format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[0,16]}}}}"#),
             vec![0; 8],
@@ -216,20 +167,11 @@ fn corrupt_headers() {
             vec![0; 12],
             "overlap",
         ),
-        (
-            format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}}}"#),
-            vec![0; 16],
-            "overlap",
-        ),
+        (format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}}}"#), vec![0; 16], "overlap"),
     ];
     for (header, data, needle) in cases {
         handmade(&f, &header, &data);
-        fails(
-            &args,
-            Some(&out),
-            &[&a],
-            &["adapter_model.safetensors", needle],
-        );
+        fails(&args, Some(&out), &[&a], &["adapter_model.safetensors", needle]);
     }
 }
 
@@ -238,21 +180,14 @@ fn block_shape_disagrees_with_r() {
     let e = Env::new();
     let a = e.copy("cases/bone-default-f32/adapter", "a");
     let cfg = a.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"r\": 8", "\"r\": 9");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"r\": 8", "\"r\": 9");
     std::fs::write(&cfg, text).unwrap();
     let out = e.path("out");
     fails(
         &merge_args(s(&base_f32()), s(&a), s(&out)),
         Some(&out),
         &[&a],
-        &[
-            "bone_block",
-            "shape [8, ",
-            "r = 9",
-            "expected [r, out_features] = [9, O]",
-        ],
+        &["bone_block", "shape [8, ", "r = 9", "expected [r, out_features] = [9, O]"],
     );
 }
 
@@ -261,16 +196,11 @@ fn bat_on_weights_not_divisible_by_r() {
     let e = Env::new();
     let a = e.copy("cases/bone-bat-f32/adapter", "a");
     let cfg = a.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"r\": 8", "\"r\": 7");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"r\": 8", "\"r\": 7");
     std::fs::write(&cfg, text).unwrap();
     let key = "base_model.model.model.layers.0.self_attn.q_proj.bone_block".to_string();
     let t = f32_tensor(vec![6, 7, 7], &[0.01; 6 * 49]);
-    save(
-        &a.join("adapter_model.safetensors"),
-        &[(key, t)].into_iter().collect(),
-    );
+    save(&a.join("adapter_model.safetensors"), &[(key, t)].into_iter().collect());
     let out = e.path("out");
     fails(
         &merge_args(s(&base_f32()), s(&a), s(&out)),
@@ -287,12 +217,7 @@ fn missing_base_tensor_suggests_a_prefix_that_works() {
     let f = a.join("adapter_model.safetensors");
     let renamed = load(&f)
         .into_iter()
-        .map(|(k, v)| {
-            (
-                k.replace("base_model.model.", "base_model.model.transformer."),
-                v,
-            )
-        })
+        .map(|(k, v)| (k.replace("base_model.model.", "base_model.model.transformer."), v))
         .collect();
     save(&f, &renamed);
     let out = e.path("out");
@@ -300,10 +225,7 @@ fn missing_base_tensor_suggests_a_prefix_that_works() {
         &merge_args(s(&base_f32()), s(&a), s(&out)),
         Some(&out),
         &[&a],
-        &[
-            "base has no tensor",
-            "--adapter-prefix \"base_model.model.transformer.\"",
-        ],
+        &["base has no tensor", "--adapter-prefix \"base_model.model.transformer.\""],
     );
     assert!(line.contains("transformer.model.layers."), "{line}");
     // Following the advice works, and gives PEFT's bytes.
@@ -320,10 +242,7 @@ fn missing_base_tensor_suggests_a_prefix_that_works() {
         "base_model.model.transformer.",
     ]);
     ok(&o);
-    let (x, y) = (
-        load(&out),
-        load(&fixtures().join("cases/bone-default-f32/merged")),
-    );
+    let (x, y) = (load(&out), load(&fixtures().join("cases/bone-default-f32/merged")));
     assert_eq!(x.len(), y.len());
     assert!(x.iter().all(|(k, t)| y[k].data == t.data));
 }
@@ -335,20 +254,14 @@ fn block_for_a_layer_the_base_lacks() {
     let f = a.join("adapter_model.safetensors");
     let mut t = load(&f);
     let v = t["base_model.model.model.layers.0.self_attn.q_proj.bone_block"].clone();
-    t.insert(
-        "base_model.model.model.layers.9.self_attn.q_proj.bone_block".into(),
-        v,
-    );
+    t.insert("base_model.model.model.layers.9.self_attn.q_proj.bone_block".into(), v);
     save(&f, &t);
     let out = e.path("out");
     fails(
         &merge_args(s(&base_f32()), s(&a), s(&out)),
         Some(&out),
         &[&a],
-        &[
-            "model.layers.9.self_attn.q_proj.weight",
-            "another base model",
-        ],
+        &["model.layers.9.self_attn.q_proj.weight", "another base model"],
     );
 }
 
@@ -363,11 +276,7 @@ fn missing_shard_named_in_the_index() {
         &merge_args(s(&b), s(&a), s(&out)),
         Some(&out),
         &[&b],
-        &[
-            "model.safetensors.index.json",
-            "model-00002-of-00003.safetensors",
-            "missing",
-        ],
+        &["model.safetensors.index.json", "model-00002-of-00003.safetensors", "missing"],
     );
 }
 
@@ -378,10 +287,7 @@ fn singular_block_on_unmerge() {
     let f = a.join("adapter_model.safetensors");
     let mut t = load(&f);
     let key = "base_model.model.model.layers.1.mlp.up_proj.bone_block";
-    let mut vals = values(&t[key])
-        .into_iter()
-        .map(|v| v as f32)
-        .collect::<Vec<_>>();
+    let mut vals = values(&t[key]).into_iter().map(|v| v as f32).collect::<Vec<_>>();
     // block 3 becomes -I: I + B_3 = 0
     for x in 0..8 {
         for y in 0..8 {
@@ -393,15 +299,7 @@ fn singular_block_on_unmerge() {
     let merged = fixtures().join("cases/bone-bat-f32/merged");
     let out = e.path("out");
     fails(
-        &[
-            "unmerge",
-            "--merged",
-            s(&merged),
-            "--adapter",
-            s(&a),
-            "--out",
-            s(&out),
-        ],
+        &["unmerge", "--merged", s(&merged), "--adapter", s(&a), "--out", s(&out)],
         Some(&out),
         &[&a],
         &["model.layers.1.mlp.up_proj", "block 3", "singular"],
@@ -417,16 +315,8 @@ fn existing_out_needs_force() {
     std::fs::write(out.join("keep.txt"), "old").unwrap();
     let o = run(&merge_args(s(&base_f32()), s(&a), s(&out)));
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        stderr(&o).contains("already exists") && stderr(&o).contains("--force"),
-        "{}",
-        stderr(&o)
-    );
-    assert_eq!(
-        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
-        "old",
-        "untouched without --force"
-    );
+    assert!(stderr(&o).contains("already exists") && stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "old", "untouched without --force");
     let base = base_f32();
     let mut args = merge_args(s(&base), s(&a), s(&out));
     args.extend(["--force", "-q"]);
@@ -444,12 +334,7 @@ fn unwritable_output_folder() {
     let file = e.path("a-file");
     std::fs::write(&file, "x").unwrap();
     let out = file.join("out");
-    fails(
-        &merge_args(s(&base_f32()), s(&a), s(&out)),
-        None,
-        &[],
-        &["cannot create", "a-file"],
-    );
+    fails(&merge_args(s(&base_f32()), s(&a), s(&out)), None, &[], &["cannot create", "a-file"]);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
 }
 
@@ -459,12 +344,7 @@ fn output_inside_an_input_is_refused() {
     let b = e.copy("bases/llama-f32", "base");
     let a = fixtures().join("cases/bone-default-f32/adapter");
     let out = b.join("merged");
-    fails(
-        &merge_args(s(&b), s(&a), s(&out)),
-        Some(&out),
-        &[&b],
-        &["overlaps the input"],
-    );
+    fails(&merge_args(s(&b), s(&a), s(&out)), Some(&out), &[&b], &["overlaps the input"]);
     // --force on the base folder itself would destroy it
     let mut args = merge_args(s(&b), s(&a), s(&b));
     args.push("--force");
@@ -476,12 +356,7 @@ fn adapter_folder_passed_as_base() {
     let e = Env::new();
     let a = fixtures().join("cases/bone-default-f32/adapter");
     let out = e.path("out");
-    fails(
-        &merge_args(s(&a), s(&a), s(&out)),
-        Some(&out),
-        &[],
-        &["adapter folder", "--adapter"],
-    );
+    fails(&merge_args(s(&a), s(&a), s(&out)), Some(&out), &[], &["adapter folder", "--adapter"]);
 }
 
 #[test]
@@ -489,17 +364,10 @@ fn bone_block_in_a_miss_adapter() {
     let e = Env::new();
     let a = e.copy("cases/bone-default-f32/adapter", "a");
     let cfg = a.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"BONE\"", "\"MISS\"");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"BONE\"", "\"MISS\"");
     std::fs::write(&cfg, text).unwrap();
     let out = e.path("out");
-    fails(
-        &merge_args(s(&base_f32()), s(&a), s(&out)),
-        Some(&out),
-        &[&a],
-        &["BONE block", "\"MISS\""],
-    );
+    fails(&merge_args(s(&base_f32()), s(&a), s(&out)), Some(&out), &[&a], &["BONE block", "\"MISS\""]);
 }
 
 #[test]
@@ -507,19 +375,13 @@ fn tied_embeddings_are_not_merged_one_sided() {
     let e = Env::new();
     let b = e.copy("bases/llama-bf16-sharded", "base");
     let cfg = b.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "\"tie_word_embeddings\": false",
-        "\"tie_word_embeddings\": true",
-    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"tie_word_embeddings\": false", "\"tie_word_embeddings\": true");
     std::fs::write(&cfg, text).unwrap();
     let a = fixtures().join("cases/miss-default-sharded-bf16/adapter");
     let out = e.path("out");
-    fails(
-        &merge_args(s(&b), s(&a), s(&out)),
-        Some(&out),
-        &[&b],
-        &["ties lm_head", "lm_head.weight"],
-    );
+    fails(&merge_args(s(&b), s(&a), s(&out)), Some(&out), &[&b], &["ties lm_head", "lm_head.weight"]);
 }
 
 #[test]
@@ -529,27 +391,13 @@ fn foreign_keys_are_ignored_with_a_warning() {
     let f = a.join("adapter_model.safetensors");
     let mut t = load(&f);
     let v = t["base_model.model.model.layers.0.self_attn.q_proj.bone_block"].clone();
-    t.insert(
-        "base_model.model.model.layers.0.self_attn.q_proj.bone_block.other".into(),
-        v,
-    );
+    t.insert("base_model.model.model.layers.0.self_attn.q_proj.bone_block.other".into(), v);
     save(&f, &t);
     let out = e.path("out");
     let o = run(&merge_args(s(&base_f32()), s(&a), s(&out)));
     ok(&o);
     let err = stderr(&o);
-    assert!(
-        err.contains("warning:")
-            && err.contains("bone_block.other")
-            && err.contains("another adapter"),
-        "{err}"
-    );
-    let (ours, peft) = (
-        load(&out),
-        load(&fixtures().join("cases/bone-default-f32/merged")),
-    );
-    assert!(
-        ours.iter().all(|(k, t)| peft[k].data == t.data),
-        "the foreign block changed nothing"
-    );
+    assert!(err.contains("warning:") && err.contains("bone_block.other") && err.contains("another adapter"), "{err}");
+    let (ours, peft) = (load(&out), load(&fixtures().join("cases/bone-default-f32/merged")));
+    assert!(ours.iter().all(|(k, t)| peft[k].data == t.data), "the foreign block changed nothing");
 }

@@ -37,16 +37,11 @@ fn cases() -> Vec<Case> {
         .unwrap()
         .iter()
         .map(|c| {
-            let adapters: Vec<String> = c["adapters"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| a.as_str().unwrap().to_string())
-                .collect();
+            let adapters: Vec<String> =
+                c["adapters"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
             let has_bat = adapters.iter().any(|a| {
                 let cfg: serde_json::Value = serde_json::from_str(
-                    &std::fs::read_to_string(fixtures().join(a).join("adapter_config.json"))
-                        .unwrap(),
+                    &std::fs::read_to_string(fixtures().join(a).join("adapter_config.json")).unwrap(),
                 )
                 .unwrap();
                 cfg["init_weights"] == "bat"
@@ -84,18 +79,10 @@ fn apply(cmd: &str, model: &Path, c: &Case, out: &Path) {
 fn compare(ours: &BTreeMap<String, T>, peft: &BTreeMap<String, T>, expect: Expect) -> Vec<String> {
     let mut bad = vec![];
     let (mut total, mut off_total) = (0usize, 0usize);
-    assert_eq!(
-        ours.keys().collect::<Vec<_>>(),
-        peft.keys().collect::<Vec<_>>(),
-        "tensor names"
-    );
+    assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>(), "tensor names");
     for (name, p) in peft {
         let o = &ours[name];
-        assert_eq!(
-            (o.dtype, &o.shape),
-            (p.dtype, &p.shape),
-            "{name}: dtype and shape"
-        );
+        assert_eq!((o.dtype, &o.shape), (p.dtype, &p.shape), "{name}: dtype and shape");
         if o.data == p.data {
             continue;
         }
@@ -107,11 +94,8 @@ fn compare(ours: &BTreeMap<String, T>, peft: &BTreeMap<String, T>, expect: Expec
             Expect::Close => {
                 let (ov, pv) = (values(o), values(p));
                 let scale = pv.iter().fold(0f64, |m, v| m.max(v.abs()));
-                let worst = ov
-                    .iter()
-                    .zip(&pv)
-                    .map(|(a, b)| (a - b).abs() / (b.abs() + 0.01 * scale))
-                    .fold(0f64, f64::max);
+                let worst =
+                    ov.iter().zip(&pv).map(|(a, b)| (a - b).abs() / (b.abs() + 0.01 * scale)).fold(0f64, f64::max);
                 if worst > 1e-5 {
                     bad.push(format!("{name}: relative error {worst:.3e} > 1e-5"));
                 }
@@ -131,15 +115,9 @@ fn compare(ours: &BTreeMap<String, T>, peft: &BTreeMap<String, T>, expect: Expec
         }
     }
     if expect == Expect::WithinOneUlp {
-        total += ours
-            .values()
-            .filter(|t| t.dtype != safetensors::Dtype::I64)
-            .map(|t| values(t).len())
-            .sum::<usize>();
+        total += ours.values().filter(|t| t.dtype != safetensors::Dtype::I64).map(|t| values(t).len()).sum::<usize>();
         if off_total * 2000 > total {
-            bad.push(format!(
-                "{off_total} of {total} values differ from PEFT (more than 0.05%)"
-            ));
+            bad.push(format!("{off_total} of {total} values differ from PEFT (more than 0.05%)"));
         }
     }
     bad
@@ -154,24 +132,12 @@ fn merge_matches_peft_on_every_fixture() {
     for c in &cases {
         let out = tmp.path().join(format!("{}-merged", c.name));
         apply("merge", &fixtures().join(&c.base), c, &out);
-        let expect = if c.exact_merge {
-            Expect::Bytes
-        } else {
-            Expect::Close
-        };
-        for f in compare(
-            &load(&out),
-            &load(&fixtures().join("cases").join(&c.name).join("merged")),
-            expect,
-        ) {
+        let expect = if c.exact_merge { Expect::Bytes } else { Expect::Close };
+        for f in compare(&load(&out), &load(&fixtures().join("cases").join(&c.name).join("merged")), expect) {
             failures.push(format!("{}: {f}", c.name));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "merge differs from PEFT:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "merge differs from PEFT:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -193,43 +159,24 @@ fn unmerge_matches_peft_on_every_fixture() {
             failures.push(format!("{}: {f}", c.name));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "unmerge differs from PEFT:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "unmerge differs from PEFT:\n{}", failures.join("\n"));
 }
 
 #[test]
 fn merged_folder_keeps_the_base_layout_and_side_files() {
     let tmp = tempfile::tempdir().unwrap();
-    for c in cases()
-        .iter()
-        .filter(|c| c.name == "miss-default-sharded-bf16" || c.name == "bone-default-f32")
-    {
+    for c in cases().iter().filter(|c| c.name == "miss-default-sharded-bf16" || c.name == "bone-default-f32") {
         let base = fixtures().join(&c.base);
         let out = tmp.path().join(&c.name);
         apply("merge", &base, c, &out);
         let names = |d: &Path| {
-            let mut v: Vec<String> = std::fs::read_dir(d)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
+            let mut v: Vec<String> =
+                std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
             v.sort();
             v
         };
-        assert_eq!(
-            names(&out),
-            names(&base),
-            "{}: same files as the base",
-            c.name
-        );
-        for side in [
-            "config.json",
-            "generation_config.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-        ] {
+        assert_eq!(names(&out), names(&base), "{}: same files as the base", c.name);
+        for side in ["config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json"] {
             assert_eq!(
                 std::fs::read(out.join(side)).unwrap(),
                 std::fs::read(base.join(side)).unwrap(),
@@ -239,24 +186,12 @@ fn merged_folder_keeps_the_base_layout_and_side_files() {
         // every shard holds the same tensors as the base's shard of the same name, with HF metadata
         for f in names(&base).iter().filter(|n| n.ends_with(".safetensors")) {
             let (b, o) = (load(&base.join(f)), load(&out.join(f)));
-            assert_eq!(
-                b.keys().collect::<Vec<_>>(),
-                o.keys().collect::<Vec<_>>(),
-                "{f}"
-            );
-            assert_eq!(
-                file_metadata(&out.join(f))
-                    .get("format")
-                    .map(String::as_str),
-                Some("pt")
-            );
+            assert_eq!(b.keys().collect::<Vec<_>>(), o.keys().collect::<Vec<_>>(), "{f}");
+            assert_eq!(file_metadata(&out.join(f)).get("format").map(String::as_str), Some("pt"));
         }
         if base.join("model.safetensors.index.json").exists() {
             let read = |d: &Path| -> serde_json::Value {
-                serde_json::from_str(
-                    &std::fs::read_to_string(d.join("model.safetensors.index.json")).unwrap(),
-                )
-                .unwrap()
+                serde_json::from_str(&std::fs::read_to_string(d.join("model.safetensors.index.json")).unwrap()).unwrap()
             };
             let (bi, oi) = (read(&base), read(&out));
             assert_eq!(bi["weight_map"], oi["weight_map"]);
@@ -264,11 +199,7 @@ fn merged_folder_keeps_the_base_layout_and_side_files() {
         }
         // Bytes that no adapter touches are copied exactly: the embedding and the norms.
         let (b, o) = (load(&base), load(&out));
-        for name in [
-            "model.embed_tokens.weight",
-            "model.norm.weight",
-            "model.layers.0.self_attn.q_proj.bias",
-        ] {
+        for name in ["model.embed_tokens.weight", "model.norm.weight", "model.layers.0.self_attn.q_proj.bias"] {
             assert_eq!(b[name].data, o[name].data, "{name} untouched");
         }
     }
@@ -289,16 +220,12 @@ fn inspect_json_describes_every_fixture_adapter() {
             ]);
             ok(&o);
             let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-            let cfg: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(dir.join("adapter_config.json")).unwrap(),
-            )
-            .unwrap();
+            let cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
             // independent reading of the adapter file
             let tensors = load(&dir.join("adapter_model.safetensors"));
-            let blocks: Vec<(&String, &T)> = tensors
-                .iter()
-                .filter(|(k, _)| k.ends_with(".bone_block") || k.ends_with(".miss_block"))
-                .collect();
+            let blocks: Vec<(&String, &T)> =
+                tensors.iter().filter(|(k, _)| k.ends_with(".bone_block") || k.ends_with(".miss_block")).collect();
             assert_eq!(j["peft_type"], cfg["peft_type"], "{a}");
             let variant = match &cfg["init_weights"] {
                 serde_json::Value::String(s) => s.clone(),
@@ -311,10 +238,7 @@ fn inspect_json_describes_every_fixture_adapter() {
             } else {
                 assert!(j["mini_r"].is_null());
             }
-            let numel: usize = blocks
-                .iter()
-                .map(|(_, t)| t.shape.iter().product::<usize>())
-                .sum();
+            let numel: usize = blocks.iter().map(|(_, t)| t.shape.iter().product::<usize>()).sum();
             assert_eq!(j["num_parameters"], numel, "{a}");
             let layers = j["layers"].as_array().unwrap();
             assert_eq!(layers.len(), blocks.len());
@@ -324,10 +248,7 @@ fn inspect_json_describes_every_fixture_adapter() {
                 assert_eq!(l["block_shape"], serde_json::json!(t.shape));
                 assert_eq!(
                     l["module"].as_str().unwrap(),
-                    key.trim_start_matches("base_model.model.")
-                        .rsplit_once('.')
-                        .unwrap()
-                        .0
+                    key.trim_start_matches("base_model.model.").rsplit_once('.').unwrap().0
                 );
                 assert_eq!(l["ok"], true);
             }
@@ -349,15 +270,9 @@ fn inspect_text_is_readable() {
     let o = run(&["inspect", "adapter", dir.to_str().unwrap()]);
     ok(&o);
     let text = stdout(&o);
-    for needle in [
-        "MISS",
-        "default",
-        "r 8",
-        "7 adapted",
-        "lm_head.weight",
-        "model.layers.1.self_attn.q_proj",
-        "PEFT 0.18.1",
-    ] {
+    for needle in
+        ["MISS", "default", "r 8", "7 adapted", "lm_head.weight", "model.layers.1.self_attn.q_proj", "PEFT 0.18.1"]
+    {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
 }

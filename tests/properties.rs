@@ -10,17 +10,13 @@ use std::path::Path;
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
 }
 
 fn config(adapter: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap()
 }
 
 /// Unit roundoff of a dtype.
@@ -68,11 +64,7 @@ fn merged_default_and_mini_weights_equal_the_adapter_forward() {
         let (w_all, m_all) = (load(&base), load(&out));
         let blocks = load(&adapter.join("adapter_model.safetensors"));
         for (key, blk) in blocks.iter().filter(|(k, _)| k.ends_with("_block")) {
-            let module = key
-                .trim_start_matches("base_model.model.")
-                .rsplit_once('.')
-                .unwrap()
-                .0;
+            let module = key.trim_start_matches("base_model.model.").rsplit_once('.').unwrap().0;
             let name = format!("{module}.weight");
             let (w, m) = (&w_all[&name], &m_all[&name]);
             let (o, i) = (w.shape[0], w.shape[1]);
@@ -91,16 +83,11 @@ fn merged_default_and_mini_weights_equal_the_adapter_forward() {
                     let base_part: f64 = (0..i).map(|c| x[c] * wv[oo * i + c]).sum();
                     let adapter_part: f64 = (0..r).map(|k| s[k] * e[k * cols + oo % cols]).sum();
                     // each merged element is (W + E)(1 + δ) with |δ| <= u (plus f32's own rounding of the sum)
-                    let bound = (u + 2f64.powi(-24))
-                        * (0..i).map(|c| (x[c] * mv[oo * i + c]).abs()).sum::<f64>()
-                        * 1.01
-                        + 1e-12;
+                    let bound =
+                        (u + 2f64.powi(-24)) * (0..i).map(|c| (x[c] * mv[oo * i + c]).abs()).sum::<f64>() * 1.01
+                            + 1e-12;
                     let err = (merged - (base_part + adapter_part)).abs();
-                    assert!(
-                        err <= bound,
-                        "{}: {name} row {oo}: |x·W'ᵀ - forward| = {err:e} > {bound:e}",
-                        c["name"]
-                    );
+                    assert!(err <= bound, "{}: {name} row {oo}: |x·W'ᵀ - forward| = {err:e} > {bound:e}", c["name"]);
                 }
             }
             checked += 1;
@@ -121,27 +108,15 @@ fn unmerge_after_merge_is_identity_in_f32() {
         let name = c["name"].as_str().unwrap();
         let merged = tmp.path().join(format!("{name}-m"));
         let back = tmp.path().join(format!("{name}-u"));
-        let mut args: Vec<String> = vec![
-            "-q".into(),
-            "merge".into(),
-            "--base".into(),
-            base.display().to_string(),
-        ];
+        let mut args: Vec<String> = vec!["-q".into(), "merge".into(), "--base".into(), base.display().to_string()];
         for a in c["adapters"].as_array().unwrap() {
-            args.extend([
-                "--adapter".into(),
-                fixtures().join(a.as_str().unwrap()).display().to_string(),
-            ]);
+            args.extend(["--adapter".into(), fixtures().join(a.as_str().unwrap()).display().to_string()]);
         }
         let tail: Vec<String> = args[4..].to_vec();
         args.extend(["--out".into(), merged.display().to_string()]);
         ok(&run(&args.iter().map(String::as_str).collect::<Vec<_>>()));
-        let mut uargs: Vec<String> = vec![
-            "-q".into(),
-            "unmerge".into(),
-            "--merged".into(),
-            merged.display().to_string(),
-        ];
+        let mut uargs: Vec<String> =
+            vec!["-q".into(), "unmerge".into(), "--merged".into(), merged.display().to_string()];
         uargs.extend(tail);
         uargs.extend(["--out".into(), back.display().to_string()]);
         ok(&run(&uargs.iter().map(String::as_str).collect::<Vec<_>>()));

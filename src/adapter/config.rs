@@ -89,11 +89,8 @@ impl AdapterConfig {
     /// Parse and check `adapter_config.json`; unknown keys become warnings.
     pub fn parse(path: &Path, text: &str, warnings: &mut Vec<String>) -> Result<AdapterConfig> {
         let p = path.display();
-        let raw: Value =
-            serde_json::from_str(text).map_err(|e| input(format!("{p}: not valid JSON: {e}")))?;
-        let obj = raw
-            .as_object()
-            .ok_or_else(|| input(format!("{p}: expected a JSON object")))?;
+        let raw: Value = serde_json::from_str(text).map_err(|e| input(format!("{p}: not valid JSON: {e}")))?;
+        let obj = raw.as_object().ok_or_else(|| input(format!("{p}: expected a JSON object")))?;
         let peft_type = match obj.get("peft_type") {
             Some(Value::String(s)) if s == "BONE" => PeftType::Bone,
             Some(Value::String(s)) if s == "MISS" => PeftType::Miss,
@@ -112,29 +109,20 @@ impl AdapterConfig {
                     .as_u64()
                     .filter(|&n| n > 0)
                     .map(|n| n as usize)
-                    .ok_or_else(|| {
-                        input(format!("{p}: {key} must be a positive integer, found {v}"))
-                    }),
+                    .ok_or_else(|| input(format!("{p}: {key} must be a positive integer, found {v}"))),
             }
         };
         let r = positive("r", 64)?;
-        let mini_r = if peft_type == PeftType::Miss {
-            positive("mini_r", 1)?
-        } else {
-            1
-        };
-        let init_weights = obj
-            .get("init_weights")
-            .cloned()
-            .unwrap_or(Value::Bool(true));
+        let mini_r = if peft_type == PeftType::Miss { positive("mini_r", 1)? } else { 1 };
+        let init_weights = obj.get("init_weights").cloned().unwrap_or(Value::Bool(true));
         let variant = match (&init_weights, peft_type) {
             (Value::Bool(_), _) => Variant::Default,
             (Value::String(s), _) if s == "bat" => Variant::Bat,
             (Value::String(s), PeftType::Miss) if s == "mini" => Variant::Mini,
             (Value::String(s), PeftType::Bone) if s == "mini" => {
                 return Err(input(format!(
-                "{p}: init_weights \"mini\" exists only for MiSS (peft_type \"MISS\"), not Bone"
-            )))
+                    "{p}: init_weights \"mini\" exists only for MiSS (peft_type \"MISS\"), not Bone"
+                )))
             }
             (other, _) => {
                 let allowed = if peft_type == PeftType::Miss {
@@ -142,9 +130,7 @@ impl AdapterConfig {
                 } else {
                     "true, false or \"bat\""
                 };
-                return Err(input(format!(
-                    "{p}: init_weights must be {allowed}, found {other}"
-                )));
+                return Err(input(format!("{p}: init_weights must be {allowed}, found {other}")));
             }
         };
         let modules_to_save = match obj.get("modules_to_save") {
@@ -157,11 +143,7 @@ impl AdapterConfig {
                         .ok_or_else(|| input(format!("{p}: modules_to_save must list strings")))
                 })
                 .collect::<Result<_>>()?,
-            Some(v) => {
-                return Err(input(format!(
-                    "{p}: modules_to_save must be a list or null, found {v}"
-                )))
-            }
+            Some(v) => return Err(input(format!("{p}: modules_to_save must be a list or null, found {v}"))),
         };
         let string = |key: &str| obj.get(key).and_then(Value::as_str).map(str::to_string);
         for key in obj.keys() {
@@ -179,10 +161,7 @@ impl AdapterConfig {
             init_weights,
             target_modules: obj.get("target_modules").cloned().unwrap_or(Value::Null),
             modules_to_save,
-            layers_to_transform: obj
-                .get("layers_to_transform")
-                .cloned()
-                .unwrap_or(Value::Null),
+            layers_to_transform: obj.get("layers_to_transform").cloned().unwrap_or(Value::Null),
             base_model_name_or_path: string("base_model_name_or_path"),
             peft_version: string("peft_version"),
             task_type: string("task_type"),
@@ -210,51 +189,24 @@ mod tests {
 
     #[test]
     fn variants_come_from_init_weights() {
-        assert_eq!(
-            parse(r#"{"peft_type":"MISS","init_weights":false}"#)
-                .unwrap()
-                .0
-                .variant,
-            Variant::Default
-        );
-        assert_eq!(
-            parse(r#"{"peft_type":"MISS","init_weights":"bat"}"#)
-                .unwrap()
-                .0
-                .variant,
-            Variant::Bat
-        );
-        let (c, _) =
-            parse(r#"{"peft_type":"MISS","init_weights":"mini","mini_r":4,"r":8}"#).unwrap();
+        assert_eq!(parse(r#"{"peft_type":"MISS","init_weights":false}"#).unwrap().0.variant, Variant::Default);
+        assert_eq!(parse(r#"{"peft_type":"MISS","init_weights":"bat"}"#).unwrap().0.variant, Variant::Bat);
+        let (c, _) = parse(r#"{"peft_type":"MISS","init_weights":"mini","mini_r":4,"r":8}"#).unwrap();
         assert_eq!((c.variant, c.mini_r, c.r), (Variant::Mini, 4, 8));
     }
 
     #[test]
     fn rejects_what_is_not_bone_or_miss() {
-        let e = parse(r#"{"peft_type":"LORA","r":8}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("\"LORA\"") && e.contains("BONE") && e.contains("MISS"),
-            "{e}"
-        );
-        assert!(parse(r#"{"r":8}"#)
-            .unwrap_err()
-            .to_string()
-            .contains("no peft_type"));
+        let e = parse(r#"{"peft_type":"LORA","r":8}"#).unwrap_err().to_string();
+        assert!(e.contains("\"LORA\"") && e.contains("BONE") && e.contains("MISS"), "{e}");
+        assert!(parse(r#"{"r":8}"#).unwrap_err().to_string().contains("no peft_type"));
         assert!(parse(r#"{"peft_type":"BONE","init_weights":"mini"}"#)
             .unwrap_err()
             .to_string()
             .contains("only for MiSS"));
-        assert!(parse(r#"{"peft_type":"BONE","r":0}"#)
-            .unwrap_err()
-            .to_string()
-            .contains("positive integer"));
+        assert!(parse(r#"{"peft_type":"BONE","r":0}"#).unwrap_err().to_string().contains("positive integer"));
         assert!(parse(r#"{"peft_type":"BONE","init_weights":"pissa"}"#).is_err());
-        assert!(parse("{not json")
-            .unwrap_err()
-            .to_string()
-            .contains("not valid JSON"));
+        assert!(parse("{not json").unwrap_err().to_string().contains("not valid JSON"));
     }
 
     #[test]

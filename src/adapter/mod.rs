@@ -70,11 +70,8 @@ pub struct Geometry {
 impl Adapter {
     /// Open an adapter folder (or the path of its config or weights file).
     pub fn open(path: &Path, prefix: &str) -> Result<Adapter> {
-        let dir = if path.is_file() {
-            path.parent().unwrap_or(Path::new(".")).to_path_buf()
-        } else {
-            path.to_path_buf()
-        };
+        let dir =
+            if path.is_file() { path.parent().unwrap_or(Path::new(".")).to_path_buf() } else { path.to_path_buf() };
         let d = dir.display();
         if !dir.is_dir() {
             return Err(input(format!("{}: no such adapter folder", path.display())));
@@ -88,9 +85,7 @@ impl Adapter {
                 } else {
                     ""
                 };
-                return Err(input(format!(
-                    "{d}: no {CONFIG_NAME}, so this is not a PEFT adapter folder{hint}"
-                )));
+                return Err(input(format!("{d}: no {CONFIG_NAME}, so this is not a PEFT adapter folder{hint}")));
             }
             Err(e) => return Err(input(format!("{}: {}", cfg_path.display(), io_reason(&e)))),
         };
@@ -108,15 +103,8 @@ impl Adapter {
             return Err(input(format!("{d}: no {WEIGHTS_NAME}")));
         }
         let file = SafetensorsFile::open(&weights)?;
-        let mut adapter = Adapter {
-            dir,
-            config,
-            file,
-            blocks: vec![],
-            replacements: vec![],
-            ignored: vec![],
-            warnings,
-        };
+        let mut adapter =
+            Adapter { dir, config, file, blocks: vec![], replacements: vec![], ignored: vec![], warnings };
         adapter.classify(prefix)?;
         Ok(adapter)
     }
@@ -125,11 +113,7 @@ impl Adapter {
     /// shape against the config (the checks that need no base model).
     fn classify(&mut self, prefix: &str) -> Result<()> {
         let pt = self.config.peft_type;
-        let other = if pt == PeftType::Bone {
-            PeftType::Miss
-        } else {
-            PeftType::Bone
-        };
+        let other = if pt == PeftType::Bone { PeftType::Miss } else { PeftType::Bone };
         let wp = self.file.path.display().to_string();
         for entry in self.file.tensors.clone() {
             let key = entry.name.clone();
@@ -147,15 +131,10 @@ impl Adapter {
             } else if key.contains(".bone_block.") || key.contains(".miss_block.") {
                 self.ignored.push(Ignored {
                     key,
-                    reason:
-                        "another adapter's block (PEFT <= 0.19 saved it under this adapter's name)"
-                            .into(),
+                    reason: "another adapter's block (PEFT <= 0.19 saved it under this adapter's name)".into(),
                 });
             } else if key.contains("bone_") || key.contains("miss_") {
-                self.ignored.push(Ignored {
-                    key,
-                    reason: "a Bone/MiSS tensor that is not a block".into(),
-                });
+                self.ignored.push(Ignored { key, reason: "a Bone/MiSS tensor that is not a block".into() });
             } else {
                 let stripped = key.strip_prefix(prefix).unwrap_or(&key);
                 let target = stripped.replace(".base_layer.", ".");
@@ -163,15 +142,10 @@ impl Adapter {
             }
         }
         for ig in &self.ignored {
-            self.warnings
-                .push(format!("{wp}: ignored {:?}: {}", ig.key, ig.reason));
+            self.warnings.push(format!("{wp}: ignored {:?}: {}", ig.key, ig.reason));
         }
         if self.blocks.is_empty() && self.replacements.is_empty() {
-            return Err(input(format!(
-                "{wp}: holds no {} blocks (keys ending in {:?})",
-                pt.name(),
-                pt.block_suffix()
-            )));
+            return Err(input(format!("{wp}: holds no {} blocks (keys ending in {:?})", pt.name(), pt.block_suffix())));
         }
         Ok(())
     }
@@ -181,10 +155,7 @@ impl Adapter {
         let s = &b.entry.shape;
         let at = format!("{}: block {:?}", self.file.path.display(), b.key);
         if Float::from_dtype(b.entry.dtype).is_none() {
-            return Err(input(format!(
-                "{at}: dtype {:?}, expected F32, BF16 or F16",
-                b.entry.dtype
-            )));
+            return Err(input(format!("{at}: dtype {:?}, expected F32, BF16 or F16", b.entry.dtype)));
         }
         let ok = match c.variant {
             Variant::Default => s.len() == 2 && s[0] == c.r,
@@ -223,10 +194,7 @@ impl Adapter {
         })?;
         let block = Float::from_dtype(b.entry.dtype).expect("checked when the adapter was opened");
         if w.shape.len() != 2 {
-            return Err(format!(
-                "base tensor {target:?} has shape {:?}, expected a Linear weight [out, in]",
-                w.shape
-            ));
+            return Err(format!("base tensor {target:?} has shape {:?}, expected a Linear weight [out, in]", w.shape));
         }
         let (o, i) = (w.shape[0], w.shape[1]);
         let s = &b.entry.shape;
@@ -258,12 +226,7 @@ impl Adapter {
             }
             _ => {}
         }
-        Ok(Geometry {
-            o,
-            i,
-            weight,
-            block,
-        })
+        Ok(Geometry { o, i, weight, block })
     }
 
     /// Check a replacement tensor against the base: the target exists and has the same shape.
@@ -284,10 +247,7 @@ impl Adapter {
             ));
         }
         if Float::from_dtype(w.dtype).is_some() && Float::from_dtype(rep.entry.dtype).is_none() {
-            return Err(format!(
-                "{:?} has dtype {:?}, expected F32, BF16 or F16",
-                rep.key, rep.entry.dtype
-            ));
+            return Err(format!("{:?} has dtype {:?}, expected F32, BF16 or F16", rep.key, rep.entry.dtype));
         }
         Ok(())
     }
@@ -308,19 +268,15 @@ fn missing_target(key: &str, target: &str, base: &Model) -> String {
     for cut in 0..module_len {
         let candidate = format!("{}.{tail}", segments[cut..module_len].join("."));
         if candidate != target && base.has(&candidate) {
-            let prefix = if cut == 0 {
-                String::new()
-            } else {
-                format!("{}.", segments[..cut].join("."))
-            };
-            msg.push_str(&format!(
-                "; with --adapter-prefix {prefix:?} it would match {candidate:?}"
-            ));
+            let prefix = if cut == 0 { String::new() } else { format!("{}.", segments[..cut].join(".")) };
+            msg.push_str(&format!("; with --adapter-prefix {prefix:?} it would match {candidate:?}"));
             return msg;
         }
     }
     if base.has(&format!("model.{target}")) {
-        msg.push_str(&format!("; the base has \"model.{target}\": was the adapter made for a model wrapped differently?"));
+        msg.push_str(&format!(
+            "; the base has \"model.{target}\": was the adapter made for a model wrapped differently?"
+        ));
     } else {
         msg.push_str(" (was the adapter made for another base model?)");
     }

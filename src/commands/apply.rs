@@ -20,11 +20,16 @@ pub fn run(
     quiet: bool,
 ) -> Result<()> {
     let started = Instant::now();
+    if out.exists() && !opts.force {
+        // Say so before any work; OutputDir::create checks again.
+        return Err(input(format!(
+            "{} already exists: choose another --out, or pass --force to replace it",
+            out.display()
+        )));
+    }
     let base = Model::open(model)?;
-    let adapters = adapter_paths
-        .iter()
-        .map(|p| Adapter::open(p, &opts.prefix.adapter_prefix))
-        .collect::<Result<Vec<_>>>()?;
+    let adapters =
+        adapter_paths.iter().map(|p| Adapter::open(p, &opts.prefix.adapter_prefix)).collect::<Result<Vec<_>>>()?;
     refuse_overlap(out, model, adapter_paths)?;
     let options = Options {
         rounding_once: opts.rounding == RoundingArg::Once,
@@ -38,16 +43,15 @@ pub fn run(
     let dir = OutputDir::create(out, opts.force)?;
     let total = plan.total_bytes();
     let progress = progress_bar(total, quiet);
-    execute::run(&plan, &base, &adapters, dir.path(), &progress)?;
+    let late_warnings = execute::run(&plan, &base, &adapters, dir.path(), &progress)?;
     progress.finish_and_clear();
+    for w in &late_warnings {
+        eprintln!("warning: {w}");
+    }
     dir.commit()?;
 
     if !quiet {
-        let verb = if direction == Direction::Merge {
-            "merged"
-        } else {
-            "unmerged"
-        };
+        let verb = if direction == Direction::Merge { "merged" } else { "unmerged" };
         let secs = started.elapsed().as_secs_f64();
         eprintln!(
             "{verb} {} adapter{} → {}: {} tensors changed, {} copied, {} in {:.1}s",
@@ -69,11 +73,9 @@ fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
     }
     let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     pb.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
     );
     pb
 }

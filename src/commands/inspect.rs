@@ -21,10 +21,7 @@ pub fn adapter(args: &InspectAdapterArgs) -> Result<()> {
         return Err(input(format!(
             "{} cannot be merged into {}: {n} problem{} (listed above)",
             args.adapter.display(),
-            args.base
-                .as_ref()
-                .map(|b| b.display().to_string())
-                .unwrap_or_default(),
+            args.base.as_ref().map(|b| b.display().to_string()).unwrap_or_default(),
             if n == 1 { "" } else { "s" }
         )));
     }
@@ -77,11 +74,7 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
             v
         })
         .collect();
-    let dtypes: BTreeSet<String> = a
-        .blocks
-        .iter()
-        .map(|b| format!("{:?}", b.entry.dtype))
-        .collect();
+    let dtypes: BTreeSet<String> = a.blocks.iter().map(|b| format!("{:?}", b.entry.dtype)).collect();
     json!({
         "adapter": a.dir.display().to_string(),
         "peft_type": c.peft_type.name(),
@@ -113,54 +106,22 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
 pub fn render(r: &Value) -> String {
     let mut s = String::new();
     let mut line = |k: &str, v: String| s.push_str(&format!("{k:<13} {v}\n"));
-    let str_or = |v: &Value, d: &str| {
-        v.as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| d.to_string())
-    };
+    let str_or = |v: &Value, d: &str| v.as_str().map(str::to_string).unwrap_or_else(|| d.to_string());
     line("adapter", str_or(&r["adapter"], ""));
-    let version = r["peft_version"]
-        .as_str()
-        .map(|v| format!(" (saved by PEFT {v})"))
-        .unwrap_or_default();
-    line(
-        "peft type",
-        format!("{}{version}", str_or(&r["peft_type"], "")),
-    );
-    let mini = r["mini_r"]
-        .as_u64()
-        .map(|m| format!(", mini_r {m}"))
-        .unwrap_or_default();
-    line(
-        "variant",
-        format!(
-            "{} (init_weights {}), r {}{mini}",
-            str_or(&r["variant"], ""),
-            r["init_weights"],
-            r["r"]
-        ),
-    );
+    let version = r["peft_version"].as_str().map(|v| format!(" (saved by PEFT {v})")).unwrap_or_default();
+    line("peft type", format!("{}{version}", str_or(&r["peft_type"], "")));
+    let mini = r["mini_r"].as_u64().map(|m| format!(", mini_r {m}")).unwrap_or_default();
+    line("variant", format!("{} (init_weights {}), r {}{mini}", str_or(&r["variant"], ""), r["init_weights"], r["r"]));
     let layers = r["layers"].as_array().cloned().unwrap_or_default();
     let kinds: BTreeSet<String> = layers
         .iter()
         .filter_map(|l| l["module"].as_str())
         .map(|m| m.rsplit('.').next().unwrap_or(m).to_string())
         .collect();
-    line(
-        "layers",
-        format!(
-            "{} adapted ({})",
-            layers.len(),
-            kinds.into_iter().collect::<Vec<_>>().join(", ")
-        ),
-    );
+    line("layers", format!("{} adapted ({})", layers.len(), kinds.into_iter().collect::<Vec<_>>().join(", ")));
     line(
         "parameters",
-        format!(
-            "{} in blocks ({})",
-            group(r["num_parameters"].as_u64().unwrap_or(0)),
-            str_or(&r["block_dtype"], "-")
-        ),
+        format!("{} in blocks ({})", group(r["num_parameters"].as_u64().unwrap_or(0)), str_or(&r["block_dtype"], "-")),
     );
     // PEFT saves target_modules as a set, in arbitrary order: sort it for reading.
     let mut targets = r["target_modules"].clone();
@@ -173,54 +134,29 @@ pub fn render(r: &Value) -> String {
     }
     let reps = r["modules_to_save"].as_array().cloned().unwrap_or_default();
     if !reps.is_empty() {
-        line(
-            "replaces",
-            reps.iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
+        line("replaces", reps.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "));
     }
-    line(
-        "made for",
-        str_or(&r["base_model_name_or_path"], "(not recorded)"),
-    );
+    line("made for", str_or(&r["base_model_name_or_path"], "(not recorded)"));
     if let Some(b) = r["base"].as_str() {
         let verdict = if r["compatible"] == Value::Bool(true) {
             "fits: every layer can be merged".to_string()
         } else {
-            format!(
-                "DOES NOT FIT: {} problems",
-                r["problems"].as_array().map_or(0, Vec::len)
-            )
+            format!("DOES NOT FIT: {} problems", r["problems"].as_array().map_or(0, Vec::len))
         };
         line("checked on", format!("{b}: {verdict}"));
     }
     s.push('\n');
     let with_base = !r["base"].is_null();
-    s.push_str(&format!(
-        "{:<44} {:<12} {:<6}{}\n",
-        "module",
-        "block",
-        "dtype",
-        if with_base { " base" } else { "" }
-    ));
+    s.push_str(&format!("{:<44} {:<12} {:<6}{}\n", "module", "block", "dtype", if with_base { " base" } else { "" }));
     for l in &layers {
         let shape = compact(&l["block_shape"]);
         let base_col = if with_base {
             let bs = if l["base_shape"].is_null() {
                 "missing".to_string()
             } else {
-                format!(
-                    "{} {}",
-                    compact(&l["base_shape"]),
-                    str_or(&l["base_dtype"], "")
-                )
+                format!("{} {}", compact(&l["base_shape"]), str_or(&l["base_dtype"], ""))
             };
-            let status = l["problem"]
-                .as_str()
-                .map(|p| format!("  ✗ {p}"))
-                .unwrap_or_else(|| "  ok".to_string());
+            let status = l["problem"].as_str().map(|p| format!("  ✗ {p}")).unwrap_or_else(|| "  ok".to_string());
             format!(" {bs}{status}")
         } else {
             String::new()
@@ -248,10 +184,7 @@ fn compact(v: &Value) -> String {
             format!(
                 "[{}]",
                 a.iter()
-                    .map(|x| x
-                        .as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| x.to_string()))
+                    .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
                     .collect::<Vec<_>>()
                     .join(", ")
             )

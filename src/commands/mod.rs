@@ -9,22 +9,8 @@ use crate::plan::Direction;
 
 pub fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
-        Command::Merge(a) => apply::run(
-            Direction::Merge,
-            &a.base,
-            &a.adapters,
-            &a.out,
-            &a.opts,
-            cli.quiet,
-        ),
-        Command::Unmerge(a) => apply::run(
-            Direction::Unmerge,
-            &a.merged,
-            &a.adapters,
-            &a.out,
-            &a.opts,
-            cli.quiet,
-        ),
+        Command::Merge(a) => apply::run(Direction::Merge, &a.base, &a.adapters, &a.out, &a.opts, cli.quiet),
+        Command::Unmerge(a) => apply::run(Direction::Unmerge, &a.merged, &a.adapters, &a.out, &a.opts, cli.quiet),
         Command::Inspect(InspectCommand::Adapter(a)) => inspect::adapter(a),
     }
 }

@@ -48,24 +48,18 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let len = file
-            .metadata()
-            .with_context(|| format!("cannot stat {}", path.display()))?
-            .len();
+        let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
         // Only the header's pages are touched; the mapping itself costs no memory.
         // SAFETY: the file is opened read-only and only read through this map while it lives; a
         // concurrent writer could change bytes under us, as with every mmap-based reader.
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .with_context(|| format!("cannot map {}", path.display()))?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
         let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| header_error(path, len, e))?;
         let data_start = 8 + n as u64;
         let mut tensors: Vec<TensorEntry> = meta
             .offset_keys()
             .into_iter()
             .map(|name| {
-                let info = meta
-                    .info(&name)
-                    .expect("offset_keys come from the same header");
+                let info = meta.info(&name).expect("offset_keys come from the same header");
                 TensorEntry {
                     dtype: info.dtype,
                     shape: info.shape.clone(),
@@ -76,21 +70,10 @@ impl SafetensorsFile {
             })
             .collect();
         tensors.sort_by_key(|t| (t.start, t.end));
-        let by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
+        let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let metadata = meta.metadata().clone().unwrap_or_default();
         drop(map);
-        Ok(SafetensorsFile {
-            path: path.to_path_buf(),
-            file,
-            tensors,
-            by_name,
-            metadata,
-            len,
-        })
+        Ok(SafetensorsFile { path: path.to_path_buf(), file, tensors, by_name, metadata, len })
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorEntry> {
@@ -99,13 +82,9 @@ impl SafetensorsFile {
 
     /// Read `buf.len()` bytes at absolute offset `at`.
     pub fn read_at(&self, at: u64, buf: &mut [u8]) -> Result<()> {
-        self.file.read_exact_at(buf, at).with_context(|| {
-            format!(
-                "{}: cannot read {} bytes at offset {at}",
-                self.path.display(),
-                buf.len()
-            )
-        })
+        self.file
+            .read_exact_at(buf, at)
+            .with_context(|| format!("{}: cannot read {} bytes at offset {at}", self.path.display(), buf.len()))
     }
 
     /// Read a whole tensor's bytes.
@@ -130,13 +109,8 @@ impl SafetensorsFile {
         let aligned = t.start / page * page;
         let off = (t.start - aligned) as usize;
         // SAFETY: read-only mapping of a file opened read-only; see `open`.
-        let map = unsafe {
-            memmap2::MmapOptions::new()
-                .offset(aligned)
-                .len(off + len)
-                .map(&self.file)
-        }
-        .with_context(|| format!("cannot map {} bytes of {}", len, self.path.display()))?;
+        let map = unsafe { memmap2::MmapOptions::new().offset(aligned).len(off + len).map(&self.file) }
+            .with_context(|| format!("cannot map {} bytes of {}", len, self.path.display()))?;
         let _ = map.advise(memmap2::Advice::Sequential);
         let _ = map.advise(memmap2::Advice::WillNeed);
         Ok(TensorBytes::Mapped { map, off, len })
@@ -145,11 +119,7 @@ impl SafetensorsFile {
 
 /// A tensor's bytes: mapped from its file, or held in memory.
 pub enum TensorBytes {
-    Mapped {
-        map: memmap2::Mmap,
-        off: usize,
-        len: usize,
-    },
+    Mapped { map: memmap2::Mmap, off: usize, len: usize },
     Owned(Vec<u8>),
 }
 
@@ -166,8 +136,12 @@ impl TensorBytes {
 fn header_error(path: &Path, len: u64, e: SafeTensorError) -> anyhow::Error {
     let p = path.display();
     let what = match e {
-        SafeTensorError::HeaderTooSmall => format!("{len} bytes is too short for a safetensors header (need at least 8)"),
-        SafeTensorError::HeaderTooLarge => "header length is beyond the 100 MB safetensors limit (corrupt or not a safetensors file)".to_string(),
+        SafeTensorError::HeaderTooSmall => {
+            format!("{len} bytes is too short for a safetensors header (need at least 8)")
+        }
+        SafeTensorError::HeaderTooLarge => {
+            "header length is beyond the 100 MB safetensors limit (corrupt or not a safetensors file)".to_string()
+        }
         SafeTensorError::InvalidHeaderLength => {
             format!("header length points beyond the end of the file ({len} bytes): the file is truncated or not safetensors")
         }
@@ -197,18 +171,13 @@ pub fn build_header(tensors: &[(String, Dtype, Vec<usize>)]) -> Result<Vec<u8>> 
         .iter()
         .map(|(name, dtype, shape)| {
             let size = shape.iter().product::<usize>() * dtype.bitsize() / 8;
-            let info = TensorInfo {
-                dtype: *dtype,
-                shape: shape.clone(),
-                data_offsets: (offset, offset + size),
-            };
+            let info = TensorInfo { dtype: *dtype, shape: shape.clone(), data_offsets: (offset, offset + size) };
             offset += size;
             (name.clone(), info)
         })
         .collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let meta = Metadata::new(Some(metadata), infos)
-        .map_err(|e| anyhow::anyhow!("building header: {e:?}"))?;
+    let meta = Metadata::new(Some(metadata), infos).map_err(|e| anyhow::anyhow!("building header: {e:?}"))?;
     let mut json = serde_json::to_vec(&meta)?;
     while json.len() % 8 != 0 {
         json.push(b' ');

@@ -38,8 +38,7 @@ impl Model {
     }
 
     fn open_any(path: &Path) -> Result<Model> {
-        let meta = std::fs::metadata(path)
-            .map_err(|e| input(format!("{}: {}", path.display(), io_reason(&e))))?;
+        let meta = std::fs::metadata(path).map_err(|e| input(format!("{}: {}", path.display(), io_reason(&e))))?;
         if meta.is_file() {
             let name = file_name(path);
             if name.ends_with(".index.json") {
@@ -58,15 +57,10 @@ impl Model {
             let shard = SafetensorsFile::open(&folder.join(SINGLE_NAME))?;
             return Self::assemble(path, Some(folder), vec![shard], None, None, config);
         }
-        let mut found: Vec<String> = list_names(&folder)?
-            .into_iter()
-            .filter(|n| n.ends_with(".safetensors"))
-            .collect();
+        let mut found: Vec<String> = list_names(&folder)?.into_iter().filter(|n| n.ends_with(".safetensors")).collect();
         found.sort();
-        let indexes: Vec<String> = list_names(&folder)?
-            .into_iter()
-            .filter(|n| n.ends_with(".safetensors.index.json"))
-            .collect();
+        let indexes: Vec<String> =
+            list_names(&folder)?.into_iter().filter(|n| n.ends_with(".safetensors.index.json")).collect();
         if indexes.len() == 1 {
             return Self::open_index(&folder.join(&indexes[0]), &folder, &indexes[0]);
         }
@@ -76,39 +70,32 @@ impl Model {
         }
         let d = folder.display();
         if folder.join("adapter_config.json").is_file() {
-            return Err(input(format!("{d}: this is an adapter folder (it has adapter_config.json), not a model: pass it with --adapter")));
+            return Err(input(format!(
+                "{d}: this is an adapter folder (it has adapter_config.json), not a model: pass it with --adapter"
+            )));
         }
-        if folder.join("pytorch_model.bin").is_file()
-            || folder.join("pytorch_model.bin.index.json").is_file()
-        {
+        if folder.join("pytorch_model.bin").is_file() || folder.join("pytorch_model.bin.index.json").is_file() {
             return Err(input(format!(
                 "{d}: only PyTorch .bin weights, no safetensors: convert them first, e.g. with transformers: \
                  AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
             )));
         }
-        Err(input(format!(
-            "{d}: no {SINGLE_NAME} or {INDEX_NAME} in this folder"
-        )))
+        Err(input(format!("{d}: no {SINGLE_NAME} or {INDEX_NAME} in this folder")))
     }
 
     fn open_index(index_path: &Path, folder: &Path, index_name: &str) -> Result<Model> {
         let ip = index_path.display();
         let index = read_json(index_path)?;
-        let map = index
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| input(format!("{ip}: no \"weight_map\" object (expected {{\"metadata\": …, \"weight_map\": {{tensor: file}}}})")))?;
+        let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+            input(format!(
+                "{ip}: no \"weight_map\" object (expected {{\"metadata\": …, \"weight_map\": {{tensor: file}}}})"
+            ))
+        })?;
         let mut shard_names: Vec<String> = Vec::new();
         for (tensor, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| input(format!("{ip}: weight_map[{tensor:?}] is not a file name")))?;
-            if file.is_empty()
-                || file.contains('/')
-                || file.contains('\\')
-                || file == ".."
-                || file == "."
-            {
+            let file =
+                file.as_str().ok_or_else(|| input(format!("{ip}: weight_map[{tensor:?}] is not a file name")))?;
+            if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." || file == "." {
                 return Err(input(format!(
                     "{ip}: weight_map[{tensor:?}] = {file:?} is not a plain file name in the model folder"
                 )));
@@ -135,14 +122,9 @@ impl Model {
         // Every tensor the index names must be in the shard it names.
         for (tensor, file) in map {
             let file = file.as_str().unwrap_or_default();
-            let shard = &shards[shard_names
-                .iter()
-                .position(|s| s == file)
-                .expect("collected above")];
+            let shard = &shards[shard_names.iter().position(|s| s == file).expect("collected above")];
             if shard.get(tensor).is_none() {
-                return Err(input(format!(
-                    "{ip}: tensor {tensor:?} is listed in {file:?}, which does not hold it"
-                )));
+                return Err(input(format!("{ip}: tensor {tensor:?} is listed in {file:?}, which does not hold it")));
             }
         }
         let config = read_json_if_present(&folder.join("config.json"))?;
@@ -177,22 +159,12 @@ impl Model {
                 }
             }
         }
-        Ok(Model {
-            path: path.to_path_buf(),
-            folder,
-            shards,
-            index,
-            index_name,
-            config,
-            tensors,
-        })
+        Ok(Model { path: path.to_path_buf(), folder, shards, index, index_name, config, tensors })
     }
 
     /// The shard holding `name` and its entry.
     pub fn tensor(&self, name: &str) -> Option<(usize, &TensorEntry)> {
-        self.tensors
-            .get(name)
-            .map(|&(s, t)| (s, &self.shards[s].tensors[t]))
+        self.tensors.get(name).map(|&(s, t)| (s, &self.shards[s].tensors[t]))
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -209,11 +181,7 @@ impl Model {
 
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
-        self.shards
-            .iter()
-            .flat_map(|s| s.tensors.iter())
-            .map(|t| t.len_bytes())
-            .sum()
+        self.shards.iter().flat_map(|s| s.tensors.iter()).map(|t| t.len_bytes()).sum()
     }
 
     /// `config.json`'s `tie_word_embeddings`, when the file says.
@@ -223,25 +191,17 @@ impl Model {
 }
 
 pub fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn list_names(folder: &Path) -> Result<Vec<String>> {
-    let rd =
-        std::fs::read_dir(folder).with_context(|| format!("cannot list {}", folder.display()))?;
-    Ok(rd
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect())
+    let rd = std::fs::read_dir(folder).with_context(|| format!("cannot list {}", folder.display()))?;
+    Ok(rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
 }
 
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| input(format!("{}: {}", path.display(), io_reason(&e))))?;
-    serde_json::from_str(&text)
-        .map_err(|e| input(format!("{}: not valid JSON: {e}", path.display())))
+    let text = std::fs::read_to_string(path).map_err(|e| input(format!("{}: {}", path.display(), io_reason(&e))))?;
+    serde_json::from_str(&text).map_err(|e| input(format!("{}: not valid JSON: {e}", path.display())))
 }
 
 fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {

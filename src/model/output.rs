@@ -23,9 +23,7 @@ impl OutputDir {
     pub fn create(out: &Path, force: bool) -> Result<OutputDir> {
         let shown = out.display();
         if out.exists() && !force {
-            return Err(input(format!(
-                "{shown} already exists: choose another --out, or pass --force to replace it"
-            )));
+            return Err(input(format!("{shown} already exists: choose another --out, or pass --force to replace it")));
         }
         let name = out
             .file_name()
@@ -36,27 +34,13 @@ impl OutputDir {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        std::fs::create_dir_all(&parent).map_err(|e| {
-            input(format!(
-                "cannot create {}: {}",
-                parent.display(),
-                io_reason(&e)
-            ))
-        })?;
+        std::fs::create_dir_all(&parent)
+            .map_err(|e| input(format!("cannot create {}: {}", parent.display(), io_reason(&e))))?;
         let tmp = parent.join(format!("{name}.tmp-{}", random_suffix()));
         std::fs::create_dir(&tmp).map_err(|e| {
-            input(format!(
-                "cannot write the output beside {shown} (in {}): {}",
-                parent.display(),
-                io_reason(&e)
-            ))
+            input(format!("cannot write the output beside {shown} (in {}): {}", parent.display(), io_reason(&e)))
         })?;
-        Ok(OutputDir {
-            out: out.to_path_buf(),
-            tmp,
-            force,
-            committed: false,
-        })
+        Ok(OutputDir { out: out.to_path_buf(), tmp, force, committed: false })
     }
 
     /// The temporary folder that receives the files.
@@ -79,41 +63,18 @@ impl OutputDir {
             ));
             std::fs::rename(&self.out, &old)
                 .with_context(|| format!("cannot move the old {} aside", self.out.display()))?;
-            std::fs::rename(&self.tmp, &self.out).with_context(|| {
-                format!(
-                    "cannot rename {} to {}",
-                    self.tmp.display(),
-                    self.out.display()
-                )
-            })?;
+            std::fs::rename(&self.tmp, &self.out)
+                .with_context(|| format!("cannot rename {} to {}", self.tmp.display(), self.out.display()))?;
             self.committed = true;
-            let removed = if old.is_dir() {
-                std::fs::remove_dir_all(&old)
-            } else {
-                std::fs::remove_file(&old)
-            };
-            removed.with_context(|| {
-                format!(
-                    "new output is in place, but the old one is left at {}",
-                    old.display()
-                )
-            })?;
+            let removed = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+            removed.with_context(|| format!("new output is in place, but the old one is left at {}", old.display()))?;
         } else {
-            std::fs::rename(&self.tmp, &self.out).with_context(|| {
-                format!(
-                    "cannot rename {} to {}",
-                    self.tmp.display(),
-                    self.out.display()
-                )
-            })?;
+            std::fs::rename(&self.tmp, &self.out)
+                .with_context(|| format!("cannot rename {} to {}", self.tmp.display(), self.out.display()))?;
             self.committed = true;
         }
         if let Some(parent) = self.out.parent() {
-            let _ = sync_dir(if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            });
+            let _ = sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent });
         }
         Ok(())
     }
@@ -128,20 +89,13 @@ impl Drop for OutputDir {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot sync {}", dir.display()))
+    File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))
 }
 
 fn random_suffix() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
     h.write_u32(std::process::id());
     format!("{:08x}", h.finish() as u32)
 }
@@ -168,9 +122,7 @@ impl ShardWriter {
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.w
-            .write_all(bytes)
-            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.w.write_all(bytes).with_context(|| format!("cannot write {}", self.path.display()))?;
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -179,18 +131,11 @@ impl ShardWriter {
     /// (std's `io::copy` uses copy_file_range between files; the buffer is flushed first).
     pub fn copy_from(&mut self, src: &File, at: u64, len: u64) -> Result<()> {
         use std::io::{Read, Seek, SeekFrom};
-        let mut f = src
-            .try_clone()
-            .context("cannot duplicate an input file handle")?;
-        f.seek(SeekFrom::Start(at))
-            .context("cannot seek in an input file")?;
+        let mut f = src.try_clone().context("cannot duplicate an input file handle")?;
+        f.seek(SeekFrom::Start(at)).context("cannot seek in an input file")?;
         let copied = std::io::copy(&mut f.take(len), &mut self.w)
             .with_context(|| format!("cannot write {}", self.path.display()))?;
-        anyhow::ensure!(
-            copied == len,
-            "input ended early: copied {copied} of {len} bytes to {}",
-            self.path.display()
-        );
+        anyhow::ensure!(copied == len, "input ended early: copied {copied} of {len} bytes to {}", self.path.display());
         self.written += len;
         Ok(())
     }

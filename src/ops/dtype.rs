@@ -59,9 +59,7 @@ impl Float {
     pub fn round(self, xs: &mut [f32]) {
         match self {
             Float::F32 => {}
-            Float::BF16 => xs
-                .iter_mut()
-                .for_each(|x| *x = f32::from_bits((bf16_bits(*x) as u32) << 16)),
+            Float::BF16 => xs.iter_mut().for_each(|x| *x = f32::from_bits((bf16_bits(*x) as u32) << 16)),
             Float::F16 => xs.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
         }
     }
@@ -71,18 +69,14 @@ impl Float {
     pub fn decode(self, bytes: &[u8], out: &mut [f32]) {
         assert_eq!(bytes.len(), out.len() * self.size(), "decode: byte count");
         let n = self.size();
-        out.par_chunks_mut(PAR_CHUNK)
-            .zip(bytes.par_chunks(PAR_CHUNK * n))
-            .for_each(|(o, b)| self.decode_serial(b, o));
+        out.par_chunks_mut(PAR_CHUNK).zip(bytes.par_chunks(PAR_CHUNK * n)).for_each(|(o, b)| self.decode_serial(b, o));
     }
 
     /// Encode `src` as little-endian elements of this type (rounding to nearest even), in parallel.
     pub fn encode(self, src: &[f32], out: &mut [u8]) {
         assert_eq!(out.len(), src.len() * self.size(), "encode: byte count");
         let n = self.size();
-        out.par_chunks_mut(PAR_CHUNK * n)
-            .zip(src.par_chunks(PAR_CHUNK))
-            .for_each(|(o, s)| self.encode_serial(s, o));
+        out.par_chunks_mut(PAR_CHUNK * n).zip(src.par_chunks(PAR_CHUNK)).for_each(|(o, s)| self.encode_serial(s, o));
     }
 
     /// Decode on the calling thread.
@@ -142,9 +136,7 @@ impl Float {
                 }
             },
             Float::F16 => match as_u16_mut(out) {
-                Some(words) => words
-                    .reinterpret_cast_mut::<f16>()
-                    .convert_from_f32_slice(src),
+                Some(words) => words.reinterpret_cast_mut::<f16>().convert_from_f32_slice(src),
                 None => {
                     for (c, x) in out.chunks_exact_mut(2).zip(src) {
                         c.copy_from_slice(&f16::from_f32(*x).to_bits().to_le_bytes());
@@ -201,11 +193,7 @@ mod tests {
     #[test]
     fn bf16_rounds_to_nearest_even() {
         // 1 + 2^-8 lies exactly between two bf16 values (1 and 1 + 2^-7): ties go to the even one, 1.
-        let mut xs = vec![
-            1.0 + 2f32.powi(-8),
-            1.0 + 3.0 * 2f32.powi(-8),
-            1.0 + 2f32.powi(-9),
-        ];
+        let mut xs = vec![1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), 1.0 + 2f32.powi(-9)];
         Float::BF16.round(&mut xs);
         assert_eq!(xs, vec![1.0, 1.0 + 2.0 * 2f32.powi(-7), 1.0]);
     }
@@ -221,9 +209,7 @@ mod tests {
     #[test]
     fn encode_decode_round_trip_is_exact_for_representable_values() {
         for t in [Float::F32, Float::F16, Float::BF16] {
-            let mut xs: Vec<f32> = (0..200_000)
-                .map(|i| ((i as f32) * 0.37).sin() * 3.0)
-                .collect();
+            let mut xs: Vec<f32> = (0..200_000).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
             t.round(&mut xs);
             let mut bytes = vec![0u8; xs.len() * t.size()];
             t.encode(&xs, &mut bytes);
@@ -236,30 +222,15 @@ mod tests {
     #[test]
     fn bf16_conversion_agrees_with_half_everywhere_that_matters() {
         // every exponent, with fraction patterns around the rounding point, both signs, specials
-        let mut xs = vec![
-            0.0f32,
-            -0.0,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::MAX,
-            f32::MIN_POSITIVE,
-            1e-45,
-        ];
+        let mut xs = vec![0.0f32, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE, 1e-45];
         for e in 0..255u32 {
-            for f in [
-                0u32, 1, 0x7fff, 0x8000, 0x8001, 0x18000, 0x7f_ffff, 0x7f_8000, 0x7f_7fff,
-            ] {
+            for f in [0u32, 1, 0x7fff, 0x8000, 0x8001, 0x18000, 0x7f_ffff, 0x7f_8000, 0x7f_7fff] {
                 xs.push(f32::from_bits((e << 23) | f));
                 xs.push(-f32::from_bits((e << 23) | f));
             }
         }
         for x in xs {
-            assert_eq!(
-                bf16_bits(x),
-                bf16::from_f32(x).to_bits(),
-                "{x:e} ({:#x})",
-                x.to_bits()
-            );
+            assert_eq!(bf16_bits(x), bf16::from_f32(x).to_bits(), "{x:e} ({:#x})", x.to_bits());
         }
         assert!(f32::from_bits((bf16_bits(f32::NAN) as u32) << 16).is_nan());
     }

@@ -32,11 +32,7 @@ pub struct Rounding {
 impl Rounding {
     /// PEFT's rounding for weights of dtype `weight` with f32 blocks.
     pub fn peft(weight: Float) -> Rounding {
-        Rounding {
-            weight,
-            adapter: Float::F32,
-            once: false,
-        }
+        Rounding { weight, adapter: Float::F32, once: false }
     }
 
     /// Round block values to the dtype PEFT holds them in.
@@ -63,25 +59,11 @@ pub fn expand_transposed(block: &[f32], r: usize, cols: usize, o: usize) -> Vec<
 #[derive(Clone, Debug)]
 pub enum Prepared {
     /// Default or mini: `W ± E[c mod r, o mod cols]`, `et` from [`expand_transposed`].
-    Periodic {
-        et: Vec<f32>,
-        r: usize,
-        sign: f32,
-        rounding: Rounding,
-    },
+    Periodic { et: Vec<f32>, r: usize, sign: f32, rounding: Rounding },
     /// BAT merge with blocks `[O/r, r, r]`.
-    BatMerge {
-        b: Vec<f32>,
-        r: usize,
-        rounding: Rounding,
-    },
+    BatMerge { b: Vec<f32>, r: usize, rounding: Rounding },
     /// BAT unmerge with blocks and their inverses `(I + B_i)⁻¹`.
-    BatUnmerge {
-        b: Vec<f32>,
-        inv: Vec<f32>,
-        r: usize,
-        rounding: Rounding,
-    },
+    BatUnmerge { b: Vec<f32>, inv: Vec<f32>, r: usize, rounding: Rounding },
 }
 
 impl Prepared {
@@ -89,30 +71,13 @@ impl Prepared {
     /// `row0` and the row count are multiples of r. `round` false skips the final rounding to D
     /// (for the last op of a chain, whose result is encoded to D anyway: the same bytes, once).
     #[inline(always)]
-    pub fn apply_rows(
-        &self,
-        w: &mut [f32],
-        row0: usize,
-        i: usize,
-        scratch: &mut Vec<f32>,
-        round: bool,
-    ) {
+    pub fn apply_rows(&self, w: &mut [f32], row0: usize, i: usize, scratch: &mut Vec<f32>, round: bool) {
         match self {
-            Prepared::Periodic {
-                et,
-                r,
-                sign,
-                rounding,
-            } => periodic_rows(w, row0, i, et, *r, *sign, *rounding, round),
-            Prepared::BatMerge { b, r, rounding } => {
-                bat_merge_rows(w, row0, i, b, *r, *rounding, scratch, round)
+            Prepared::Periodic { et, r, sign, rounding } => periodic_rows(w, row0, i, et, *r, *sign, *rounding, round),
+            Prepared::BatMerge { b, r, rounding } => bat_merge_rows(w, row0, i, b, *r, *rounding, scratch, round),
+            Prepared::BatUnmerge { b, inv, r, rounding } => {
+                bat_unmerge_rows(w, row0, i, b, inv, *r, *rounding, scratch, round)
             }
-            Prepared::BatUnmerge {
-                b,
-                inv,
-                r,
-                rounding,
-            } => bat_unmerge_rows(w, row0, i, b, inv, *r, *rounding, scratch, round),
         }
     }
 
@@ -138,12 +103,9 @@ pub fn apply_chain(src: &[u8], dst: &mut [u8], d: Float, o: usize, i: usize, ops
     assert_eq!(o % unit, 0, "rows must split into whole BAT strips");
     let h = unit * (TASK_ELEMS / (unit * i.max(1))).max(1);
     let step = h * i * d.size();
-    dst.par_chunks_mut(step)
-        .zip(src.par_chunks(step))
-        .enumerate()
-        .for_each(|(s, (out, inp))| {
-            STRIP.with_borrow_mut(|(w, scratch)| strip(inp, out, w, scratch, d, s * h, i, ops));
-        });
+    dst.par_chunks_mut(step).zip(src.par_chunks(step)).enumerate().for_each(|(s, (out, inp))| {
+        STRIP.with_borrow_mut(|(w, scratch)| strip(inp, out, w, scratch, d, s * h, i, ops));
+    });
 }
 
 thread_local! {
@@ -219,16 +181,7 @@ fn lcm(a: usize, b: usize) -> usize {
 
 /// Default and mini on rows `row0..`: `W'[o,c] = R_D(W[o,c] ± E[c mod r, o mod cols])`.
 #[inline(always)]
-pub fn periodic_rows(
-    w: &mut [f32],
-    row0: usize,
-    i: usize,
-    et: &[f32],
-    r: usize,
-    sign: f32,
-    rd: Rounding,
-    round: bool,
-) {
+pub fn periodic_rows(w: &mut [f32], row0: usize, i: usize, et: &[f32], r: usize, sign: f32, rd: Rounding, round: bool) {
     // The row's pattern E[c mod r] tiled to a length of at least 64, so the inner loop vectorises.
     let reps = 64usize.div_ceil(r);
     let mut tile = vec![0f32; r * reps];
@@ -273,11 +226,7 @@ pub fn bat_merge_rows(
     for (s, strip) in w.chunks_exact_mut(r * i).enumerate() {
         let bi = &b[(row0 / r + s) * r * r..][..r * r];
         gemm(delta, strip, bi, i, r);
-        for (k, (drow, wrow)) in delta
-            .chunks_exact_mut(r)
-            .zip(strip.chunks_exact_mut(r))
-            .enumerate()
-        {
+        for (k, (drow, wrow)) in delta.chunks_exact_mut(r).zip(strip.chunks_exact_mut(r)).enumerate() {
             let brow = &bi[(k / per_a) * r..][..r];
             for (d, bv) in drow.iter_mut().zip(brow) {
                 *d += bv;
@@ -313,11 +262,7 @@ pub fn bat_unmerge_rows(
     for (s, strip) in w.chunks_exact_mut(r * i).enumerate() {
         let blk = (row0 / r + s) * r * r;
         let (bi, invi) = (&b[blk..][..r * r], &inv[blk..][..r * r]);
-        for (k, (drow, wrow)) in diff
-            .chunks_exact_mut(r)
-            .zip(strip.chunks_exact(r))
-            .enumerate()
-        {
+        for (k, (drow, wrow)) in diff.chunks_exact_mut(r).zip(strip.chunks_exact(r)).enumerate() {
             let brow = &bi[(k / per_a) * r..][..r];
             for ((d, x), bv) in drow.iter_mut().zip(wrow).zip(brow) {
                 *d = x - bv;
@@ -331,20 +276,10 @@ pub fn bat_unmerge_rows(
 }
 
 /// Whole-tensor default/mini merge (`sign = 1`) or unmerge (`sign = -1`) on f32 values.
-pub fn add_periodic(
-    w: &mut [f32],
-    o: usize,
-    i: usize,
-    et: &[f32],
-    r: usize,
-    sign: f32,
-    rd: Rounding,
-) {
+pub fn add_periodic(w: &mut [f32], o: usize, i: usize, et: &[f32], r: usize, sign: f32, rd: Rounding) {
     assert_eq!((w.len(), et.len()), (o * i, o * r));
     let h = (TASK_ELEMS / i.max(1)).max(1);
-    w.par_chunks_mut(h * i)
-        .enumerate()
-        .for_each(|(t, rows)| periodic_rows(rows, t * h, i, et, r, sign, rd, true));
+    w.par_chunks_mut(h * i).enumerate().for_each(|(t, rows)| periodic_rows(rows, t * h, i, et, r, sign, rd, true));
 }
 
 /// Whole-tensor BAT merge on f32 values.
@@ -352,35 +287,20 @@ pub fn bat_merge(w: &mut [f32], o: usize, i: usize, b: &[f32], r: usize, rd: Rou
     check_bat(w, o, i, b, r);
     w.par_chunks_mut(r * i)
         .enumerate()
-        .for_each_init(Vec::new, |scratch, (s, strip)| {
-            bat_merge_rows(strip, s * r, i, b, r, rd, scratch, true)
-        });
+        .for_each_init(Vec::new, |scratch, (s, strip)| bat_merge_rows(strip, s * r, i, b, r, rd, scratch, true));
 }
 
 /// Whole-tensor BAT unmerge on f32 values.
-pub fn bat_unmerge(
-    w: &mut [f32],
-    o: usize,
-    i: usize,
-    b: &[f32],
-    inv: &[f32],
-    r: usize,
-    rd: Rounding,
-) {
+pub fn bat_unmerge(w: &mut [f32], o: usize, i: usize, b: &[f32], inv: &[f32], r: usize, rd: Rounding) {
     check_bat(w, o, i, b, r);
     assert_eq!(inv.len(), b.len());
     w.par_chunks_mut(r * i)
         .enumerate()
-        .for_each_init(Vec::new, |scratch, (s, strip)| {
-            bat_unmerge_rows(strip, s * r, i, b, inv, r, rd, scratch, true)
-        });
+        .for_each_init(Vec::new, |scratch, (s, strip)| bat_unmerge_rows(strip, s * r, i, b, inv, r, rd, scratch, true));
 }
 
 fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
-    assert!(
-        r > 0 && o % r == 0 && i % r == 0,
-        "BAT needs O and I divisible by r"
-    );
+    assert!(r > 0 && o % r == 0 && i % r == 0, "BAT needs O and I divisible by r");
     assert_eq!(w.len(), o * i);
     assert_eq!(b.len(), (o / r) * r * r);
 }
@@ -416,18 +336,12 @@ pub fn bat_inverses(b: &[f32], r: usize) -> Result<BatInverses, SingularBlock> {
         .par_chunks(r * r)
         .enumerate()
         .map(|(block, bi)| {
-            let m = Mat::<f64>::from_fn(r, r, |x, y| {
-                bi[x * r + y] as f64 + if x == y { 1.0 } else { 0.0 }
-            });
+            let m = Mat::<f64>::from_fn(r, r, |x, y| bi[x * r + y] as f64 + if x == y { 1.0 } else { 0.0 });
             let inv = m.partial_piv_lu().inverse();
             // A zero pivot leaves NaNs (which max() would skip) or garbage: check that it inverts.
             let finite = (0..r).all(|x| (0..r).all(|y| inv[(x, y)].is_finite()));
             let residual = (&m * &inv - Mat::<f64>::identity(r, r)).norm_max();
-            let cond = if finite {
-                norm1(m.as_ref()) * norm1(inv.as_ref())
-            } else {
-                f64::INFINITY
-            };
+            let cond = if finite { norm1(m.as_ref()) * norm1(inv.as_ref()) } else { f64::INFINITY };
             if !finite || cond > SINGULAR_COND || residual.is_nan() || residual >= 1e-6 {
                 return Err(SingularBlock { block, cond });
             }
@@ -450,11 +364,26 @@ pub fn bat_inverses(b: &[f32], r: usize) -> Result<BatInverses, SingularBlock> {
     Ok(BatInverses { inv, cond })
 }
 
+/// The first block whose `I + B_i` is singular, found from an f64 LU factorisation alone (a third
+/// of the work of the inverses): a zero or non-finite pivot, or one negligible next to the largest.
+pub fn bat_singular(b: &[f32], r: usize) -> Option<SingularBlock> {
+    assert!(r > 0 && b.len() % (r * r) == 0);
+    b.par_chunks(r * r)
+        .enumerate()
+        .find_first(|(_, bi)| {
+            let m = Mat::<f64>::from_fn(r, r, |x, y| bi[x * r + y] as f64 + if x == y { 1.0 } else { 0.0 });
+            let lu = m.partial_piv_lu();
+            let u = lu.U();
+            let pivots: Vec<f64> = (0..r).map(|k| u[(k, k)].abs()).collect();
+            let largest = pivots.iter().cloned().fold(0.0, f64::max);
+            largest.is_nan() || largest <= 0.0 || pivots.iter().any(|p| !p.is_finite() || *p <= largest * 1e-14)
+        })
+        .map(|(block, _)| SingularBlock { block, cond: f64::INFINITY })
+}
+
 /// Largest absolute column sum.
 fn norm1(m: MatRef<'_, f64>) -> f64 {
-    (0..m.ncols())
-        .map(|c| (0..m.nrows()).map(|x| m[(x, c)].abs()).sum::<f64>())
-        .fold(0.0, f64::max)
+    (0..m.ncols()).map(|c| (0..m.nrows()).map(|x| m[(x, c)].abs()).sum::<f64>()).fold(0.0, f64::max)
 }
 
 #[cfg(test)]
@@ -465,10 +394,7 @@ mod tests {
     struct Lcg(u64);
     impl Lcg {
         fn next(&mut self) -> f32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((self.0 >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         }
         fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
@@ -496,12 +422,10 @@ mod tests {
                     for c in 0..r {
                         let mut s = 0f64;
                         for k in 0..r {
-                            s += w[(bi * r + a) * i + bj * r + k] as f64
-                                * b[bi * r * r + k * r + c] as f64;
+                            s += w[(bi * r + a) * i + bj * r + k] as f64 * b[bi * r * r + k * r + c] as f64;
                         }
                         let orig = w[(bi * r + a) * i + bj * r + c] as f64;
-                        out[(bi * r + a) * i + bj * r + c] =
-                            orig + s + b[bi * r * r + a * r + c] as f64;
+                        out[(bi * r + a) * i + bj * r + c] = orig + s + b[bi * r * r + a * r + c] as f64;
                     }
                 }
             }
@@ -516,15 +440,7 @@ mod tests {
             let w = g.vec(o * i, 1.0);
             let b = g.vec(r * o, 0.1);
             let mut got = w.clone();
-            add_periodic(
-                &mut got,
-                o,
-                i,
-                &expand_transposed(&b, r, o, o),
-                r,
-                1.0,
-                Rounding::peft(Float::F32),
-            );
+            add_periodic(&mut got, o, i, &expand_transposed(&b, r, o, o), r, 1.0, Rounding::peft(Float::F32));
             assert_eq!(got, naive_default(&w, o, i, &b, r, o), "o={o} i={i} r={r}");
         }
     }
@@ -536,15 +452,7 @@ mod tests {
         let w = g.vec(o * i, 1.0);
         let m = g.vec(r * mini, 0.1);
         let mut got = w.clone();
-        add_periodic(
-            &mut got,
-            o,
-            i,
-            &expand_transposed(&m, r, mini, o),
-            r,
-            1.0,
-            Rounding::peft(Float::F32),
-        );
+        add_periodic(&mut got, o, i, &expand_transposed(&m, r, mini, o), r, 1.0, Rounding::peft(Float::F32));
         assert_eq!(got, naive_default(&w, o, i, &m, r, mini));
     }
 
@@ -558,10 +466,7 @@ mod tests {
         add_periodic(&mut x, o, i, &et, r, 1.0, Rounding::peft(Float::F32));
         add_periodic(&mut x, o, i, &et, r, -1.0, Rounding::peft(Float::F32));
         for (a, b) in x.iter().zip(&w) {
-            assert!(
-                (a - b).abs() <= 2.0 * f32::EPSILON * b.abs().max(0.1),
-                "{a} vs {b}"
-            );
+            assert!((a - b).abs() <= 2.0 * f32::EPSILON * b.abs().max(0.1), "{a} vs {b}");
         }
     }
 
@@ -572,19 +477,8 @@ mod tests {
         // 2^-8 is half a bf16 ulp at 1.0: the tie rounds to even (1.0); 2^-8 + 2^-12 rounds up.
         let b = vec![2f32.powi(-8), 2f32.powi(-8) + 2f32.powi(-12)];
         let mut got = w.clone();
-        add_periodic(
-            &mut got,
-            o,
-            i,
-            &expand_transposed(&b, r, o, o),
-            r,
-            1.0,
-            Rounding::peft(Float::BF16),
-        );
-        assert_eq!(
-            got,
-            vec![1.0, 1.0, 1.0 + 2f32.powi(-7), 1.0 + 2f32.powi(-7)]
-        );
+        add_periodic(&mut got, o, i, &expand_transposed(&b, r, o, o), r, 1.0, Rounding::peft(Float::BF16));
+        assert_eq!(got, vec![1.0, 1.0, 1.0 + 2f32.powi(-7), 1.0 + 2f32.powi(-7)]);
     }
 
     #[test]
@@ -597,10 +491,7 @@ mod tests {
             let mut got = w.clone();
             bat_merge(&mut got, o, i, &b, r, Rounding::peft(Float::F32));
             for (k, (a, e)) in got.iter().zip(&expect).enumerate() {
-                assert!(
-                    (*a as f64 - e).abs() < 1e-5 * e.abs().max(1.0),
-                    "o={o} i={i} r={r} at {k}: {a} vs {e}"
-                );
+                assert!((*a as f64 - e).abs() < 1e-5 * e.abs().max(1.0), "o={o} i={i} r={r} at {k}: {a} vs {e}");
             }
         }
     }
@@ -631,6 +522,10 @@ mod tests {
         // rank-deficient but not zero: [[1, 1], [1, 1]] = I + [[0, 1], [1, 0]]
         let b = vec![0.0, 1.0, 1.0, 0.0];
         assert_eq!(bat_inverses(&b, r).err().map(|e| e.block), Some(0));
+        // the LU-only check agrees, and passes invertible blocks
+        assert_eq!(bat_singular(&b, r).map(|e| e.block), Some(0));
+        assert_eq!(bat_singular(&[0.1, 0.0, 0.0, 0.1, -1.0, 0.0, 0.0, -1.0], r).map(|e| e.block), Some(1));
+        assert_eq!(bat_singular(&[0.1, 0.2, -0.3, 0.1], r), None);
     }
 
     #[test]
@@ -643,17 +538,7 @@ mod tests {
         let mut peft = vec![w0];
         bat_merge(&mut peft, 1, 1, &[b0], 1, Rounding::peft(Float::BF16));
         let mut once = vec![w0];
-        bat_merge(
-            &mut once,
-            1,
-            1,
-            &[b0],
-            1,
-            Rounding {
-                once: true,
-                ..Rounding::peft(Float::BF16)
-            },
-        );
+        bat_merge(&mut once, 1, 1, &[b0], 1, Rounding { once: true, ..Rounding::peft(Float::BF16) });
         // PEFT: 1 + 2^-8 is a tie → 1.0 (even). Once: 1 + 2^-8 - 2^-19 is below the tie → 1.0 too;
         // both agree here, and each equals the independent computation:
         assert_eq!(peft, vec![1.0]);
@@ -663,22 +548,8 @@ mod tests {
         let mut peft = vec![w0];
         bat_merge(&mut peft, 1, 1, &[b1], 1, Rounding::peft(Float::BF16));
         let mut once = vec![w0];
-        bat_merge(
-            &mut once,
-            1,
-            1,
-            &[b1],
-            1,
-            Rounding {
-                once: true,
-                ..Rounding::peft(Float::BF16)
-            },
-        );
-        assert_eq!(
-            peft,
-            vec![1.0],
-            "double rounding: the delta lost the bit that breaks the tie"
-        );
+        bat_merge(&mut once, 1, 1, &[b1], 1, Rounding { once: true, ..Rounding::peft(Float::BF16) });
+        assert_eq!(peft, vec![1.0], "double rounding: the delta lost the bit that breaks the tie");
         assert_eq!(once, vec![1.0 + 2f32.powi(-7)], "single rounding keeps it");
     }
 }

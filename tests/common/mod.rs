@@ -35,12 +35,7 @@ pub fn stdout(o: &Output) -> String {
 
 /// Assert success, showing stderr otherwise.
 pub fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "bone-tool failed ({:?}): {}",
-        o.status,
-        stderr(o)
-    );
+    assert!(o.status.success(), "bone-tool failed ({:?}): {}", o.status, stderr(o));
 }
 
 #[derive(Clone, Debug)]
@@ -66,16 +61,11 @@ pub fn load(path: &Path) -> BTreeMap<String, T> {
     };
     for f in files {
         let bytes = std::fs::read(&f).unwrap();
-        let st =
-            SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e:?}", f.display()));
+        let st = SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e:?}", f.display()));
         for (name, view) in st.tensors() {
             let prev = out.insert(
                 name.clone(),
-                T {
-                    dtype: view.dtype(),
-                    shape: view.shape().to_vec(),
-                    data: view.data().to_vec(),
-                },
+                T { dtype: view.dtype(), shape: view.shape().to_vec(), data: view.data().to_vec() },
             );
             assert!(prev.is_none(), "{name} stored twice");
         }
@@ -91,15 +81,8 @@ pub fn file_metadata(path: &Path) -> HashMap<String, String> {
 }
 
 pub fn save(path: &Path, tensors: &BTreeMap<String, T>) {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
-            )
-        })
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, t)| (n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap())).collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(meta), path).unwrap();
 }
@@ -107,21 +90,13 @@ pub fn save(path: &Path, tensors: &BTreeMap<String, T>) {
 /// Values as f64 (F32, F16, BF16).
 pub fn values(t: &T) -> Vec<f64> {
     match t.dtype {
-        Dtype::F32 => t
-            .data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        Dtype::F16 => t
-            .data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f64())
-            .collect(),
-        Dtype::BF16 => t
-            .data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f64())
-            .collect(),
+        Dtype::F32 => t.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        Dtype::F16 => {
+            t.data.chunks_exact(2).map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f64()).collect()
+        }
+        Dtype::BF16 => {
+            t.data.chunks_exact(2).map(|c| half::bf16::from_le_bytes(c.try_into().unwrap()).to_f64()).collect()
+        }
         d => panic!("not a float dtype: {d:?}"),
     }
 }
@@ -129,16 +104,10 @@ pub fn values(t: &T) -> Vec<f64> {
 /// Raw element bits as integers, for ulp distances.
 pub fn bits(t: &T) -> Vec<i64> {
     match t.dtype {
-        Dtype::F32 => t
-            .data
-            .chunks_exact(4)
-            .map(|c| ordered(i32::from_le_bytes(c.try_into().unwrap()) as i64, 31))
-            .collect(),
-        _ => t
-            .data
-            .chunks_exact(2)
-            .map(|c| ordered(i16::from_le_bytes(c.try_into().unwrap()) as i64, 15))
-            .collect(),
+        Dtype::F32 => {
+            t.data.chunks_exact(4).map(|c| ordered(i32::from_le_bytes(c.try_into().unwrap()) as i64, 31)).collect()
+        }
+        _ => t.data.chunks_exact(2).map(|c| ordered(i16::from_le_bytes(c.try_into().unwrap()) as i64, 15)).collect(),
     }
 }
 
@@ -152,11 +121,7 @@ fn ordered(v: i64, sign_bit: u32) -> i64 {
 }
 
 pub fn f32_tensor(shape: Vec<usize>, vals: &[f32]) -> T {
-    T {
-        dtype: Dtype::F32,
-        shape,
-        data: vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
+    T { dtype: Dtype::F32, shape, data: vals.iter().flat_map(|v| v.to_le_bytes()).collect() }
 }
 
 /// Copy a folder (flat or nested) for tests that alter inputs.
@@ -202,6 +167,5 @@ pub fn leftovers(dir: &Path, needle: &str) -> Vec<String> {
 
 /// The fixture manifest written by fixtures/generate.py.
 pub fn manifest() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap()).unwrap()
 }
