@@ -11,9 +11,9 @@ pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 #[error("{0}")]
 pub struct InputError(pub String);
 
-/// The user pressed Ctrl-C (or the process got SIGTERM).
+/// The user pressed Ctrl-C (or the process got SIGTERM or SIGHUP).
 #[derive(Debug, thiserror::Error)]
-#[error("interrupted")]
+#[error("interrupted: the partial output was removed")]
 pub struct Interrupted;
 
 /// Build an input error.

@@ -17,6 +17,7 @@ use indicatif::ProgressBar;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, Sender};
+use std::sync::Arc;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -35,58 +36,71 @@ fn check_interrupt() -> Result<()> {
 /// A BAT block whose `I + B` has a larger condition number earns a warning on unmerge.
 const BADLY_CONDITIONED: f64 = 1e3;
 
-/// Bytes copied per step when a tensor passes through untouched (progress and Ctrl-C in between).
-const COPY_CHUNK: u64 = 64 << 20;
+/// Bytes per piece of work: tensors flow through the pipeline in pieces of about this size, so
+/// memory stays the same whatever the size of the model or of its largest tensor.
+/// (`BONE_TOOL_PIECE_BYTES` overrides it: the tests use tiny pieces to cut small tensors too.)
+fn piece_bytes() -> usize {
+    static PIECE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PIECE.get_or_init(|| {
+        std::env::var("BONE_TOOL_PIECE_BYTES").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(16 << 20)
+    })
+}
 
-/// One tensor on its way through the pipeline.
-enum Payload<'a> {
+/// One piece of the output, in output order.
+enum Piece<'a> {
     /// Bytes that pass through unchanged, copied file to file.
-    Copy { file: &'a SafetensorsFile, start: u64, len: u64 },
-    /// The bytes a chain starts from (mapped), for the compute stage.
-    Source(TensorBytes),
-    /// The result, for the writer.
-    Bytes(Vec<u8>),
+    Copy { file: &'a SafetensorsFile, start: u64, len: u64, last: bool },
+    /// Rows `row0..` of a changed tensor: the bytes its chain starts from, and the chain.
+    Rows { job: &'a TensorJob, chain: Arc<Vec<Prepared>>, row0: usize, src: TensorBytes, last: bool },
+    /// Computed bytes (the first `len` of `data`), for the writer.
+    Bytes { data: Vec<u8>, len: usize, last: bool },
 }
 
 /// Write every file of the plan into `dir`.
 /// Returns warnings found on the way (badly conditioned BAT blocks).
 pub fn run(plan: &Plan, base: &Model, adapters: &[Adapter], dir: &Path, progress: &ProgressBar) -> Result<Vec<String>> {
-    let mut warnings = vec![];
-    std::thread::scope(|scope| {
-        let (to_compute, from_reader) = sync_channel::<Result<Payload>>(1);
-        let (to_writer, from_compute) = sync_channel::<Payload>(1);
-        // Written buffers come back to the compute stage: no fresh pages to fault in per tensor.
+    let warnings = std::thread::scope(|scope| -> Result<Vec<String>> {
+        let (to_compute, from_reader) = sync_channel::<Result<Piece>>(1);
+        let (to_writer, from_compute) = sync_channel::<Piece>(1);
+        // Written buffers come back to the compute stage: no fresh pages to fault in per piece.
         let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
 
-        scope.spawn(move || {
+        let reader = scope.spawn(move || {
+            let mut warnings = vec![];
             for shard in &plan.shards {
                 let input = &base.shards[shard.input];
                 for job in &shard.jobs {
-                    let item = check_interrupt().and_then(|_| source(job, input, adapters));
-                    let failed = item.is_err();
-                    if to_compute.send(item).is_err() || failed {
-                        return;
+                    let sent = check_interrupt().and_then(|_| {
+                        pieces(job, input, adapters, &mut warnings, &mut |p| to_compute.send(Ok(p)).is_ok())
+                    });
+                    match sent {
+                        Ok(true) => {}
+                        Ok(false) => return warnings, // a later stage stopped
+                        Err(e) => {
+                            let _ = to_compute.send(Err(e));
+                            return warnings;
+                        }
                     }
                 }
             }
+            warnings
         });
 
         let writer = scope.spawn(move || write_all(plan, dir, from_compute, recycle, progress, scope));
 
         let mut computed: Result<()> = Ok(());
-        let jobs = plan.shards.iter().flat_map(|s| s.jobs.iter());
-        for (item, job) in from_reader.into_iter().zip(jobs) {
-            let step = item.and_then(|payload| match payload {
-                Payload::Source(src) => {
+        for item in from_reader {
+            let step = item.map(|piece| match piece {
+                Piece::Rows { job, chain, row0, src, last } => {
                     let mut out = recycled.try_recv().unwrap_or_default();
-                    compute(job, src.bytes(), &mut out, adapters, &mut warnings)?;
-                    Ok(Payload::Bytes(out))
+                    let len = compute(job, &chain, row0, src.bytes(), &mut out);
+                    Piece::Bytes { data: out, len, last }
                 }
-                other => Ok(other),
+                other => other,
             });
             match step {
-                Ok(item) => {
-                    if to_writer.send(item).is_err() {
+                Ok(piece) => {
+                    if to_writer.send(piece).is_err() {
                         break; // the writer failed: its error is the one to report
                     }
                 }
@@ -99,8 +113,10 @@ pub fn run(plan: &Plan, base: &Model, adapters: &[Adapter], dir: &Path, progress
         drop(to_writer);
         let written =
             writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the writer thread panicked")));
+        let warnings = reader.join().unwrap_or_default();
         computed?;
-        written
+        written?;
+        Ok(warnings)
     })?;
     if let Some((name, index)) = &plan.index {
         let text = serde_json::to_string_pretty(index)? + "\n";
@@ -113,11 +129,12 @@ pub fn run(plan: &Plan, base: &Model, adapters: &[Adapter], dir: &Path, progress
     Ok(warnings)
 }
 
-/// The writer stage: every shard in order, each tensor as it arrives; fsyncs run in the background.
+/// The writer stage: every shard in order, each tensor's pieces as they arrive; fsyncs run in the
+/// background while the next shard is written.
 fn write_all<'scope>(
     plan: &'scope Plan,
     dir: &'scope Path,
-    items: Receiver<Payload<'scope>>,
+    pieces: Receiver<Piece<'scope>>,
     recycle: Sender<Vec<u8>>,
     progress: &'scope ProgressBar,
     scope: &'scope std::thread::Scope<'scope, '_>,
@@ -129,26 +146,28 @@ fn write_all<'scope>(
         let mut w = ShardWriter::create(&dir.join(&shard.file_name), &shard.header, shard.data_bytes)?;
         progress.inc(shard.header.len() as u64);
         for _ in &shard.jobs {
-            let Ok(item) = items.recv() else {
-                return Ok(()); // the compute stage stopped early and reports why
-            };
-            match item {
-                Payload::Bytes(b) => {
-                    w.write(&b)?;
-                    progress.inc(b.len() as u64);
-                    let _ = recycle.send(b);
-                }
-                Payload::Copy { file, start, len } => {
-                    let mut at = start;
-                    while at < start + len {
-                        check_interrupt()?;
-                        let n = (start + len - at).min(COPY_CHUNK);
-                        w.copy_from(file.file(), at, n)?;
-                        progress.inc(n);
-                        at += n;
+            loop {
+                let Ok(piece) = pieces.recv() else {
+                    return Ok(()); // an earlier stage stopped and reports why
+                };
+                check_interrupt()?;
+                let last = match piece {
+                    Piece::Bytes { data, len, last } => {
+                        w.write(&data[..len])?;
+                        progress.inc(len as u64);
+                        let _ = recycle.send(data);
+                        last
                     }
+                    Piece::Copy { file, start, len, last } => {
+                        w.copy_from(file.file(), start, len)?;
+                        progress.inc(len);
+                        last
+                    }
+                    Piece::Rows { .. } => unreachable!("the compute stage turns rows into bytes"),
+                };
+                if last {
+                    break;
                 }
-                Payload::Source(_) => unreachable!("the compute stage turns sources into bytes"),
             }
             done += 1;
             progress.set_message(format!("tensor {done}/{total}"));
@@ -162,50 +181,85 @@ fn write_all<'scope>(
     Ok(())
 }
 
-/// What a job starts from: a byte copy (untouched, or replaced outright by a tensor of the same
-/// dtype), or the bytes its op chain runs on: the last replacement's (cast to the base tensor's
-/// dtype) or the base tensor's.
-fn source<'a>(job: &TensorJob, base: &'a SafetensorsFile, adapters: &'a [Adapter]) -> Result<Payload<'a>> {
-    let last = job.ops.iter().rposition(|op| matches!(op, Op::Replace { .. }));
-    let (file, entry) = match last.map(|k| &job.ops[k]) {
+/// Cut a job into pieces and hand each to `send` (false: the pipeline stopped). A job is a byte
+/// copy (untouched, or replaced outright by a tensor of the same dtype), or an op chain over the
+/// bytes it starts from: the last replacement's (cast to the base tensor's dtype) or the base
+/// tensor's, in row ranges.
+fn pieces<'a>(
+    job: &'a TensorJob,
+    base: &'a SafetensorsFile,
+    adapters: &'a [Adapter],
+    warnings: &mut Vec<String>,
+    send: &mut dyn FnMut(Piece<'a>) -> bool,
+) -> Result<bool> {
+    let last_replace = job.ops.iter().rposition(|op| matches!(op, Op::Replace { .. }));
+    let chain_ops = &job.ops[last_replace.map_or(0, |k| k + 1)..];
+    let mut converted = None;
+    let (file, entry) = match last_replace.map(|k| &job.ops[k]) {
         Some(Op::Replace { adapter, src }) if src.dtype != job.src.dtype => {
             let raw = adapters[*adapter].file.read_tensor(src)?;
-            return Ok(Payload::Source(TensorBytes::Owned(convert(&raw, src, &job.src)?)));
+            converted = Some(Arc::new(convert(&raw, src, &job.src)?));
+            (&adapters[*adapter].file, src)
         }
         Some(Op::Replace { adapter, src }) => (&adapters[*adapter].file, src),
         _ => (base, &job.src),
     };
-    let chain_len = job.ops.len() - last.map_or(0, |k| k + 1);
-    if chain_len == 0 {
-        return Ok(Payload::Copy { file, start: entry.start, len: entry.len_bytes() });
+    if chain_ops.is_empty() && converted.is_none() {
+        let (start, len) = (entry.start, entry.len_bytes());
+        let mut at = start;
+        loop {
+            let n = (start + len - at).min(piece_bytes() as u64 * 4);
+            let last = at + n == start + len;
+            if !send(Piece::Copy { file, start: at, len: n, last }) {
+                return Ok(false);
+            }
+            at += n;
+            if last {
+                return Ok(true);
+            }
+        }
     }
-    Ok(Payload::Source(file.map_tensor(entry)?))
-}
-
-/// Run the op chain after the last replacement on `src`, writing the result into `out`.
-fn compute(
-    job: &TensorJob,
-    src: &[u8],
-    out: &mut Vec<u8>,
-    adapters: &[Adapter],
-    warnings: &mut Vec<String>,
-) -> Result<()> {
-    let start = job.ops.iter().rposition(|op| matches!(op, Op::Replace { .. })).map_or(0, |k| k + 1);
     let d = job.weight_float().ok_or_else(|| {
         input(format!("tensor {:?} has dtype {:?}: only float tensors can be changed", job.name, job.src.dtype))
     })?;
     let [o, i] = job.src.shape[..] else {
         return Err(input(format!("tensor {:?} has shape {:?}, expected [out, in]", job.name, job.src.shape)));
     };
-    let prepared =
-        job.ops[start..].iter().map(|op| prepare(op, &job.name, o, adapters, warnings)).collect::<Result<Vec<_>>>()?;
-    // Only growth is zero-filled; a recycled buffer is reused as it is, then overwritten.
+    let chain =
+        Arc::new(chain_ops.iter().map(|op| prepare(op, &job.name, o, adapters, warnings)).collect::<Result<Vec<_>>>()?);
+    let row_bytes = i * d.size();
+    let unit = ops::row_unit(&chain);
+    let rows_per_piece = ((piece_bytes() / row_bytes.max(1)) / unit).max(1) * unit;
+    let mut row0 = 0;
+    loop {
+        let rows = rows_per_piece.min(o - row0);
+        let (off, len) = (row0 * row_bytes, rows * row_bytes);
+        let src = match &converted {
+            Some(all) => TensorBytes::Shared { data: Arc::clone(all), off, len },
+            None => file.map_range(entry.start + off as u64, len)?,
+        };
+        let last = row0 + rows == o;
+        if !send(Piece::Rows { job, chain: Arc::clone(&chain), row0, src, last }) {
+            return Ok(false);
+        }
+        row0 += rows;
+        if last {
+            return Ok(true);
+        }
+    }
+}
+
+/// Run a tensor's chain on the rows `row0..` held in `src`, writing the result into the start of
+/// `out`; returns the number of bytes written.
+fn compute(job: &TensorJob, chain: &[Prepared], row0: usize, src: &[u8], out: &mut Vec<u8>) -> usize {
+    let d = job.weight_float().expect("checked when the pieces were cut");
+    let i = job.src.shape[1];
+    // A recycled buffer keeps its length: only growth is zero-filled, the rest is overwritten.
     if out.len() < src.len() {
         out.resize(src.len(), 0);
     }
-    out.truncate(src.len());
-    ops::apply_chain(src, out, d, o, i, &prepared);
-    Ok(())
+    ops::apply_chain(src, &mut out[..src.len()], d, src.len() / (i * d.size()).max(1), i, row0, chain);
+    src.len()
 }
 
 /// A replacement stored in another float dtype than the base tensor: cast it (round to nearest even).

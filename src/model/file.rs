@@ -98,16 +98,17 @@ impl SafetensorsFile {
         &self.file
     }
 
-    /// Map a tensor's bytes read-only (the kernel reads ahead; no copy into a buffer). Dropping the
-    /// map releases its pages from this process, so memory stays bounded by what is in flight.
-    pub fn map_tensor(&self, t: &TensorEntry) -> Result<TensorBytes> {
-        let len = t.len_bytes() as usize;
+    /// Map `len` bytes at absolute offset `start` read-only (the kernel reads ahead; no copy into
+    /// a buffer). Dropping the map releases its pages from this process, so memory stays bounded
+    /// by what is in flight.
+    pub fn map_range(&self, start: u64, len: usize) -> Result<TensorBytes> {
         if len == 0 {
-            return Ok(TensorBytes::Owned(vec![]));
+            return Ok(TensorBytes::Shared { data: Default::default(), off: 0, len: 0 });
         }
+        anyhow::ensure!(start + len as u64 <= self.len, "{}: range beyond the end of the file", self.path.display());
         let page = 4096u64;
-        let aligned = t.start / page * page;
-        let off = (t.start - aligned) as usize;
+        let aligned = start / page * page;
+        let off = (start - aligned) as usize;
         // SAFETY: read-only mapping of a file opened read-only; see `open`.
         let map = unsafe { memmap2::MmapOptions::new().offset(aligned).len(off + len).map(&self.file) }
             .with_context(|| format!("cannot map {} bytes of {}", len, self.path.display()))?;
@@ -117,17 +118,17 @@ impl SafetensorsFile {
     }
 }
 
-/// A tensor's bytes: mapped from its file, or held in memory.
+/// Bytes of a tensor: mapped from its file, or a range of a buffer held in memory.
 pub enum TensorBytes {
     Mapped { map: memmap2::Mmap, off: usize, len: usize },
-    Owned(Vec<u8>),
+    Shared { data: std::sync::Arc<Vec<u8>>, off: usize, len: usize },
 }
 
 impl TensorBytes {
     pub fn bytes(&self) -> &[u8] {
         match self {
             TensorBytes::Mapped { map, off, len } => &map[*off..*off + *len],
-            TensorBytes::Owned(v) => v,
+            TensorBytes::Shared { data, off, len } => &data[*off..*off + *len],
         }
     }
 }

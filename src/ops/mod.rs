@@ -92,19 +92,24 @@ impl Prepared {
 /// Elements per parallel task.
 const TASK_ELEMS: usize = 1 << 15;
 
-/// Run a chain of ops over a weight `[O, I]` stored as bytes of dtype `d`: rows are cut into
-/// strips (a multiple of every BAT r), and each strip of `src` is decoded to f32, put through every
-/// op, and encoded into the same rows of `dst`, in parallel. Memory beyond the two byte buffers: one
-/// strip of f32 per thread.
-pub fn apply_chain(src: &[u8], dst: &mut [u8], d: Float, o: usize, i: usize, ops: &[Prepared]) {
-    assert_eq!(src.len(), o * i * d.size());
+/// Rows must be cut in multiples of this for the chain (every BAT r divides it).
+pub fn row_unit(ops: &[Prepared]) -> usize {
+    ops.iter().map(Prepared::row_multiple).fold(1, lcm)
+}
+
+/// Run a chain of ops over the rows `row0..row0 + rows` of a weight with `i` columns, stored as
+/// bytes of dtype `d`: the rows are cut into strips (a multiple of every BAT r), and each strip of
+/// `src` is decoded to f32, put through every op, and encoded into the same rows of `dst`, in
+/// parallel. Memory beyond the two byte buffers: one strip of f32 per thread.
+pub fn apply_chain(src: &[u8], dst: &mut [u8], d: Float, rows: usize, i: usize, row0: usize, ops: &[Prepared]) {
+    assert_eq!(src.len(), rows * i * d.size());
     assert_eq!(dst.len(), src.len());
-    let unit = ops.iter().map(Prepared::row_multiple).fold(1, lcm);
-    assert_eq!(o % unit, 0, "rows must split into whole BAT strips");
+    let unit = row_unit(ops);
+    assert!(rows % unit == 0 && row0 % unit == 0, "rows must split into whole BAT strips");
     let h = unit * (TASK_ELEMS / (unit * i.max(1))).max(1);
     let step = h * i * d.size();
     dst.par_chunks_mut(step).zip(src.par_chunks(step)).enumerate().for_each(|(s, (out, inp))| {
-        STRIP.with_borrow_mut(|(w, scratch)| strip(inp, out, w, scratch, d, s * h, i, ops));
+        STRIP.with_borrow_mut(|(w, scratch)| strip(inp, out, w, scratch, d, row0 + s * h, i, ops));
     });
 }
 
