@@ -47,7 +47,9 @@ rows=()
 rows+=("$(measure "cp -r base" cp -r "$dir/base" "$out")")
 rows+=("$(measure "cp -r base + sync" sh -c "cp -r '$dir/base' '$out' && sync")")
 rows+=("$(measure "merge default" "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$out")")
+rows+=("$(measure "merge default --no-fsync" "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$out" --no-fsync)")
 rows+=("$(measure "merge BAT" "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$out")")
+rows+=("$(measure "merge BAT --no-fsync" "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$out" --no-fsync)")
 # unmerge inputs: merged models made once, outside the timing
 "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$dir/merged-default" --force
 "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$dir/merged-bat" --force

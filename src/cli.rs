@@ -100,6 +100,11 @@ pub struct ApplyOptions {
     #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
     pub rounding: RoundingArg,
 
+    /// Skip the fsync before the final rename: faster where the disk is slow, but a power loss soon
+    /// after may leave a complete-looking --out with data missing. Inputs are never at risk
+    #[arg(long)]
+    pub no_fsync: bool,
+
     /// Reproduce PEFT with autocast_adapter_dtype=False: the blocks are first rounded to the
     /// weight's dtype (default: blocks are used exactly, as PEFT's default f32 upcast does)
     #[arg(long)]

@@ -58,7 +58,15 @@ enum Piece<'a> {
 
 /// Write every file of the plan into `dir`.
 /// Returns warnings found on the way (badly conditioned BAT blocks).
-pub fn run(plan: &Plan, base: &Model, adapters: &[Adapter], dir: &Path, progress: &ProgressBar) -> Result<Vec<String>> {
+/// With `fsync`, every shard is flushed to disk before this returns.
+pub fn run(
+    plan: &Plan,
+    base: &Model,
+    adapters: &[Adapter],
+    dir: &Path,
+    fsync: bool,
+    progress: &ProgressBar,
+) -> Result<Vec<String>> {
     let warnings = std::thread::scope(|scope| -> Result<Vec<String>> {
         let (to_compute, from_reader) = sync_channel::<Result<Piece>>(1);
         let (to_writer, from_compute) = sync_channel::<Piece>(1);
@@ -86,7 +94,7 @@ pub fn run(plan: &Plan, base: &Model, adapters: &[Adapter], dir: &Path, progress
             warnings
         });
 
-        let writer = scope.spawn(move || write_all(plan, dir, from_compute, recycle, progress, scope));
+        let writer = scope.spawn(move || write_all(plan, dir, fsync, from_compute, recycle, progress, scope));
 
         let mut computed: Result<()> = Ok(());
         for item in from_reader {
@@ -134,6 +142,7 @@ pub fn run(plan: &Plan, base: &Model, adapters: &[Adapter], dir: &Path, progress
 fn write_all<'scope>(
     plan: &'scope Plan,
     dir: &'scope Path,
+    fsync: bool,
     pieces: Receiver<Piece<'scope>>,
     recycle: Sender<Vec<u8>>,
     progress: &'scope ProgressBar,
@@ -173,7 +182,9 @@ fn write_all<'scope>(
             progress.set_message(format!("tensor {done}/{total}"));
         }
         let (file, path) = w.finish()?;
-        syncs.push(scope.spawn(move || file.sync_all().with_context(|| format!("cannot sync {}", path.display()))));
+        if fsync {
+            syncs.push(scope.spawn(move || file.sync_all().with_context(|| format!("cannot sync {}", path.display()))));
+        }
     }
     for s in syncs {
         s.join().unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: an fsync thread panicked")))?;

@@ -43,12 +43,12 @@ pub fn run(
     let dir = OutputDir::create(out, opts.force)?;
     let total = plan.total_bytes();
     let progress = progress_bar(total, quiet);
-    let late_warnings = execute::run(&plan, &base, &adapters, dir.path(), &progress)?;
+    let late_warnings = execute::run(&plan, &base, &adapters, dir.path(), !opts.no_fsync, &progress)?;
     progress.finish_and_clear();
     for w in &late_warnings {
         eprintln!("warning: {w}");
     }
-    dir.commit()?;
+    dir.commit(!opts.no_fsync)?;
 
     if !quiet {
         let verb = if direction == Direction::Merge { "merged" } else { "unmerged" };

@@ -53,8 +53,11 @@ impl OutputDir {
     }
 
     /// Rename the finished folder into place (replacing an old `--out` only now, with `--force`).
-    pub fn commit(mut self) -> Result<()> {
-        sync_dir(&self.tmp)?;
+    /// With `fsync`, the folder's entries are made durable first and the rename after.
+    pub fn commit(mut self, fsync: bool) -> Result<()> {
+        if fsync {
+            sync_dir(&self.tmp)?;
+        }
         if self.out.exists() && self.force {
             let old = self.tmp.with_file_name(format!(
                 "{}.old-{}",
@@ -73,7 +76,7 @@ impl OutputDir {
                 .with_context(|| format!("cannot rename {} to {}", self.tmp.display(), self.out.display()))?;
             self.committed = true;
         }
-        if let Some(parent) = self.out.parent() {
+        if let (true, Some(parent)) = (fsync, self.out.parent()) {
             let _ = sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent });
         }
         Ok(())
