@@ -5,7 +5,10 @@
 #   bench/run.sh [SHAPE] [RUNS]        SHAPE: 1b (default), 3b, 7b or tiny; RUNS: 3
 #
 # Models are generated once by examples/synth.rs under $BENCH_DIR (default /tmp/bone-bench).
-# Needs about 3x the model size of free disk (base, one output, one copy). Prints a markdown table.
+# Needs about 4x the model size of free disk (base, two merged inputs for unmerge, one output).
+# Prints a markdown table.
+#   DEVICES="cuda cpu"   rows for each device (--device), default "cpu"
+#   BONE_TOOL_PREBUILT=DIR   use the binaries in DIR (bone-tool, synth, gemm_peak); build nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shape="${1:-1b}"
@@ -13,11 +16,16 @@ runs="${2:-3}"
 dir="${BENCH_DIR:-/tmp/bone-bench}/$shape"
 out="${BENCH_DIR:-/tmp/bone-bench}/out"
 
-cargo build --release --quiet --examples --bins
-bin=target/release/bone-tool
+devices="${DEVICES:-cpu}"
+if [ -n "${BONE_TOOL_PREBUILT:-}" ]; then
+  bin="$BONE_TOOL_PREBUILT/bone-tool"; synth="$BONE_TOOL_PREBUILT/synth"; gemm_peak="$BONE_TOOL_PREBUILT/gemm_peak"
+else
+  cargo build --release --quiet --examples --bins
+  bin=target/release/bone-tool; synth=target/release/examples/synth; gemm_peak=target/release/examples/gemm_peak
+fi
 if [ ! -f "$dir/base/config.json" ]; then
   echo "generating the $shape model in $dir ..." >&2
-  target/release/examples/synth --shape "$shape" --out "$dir" >&2
+  "$synth" --shape "$shape" --out "$dir" >&2
 fi
 [ -x /usr/bin/time ] || { echo "bench needs /usr/bin/time (apt-get install time)" >&2; exit 1; }
 
@@ -46,19 +54,23 @@ measure() { # label, then the command; prints "median_wall max_rss_kb"
 rows=()
 rows+=("$(measure "cp -r base" cp -r "$dir/base" "$out")")
 rows+=("$(measure "cp -r base + sync" sh -c "cp -r '$dir/base' '$out' && sync")")
-rows+=("$(measure "merge default" "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$out")")
-rows+=("$(measure "merge default --no-fsync" "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$out" --no-fsync)")
-rows+=("$(measure "merge BAT" "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$out")")
-rows+=("$(measure "merge BAT --no-fsync" "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$out" --no-fsync)")
 # unmerge inputs: merged models made once, outside the timing
 "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$dir/merged-default" --force
 "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$dir/merged-bat" --force
-cat "$dir"/merged-default/* "$dir"/merged-bat/* > /dev/null
-rows+=("$(measure "unmerge default" "$bin" -q unmerge --merged "$dir/merged-default" --adapter "$dir/default" --out "$out")")
-rows+=("$(measure "unmerge BAT" "$bin" -q unmerge --merged "$dir/merged-bat" --adapter "$dir/bat" --out "$out")")
+for dev in $devices; do
+  tag=""; [ "$devices" != "cpu" ] && tag=" ($dev)"
+  cat "$dir"/base/* > /dev/null
+  rows+=("$(measure "merge default$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$out" --device "$dev")")
+  rows+=("$(measure "merge default --no-fsync$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$out" --no-fsync --device "$dev")")
+  rows+=("$(measure "merge BAT$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$out" --device "$dev")")
+  rows+=("$(measure "merge BAT --no-fsync$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$out" --no-fsync --device "$dev")")
+  cat "$dir"/merged-default/* "$dir"/merged-bat/* > /dev/null
+  rows+=("$(measure "unmerge default$tag" "$bin" -q unmerge --merged "$dir/merged-default" --adapter "$dir/default" --out "$out" --device "$dev")")
+  rows+=("$(measure "unmerge BAT$tag" "$bin" -q unmerge --merged "$dir/merged-bat" --adapter "$dir/bat" --out "$out" --device "$dev")")
+done
 rm -rf "$out" "$out.time"
 
-gemm=$(target/release/examples/gemm_peak "$r")
+gemm=$("$gemm_peak" "$r")
 peak=$(echo "$gemm" | sed -n 's/gemm_peak_gflops //p')
 strip=$(echo "$gemm" | sed -n 's/bat_strip_gemm_gflops //p')
 kernel=$(echo "$gemm" | sed -n 's/bat_kernel_gflops //p')

@@ -1,5 +1,6 @@
 //! The command line, defined once: every flag and its documentation.
 
+use crate::backend::DeviceChoice;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -99,6 +100,12 @@ pub struct ApplyOptions {
     /// does (byte-identical output); `once` rounds W + delta once (more accurate)
     #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
     pub rounding: RoundingArg,
+
+    /// Where the math runs: `auto` uses an NVIDIA GPU when one is usable (built with the `cuda`
+    /// feature, driver, NVRTC and cuBLAS present, and its results agree with the CPU's on a
+    /// self-check), else the CPU
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
 
     /// Skip the fsync before the final rename: faster where the disk is slow, but a power loss soon
     /// after may leave a complete-looking --out with data missing. Inputs are never at risk

@@ -6,6 +6,7 @@
 //! background while the next one is written. At most a few tensors are in memory at once.
 
 use crate::adapter::Adapter;
+use crate::backend::Device;
 use crate::error::{input, Interrupted, Result};
 use crate::model::output::ShardWriter;
 use crate::model::{Model, SafetensorsFile, TensorBytes, TensorEntry};
@@ -63,6 +64,7 @@ pub fn run(
     plan: &Plan,
     base: &Model,
     adapters: &[Adapter],
+    device: &Device,
     dir: &Path,
     fsync: bool,
     progress: &ProgressBar,
@@ -98,13 +100,13 @@ pub fn run(
 
         let mut computed: Result<()> = Ok(());
         for item in from_reader {
-            let step = item.map(|piece| match piece {
+            let step = item.and_then(|piece| match piece {
                 Piece::Rows { job, chain, row0, src, last } => {
                     let mut out = recycled.try_recv().unwrap_or_default();
-                    let len = compute(job, &chain, row0, src.bytes(), &mut out);
-                    Piece::Bytes { data: out, len, last }
+                    let len = compute(device, job, &chain, row0, src.bytes(), &mut out)?;
+                    Ok(Piece::Bytes { data: out, len, last })
                 }
-                other => other,
+                other => Ok(other),
             });
             match step {
                 Ok(piece) => {
@@ -262,15 +264,22 @@ fn pieces<'a>(
 
 /// Run a tensor's chain on the rows `row0..` held in `src`, writing the result into the start of
 /// `out`; returns the number of bytes written.
-fn compute(job: &TensorJob, chain: &[Prepared], row0: usize, src: &[u8], out: &mut Vec<u8>) -> usize {
+fn compute(
+    device: &Device,
+    job: &TensorJob,
+    chain: &[Prepared],
+    row0: usize,
+    src: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<usize> {
     let d = job.weight_float().expect("checked when the pieces were cut");
     let i = job.src.shape[1];
     // A recycled buffer keeps its length: only growth is zero-filled, the rest is overwritten.
     if out.len() < src.len() {
         out.resize(src.len(), 0);
     }
-    ops::apply_chain(src, &mut out[..src.len()], d, src.len() / (i * d.size()).max(1), i, row0, chain);
-    src.len()
+    device.apply_chain(src, &mut out[..src.len()], d, src.len() / (i * d.size()).max(1), i, row0, chain)?;
+    Ok(src.len())
 }
 
 /// A replacement stored in another float dtype than the base tensor: cast it (round to nearest even).

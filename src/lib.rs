@@ -5,6 +5,7 @@
 //! ([`model`], [`adapter`]) and the math ([`ops`]).
 
 pub mod adapter;
+pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod error;

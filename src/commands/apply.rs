@@ -1,6 +1,7 @@
 //! `merge` and `unmerge`: the same pipeline (open, plan, execute, commit) with a different op chain.
 
 use crate::adapter::Adapter;
+use crate::backend::Device;
 use crate::cli::{ApplyOptions, RoundingArg};
 use crate::error::{input, Result};
 use crate::execute;
@@ -40,10 +41,15 @@ pub fn run(
         eprintln!("warning: {w}");
     }
 
+    let (device, note) = Device::select(opts.device)?;
+    if let Some(note) = note {
+        eprintln!("warning: {note}");
+    }
+
     let dir = OutputDir::create(out, opts.force)?;
     let total = plan.total_bytes();
     let progress = progress_bar(total, quiet);
-    let late_warnings = execute::run(&plan, &base, &adapters, dir.path(), !opts.no_fsync, &progress)?;
+    let late_warnings = execute::run(&plan, &base, &adapters, &device, dir.path(), !opts.no_fsync, &progress)?;
     progress.finish_and_clear();
     for w in &late_warnings {
         eprintln!("warning: {w}");
@@ -54,10 +60,11 @@ pub fn run(
         let verb = if direction == Direction::Merge { "merged" } else { "unmerged" };
         let secs = started.elapsed().as_secs_f64();
         eprintln!(
-            "{verb} {} adapter{} → {}: {} tensors changed, {} copied, {} in {:.1}s",
+            "{verb} {} adapter{} → {} on {}: {} tensors changed, {} copied, {} in {:.1}s",
             adapters.len(),
             if adapters.len() == 1 { "" } else { "s" },
             out.display(),
+            device.name(),
             plan.changed,
             plan.copied,
             HumanBytes(total),

@@ -1,0 +1,121 @@
+//! The GPU acceptance check: every fixture case merged and unmerged with `--device cuda` and with
+//! `--device cpu`, every output tensor compared (at most one unit in the last place apart).
+//!
+//!   gpu_check BONE_TOOL_BINARY FIXTURES_DIR
+//!
+//! Exit 0: all equal within one ulp. Exit 1: a difference (listed). Exit 2: no usable GPU (the
+//! reason is printed): this check then checked nothing.
+
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn load(dir: &Path) -> BTreeMap<String, (Dtype, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(&p).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            for (name, v) in st.tensors() {
+                out.insert(name, (v.dtype(), v.data().to_vec()));
+            }
+        }
+    }
+    out
+}
+
+/// Largest distance in ulps between two encodings of the same dtype.
+fn max_ulps(d: Dtype, a: &[u8], b: &[u8]) -> u64 {
+    let key = |bits: i64, sign: i64| if bits & sign != 0 { -(bits & (sign - 1)) } else { bits };
+    match d {
+        Dtype::F32 => a
+            .chunks_exact(4)
+            .zip(b.chunks_exact(4))
+            .map(|(x, y)| {
+                let kx = key(u32::from_le_bytes(x.try_into().unwrap()) as i64, 1 << 31);
+                let ky = key(u32::from_le_bytes(y.try_into().unwrap()) as i64, 1 << 31);
+                (kx - ky).unsigned_abs()
+            })
+            .max()
+            .unwrap_or(0),
+        Dtype::F16 | Dtype::BF16 => a
+            .chunks_exact(2)
+            .zip(b.chunks_exact(2))
+            .map(|(x, y)| {
+                let kx = key(u16::from_le_bytes(x.try_into().unwrap()) as i64, 1 << 15);
+                let ky = key(u16::from_le_bytes(y.try_into().unwrap()) as i64, 1 << 15);
+                (kx - ky).unsigned_abs()
+            })
+            .max()
+            .unwrap_or(0),
+        _ => u64::from(a != b) * u64::MAX,
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let bin = PathBuf::from(args.get(1).cloned().unwrap_or_else(|| "target/release/bone-tool".into()));
+    let fixtures = PathBuf::from(args.get(2).cloned().unwrap_or_else(|| "fixtures".into()));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("manifest.json")).unwrap()).unwrap();
+    let tmp = std::env::temp_dir().join(format!("bone-gpu-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut failures = 0;
+    let mut compared = 0;
+    for c in manifest["cases"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        for cmd in ["merge", "unmerge"] {
+            let model = if cmd == "merge" {
+                fixtures.join(c["base"].as_str().unwrap())
+            } else {
+                fixtures.join("cases").join(name).join("merged")
+            };
+            let mut outs = vec![];
+            for device in ["cpu", "cuda"] {
+                let out = tmp.join(format!("{name}-{cmd}-{device}"));
+                let mut command = Command::new(&bin);
+                command.args(["-q", cmd, if cmd == "merge" { "--base" } else { "--merged" }]).arg(&model);
+                for a in c["adapters"].as_array().unwrap() {
+                    command.arg("--adapter").arg(fixtures.join(a.as_str().unwrap()));
+                }
+                command.arg("--out").arg(&out).args(["--device", device]);
+                if c["autocast_adapter_dtype"] == false {
+                    command.arg("--no-autocast-adapter-dtype");
+                }
+                let o = command.output().expect("run bone-tool");
+                if !o.status.success() {
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    if device == "cuda" && err.contains("no usable GPU") {
+                        println!("NO GPU: {}", err.trim());
+                        println!("gpu_check checked nothing");
+                        std::process::exit(2);
+                    }
+                    println!("FAIL {name} {cmd} --device {device}: {}", err.trim());
+                    failures += 1;
+                    continue;
+                }
+                outs.push(load(&out));
+            }
+            if outs.len() != 2 {
+                continue;
+            }
+            for (t, (d, cpu)) in &outs[0] {
+                let (_, gpu) = &outs[1][t];
+                let u = max_ulps(*d, cpu, gpu);
+                compared += 1;
+                if u > 1 {
+                    println!("FAIL {name} {cmd} {t}: {u} ulps between CPU and GPU");
+                    failures += 1;
+                } else if u == 1 {
+                    println!("note {name} {cmd} {t}: 1 ulp (summation order)");
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!("{compared} tensors compared, {failures} failures");
+    std::process::exit(if failures == 0 { 0 } else { 1 });
+}

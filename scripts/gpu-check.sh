@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU check, run on the GPU machine in one call; builds nothing there (no Rust): it uses the
+# binaries scripts/gpu-prepare.sh put in .device-bin/. Prints everything:
+#   1. the GPU, and bone-tool's device selection;
+#   2. gpu_check: every fixture merged and unmerged on cuda and on cpu, compared (<= 1 ulp);
+#   3. the benchmark table for the 1b shape, cuda and cpu rows next to cp -r (3 runs);
+#   4. the 7b shape, cuda rows only (1 run), when the disk has room.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bin="$PWD/.device-bin"
+[ -x "$bin/bone-tool" ] || { echo "no .device-bin/bone-tool: run scripts/gpu-prepare.sh here and carry .device-bin"; exit 2; }
+export BONE_TOOL_PREBUILT="$bin" BENCH_DIR="${BENCH_DIR:-/tmp/bone-bench}"
+echo "== machine"; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
+echo "== device selection"
+"$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda 2>&1
+echo "== gpu_check (cuda vs cpu on every fixture)"
+"$bin/gpu_check" "$bin/bone-tool" fixtures; echo "gpu_check exit $?"
+echo "== bench 1b"
+DEVICES="cuda cpu" bash bench/run.sh 1b 3 2>&1 | tail -25
+rm -rf "$BENCH_DIR/1b"
+echo "== bench 7b"
+if [ "$(df --output=avail -B1G "$BENCH_DIR" | tail -1)" -gt 58 ]; then
+  DEVICES="cuda" bash bench/run.sh 7b 1 2>&1 | tail -14
+else
+  echo "skipped: less than 58 GB free for the 7b model and its outputs"
+fi

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run here (with the Rust toolchain) before a GPU check: builds the x86-64 binaries that
+# scripts/gpu-check.sh needs into .device-bin/ (git-ignored), which the device call carries:
+#   device run: carry [".device-bin"], command "bash scripts/gpu-check.sh", timeout_s 540
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bins --examples
+mkdir -p .device-bin
+cp target/release/bone-tool target/release/examples/{synth,gemm_peak,gpu_check} .device-bin/
+strip .device-bin/* 2>/dev/null || true
+du -sh .device-bin

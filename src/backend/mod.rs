@@ -1,0 +1,202 @@
+//! Where the math runs: the CPU (rayon, always there) or an NVIDIA GPU (feature `cuda`). Both run
+//! the same op chains ([`crate::ops::Prepared`]); the pipeline does not care which.
+
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::error::{input, Result};
+use crate::ops::dtype::Float;
+use crate::ops::{self, Prepared, Rounding};
+
+/// What the user asked for with `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// CUDA when a usable GPU is there, else the CPU
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+pub enum Device {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cuda::Cuda>),
+}
+
+impl Device {
+    /// Open the device asked for. `auto` falls back to the CPU, with the reason as a note when
+    /// the machine has a GPU driver (a GPU that cannot be used deserves a word; a machine without
+    /// one does not); `cuda` without a usable GPU is an error.
+    pub fn select(choice: DeviceChoice) -> Result<(Device, Option<String>)> {
+        match choice {
+            DeviceChoice::Cpu => Ok((Device::Cpu, None)),
+            DeviceChoice::Cuda => Self::open_cuda()
+                .map(|d| (d, None))
+                .map_err(|why| input(format!("--device cuda: no usable GPU: {why} (use --device cpu or auto)"))),
+            DeviceChoice::Auto => match Self::open_cuda() {
+                Ok(d) => Ok((d, None)),
+                Err(why) if Self::no_driver() => {
+                    let _ = why;
+                    Ok((Device::Cpu, None))
+                }
+                Err(why) => Ok((Device::Cpu, Some(format!("using the CPU: {why}")))),
+            },
+        }
+    }
+
+    /// True when this machine has no NVIDIA driver at all.
+    fn no_driver() -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            // SAFETY: only tries to open the shared library.
+            !unsafe { cudarc::driver::sys::is_culib_present() }
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            true
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn open_cuda() -> std::result::Result<Device, String> {
+        let gpu = cuda::Cuda::new().map_err(|e| format!("{e:#}"))?;
+        let dev = Device::Cuda(Box::new(gpu));
+        dev.self_check().map_err(|e| format!("the GPU's results differ from the CPU's ({e}); not using it"))?;
+        Ok(dev)
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn open_cuda() -> std::result::Result<Device, String> {
+        Err("this bone-tool was built without the `cuda` feature".to_string())
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".to_string(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => format!("cuda ({})", g.name()),
+        }
+    }
+
+    /// Run a chain over rows `row0..row0 + rows` (see [`ops::apply_chain`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_chain(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        d: Float,
+        rows: usize,
+        i: usize,
+        row0: usize,
+        chain: &[Prepared],
+    ) -> Result<()> {
+        match self {
+            Device::Cpu => {
+                ops::apply_chain(src, dst, d, rows, i, row0, chain);
+                Ok(())
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => g.apply_chain(src, dst, d, rows, i, row0, chain),
+        }
+    }
+
+    /// Run every kind of op on a small random problem and compare with the CPU: a device whose
+    /// results differ by more than one unit in the last place is not used.
+    pub fn self_check(&self) -> std::result::Result<(), String> {
+        let (o, i, r) = (48usize, 40usize, 8usize);
+        let mut x = 0x2545F4914F6CDD1Du64;
+        let mut rand = |scale: f32| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        };
+        let w: Vec<f32> = (0..o * i).map(|_| rand(0.2)).collect();
+        let b_def: Vec<f32> = (0..r * o).map(|_| rand(0.02)).collect();
+        let b_bat: Vec<f32> = (0..o * r).map(|_| rand(0.1)).collect();
+        let inv = ops::bat_inverses(&b_bat, r).map_err(|_| "self-check block singular".to_string())?.inv;
+        for d in [Float::F32, Float::F16, Float::BF16] {
+            let rd = Rounding::peft(d);
+            let chains = vec![
+                vec![Prepared::Periodic { et: ops::expand_transposed(&b_def, r, o, o), r, sign: 1.0, rounding: rd }],
+                vec![Prepared::BatMerge { b: b_bat.clone(), r, rounding: rd }],
+                vec![
+                    Prepared::BatMerge { b: b_bat.clone(), r, rounding: rd },
+                    Prepared::BatUnmerge { b: b_bat.clone(), inv: inv.clone(), r, rounding: rd },
+                    Prepared::Periodic { et: ops::expand_transposed(&b_def, r, o, o), r, sign: -1.0, rounding: rd },
+                ],
+            ];
+            let mut src = vec![0u8; o * i * d.size()];
+            d.encode(&w, &mut src);
+            for chain in &chains {
+                let mut cpu = vec![0u8; src.len()];
+                let mut dev = vec![0u8; src.len()];
+                ops::apply_chain(&src, &mut cpu, d, o, i, 0, chain);
+                self.apply_chain(&src, &mut dev, d, o, i, 0, chain).map_err(|e| format!("{e:#}"))?;
+                let (mut a, mut b) = (vec![0f32; o * i], vec![0f32; o * i]);
+                d.decode(&cpu, &mut a);
+                d.decode(&dev, &mut b);
+                for (k, (p, q)) in a.iter().zip(&b).enumerate() {
+                    let ulp = ulps(*p, *q, d);
+                    if ulp > 1 {
+                        return Err(format!("{d} element {k}: CPU {p} vs device {q}"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Distance in units in the last place of `d` between two values of `d`.
+fn ulps(a: f32, b: f32, d: Float) -> u64 {
+    let key = |v: f32| -> i64 {
+        let bits = v.to_bits() as i64;
+        let ordered = if bits & (1 << 31) != 0 { -(bits & 0x7fff_ffff) } else { bits };
+        match d {
+            Float::F32 => ordered,
+            // bf16 keeps the top 16 bits of the f32 pattern; f16 has 13 fraction bits fewer than f32
+            Float::BF16 => ordered >> 16,
+            Float::F16 => ordered >> 13,
+        }
+    };
+    (key(a) - key(b)).unsigned_abs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_passes_its_own_self_check() {
+        Device::Cpu.self_check().unwrap();
+    }
+
+    #[test]
+    fn cpu_is_always_available_and_auto_never_fails() {
+        assert_eq!(Device::select(DeviceChoice::Cpu).unwrap().0.name(), "cpu");
+        let (dev, note) = Device::select(DeviceChoice::Auto).unwrap();
+        if dev.name() == "cpu" && !Device::no_driver() {
+            assert!(note.is_some(), "auto says why it did not use the GPU");
+        }
+    }
+
+    #[test]
+    fn cuda_without_a_gpu_is_one_clear_error() {
+        if Device::no_driver() {
+            let err = Device::select(DeviceChoice::Cuda).err().expect("no GPU here").to_string();
+            assert!(err.starts_with("--device cuda: no usable GPU: "), "{err}");
+            assert!(err.contains("libcuda") || err.contains("feature"), "{err}");
+        } else {
+            eprintln!("a GPU driver is present: this test checks the machines without one");
+        }
+    }
+
+    #[test]
+    fn ulps_counts_units_of_the_dtype() {
+        assert_eq!(ulps(1.0, 1.0 + 2f32.powi(-7), Float::BF16), 1);
+        assert_eq!(ulps(1.0, 1.0 + 2f32.powi(-10), Float::F16), 1);
+        assert_eq!(ulps(1.0, 1.0 + f32::EPSILON, Float::F32), 1);
+        assert_eq!(ulps(-0.0, 0.0, Float::F32), 0);
+    }
+}

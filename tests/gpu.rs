@@ -1,0 +1,65 @@
+//! GPU against CPU on every fixture, when this machine has a usable GPU (`--device cuda`): every
+//! tensor within one unit in the last place. Without a GPU the test says so on stderr: it then
+//! checks only that `--device cuda` fails cleanly. (On the GPU machine, scripts/gpu-check.sh runs
+//! the same comparison through examples/gpu_check.rs, without cargo.)
+
+mod common;
+use common::*;
+
+#[test]
+fn cuda_matches_cpu_on_every_fixture_or_says_why_not() {
+    let probe = run(&[
+        "-q",
+        "merge",
+        "--base",
+        fixtures().join("bases/llama-bf16").to_str().unwrap(),
+        "--adapter",
+        fixtures().join("cases/bone-bat-bf16/adapter").to_str().unwrap(),
+        "--out",
+        tempfile::tempdir().unwrap().path().join("o").to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    if !probe.status.success() {
+        let err = stderr(&probe);
+        assert_eq!(probe.status.code(), Some(2), "{err}");
+        assert!(err.starts_with("error: --device cuda: no usable GPU: "), "{err}");
+        eprintln!("NO GPU on this machine, CPU/GPU comparison not run: {}", err.trim());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut compared = 0;
+    for c in manifest()["cases"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        for cmd in ["merge", "unmerge"] {
+            let model = if cmd == "merge" {
+                fixtures().join(c["base"].as_str().unwrap())
+            } else {
+                fixtures().join("cases").join(name).join("merged")
+            };
+            let mut outs = vec![];
+            for device in ["cpu", "cuda"] {
+                let out = tmp.path().join(format!("{name}-{cmd}-{device}"));
+                let mut args: Vec<String> = vec!["-q".into(), cmd.into()];
+                args.push(if cmd == "merge" { "--base" } else { "--merged" }.into());
+                args.push(model.display().to_string());
+                for a in c["adapters"].as_array().unwrap() {
+                    args.extend(["--adapter".into(), fixtures().join(a.as_str().unwrap()).display().to_string()]);
+                }
+                args.extend(["--out".into(), out.display().to_string(), "--device".into(), device.into()]);
+                if c["autocast_adapter_dtype"] == false {
+                    args.push("--no-autocast-adapter-dtype".into());
+                }
+                ok(&run(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+                outs.push(load(&out));
+            }
+            for (t, cpu) in &outs[0] {
+                let gpu = &outs[1][t];
+                let far = bits(cpu).iter().zip(bits(gpu)).filter(|(a, b)| (*a - b).abs() > 1).count();
+                assert_eq!(far, 0, "{name} {cmd} {t}: {far} values more than one ulp apart");
+                compared += 1;
+            }
+        }
+    }
+    assert!(compared > 500);
+}
