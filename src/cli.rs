@@ -50,6 +50,72 @@ pub enum Command {
     /// Look inside an adapter (and check it against a base model)
     #[command(subcommand)]
     Inspect(InspectCommand),
+    /// Rewrite an adapter: Bone -> MiSS, MiSS -> Bone, or Bone/MiSS -> LoRA for any serving stack
+    #[command(after_help = "Examples:\n  bone-tool convert ./bone-adapter --to miss --out ./miss-adapter\n  \
+                            bone-tool convert ./miss-adapter --to lora --out ./lora-adapter --base ./base-model\n  \
+                            bone-tool convert ./bat-adapter --to lora --out ./lora --base ./base-model --energy 0.99")]
+    Convert(ConvertArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The adapter folder to convert
+    #[arg(value_name = "ADAPTER")]
+    pub adapter: PathBuf,
+
+    /// What to write: `miss` (from Bone, lossless), `bone` (from MiSS, for PEFT 0.14-0.18), or
+    /// `lora` (default and mini exactly; BAT by truncated SVD)
+    #[arg(long, value_enum)]
+    pub to: ConvertTo,
+
+    /// The folder to write (adapter_config.json + adapter_model.safetensors)
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// The base model: gives in_features for LoRA's A, out_features for expanding mini blocks, and
+    /// the weights BAT's delta depends on. Without it, adapter_config.json's
+    /// base_model_name_or_path is tried when it is a local folder
+    #[arg(long, value_name = "MODEL")]
+    pub base: Option<PathBuf>,
+
+    /// BAT -> LoRA: keep this many singular values per layer
+    #[arg(long, value_name = "N", conflicts_with = "energy")]
+    pub rank: Option<usize>,
+
+    /// BAT -> LoRA: keep, per layer, the fewest singular values whose energy (cumulative S²)
+    /// reaches this fraction of the total, in (0, 1]
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    pub energy: Option<f64>,
+
+    /// The dtype of the written tensors (`keep`: the blocks' own)
+    #[arg(long, value_enum, default_value_t = DtypeArg::Keep)]
+    pub dtype: DtypeArg,
+
+    /// Replace --out if it exists
+    #[arg(long)]
+    pub force: bool,
+
+    /// Print one JSON summary (layers, ranks, errors) on stdout
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub prefix: PrefixArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConvertTo {
+    Miss,
+    Bone,
+    Lora,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    Keep,
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(Args, Debug)]

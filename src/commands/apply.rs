@@ -88,7 +88,7 @@ fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
 }
 
 /// `--out` must not be an input folder, inside one, or hold one: `--force` would destroy inputs.
-fn refuse_overlap(out: &Path, model: &Path, adapters: &[PathBuf]) -> Result<()> {
+pub(crate) fn refuse_overlap(out: &Path, model: &Path, adapters: &[PathBuf]) -> Result<()> {
     let out_abs = absolute(out);
     let mut inputs = vec![if model.is_file() {
         model.parent().unwrap_or(Path::new(".")).to_path_buf()

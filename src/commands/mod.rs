@@ -1,6 +1,7 @@
 //! The commands: orchestration only. The work lives in plan, execute, ops and the readers.
 
 pub mod apply;
+pub mod convert;
 pub mod inspect;
 
 use crate::cli::{Cli, Command, InspectCommand};
@@ -12,5 +13,6 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Merge(a) => apply::run(Direction::Merge, &a.base, &a.adapters, &a.out, &a.opts, cli.quiet),
         Command::Unmerge(a) => apply::run(Direction::Unmerge, &a.merged, &a.adapters, &a.out, &a.opts, cli.quiet),
         Command::Inspect(InspectCommand::Adapter(a)) => inspect::adapter(a),
+        Command::Convert(a) => convert::run(a, cli.quiet),
     }
 }

@@ -9,6 +9,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod dtype;
+pub mod lowrank;
 
 use dtype::Float;
 use faer::linalg::matmul::matmul;
@@ -280,6 +281,24 @@ pub fn bat_unmerge_rows(
     }
 }
 
+/// The BAT delta `Δ_ij = W_ij·B_i + B_i` of a whole weight, in f32 without rounding (what PEFT's
+/// `get_delta_weight` returns; the LoRA conversion approximates it).
+pub fn bat_delta(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) -> Vec<f32> {
+    check_bat(w, o, i, b, r);
+    let per_a = i / r;
+    let mut delta = vec![0f32; o * i];
+    delta.par_chunks_mut(r * i).zip(w.par_chunks(r * i)).enumerate().for_each(|(s, (d, strip))| {
+        let bi = &b[s * r * r..][..r * r];
+        gemm(d, strip, bi, i, r);
+        for (k, drow) in d.chunks_exact_mut(r).enumerate() {
+            for (x, bv) in drow.iter_mut().zip(&bi[(k / per_a) * r..][..r]) {
+                *x += bv;
+            }
+        }
+    });
+    delta
+}
+
 /// Whole-tensor default/mini merge (`sign = 1`) or unmerge (`sign = -1`) on f32 values.
 pub fn add_periodic(w: &mut [f32], o: usize, i: usize, et: &[f32], r: usize, sign: f32, rd: Rounding) {
     assert_eq!((w.len(), et.len()), (o * i, o * r));
@@ -498,6 +517,18 @@ mod tests {
             for (k, (a, e)) in got.iter().zip(&expect).enumerate() {
                 assert!((*a as f64 - e).abs() < 1e-5 * e.abs().max(1.0), "o={o} i={i} r={r} at {k}: {a} vs {e}");
             }
+        }
+    }
+
+    #[test]
+    fn bat_delta_is_merge_minus_weight() {
+        let mut g = Lcg(6);
+        let (o, i, r) = (8, 12, 4);
+        let w = g.vec(o * i, 1.0);
+        let b = g.vec(o * r, 0.2);
+        let expect = naive_bat(&w, o, i, &b, r);
+        for (k, d) in bat_delta(&w, o, i, &b, r).iter().enumerate() {
+            assert!((*d as f64 - (expect[k] - w[k] as f64)).abs() < 1e-6, "{k}");
         }
     }
 

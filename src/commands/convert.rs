@@ -1,0 +1,333 @@
+//! `convert`: Bone → MiSS (lossless), MiSS → Bone (mini expanded by tiling), Bone/MiSS → LoRA
+//! (default and mini exactly; BAT by truncated SVD of its delta). Reuses the adapter reader and the
+//! atomic output folder; the result is an adapter folder PEFT loads.
+
+use crate::adapter::{Adapter, Block, PeftType, Variant};
+use crate::cli::{ConvertArgs, ConvertTo, DtypeArg};
+use crate::error::{input, Result};
+use crate::model::file::build_header;
+use crate::model::output::{OutputDir, ShardWriter};
+use crate::model::{Model, SafetensorsFile, TensorEntry};
+use crate::ops::dtype::Float;
+use crate::ops::lowrank::{self, RankRule};
+use crate::ops::{self, expand_transposed};
+use anyhow::Context;
+use safetensors::Dtype;
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+/// A tensor of the output adapter.
+struct OutTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
+    let started = std::time::Instant::now();
+    if args.out.exists() && !args.force {
+        return Err(input(format!(
+            "{} already exists: choose another --out, or pass --force to replace it",
+            args.out.display()
+        )));
+    }
+    if let Some(e) = args.energy {
+        if !(e > 0.0 && e <= 1.0) {
+            return Err(input(format!("--energy {e}: expected a fraction in (0, 1]")));
+        }
+    }
+    if args.rank == Some(0) {
+        return Err(input("--rank 0: expected a positive rank"));
+    }
+    let a = Adapter::open(&args.adapter, &args.prefix.adapter_prefix)?;
+    super::apply::refuse_overlap(&args.out, &args.adapter, &[])?;
+    let c = &a.config;
+    let mut warnings = a.warnings.clone();
+    for ig in &a.ignored {
+        warnings.push(format!("dropped {:?}: {}", ig.key, ig.reason));
+    }
+    let from = c.peft_type;
+    match (args.to, from) {
+        (ConvertTo::Miss, PeftType::Miss) => return Err(input(format!("{}: already a MiSS adapter", a.dir.display()))),
+        (ConvertTo::Bone, PeftType::Bone) => return Err(input(format!("{}: already a Bone adapter", a.dir.display()))),
+        _ => {}
+    }
+    let needs_base = args.to == ConvertTo::Lora || (args.to == ConvertTo::Bone && c.variant == Variant::Mini);
+    let base = if needs_base { Some(find_base(args, &a)?) } else { None };
+    if args.to == ConvertTo::Lora && c.variant == Variant::Bat && args.rank.is_none() && args.energy.is_none() {
+        return Err(input(
+            "BAT -> LoRA is an approximation (the delta depends on the base weight): choose its rank with --rank N or --energy F",
+        ));
+    }
+
+    let mut tensors: Vec<OutTensor> = vec![];
+    let mut layers: Vec<Value> = vec![];
+    let (mut err_num, mut err_den) = (0f64, 0f64);
+    let mut config: Map<String, Value> = c.raw.as_object().cloned().unwrap_or_default();
+    for b in &a.blocks {
+        let out_float = out_float(args.dtype, b)?;
+        match args.to {
+            ConvertTo::Miss | ConvertTo::Bone => {
+                let key = if args.to == ConvertTo::Miss {
+                    b.key.replacen(".bone_block", ".miss_block", 1)
+                } else {
+                    b.key.replacen(".miss_block", ".bone_block", 1)
+                };
+                let (shape, values) = if args.to == ConvertTo::Bone && c.variant == Variant::Mini {
+                    let g = layer_geometry(&a, b, base.as_ref())?;
+                    let et = expand_transposed(&read_f32(&a.file, &b.entry)?, c.r, c.mini_r, g.0);
+                    // back from [O, r] to the default block [r, O]
+                    let (o, r) = (g.0, c.r);
+                    let block: Vec<f32> = (0..r * o).map(|n| et[(n % o) * r + n / o]).collect();
+                    (vec![r, o], block)
+                } else {
+                    (b.entry.shape.clone(), read_f32(&a.file, &b.entry)?)
+                };
+                let data = if Float::from_dtype(b.entry.dtype) == Some(out_float) && shape == b.entry.shape {
+                    a.file.read_tensor(&b.entry)?
+                } else {
+                    encode(out_float, &values)
+                };
+                tensors.push(OutTensor { name: key, dtype: out_float.dtype(), shape, data });
+            }
+            ConvertTo::Lora => {
+                let (o, i) = layer_geometry(&a, b, base.as_ref())?;
+                let blk = read_f32(&a.file, &b.entry)?;
+                let prefix = &b.key[..b.key.len() - c.peft_type.block_suffix().len()];
+                let (k, a_mat, b_mat, rel) = match c.variant {
+                    Variant::Default | Variant::Mini => {
+                        let cols = if c.variant == Variant::Mini { c.mini_r } else { o };
+                        let r = c.r;
+                        // lora_B [O, r] = Eᵀ (tiled for mini); lora_A [r, I] sums the inputs of each residue
+                        let lora_b = expand_transposed(&blk, r, cols, o);
+                        let mut lora_a = vec![0f32; r * i];
+                        for col in 0..i {
+                            lora_a[(col % r) * i + col] = 1.0;
+                        }
+                        (r, lora_a, lora_b, 0.0)
+                    }
+                    Variant::Bat => {
+                        let base = base.as_ref().expect("found above");
+                        let (si, w_entry) = base.tensor(&b.target()).expect("checked by layer_geometry");
+                        let w = read_f32(&base.shards[si], w_entry)?;
+                        let delta = ops::bat_delta(&w, o, i, &blk, c.r);
+                        let rule = match (args.rank, args.energy) {
+                            (Some(n), _) => RankRule::Fixed(n),
+                            (None, Some(e)) => RankRule::Energy(e),
+                            (None, None) => unreachable!("checked above"),
+                        };
+                        let lr = lowrank::truncate(&delta, o, i, rule)
+                            .map_err(|e| input(format!("layer {}: [{o}, {i}]: {e}", b.module)))?;
+                        let norm2: f64 = delta.iter().map(|v| (*v as f64).powi(2)).sum();
+                        err_num += lr.rel_error.powi(2) * norm2;
+                        err_den += norm2;
+                        (lr.k, lr.a, lr.b, lr.rel_error)
+                    }
+                };
+                tensors.push(OutTensor {
+                    name: format!("{prefix}.lora_A.weight"),
+                    dtype: out_float.dtype(),
+                    shape: vec![k, i],
+                    data: encode(out_float, &a_mat),
+                });
+                tensors.push(OutTensor {
+                    name: format!("{prefix}.lora_B.weight"),
+                    dtype: out_float.dtype(),
+                    shape: vec![o, k],
+                    data: encode(out_float, &b_mat),
+                });
+                layers.push(json!({"module": b.module, "rank": k, "rel_error": rel}));
+            }
+        }
+    }
+    // modules_to_save and other replacements travel unchanged, under the same keys.
+    for rep in &a.replacements {
+        tensors.push(OutTensor {
+            name: rep.key.clone(),
+            dtype: rep.entry.dtype,
+            shape: rep.entry.shape.clone(),
+            data: a.file.read_tensor(&rep.entry)?,
+        });
+    }
+
+    match args.to {
+        ConvertTo::Miss => {
+            config.insert("peft_type".into(), json!("MISS"));
+            config.entry("mini_r").or_insert(json!(1));
+            config.entry("miss_dropout").or_insert(json!(0.0));
+        }
+        ConvertTo::Bone => {
+            config.insert("peft_type".into(), json!("BONE"));
+            config.remove("mini_r");
+            config.remove("miss_dropout");
+            if c.variant == Variant::Mini {
+                config.insert("init_weights".into(), json!(true));
+            }
+        }
+        ConvertTo::Lora => config = lora_config(&a, &layers, args),
+    }
+
+    tensors.sort_by(|x, y| x.name.cmp(&y.name));
+    let dir = OutputDir::create(&args.out, args.force)?;
+    let layout: Vec<_> = tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect();
+    let header = build_header(&layout)?;
+    let data_bytes: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();
+    let mut w = ShardWriter::create(&dir.path().join(crate::adapter::WEIGHTS_NAME), &header, data_bytes)?;
+    for t in &tensors {
+        w.write(&t.data)?;
+    }
+    let (file, _) = w.finish()?;
+    file.sync_all().context("cannot sync the adapter file")?;
+    let cfg_text = serde_json::to_string_pretty(&Value::Object(config))?;
+    std::fs::write(dir.path().join(crate::adapter::CONFIG_NAME), cfg_text)
+        .context("cannot write adapter_config.json")?;
+    dir.commit(true)?;
+
+    let to = match args.to {
+        ConvertTo::Miss => "MISS",
+        ConvertTo::Bone => "BONE",
+        ConvertTo::Lora => "LORA",
+    };
+    let total = if err_den > 0.0 { (err_num / err_den).sqrt() } else { 0.0 };
+    for warn in &warnings {
+        eprintln!("warning: {warn}");
+    }
+    if args.json {
+        let summary = json!({
+            "adapter": a.dir.display().to_string(),
+            "out": args.out.display().to_string(),
+            "from": from.name(),
+            "to": to,
+            "variant": c.variant.name(),
+            "exact": !(args.to == ConvertTo::Lora && c.variant == Variant::Bat),
+            "layers": layers,
+            "total_rel_error": total,
+            "tensors": tensors.len(),
+            "warnings": warnings,
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if !quiet {
+        if args.to == ConvertTo::Lora && c.variant == Variant::Bat {
+            for l in &layers {
+                eprintln!(
+                    "{:<48} rank {:>4}  relative error {:.3e}",
+                    l["module"].as_str().unwrap_or(""),
+                    l["rank"],
+                    l["rel_error"].as_f64().unwrap_or(0.0)
+                );
+            }
+            eprintln!("total relative error (Frobenius, all layers) {total:.3e}");
+        }
+        eprintln!(
+            "converted {} {} adapter → {to} at {} ({} tensors, {:.1}s)",
+            from.name(),
+            c.variant.name(),
+            args.out.display(),
+            tensors.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// The base model: --base, else base_model_name_or_path when it names a local folder.
+fn find_base(args: &ConvertArgs, a: &Adapter) -> Result<Model> {
+    if let Some(b) = &args.base {
+        return Model::open(b);
+    }
+    if let Some(p) = &a.config.base_model_name_or_path {
+        let path = Path::new(p);
+        if path.is_dir() {
+            return Model::open(path);
+        }
+    }
+    let why = match (args.to, a.config.variant) {
+        (ConvertTo::Lora, Variant::Bat) => "BAT's delta depends on the base weights",
+        (ConvertTo::Lora, _) => "LoRA's A matrix is [r, in_features], and the adapter does not record in_features",
+        _ => "expanding a mini block needs each layer's out_features",
+    };
+    Err(input(format!(
+        "{}: {why}: pass --base MODEL (base_model_name_or_path {:?} is not a local folder)",
+        a.dir.display(),
+        a.config.base_model_name_or_path.as_deref().unwrap_or("")
+    )))
+}
+
+/// `(O, I)` of a block's base tensor, checked against the variant's rules.
+fn layer_geometry(a: &Adapter, b: &Block, base: Option<&Model>) -> Result<(usize, usize)> {
+    let base = base.expect("callers find the base first");
+    let g = a.check_layer(b, base).map_err(|p| input(format!("{}: {p}", a.dir.display())))?;
+    Ok((g.o, g.i))
+}
+
+fn out_float(d: DtypeArg, b: &Block) -> Result<Float> {
+    Ok(match d {
+        DtypeArg::Keep => Float::from_dtype(b.entry.dtype).expect("checked when opened"),
+        DtypeArg::F32 => Float::F32,
+        DtypeArg::Bf16 => Float::BF16,
+        DtypeArg::F16 => Float::F16,
+    })
+}
+
+fn read_f32(file: &SafetensorsFile, t: &TensorEntry) -> Result<Vec<f32>> {
+    let f = Float::from_dtype(t.dtype).ok_or_else(|| {
+        input(format!("{}: {:?} has dtype {:?}, expected a float", file.path.display(), t.name, t.dtype))
+    })?;
+    let bytes = file.read_tensor(t)?;
+    let mut v = vec![0f32; t.numel()];
+    f.decode(&bytes, &mut v);
+    Ok(v)
+}
+
+fn encode(f: Float, v: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; v.len() * f.size()];
+    f.encode(v, &mut out);
+    out
+}
+
+/// A LoraConfig with scale 1 (lora_alpha = r), carrying the source's targeting fields.
+fn lora_config(a: &Adapter, layers: &[Value], args: &ConvertArgs) -> Map<String, Value> {
+    let c = &a.config;
+    let raw = c.raw.as_object().cloned().unwrap_or_default();
+    let ranks: Vec<u64> = layers.iter().filter_map(|l| l["rank"].as_u64()).collect();
+    let uniform = ranks.first().copied().filter(|r0| ranks.iter().all(|r| r == r0));
+    let mut rank_pattern = Map::new();
+    let (r, alpha) = match (uniform, args.energy) {
+        (Some(r), None) => (r, r),
+        _ => {
+            for l in layers {
+                rank_pattern.insert(l["module"].as_str().unwrap_or("").to_string(), l["rank"].clone());
+            }
+            (1, 1)
+        }
+    };
+    let mut cfg = Map::new();
+    for key in [
+        "base_model_name_or_path",
+        "task_type",
+        "target_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "modules_to_save",
+        "revision",
+    ] {
+        cfg.insert(key.into(), raw.get(key).cloned().unwrap_or(Value::Null));
+    }
+    cfg.insert("peft_type".into(), json!("LORA"));
+    cfg.insert("r".into(), json!(r));
+    cfg.insert("lora_alpha".into(), json!(alpha));
+    cfg.insert("rank_pattern".into(), Value::Object(rank_pattern.clone()));
+    cfg.insert("alpha_pattern".into(), Value::Object(rank_pattern));
+    cfg.insert("lora_dropout".into(), json!(0.0));
+    cfg.insert("bias".into(), json!("none"));
+    cfg.insert("fan_in_fan_out".into(), json!(false));
+    cfg.insert("use_rslora".into(), json!(false));
+    cfg.insert("use_dora".into(), json!(false));
+    cfg.insert("init_lora_weights".into(), json!(true));
+    cfg.insert("inference_mode".into(), json!(true));
+    if let Some(v) = raw.get("peft_version") {
+        cfg.insert("peft_version".into(), v.clone());
+    }
+    cfg
+}
