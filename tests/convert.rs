@@ -261,3 +261,29 @@ fn convert_refuses_what_it_cannot_do() {
     // Bone to Bone
     expect(&["convert", bat.to_str().unwrap(), "--to", "bone", "--out", o_s], &["already a Bone adapter"]);
 }
+
+#[test]
+fn dtype_rounds_the_written_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = fixtures().join("cases/bone-default-f32/adapter");
+    let out = tmp.path().join("bf16");
+    ok(&run(&[
+        "-q",
+        "convert",
+        adapter.to_str().unwrap(),
+        "--to",
+        "miss",
+        "--dtype",
+        "bf16",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let (src, dst) = (load(&adapter.join("adapter_model.safetensors")), load(&out.join("adapter_model.safetensors")));
+    for (k, t) in &src {
+        let d = &dst[&k.replace(".bone_block", ".miss_block")];
+        assert_eq!(d.dtype, safetensors::Dtype::BF16);
+        for (a, b) in values(t).iter().zip(values(d)) {
+            assert_eq!(half::bf16::from_f64(*a).to_f64(), b, "{k}");
+        }
+    }
+}
