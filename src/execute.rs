@@ -300,13 +300,13 @@ fn prepare(op: &Op, tensor: &str, o: usize, adapters: &[Adapter], warnings: &mut
     Ok(match op {
         Op::Replace { .. } => unreachable!("the chain starts after the last replacement"),
         Op::Periodic { adapter, block, r, cols, sign, rounding } => {
-            let mut blk = read_floats(&adapters[*adapter].file, block)?;
+            let mut blk = adapters[*adapter].file.read_f32(block)?;
             rounding.load_block(&mut blk);
             Prepared::Periodic { et: expand_transposed(&blk, *r, *cols, o), r: *r, sign: *sign, rounding: *rounding }
         }
         Op::Bat { adapter, block, r, inverse, rounding } => {
             let a = &adapters[*adapter];
-            let mut b = read_floats(&a.file, block)?;
+            let mut b = a.file.read_f32(block)?;
             rounding.load_block(&mut b);
             if *inverse {
                 let inv = ops::bat_inverses(&b, *r).map_err(|s| {
@@ -332,12 +332,4 @@ fn prepare(op: &Op, tensor: &str, o: usize, adapters: &[Adapter], warnings: &mut
             }
         }
     })
-}
-
-fn read_floats(file: &SafetensorsFile, t: &TensorEntry) -> Result<Vec<f32>> {
-    let float = Float::from_dtype(t.dtype).expect("the plan checked every dtype");
-    let bytes = file.read_tensor(t)?;
-    let mut out = vec![0f32; t.numel()];
-    float.decode(&bytes, &mut out);
-    Ok(out)
 }

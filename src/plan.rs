@@ -220,10 +220,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
 /// Every `I + B_i` of a BAT block must be invertible (checked here, before anything is written;
 /// the condition numbers come with the inverses during the run).
 fn check_invertible(a: &Adapter, b: &crate::adapter::Block) -> Result<()> {
-    let bytes = a.file.read_tensor(&b.entry)?;
-    let float = Float::from_dtype(b.entry.dtype).expect("checked when opened");
-    let mut vals = vec![0f32; b.entry.numel()];
-    float.decode(&bytes, &mut vals);
+    let vals = a.file.read_f32(&b.entry)?;
     match ops::bat_singular(&vals, a.config.r) {
         Some(s) => Err(input(format!(
             "{}: layer {}: block {} (output rows {}..{}): I + B is singular, so this adapter cannot be unmerged",

@@ -29,19 +29,6 @@ fn unit_roundoff(d: safetensors::Dtype) -> f64 {
     }
 }
 
-fn merge(base: &Path, adapter: &Path, out: &Path) {
-    ok(&run(&[
-        "-q",
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]));
-}
-
 #[test]
 fn merged_default_and_mini_weights_equal_the_adapter_forward() {
     let tmp = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@ use crate::cli::{ConvertArgs, ConvertTo, DtypeArg};
 use crate::error::{input, Result};
 use crate::model::file::build_header;
 use crate::model::output::{OutputDir, ShardWriter};
-use crate::model::{Model, SafetensorsFile, TensorEntry};
+use crate::model::Model;
 use crate::ops::dtype::Float;
 use crate::ops::lowrank::{self, RankRule};
 use crate::ops::{self, expand_transposed};
@@ -76,13 +76,13 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
                 };
                 let (shape, values) = if args.to == ConvertTo::Bone && c.variant == Variant::Mini {
                     let g = layer_geometry(&a, b, base.as_ref())?;
-                    let et = expand_transposed(&read_f32(&a.file, &b.entry)?, c.r, c.mini_r, g.0);
+                    let et = expand_transposed(&a.file.read_f32(&b.entry)?, c.r, c.mini_r, g.0);
                     // back from [O, r] to the default block [r, O]
                     let (o, r) = (g.0, c.r);
                     let block: Vec<f32> = (0..r * o).map(|n| et[(n % o) * r + n / o]).collect();
                     (vec![r, o], block)
                 } else {
-                    (b.entry.shape.clone(), read_f32(&a.file, &b.entry)?)
+                    (b.entry.shape.clone(), a.file.read_f32(&b.entry)?)
                 };
                 let data = if Float::from_dtype(b.entry.dtype) == Some(out_float) && shape == b.entry.shape {
                     a.file.read_tensor(&b.entry)?
@@ -93,7 +93,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
             }
             ConvertTo::Lora => {
                 let (o, i) = layer_geometry(&a, b, base.as_ref())?;
-                let blk = read_f32(&a.file, &b.entry)?;
+                let blk = a.file.read_f32(&b.entry)?;
                 let prefix = &b.key[..b.key.len() - c.peft_type.block_suffix().len()];
                 let (k, a_mat, b_mat, rel) = match c.variant {
                     Variant::Default | Variant::Mini => {
@@ -110,7 +110,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
                     Variant::Bat => {
                         let base = base.as_ref().expect("found above");
                         let (si, w_entry) = base.tensor(&b.target()).expect("checked by layer_geometry");
-                        let w = read_f32(&base.shards[si], w_entry)?;
+                        let w = base.shards[si].read_f32(w_entry)?;
                         let delta = ops::bat_delta(&w, o, i, &blk, c.r);
                         let rule = match (args.rank, args.energy) {
                             (Some(n), _) => RankRule::Fixed(n),
@@ -268,16 +268,6 @@ fn out_float(d: DtypeArg, b: &Block) -> Result<Float> {
         DtypeArg::Bf16 => Float::BF16,
         DtypeArg::F16 => Float::F16,
     })
-}
-
-fn read_f32(file: &SafetensorsFile, t: &TensorEntry) -> Result<Vec<f32>> {
-    let f = Float::from_dtype(t.dtype).ok_or_else(|| {
-        input(format!("{}: {:?} has dtype {:?}, expected a float", file.path.display(), t.name, t.dtype))
-    })?;
-    let bytes = file.read_tensor(t)?;
-    let mut v = vec![0f32; t.numel()];
-    f.decode(&bytes, &mut v);
-    Ok(v)
 }
 
 fn encode(f: Float, v: &[f32]) -> Vec<u8> {

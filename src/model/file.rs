@@ -87,6 +87,17 @@ impl SafetensorsFile {
             .with_context(|| format!("{}: cannot read {} bytes at offset {at}", self.path.display(), buf.len()))
     }
 
+    /// Read a float tensor (F32, F16, BF16) as f32 values.
+    pub fn read_f32(&self, t: &TensorEntry) -> Result<Vec<f32>> {
+        let float = crate::ops::dtype::Float::from_dtype(t.dtype).ok_or_else(|| {
+            input(format!("{}: {:?} has dtype {:?}, expected F32, BF16 or F16", self.path.display(), t.name, t.dtype))
+        })?;
+        let bytes = self.read_tensor(t)?;
+        let mut out = vec![0f32; t.numel()];
+        float.decode(&bytes, &mut out);
+        Ok(out)
+    }
+
     /// Read a whole tensor's bytes.
     pub fn read_tensor(&self, t: &TensorEntry) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; t.len_bytes() as usize];

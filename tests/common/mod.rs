@@ -33,6 +33,20 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `bone-tool -q merge --base BASE --adapter ADAPTER --out OUT`, which must succeed.
+pub fn merge(base: &Path, adapter: &Path, out: &Path) {
+    ok(&run(&[
+        "-q",
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+}
+
 /// Assert success, showing stderr otherwise.
 pub fn ok(o: &Output) {
     assert!(o.status.success(), "bone-tool failed ({:?}): {}", o.status, stderr(o));
