@@ -158,6 +158,9 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
             config.entry("miss_dropout").or_insert(json!(0.0));
         }
         ConvertTo::Bone => {
+            if let Some(p) = config.get("miss_dropout").and_then(Value::as_f64).filter(|p| *p > 0.0) {
+                warnings.push(format!("dropped miss_dropout {p}: Bone has no dropout (it only mattered for training)"));
+            }
             config.insert("peft_type".into(), json!("BONE"));
             config.remove("mini_r");
             config.remove("miss_dropout");
