@@ -38,7 +38,9 @@ fn main() {
     let mut dst = vec![0u8; src.len()];
     let blocks: Vec<f32> = (0..o * r).map(|k| ((k * 40503) % 997) as f32 * 1e-5 - 0.005).collect();
     let op = Prepared::BatMerge { b: blocks, r, rounding: Rounding::peft(Float::BF16) };
-    let tb = best_of(5, || apply_chain(&src, &mut dst, Float::BF16, o, i, 0, std::slice::from_ref(&op)));
+    let tb = best_of(5, || {
+        apply_chain(&src, &mut dst, Float::BF16, o, i, 0, std::slice::from_ref(&op), false);
+    });
     let bat = 2.0 * (o * i * r) as f64 / tb / 1e9;
     // The strip GEMMs alone: [I, r]·[r, r] per strip, strips spread over the cores.
     let wf: Vec<f32> = w.clone();

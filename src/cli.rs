@@ -173,6 +173,11 @@ pub struct ApplyOptions {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 
+    /// Write values that become inf or NaN (by default, as PEFT's safe_merge, such a value stops
+    /// the run with an error naming the tensor)
+    #[arg(long)]
+    pub allow_non_finite: bool,
+
     /// Skip the fsync before the final rename: faster where the disk is slow, but a power loss soon
     /// after may leave a complete-looking --out with data missing. Inputs are never at risk
     #[arg(long)]

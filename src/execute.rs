@@ -34,6 +34,15 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
+/// How a plan is carried out.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// fsync every shard before returning.
+    pub fsync: bool,
+    /// Write values that became inf or NaN instead of stopping.
+    pub allow_non_finite: bool,
+}
+
 /// A BAT block whose `I + B` has a larger condition number earns a warning on unmerge.
 const BADLY_CONDITIONED: f64 = 1e3;
 
@@ -66,9 +75,10 @@ pub fn run(
     adapters: &[Adapter],
     device: &Device,
     dir: &Path,
-    fsync: bool,
+    opts: RunOptions,
     progress: &ProgressBar,
 ) -> Result<Vec<String>> {
+    let fsync = opts.fsync;
     let warnings = std::thread::scope(|scope| -> Result<Vec<String>> {
         let (to_compute, from_reader) = sync_channel::<Result<Piece>>(1);
         let (to_writer, from_compute) = sync_channel::<Piece>(1);
@@ -103,7 +113,7 @@ pub fn run(
             let step = item.and_then(|piece| match piece {
                 Piece::Rows { job, chain, row0, src, last } => {
                     let mut out = recycled.try_recv().unwrap_or_default();
-                    let len = compute(device, job, &chain, row0, src.bytes(), &mut out)?;
+                    let len = compute(device, job, &chain, row0, src.bytes(), &mut out, !opts.allow_non_finite)?;
                     Ok(Piece::Bytes { data: out, len, last })
                 }
                 other => Ok(other),
@@ -271,6 +281,7 @@ fn compute(
     row0: usize,
     src: &[u8],
     out: &mut Vec<u8>,
+    check_finite: bool,
 ) -> Result<usize> {
     let d = job.weight_float().expect("checked when the pieces were cut");
     let i = job.src.shape[1];
@@ -278,7 +289,16 @@ fn compute(
     if out.len() < src.len() {
         out.resize(src.len(), 0);
     }
-    device.apply_chain(src, &mut out[..src.len()], d, src.len() / (i * d.size()).max(1), i, row0, chain)?;
+    let rows = src.len() / (i * d.size()).max(1);
+    if let Some(k) = device.apply_chain(src, &mut out[..src.len()], d, rows, i, row0, chain, check_finite)? {
+        return Err(input(format!(
+            "{:?}: the result at row {}, column {} is not finite (inf or NaN) where the input was: the adapter is broken or \
+             overflows {d}; pass --allow-non-finite to write it anyway",
+            job.name,
+            row0 + k / i,
+            k % i
+        )));
+    }
     Ok(src.len())
 }
 

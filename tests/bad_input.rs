@@ -401,3 +401,30 @@ fn foreign_keys_are_ignored_with_a_warning() {
     let (ours, peft) = (load(&out), load(&fixtures().join("cases/bone-default-f32/merged")));
     assert!(ours.iter().all(|(k, t)| peft[k].data == t.data), "the foreign block changed nothing");
 }
+
+#[test]
+fn a_merge_that_overflows_stops_unless_allowed() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f16-blocks-f16/adapter", "a");
+    let f = a.join("adapter_model.safetensors");
+    let mut t = load(&f);
+    let key = "base_model.model.model.layers.1.self_attn.v_proj.bone_block";
+    let shape = t[key].shape.clone();
+    let n: usize = shape.iter().product();
+    // 70000 is beyond f16's largest finite value (65504): the merged weight becomes inf
+    t.insert(key.into(), f32_tensor(shape, &vec![70000.0; n]));
+    save(&f, &t);
+    let base = fixtures().join("bases/llama-f16");
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["model.layers.1.self_attn.v_proj.weight", "not finite", "--allow-non-finite"],
+    );
+    let mut args = merge_args(s(&base), s(&a), s(&out));
+    args.extend(["--allow-non-finite", "-q"]);
+    ok(&run(&args));
+    let v = values(&load(&out)["model.layers.1.self_attn.v_proj.weight"]);
+    assert!(v.iter().all(|x| x.is_infinite()), "written as asked");
+}

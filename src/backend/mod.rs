@@ -78,7 +78,8 @@ impl Device {
         }
     }
 
-    /// Run a chain over rows `row0..row0 + rows` (see [`ops::apply_chain`]).
+    /// Run a chain over rows `row0..row0 + rows` (see [`ops::apply_chain`]); with `check_finite`,
+    /// returns the first value that became inf or NaN.
     #[allow(clippy::too_many_arguments)]
     pub fn apply_chain(
         &self,
@@ -89,14 +90,15 @@ impl Device {
         i: usize,
         row0: usize,
         chain: &[Prepared],
-    ) -> Result<()> {
+        check_finite: bool,
+    ) -> Result<Option<usize>> {
         match self {
-            Device::Cpu => {
-                ops::apply_chain(src, dst, d, rows, i, row0, chain);
-                Ok(())
-            }
+            Device::Cpu => Ok(ops::apply_chain(src, dst, d, rows, i, row0, chain, check_finite)),
             #[cfg(feature = "cuda")]
-            Device::Cuda(g) => g.apply_chain(src, dst, d, rows, i, row0, chain),
+            Device::Cuda(g) => {
+                g.apply_chain(src, dst, d, rows, i, row0, chain)?;
+                Ok(if check_finite { d.first_new_non_finite(src, dst) } else { None })
+            }
         }
     }
 
@@ -131,8 +133,8 @@ impl Device {
             for chain in &chains {
                 let mut cpu = vec![0u8; src.len()];
                 let mut dev = vec![0u8; src.len()];
-                ops::apply_chain(&src, &mut cpu, d, o, i, 0, chain);
-                self.apply_chain(&src, &mut dev, d, o, i, 0, chain).map_err(|e| format!("{e:#}"))?;
+                ops::apply_chain(&src, &mut cpu, d, o, i, 0, chain, false);
+                self.apply_chain(&src, &mut dev, d, o, i, 0, chain, false).map_err(|e| format!("{e:#}"))?;
                 let (mut a, mut b) = (vec![0f32; o * i], vec![0f32; o * i]);
                 d.decode(&cpu, &mut a);
                 d.decode(&dev, &mut b);

@@ -49,7 +49,8 @@ pub fn run(
     let dir = OutputDir::create(out, opts.force)?;
     let total = plan.total_bytes();
     let progress = progress_bar(total, quiet);
-    let late_warnings = execute::run(&plan, &base, &adapters, &device, dir.path(), !opts.no_fsync, &progress)?;
+    let run_opts = execute::RunOptions { fsync: !opts.no_fsync, allow_non_finite: opts.allow_non_finite };
+    let late_warnings = execute::run(&plan, &base, &adapters, &device, dir.path(), run_opts, &progress)?;
     progress.finish_and_clear();
     for w in &late_warnings {
         eprintln!("warning: {w}");

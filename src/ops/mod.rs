@@ -102,16 +102,35 @@ pub fn row_unit(ops: &[Prepared]) -> usize {
 /// bytes of dtype `d`: the rows are cut into strips (a multiple of every BAT r), and each strip of
 /// `src` is decoded to f32, put through every op, and encoded into the same rows of `dst`, in
 /// parallel. Memory beyond the two byte buffers: one strip of f32 per thread.
-pub fn apply_chain(src: &[u8], dst: &mut [u8], d: Float, rows: usize, i: usize, row0: usize, ops: &[Prepared]) {
+///
+/// With `check_finite`, returns the index (within these rows) of the first value that is finite in
+/// `src` but not in `dst`, found while each strip is still in cache.
+pub fn apply_chain(
+    src: &[u8],
+    dst: &mut [u8],
+    d: Float,
+    rows: usize,
+    i: usize,
+    row0: usize,
+    ops: &[Prepared],
+    check_finite: bool,
+) -> Option<usize> {
     assert_eq!(src.len(), rows * i * d.size());
     assert_eq!(dst.len(), src.len());
     let unit = row_unit(ops);
     assert!(rows % unit == 0 && row0 % unit == 0, "rows must split into whole BAT strips");
     let h = unit * (TASK_ELEMS / (unit * i.max(1))).max(1);
     let step = h * i * d.size();
+    let first_bad = std::sync::atomic::AtomicUsize::new(usize::MAX);
     dst.par_chunks_mut(step).zip(src.par_chunks(step)).enumerate().for_each(|(s, (out, inp))| {
         STRIP.with_borrow_mut(|(w, scratch)| strip(inp, out, w, scratch, d, row0 + s * h, i, ops));
+        if check_finite {
+            if let Some(k) = d.first_new_non_finite_serial(inp, out) {
+                first_bad.fetch_min(s * h * i + k, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
     });
+    Some(first_bad.into_inner()).filter(|&k| k != usize::MAX)
 }
 
 thread_local! {
