@@ -19,8 +19,11 @@ Examples:
   bone-tool merge --base ./model --adapter ./first --adapter ./second --out ./merged
   bone-tool unmerge --merged ./Llama-3.2-1B-merged --adapter ./my-bone-adapter --out ./restored
   bone-tool inspect adapter ./my-bone-adapter --base ./Llama-3.2-1B
+  bone-tool verify --base ./Llama-3.2-1B --adapter ./my-bone-adapter --merged ./Llama-3.2-1B-merged
+  bone-tool convert ./my-bone-adapter --to miss --out ./my-miss-adapter
 
-Exit codes: 0 ok, 1 failed while working (I/O), 2 bad usage or input, 130 interrupted.";
+Exit codes: 0 ok, 1 failed while working (I/O) or verify found differences, 2 bad usage or input,
+130 interrupted.";
 
 #[derive(Parser, Debug)]
 #[command(name = "bone-tool", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
@@ -50,11 +53,56 @@ pub enum Command {
     /// Look inside an adapter (and check it against a base model)
     #[command(subcommand)]
     Inspect(InspectCommand),
+    /// Check a merged model: recompute the merge tensor by tensor (nothing is written) and compare
+    #[command(
+        after_help = "Examples:\n  bone-tool verify --base ./base --adapter ./bone-adapter --merged ./downloaded-merged\n  \
+                            bone-tool verify --reverse --base ./restored --adapter ./bone-adapter --merged ./merged\n\n\
+                            Exit 0 when every tensor is within one unit in the last place, 1 when not, 2 on bad input."
+    )]
+    Verify(VerifyArgs),
     /// Rewrite an adapter: Bone -> MiSS, MiSS -> Bone, or Bone/MiSS -> LoRA for any serving stack
     #[command(after_help = "Examples:\n  bone-tool convert ./bone-adapter --to miss --out ./miss-adapter\n  \
                             bone-tool convert ./miss-adapter --to lora --out ./lora-adapter --base ./base-model\n  \
                             bone-tool convert ./bat-adapter --to lora --out ./lora --base ./base-model --energy 0.99")]
     Convert(ConvertArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The base model (with --reverse: the unmerged model to check)
+    #[arg(long, value_name = "MODEL")]
+    pub base: PathBuf,
+
+    /// The adapters, in the order they were merged
+    #[arg(long = "adapter", value_name = "ADAPTER", required = true)]
+    pub adapters: Vec<PathBuf>,
+
+    /// The merged model to check (with --reverse: the merged model to unmerge)
+    #[arg(long, value_name = "MODEL")]
+    pub merged: PathBuf,
+
+    /// Check an unmerged folder: recompute the unmerge of --merged and compare it with --base
+    #[arg(long)]
+    pub reverse: bool,
+
+    /// Print one JSON object (every tensor's status, max abs and ulp error) instead of text
+    #[arg(long)]
+    pub json: bool,
+
+    /// As for merge
+    #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
+    pub rounding: RoundingArg,
+
+    /// As for merge
+    #[arg(long)]
+    pub no_autocast_adapter_dtype: bool,
+
+    /// As for merge
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+
+    #[command(flatten)]
+    pub prefix: PrefixArg,
 }
 
 #[derive(Args, Debug)]

@@ -34,6 +34,25 @@ fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
+/// Where the computed tensors go.
+pub enum Sink<'a> {
+    /// Written as the plan's files into this folder.
+    Folder(&'a Path),
+    /// Compared, piece by piece, with the same tensors of this model (nothing is written).
+    Compare(&'a Model),
+}
+
+/// How one tensor compares with the model it is checked against.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TensorCheck {
+    pub name: String,
+    /// "equal", "within_1_ulp", "differs", "missing" (not in the other model), "extra" (only in
+    /// the other model), "dtype_changed" or "shape_changed".
+    pub status: String,
+    pub max_abs: f64,
+    pub max_ulp: u64,
+}
+
 /// How a plan is carried out.
 #[derive(Clone, Copy, Debug)]
 pub struct RunOptions {
@@ -78,8 +97,30 @@ pub fn run(
     opts: RunOptions,
     progress: &ProgressBar,
 ) -> Result<Vec<String>> {
+    let (warnings, _) = run_into(plan, base, adapters, device, Sink::Folder(dir), opts, progress)?;
+    if let Some((name, index)) = &plan.index {
+        let text = serde_json::to_string_pretty(index)? + "\n";
+        std::fs::write(dir.join(name), text).with_context(|| format!("cannot write {}", dir.join(name).display()))?;
+    }
+    for f in &plan.side_files {
+        let to = dir.join(f.file_name().expect("listed from a folder"));
+        std::fs::copy(f, &to).with_context(|| format!("cannot copy {} to {}", f.display(), to.display()))?;
+    }
+    Ok(warnings)
+}
+
+/// Run the pipeline into a sink: returns the warnings, and the comparison for [`Sink::Compare`].
+pub fn run_into(
+    plan: &Plan,
+    base: &Model,
+    adapters: &[Adapter],
+    device: &Device,
+    sink: Sink,
+    opts: RunOptions,
+    progress: &ProgressBar,
+) -> Result<(Vec<String>, Vec<TensorCheck>)> {
     let fsync = opts.fsync;
-    let warnings = std::thread::scope(|scope| -> Result<Vec<String>> {
+    std::thread::scope(|scope| -> Result<(Vec<String>, Vec<TensorCheck>)> {
         let (to_compute, from_reader) = sync_channel::<Result<Piece>>(1);
         let (to_writer, from_compute) = sync_channel::<Piece>(1);
         // Written buffers come back to the compute stage: no fresh pages to fault in per piece.
@@ -106,7 +147,10 @@ pub fn run(
             warnings
         });
 
-        let writer = scope.spawn(move || write_all(plan, dir, fsync, from_compute, recycle, progress, scope));
+        let writer = scope.spawn(move || match sink {
+            Sink::Folder(dir) => write_all(plan, dir, fsync, from_compute, recycle, progress, scope).map(|_| vec![]),
+            Sink::Compare(expected) => compare_all(plan, expected, from_compute, recycle, progress),
+        });
 
         let mut computed: Result<()> = Ok(());
         for item in from_reader {
@@ -135,18 +179,104 @@ pub fn run(
             writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the writer thread panicked")));
         let warnings = reader.join().unwrap_or_default();
         computed?;
-        written?;
-        Ok(warnings)
-    })?;
-    if let Some((name, index)) = &plan.index {
-        let text = serde_json::to_string_pretty(index)? + "\n";
-        std::fs::write(dir.join(name), text).with_context(|| format!("cannot write {}", dir.join(name).display()))?;
+        let checks = written?;
+        Ok((warnings, checks))
+    })
+}
+
+/// The compare stage: each tensor's pieces against the expected model's bytes at the same place.
+fn compare_all<'scope>(
+    plan: &'scope Plan,
+    expected: &'scope Model,
+    pieces: Receiver<Piece<'scope>>,
+    recycle: Sender<Vec<u8>>,
+    progress: &'scope ProgressBar,
+) -> Result<Vec<TensorCheck>> {
+    let mut checks = vec![];
+    let mut theirs = vec![];
+    let mut ours_copy = vec![];
+    for job in plan.shards.iter().flat_map(|s| s.jobs.iter()) {
+        let mut check = TensorCheck { name: job.name.clone(), status: "equal".into(), max_abs: 0.0, max_ulp: 0 };
+        let other = expected.tensor(&job.name);
+        match other {
+            None => check.status = "missing".into(),
+            Some((_, e)) if e.dtype != job.src.dtype => check.status = "dtype_changed".into(),
+            Some((_, e)) if e.shape != job.src.shape => check.status = "shape_changed".into(),
+            _ => {}
+        }
+        let mut offset = 0u64;
+        loop {
+            let Ok(piece) = pieces.recv() else {
+                return Ok(checks); // an earlier stage stopped and reports why
+            };
+            check_interrupt()?;
+            let (ours, last): (&[u8], bool) = match &piece {
+                Piece::Bytes { data, len, last } => (&data[..*len], *last),
+                Piece::Copy { file, start, len, last } => {
+                    ours_copy.resize(*len as usize, 0);
+                    file.read_at(*start, &mut ours_copy)?;
+                    (&ours_copy[..], *last)
+                }
+                Piece::Rows { .. } => unreachable!("the compute stage turns rows into bytes"),
+            };
+            if check.status == "equal" || check.status == "within_1_ulp" || check.status == "differs" {
+                let (si, e) = other.expect("status says it exists");
+                theirs.resize(ours.len(), 0);
+                expected.shards[si].read_at(e.start + offset, &mut theirs)?;
+                compare_bytes(job, ours, &theirs, &mut check);
+            }
+            offset += ours.len() as u64;
+            progress.inc(ours.len() as u64);
+            if let Piece::Bytes { data, .. } = piece {
+                let _ = recycle.send(data);
+            }
+            if last {
+                break;
+            }
+        }
+        checks.push(check);
     }
-    for f in &plan.side_files {
-        let to = dir.join(f.file_name().expect("listed from a folder"));
-        std::fs::copy(f, &to).with_context(|| format!("cannot copy {} to {}", f.display(), to.display()))?;
+    let ours: std::collections::HashSet<&str> =
+        plan.shards.iter().flat_map(|s| s.jobs.iter()).map(|j| j.name.as_str()).collect();
+    let mut extra: Vec<&str> = expected.tensor_names().filter(|n| !ours.contains(n)).collect();
+    extra.sort();
+    for name in extra {
+        checks.push(TensorCheck { name: name.to_string(), status: "extra".into(), max_abs: 0.0, max_ulp: 0 });
     }
-    Ok(warnings)
+    Ok(checks)
+}
+
+/// Fold one piece's comparison into the tensor's.
+fn compare_bytes(job: &TensorJob, ours: &[u8], theirs: &[u8], check: &mut TensorCheck) {
+    if ours == theirs {
+        return;
+    }
+    let Some(d) = job.weight_float() else {
+        check.status = "differs".into();
+        return;
+    };
+    let n = d.size();
+    let (mut a, mut b) = (vec![0f32; ours.len() / n], vec![0f32; ours.len() / n]);
+    d.decode(ours, &mut a);
+    d.decode(theirs, &mut b);
+    let key = |v: f32| -> i64 {
+        let bits = v.to_bits() as i64;
+        let ordered = if bits & (1 << 31) != 0 { -(bits & 0x7fff_ffff) } else { bits };
+        match d {
+            Float::F32 => ordered,
+            Float::BF16 => ordered >> 16,
+            Float::F16 => ordered >> 13,
+        }
+    };
+    for (x, y) in a.iter().zip(&b) {
+        if x.to_bits() == y.to_bits() {
+            continue;
+        }
+        let ulp = if x.is_nan() || y.is_nan() { u64::MAX } else { (key(*x) - key(*y)).unsigned_abs() };
+        check.max_ulp = check.max_ulp.max(ulp);
+        check.max_abs = check.max_abs.max(((*x as f64) - (*y as f64)).abs());
+    }
+    check.status = if check.max_ulp <= 1 { "within_1_ulp" } else { "differs" }.into();
 }
 
 /// The writer stage: every shard in order, each tensor's pieces as they arrive; fsyncs run in the

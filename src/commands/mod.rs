@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod convert;
 pub mod inspect;
+pub mod verify;
 
 use crate::cli::{Cli, Command, InspectCommand};
 use crate::error::Result;
@@ -14,5 +15,6 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Unmerge(a) => apply::run(Direction::Unmerge, &a.merged, &a.adapters, &a.out, &a.opts, cli.quiet),
         Command::Inspect(InspectCommand::Adapter(a)) => inspect::adapter(a),
         Command::Convert(a) => convert::run(a, cli.quiet),
+        Command::Verify(a) => verify::run(a, cli.quiet),
     }
 }

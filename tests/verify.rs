@@ -1,0 +1,105 @@
+//! `bone-tool verify` end to end: PEFT's merged fixtures verify; a tampered, truncated or padded
+//! merged model does not, and the report names the tensor.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn verify(base: &Path, adapter: &Path, merged: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut args = vec![
+        "verify",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--merged",
+        merged.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend(extra);
+    let o = run(&args);
+    assert!(!stderr(&o).contains("panicked"));
+    (o.status.code(), serde_json::from_str(&stdout(&o)).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn peft_merges_verify() {
+    let mut checked = 0;
+    for c in manifest()["cases"].as_array().unwrap() {
+        let adapters = c["adapters"].as_array().unwrap();
+        if adapters.len() != 1 || c["expect"] != "bytes" || c["autocast_adapter_dtype"] == false {
+            continue;
+        }
+        let case = fixtures().join("cases").join(c["name"].as_str().unwrap());
+        let (code, j) = verify(
+            &fixtures().join(c["base"].as_str().unwrap()),
+            &fixtures().join(adapters[0].as_str().unwrap()),
+            &case.join("merged"),
+            &[],
+        );
+        assert_eq!(code, Some(0), "{}: {j}", c["name"]);
+        assert_eq!(j["ok"], true);
+        assert_eq!(j["equal"].as_u64().unwrap() as usize, j["tensors"].as_array().unwrap().len());
+        checked += 1;
+    }
+    assert!(checked >= 10);
+}
+
+#[test]
+fn reverse_checks_an_unmerged_folder() {
+    let case = fixtures().join("cases/miss-default-tail-f16");
+    let (code, j) = verify(&case.join("unmerged"), &case.join("adapter"), &case.join("merged"), &["--reverse"]);
+    assert_eq!(code, Some(0), "{j}");
+    assert_eq!(j["direction"], "unmerge");
+    // the base is not the unmerged folder (f16 rounding): reverse against the base fails
+    let (code, _) =
+        verify(&fixtures().join("bases/llama-f16"), &case.join("adapter"), &case.join("merged"), &["--reverse"]);
+    assert_eq!(code, Some(1));
+}
+
+#[test]
+fn tampered_missing_and_extra_tensors_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = fixtures().join("cases/bone-default-tail-bf16");
+    let base = fixtures().join("bases/llama-bf16");
+    let adapter = case.join("adapter");
+    let mut t = load(&case.join("merged/model.safetensors"));
+    // flip one bit of one value of q_proj, drop the norm, add a stranger
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let mut tq = t[q].clone();
+    tq.data[10] ^= 0x40;
+    t.insert(q.into(), tq);
+    t.remove("model.norm.weight");
+    t.insert("stranger.weight".into(), f32_tensor(vec![2], &[1.0, 2.0]));
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    save(&bad.join("model.safetensors"), &t);
+    let (code, j) = verify(&base, &adapter, &bad, &[]);
+    assert_eq!(code, Some(1), "{j}");
+    let status = |name: &str| {
+        j["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .map(|x| x["status"].as_str().unwrap().to_string())
+    };
+    assert_eq!(status(q).as_deref(), Some("differs"));
+    assert_eq!(status("model.norm.weight").as_deref(), Some("missing"));
+    assert_eq!(status("stranger.weight").as_deref(), Some("extra"));
+    assert_eq!(j["ok"], false);
+    // the text report names them too, and the error line says how many
+    let o = run(&[
+        "verify",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--merged",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(out.contains(q) && out.contains("missing") && out.contains("stranger.weight"), "{out}");
+    assert!(stderr(&o).contains("3 of 30 tensors differ or do not correspond"), "{}", stderr(&o));
+}
