@@ -46,7 +46,8 @@ pub fn run(
         eprintln!("warning: {note}");
     }
 
-    let dir = OutputDir::create(out, opts.force)?;
+    let side: u64 = plan.side_files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
+    let dir = OutputDir::create(out, opts.force, plan.total_bytes() + side)?;
     let total = plan.total_bytes();
     let progress = progress_bar(total, quiet);
     let run_opts = execute::RunOptions { fsync: !opts.no_fsync, allow_non_finite: opts.allow_non_finite };

@@ -172,7 +172,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     }
 
     tensors.sort_by(|x, y| x.name.cmp(&y.name));
-    let dir = OutputDir::create(&args.out, args.force)?;
+    let dir = OutputDir::create(&args.out, args.force, 0)?;
     let layout: Vec<_> = tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect();
     let header = build_header(&layout)?;
     let data_bytes: u64 = tensors.iter().map(|t| t.data.len() as u64).sum();

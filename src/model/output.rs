@@ -19,8 +19,9 @@ pub struct OutputDir {
 }
 
 impl OutputDir {
-    /// Prepare `out`: refuse an existing one unless `force`, create the temporary folder beside it.
-    pub fn create(out: &Path, force: bool) -> Result<OutputDir> {
+    /// Prepare `out`: refuse an existing one unless `force`, clear what an interrupted run left
+    /// beside it, check that `needed` bytes fit, create the temporary folder beside it.
+    pub fn create(out: &Path, force: bool, needed: u64) -> Result<OutputDir> {
         let shown = out.display();
         if out.exists() && !force {
             return Err(input(format!("{shown} already exists: choose another --out, or pass --force to replace it")));
@@ -36,10 +37,22 @@ impl OutputDir {
         };
         std::fs::create_dir_all(&parent)
             .map_err(|e| input(format!("cannot create {}: {}", parent.display(), io_reason(&e))))?;
+        clear_leftovers(&parent, &name, out);
+        if let Some(avail) = free_bytes(&parent) {
+            // a little room for directory entries and the side files' rounding to blocks
+            if needed.saturating_add(1 << 20) > avail {
+                return Err(input(format!(
+                    "not enough free space in {}: the output needs {needed} bytes, {avail} are available",
+                    parent.display()
+                )));
+            }
+        }
         let tmp = parent.join(format!("{name}.tmp-{}", random_suffix()));
         std::fs::create_dir(&tmp).map_err(|e| {
             input(format!("cannot write the output beside {shown} (in {}): {}", parent.display(), io_reason(&e)))
         })?;
+        // Who owns this folder: a later run removes it only once this process is gone.
+        let _ = std::fs::write(tmp.join(OWNER_FILE), std::process::id().to_string());
         Ok(OutputDir { out: out.to_path_buf(), tmp, force, committed: false })
     }
 
@@ -55,6 +68,7 @@ impl OutputDir {
     /// Rename the finished folder into place (replacing an old `--out` only now, with `--force`).
     /// With `fsync`, the folder's entries are made durable first and the rename after.
     pub fn commit(mut self, fsync: bool) -> Result<()> {
+        let _ = std::fs::remove_file(self.tmp.join(OWNER_FILE));
         if fsync {
             sync_dir(&self.tmp)?;
         }
@@ -81,6 +95,56 @@ impl OutputDir {
         }
         Ok(())
     }
+}
+
+/// Inside a temporary output folder: the pid of the process writing it.
+const OWNER_FILE: &str = ".bone-tool-owner";
+
+/// Remove the temporary folders that runs killed before they finished left beside `out`
+/// (`<name>.tmp-*` whose owner is gone), and put back an old output that a `--force` run killed
+/// between its two renames had moved aside (`<name>.old-*` while `<name>` is missing). Says so.
+fn clear_leftovers(parent: &Path, name: &str, out: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for e in entries.filter_map(|e| e.ok()) {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        if file.starts_with(&format!("{name}.tmp-")) && path.is_dir() {
+            let owner = std::fs::read_to_string(path.join(OWNER_FILE)).ok().and_then(|p| p.trim().parse::<u32>().ok());
+            let alive = match owner {
+                Some(pid) => Path::new(&format!("/proc/{pid}")).exists(),
+                // no owner yet (just created) or any more (being renamed): leave it unless it is old
+                None => e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .map_or(true, |t| t.elapsed().unwrap_or_default().as_secs() < 600),
+            };
+            if !alive && std::fs::remove_dir_all(&path).is_ok() {
+                eprintln!("note: removed {}, left by an interrupted run", path.display());
+            }
+        } else if file.starts_with(&format!("{name}.old-")) && !out.exists() {
+            if std::fs::rename(&path, out).is_ok() {
+                eprintln!(
+                    "note: restored {} from {}, moved aside by an interrupted --force run",
+                    out.display(),
+                    path.display()
+                );
+            }
+        } else if file.starts_with(&format!("{name}.old-")) && std::fs::remove_dir_all(&path).is_ok() {
+            eprintln!("note: removed {}, left by an interrupted --force run", path.display());
+        }
+    }
+}
+
+/// Bytes available to this user on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a statvfs struct to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 impl Drop for OutputDir {
@@ -125,7 +189,7 @@ impl ShardWriter {
     }
 
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.w.write_all(bytes).with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.w.write_all(bytes).map_err(|e| self.write_error(e))?;
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -136,16 +200,30 @@ impl ShardWriter {
         use std::io::{Read, Seek, SeekFrom};
         let mut f = src.try_clone().context("cannot duplicate an input file handle")?;
         f.seek(SeekFrom::Start(at)).context("cannot seek in an input file")?;
-        let copied = std::io::copy(&mut f.take(len), &mut self.w)
-            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        let copied = std::io::copy(&mut f.take(len), &mut self.w).map_err(|e| self.write_error(e))?;
         anyhow::ensure!(copied == len, "input ended early: copied {copied} of {len} bytes to {}", self.path.display());
         self.written += len;
         Ok(())
     }
 
+    fn write_error(&self, e: std::io::Error) -> anyhow::Error {
+        let folder = self.path.parent().unwrap_or(Path::new(".")).display();
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            anyhow::anyhow!(
+                "the disk holding {folder} is full after {} of the {} bytes of {}",
+                self.written,
+                self.expected,
+                self.path.display()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("cannot write {}", self.path.display()))
+        }
+    }
+
     /// Flush, check that exactly the planned number of bytes went in, and hand back the file for
     /// the caller to fsync.
-    pub fn finish(self) -> Result<(File, PathBuf)> {
+    pub fn finish(mut self) -> Result<(File, PathBuf)> {
+        self.w.flush().map_err(|e| self.write_error(e))?;
         anyhow::ensure!(
             self.written == self.expected,
             "internal error: wrote {} bytes to {}, planned {}",

@@ -1,0 +1,153 @@
+//! Crashes and full disks: `kill -9` at random moments of a merge never leaves a half-written
+//! --out (with --force the old one stays intact or is replaced whole), the next run clears what
+//! was left, and an output that cannot fit is refused before anything is written.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::time::Duration;
+
+/// A base of 4 f32 [1024, 1024] weights (16 MB) and a Bone adapter on them, written by hand.
+fn make_inputs(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = dir.join("base");
+    let adapter = dir.join("adapter");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::create_dir_all(&adapter).unwrap();
+    let (o, i, r) = (1024, 1024, 16);
+    let mut w = std::collections::BTreeMap::new();
+    let mut a = std::collections::BTreeMap::new();
+    for l in 0..4 {
+        let vals: Vec<f32> = (0..o * i).map(|k| ((k * 7 + l) % 1000) as f32 * 1e-4).collect();
+        w.insert(format!("model.layers.{l}.self_attn.q_proj.weight"), f32_tensor(vec![o, i], &vals));
+        let blk: Vec<f32> = (0..r * o).map(|k| ((k * 13 + l) % 100) as f32 * 1e-5).collect();
+        a.insert(
+            format!("base_model.model.model.layers.{l}.self_attn.q_proj.bone_block"),
+            f32_tensor(vec![r, o], &blk),
+        );
+    }
+    save(&base.join("model.safetensors"), &w);
+    std::fs::write(base.join("config.json"), r#"{"model_type": "llama", "tie_word_embeddings": false}"#).unwrap();
+    save(&adapter.join("adapter_model.safetensors"), &a);
+    std::fs::write(adapter.join("adapter_config.json"), r#"{"peft_type": "BONE", "r": 16, "init_weights": true}"#)
+        .unwrap();
+    (base, adapter)
+}
+
+#[test]
+fn kill_9_at_random_moments_never_leaves_a_partial_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter) = make_inputs(tmp.path());
+    let reference = tmp.path().join("reference");
+    merge(&base, &adapter, &reference);
+    let expected = load(&reference);
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = work.join("out");
+    let (mut killed, mut finished) = (0, 0);
+    for round in 0..16u64 {
+        let mut child = bin()
+            .args(["-q", "merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--force", "--no-fsync"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis((round * 37) % 90));
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().unwrap();
+        if status.success() {
+            finished += 1
+        } else {
+            killed += 1
+        }
+        // --out is absent (first rounds) or complete: never a mixture
+        if out.exists() {
+            let got = load(&out);
+            assert_eq!(got.len(), expected.len(), "round {round}");
+            assert!(got.iter().all(|(k, t)| expected[k].data == t.data), "round {round}: a partial output");
+        }
+    }
+    // The next run clears what the killed ones left, and says so.
+    let o = run(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
+    ok(&o);
+    assert_eq!(leftovers(&work, ".tmp-"), Vec::<String>::new());
+    assert_eq!(leftovers(&work, ".old-"), Vec::<String>::new());
+    assert!(load(&out).iter().all(|(k, t)| expected[k].data == t.data));
+    eprintln!("{killed} runs killed, {finished} finished before the kill");
+    assert!(killed >= 4, "the loop must interrupt some runs ({killed} killed)");
+}
+
+#[test]
+fn leftovers_are_cleared_and_a_moved_aside_output_restored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    // a temporary folder whose writer is gone, and an old output moved aside by a --force run
+    // that died before putting the new one in place
+    let stale = tmp.path().join("out.tmp-deadbeef");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join(".bone-tool-owner"), "4000000000").unwrap();
+    let aside = tmp.path().join("out.old-cafe");
+    std::fs::create_dir(&aside).unwrap();
+    std::fs::write(aside.join("marker"), "old").unwrap();
+    // a temporary folder of a live writer (this test process) is left alone
+    let live = tmp.path().join("out.tmp-live");
+    std::fs::create_dir(&live).unwrap();
+    std::fs::write(live.join(".bone-tool-owner"), std::process::id().to_string()).unwrap();
+    let base = fixtures().join("bases/llama-f32");
+    let adapter = fixtures().join("cases/bone-default-f32/adapter");
+    let o = run(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("removed") && err.contains("out.tmp-deadbeef") && err.contains("restored"), "{err}");
+    assert!(!stale.exists() && live.exists() && !aside.exists());
+    assert!(out.join("model.safetensors").exists(), "the new output replaced the restored old one");
+}
+
+#[test]
+fn an_output_that_cannot_fit_is_refused_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=150k", "tmpfs", mnt.to_str().unwrap()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("cannot mount a small tmpfs here (not root?): full-disk refusal not checked");
+        return;
+    }
+    let out = mnt.join("out");
+    let o = run(&[
+        "merge",
+        "--base",
+        fixtures().join("bases/llama-f32").to_str().unwrap(),
+        "--adapter",
+        fixtures().join("cases/bone-default-f32/adapter").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let listing: Vec<_> = std::fs::read_dir(&mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("not enough free space") && err.contains("small") && err.contains("190202 bytes"), "{err}");
+    assert!(listing.is_empty(), "nothing written: {listing:?}");
+}
