@@ -1,0 +1,16 @@
+//! Any text as adapter_config.json: parsing either fails with a message or gives a config whose
+//! r and mini_r are positive.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let mut warnings = vec![];
+        let path = std::path::Path::new("adapter_config.json");
+        if let Ok(c) = bone_tool::adapter::AdapterConfig::parse(path, text, &mut warnings) {
+            assert!(c.r > 0 && c.mini_r > 0);
+        } else {
+            assert!(warnings.len() < 1 << 20);
+        }
+    }
+});
