@@ -16,5 +16,5 @@ for f in ../fixtures/cases/*/adapter*/adapter_config.json; do cp "$f" "corpus/ad
 for t in "${targets[@]}"; do
   echo "== $t ($secs s)"
   cargo +nightly fuzz run "$t" --release -- -max_total_time="$secs" -rss_limit_mb=2048 -malloc_limit_mb=1024 2>&1 \
-    | grep -E "^#[0-9]+ +(DONE|INITED)|Done [0-9]+ runs|ERROR|SUMMARY|crash-|leak-|timeout-|oom-" || true
+    | grep -E "^#[0-9]+[[:space:]]+(DONE|INITED)|Done [0-9]+ runs|ERROR|SUMMARY|crash-|leak-|timeout-|oom-" || true
 done

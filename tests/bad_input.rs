@@ -168,11 +168,30 @@ fn corrupt_headers() {
             "overlap",
         ),
         (format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}}}"#), vec![0; 16], "overlap"),
+        // shapes whose product overflows
+        (
+            format!(r#"{{"{key}":{{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}}}"#),
+            vec![0; 8],
+            "overflows",
+        ),
+        // the same name twice with different data: one of them leaves a gap
+        (
+            format!(
+                r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}},"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}}}"#
+            ),
+            vec![0; 16],
+            "gap",
+        ),
     ];
     for (header, data, needle) in cases {
         handmade(&f, &header, &data);
         fails(&args, Some(&out), &[&a], &["adapter_model.safetensors", needle]);
     }
+    // a header that is not UTF-8
+    let mut bytes = 8u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&[b'{', 0xff, 0xfe, b'}', b' ', b' ', b' ', b' ']);
+    std::fs::write(&f, bytes).unwrap();
+    fails(&args, Some(&out), &[&a], &["adapter_model.safetensors", "not valid UTF-8"]);
 }
 
 #[test]
@@ -427,4 +446,58 @@ fn a_merge_that_overflows_stops_unless_allowed() {
     ok(&run(&args));
     let v = values(&load(&out)["model.layers.1.self_attn.v_proj.weight"]);
     assert!(v.iter().all(|x| x.is_infinite()), "written as asked");
+}
+
+#[test]
+fn symlinks_out_of_the_folder_are_refused_but_the_hf_cache_layout_works() {
+    let e = Env::new();
+    let a = fixtures().join("cases/bone-default-f32/adapter");
+    // a model folder whose weights are a link to a file elsewhere
+    let elsewhere = e.path("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::copy(base_f32().join("model.safetensors"), elsewhere.join("weights.bin")).unwrap();
+    let linked = e.path("linked");
+    std::fs::create_dir(&linked).unwrap();
+    std::os::unix::fs::symlink(elsewhere.join("weights.bin"), linked.join("model.safetensors")).unwrap();
+    let out = e.path("out");
+    fails(&merge_args(s(&linked), s(&a), s(&out)), Some(&out), &[&elsewhere], &["symbolic link", "outside its folder"]);
+    // a Hugging Face cache snapshot: models--org--name/snapshots/<rev>/model.safetensors -> ../../blobs/<hash>
+    let repo = e.path("hub/models--org--tiny");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("snapshots/abc123")).unwrap();
+    std::fs::copy(base_f32().join("model.safetensors"), repo.join("blobs/0123abcd")).unwrap();
+    std::os::unix::fs::symlink("../../blobs/0123abcd", repo.join("snapshots/abc123/model.safetensors")).unwrap();
+    let snapshot = repo.join("snapshots/abc123");
+    ok(&run(&["-q", "merge", "--base", s(&snapshot), "--adapter", s(&a), "--out", s(&out)]));
+    let (ours, peft) = (load(&out), load(&fixtures().join("cases/bone-default-f32/merged")));
+    assert!(ours.iter().all(|(k, t)| peft[k].data == t.data));
+}
+
+#[test]
+fn huge_headers_and_shards_listed_twice_are_refused() {
+    let e = Env::new();
+    // a header length of 200 MB: refused before anything is allocated
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    let mut bytes = 200_000_000u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}      ");
+    std::fs::write(a.join("adapter_model.safetensors"), bytes).unwrap();
+    let out = e.path("out");
+    fails(&merge_args(s(&base_f32()), s(&a), s(&out)), Some(&out), &[&a], &["adapter_model.safetensors", "100 MB"]);
+    // the same shard under two names in the index: its tensors would be stored twice
+    let b = e.copy("bases/llama-bf16-sharded", "base");
+    std::fs::copy(b.join("model-00001-of-00003.safetensors"), b.join("copy.safetensors")).unwrap();
+    let idx = b.join("model.safetensors.index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&idx).unwrap()).unwrap();
+    let first = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, v)| *v == "model-00001-of-00003.safetensors")
+        .unwrap()
+        .0
+        .clone();
+    index["weight_map"][&first] = "copy.safetensors".into();
+    std::fs::write(&idx, serde_json::to_string_pretty(&index).unwrap()).unwrap();
+    let adapter = fixtures().join("cases/miss-default-sharded-bf16/adapter");
+    fails(&merge_args(s(&b), s(&adapter), s(&out)), Some(&out), &[&b], &["stored twice", "copy.safetensors"]);
 }

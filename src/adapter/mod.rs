@@ -102,6 +102,7 @@ impl Adapter {
             }
             return Err(input(format!("{d}: no {WEIGHTS_NAME}")));
         }
+        crate::model::check_link(&weights)?;
         let file = SafetensorsFile::open(&weights)?;
         let mut adapter =
             Adapter { dir, config, file, blocks: vec![], replacements: vec![], ignored: vec![], warnings };

@@ -45,6 +45,7 @@ impl Model {
                 let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
                 return Self::open_index(path, &folder, &name);
             }
+            check_link(path)?;
             let shard = SafetensorsFile::open(path)?;
             return Self::assemble(path, None, vec![shard], None, None, None);
         }
@@ -54,6 +55,7 @@ impl Model {
             return Self::open_index(&folder.join(INDEX_NAME), &folder, INDEX_NAME);
         }
         if folder.join(SINGLE_NAME).is_file() {
+            check_link(&folder.join(SINGLE_NAME))?;
             let shard = SafetensorsFile::open(&folder.join(SINGLE_NAME))?;
             return Self::assemble(path, Some(folder), vec![shard], None, None, config);
         }
@@ -65,6 +67,7 @@ impl Model {
             return Self::open_index(&folder.join(&indexes[0]), &folder, &indexes[0]);
         }
         if found.len() == 1 && found[0] != "adapter_model.safetensors" {
+            check_link(&folder.join(&found[0]))?;
             let shard = SafetensorsFile::open(&folder.join(&found[0]))?;
             return Self::assemble(path, Some(folder), vec![shard], None, None, config);
         }
@@ -85,6 +88,7 @@ impl Model {
 
     fn open_index(index_path: &Path, folder: &Path, index_name: &str) -> Result<Model> {
         let ip = index_path.display();
+        check_link(index_path)?;
         let index = read_json(index_path)?;
         let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
             input(format!(
@@ -117,6 +121,7 @@ impl Model {
                     folder.display()
                 )));
             }
+            check_link(&p)?;
             shards.push(SafetensorsFile::open(&p)?);
         }
         // Every tensor the index names must be in the shard it names.
@@ -188,6 +193,37 @@ impl Model {
     pub fn ties_embeddings(&self) -> Option<bool> {
         self.config.as_ref()?.get("tie_word_embeddings")?.as_bool()
     }
+}
+
+/// A weights file that is a symbolic link must point inside its folder, or, in a Hugging Face cache
+/// snapshot (`models--*/snapshots/<rev>/`), into that repository's `blobs/`.
+pub fn check_link(path: &Path) -> Result<()> {
+    let is_link = std::fs::symlink_metadata(path).map(|m| m.file_type().is_symlink()).unwrap_or(false);
+    if !is_link {
+        return Ok(());
+    }
+    let folder = path.parent().unwrap_or(Path::new("."));
+    let folder = folder.canonicalize().unwrap_or_else(|_| folder.to_path_buf());
+    let target = path
+        .canonicalize()
+        .map_err(|e| input(format!("{}: broken symbolic link: {}", path.display(), io_reason(&e))))?;
+    if target.starts_with(&folder) {
+        return Ok(());
+    }
+    let snapshots = folder.parent().filter(|p| p.file_name().is_some_and(|n| n == "snapshots"));
+    let repo =
+        snapshots.and_then(Path::parent).filter(|r| r.file_name().is_some_and(|n| n.to_string_lossy().contains("--")));
+    if let Some(repo) = repo {
+        if target.starts_with(repo.join("blobs")) {
+            return Ok(());
+        }
+    }
+    Err(input(format!(
+        "{} is a symbolic link to {}, outside its folder: copy the file into the folder (links are followed only \
+         inside it, or into a Hugging Face cache's blobs/)",
+        path.display(),
+        target.display()
+    )))
 }
 
 pub fn file_name(p: &Path) -> String {
