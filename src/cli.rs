@@ -221,6 +221,15 @@ pub struct ApplyOptions {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 
+    /// Print the plan (each changed tensor and how, the files and their sizes, memory) and exit
+    /// without writing anything
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Print one JSON object on stdout: with --dry-run the plan, else a summary of the run
+    #[arg(long)]
+    pub json: bool,
+
     /// Write values that become inf or NaN (by default, as PEFT's safe_merge, such a value stops
     /// the run with an error naming the tensor)
     #[arg(long)]

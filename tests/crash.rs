@@ -91,16 +91,14 @@ fn leftovers_are_cleared_and_a_moved_aside_output_restored() {
     let out = tmp.path().join("out");
     // a temporary folder whose writer is gone, and an old output moved aside by a --force run
     // that died before putting the new one in place
-    let stale = tmp.path().join("out.tmp-deadbeef");
+    let stale = tmp.path().join("out.tmp-4000000000-deadbeef");
     std::fs::create_dir(&stale).unwrap();
-    std::fs::write(stale.join(".bone-tool-owner"), "4000000000").unwrap();
     let aside = tmp.path().join("out.old-cafe");
     std::fs::create_dir(&aside).unwrap();
     std::fs::write(aside.join("marker"), "old").unwrap();
     // a temporary folder of a live writer (this test process) is left alone
-    let live = tmp.path().join("out.tmp-live");
+    let live = tmp.path().join(format!("out.tmp-{}-live", std::process::id()));
     std::fs::create_dir(&live).unwrap();
-    std::fs::write(live.join(".bone-tool-owner"), std::process::id().to_string()).unwrap();
     let base = fixtures().join("bases/llama-f32");
     let adapter = fixtures().join("cases/bone-default-f32/adapter");
     let o = run(&[
@@ -115,7 +113,10 @@ fn leftovers_are_cleared_and_a_moved_aside_output_restored() {
     ]);
     ok(&o);
     let err = stderr(&o);
-    assert!(err.contains("removed") && err.contains("out.tmp-deadbeef") && err.contains("restored"), "{err}");
+    assert!(
+        err.contains("removed") && err.contains("out.tmp-4000000000-deadbeef") && err.contains("restored"),
+        "{err}"
+    );
     assert!(!stale.exists() && live.exists() && !aside.exists());
     assert!(out.join("model.safetensors").exists(), "the new output replaced the restored old one");
 }

@@ -21,7 +21,7 @@ pub fn run(
     quiet: bool,
 ) -> Result<()> {
     let started = Instant::now();
-    if out.exists() && !opts.force {
+    if out.exists() && !opts.force && !opts.dry_run {
         // Say so before any work; OutputDir::create checks again.
         return Err(input(format!(
             "{} already exists: choose another --out, or pass --force to replace it",
@@ -39,6 +39,15 @@ pub fn run(
     let plan = plan::build(&base, &adapters, direction, options)?;
     for w in &plan.warnings {
         eprintln!("warning: {w}");
+    }
+    if opts.dry_run {
+        let summary = plan_summary(&plan, &adapters, out, opts.force);
+        if opts.json {
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        } else {
+            print!("{}", render_plan(&summary));
+        }
+        return Ok(());
     }
 
     let (device, note) = Device::select(opts.device)?;
@@ -58,7 +67,23 @@ pub fn run(
     }
     dir.commit(!opts.no_fsync)?;
 
-    if !quiet {
+    if opts.json {
+        let files: Vec<_> = plan.shards.iter().map(|s| s.file_name.clone()).collect();
+        let summary = serde_json::json!({
+            "command": if direction == Direction::Merge { "merge" } else { "unmerge" },
+            "model": model.display().to_string(),
+            "adapters": adapter_paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "out": out.display().to_string(),
+            "device": device.name(),
+            "tensors_changed": plan.changed,
+            "tensors_copied": plan.copied,
+            "files": files,
+            "bytes_written": total,
+            "seconds": started.elapsed().as_secs_f64(),
+            "warnings": plan.warnings.iter().chain(&late_warnings).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else if !quiet {
         let verb = if direction == Direction::Merge { "merged" } else { "unmerged" };
         let secs = started.elapsed().as_secs_f64();
         eprintln!(
@@ -74,6 +99,104 @@ pub fn run(
         );
     }
     Ok(())
+}
+
+/// The plan as data: what `--dry-run` shows.
+fn plan_summary(plan: &plan::Plan, adapters: &[Adapter], out: &Path, force: bool) -> serde_json::Value {
+    use crate::plan::Op;
+    let describe = |op: &Op| -> String {
+        let name = |a: &usize| adapters[*a].dir.display().to_string();
+        match op {
+            Op::Replace { adapter, src } => format!("replaced by {:?} of {}", src.name, name(adapter)),
+            Op::Periodic { adapter, r, cols, sign, block, .. } => format!(
+                "{} block {:?} (r {r}, repeating every {cols} rows) of {}",
+                if *sign > 0.0 { "add" } else { "subtract" },
+                block.shape,
+                name(adapter)
+            ),
+            Op::Bat { adapter, r, inverse, .. } => {
+                format!("{} (r {r}) of {}", if *inverse { "BAT unmerge" } else { "BAT merge" }, name(adapter))
+            }
+        }
+    };
+    let changed: Vec<_> = plan
+        .shards
+        .iter()
+        .flat_map(|s| s.jobs.iter().map(move |j| (s, j)))
+        .filter(|(_, j)| !j.ops.is_empty())
+        .map(|(s, j)| {
+            serde_json::json!({
+                "tensor": j.name, "file": s.file_name, "dtype": format!("{:?}", j.src.dtype), "shape": j.src.shape,
+                "ops": j.ops.iter().map(describe).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let files: Vec<_> = plan
+        .shards
+        .iter()
+        .map(|s| serde_json::json!({"file": s.file_name, "tensors": s.jobs.len(), "bytes": s.header.len() as u64 + s.data_bytes}))
+        .collect();
+    serde_json::json!({
+        "out": out.display().to_string(),
+        "out_exists": out.exists(),
+        "would_replace": out.exists() && force,
+        "files": files,
+        "index": plan.index.as_ref().map(|(n, _)| n.clone()),
+        "side_files": plan.side_files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        "tensors_changed": plan.changed,
+        "tensors_copied": plan.copied,
+        "bytes": plan.total_bytes(),
+        // pieces in flight (reader, compute, writer and the channels between) of at most 16 MB each
+        "estimated_peak_memory_bytes": 128u64 << 20,
+        "changed": changed,
+        "warnings": plan.warnings,
+    })
+}
+
+fn render_plan(p: &serde_json::Value) -> String {
+    let mut s = String::new();
+    for c in p["changed"].as_array().into_iter().flatten() {
+        let ops: Vec<&str> = c["ops"].as_array().into_iter().flatten().filter_map(|o| o.as_str()).collect();
+        s.push_str(&format!(
+            "change {:<48} {} {}: {}\n",
+            c["tensor"].as_str().unwrap_or(""),
+            c["dtype"].as_str().unwrap_or(""),
+            c["shape"],
+            ops.join("; then ")
+        ));
+    }
+    for f in p["files"].as_array().into_iter().flatten() {
+        s.push_str(&format!(
+            "write  {:<48} {} tensors, {}\n",
+            f["file"].as_str().unwrap_or(""),
+            f["tensors"],
+            HumanBytes(f["bytes"].as_u64().unwrap_or(0))
+        ));
+    }
+    if let Some(i) = p["index"].as_str() {
+        s.push_str(&format!("write  {i}\n"));
+    }
+    for f in p["side_files"].as_array().into_iter().flatten() {
+        s.push_str(&format!("copy   {}\n", f.as_str().unwrap_or("")));
+    }
+    let exists = if p["out_exists"] == true {
+        if p["would_replace"] == true {
+            " (replacing the existing folder)"
+        } else {
+            " (exists: --force needed)"
+        }
+    } else {
+        ""
+    };
+    s.push_str(&format!(
+        "plan: {} tensors changed, {} copied as bytes, {} to {}{exists}; memory about {}; nothing written (--dry-run)\n",
+        p["tensors_changed"],
+        p["tensors_copied"],
+        HumanBytes(p["bytes"].as_u64().unwrap_or(0)),
+        p["out"].as_str().unwrap_or(""),
+        HumanBytes(p["estimated_peak_memory_bytes"].as_u64().unwrap_or(0))
+    ));
+    s
 }
 
 fn progress_bar(total: u64, quiet: bool) -> ProgressBar {

@@ -47,12 +47,11 @@ impl OutputDir {
                 )));
             }
         }
-        let tmp = parent.join(format!("{name}.tmp-{}", random_suffix()));
+        // The writer's pid is part of the name: a later run can tell a live writer from a dead one.
+        let tmp = parent.join(format!("{name}.tmp-{}-{}", std::process::id(), random_suffix()));
         std::fs::create_dir(&tmp).map_err(|e| {
             input(format!("cannot write the output beside {shown} (in {}): {}", parent.display(), io_reason(&e)))
         })?;
-        // Who owns this folder: a later run removes it only once this process is gone.
-        let _ = std::fs::write(tmp.join(OWNER_FILE), std::process::id().to_string());
         Ok(OutputDir { out: out.to_path_buf(), tmp, force, committed: false })
     }
 
@@ -68,7 +67,6 @@ impl OutputDir {
     /// Rename the finished folder into place (replacing an old `--out` only now, with `--force`).
     /// With `fsync`, the folder's entries are made durable first and the rename after.
     pub fn commit(mut self, fsync: bool) -> Result<()> {
-        let _ = std::fs::remove_file(self.tmp.join(OWNER_FILE));
         if fsync {
             sync_dir(&self.tmp)?;
         }
@@ -97,22 +95,19 @@ impl OutputDir {
     }
 }
 
-/// Inside a temporary output folder: the pid of the process writing it.
-const OWNER_FILE: &str = ".bone-tool-owner";
-
 /// Remove the temporary folders that runs killed before they finished left beside `out`
-/// (`<name>.tmp-*` whose owner is gone), and put back an old output that a `--force` run killed
+/// (`<name>.tmp-<pid>-*` whose pid is gone), and put back an old output that a `--force` run killed
 /// between its two renames had moved aside (`<name>.old-*` while `<name>` is missing). Says so.
 fn clear_leftovers(parent: &Path, name: &str, out: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     for e in entries.filter_map(|e| e.ok()) {
         let file = e.file_name().to_string_lossy().into_owned();
         let path = e.path();
-        if file.starts_with(&format!("{name}.tmp-")) && path.is_dir() {
-            let owner = std::fs::read_to_string(path.join(OWNER_FILE)).ok().and_then(|p| p.trim().parse::<u32>().ok());
+        if let Some(rest) = file.strip_prefix(&format!("{name}.tmp-")).filter(|_| path.is_dir()) {
+            let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
             let alive = match owner {
                 Some(pid) => Path::new(&format!("/proc/{pid}")).exists(),
-                // no owner yet (just created) or any more (being renamed): leave it unless it is old
+                // not named by this version: leave it unless it is old
                 None => e
                     .metadata()
                     .and_then(|m| m.modified())
