@@ -67,16 +67,7 @@ fn kill_9_at_random_moments_never_leaves_a_partial_output() {
         }
     }
     // The next run clears what the killed ones left, and says so.
-    let o = run(&[
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = merge_with(&base, &adapter, &out, &["--force"]);
     ok(&o);
     assert_eq!(leftovers(&work, ".tmp-"), Vec::<String>::new());
     assert_eq!(leftovers(&work, ".old-"), Vec::<String>::new());
@@ -101,16 +92,7 @@ fn leftovers_are_cleared_and_a_moved_aside_output_restored() {
     std::fs::create_dir(&live).unwrap();
     let base = fixtures().join("bases/llama-f32");
     let adapter = fixtures().join("cases/bone-default-f32/adapter");
-    let o = run(&[
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--force",
-    ]);
+    let o = merge_with(&base, &adapter, &out, &["--force"]);
     ok(&o);
     let err = stderr(&o);
     assert!(

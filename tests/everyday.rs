@@ -52,17 +52,7 @@ fn json_summary_after_a_run() {
     let out = tmp.path().join("out");
     let base = fixtures().join("bases/llama-f32");
     let adapter = fixtures().join("cases/bone-default-f32/adapter");
-    let o = run(&[
-        "-q",
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--json",
-    ]);
+    let o = merge_with(&base, &adapter, &out, &["-q", "--json"]);
     ok(&o);
     let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(j["command"], "merge");

@@ -33,18 +33,17 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `bone-tool merge --base BASE --adapter ADAPTER --out OUT EXTRA...`, whatever its outcome.
+pub fn merge_with(base: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()];
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(extra);
+    run(&args)
+}
+
 /// `bone-tool -q merge --base BASE --adapter ADAPTER --out OUT`, which must succeed.
 pub fn merge(base: &Path, adapter: &Path, out: &Path) {
-    ok(&run(&[
-        "-q",
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]));
+    ok(&merge_with(base, adapter, out, &["-q"]));
 }
 
 /// Assert success, showing stderr otherwise.
