@@ -14,6 +14,13 @@ fn main() {
     faer::set_global_parallelism(faer::Par::Seq);
     let _ = ctrlc::set_handler(bone_tool::execute::request_interrupt);
     if let Err(e) = bone_tool::commands::run(&cli) {
+        // `bone-tool man | head`: a reader that stops early is not an error.
+        let broken_pipe = e
+            .chain()
+            .any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe));
+        if broken_pipe {
+            std::process::exit(0);
+        }
         eprintln!("error: {}", one_line(&e));
         std::process::exit(exit_code(&e));
     }

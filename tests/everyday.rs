@@ -60,3 +60,20 @@ fn json_summary_after_a_run() {
     assert_eq!(j["bytes_written"], std::fs::metadata(out.join("model.safetensors")).unwrap().len());
     assert_eq!(j["device"], "cpu");
 }
+
+#[test]
+fn completions_and_man_page_come_from_the_command_line_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = run(&["completions", shell]);
+        ok(&o);
+        let text = stdout(&o);
+        for sub in ["merge", "unmerge", "inspect", "verify", "convert"] {
+            assert!(text.contains(sub), "{shell}: {sub}");
+        }
+        assert!(text.contains("adapter-prefix"), "{shell}");
+    }
+    let o = run(&["man"]);
+    ok(&o);
+    let roff = stdout(&o);
+    assert!(roff.contains(".TH bone-tool 1") && roff.contains("merge") && roff.contains("Exit codes"), "{roff}");
+}

@@ -16,5 +16,15 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Inspect(InspectCommand::Adapter(a)) => inspect::adapter(a),
         Command::Convert(a) => convert::run(a, cli.quiet),
         Command::Verify(a) => verify::run(a, cli.quiet),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "bone-tool", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(())
+        }
     }
 }
