@@ -6,6 +6,7 @@
 //! Exit 0: all equal within one ulp. Exit 1: a difference (listed). Exit 2: no usable GPU (the
 //! reason is printed): this check then checked nothing.
 
+use bone_tool::ops::dtype::Float;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,30 +29,13 @@ fn load(dir: &Path) -> BTreeMap<String, (Dtype, Vec<u8>)> {
 
 /// Largest distance in ulps between two encodings of the same dtype.
 fn max_ulps(d: Dtype, a: &[u8], b: &[u8]) -> u64 {
-    let key = |bits: i64, sign: i64| if bits & sign != 0 { -(bits & (sign - 1)) } else { bits };
-    match d {
-        Dtype::F32 => a
-            .chunks_exact(4)
-            .zip(b.chunks_exact(4))
-            .map(|(x, y)| {
-                let kx = key(u32::from_le_bytes(x.try_into().unwrap()) as i64, 1 << 31);
-                let ky = key(u32::from_le_bytes(y.try_into().unwrap()) as i64, 1 << 31);
-                (kx - ky).unsigned_abs()
-            })
-            .max()
-            .unwrap_or(0),
-        Dtype::F16 | Dtype::BF16 => a
-            .chunks_exact(2)
-            .zip(b.chunks_exact(2))
-            .map(|(x, y)| {
-                let kx = key(u16::from_le_bytes(x.try_into().unwrap()) as i64, 1 << 15);
-                let ky = key(u16::from_le_bytes(y.try_into().unwrap()) as i64, 1 << 15);
-                (kx - ky).unsigned_abs()
-            })
-            .max()
-            .unwrap_or(0),
-        _ => u64::from(a != b) * u64::MAX,
-    }
+    let Some(f) = Float::from_dtype(d) else {
+        return u64::from(a != b) * u64::MAX;
+    };
+    let (mut x, mut y) = (vec![0f32; a.len() / f.size()], vec![0f32; b.len() / f.size()]);
+    f.decode(a, &mut x);
+    f.decode(b, &mut y);
+    x.iter().zip(&y).filter(|(p, q)| p.to_bits() != q.to_bits()).map(|(p, q)| f.ulps(*p, *q)).max().unwrap_or(0)
 }
 
 fn main() {

@@ -259,20 +259,11 @@ fn compare_bytes(job: &TensorJob, ours: &[u8], theirs: &[u8], check: &mut Tensor
     let (mut a, mut b) = (vec![0f32; ours.len() / n], vec![0f32; ours.len() / n]);
     d.decode(ours, &mut a);
     d.decode(theirs, &mut b);
-    let key = |v: f32| -> i64 {
-        let bits = v.to_bits() as i64;
-        let ordered = if bits & (1 << 31) != 0 { -(bits & 0x7fff_ffff) } else { bits };
-        match d {
-            Float::F32 => ordered,
-            Float::BF16 => ordered >> 16,
-            Float::F16 => ordered >> 13,
-        }
-    };
     for (x, y) in a.iter().zip(&b) {
         if x.to_bits() == y.to_bits() {
             continue;
         }
-        let ulp = if x.is_nan() || y.is_nan() { u64::MAX } else { (key(*x) - key(*y)).unsigned_abs() };
+        let ulp = d.ulps(*x, *y);
         check.max_ulp = check.max_ulp.max(ulp);
         check.max_abs = check.max_abs.max(((*x as f64) - (*y as f64)).abs());
     }

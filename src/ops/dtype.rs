@@ -187,6 +187,24 @@ impl Float {
         }
     }
 
+    /// Distance between two values of this type, in units in the last place (NaN: `u64::MAX`).
+    pub fn ulps(self, a: f32, b: f32) -> u64 {
+        if a.is_nan() || b.is_nan() {
+            return if a.to_bits() == b.to_bits() { 0 } else { u64::MAX };
+        }
+        let key = |v: f32| -> i64 {
+            let bits = v.to_bits() as i64;
+            let ordered = if bits & (1 << 31) != 0 { -(bits & 0x7fff_ffff) } else { bits };
+            match self {
+                Float::F32 => ordered,
+                // bf16 keeps the top 16 bits of the f32 pattern; f16 has 13 fraction bits fewer
+                Float::BF16 => ordered >> 16,
+                Float::F16 => ordered >> 13,
+            }
+        };
+        (key(a) - key(b)).unsigned_abs()
+    }
+
     fn exponent_all_ones(self, e: &[u8]) -> bool {
         match self {
             Float::F32 => u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & 0x7f80_0000 == 0x7f80_0000,
@@ -305,6 +323,15 @@ mod tests {
         let mut b = vec![0u8; 2];
         Float::F16.encode(&[70000.0], &mut b);
         assert_eq!(Float::F16.first_new_non_finite(&[0, 0], &b), Some(0));
+    }
+
+    #[test]
+    fn ulps_counts_units_of_the_dtype() {
+        assert_eq!(Float::BF16.ulps(1.0, 1.0 + 2f32.powi(-7)), 1);
+        assert_eq!(Float::F16.ulps(1.0, 1.0 + 2f32.powi(-10)), 1);
+        assert_eq!(Float::F32.ulps(1.0, 1.0 + f32::EPSILON), 1);
+        assert_eq!(Float::F32.ulps(-0.0, 0.0), 0);
+        assert_eq!(Float::F32.ulps(f32::NAN, 1.0), u64::MAX);
     }
 
     #[test]
