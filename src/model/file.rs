@@ -41,7 +41,6 @@ pub struct SafetensorsFile {
     /// Tensors in the order of their data in the file.
     pub tensors: Vec<TensorEntry>,
     by_name: HashMap<String, usize>,
-    pub metadata: HashMap<String, String>,
     pub len: u64,
 }
 
@@ -71,9 +70,8 @@ impl SafetensorsFile {
             .collect();
         tensors.sort_by_key(|t| (t.start, t.end));
         let by_name = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        let metadata = meta.metadata().clone().unwrap_or_default();
         drop(map);
-        Ok(SafetensorsFile { path: path.to_path_buf(), file, tensors, by_name, metadata, len })
+        Ok(SafetensorsFile { path: path.to_path_buf(), file, tensors, by_name, len })
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorEntry> {

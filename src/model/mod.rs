@@ -180,10 +180,6 @@ impl Model {
         self.tensors.keys().map(String::as_str)
     }
 
-    pub fn num_tensors(&self) -> usize {
-        self.tensors.len()
-    }
-
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
         self.shards.iter().flat_map(|s| s.tensors.iter()).map(|t| t.len_bytes()).sum()

@@ -60,10 +60,6 @@ impl OutputDir {
         &self.tmp
     }
 
-    pub fn final_path(&self) -> &Path {
-        &self.out
-    }
-
     /// Rename the finished folder into place (replacing an old `--out` only now, with `--force`).
     /// With `fsync`, the folder's entries are made durable first and the rename after.
     pub fn commit(mut self, fsync: bool) -> Result<()> {
