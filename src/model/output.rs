@@ -186,14 +186,59 @@ impl ShardWriter {
     }
 
     /// Copy `len` bytes at `at` of `src` to the end of this file, inside the kernel where it can
-    /// (std's `io::copy` uses copy_file_range between files; the buffer is flushed first).
+    /// (copy_file_range; the buffer is flushed first). The source is read at explicit offsets and
+    /// its file position is never used, so several writers may copy from one input at once.
     pub fn copy_from(&mut self, src: &File, at: u64, len: u64) -> Result<()> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = src.try_clone().context("cannot duplicate an input file handle")?;
-        f.seek(SeekFrom::Start(at)).context("cannot seek in an input file")?;
-        let copied = std::io::copy(&mut f.take(len), &mut self.w).map_err(|e| self.write_error(e))?;
-        anyhow::ensure!(copied == len, "input ended early: copied {copied} of {len} bytes to {}", self.path.display());
-        self.written += len;
+        use std::os::unix::io::AsRawFd;
+        self.w.flush().map_err(|e| self.write_error(e))?;
+        let (mut off_in, end) = (at as libc::loff_t, at + len);
+        while (off_in as u64) < end {
+            let want = ((end - off_in as u64) as usize).min(1 << 30);
+            // SAFETY: both descriptors are open files owned by the caller and by self; off_in is a
+            // valid pointer, and a null out-offset means "at the output's position, advancing it".
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    self.w.get_ref().as_raw_fd(),
+                    std::ptr::null_mut(),
+                    want,
+                    0,
+                )
+            };
+            if n > 0 {
+                self.written += n as u64;
+                continue;
+            }
+            if n == 0 {
+                anyhow::bail!(
+                    "input ended early: {} of {len} bytes copied to {}",
+                    off_in as u64 - at,
+                    self.path.display()
+                );
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // not supported between these files: copy through memory
+                Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM | libc::EBADF) => {
+                    return self.copy_through_memory(src, off_in as u64, end);
+                }
+                _ => return Err(self.write_error(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_through_memory(&mut self, src: &File, mut at: u64, end: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; (end - at).min(8 << 20) as usize];
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at).context("cannot read an input file")?;
+            self.write(&buf[..n])?;
+            at += n as u64;
+        }
         Ok(())
     }
 
