@@ -4,9 +4,10 @@ use clap::Parser;
 
 fn main() {
     let cli = Cli::parse();
+    bone_tool::report::set_color(cli.color);
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
-            eprintln!("error: cannot start {n} threads: {e}");
+            bone_tool::report::error(&format!("cannot start {n} threads: {e}"));
             std::process::exit(bone_tool::error::exit::FAILED);
         }
     }
@@ -21,7 +22,7 @@ fn main() {
         if broken_pipe {
             std::process::exit(0);
         }
-        eprintln!("error: {}", one_line(&e));
+        bone_tool::report::error(&one_line(&e));
         std::process::exit(exit_code(&e));
     }
 }
