@@ -38,12 +38,21 @@ pub struct Cli {
     /// Print no progress bar or summary (warnings and errors still go to stderr)
     #[arg(long, short, global = true)]
     pub quiet: bool,
+
+    /// Colour the `error:` and `warning:` labels: `auto` when stderr is a terminal and NO_COLOR is unset
+    #[arg(long, global = true, value_enum, default_value_t = crate::report::ColorChoice::Auto, value_name = "WHEN")]
+    pub color: crate::report::ColorChoice,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Merge adapters into a base model (PEFT's merge_and_unload), writing a new model folder
-    #[command(after_help = "Example:\n  bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged")]
+    #[command(
+        after_help = "Examples:\n  bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged\n  \
+                            bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged --dtype bf16 --max-shard-size 2GB\n  \
+                            bone-tool merge --base ./base-model --each ./runs/* --out-pattern ./merged/{name}\n  \
+                            bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged --dry-run"
+    )]
     Merge(MergeArgs),
     /// Remove merged adapters from a model again (last adapter first), writing a new model folder
     #[command(
@@ -154,6 +163,11 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Print what would be written (tensors, shapes, dtypes, sizes) and exit without computing or
+    /// writing anything
+    #[arg(long)]
+    pub dry_run: bool,
+
     #[command(flatten)]
     pub prefix: PrefixArg,
 }
@@ -173,6 +187,19 @@ pub enum DtypeArg {
     F16,
 }
 
+impl DtypeArg {
+    /// None for `keep`.
+    pub fn float(self) -> Option<crate::ops::dtype::Float> {
+        use crate::ops::dtype::Float;
+        match self {
+            DtypeArg::Keep => None,
+            DtypeArg::F32 => Some(Float::F32),
+            DtypeArg::Bf16 => Some(Float::BF16),
+            DtypeArg::F16 => Some(Float::F16),
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct MergeArgs {
     /// The base model: a folder with model.safetensors or model.safetensors.index.json and its
@@ -182,12 +209,22 @@ pub struct MergeArgs {
 
     /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors). Repeat to stack
     /// adapters: they are merged in the order given
-    #[arg(long = "adapter", value_name = "ADAPTER", required = true)]
+    #[arg(long = "adapter", value_name = "ADAPTER", required_unless_present = "each", conflicts_with = "each")]
     pub adapters: Vec<PathBuf>,
 
     /// The folder to write: the base's files with the adapters merged in
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "each", conflicts_with = "each")]
+    pub out: Option<PathBuf>,
+
+    /// Write one merged model per adapter (each merged alone into the base), reading the base once
+    /// for all of them; needs --out-pattern
+    #[arg(long, value_name = "ADAPTER", num_args = 1.., requires = "out_pattern")]
+    pub each: Vec<PathBuf>,
+
+    /// With --each: where each model goes; `{name}` is replaced by the adapter folder's name
+    /// (e.g. `merged/{name}`)
+    #[arg(long, value_name = "PATTERN", requires = "each")]
+    pub out_pattern: Option<String>,
 
     #[command(flatten)]
     pub opts: ApplyOptions,
@@ -228,8 +265,23 @@ pub struct ApplyOptions {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 
-    /// Print the plan (each changed tensor and how, the files and their sizes, memory) and exit
-    /// without writing anything
+    /// The dtype of the written float tensors (`keep`: each its own). Changed tensors are computed
+    /// in the base's dtype as without it, then rounded once; config.json's torch_dtype follows
+    #[arg(long, value_enum, default_value_t = DtypeArg::Keep)]
+    pub dtype: DtypeArg,
+
+    /// Re-shard the output: at most SIZE of tensor data per file (decimal 500MB, 5GB or binary
+    /// 512MiB), split as Hugging Face does, with a fresh index [default: the base's own files]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_shard_size: Option<u64>,
+
+    /// When the base ties lm_head to embed_tokens and an adapter changes one of them, refuse
+    /// (default: write both tensors and set tie_word_embeddings false, with a warning)
+    #[arg(long)]
+    pub keep_tied: bool,
+
+    /// Print the plan (each changed tensor and how, the files and their sizes, memory and time) and
+    /// exit without writing anything
     #[arg(long)]
     pub dry_run: bool,
 
@@ -254,6 +306,32 @@ pub struct ApplyOptions {
 
     #[command(flatten)]
     pub prefix: PrefixArg,
+}
+
+/// `500MB`, `5GB`, `2GiB`, `1000` (bytes): decimal units as Hugging Face's max_shard_size, binary
+/// ones with `i`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num.parse().map_err(|_| format!("{text:?} is not a size like 500MB, 5GB or 2GiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024f64.powi(2),
+        "GIB" => 1024f64.powi(3),
+        "TIB" => 1024f64.powi(4),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")),
+    };
+    let bytes = (value * scale).round();
+    if bytes < 1.0 {
+        return Err(format!("{text:?}: a shard must hold at least one byte"));
+    }
+    Ok(bytes as u64)
 }
 
 #[derive(Args, Debug, Clone)]

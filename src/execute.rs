@@ -9,6 +9,7 @@ use crate::adapter::Adapter;
 use crate::backend::Device;
 use crate::error::{input, Interrupted, Result};
 use crate::model::output::ShardWriter;
+use crate::model::HEAD;
 use crate::model::{Model, SafetensorsFile, TensorBytes, TensorEntry};
 use crate::ops::dtype::Float;
 use crate::ops::{self, expand_transposed, Prepared};
@@ -79,92 +80,122 @@ fn piece_bytes() -> usize {
 enum Piece<'a> {
     /// Bytes that pass through unchanged, copied file to file.
     Copy { file: &'a SafetensorsFile, start: u64, len: u64, last: bool },
-    /// Rows `row0..` of a changed tensor: the bytes its chain starts from, and the chain.
+    /// Rows `row0..` of a computed tensor: the bytes its chain starts from, and the chain (empty
+    /// when the tensor is only cast to another dtype).
     Rows { job: &'a TensorJob, chain: Arc<Vec<Prepared>>, row0: usize, src: TensorBytes, last: bool },
     /// Computed bytes (the first `len` of `data`), for the writer.
     Bytes { data: Vec<u8>, len: usize, last: bool },
 }
 
-/// Write every file of the plan into `dir`.
+/// One output of a run: its plan, the adapters its ops refer to, and where its bytes go.
+pub struct Output<'a> {
+    pub plan: &'a Plan,
+    pub adapters: &'a [Adapter],
+    pub sink: Sink<'a>,
+}
+
+/// A model folder to write.
+pub struct Target<'a> {
+    pub plan: &'a Plan,
+    pub adapters: &'a [Adapter],
+    pub dir: &'a Path,
+}
+
+/// Write every file of each target's plan into its folder, reading the base once for all of them.
 /// Returns warnings found on the way (badly conditioned BAT blocks).
 /// With `fsync`, every shard is flushed to disk before this returns.
 pub fn run(
-    plan: &Plan,
+    targets: &[Target],
     base: &Model,
-    adapters: &[Adapter],
     device: &Device,
-    dir: &Path,
     opts: RunOptions,
     progress: &ProgressBar,
 ) -> Result<Vec<String>> {
-    let (warnings, _) = run_into(plan, base, adapters, device, Sink::Folder(dir), opts, progress)?;
-    if let Some((name, index)) = &plan.index {
-        let text = serde_json::to_string_pretty(index)? + "\n";
-        std::fs::write(dir.join(name), text).with_context(|| format!("cannot write {}", dir.join(name).display()))?;
-    }
-    for f in &plan.side_files {
-        let to = dir.join(f.file_name().expect("listed from a folder"));
-        std::fs::copy(f, &to).with_context(|| format!("cannot copy {} to {}", f.display(), to.display()))?;
+    let outputs =
+        targets.iter().map(|t| Output { plan: t.plan, adapters: t.adapters, sink: Sink::Folder(t.dir) }).collect();
+    let (warnings, _) = run_into(outputs, base, device, opts, progress)?;
+    for t in targets {
+        let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
+            let path = t.dir.join(name);
+            let text = serde_json::to_string_pretty(value)? + "\n";
+            std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+        };
+        if let Some((name, index)) = &t.plan.index {
+            write_json(name, index)?;
+        }
+        if let Some(config) = &t.plan.config {
+            write_json("config.json", config)?;
+        }
+        for f in &t.plan.side_files {
+            let to = t.dir.join(f.file_name().expect("listed from a folder"));
+            std::fs::copy(f, &to).with_context(|| format!("cannot copy {} to {}", f.display(), to.display()))?;
+        }
     }
     Ok(warnings)
 }
 
-/// Run the pipeline into a sink: returns the warnings, and the comparison for [`Sink::Compare`].
+/// Run the pipeline into the outputs' sinks: returns the warnings, and for each output the
+/// comparison of a [`Sink::Compare`] (empty for a folder).
+///
+/// One reader walks the base once, in order; for each tensor it hands every output the pieces it
+/// needs (the same mapped bytes for all), so N outputs cost one read of the base.
 pub fn run_into(
-    plan: &Plan,
+    outputs: Vec<Output>,
     base: &Model,
-    adapters: &[Adapter],
     device: &Device,
-    sink: Sink,
     opts: RunOptions,
     progress: &ProgressBar,
-) -> Result<(Vec<String>, Vec<TensorCheck>)> {
+) -> Result<(Vec<String>, Vec<Vec<TensorCheck>>)> {
     let fsync = opts.fsync;
-    std::thread::scope(|scope| -> Result<(Vec<String>, Vec<TensorCheck>)> {
-        let (to_compute, from_reader) = sync_channel::<Result<Piece>>(1);
-        let (to_writer, from_compute) = sync_channel::<Piece>(1);
+    let plans: Vec<&Plan> = outputs.iter().map(|o| o.plan).collect();
+    let adapters: Vec<&[Adapter]> = outputs.iter().map(|o| o.adapters).collect();
+    std::thread::scope(|scope| -> Result<(Vec<String>, Vec<Vec<TensorCheck>>)> {
+        let (to_compute, from_reader) = sync_channel::<Result<(usize, Piece)>>(1);
         // Written buffers come back to the compute stage: no fresh pages to fault in per piece.
         let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
+        let plans = &plans;
+        let adapters = &adapters;
 
         let reader = scope.spawn(move || {
             let mut warnings = vec![];
-            for shard in &plan.shards {
-                let input = &base.shards[shard.input];
-                for job in &shard.jobs {
-                    let sent = check_interrupt().and_then(|_| {
-                        pieces(job, input, adapters, &mut warnings, &mut |p| to_compute.send(Ok(p)).is_ok())
-                    });
-                    match sent {
-                        Ok(true) => {}
-                        Ok(false) => return warnings, // a later stage stopped
-                        Err(e) => {
-                            let _ = to_compute.send(Err(e));
-                            return warnings;
-                        }
-                    }
-                }
+            let sent = read_all(plans, base, adapters, &mut warnings, &mut |k, p| to_compute.send(Ok((k, p))).is_ok());
+            if let Err(e) = sent {
+                let _ = to_compute.send(Err(e));
             }
             warnings
         });
 
-        let writer = scope.spawn(move || match sink {
-            Sink::Folder(dir) => write_all(plan, dir, fsync, from_compute, recycle, progress, scope).map(|_| vec![]),
-            Sink::Compare(expected) => compare_all(plan, expected, from_compute, recycle, progress),
-        });
+        let mut to_writers = vec![];
+        let mut writers = vec![];
+        for (k, output) in outputs.into_iter().enumerate() {
+            let (to_writer, from_compute) = sync_channel::<Piece>(1);
+            to_writers.push(to_writer);
+            let recycle = recycle.clone();
+            let plan = output.plan;
+            writers.push(scope.spawn(move || match output.sink {
+                Sink::Folder(dir) => {
+                    write_all(plan, dir, fsync, from_compute, recycle, progress, k == 0, scope).map(|_| vec![])
+                }
+                Sink::Compare(expected) => compare_all(plan, expected, from_compute, recycle, progress),
+            }));
+        }
+        drop(recycle);
 
         let mut computed: Result<()> = Ok(());
+        let mut scratch = vec![];
         for item in from_reader {
-            let step = item.and_then(|piece| match piece {
+            let step = item.and_then(|(k, piece)| match piece {
                 Piece::Rows { job, chain, row0, src, last } => {
                     let mut out = recycled.try_recv().unwrap_or_default();
-                    let len = compute(device, job, &chain, row0, src.bytes(), &mut out, !opts.allow_non_finite)?;
-                    Ok(Piece::Bytes { data: out, len, last })
+                    let check = !opts.allow_non_finite;
+                    let len = compute(device, job, &chain, row0, src.bytes(), &mut out, &mut scratch, check)?;
+                    Ok((k, Piece::Bytes { data: out, len, last }))
                 }
-                other => Ok(other),
+                other => Ok((k, other)),
             });
             match step {
-                Ok(piece) => {
-                    if to_writer.send(piece).is_err() {
+                Ok((k, piece)) => {
+                    if to_writers[k].send(piece).is_err() {
                         break; // the writer failed: its error is the one to report
                     }
                 }
@@ -174,14 +205,161 @@ pub fn run_into(
                 }
             }
         }
-        drop(to_writer);
-        let written =
-            writer.join().unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the writer thread panicked")));
+        drop(to_writers);
+        let mut written = vec![];
+        for w in writers {
+            written
+                .push(w.join().unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: the writer thread panicked"))));
+        }
         let warnings = reader.join().unwrap_or_default();
         computed?;
-        let checks = written?;
+        let checks = written.into_iter().collect::<Result<Vec<_>>>()?;
         Ok((warnings, checks))
     })
+}
+
+/// The reader: the outputs' jobs in step (every plan lists the base's tensors in the base's order,
+/// some with an untied `lm_head` after the embedding), each tensor cut into pieces for every output
+/// that writes it. Returns Ok(false) when a later stage stopped.
+fn read_all<'a>(
+    plans: &[&'a Plan],
+    base: &'a Model,
+    adapters: &[&'a [Adapter]],
+    warnings: &mut Vec<String>,
+    send: &mut dyn FnMut(usize, Piece<'a>) -> bool,
+) -> Result<bool> {
+    let flat: Vec<Vec<&'a TensorJob>> =
+        plans.iter().map(|p| p.shards.iter().flat_map(|s| s.jobs.iter()).collect()).collect();
+    let mut at = vec![0usize; flat.len()];
+    loop {
+        check_interrupt()?;
+        let next: Vec<Option<&TensorJob>> = flat.iter().zip(&at).map(|(f, &i)| f.get(i).copied()).collect();
+        let names: Vec<&str> = next.iter().flatten().map(|j| j.name.as_str()).collect();
+        let Some(&first) = names.first() else {
+            return Ok(true);
+        };
+        // An lm_head that only some outputs untie comes first; otherwise every output is at the same tensor.
+        let name = if names.contains(&HEAD) { HEAD } else { first };
+        let mut sources = vec![];
+        for (k, job) in next.iter().enumerate() {
+            if let Some(job) = job.filter(|j| j.name == name) {
+                sources.push(source(k, job, &base.shards[job.input], adapters[k], warnings)?);
+                at[k] += 1;
+            }
+        }
+        if !tensor_pieces(&sources, send)? {
+            return Ok(false);
+        }
+    }
+}
+
+/// Where one output's tensor comes from and what is done to it.
+struct Source<'a> {
+    output: usize,
+    job: &'a TensorJob,
+    file: &'a SafetensorsFile,
+    entry: &'a TensorEntry,
+    /// A replacement of another dtype, already cast to the base tensor's.
+    converted: Option<Arc<Vec<u8>>>,
+    /// None: the bytes pass as they are.
+    chain: Option<Arc<Vec<Prepared>>>,
+}
+
+/// A job starts from the base tensor's bytes, or from its last replacement's (cast to the base
+/// tensor's dtype), and runs the ops after that replacement; with none and no cast, it is a copy.
+fn source<'a>(
+    output: usize,
+    job: &'a TensorJob,
+    base: &'a SafetensorsFile,
+    adapters: &'a [Adapter],
+    warnings: &mut Vec<String>,
+) -> Result<Source<'a>> {
+    let last_replace = job.ops.iter().rposition(|op| matches!(op, Op::Replace { .. }));
+    let chain_ops = &job.ops[last_replace.map_or(0, |k| k + 1)..];
+    let mut converted = None;
+    let (file, entry) = match last_replace.map(|k| &job.ops[k]) {
+        Some(Op::Replace { adapter, src }) if src.dtype != job.src.dtype => {
+            let raw = adapters[*adapter].file.read_tensor(src)?;
+            converted = Some(Arc::new(convert(&raw, src, &job.src)?));
+            (&adapters[*adapter].file, src)
+        }
+        Some(Op::Replace { adapter, src }) => (&adapters[*adapter].file, src),
+        _ => (base, &job.src),
+    };
+    if chain_ops.is_empty() && converted.is_none() && job.cast_to().is_none() {
+        return Ok(Source { output, job, file, entry, converted, chain: None });
+    }
+    if !chain_ops.is_empty() {
+        job.weight_float().ok_or_else(|| {
+            input(format!("tensor {:?} has dtype {:?}: only float tensors can be changed", job.name, job.src.dtype))
+        })?;
+        if job.src.shape.len() != 2 {
+            return Err(input(format!("tensor {:?} has shape {:?}, expected [out, in]", job.name, job.src.shape)));
+        }
+    }
+    let o = job.src.shape.first().copied().unwrap_or(1);
+    let chain = chain_ops.iter().map(|op| prepare(op, &job.name, o, adapters, warnings)).collect::<Result<Vec<_>>>()?;
+    Ok(Source { output, job, file, entry, converted, chain: Some(Arc::new(chain)) })
+}
+
+/// The rows and columns a tensor is cut by: [shape[0], the rest] (a scalar is one row).
+fn row_view(t: &TensorEntry) -> (usize, usize) {
+    let rows = t.shape.first().copied().unwrap_or(1);
+    (rows, t.numel().checked_div(rows).unwrap_or(0))
+}
+
+/// Cut one tensor into pieces for every output that writes it, the same rows for all of them in
+/// turn, so that the base's bytes are read once while every output uses them.
+fn tensor_pieces<'a>(sources: &[Source<'a>], send: &mut dyn FnMut(usize, Piece<'a>) -> bool) -> Result<bool> {
+    let job = sources[0].job;
+    let total = job.src.len_bytes();
+    if sources.iter().all(|s| s.chain.is_none()) || total == 0 {
+        // Bytes as they are (same length for every output: a replacement has the base's dtype and shape).
+        let chunk = piece_bytes() as u64 * 4;
+        let mut off = 0;
+        loop {
+            let n = (total - off).min(chunk);
+            let last = off + n == total;
+            for s in sources {
+                if !send(s.output, Piece::Copy { file: s.file, start: s.entry.start + off, len: n, last }) {
+                    return Ok(false);
+                }
+            }
+            off += n;
+            if last {
+                return Ok(true);
+            }
+        }
+    }
+    let (rows, cols) = row_view(&job.src);
+    let row_bytes = cols * job.src.dtype.bitsize() / 8;
+    let unit = sources.iter().filter_map(|s| s.chain.as_deref()).map(|c| ops::row_unit(c)).fold(1, ops::lcm);
+    let rows_per_piece = ((piece_bytes() / row_bytes.max(1)) / unit).max(1) * unit;
+    let mut row0 = 0;
+    loop {
+        let n = rows_per_piece.min(rows - row0);
+        let (off, len) = (row0 * row_bytes, n * row_bytes);
+        let last = row0 + n == rows;
+        for s in sources {
+            let piece = match &s.chain {
+                None => Piece::Copy { file: s.file, start: s.entry.start + off as u64, len: len as u64, last },
+                Some(chain) => {
+                    let src = match &s.converted {
+                        Some(all) => TensorBytes::Shared { data: Arc::clone(all), off, len },
+                        None => s.file.map_range(s.entry.start + off as u64, len)?,
+                    };
+                    Piece::Rows { job: s.job, chain: Arc::clone(chain), row0, src, last }
+                }
+            };
+            if !send(s.output, piece) {
+                return Ok(false);
+            }
+        }
+        row0 += n;
+        if last {
+            return Ok(true);
+        }
+    }
 }
 
 /// The compare stage: each tensor's pieces against the expected model's bytes at the same place.
@@ -270,6 +448,7 @@ fn compare_bytes(job: &TensorJob, ours: &[u8], theirs: &[u8], check: &mut Tensor
     check.status = if check.max_ulp <= 1 { "within_1_ulp" } else { "differs" }.into();
 }
 
+#[allow(clippy::too_many_arguments)]
 /// The writer stage: every shard in order, each tensor's pieces as they arrive; fsyncs run in the
 /// background while the next shard is written.
 fn write_all<'scope>(
@@ -279,6 +458,7 @@ fn write_all<'scope>(
     pieces: Receiver<Piece<'scope>>,
     recycle: Sender<Vec<u8>>,
     progress: &'scope ProgressBar,
+    announce: bool,
     scope: &'scope std::thread::Scope<'scope, '_>,
 ) -> Result<()> {
     let total: usize = plan.shards.iter().map(|s| s.jobs.len()).sum();
@@ -312,7 +492,9 @@ fn write_all<'scope>(
                 }
             }
             done += 1;
-            progress.set_message(format!("tensor {done}/{total}"));
+            if announce {
+                progress.set_message(format!("tensor {done}/{total}"));
+            }
         }
         let (file, path) = w.finish()?;
         if fsync {
@@ -325,76 +507,10 @@ fn write_all<'scope>(
     Ok(())
 }
 
-/// Cut a job into pieces and hand each to `send` (false: the pipeline stopped). A job is a byte
-/// copy (untouched, or replaced outright by a tensor of the same dtype), or an op chain over the
-/// bytes it starts from: the last replacement's (cast to the base tensor's dtype) or the base
-/// tensor's, in row ranges.
-fn pieces<'a>(
-    job: &'a TensorJob,
-    base: &'a SafetensorsFile,
-    adapters: &'a [Adapter],
-    warnings: &mut Vec<String>,
-    send: &mut dyn FnMut(Piece<'a>) -> bool,
-) -> Result<bool> {
-    let last_replace = job.ops.iter().rposition(|op| matches!(op, Op::Replace { .. }));
-    let chain_ops = &job.ops[last_replace.map_or(0, |k| k + 1)..];
-    let mut converted = None;
-    let (file, entry) = match last_replace.map(|k| &job.ops[k]) {
-        Some(Op::Replace { adapter, src }) if src.dtype != job.src.dtype => {
-            let raw = adapters[*adapter].file.read_tensor(src)?;
-            converted = Some(Arc::new(convert(&raw, src, &job.src)?));
-            (&adapters[*adapter].file, src)
-        }
-        Some(Op::Replace { adapter, src }) => (&adapters[*adapter].file, src),
-        _ => (base, &job.src),
-    };
-    if chain_ops.is_empty() && converted.is_none() {
-        let (start, len) = (entry.start, entry.len_bytes());
-        let mut at = start;
-        loop {
-            let n = (start + len - at).min(piece_bytes() as u64 * 4);
-            let last = at + n == start + len;
-            if !send(Piece::Copy { file, start: at, len: n, last }) {
-                return Ok(false);
-            }
-            at += n;
-            if last {
-                return Ok(true);
-            }
-        }
-    }
-    let d = job.weight_float().ok_or_else(|| {
-        input(format!("tensor {:?} has dtype {:?}: only float tensors can be changed", job.name, job.src.dtype))
-    })?;
-    let [o, i] = job.src.shape[..] else {
-        return Err(input(format!("tensor {:?} has shape {:?}, expected [out, in]", job.name, job.src.shape)));
-    };
-    let chain =
-        Arc::new(chain_ops.iter().map(|op| prepare(op, &job.name, o, adapters, warnings)).collect::<Result<Vec<_>>>()?);
-    let row_bytes = i * d.size();
-    let unit = ops::row_unit(&chain);
-    let rows_per_piece = ((piece_bytes() / row_bytes.max(1)) / unit).max(1) * unit;
-    let mut row0 = 0;
-    loop {
-        let rows = rows_per_piece.min(o - row0);
-        let (off, len) = (row0 * row_bytes, rows * row_bytes);
-        let src = match &converted {
-            Some(all) => TensorBytes::Shared { data: Arc::clone(all), off, len },
-            None => file.map_range(entry.start + off as u64, len)?,
-        };
-        let last = row0 + rows == o;
-        if !send(Piece::Rows { job, chain: Arc::clone(&chain), row0, src, last }) {
-            return Ok(false);
-        }
-        row0 += rows;
-        if last {
-            return Ok(true);
-        }
-    }
-}
-
-/// Run a tensor's chain on the rows `row0..` held in `src`, writing the result into the start of
-/// `out`; returns the number of bytes written.
+/// Run a tensor's chain on the rows `row0..` held in `src` and cast the result to the job's output
+/// dtype, writing into the start of `out` (`scratch` holds the chain's result before a cast);
+/// returns the number of bytes written.
+#[allow(clippy::too_many_arguments)]
 fn compute(
     device: &Device,
     job: &TensorJob,
@@ -402,25 +518,57 @@ fn compute(
     row0: usize,
     src: &[u8],
     out: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
     check_finite: bool,
 ) -> Result<usize> {
-    let d = job.weight_float().expect("checked when the pieces were cut");
-    let i = job.src.shape[1];
-    // A recycled buffer keeps its length: only growth is zero-filled, the rest is overwritten.
-    if out.len() < src.len() {
-        out.resize(src.len(), 0);
-    }
+    let d = job.weight_float().expect("only float tensors are computed");
+    let (_, i) = row_view(&job.src);
     let rows = src.len() / (i * d.size()).max(1);
-    if let Some(k) = device.apply_chain(src, &mut out[..src.len()], d, rows, i, row0, chain, check_finite)? {
-        return Err(input(format!(
-            "{:?}: the result at row {}, column {} is not finite (inf or NaN) where the input was: the adapter is broken or \
-             overflows {d}; pass --allow-non-finite to write it anyway",
-            job.name,
-            row0 + k / i,
-            k % i
-        )));
+    // A recycled buffer keeps its length: only growth is zero-filled, the rest is overwritten.
+    let run_chain = |dst: &mut Vec<u8>| -> Result<()> {
+        if dst.len() < src.len() {
+            dst.resize(src.len(), 0);
+        }
+        if let Some(k) = device.apply_chain(src, &mut dst[..src.len()], d, rows, i, row0, chain, check_finite)? {
+            return Err(input(format!(
+                "{:?}: the result at row {}, column {} is not finite (inf or NaN) where the input was: the adapter is \
+                 broken or overflows {d}; pass --allow-non-finite to write it anyway",
+                job.name,
+                row0 + k / i,
+                k % i
+            )));
+        }
+        Ok(())
+    };
+    let Some(to) = job.cast_to() else {
+        run_chain(out)?;
+        return Ok(src.len());
+    };
+    let values: &[u8] = if chain.is_empty() {
+        src
+    } else {
+        run_chain(scratch)?;
+        &scratch[..src.len()]
+    };
+    let n = values.len() / d.size() * to.size();
+    if out.len() < n {
+        out.resize(n, 0);
     }
-    Ok(src.len())
+    if let Some(k) = d.cast(to, values, &mut out[..n]) {
+        if check_finite {
+            let at = if job.src.shape.len() == 2 {
+                format!("row {}, column {}", row0 + k / i.max(1), k % i.max(1))
+            } else {
+                format!("element {}", row0 * i + k)
+            };
+            return Err(input(format!(
+                "{:?}: the value at {at} does not fit in {to} (it would become inf): choose another --dtype, or pass \
+                 --allow-non-finite to write inf",
+                job.name
+            )));
+        }
+    }
+    Ok(n)
 }
 
 /// A replacement stored in another float dtype than the base tensor: cast it (round to nearest even).

@@ -13,3 +13,4 @@ pub mod execute;
 pub mod model;
 pub mod ops;
 pub mod plan;
+pub mod report;

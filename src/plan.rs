@@ -5,7 +5,7 @@
 use crate::adapter::{Adapter, Variant};
 use crate::error::{input, Result};
 use crate::model::file::build_header;
-use crate::model::{file_name, Model, TensorEntry};
+use crate::model::{file_name, Model, TensorEntry, HEAD};
 use crate::ops::dtype::Float;
 use crate::ops::{self, Rounding};
 use std::path::PathBuf;
@@ -18,6 +18,14 @@ pub enum Direction {
 
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
+    /// The dtype of the written float tensors (None: each keeps its own). Changed tensors are
+    /// computed in their own dtype, exactly as without it, and then rounded once to this one.
+    pub out_dtype: Option<Float>,
+    /// Re-shard the output with Hugging Face's greedy rule at this many tensor bytes per file
+    /// (None: the base's own files).
+    pub max_shard_size: Option<u64>,
+    /// Refuse to change one side of tied embeddings instead of untying them.
+    pub keep_tied: bool,
     /// BAT merge rounds `W + Δ` once instead of PEFT's double rounding.
     pub rounding_once: bool,
     /// PEFT's `autocast_adapter_dtype`. True (PEFT's default): blocks are held in f32 while
@@ -28,7 +36,13 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { rounding_once: false, autocast_adapter_dtype: true }
+        Options {
+            out_dtype: None,
+            max_shard_size: None,
+            keep_tied: false,
+            rounding_once: false,
+            autocast_adapter_dtype: true,
+        }
     }
 }
 
@@ -47,15 +61,35 @@ pub enum Op {
 #[derive(Clone, Debug)]
 pub struct TensorJob {
     pub name: String,
-    /// Where the base's bytes are (in the input shard of the output shard).
+    /// The base shard that holds its bytes.
+    pub input: usize,
+    /// Where the base's bytes are in that shard (for an untied `lm_head`: the input embedding's).
     pub src: TensorEntry,
-    /// Empty: copy the bytes as they are.
+    /// Empty: copy the bytes as they are (cast to `out_dtype` when it differs).
     pub ops: Vec<Op>,
+    /// The dtype written.
+    pub out_dtype: safetensors::Dtype,
 }
 
 impl TensorJob {
     pub fn weight_float(&self) -> Option<Float> {
         Float::from_dtype(self.src.dtype)
+    }
+
+    /// The float dtype written, when the job casts.
+    pub fn cast_to(&self) -> Option<Float> {
+        if self.out_dtype == self.src.dtype {
+            None
+        } else {
+            Float::from_dtype(self.out_dtype)
+        }
+    }
+
+    pub fn out_bytes(&self) -> u64 {
+        match self.cast_to() {
+            Some(f) => (self.src.numel() * f.size()) as u64,
+            None => self.src.len_bytes(),
+        }
     }
 }
 
@@ -63,24 +97,31 @@ impl TensorJob {
 #[derive(Clone, Debug)]
 pub struct OutShard {
     pub file_name: String,
-    /// The input shard its tensors come from.
-    pub input: usize,
     pub header: Vec<u8>,
     pub jobs: Vec<TensorJob>,
     pub data_bytes: u64,
 }
+
+/// An index file: its name and contents.
+pub type Index = (String, serde_json::Value);
 
 #[derive(Debug)]
 pub struct Plan {
     pub direction: Direction,
     pub shards: Vec<OutShard>,
     /// The index to write, for a sharded output.
-    pub index: Option<(String, serde_json::Value)>,
+    pub index: Option<Index>,
     /// Files copied from the base folder as they are.
     pub side_files: Vec<PathBuf>,
+    /// config.json to write in place of the base's (when the dtype changed or embeddings were untied).
+    pub config: Option<serde_json::Value>,
     pub warnings: Vec<String>,
+    /// Tensors whose values change (by an adapter).
     pub changed: usize,
+    /// Tensors written with the base's bytes (or their cast).
     pub copied: usize,
+    /// Tensors rounded to --dtype.
+    pub cast: usize,
 }
 
 impl Plan {
@@ -107,14 +148,19 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         let a = &adapters[ai];
         let at = a.dir.display();
         // Replacements first: they replace the whole tensor, then blocks act on the result.
+        // Unmerging, a saved base layer is the exact original: it replaces, and the block is not undone.
+        let mut restored = std::collections::HashSet::new();
         for rep in &a.replacements {
             if let Err(p) = a.check_replacement(rep, base) {
                 problems.push(format!("{at}: {p}"));
                 continue;
             }
+            let replace = Op::Replace { adapter: ai, src: rep.entry.clone() };
             match direction {
-                Direction::Merge => {
-                    ops_by_tensor.entry(rep.target.clone()).or_default().push(Op::Replace { adapter: ai, src: rep.entry.clone() })
+                Direction::Merge => ops_by_tensor.entry(rep.target.clone()).or_default().push(replace),
+                Direction::Unmerge if rep.base_layer => {
+                    restored.insert(rep.target.clone());
+                    ops_by_tensor.entry(rep.target.clone()).or_default().push(replace);
                 }
                 Direction::Unmerge => warnings.push(format!(
                     "{at}: {:?} was replaced by the adapter ({:?}); unmerge cannot restore the original, so the merged tensor is kept",
@@ -123,6 +169,9 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             }
         }
         for b in &a.blocks {
+            if restored.contains(&b.target()) {
+                continue;
+            }
             let g = match a.check_layer(b, base) {
                 Ok(g) => g,
                 Err(p) => {
@@ -163,58 +212,212 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             if problems.len() > 1 { format!(" (and {} more problems)", problems.len() - 1) } else { String::new() };
         return Err(input(format!("{first}{more}")));
     }
-    if direction == Direction::Merge {
-        check_tied_embeddings(base, &ops_by_tensor)?;
+    let untied = untie(base, &ops_by_tensor, opts.keep_tied)?;
+    if let Some(w) = &untied {
+        warnings.push(w.clone());
+    }
+    if let Some(out) = opts.out_dtype {
+        warn_precision(adapters, out, &mut warnings);
     }
 
-    let mut changed = 0;
-    let mut copied = 0;
-    let mut shards = Vec::with_capacity(base.shards.len());
+    // Every output tensor in the base's order; an untied lm_head right after the embedding it was.
+    let mut jobs: Vec<TensorJob> = vec![];
+    let out_dtype = |d: safetensors::Dtype| match (opts.out_dtype, Float::from_dtype(d)) {
+        (Some(out), Some(_)) => out.dtype(),
+        _ => d,
+    };
+    let head_job = untied.is_some().then_some(base.head_alias.as_ref()).flatten();
     for (si, shard) in base.shards.iter().enumerate() {
-        let jobs: Vec<TensorJob> = shard
-            .tensors
-            .iter()
-            .map(|t| {
-                let ops = ops_by_tensor.remove(&t.name).unwrap_or_default();
-                if ops.is_empty() {
-                    copied += 1
-                } else {
-                    changed += 1
-                }
-                TensorJob { name: t.name.clone(), src: t.clone(), ops }
-            })
-            .collect();
-        let layout: Vec<_> = jobs.iter().map(|j| (j.name.clone(), j.src.dtype, j.src.shape.clone())).collect();
-        let header = build_header(&layout)?;
-        let data_bytes = jobs.iter().map(|j| j.src.len_bytes()).sum();
-        // The base's own file names: model.safetensors, its shards, or a lone file's name.
-        shards.push(OutShard { file_name: file_name(&shard.path), input: si, header, jobs, data_bytes });
-    }
-    debug_assert!(ops_by_tensor.is_empty(), "every target was checked to exist");
-
-    let index = base.index.as_ref().map(|idx| {
-        let mut out = idx.clone();
-        let total: u64 = shards.iter().map(|s| s.data_bytes).sum();
-        let mut weight_map = serde_json::Map::new();
-        for s in &shards {
-            for j in &s.jobs {
-                weight_map.insert(j.name.clone(), serde_json::Value::String(s.file_name.clone()));
+        for t in &shard.tensors {
+            let ops = ops_by_tensor.remove(&t.name).unwrap_or_default();
+            jobs.push(TensorJob {
+                name: t.name.clone(),
+                input: si,
+                src: t.clone(),
+                ops,
+                out_dtype: out_dtype(t.dtype),
+            });
+            if head_job == Some(&t.name) {
+                let ops = ops_by_tensor.remove(HEAD).unwrap_or_default();
+                jobs.push(TensorJob {
+                    name: HEAD.into(),
+                    input: si,
+                    src: t.clone(),
+                    ops,
+                    out_dtype: out_dtype(t.dtype),
+                });
             }
         }
+    }
+    debug_assert!(ops_by_tensor.is_empty(), "every target was checked to exist");
+    let changed = jobs.iter().filter(|j| !j.ops.is_empty()).count();
+    let cast = jobs.iter().filter(|j| j.out_dtype != j.src.dtype).count();
+    let copied = jobs.len() - changed;
+
+    let (shards, index) = layout(base, jobs, opts.max_shard_size)?;
+    let config = new_config(base, opts.out_dtype, untied.is_some());
+    let side_files = match &base.folder {
+        Some(folder) => side_files(folder, base, &shards, config.is_some(), &mut warnings)?,
+        None => vec![],
+    };
+    Ok(Plan { direction, shards, index, side_files, config, warnings, changed, copied, cast })
+}
+
+/// The output files: the base's own (each tensor where it was), or, with a maximum size,
+/// Hugging Face's greedy split (`split_torch_state_dict_into_shards`): tensors in order fill a file
+/// until the next would overflow it; a tensor larger than the maximum gets a file of its own.
+fn layout(base: &Model, jobs: Vec<TensorJob>, max_shard_size: Option<u64>) -> Result<(Vec<OutShard>, Option<Index>)> {
+    let mut groups: Vec<(String, Vec<TensorJob>)> = vec![];
+    let index_name = match max_shard_size {
+        None => {
+            for job in jobs {
+                let name = file_name(&base.shards[job.input].path);
+                match groups.last_mut() {
+                    Some((n, g)) if *n == name => g.push(job),
+                    _ => groups.push((name, vec![job])),
+                }
+            }
+            base.index.as_ref().map(|_| base.index_name.clone().unwrap_or_else(|| crate::model::INDEX_NAME.into()))
+        }
+        Some(max) => {
+            let mut lists: Vec<Vec<TensorJob>> = vec![];
+            let (mut current, mut size) = (vec![], 0u64);
+            for job in jobs {
+                let n = job.out_bytes();
+                if n > max {
+                    lists.push(vec![job]);
+                    continue;
+                }
+                if size + n > max && !current.is_empty() {
+                    lists.push(std::mem::take(&mut current));
+                    size = 0;
+                }
+                size += n;
+                current.push(job);
+            }
+            if !current.is_empty() || lists.is_empty() {
+                lists.push(current);
+            }
+            let prefix = shard_prefix(base);
+            let total = lists.len();
+            for (k, list) in lists.into_iter().enumerate() {
+                let name = if total == 1 {
+                    format!("{prefix}.safetensors")
+                } else {
+                    format!("{prefix}-{:05}-of-{total:05}.safetensors", k + 1)
+                };
+                groups.push((name, list));
+            }
+            (total > 1).then(|| format!("{prefix}.safetensors.index.json"))
+        }
+    };
+    let mut shards = Vec::with_capacity(groups.len());
+    for (file_name, jobs) in groups {
+        let layout: Vec<_> = jobs.iter().map(|j| (j.name.clone(), j.out_dtype, j.src.shape.clone())).collect();
+        let header = build_header(&layout)?;
+        let data_bytes = jobs.iter().map(TensorJob::out_bytes).sum();
+        shards.push(OutShard { file_name, header, jobs, data_bytes });
+    }
+    let index = index_name.map(|name| {
+        let mut out = match &base.index {
+            Some(idx) if max_shard_size.is_none() => idx.clone(),
+            _ => serde_json::json!({"metadata": {}}),
+        };
+        let total: u64 = shards.iter().map(|s| s.data_bytes).sum();
+        let mut entries: Vec<(&str, &str)> =
+            shards.iter().flat_map(|s| s.jobs.iter().map(move |j| (j.name.as_str(), s.file_name.as_str()))).collect();
+        entries.sort();
+        let weight_map: serde_json::Map<String, serde_json::Value> =
+            entries.into_iter().map(|(t, f)| (t.to_string(), serde_json::Value::String(f.to_string()))).collect();
         let obj = out.as_object_mut().expect("index was checked to be an object");
         let meta = obj.entry("metadata").or_insert_with(|| serde_json::json!({}));
         if let Some(m) = meta.as_object_mut() {
             m.insert("total_size".into(), total.into());
         }
         obj.insert("weight_map".into(), serde_json::Value::Object(weight_map));
-        (base.index_name.clone().unwrap_or_else(|| crate::model::INDEX_NAME.to_string()), out)
+        (name, out)
     });
+    Ok((shards, index))
+}
 
-    let side_files = match &base.folder {
-        Some(folder) => side_files(folder, base, &shards, &mut warnings)?,
-        None => vec![],
-    };
-    Ok(Plan { direction, shards, index, side_files, warnings, changed, copied })
+/// `model` for model.safetensors(.index.json) and model-00001-of-00002.safetensors.
+fn shard_prefix(base: &Model) -> String {
+    if let Some(name) = &base.index_name {
+        if let Some(p) = name.strip_suffix(".safetensors.index.json").filter(|p| !p.is_empty()) {
+            return p.to_string();
+        }
+    }
+    let first = file_name(&base.shards[0].path);
+    let stem = first.strip_suffix(".safetensors").unwrap_or(&first);
+    match stem.rsplit_once("-of-").and_then(|(head, _)| head.rsplit_once('-')) {
+        Some((p, _)) if base.shards.len() > 1 || base.index.is_some() => p.to_string(),
+        _ => stem.to_string(),
+    }
+}
+
+/// config.json for the output, when it must differ from the base's: `torch_dtype` / `dtype` set to
+/// --dtype (in nested configs too), `tie_word_embeddings` false once untied.
+fn new_config(base: &Model, out: Option<Float>, untied: bool) -> Option<serde_json::Value> {
+    let mut config = base.config.clone()?;
+    let mut changed = false;
+    if let Some(out) = out {
+        let name = match out {
+            Float::F32 => "float32",
+            Float::F16 => "float16",
+            Float::BF16 => "bfloat16",
+        };
+        fn set(v: &mut serde_json::Value, name: &str, changed: &mut bool) {
+            if let Some(obj) = v.as_object_mut() {
+                for (k, val) in obj.iter_mut() {
+                    if (k == "torch_dtype" || k == "dtype") && val.is_string() {
+                        if val.as_str() != Some(name) {
+                            *val = name.into();
+                            *changed = true;
+                        }
+                    } else if val.is_object() {
+                        set(val, name, changed);
+                    }
+                }
+            }
+        }
+        set(&mut config, name, &mut changed);
+        let obj = config.as_object_mut()?;
+        if !obj.contains_key("torch_dtype") && !obj.contains_key("dtype") {
+            obj.insert("torch_dtype".into(), name.into());
+            changed = true;
+        }
+    }
+    if untied {
+        config.as_object_mut()?.insert("tie_word_embeddings".into(), false.into());
+        changed = true;
+    }
+    changed.then_some(config)
+}
+
+/// Bits of significand: what "more precise" means between float dtypes.
+fn precision(f: Float) -> u32 {
+    match f {
+        Float::F32 => 24,
+        Float::F16 => 11,
+        Float::BF16 => 8,
+    }
+}
+
+fn warn_precision(adapters: &[Adapter], out: Float, warnings: &mut Vec<String>) {
+    for a in adapters {
+        let finer =
+            a.blocks.iter().filter_map(|b| Float::from_dtype(b.entry.dtype)).find(|f| precision(*f) > precision(out));
+        if let Some(f) = finer {
+            warnings.push(format!(
+                "{}: the adapter's blocks are {} and the output is {}: its changes are rounded to {} (to keep them exact, \
+                 write --dtype f32)",
+                a.dir.display(),
+                f.name(),
+                out.name(),
+                out.name()
+            ));
+        }
+    }
 }
 
 /// Every `I + B_i` of a BAT block must be invertible (checked here, before anything is written;
@@ -234,31 +437,44 @@ fn check_invertible(a: &Adapter, b: &crate::adapter::Block) -> Result<()> {
     }
 }
 
-/// Merging into one side of a tied `lm_head` / `embed_tokens` pair would silently change (or lose)
-/// the other side when the model is loaded: refuse.
-fn check_tied_embeddings(base: &Model, ops: &std::collections::HashMap<String, Vec<Op>>) -> Result<()> {
-    let touched: Vec<&String> =
-        ops.keys().filter(|n| n.as_str() == "lm_head.weight" || n.ends_with("embed_tokens.weight")).collect();
-    if touched.is_empty() {
-        return Ok(());
+/// When the base ties `lm_head` to the input embedding and the adapters change either side, the
+/// output unties them: both tensors are written (the unchanged side with the base's values) and
+/// config.json says `tie_word_embeddings: false`. Returns the warning to give, or, with
+/// `keep_tied`, refuses.
+fn untie(base: &Model, ops: &std::collections::HashMap<String, Vec<Op>>, keep_tied: bool) -> Result<Option<String>> {
+    if !base.ties() {
+        return Ok(None);
     }
-    let has_head = base.has("lm_head.weight");
-    if base.ties_embeddings() == Some(true) || !has_head {
+    let Some(embed) = base.embed_name() else {
+        return Ok(None);
+    };
+    let touched: Vec<&str> = [HEAD, embed].into_iter().filter(|n| ops.contains_key(*n)).collect();
+    let Some(first) = touched.first() else {
+        return Ok(None);
+    };
+    let why = match base.ties_embeddings() {
+        Some(true) => "config.json has tie_word_embeddings true",
+        _ => "the base stores no lm_head.weight",
+    };
+    if keep_tied {
         return Err(input(format!(
-            "the base ties lm_head to embed_tokens (config.json tie_word_embeddings{}) and the adapter changes {:?}: \
-             merging one side of a tied pair would change the other when the model is loaded; untie the base first \
-             (save it with tie_word_embeddings false and both tensors)",
-            if has_head { " is true" } else { ", no lm_head.weight stored" },
-            touched[0]
+            "the base ties lm_head to {embed:?} ({why}) and the adapter changes {first:?}: with --keep-tied this is \
+             refused, since changing one side of a tied pair changes the other when the model is loaded; leave out \
+             --keep-tied to write both tensors untied"
         )));
     }
-    Ok(())
+    let other = if *first == HEAD { embed } else { HEAD };
+    Ok(Some(format!(
+        "the base ties lm_head to {embed:?} ({why}) and the adapter changes {first:?}: the output unties them \
+         (both tensors written, {other:?} with the base's values; config.json tie_word_embeddings false)"
+    )))
 }
 
 fn side_files(
     folder: &std::path::Path,
     base: &Model,
     shards: &[OutShard],
+    new_config: bool,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<PathBuf>> {
     let mut out = vec![];
@@ -275,7 +491,7 @@ fn side_files(
         {
             continue;
         }
-        if name.contains(".tmp-") {
+        if name.contains(".tmp-") || (new_config && name == "config.json") {
             continue;
         }
         let ft = e.file_type().map_err(|err| input(format!("{}: {err}", path.display())))?;

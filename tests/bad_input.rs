@@ -390,7 +390,7 @@ fn bone_block_in_a_miss_adapter() {
 }
 
 #[test]
-fn tied_embeddings_are_not_merged_one_sided() {
+fn tied_embeddings_stay_tied_only_when_asked() {
     let e = Env::new();
     let b = e.copy("bases/llama-bf16-sharded", "base");
     let cfg = b.join("config.json");
@@ -400,7 +400,9 @@ fn tied_embeddings_are_not_merged_one_sided() {
     std::fs::write(&cfg, text).unwrap();
     let a = fixtures().join("cases/miss-default-sharded-bf16/adapter");
     let out = e.path("out");
-    fails(&merge_args(s(&b), s(&a), s(&out)), Some(&out), &[&b], &["ties lm_head", "lm_head.weight"]);
+    let mut args = merge_args(s(&b), s(&a), s(&out));
+    args.push("--keep-tied");
+    fails(&args, Some(&out), &[&b], &["ties lm_head", "lm_head.weight", "--keep-tied"]);
 }
 
 #[test]
@@ -500,4 +502,25 @@ fn huge_headers_and_shards_listed_twice_are_refused() {
     std::fs::write(&idx, serde_json::to_string_pretty(&index).unwrap()).unwrap();
     let adapter = fixtures().join("cases/miss-default-sharded-bf16/adapter");
     fails(&merge_args(s(&b), s(&adapter), s(&out)), Some(&out), &[&b], &["stored twice", "copy.safetensors"]);
+}
+
+#[test]
+fn a_dtype_that_cannot_hold_a_value_stops_unless_allowed() {
+    let e = Env::new();
+    let b = e.copy("bases/llama-f32", "base");
+    let f = b.join("model.safetensors");
+    let mut t = load(&f);
+    let key = "model.norm.weight";
+    let mut vals = values(&t[key]).iter().map(|v| *v as f32).collect::<Vec<_>>();
+    vals[5] = 1e5; // beyond f16's largest finite value (65504), fine in bf16
+    t.insert(key.into(), f32_tensor(t[key].shape.clone(), &vals));
+    save(&f, &t);
+    let a = fixtures().join("cases/bone-default-f32/adapter");
+    let out = e.path("out");
+    let mut args = merge_args(s(&b), s(&a), s(&out));
+    args.extend(["--dtype", "f16"]);
+    fails(&args, Some(&out), &[&b], &["model.norm.weight", "element 5", "does not fit in F16", "--allow-non-finite"]);
+    args.push("--allow-non-finite");
+    ok(&run(&args));
+    assert!(values(&load(&out)[key])[5].is_infinite());
 }

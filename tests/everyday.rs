@@ -77,3 +77,336 @@ fn completions_and_man_page_come_from_the_command_line_definition() {
     let roff = stdout(&o);
     assert!(roff.contains(".TH bone-tool 1") && roff.contains("merge") && roff.contains("Exit codes"), "{roff}");
 }
+
+/// A tensor rounded to another float dtype with the half crate (round to nearest even, as torch's
+/// `.to(dtype)`): the expected output of --dtype, computed independently of bone-tool.
+fn cast(t: &T, to: safetensors::Dtype) -> T {
+    let vals = values(t);
+    let data = match to {
+        safetensors::Dtype::F32 => vals.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect(),
+        safetensors::Dtype::BF16 => vals.iter().flat_map(|v| half::bf16::from_f32(*v as f32).to_le_bytes()).collect(),
+        safetensors::Dtype::F16 => vals.iter().flat_map(|v| half::f16::from_f32(*v as f32).to_le_bytes()).collect(),
+        d => panic!("{d:?}"),
+    };
+    T { dtype: to, shape: t.shape.clone(), data }
+}
+
+fn config(dir: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+}
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn dtype_rounds_peft_merge_once_and_updates_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let case = fixtures().join("cases/bone-default-f32");
+    let o =
+        merge_with(&fixtures().join("bases/llama-f32"), &case.join("adapter"), &out, &["--dtype", "bf16", "--json"]);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("warning:") && err.contains("blocks are F32 and the output is BF16"), "{err}");
+    let ours = load(&out);
+    let peft = load(&case.join("merged"));
+    assert_eq!(ours.len(), peft.len());
+    for (name, t) in &peft {
+        let want = cast(t, safetensors::Dtype::BF16);
+        assert_eq!(ours[name].dtype, safetensors::Dtype::BF16, "{name}");
+        assert!(ours[name].data == want.data, "{name}: not PEFT's f32 merge rounded once to bf16");
+    }
+    assert_eq!(config(&out)["dtype"], "bfloat16");
+    let base_cfg = config(&fixtures().join("bases/llama-f32"));
+    let mut expected_cfg = base_cfg.clone();
+    expected_cfg["dtype"] = "bfloat16".into();
+    assert_eq!(config(&out), expected_cfg, "only the dtype changes in config.json");
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["tensors_cast"], peft.len());
+}
+
+#[test]
+fn dtype_f32_widens_exactly_and_unmerge_can_round_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (wide, back) = (tmp.path().join("wide"), tmp.path().join("back"));
+    let case = fixtures().join("cases/bone-default-tail-bf16");
+    let adapter = case.join("adapter");
+    ok(&merge_with(&fixtures().join("bases/llama-bf16"), &adapter, &wide, &["-q", "--dtype", "f32"]));
+    let ours = load(&wide);
+    for (name, t) in load(&case.join("merged")) {
+        assert!(ours[&name].data == cast(&t, safetensors::Dtype::F32).data, "{name}: widening is exact");
+    }
+    assert_eq!(config(&wide)["dtype"], "float32");
+    // unmerge in f32, then round to bf16: the f32 arithmetic PEFT does on the bf16 weights
+    let args = ["-q", "unmerge", "--merged", s(&wide), "--adapter", s(&adapter), "--out", s(&back), "--dtype", "bf16"];
+    ok(&run(&args));
+    let ours = load(&back);
+    for (name, t) in load(&case.join("unmerged")) {
+        assert!(ours[&name].data == t.data, "{name}: differs from PEFT's bf16 unmerge");
+    }
+    assert_eq!(config(&back)["dtype"], "bfloat16");
+}
+
+#[test]
+fn max_shard_size_reshards_greedily_with_a_fresh_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let case = fixtures().join("cases/bone-default-f32");
+    let max = 50_000u64;
+    ok(&merge_with(
+        &fixtures().join("bases/llama-f32"),
+        &case.join("adapter"),
+        &out,
+        &["-q", "--max-shard-size", "50KB"],
+    ));
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    files.sort();
+    let n = files.len();
+    assert!(n > 2, "{files:?}");
+    for (k, f) in files.iter().enumerate() {
+        assert_eq!(f, &format!("model-{:05}-of-{n:05}.safetensors", k + 1));
+    }
+    assert!(!out.join("model.safetensors").exists());
+    // The base's tensor order, as its file stores it (by offset).
+    let base_file = std::fs::read(fixtures().join("bases/llama-f32/model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&base_file).unwrap();
+    let mut order: Vec<(usize, String, u64)> = meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (info.data_offsets.0, name, (info.data_offsets.1 - info.data_offsets.0) as u64))
+        .collect();
+    order.sort();
+    // Files hold consecutive runs of that order; each is at most `max` unless it is one bigger
+    // tensor, and the next file's first tensor would not have fitted (the greedy rule).
+    let mut at = 0;
+    let mut total = 0;
+    let mut sizes: Vec<(u64, u64)> = vec![]; // (file bytes, first tensor bytes)
+    for f in &files {
+        let bytes = std::fs::read(out.join(f)).unwrap();
+        let (_, m) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let mut names: Vec<(usize, String)> = m.tensors().into_iter().map(|(n, i)| (i.data_offsets.0, n)).collect();
+        names.sort();
+        let mut size = 0;
+        for (_, name) in &names {
+            assert_eq!(name, &order[at].1, "{f}: tensors out of the base's order");
+            assert_eq!(map[name], f.as_str(), "index entry of {name}");
+            size += order[at].2;
+            at += 1;
+        }
+        assert!(size <= max || names.len() == 1, "{f}: {size} bytes");
+        sizes.push((size, order[at - names.len()].2));
+        total += size;
+    }
+    assert_eq!(at, order.len(), "every tensor written once");
+    assert_eq!(map.len(), order.len());
+    for w in sizes.windows(2) {
+        if w[0].0 <= max && w[1].1 <= max {
+            assert!(w[0].0 + w[1].1 > max, "the next file's first tensor would have fitted: {w:?}");
+        }
+    }
+    assert_eq!(index["metadata"]["total_size"], total);
+    // values: PEFT's merge
+    let (ours, peft) = (load(&out), load(&case.join("merged")));
+    assert!(peft.iter().all(|(k, t)| ours[k].data == t.data));
+
+    // and back into one file: model.safetensors, no index
+    let one = tmp.path().join("one");
+    let sharded = fixtures().join("cases/miss-default-sharded-bf16");
+    ok(&merge_with(
+        &fixtures().join("bases/llama-bf16-sharded"),
+        &sharded.join("adapter"),
+        &one,
+        &["-q", "--max-shard-size", "1GB"],
+    ));
+    let names: Vec<String> =
+        std::fs::read_dir(&one).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.contains(&"model.safetensors".to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("index") || n.contains("-of-")), "{names:?}");
+    let (ours, peft) = (load(&one), load(&sharded.join("merged")));
+    assert_eq!(ours.len(), peft.len());
+    assert!(peft.iter().all(|(k, t)| ours[k].data == t.data));
+}
+
+/// The tied base: llama-bf16 with lm_head's values as its (only) embedding, no lm_head stored,
+/// tie_word_embeddings true, as transformers saves a tied model.
+fn tied_base(dir: &std::path::Path) -> std::path::PathBuf {
+    let base = dir.join("tied");
+    copy_dir(&fixtures().join("bases/llama-bf16"), &base);
+    let f = base.join("model.safetensors");
+    let mut t = load(&f);
+    let head = t.remove("lm_head.weight").unwrap();
+    t.insert("model.embed_tokens.weight".into(), head);
+    save(&f, &t);
+    let cfg = base.join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("\"tie_word_embeddings\": false", "\"tie_word_embeddings\": true")).unwrap();
+    base
+}
+
+#[test]
+fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tied_base(tmp.path());
+    let case = fixtures().join("cases/bone-default-lm-head-bf16");
+    let out = tmp.path().join("out");
+    let o = merge_with(&base, &case.join("adapter"), &out, &[]);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("warning:") && err.contains("unties them"), "{err}");
+    let ours = load(&out);
+    let peft = load(&case.join("merged")); // PEFT's merge into the untied base with the same lm_head
+    let before = load(&base);
+    assert!(ours["lm_head.weight"].data == peft["lm_head.weight"].data, "lm_head: PEFT's merged head");
+    assert!(
+        ours["model.embed_tokens.weight"].data == before["model.embed_tokens.weight"].data,
+        "the embedding keeps the base's values"
+    );
+    for (k, t) in &peft {
+        if k != "model.embed_tokens.weight" {
+            assert!(ours[k].data == t.data, "{k}");
+        }
+    }
+    assert_eq!(config(&out)["tie_word_embeddings"], false);
+    // verify agrees, recomputing from the tied base
+    let v = run(&["verify", "--base", s(&base), "--adapter", s(&case.join("adapter")), "--merged", s(&out)]);
+    ok(&v);
+    // --keep-tied refuses, leaving nothing
+    let refused = tmp.path().join("refused");
+    let o = merge_with(&base, &case.join("adapter"), &refused, &["--keep-tied"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--keep-tied") && !refused.exists());
+    // an adapter that leaves both sides alone keeps the model tied
+    let other = tmp.path().join("other");
+    ok(&merge_with(&base, &fixtures().join("cases/bone-bat-bf16/adapter"), &other, &["-q"]));
+    assert_eq!(config(&other)["tie_word_embeddings"], true);
+    assert!(!load(&other).contains_key("lm_head.weight"));
+}
+
+#[test]
+fn each_writes_one_merged_model_per_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let names = ["bone-bat-bf16", "miss-mini-bf16", "bone-default-lm-head-bf16"];
+    let mut adapters = vec![];
+    for n in names {
+        let a = tmp.path().join("adapters").join(n);
+        copy_dir(&fixtures().join("cases").join(n).join("adapter"), &a);
+        adapters.push(a);
+    }
+    let pattern = tmp.path().join("merged/{name}");
+    let base = fixtures().join("bases/llama-bf16");
+    let mut argv: Vec<String> = ["merge", "--base", s(&base), "--each"].iter().map(|a| a.to_string()).collect();
+    argv.extend(adapters.iter().map(|a| s(a).to_string()));
+    argv.extend(["--out-pattern".to_string(), s(&pattern).to_string(), "--json".to_string()]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let o = run(&argv);
+    ok(&o);
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["outputs"].as_array().unwrap().len(), 3);
+    let base_bytes: u64 = load(&fixtures().join("bases/llama-bf16")).values().map(|t| t.data.len() as u64).sum();
+    assert_eq!(j["bytes_read"], base_bytes, "the base is read once for all three");
+    for n in names {
+        let out = tmp.path().join("merged").join(n);
+        let (ours, peft) = (load(&out), load(&fixtures().join("cases").join(n).join("merged")));
+        assert_eq!(ours.len(), peft.len(), "{n}");
+        for (k, t) in &peft {
+            assert!(ours[k].data == t.data, "{n}: {k}");
+        }
+        assert!(out.join("config.json").exists());
+    }
+    // a pattern without {name}, and two adapters with one name, are refused before any work
+    let o = run(&[
+        "merge",
+        "--base",
+        s(&fixtures().join("bases/llama-bf16")),
+        "--each",
+        s(&adapters[0]),
+        "--out-pattern",
+        "x",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("{name}"), "{}", stderr(&o));
+    let twin = tmp.path().join("twin").join(names[0]);
+    copy_dir(&adapters[0], &twin);
+    let o = run(&[
+        "merge",
+        "--base",
+        s(&fixtures().join("bases/llama-bf16")),
+        "--each",
+        s(&adapters[0]),
+        s(&twin),
+        "--out-pattern",
+        s(&tmp.path().join("x/{name}")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("same name"), "{}", stderr(&o));
+    assert!(!tmp.path().join("x").exists());
+}
+
+#[test]
+fn convert_dry_run_shows_the_tensors_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let case = fixtures().join("cases/miss-mini-bf16");
+    let adapter = case.join("adapter");
+    let args = ["convert", s(&adapter), "--to", "bone", "--out", s(&out), "--base"];
+    let base = fixtures().join("bases/llama-bf16");
+    let mut dry = args.to_vec();
+    dry.extend([s(&base), "--dry-run", "--json"]);
+    let o = run(&dry);
+    ok(&o);
+    assert!(!out.exists() && std::fs::read_dir(tmp.path()).unwrap().count() == 0);
+    let plan: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    // the real conversion writes exactly the tensors, shapes and dtypes the dry run listed
+    let mut real = args.to_vec();
+    real.extend([s(&base), "-q"]);
+    ok(&run(&real));
+    let written = load(&out.join("adapter_model.safetensors"));
+    let listed = plan["tensors"].as_array().unwrap();
+    assert_eq!(listed.len(), written.len());
+    for t in listed {
+        let w = &written[t["name"].as_str().unwrap()];
+        assert_eq!(t["shape"], serde_json::json!(w.shape));
+        assert_eq!(t["dtype"], format!("{:?}", w.dtype));
+        assert_eq!(t["bytes"], w.data.len());
+    }
+    // BAT -> LoRA by energy: the ranks are unknown until the SVDs run
+    let bat = fixtures().join("cases/miss-bat-bf16/adapter");
+    let o = run(&[
+        "convert",
+        s(&bat),
+        "--to",
+        "lora",
+        "--out",
+        s(&tmp.path().join("l")),
+        "--base",
+        s(&base),
+        "--energy",
+        "0.9",
+        "--dry-run",
+    ]);
+    ok(&o);
+    let text = stdout(&o);
+    assert!(text.contains("chosen by --energy") && text.contains("nothing written"), "{text}");
+    assert!(!tmp.path().join("l").exists());
+}
+
+#[test]
+fn colour_only_when_asked_or_on_a_terminal() {
+    let args = ["merge", "--base", "/nonexistent-base", "--adapter", "/nonexistent", "--out", "/tmp/x"];
+    let plain = run(&args);
+    assert!(stderr(&plain).starts_with("error: "), "{}", stderr(&plain));
+    assert!(!stderr(&plain).contains('\x1b'), "no escape codes into a pipe");
+    let mut coloured = args.to_vec();
+    coloured.extend(["--color", "always"]);
+    let o = run(&coloured);
+    assert!(stderr(&o).starts_with("\x1b[1;31merror:\x1b[0m "), "{:?}", stderr(&o));
+    assert_eq!(o.status.code(), plain.status.code());
+}

@@ -38,6 +38,9 @@ pub struct Replacement {
     /// The base tensor it replaces.
     pub target: String,
     pub entry: TensorEntry,
+    /// A `….base_layer.weight`: the base weight the adapter was trained on, which PEFT saves for
+    /// embedding-like targets such as lm_head (not a trained copy, as modules_to_save are).
+    pub base_layer: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -139,7 +142,8 @@ impl Adapter {
             } else {
                 let stripped = key.strip_prefix(prefix).unwrap_or(&key);
                 let target = stripped.replace(".base_layer.", ".");
-                self.replacements.push(Replacement { key, target, entry });
+                let base_layer = stripped != target;
+                self.replacements.push(Replacement { key, target, entry, base_layer });
             }
         }
         for ig in &self.ignored {

@@ -26,7 +26,7 @@ struct OutTensor {
 
 pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     let started = std::time::Instant::now();
-    if args.out.exists() && !args.force {
+    if args.out.exists() && !args.force && !args.dry_run {
         return Err(input(format!(
             "{} already exists: choose another --out, or pass --force to replace it",
             args.out.display()
@@ -74,7 +74,17 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
                 } else {
                     b.key.replacen(".miss_block", ".bone_block", 1)
                 };
-                let (shape, values) = if args.to == ConvertTo::Bone && c.variant == Variant::Mini {
+                let mini_to_bone = args.to == ConvertTo::Bone && c.variant == Variant::Mini;
+                if args.dry_run {
+                    let shape = if mini_to_bone {
+                        vec![c.r, layer_geometry(&a, b, base.as_ref())?.0]
+                    } else {
+                        b.entry.shape.clone()
+                    };
+                    tensors.push(OutTensor { name: key, dtype: out_float.dtype(), shape, data: vec![] });
+                    continue;
+                }
+                let (shape, values) = if mini_to_bone {
                     let g = layer_geometry(&a, b, base.as_ref())?;
                     let et = expand_transposed(&a.file.read_f32(&b.entry)?, c.r, c.mini_r, g.0);
                     // back from [O, r] to the default block [r, O]
@@ -93,8 +103,28 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
             }
             ConvertTo::Lora => {
                 let (o, i) = layer_geometry(&a, b, base.as_ref())?;
-                let blk = a.file.read_f32(&b.entry)?;
                 let prefix = &b.key[..b.key.len() - c.peft_type.block_suffix().len()];
+                if args.dry_run {
+                    // The rank of a BAT layer under --energy is known only once its SVD is computed.
+                    let k = if c.variant == Variant::Bat { args.rank } else { Some(c.r) };
+                    let dims = |shape: Vec<usize>| if k.is_some() { shape } else { vec![] };
+                    let (k0, dt) = (k.unwrap_or(0), out_float.dtype());
+                    tensors.push(OutTensor {
+                        name: format!("{prefix}.lora_A.weight"),
+                        dtype: dt,
+                        shape: dims(vec![k0, i]),
+                        data: vec![],
+                    });
+                    tensors.push(OutTensor {
+                        name: format!("{prefix}.lora_B.weight"),
+                        dtype: dt,
+                        shape: dims(vec![o, k0]),
+                        data: vec![],
+                    });
+                    layers.push(json!({"module": b.module, "rank": k, "shape": [o, i]}));
+                    continue;
+                }
+                let blk = a.file.read_f32(&b.entry)?;
                 let (k, a_mat, b_mat, rel) = match c.variant {
                     Variant::Default | Variant::Mini => {
                         let cols = if c.variant == Variant::Mini { c.mini_r } else { o };
@@ -147,7 +177,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
             name: rep.key.clone(),
             dtype: rep.entry.dtype,
             shape: rep.entry.shape.clone(),
-            data: a.file.read_tensor(&rep.entry)?,
+            data: if args.dry_run { vec![] } else { a.file.read_tensor(&rep.entry)? },
         });
     }
 
@@ -172,6 +202,12 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     }
 
     tensors.sort_by(|x, y| x.name.cmp(&y.name));
+    if args.dry_run {
+        for warn in &warnings {
+            crate::report::warning(warn);
+        }
+        return dry_run(args, &a, &config, &tensors, &layers);
+    }
     let dir = OutputDir::create(&args.out, args.force, 0)?;
     let layout: Vec<_> = tensors.iter().map(|t| (t.name.clone(), t.dtype, t.shape.clone())).collect();
     let header = build_header(&layout)?;
@@ -182,6 +218,9 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     }
     let (file, _) = w.finish()?;
     file.sync_all().context("cannot sync the adapter file")?;
+    // Sorted, as PEFT's save_pretrained writes it.
+    let mut config = config;
+    config.sort_keys();
     let cfg_text = serde_json::to_string_pretty(&Value::Object(config))?;
     std::fs::write(dir.path().join(crate::adapter::CONFIG_NAME), cfg_text)
         .context("cannot write adapter_config.json")?;
@@ -194,7 +233,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     };
     let total = if err_den > 0.0 { (err_num / err_den).sqrt() } else { 0.0 };
     for warn in &warnings {
-        eprintln!("warning: {warn}");
+        crate::report::warning(warn);
     }
     if args.json {
         let summary = json!({
@@ -234,6 +273,71 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// `convert --dry-run`: the tensors and config that would be written; nothing is computed beyond
+/// shapes (a BAT layer's rank under --energy is shown as chosen at run time).
+fn dry_run(
+    args: &ConvertArgs,
+    a: &Adapter,
+    config: &Map<String, Value>,
+    tensors: &[OutTensor],
+    layers: &[Value],
+) -> Result<()> {
+    let size = |t: &OutTensor| {
+        (!t.shape.is_empty()).then(|| (t.shape.iter().product::<usize>() * t.dtype.bitsize() / 8) as u64)
+    };
+    let known: u64 = tensors.iter().filter_map(size).sum();
+    let unknown = tensors.iter().filter(|t| t.shape.is_empty()).count();
+    let bat_lora = args.to == ConvertTo::Lora && a.config.variant == Variant::Bat;
+    let plan = json!({
+        "adapter": a.dir.display().to_string(),
+        "out": args.out.display().to_string(),
+        "out_exists": args.out.exists(),
+        "would_replace": args.out.exists() && args.force,
+        "from": a.config.peft_type.name(),
+        "to": format!("{:?}", args.to).to_uppercase(),
+        "variant": a.config.variant.name(),
+        "exact": !bat_lora,
+        "peft_type": config.get("peft_type"),
+        "tensors": tensors.iter().map(|t| json!({
+            "name": t.name, "dtype": format!("{:?}", t.dtype),
+            "shape": if t.shape.is_empty() { Value::Null } else { json!(t.shape) }, "bytes": size(t),
+        })).collect::<Vec<_>>(),
+        "layers": layers,
+        "bytes": known,
+        "tensors_of_unknown_size": unknown,
+        "files": [crate::adapter::CONFIG_NAME, crate::adapter::WEIGHTS_NAME],
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+        return Ok(());
+    }
+    for t in &plan["tensors"].as_array().cloned().unwrap_or_default() {
+        let shape = if t["shape"].is_null() {
+            "[rank chosen by --energy at run time]".to_string()
+        } else {
+            t["shape"].to_string()
+        };
+        println!("write  {:<64} {} {shape}", t["name"].as_str().unwrap_or(""), t["dtype"].as_str().unwrap_or(""));
+    }
+    let exists = match (args.out.exists(), args.force) {
+        (true, true) => " (replacing the existing folder)",
+        (true, false) => " (exists: --force needed)",
+        _ => "",
+    };
+    println!(
+        "plan: {} {} adapter -> {} ({}), {} tensors, {}{} to {}{exists}; nothing written (--dry-run)",
+        plan["from"].as_str().unwrap_or(""),
+        plan["variant"].as_str().unwrap_or(""),
+        plan["to"].as_str().unwrap_or(""),
+        if bat_lora { "truncated SVD per layer" } else { "exact" },
+        tensors.len(),
+        indicatif::HumanBytes(known),
+        if unknown > 0 { format!(" + {unknown} tensors sized by their rank") } else { String::new() },
+        args.out.display()
+    );
+    Ok(())
+}
+
 /// The base model: --base, else base_model_name_or_path when it names a local folder.
 fn find_base(args: &ConvertArgs, a: &Adapter) -> Result<Model> {
     if let Some(b) = &args.base {
@@ -265,12 +369,7 @@ fn layer_geometry(a: &Adapter, b: &Block, base: Option<&Model>) -> Result<(usize
 }
 
 fn out_float(d: DtypeArg, b: &Block) -> Result<Float> {
-    Ok(match d {
-        DtypeArg::Keep => Float::from_dtype(b.entry.dtype).expect("checked when opened"),
-        DtypeArg::F32 => Float::F32,
-        DtypeArg::Bf16 => Float::BF16,
-        DtypeArg::F16 => Float::F16,
-    })
+    Ok(d.float().unwrap_or_else(|| Float::from_dtype(b.entry.dtype).expect("checked when opened")))
 }
 
 fn encode(f: Float, v: &[f32]) -> Vec<u8> {

@@ -11,8 +11,18 @@ use crate::plan::Direction;
 
 pub fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
-        Command::Merge(a) => apply::run(Direction::Merge, &a.base, &a.adapters, &a.out, &a.opts, cli.quiet),
-        Command::Unmerge(a) => apply::run(Direction::Unmerge, &a.merged, &a.adapters, &a.out, &a.opts, cli.quiet),
+        Command::Merge(a) => {
+            let jobs = match (&a.out, &a.out_pattern) {
+                (Some(out), _) => vec![apply::Job { adapters: a.adapters.clone(), out: out.clone() }],
+                (None, Some(pattern)) => apply::each(&a.each, pattern)?,
+                (None, None) => unreachable!("clap requires --out or --each with --out-pattern"),
+            };
+            apply::run(Direction::Merge, &a.base, &jobs, &a.opts, cli.quiet)
+        }
+        Command::Unmerge(a) => {
+            let jobs = vec![apply::Job { adapters: a.adapters.clone(), out: a.out.clone() }];
+            apply::run(Direction::Unmerge, &a.merged, &jobs, &a.opts, cli.quiet)
+        }
         Command::Inspect(InspectCommand::Adapter(a)) => inspect::adapter(a),
         Command::Convert(a) => convert::run(a, cli.quiet),
         Command::Verify(a) => verify::run(a, cli.quiet),

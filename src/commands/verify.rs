@@ -30,6 +30,7 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
     let options = Options {
         rounding_once: args.rounding == RoundingArg::Once,
         autocast_adapter_dtype: !args.no_autocast_adapter_dtype,
+        ..Options::default()
     };
     let plan = plan::build(&input, &adapters, direction, options)?;
     let (device, note) = Device::select(args.device)?;
@@ -41,8 +42,11 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
         ProgressBar::with_draw_target(Some(input.data_bytes()), ProgressDrawTarget::stderr())
     };
     let run_opts = RunOptions { fsync: false, allow_non_finite: true };
-    let (late, checks) =
-        execute::run_into(&plan, &input, &adapters, &device, Sink::Compare(&expected), run_opts, &progress)?;
+    let started = std::time::Instant::now();
+    let output = execute::Output { plan: &plan, adapters: &adapters, sink: Sink::Compare(&expected) };
+    let (late, mut checks) = execute::run_into(vec![output], &input, &device, run_opts, &progress)?;
+    let checks = checks.pop().expect("one output");
+    let seconds = started.elapsed().as_secs_f64();
     progress.finish_and_clear();
     warnings.extend(late);
 
@@ -62,12 +66,13 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
             "dtype_changed": count("dtype_changed"),
             "shape_changed": count("shape_changed"),
             "tensors": checks,
+            "seconds": seconds,
             "warnings": warnings,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for w in &warnings {
-            eprintln!("warning: {w}");
+            crate::report::warning(w);
         }
         for c in &checks {
             if c.status != "equal" {

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
+/// The output embedding that transformers ties to the input embedding.
+pub const HEAD: &str = "lm_head.weight";
 
 /// A model opened for reading: its shards' headers, validated, and where each tensor lives.
 #[derive(Debug)]
@@ -28,6 +30,9 @@ pub struct Model {
     /// The parsed `config.json`, when present.
     pub config: Option<serde_json::Value>,
     tensors: HashMap<String, (usize, usize)>,
+    /// A tied model that stores only its input embedding: the name of that tensor, which
+    /// `lm_head.weight` reads as (transformers does the same when it loads the model).
+    pub head_alias: Option<String>,
 }
 
 impl Model {
@@ -164,16 +169,44 @@ impl Model {
                 }
             }
         }
-        Ok(Model { path: path.to_path_buf(), folder, shards, index, index_name, config, tensors })
+        let mut model =
+            Model { path: path.to_path_buf(), folder, shards, index, index_name, config, tensors, head_alias: None };
+        if model.ties() && !model.tensors.contains_key(HEAD) {
+            model.head_alias = model.embed_name().map(str::to_string);
+        }
+        Ok(model)
     }
 
-    /// The shard holding `name` and its entry.
+    /// The shard holding `name` and its entry (`lm_head.weight` of a tied model that stores only the
+    /// input embedding: that tensor).
     pub fn tensor(&self, name: &str) -> Option<(usize, &TensorEntry)> {
+        let name = match (&self.head_alias, name) {
+            (Some(embed), HEAD) => embed.as_str(),
+            _ => name,
+        };
         self.tensors.get(name).map(|&(s, t)| (s, &self.shards[s].tensors[t]))
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensor(name).is_some()
+    }
+
+    /// The input embedding (`…embed_tokens.weight`), the shortest such name when there are several.
+    pub fn embed_name(&self) -> Option<&str> {
+        self.tensors
+            .keys()
+            .filter(|n| n.ends_with("embed_tokens.weight"))
+            .min_by_key(|n| (n.len(), n.as_str()))
+            .map(String::as_str)
+    }
+
+    /// Whether transformers ties `lm_head` to the input embedding when it loads this model:
+    /// config.json says so, or (saying nothing) the model stores the embedding but no `lm_head`.
+    pub fn ties(&self) -> bool {
+        match self.ties_embeddings() {
+            Some(t) => t,
+            None => !self.tensors.contains_key(HEAD) && self.embed_name().is_some(),
+        }
     }
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {

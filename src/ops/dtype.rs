@@ -148,6 +148,28 @@ impl Float {
 }
 
 impl Float {
+    /// Round every element of `src` (this type) to `to` (nearest even, as torch's `.to(dtype)`),
+    /// in parallel. Returns the first element that was finite and overflowed to infinity.
+    pub fn cast(self, to: Float, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+        let (n, m) = (self.size(), to.size());
+        assert_eq!(src.len() / n * m, dst.len(), "cast: byte count");
+        const CHUNK: usize = 1 << 13;
+        src.par_chunks(CHUNK * n)
+            .zip(dst.par_chunks_mut(CHUNK * m))
+            .enumerate()
+            .filter_map(|(k, (s, d))| {
+                let mut vals = vec![0f32; s.len() / n];
+                self.decode_serial(s, &mut vals);
+                to.encode_serial(&vals, d);
+                let mut back = vec![0f32; vals.len()];
+                to.decode_serial(d, &mut back);
+                vals.iter().zip(&back).position(|(a, b)| a.is_finite() && !b.is_finite()).map(|p| k * CHUNK + p)
+            })
+            .min()
+    }
+}
+
+impl Float {
     /// The first element that is finite in `before` but not in `after` (both encoded in this
     /// type): an exponent of all ones means infinity or NaN. Scans in parallel, branch-free within
     /// each chunk, so that it costs little next to the math.
@@ -341,5 +363,39 @@ mod tests {
         assert_eq!(b, [0x80, 0x3f]); // 1.0f32 = 0x3f800000
         Float::F16.encode(&[1.0], &mut b);
         assert_eq!(b, [0x00, 0x3c]); // 1.0f16 = 0x3c00
+    }
+
+    /// Casting agrees with the half crate's conversions (round to nearest even) on every element,
+    /// across chunk boundaries, and reports the first overflow.
+    #[test]
+    fn cast_rounds_like_half_and_finds_overflow() {
+        let n = 20_000;
+        let vals: Vec<f32> = (0..n).map(|k| ((k as f32) * 0.7311).sin() * 3.0 + (k as f32) * 1e-4).collect();
+        let mut src = vec![0u8; n * 4];
+        Float::F32.encode(&vals, &mut src);
+        let mut bf = vec![0u8; n * 2];
+        assert_eq!(Float::F32.cast(Float::BF16, &src, &mut bf), None);
+        let mut hf = vec![0u8; n * 2];
+        assert_eq!(Float::F32.cast(Float::F16, &src, &mut hf), None);
+        for (k, v) in vals.iter().enumerate() {
+            assert_eq!(u16::from_le_bytes([bf[2 * k], bf[2 * k + 1]]), half::bf16::from_f32(*v).to_bits());
+            assert_eq!(u16::from_le_bytes([hf[2 * k], hf[2 * k + 1]]), half::f16::from_f32(*v).to_bits());
+        }
+        // bf16 -> f16 goes through f32 exactly, like torch's .to()
+        let mut hf2 = vec![0u8; n * 2];
+        Float::BF16.cast(Float::F16, &bf, &mut hf2);
+        let via: Vec<u16> = (0..n)
+            .map(|k| {
+                half::f16::from_f32(half::bf16::from_bits(u16::from_le_bytes([bf[2 * k], bf[2 * k + 1]])).to_f32())
+                    .to_bits()
+            })
+            .collect();
+        assert_eq!(hf2.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect::<Vec<_>>(), via);
+        // 1e5 overflows f16 (max 65504): reported at its index, past the first chunk
+        let mut big = vals.clone();
+        big[9000] = 1e5;
+        big[15000] = -1e6;
+        Float::F32.encode(&big, &mut src);
+        assert_eq!(Float::F32.cast(Float::F16, &src, &mut hf), Some(9000));
     }
 }

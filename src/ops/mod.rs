@@ -193,7 +193,7 @@ fn strip_body(
     d.encode_serial(w, out);
 }
 
-fn lcm(a: usize, b: usize) -> usize {
+pub fn lcm(a: usize, b: usize) -> usize {
     fn gcd(a: usize, b: usize) -> usize {
         if b == 0 {
             a
