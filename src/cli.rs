@@ -289,6 +289,10 @@ pub struct ApplyOptions {
     #[arg(long)]
     pub json: bool,
 
+    /// Print where the time went (read, compute, write, fsync busy seconds) on stderr
+    #[arg(long)]
+    pub timings: bool,
+
     /// Write values that become inf or NaN (by default, as PEFT's safe_merge, such a value stops
     /// the run with an error naming the tensor)
     #[arg(long)]

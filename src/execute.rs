@@ -17,9 +17,10 @@ use crate::plan::{Op, Plan, TensorJob};
 use anyhow::Context;
 use indicatif::ProgressBar;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, Sender};
 use std::sync::Arc;
+use std::time::Instant;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -61,6 +62,37 @@ pub struct RunOptions {
     pub fsync: bool,
     /// Write values that became inf or NaN instead of stopping.
     pub allow_non_finite: bool,
+}
+
+/// Where the time of a run went: each stage's busy time in seconds (stages overlap, so they add up
+/// to more than the wall time; the largest is the bottleneck).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Timings {
+    /// Reader: loading adapter blocks (and inverting BAT blocks), mapping and cutting tensors.
+    pub read: f64,
+    /// Compute: the op chains and casts, including the page faults that read the base's mapped bytes.
+    pub compute: f64,
+    /// Writers: writing computed bytes and copying untouched tensors file to file.
+    pub write: f64,
+    /// fsync of each finished file (in the background).
+    pub fsync: f64,
+    /// On a GPU, the part of `compute` spent copying to the device, in kernels, and copying back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub h2d: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernels: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub d2h: Option<f64>,
+    /// The whole pipeline, start to end.
+    pub wall: f64,
+}
+
+/// What a run reports.
+pub struct Report {
+    pub warnings: Vec<String>,
+    /// For each output, the comparison of a [`Sink::Compare`] (empty for a folder).
+    pub checks: Vec<Vec<TensorCheck>>,
+    pub timings: Timings,
 }
 
 /// A BAT block whose `I + B` has a larger condition number earns a warning on unmerge.
@@ -110,10 +142,10 @@ pub fn run(
     device: &Device,
     opts: RunOptions,
     progress: &ProgressBar,
-) -> Result<Vec<String>> {
+) -> Result<Report> {
     let outputs =
         targets.iter().map(|t| Output { plan: t.plan, adapters: t.adapters, sink: Sink::Folder(t.dir) }).collect();
-    let (warnings, _) = run_into(outputs, base, device, opts, progress)?;
+    let report = run_into(outputs, base, device, opts, progress)?;
     for t in targets {
         let write_json = |name: &str, value: &serde_json::Value| -> Result<()> {
             let path = t.dir.join(name);
@@ -131,11 +163,10 @@ pub fn run(
             std::fs::copy(f, &to).with_context(|| format!("cannot copy {} to {}", f.display(), to.display()))?;
         }
     }
-    Ok(warnings)
+    Ok(report)
 }
 
-/// Run the pipeline into the outputs' sinks: returns the warnings, and for each output the
-/// comparison of a [`Sink::Compare`] (empty for a folder).
+/// Run the pipeline into the outputs' sinks.
 ///
 /// One reader walks the base once, in order; for each tensor it hands every output the pieces it
 /// needs (the same mapped bytes for all), so N outputs cost one read of the base.
@@ -145,11 +176,15 @@ pub fn run_into(
     device: &Device,
     opts: RunOptions,
     progress: &ProgressBar,
-) -> Result<(Vec<String>, Vec<Vec<TensorCheck>>)> {
+) -> Result<Report> {
+    let started = Instant::now();
     let fsync = opts.fsync;
     let plans: Vec<&Plan> = outputs.iter().map(|o| o.plan).collect();
     let adapters: Vec<&[Adapter]> = outputs.iter().map(|o| o.adapters).collect();
-    std::thread::scope(|scope| -> Result<(Vec<String>, Vec<Vec<TensorCheck>>)> {
+    let busy = Busy::default();
+    let busy = &busy;
+    let gpu_before = device.gpu_phases();
+    std::thread::scope(|scope| -> Result<Report> {
         let (to_compute, from_reader) = sync_channel::<Result<(usize, Piece)>>(1);
         // Written buffers come back to the compute stage: no fresh pages to fault in per piece.
         let (recycle, recycled) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -158,7 +193,15 @@ pub fn run_into(
 
         let reader = scope.spawn(move || {
             let mut warnings = vec![];
-            let sent = read_all(plans, base, adapters, &mut warnings, &mut |k, p| to_compute.send(Ok((k, p))).is_ok());
+            let mut since = Instant::now();
+            let mut send = |k, p| {
+                busy.add(&busy.read, since.elapsed());
+                let sent = to_compute.send(Ok((k, p))).is_ok();
+                since = Instant::now();
+                sent
+            };
+            let sent = read_all(plans, base, adapters, &mut warnings, &mut send);
+            busy.add(&busy.read, since.elapsed());
             if let Err(e) = sent {
                 let _ = to_compute.send(Err(e));
             }
@@ -174,7 +217,7 @@ pub fn run_into(
             let plan = output.plan;
             writers.push(scope.spawn(move || match output.sink {
                 Sink::Folder(dir) => {
-                    write_all(plan, dir, fsync, from_compute, recycle, progress, k == 0, scope).map(|_| vec![])
+                    write_all(plan, dir, fsync, from_compute, recycle, progress, k == 0, busy, scope).map(|_| vec![])
                 }
                 Sink::Compare(expected) => compare_all(plan, expected, from_compute, recycle, progress),
             }));
@@ -188,7 +231,9 @@ pub fn run_into(
                 Piece::Rows { job, chain, row0, src, last } => {
                     let mut out = recycled.try_recv().unwrap_or_default();
                     let check = !opts.allow_non_finite;
+                    let t = Instant::now();
                     let len = compute(device, job, &chain, row0, src.bytes(), &mut out, &mut scratch, check)?;
+                    busy.add(&busy.compute, t.elapsed());
                     Ok((k, Piece::Bytes { data: out, len, last }))
                 }
                 other => Ok((k, other)),
@@ -214,8 +259,36 @@ pub fn run_into(
         let warnings = reader.join().unwrap_or_default();
         computed?;
         let checks = written.into_iter().collect::<Result<Vec<_>>>()?;
-        Ok((warnings, checks))
+        let secs = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+        // The device's counters run from its start: count this run's share.
+        let gpu = device.gpu_phases().map(|now| [0, 1, 2].map(|k| now[k] - gpu_before.map_or(0.0, |b| b[k])));
+        let timings = Timings {
+            h2d: gpu.map(|g| g[0]),
+            kernels: gpu.map(|g| g[1]),
+            d2h: gpu.map(|g| g[2]),
+            read: secs(&busy.read),
+            compute: secs(&busy.compute),
+            write: secs(&busy.write),
+            fsync: secs(&busy.fsync),
+            wall: started.elapsed().as_secs_f64(),
+        };
+        Ok(Report { warnings, checks, timings })
     })
+}
+
+/// Busy time per stage, in nanoseconds, added to by every thread of that stage.
+#[derive(Default)]
+struct Busy {
+    read: AtomicU64,
+    compute: AtomicU64,
+    write: AtomicU64,
+    fsync: AtomicU64,
+}
+
+impl Busy {
+    fn add(&self, stage: &AtomicU64, d: std::time::Duration) {
+        stage.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
 }
 
 /// The reader: the outputs' jobs in step (every plan lists the base's tensors in the base's order,
@@ -459,6 +532,7 @@ fn write_all<'scope>(
     recycle: Sender<Vec<u8>>,
     progress: &'scope ProgressBar,
     announce: bool,
+    busy: &'scope Busy,
     scope: &'scope std::thread::Scope<'scope, '_>,
 ) -> Result<()> {
     let total: usize = plan.shards.iter().map(|s| s.jobs.len()).sum();
@@ -473,6 +547,7 @@ fn write_all<'scope>(
                     return Ok(()); // an earlier stage stopped and reports why
                 };
                 check_interrupt()?;
+                let t = Instant::now();
                 let last = match piece {
                     Piece::Bytes { data, len, last } => {
                         w.write(&data[..len])?;
@@ -487,6 +562,7 @@ fn write_all<'scope>(
                     }
                     Piece::Rows { .. } => unreachable!("the compute stage turns rows into bytes"),
                 };
+                busy.add(&busy.write, t.elapsed());
                 if last {
                     break;
                 }
@@ -498,7 +574,12 @@ fn write_all<'scope>(
         }
         let (file, path) = w.finish()?;
         if fsync {
-            syncs.push(scope.spawn(move || file.sync_all().with_context(|| format!("cannot sync {}", path.display()))));
+            syncs.push(scope.spawn(move || {
+                let t = Instant::now();
+                let synced = file.sync_all().with_context(|| format!("cannot sync {}", path.display()));
+                busy.add(&busy.fsync, t.elapsed());
+                synced
+            }));
         }
     }
     for s in syncs {

@@ -59,6 +59,22 @@ fn json_summary_after_a_run() {
     assert_eq!(j["tensors_changed"], 14);
     assert_eq!(j["bytes_written"], std::fs::metadata(out.join("model.safetensors")).unwrap().len());
     assert_eq!(j["device"], "cpu");
+    assert_eq!(j["bytes_read"], load(&base).values().map(|t| t.data.len()).sum::<usize>());
+    let t = &j["timings"];
+    for k in ["read", "compute", "write", "fsync", "wall"] {
+        assert!(t[k].as_f64().unwrap() >= 0.0, "{k}: {t}");
+    }
+    assert!(t["wall"].as_f64().unwrap() <= j["seconds"].as_f64().unwrap());
+    assert!(t.get("h2d").is_none(), "no GPU phases on the CPU");
+
+    // --timings: a table on stderr, nothing on stdout
+    let o = merge_with(&base, &adapter, &tmp.path().join("t"), &["-q", "--timings"]);
+    ok(&o);
+    let err = stderr(&o);
+    for stage in ["read", "compute", "write", "fsync", "pipeline"] {
+        assert!(err.lines().any(|l| l.trim_start().starts_with(stage)), "{stage}: {err}");
+    }
+    assert_eq!(stdout(&o), "");
 }
 
 #[test]

@@ -40,6 +40,7 @@ fn peft_merges_verify() {
         assert_eq!(code, Some(0), "{}: {j}", c["name"]);
         assert_eq!(j["ok"], true);
         assert_eq!(j["equal"].as_u64().unwrap() as usize, j["tensors"].as_array().unwrap().len());
+        assert!(j["seconds"].as_f64().unwrap() >= j["timings"]["wall"].as_f64().unwrap());
         checked += 1;
     }
     assert!(checked >= 10);

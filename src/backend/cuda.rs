@@ -11,7 +11,9 @@ use crate::ops::Prepared;
 use anyhow::{anyhow, Result};
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 const KERNELS: &str = r#"
 typedef unsigned short u16;
@@ -102,6 +104,8 @@ pub struct Cuda {
     blas: CudaBlas,
     k: Kernels,
     name: String,
+    /// Nanoseconds spent copying to the device, in kernels (and the blocks' uploads), and copying back.
+    phases: [AtomicU64; 3],
 }
 
 /// Why CUDA cannot be used here, without touching the driver when its libraries are missing.
@@ -164,11 +168,23 @@ impl Cuda {
         unsafe { blas_sys::cublasSetMathMode(*blas.handle(), blas_sys::cublasMath_t::CUBLAS_PEDANTIC_MATH) }
             .result()
             .map_err(|e| anyhow!("cannot set cuBLAS math mode: {e:?}"))?;
-        Ok(Cuda { stream, blas, k, name })
+        Ok(Cuda { stream, blas, k, name, phases: Default::default() })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Seconds so far in host-to-device copies, kernels, and device-to-host copies.
+    pub fn phase_seconds(&self) -> [f64; 3] {
+        self.phases.each_ref().map(|a| a.load(Ordering::Relaxed) as f64 * 1e-9)
+    }
+
+    fn phase_done(&self, phase: usize, since: &mut Instant) -> Result<()> {
+        self.stream.synchronize().map_err(|e| anyhow!("CUDA synchronize: {e:?}"))?;
+        self.phases[phase].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        *since = Instant::now();
+        Ok(())
     }
 
     /// The GPU version of [`crate::ops::apply_chain`].
@@ -189,7 +205,9 @@ impl Cuda {
         let e = |what: &'static str| move |err: cudarc::driver::DriverError| anyhow!("CUDA {what}: {err:?}");
         let dt = dt_code(d);
         let n64 = n as u64;
+        let mut since = Instant::now();
         let d_in: CudaSlice<u8> = s.clone_htod(src).map_err(e("host to device copy"))?;
+        self.phase_done(0, &mut since)?;
         let mut w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
         // SAFETY (every launch): arguments match the kernel signatures above; buffers hold n elements.
         unsafe { s.launch_builder(&self.k.decode).arg(&d_in).arg(&mut w).arg(&n64).arg(&dt).launch(grid(n)) }
@@ -274,8 +292,9 @@ impl Cuda {
         let mut d_out: CudaSlice<u8> = s.alloc_zeros(src.len()).map_err(e("allocation"))?;
         unsafe { s.launch_builder(&self.k.encode).arg(&w).arg(&mut d_out).arg(&n64).arg(&dt).launch(grid(n)) }
             .map_err(e("encode"))?;
+        self.phase_done(1, &mut since)?;
         s.memcpy_dtoh(&d_out, dst).map_err(e("device to host copy"))?;
-        s.synchronize().map_err(e("synchronize"))?;
+        self.phase_done(2, &mut since)?;
         Ok(())
     }
 

@@ -70,6 +70,15 @@ impl Device {
         Err("this bone-tool was built without the `cuda` feature".to_string())
     }
 
+    /// Seconds so far in host-to-device copies, kernels and device-to-host copies (None on the CPU).
+    pub fn gpu_phases(&self) -> Option<[f64; 3]> {
+        match self {
+            Device::Cpu => None,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => Some(g.phase_seconds()),
+        }
+    }
+
     pub fn name(&self) -> String {
         match self {
             Device::Cpu => "cpu".to_string(),

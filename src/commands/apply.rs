@@ -124,7 +124,8 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
         .zip(&dirs)
         .map(|((plan, adapters), dir)| execute::Target { plan, adapters, dir: dir.path() })
         .collect();
-    let late_warnings = execute::run(&targets, &base, &device, run_opts, &progress)?;
+    let report = execute::run(&targets, &base, &device, run_opts, &progress)?;
+    let late_warnings = report.warnings;
     progress.finish_and_clear();
     for w in &late_warnings {
         crate::report::warning(w);
@@ -157,6 +158,7 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
             "model": model.display().to_string(),
             "device": device.name(),
             "seconds": seconds,
+            "timings": report.timings,
             "bytes_read": base.data_bytes(),
             "bytes_written": total,
             "warnings": plans.iter().flat_map(|p| &p.warnings).chain(&late_warnings).collect::<Vec<_>>(),
@@ -194,7 +196,31 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
             HumanBytes(total)
         );
     }
+    if opts.timings {
+        print_timings(&report.timings, seconds);
+    }
     Ok(())
+}
+
+/// `--timings`: each stage's busy time next to the wall time, on stderr.
+pub(crate) fn print_timings(t: &execute::Timings, total: f64) {
+    let mut rows = vec![
+        ("read", t.read, "adapter blocks, BAT inverses, cutting tensors into pieces"),
+        ("compute", t.compute, "op chains and casts, incl. page faults reading the base"),
+    ];
+    if let (Some(h2d), Some(k), Some(d2h)) = (t.h2d, t.kernels, t.d2h) {
+        rows.push(("  h2d", h2d, "of compute: host to GPU copies"));
+        rows.push(("  kernels", k, "of compute: GPU kernels and GEMMs"));
+        rows.push(("  d2h", d2h, "of compute: GPU to host copies"));
+    }
+    rows.push(("write", t.write, "writing results, copying untouched tensors"));
+    rows.push(("fsync", t.fsync, "flushing finished files (background)"));
+    eprintln!("timings (busy seconds per stage; stages overlap):");
+    for (name, secs, what) in rows {
+        let share = if t.wall > 0.0 { 100.0 * secs / t.wall } else { 0.0 };
+        eprintln!("  {name:<9} {secs:>8.3}s  {share:>5.0}% of the pipeline  {what}");
+    }
+    eprintln!("  pipeline  {:>8.3}s, whole command {total:.3}s", t.wall);
 }
 
 /// The plan as data: what `--dry-run` shows.

@@ -44,8 +44,9 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
     let run_opts = RunOptions { fsync: false, allow_non_finite: true };
     let started = std::time::Instant::now();
     let output = execute::Output { plan: &plan, adapters: &adapters, sink: Sink::Compare(&expected) };
-    let (late, mut checks) = execute::run_into(vec![output], &input, &device, run_opts, &progress)?;
-    let checks = checks.pop().expect("one output");
+    let report = execute::run_into(vec![output], &input, &device, run_opts, &progress)?;
+    let (late, checks, timings) =
+        (report.warnings, report.checks.into_iter().next().unwrap_or_default(), report.timings);
     let seconds = started.elapsed().as_secs_f64();
     progress.finish_and_clear();
     warnings.extend(late);
@@ -67,6 +68,7 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
             "shape_changed": count("shape_changed"),
             "tensors": checks,
             "seconds": seconds,
+            "timings": timings,
             "warnings": warnings,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
