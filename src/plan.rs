@@ -409,8 +409,7 @@ fn warn_precision(adapters: &[Adapter], out: Float, warnings: &mut Vec<String>) 
             a.blocks.iter().filter_map(|b| Float::from_dtype(b.entry.dtype)).find(|f| precision(*f) > precision(out));
         if let Some(f) = finer {
             warnings.push(format!(
-                "{}: the adapter's blocks are {} and the output is {}: its changes are rounded to {} (to keep them exact, \
-                 write --dtype f32)",
+                "{}: the adapter's blocks are {} and the output is {}: the merged values are rounded to {} once",
                 a.dir.display(),
                 f.name(),
                 out.name(),

@@ -272,28 +272,36 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tied_base(tmp.path());
     let case = fixtures().join("cases/bone-default-lm-head-bf16");
-    let out = tmp.path().join("out");
-    let o = merge_with(&base, &case.join("adapter"), &out, &[]);
-    ok(&o);
-    let err = stderr(&o);
-    assert!(err.contains("warning:") && err.contains("unties them"), "{err}");
-    let ours = load(&out);
-    let peft = load(&case.join("merged")); // PEFT's merge into the untied base with the same lm_head
-    let before = load(&base);
-    assert!(ours["lm_head.weight"].data == peft["lm_head.weight"].data, "lm_head: PEFT's merged head");
-    assert!(
-        ours["model.embed_tokens.weight"].data == before["model.embed_tokens.weight"].data,
-        "the embedding keeps the base's values"
-    );
-    for (k, t) in &peft {
-        if k != "model.embed_tokens.weight" {
-            assert!(ours[k].data == t.data, "{k}");
+    // PEFT saved lm_head's base weight with the adapter (lm_head.base_layer.weight); without it, the
+    // untied lm_head must start from the tied embedding's bytes.
+    let bare = tmp.path().join("bare");
+    copy_dir(&case.join("adapter"), &bare);
+    let mut t = load(&bare.join("adapter_model.safetensors"));
+    assert!(t.remove("base_model.model.lm_head.base_layer.weight").is_some());
+    save(&bare.join("adapter_model.safetensors"), &t);
+    for (k, adapter) in [case.join("adapter"), bare].iter().enumerate() {
+        let out = tmp.path().join(format!("out{k}"));
+        let o = merge_with(&base, adapter, &out, &[]);
+        ok(&o);
+        let err = stderr(&o);
+        assert!(err.contains("warning:") && err.contains("unties them"), "{err}");
+        let ours = load(&out);
+        let peft = load(&case.join("merged")); // PEFT's merge into the untied base with the same lm_head
+        let before = load(&base);
+        assert!(ours["lm_head.weight"].data == peft["lm_head.weight"].data, "lm_head: PEFT's merged head");
+        assert!(
+            ours["model.embed_tokens.weight"].data == before["model.embed_tokens.weight"].data,
+            "the embedding keeps the base's values"
+        );
+        for (k, t) in &peft {
+            if k != "model.embed_tokens.weight" {
+                assert!(ours[k].data == t.data, "{k}");
+            }
         }
+        assert_eq!(config(&out)["tie_word_embeddings"], false);
+        // verify agrees, recomputing from the tied base
+        ok(&run(&["verify", "--base", s(&base), "--adapter", s(adapter), "--merged", s(&out)]));
     }
-    assert_eq!(config(&out)["tie_word_embeddings"], false);
-    // verify agrees, recomputing from the tied base
-    let v = run(&["verify", "--base", s(&base), "--adapter", s(&case.join("adapter")), "--merged", s(&out)]);
-    ok(&v);
     // --keep-tied refuses, leaving nothing
     let refused = tmp.path().join("refused");
     let o = merge_with(&base, &case.join("adapter"), &refused, &["--keep-tied"]);

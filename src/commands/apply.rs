@@ -176,11 +176,14 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
         }
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else if !quiet {
+        let dtype = opts.dtype.float().map(|f| f.name()).unwrap_or("");
         for (plan, job) in plans.iter().zip(jobs) {
             let n = job.adapters.len();
-            let cast = if plan.cast > 0 { format!(", {} cast", plan.cast) } else { String::new() };
+            let cast = if plan.cast > 0 { format!(", {} cast to {dtype}", plan.cast) } else { String::new() };
+            let device = if several { String::new() } else { format!(" on {}", device.name()) };
+            let time = if several { String::new() } else { format!(" in {seconds:.1}s") };
             eprintln!(
-                "{verb} {n} adapter{} → {}: {} tensors changed, {} copied{cast}, {}",
+                "{verb} {n} adapter{} → {}{device}: {} tensors changed, {} copied{cast}, {}{time}",
                 if n == 1 { "" } else { "s" },
                 job.out.display(),
                 plan.changed,
@@ -188,13 +191,15 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
                 HumanBytes(plan.total_bytes()),
             );
         }
-        eprintln!(
-            "done on {} in {:.1}s ({} read, {} written)",
-            device.name(),
-            seconds,
-            HumanBytes(base.data_bytes()),
-            HumanBytes(total)
-        );
+        if several {
+            eprintln!(
+                "{} models written on {} in {seconds:.1}s, the base read once ({} read, {} written)",
+                jobs.len(),
+                device.name(),
+                HumanBytes(base.data_bytes()),
+                HumanBytes(total)
+            );
+        }
     }
     if opts.timings {
         print_timings(&report.timings, seconds);
