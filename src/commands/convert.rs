@@ -246,6 +246,9 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
             "layers": layers,
             "total_rel_error": total,
             "tensors": tensors.len(),
+            "files": [crate::adapter::CONFIG_NAME, crate::adapter::WEIGHTS_NAME],
+            "bytes_written": data_bytes + header.len() as u64,
+            "seconds": started.elapsed().as_secs_f64(),
             "warnings": warnings,
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
