@@ -41,6 +41,7 @@ fn dry_run_lists_the_plan_and_writes_nothing() {
         j["tensors_changed"].as_u64().unwrap() + j["tensors_copied"].as_u64().unwrap(),
         load(&base).len() as u64
     );
+    assert_eq!(j["copied"].as_array().unwrap().len() as u64, j["tensors_copied"].as_u64().unwrap());
     assert_eq!(j["files"].as_array().unwrap().len(), 3);
     assert_eq!(j["index"], "model.safetensors.index.json");
     assert!(!out.exists());

@@ -287,6 +287,7 @@ fn plan_summary(plan: &plan::Plan, base: &Model, adapters: &[Adapter], out: &Pat
         // pieces in flight (reader, compute, writer and the channels between) of at most 16 MB each
         "estimated_peak_memory_bytes": 128u64 << 20,
         "changed": changed,
+        "copied": plan.shards.iter().flat_map(|s| &s.jobs).filter(|j| j.ops.is_empty()).map(|j| &j.name).collect::<Vec<_>>(),
         "warnings": plan.warnings,
     })
 }
