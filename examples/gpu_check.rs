@@ -1,8 +1,9 @@
 //! The GPU acceptance check: every fixture case merged and unmerged with `--device cuda` and with
 //! `--device cpu`, every output tensor compared (at most one unit in the last place apart).
 //!
-//!   gpu_check BONE_TOOL_BINARY FIXTURES_DIR
+//!   gpu_check BONE_TOOL_BINARY FIXTURES_DIR [CASE_SUBSTRING,...]
 //!
+//! With a third argument only the cases whose names contain one of the substrings are run.
 //! Exit 0: all equal within one ulp. Exit 1: a difference (listed). Exit 2: no usable GPU (the
 //! reason is printed): this check then checked nothing.
 
@@ -49,8 +50,12 @@ fn main() {
     std::fs::create_dir_all(&tmp).unwrap();
     let mut failures = 0;
     let mut compared = 0;
+    let only: Vec<String> = args.get(3).map(|a| a.split(',').map(str::to_string).collect()).unwrap_or_default();
     for c in manifest["cases"].as_array().unwrap() {
         let name = c["name"].as_str().unwrap();
+        if !only.is_empty() && !only.iter().any(|o| name.contains(o.as_str())) {
+            continue;
+        }
         for cmd in ["merge", "unmerge"] {
             let model = if cmd == "merge" {
                 fixtures.join(c["base"].as_str().unwrap())

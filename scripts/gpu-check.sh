@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check, run on the GPU machine in one call; builds nothing there (no Rust): it uses the
-# binaries scripts/gpu-prepare.sh put in .device-bin/. Prints everything:
-#   1. the GPU, and bone-tool's device selection;
-#   2. gpu_check: every fixture merged and unmerged on cuda and on cpu, compared (<= 1 ulp);
-#   3. the benchmark table for the 1b shape, cuda and cpu rows next to cp -r (3 runs);
-#   4. the 7b shape, cuda rows only (1 run), when the disk has room.
+# binaries scripts/gpu-prepare.sh put in .device-bin/. Prints everything, most important first:
+#   1. the GPU, and bone-tool's device selection (with --timings);
+#   2. gpu_check: every fixture merged and unmerged on cuda (two lanes, pipelined) and on cpu,
+#      compared (<= 1 ulp);
+#   3. the benchmark table for the 1b shape, cuda and cpu rows next to cp -r (3 runs), and the
+#      per-phase timings of one cuda merge of each kind;
+#   4. gpu_check again on a few cases: synchronous one-lane path (BONE_TOOL_CUDA_LANES=1), and
+#      4 KB pieces so that many pieces are in flight;
+#   5. the 7b shape, cuda rows only (1 run), when the disk has room.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin="$PWD/.device-bin"
@@ -12,11 +16,20 @@ bin="$PWD/.device-bin"
 export BONE_TOOL_PREBUILT="$bin" BENCH_DIR="${BENCH_DIR:-/tmp/bone-bench}"
 echo "== machine"; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
 echo "== device selection"
-"$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda 2>&1
-echo "== gpu_check (cuda vs cpu on every fixture)"
+"$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1
+echo "== gpu_check (cuda, 2 lanes, vs cpu on every fixture)"
 "$bin/gpu_check" "$bin/bone-tool" fixtures; echo "gpu_check exit $?"
 echo "== bench 1b"
 DEVICES="cuda cpu" bash bench/run.sh 1b 3 2>&1 | tail -25
+for kind in default bat; do
+  echo "-- timings: cuda merge $kind (1b)"
+  "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" --out /tmp/t1b --force --device cuda --timings 2>&1 | tail -9
+  rm -rf /tmp/t1b
+done
+echo "== gpu_check, one lane (synchronous path)"
+BONE_TOOL_CUDA_LANES=1 "$bin/gpu_check" "$bin/bone-tool" fixtures bat-bf16,mini,tail; echo "exit $?"
+echo "== gpu_check, 4 KB pieces (many in flight)"
+BONE_TOOL_PIECE_BYTES=4096 "$bin/gpu_check" "$bin/bone-tool" fixtures bat-bf16,mini,tail; echo "exit $?"
 rm -rf "$BENCH_DIR/1b"
 echo "== bench 7b"
 if [ "$(df --output=avail -B1G "$BENCH_DIR" | tail -1)" -gt 58 ]; then

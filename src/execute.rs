@@ -6,7 +6,7 @@
 //! background while the next one is written. At most a few tensors are in memory at once.
 
 use crate::adapter::Adapter;
-use crate::backend::Device;
+use crate::backend::{Device, Ticket};
 use crate::error::{input, Interrupted, Result};
 use crate::model::output::ShardWriter;
 use crate::model::HEAD;
@@ -224,29 +224,81 @@ pub fn run_into(
         }
         drop(recycle);
 
+        // Pieces in flight on the device, oldest first: a GPU works on the next piece while the
+        // previous one is copied back (one at a time on the CPU, which computes as it starts).
+        let depth = device.lanes().max(1);
+        let mut flight: std::collections::VecDeque<Flight> = Default::default();
+        let mut spares: Vec<Vec<u8>> = vec![];
+        let check = !opts.allow_non_finite;
         let mut computed: Result<()> = Ok(());
-        let mut scratch = vec![];
-        for item in from_reader {
-            let step = item.and_then(|(k, piece)| match piece {
-                Piece::Rows { job, chain, row0, src, last } => {
-                    let mut out = recycled.try_recv().unwrap_or_default();
-                    let check = !opts.allow_non_finite;
-                    let t = Instant::now();
-                    let len = compute(device, job, &chain, row0, src.bytes(), &mut out, &mut scratch, check)?;
-                    busy.add(&busy.compute, t.elapsed());
-                    Ok((k, Piece::Bytes { data: out, len, last }))
-                }
-                other => Ok((k, other)),
-            });
-            match step {
-                Ok((k, piece)) => {
-                    if to_writers[k].send(piece).is_err() {
-                        break; // the writer failed: its error is the one to report
-                    }
-                }
+        let send = |k: usize, piece| to_writers[k].send(piece).is_ok();
+        'pieces: for item in from_reader {
+            let (k, piece) = match item {
+                Ok(kp) => kp,
                 Err(e) => {
                     computed = Err(e);
                     break;
+                }
+            };
+            // Only computed pieces may be in flight: anything else waits for them, so that every
+            // writer gets its pieces in order.
+            let must_wait = if matches!(piece, Piece::Rows { .. }) { depth - 1 } else { 0 };
+            while flight.len() > must_wait {
+                let f = flight.pop_front().expect("non-empty");
+                let t = Instant::now();
+                let done = f.finish(device, check);
+                busy.add(&busy.compute, t.elapsed());
+                match done {
+                    Ok((k, piece, spare)) => {
+                        spares.extend(spare);
+                        if !send(k, piece) {
+                            break 'pieces; // the writer failed: its error is the one to report
+                        }
+                    }
+                    Err(e) => {
+                        computed = Err(e);
+                        break 'pieces;
+                    }
+                }
+            }
+            match piece {
+                Piece::Rows { job, chain, row0, src, last } => {
+                    let out = recycled.try_recv().unwrap_or_default();
+                    let stage = spares.pop().unwrap_or_default();
+                    let t = Instant::now();
+                    let started = Flight::start(device, k, job, chain, row0, src, last, out, stage, check);
+                    busy.add(&busy.compute, t.elapsed());
+                    match started {
+                        Ok(f) => flight.push_back(f),
+                        Err(e) => {
+                            computed = Err(e);
+                            break;
+                        }
+                    }
+                }
+                other => {
+                    if !send(k, other) {
+                        break;
+                    }
+                }
+            }
+        }
+        if computed.is_ok() {
+            // the last pieces still in flight
+            while let Some(f) = flight.pop_front() {
+                let t = Instant::now();
+                let done = f.finish(device, check);
+                busy.add(&busy.compute, t.elapsed());
+                match done {
+                    Ok((k, piece, _)) => {
+                        if !send(k, piece) {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        computed = Err(e);
+                        break;
+                    }
                 }
             }
         }
@@ -588,68 +640,100 @@ fn write_all<'scope>(
     Ok(())
 }
 
-/// Run a tensor's chain on the rows `row0..` held in `src` and cast the result to the job's output
-/// dtype, writing into the start of `out` (`scratch` holds the chain's result before a cast);
-/// returns the number of bytes written.
-#[allow(clippy::too_many_arguments)]
-fn compute(
-    device: &Device,
-    job: &TensorJob,
-    chain: &[Prepared],
+/// One computed piece: its chain started on the device, its cast and checks still to come.
+struct Flight<'a> {
+    output: usize,
+    job: &'a TensorJob,
     row0: usize,
-    src: &[u8],
-    out: &mut Vec<u8>,
-    scratch: &mut Vec<u8>,
-    check_finite: bool,
-) -> Result<usize> {
-    let d = job.weight_float().expect("only float tensors are computed");
-    let (_, i) = row_view(&job.src);
-    let rows = src.len() / (i * d.size()).max(1);
-    // A recycled buffer keeps its length: only growth is zero-filled, the rest is overwritten.
-    let run_chain = |dst: &mut Vec<u8>| -> Result<()> {
-        if dst.len() < src.len() {
-            dst.resize(src.len(), 0);
-        }
-        if let Some(k) = device.apply_chain(src, &mut dst[..src.len()], d, rows, i, row0, chain, check_finite)? {
-            return Err(input(format!(
-                "{:?}: the result at row {}, column {} is not finite (inf or NaN) where the input was: the adapter is \
-                 broken or overflows {d}; pass --allow-non-finite to write it anyway",
-                job.name,
-                row0 + k / i,
-                k % i
-            )));
-        }
-        Ok(())
-    };
-    let Some(to) = job.cast_to() else {
-        run_chain(out)?;
-        return Ok(src.len());
-    };
-    let values: &[u8] = if chain.is_empty() {
-        src
-    } else {
-        run_chain(scratch)?;
-        &scratch[..src.len()]
-    };
-    let n = values.len() / d.size() * to.size();
-    if out.len() < n {
-        out.resize(n, 0);
+    src: TensorBytes,
+    last: bool,
+    /// The bytes for the writer.
+    out: Vec<u8>,
+    /// The chain's result when it is cast afterwards.
+    stage: Vec<u8>,
+    /// None: no chain (a cast only).
+    ticket: Option<Ticket>,
+}
+
+impl<'a> Flight<'a> {
+    /// Start the chain on rows `row0..` of `src` (into `out`, or into `stage` when a cast follows).
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        device: &Device,
+        output: usize,
+        job: &'a TensorJob,
+        chain: Arc<Vec<Prepared>>,
+        row0: usize,
+        src: TensorBytes,
+        last: bool,
+        mut out: Vec<u8>,
+        mut stage: Vec<u8>,
+        check_finite: bool,
+    ) -> Result<Flight<'a>> {
+        let d = job.weight_float().expect("only float tensors are computed");
+        let (_, i) = row_view(&job.src);
+        let bytes = src.bytes();
+        let n = bytes.len();
+        let rows = n / (i * d.size()).max(1);
+        let ticket = if chain.is_empty() {
+            None
+        } else {
+            let dst = if job.cast_to().is_some() { &mut stage } else { &mut out };
+            // A recycled buffer keeps its length: only growth is zero-filled, the rest is overwritten.
+            if dst.len() < n {
+                dst.resize(n, 0);
+            }
+            Some(device.start(bytes, &mut dst[..n], d, rows, i, row0, &chain, check_finite)?)
+        };
+        Ok(Flight { output, job, row0, src, last, out, stage, ticket })
     }
-    if let Some(k) = d.cast(to, values, &mut out[..n]) {
-        if check_finite {
-            let at = if job.src.shape.len() == 2 {
-                format!("row {}, column {}", row0 + k / i.max(1), k % i.max(1))
-            } else {
-                format!("element {}", row0 * i + k)
-            };
-            return Err(input(format!(
-                "{:?}: the value at {at} does not fit in {to} (it would become inf): choose another --dtype, or pass \
-                 --allow-non-finite to write inf",
-                job.name
-            )));
+
+    /// Wait for the chain, check it, cast: the piece for the writer, and the stage buffer to reuse.
+    fn finish(mut self, device: &Device, check_finite: bool) -> Result<(usize, Piece<'a>, Option<Vec<u8>>)> {
+        let job = self.job;
+        let d = job.weight_float().expect("only float tensors are computed");
+        let (_, i) = row_view(&job.src);
+        let src = self.src.bytes();
+        let n = src.len();
+        let row0 = self.row0;
+        let cast = job.cast_to();
+        let chained = self.ticket.is_some();
+        if let Some(ticket) = self.ticket.take() {
+            let dst = if cast.is_some() { &mut self.stage[..n] } else { &mut self.out[..n] };
+            if let Some(k) = device.finish(ticket, src, dst, d, check_finite)? {
+                return Err(input(format!(
+                    "{:?}: the result at row {}, column {} is not finite (inf or NaN) where the input was: the \
+                     adapter is broken or overflows {d}; pass --allow-non-finite to write it anyway",
+                    job.name,
+                    row0 + k / i,
+                    k % i
+                )));
+            }
         }
+        let Some(to) = cast else {
+            return Ok((self.output, Piece::Bytes { data: self.out, len: n, last: self.last }, Some(self.stage)));
+        };
+        let values: &[u8] = if chained { &self.stage[..n] } else { src };
+        let m = n / d.size() * to.size();
+        if self.out.len() < m {
+            self.out.resize(m, 0);
+        }
+        if let Some(k) = d.cast(to, values, &mut self.out[..m]) {
+            if check_finite {
+                let at = if job.src.shape.len() == 2 {
+                    format!("row {}, column {}", row0 + k / i.max(1), k % i.max(1))
+                } else {
+                    format!("element {}", row0 * i + k)
+                };
+                return Err(input(format!(
+                    "{:?}: the value at {at} does not fit in {to} (it would become inf): choose another --dtype, or \
+                     pass --allow-non-finite to write inf",
+                    job.name
+                )));
+            }
+        }
+        Ok((self.output, Piece::Bytes { data: self.out, len: m, last: self.last }, Some(self.stage)))
     }
-    Ok(n)
 }
 
 /// A replacement stored in another float dtype than the base tensor: cast it (round to nearest even).

@@ -10,9 +10,13 @@ use crate::ops::dtype::Float;
 use crate::ops::Prepared;
 use anyhow::{anyhow, Result};
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
+};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 const KERNELS: &str = r#"
@@ -100,12 +104,94 @@ struct Kernels {
 }
 
 pub struct Cuda {
+    ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: Kernels,
     name: String,
     /// Nanoseconds spent copying to the device, in kernels (and the blocks' uploads), and copying back.
     phases: [AtomicU64; 3],
+    /// The streams pieces are queued on (empty: everything runs synchronously on `stream`).
+    lanes: Vec<Mutex<Lane>>,
+    next_lane: AtomicUsize,
+}
+
+/// The device buffers one piece runs in.
+struct Buffers<'a> {
+    d_in: &'a CudaSlice<u8>,
+    w: &'a mut CudaSlice<f32>,
+    tmp: &'a mut CudaSlice<f32>,
+    d_out: &'a mut CudaSlice<u8>,
+}
+
+/// One stream with its own cuBLAS handle, page-locked staging buffers (cached, not write-combined:
+/// the host reads the results back) and device buffers, reused piece after piece.
+struct Lane {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    bufs: Option<LaneBuffers>,
+    /// Recorded before the copy in, after it, after the kernels, after the copy back.
+    marks: [CudaEvent; 4],
+    /// Bytes of the result in flight, until collected.
+    pending: Option<usize>,
+}
+
+struct LaneBuffers {
+    /// Elements the buffers hold.
+    cap: usize,
+    pin_in: PinnedHostSlice<u8>,
+    pin_out: PinnedHostSlice<u8>,
+    d_in: CudaSlice<u8>,
+    d_out: CudaSlice<u8>,
+    w: CudaSlice<f32>,
+    tmp: CudaSlice<f32>,
+}
+
+impl Lane {
+    fn new(ctx: &Arc<CudaContext>) -> Result<Lane> {
+        let stream = ctx.new_stream().map_err(e("new stream"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
+        pedantic(&blas)?;
+        let ev = || ctx.new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC)).map_err(e("new event"));
+        Ok(Lane { stream, blas, bufs: None, marks: [ev()?, ev()?, ev()?, ev()?], pending: None })
+    }
+
+    /// Make the buffers hold at least `n` elements of any dtype (at least 4M, so that one size fits
+    /// the usual 16 MB pieces).
+    fn reserve(&mut self, ctx: &Arc<CudaContext>, n: usize) -> Result<()> {
+        if self.bufs.as_ref().is_some_and(|b| b.cap >= n) {
+            return Ok(());
+        }
+        self.stream.synchronize().map_err(e("synchronize"))?;
+        self.bufs = None;
+        let cap = n.max(1 << 22);
+        let s = &self.stream;
+        // SAFETY: the staging buffers are written before they are read.
+        let pin = || unsafe { ctx.alloc_pinned_with_flags::<u8>(cap * 4, 0) }.map_err(e("page-locked allocation"));
+        self.bufs = Some(LaneBuffers {
+            cap,
+            pin_in: pin()?,
+            pin_out: pin()?,
+            d_in: s.alloc_zeros(cap * 4).map_err(e("allocation"))?,
+            d_out: s.alloc_zeros(cap * 4).map_err(e("allocation"))?,
+            w: s.alloc_zeros(cap).map_err(e("allocation"))?,
+            tmp: s.alloc_zeros(cap).map_err(e("allocation"))?,
+        });
+        Ok(())
+    }
+}
+
+/// A CUDA error, with what was being done.
+fn e(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> anyhow::Error {
+    move |err| anyhow!("CUDA {what}: {err:?}")
+}
+
+/// True f32 GEMMs: no TF32, whatever NVIDIA_TF32_OVERRIDE or the defaults say.
+fn pedantic(blas: &CudaBlas) -> Result<()> {
+    // SAFETY: a valid handle from CudaBlas::new.
+    unsafe { blas_sys::cublasSetMathMode(*blas.handle(), blas_sys::cublasMath_t::CUBLAS_PEDANTIC_MATH) }
+        .result()
+        .map_err(|e| anyhow!("cannot set cuBLAS math mode: {e:?}"))
 }
 
 /// Why CUDA cannot be used here, without touching the driver when its libraries are missing.
@@ -163,12 +249,14 @@ impl Cuda {
             round_all: f("round_all")?,
         };
         let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
-        // True f32 GEMMs: no TF32, whatever NVIDIA_TF32_OVERRIDE or the defaults say.
-        // SAFETY: a valid handle from CudaBlas::new.
-        unsafe { blas_sys::cublasSetMathMode(*blas.handle(), blas_sys::cublasMath_t::CUBLAS_PEDANTIC_MATH) }
-            .result()
-            .map_err(|e| anyhow!("cannot set cuBLAS math mode: {e:?}"))?;
-        Ok(Cuda { stream, blas, k, name, phases: Default::default() })
+        pedantic(&blas)?;
+        let n_lanes = std::env::var("BONE_TOOL_CUDA_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(2usize);
+        let lanes = if n_lanes > 1 {
+            (0..n_lanes).map(|_| Lane::new(&ctx).map(Mutex::new)).collect::<Result<Vec<_>>>()?
+        } else {
+            vec![]
+        };
+        Ok(Cuda { ctx, stream, blas, k, name, phases: Default::default(), lanes, next_lane: AtomicUsize::new(0) })
     }
 
     pub fn name(&self) -> &str {
@@ -187,7 +275,8 @@ impl Cuda {
         Ok(())
     }
 
-    /// The GPU version of [`crate::ops::apply_chain`].
+    /// The GPU version of [`crate::ops::apply_chain`], synchronous, on the default stream with
+    /// pageable copies: the one-lane path (`BONE_TOOL_CUDA_LANES=1`) and the self-check.
     #[allow(clippy::too_many_arguments)]
     pub fn apply_chain(
         &self,
@@ -202,17 +291,41 @@ impl Cuda {
         let n = rows * i;
         anyhow::ensure!(src.len() == n * d.size() && dst.len() == src.len(), "apply_chain: byte counts");
         let s = &self.stream;
-        let e = |what: &'static str| move |err: cudarc::driver::DriverError| anyhow!("CUDA {what}: {err:?}");
-        let dt = dt_code(d);
-        let n64 = n as u64;
         let mut since = Instant::now();
         let d_in: CudaSlice<u8> = s.clone_htod(src).map_err(e("host to device copy"))?;
         self.phase_done(0, &mut since)?;
         let mut w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
+        let mut tmp: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
+        let mut d_out: CudaSlice<u8> = s.alloc_zeros(src.len()).map_err(e("allocation"))?;
+        let bufs = Buffers { d_in: &d_in, w: &mut w, tmp: &mut tmp, d_out: &mut d_out };
+        self.run_ops(s, &self.blas, bufs, d, rows, i, row0, ops)?;
+        self.phase_done(1, &mut since)?;
+        s.memcpy_dtoh(&d_out, dst).map_err(e("device to host copy"))?;
+        self.phase_done(2, &mut since)?;
+        Ok(())
+    }
+
+    /// Decode `n = rows·i` elements of `bufs.d_in`, run the ops, encode into `bufs.d_out`, all
+    /// queued on stream `s` (whose cuBLAS handle is `blas`).
+    #[allow(clippy::too_many_arguments)]
+    fn run_ops(
+        &self,
+        s: &Arc<CudaStream>,
+        blas: &CudaBlas,
+        bufs: Buffers,
+        d: Float,
+        rows: usize,
+        i: usize,
+        row0: usize,
+        ops: &[Prepared],
+    ) -> Result<()> {
+        let Buffers { d_in, w, tmp, d_out } = bufs;
+        let n = rows * i;
+        let dt = dt_code(d);
+        let n64 = n as u64;
         // SAFETY (every launch): arguments match the kernel signatures above; buffers hold n elements.
-        unsafe { s.launch_builder(&self.k.decode).arg(&d_in).arg(&mut w).arg(&n64).arg(&dt).launch(grid(n)) }
+        unsafe { s.launch_builder(&self.k.decode).arg(d_in).arg(&mut *w).arg(&n64).arg(&dt).launch(grid(n)) }
             .map_err(e("decode"))?;
-        let mut tmp: Option<CudaSlice<f32>> = None;
         for (k, op) in ops.iter().enumerate() {
             let rnd: i32 = (k + 1 < ops.len()).into();
             let (rows64, cols64) = (rows as u64, i as u64);
@@ -223,7 +336,7 @@ impl Cuda {
                     let r32 = *r as i32;
                     unsafe {
                         s.launch_builder(&self.k.periodic)
-                            .arg(&mut w)
+                            .arg(&mut *w)
                             .arg(&d_et)
                             .arg(&rows64)
                             .arg(&cols64)
@@ -239,16 +352,12 @@ impl Cuda {
                     let r = *r;
                     let blocks = &b[(row0 / r) * r * r..((row0 + rows) / r) * r * r];
                     let d_b = s.clone_htod(blocks).map_err(e("host to device copy"))?;
-                    let delta = match &mut tmp {
-                        Some(t) => t,
-                        None => tmp.insert(s.alloc_zeros(n).map_err(e("allocation"))?),
-                    };
-                    self.strip_gemm(&w, &d_b, delta, rows, i, r)?;
+                    strip_gemm(blas, w, &d_b, tmp, rows, i, r)?;
                     let (r32, once) = (r as i32, i32::from(rounding.once));
                     unsafe {
                         s.launch_builder(&self.k.bat_merge_post)
-                            .arg(&mut w)
-                            .arg(&*delta)
+                            .arg(&mut *w)
+                            .arg(&*tmp)
                             .arg(&d_b)
                             .arg(&rows64)
                             .arg(&cols64)
@@ -265,15 +374,11 @@ impl Cuda {
                     let range = (row0 / r) * r * r..((row0 + rows) / r) * r * r;
                     let d_b = s.clone_htod(&b[range.clone()]).map_err(e("host to device copy"))?;
                     let d_inv = s.clone_htod(&inv[range]).map_err(e("host to device copy"))?;
-                    let diff = match &mut tmp {
-                        Some(t) => t,
-                        None => tmp.insert(s.alloc_zeros(n).map_err(e("allocation"))?),
-                    };
                     let r32 = r as i32;
                     unsafe {
                         s.launch_builder(&self.k.bat_unmerge_pre)
-                            .arg(&w)
-                            .arg(&mut *diff)
+                            .arg(&*w)
+                            .arg(&mut *tmp)
                             .arg(&d_b)
                             .arg(&rows64)
                             .arg(&cols64)
@@ -281,54 +386,111 @@ impl Cuda {
                             .launch(grid(n))
                     }
                     .map_err(e("bat_unmerge_pre"))?;
-                    self.strip_gemm(diff, &d_inv, &mut w, rows, i, r)?;
+                    strip_gemm(blas, tmp, &d_inv, w, rows, i, r)?;
                     if rnd == 1 {
-                        unsafe { s.launch_builder(&self.k.round_all).arg(&mut w).arg(&n64).arg(&dt).launch(grid(n)) }
+                        unsafe { s.launch_builder(&self.k.round_all).arg(&mut *w).arg(&n64).arg(&dt).launch(grid(n)) }
                             .map_err(e("round_all"))?;
                     }
                 }
             }
         }
-        let mut d_out: CudaSlice<u8> = s.alloc_zeros(src.len()).map_err(e("allocation"))?;
-        unsafe { s.launch_builder(&self.k.encode).arg(&w).arg(&mut d_out).arg(&n64).arg(&dt).launch(grid(n)) }
+        unsafe { s.launch_builder(&self.k.encode).arg(&*w).arg(d_out).arg(&n64).arg(&dt).launch(grid(n)) }
             .map_err(e("encode"))?;
-        self.phase_done(1, &mut since)?;
-        s.memcpy_dtoh(&d_out, dst).map_err(e("device to host copy"))?;
-        self.phase_done(2, &mut since)?;
         Ok(())
     }
 
-    /// For every strip s of `r` rows: `out_s[I, r] = x_s[I, r] · m_s[r, r]`, all row-major.
-    /// Column-major, that is `out_sᵀ = m_sᵀ · x_sᵀ`: one strided-batched SGEMM with m = r, n = I, k = r.
-    fn strip_gemm(
-        &self,
-        x: &CudaSlice<f32>,
-        m: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
-        rows: usize,
-        i: usize,
-        r: usize,
-    ) -> Result<()> {
-        let op = blas_sys::cublasOperation_t::CUBLAS_OP_N;
-        let cfg = StridedBatchedConfig {
-            gemm: GemmConfig {
-                transa: op,
-                transb: op,
-                m: r as i32,
-                n: i as i32,
-                k: r as i32,
-                alpha: 1.0f32,
-                lda: r as i32,
-                ldb: r as i32,
-                beta: 0.0f32,
-                ldc: r as i32,
-            },
-            batch_size: (rows / r) as i32,
-            stride_a: (r * r) as i64,
-            stride_b: (r * i) as i64,
-            stride_c: (r * i) as i64,
-        };
-        // SAFETY: the buffers hold rows/r strips of r*i elements and rows/r blocks of r*r.
-        unsafe { self.blas.gemm_strided_batched(cfg, m, x, out) }.map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))
+    /// Pieces that may be in flight at once: the lanes (`BONE_TOOL_CUDA_LANES`, default 2; 1 runs
+    /// every piece synchronously with [`Cuda::apply_chain`]).
+    pub fn lanes(&self) -> usize {
+        self.lanes.len().max(1)
     }
+
+    /// Queue a chain on the next lane: the bytes are copied into its page-locked buffer, then the
+    /// host-to-device copy, the kernels and the copy back run on the lane's stream while the caller
+    /// goes on. Returns the lane, for [`Cuda::collect`].
+    pub fn enqueue(&self, src: &[u8], d: Float, rows: usize, i: usize, row0: usize, ops: &[Prepared]) -> Result<usize> {
+        let n = rows * i;
+        anyhow::ensure!(src.len() == n * d.size(), "enqueue: byte count");
+        let k = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let mut guard = self.lanes[k].lock().map_err(|_| anyhow!("a GPU lane was poisoned"))?;
+        let lane = &mut *guard;
+        anyhow::ensure!(lane.pending.is_none(), "internal error: GPU lane {k} reused before it was collected");
+        lane.reserve(&self.ctx, n)?;
+        let l = lane.bufs.as_mut().expect("reserved");
+        let s = &lane.stream;
+        // The lane is idle (collected), so its staging buffer is free.
+        l.pin_in.as_mut_slice().map_err(e("staging buffer"))?[..src.len()].copy_from_slice(src);
+        lane.marks[0].record(s).map_err(e("event"))?;
+        {
+            let (dev, _sync) = l.d_in.device_ptr_mut(s);
+            let host = &l.pin_in.as_slice().map_err(e("staging buffer"))?[..src.len()];
+            // SAFETY: page-locked host memory that stays untouched until the lane is collected; the
+            // device buffer holds at least src.len() bytes.
+            unsafe { cudarc::driver::result::memcpy_htod_async(dev, host, s.cu_stream()) }
+                .map_err(e("host to device copy"))?;
+        }
+        lane.marks[1].record(s).map_err(e("event"))?;
+        let bufs = Buffers { d_in: &l.d_in, w: &mut l.w, tmp: &mut l.tmp, d_out: &mut l.d_out };
+        self.run_ops(s, &lane.blas, bufs, d, rows, i, row0, ops)?;
+        lane.marks[2].record(s).map_err(e("event"))?;
+        {
+            let (dev, _sync) = l.d_out.device_ptr(s);
+            let host = &mut l.pin_out.as_mut_slice().map_err(e("staging buffer"))?[..src.len()];
+            // SAFETY: as above; the host buffer is read only after the lane's last event completes.
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(host, dev, s.cu_stream()) }
+                .map_err(e("device to host copy"))?;
+        }
+        lane.marks[3].record(s).map_err(e("event"))?;
+        lane.pending = Some(src.len());
+        Ok(k)
+    }
+
+    /// Wait for lane `k`'s chain and copy its result into `dst`.
+    pub fn collect(&self, k: usize, dst: &mut [u8]) -> Result<()> {
+        let mut guard = self.lanes[k].lock().map_err(|_| anyhow!("a GPU lane was poisoned"))?;
+        let lane = &mut *guard;
+        let len = lane.pending.take().ok_or_else(|| anyhow!("internal error: GPU lane {k} has nothing to collect"))?;
+        anyhow::ensure!(dst.len() == len, "collect: byte count");
+        lane.marks[3].synchronize().map_err(e("synchronize"))?;
+        let l = lane.bufs.as_ref().expect("reserved when enqueued");
+        dst.copy_from_slice(&l.pin_out.as_slice().map_err(e("staging buffer"))?[..len]);
+        for (phase, (a, b)) in [(0, 1), (1, 2), (2, 3)].into_iter().enumerate() {
+            let ms = lane.marks[a].elapsed_ms(&lane.marks[b]).map_err(e("event timing"))?;
+            self.phases[phase].fetch_add((ms as f64 * 1e6) as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+/// For every strip s of `r` rows: `out_s[I, r] = x_s[I, r] · m_s[r, r]`, all row-major.
+/// Column-major, that is `out_sᵀ = m_sᵀ · x_sᵀ`: one strided-batched SGEMM with m = r, n = I, k = r.
+fn strip_gemm(
+    blas: &CudaBlas,
+    x: &CudaSlice<f32>,
+    m: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    rows: usize,
+    i: usize,
+    r: usize,
+) -> Result<()> {
+    let op = blas_sys::cublasOperation_t::CUBLAS_OP_N;
+    let cfg = StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: op,
+            transb: op,
+            m: r as i32,
+            n: i as i32,
+            k: r as i32,
+            alpha: 1.0f32,
+            lda: r as i32,
+            ldb: r as i32,
+            beta: 0.0f32,
+            ldc: r as i32,
+        },
+        batch_size: (rows / r) as i32,
+        stride_a: (r * r) as i64,
+        stride_b: (r * i) as i64,
+        stride_c: (r * i) as i64,
+    };
+    // SAFETY: the buffers hold rows/r strips of r*i elements and rows/r blocks of r*r.
+    unsafe { blas.gemm_strided_batched(cfg, m, x, out) }.map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))
 }

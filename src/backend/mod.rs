@@ -17,6 +17,16 @@ pub enum DeviceChoice {
     Cuda,
 }
 
+/// A chain started with [`Device::start`].
+#[derive(Debug)]
+pub enum Ticket {
+    /// Computed already; the first value that became non-finite, if checked and any.
+    Done(Option<usize>),
+    /// Queued on this GPU lane.
+    #[cfg(feature = "cuda")]
+    Lane(usize),
+}
+
 pub enum Device {
     Cpu,
     #[cfg(feature = "cuda")]
@@ -111,6 +121,54 @@ impl Device {
         }
     }
 
+    /// How many pieces may be in flight at once: 1 on the CPU (it computes as a piece starts); on a
+    /// GPU one per lane (stream), so that copies and kernels of consecutive pieces overlap.
+    pub fn lanes(&self) -> usize {
+        match self {
+            Device::Cpu => 1,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => g.lanes(),
+        }
+    }
+
+    /// Start a chain over rows `row0..row0 + rows`: the CPU computes it into `dst` now; a GPU with
+    /// several lanes queues it and fills `dst` in [`Device::finish`]. Pieces must be finished in
+    /// the order they were started, at most [`Device::lanes`] in flight.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        d: Float,
+        rows: usize,
+        i: usize,
+        row0: usize,
+        chain: &[Prepared],
+        check_finite: bool,
+    ) -> Result<Ticket> {
+        match self {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) if g.lanes() > 1 => Ok(Ticket::Lane(g.enqueue(src, d, rows, i, row0, chain)?)),
+            _ => self.apply_chain(src, dst, d, rows, i, row0, chain, check_finite).map(Ticket::Done),
+        }
+    }
+
+    /// Wait for a started chain: its result is in `dst`; with `check_finite`, returns the first
+    /// value that became inf or NaN.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn finish(&self, t: Ticket, src: &[u8], dst: &mut [u8], d: Float, check_finite: bool) -> Result<Option<usize>> {
+        match (self, t) {
+            (_, Ticket::Done(k)) => Ok(k),
+            #[cfg(feature = "cuda")]
+            (Device::Cuda(g), Ticket::Lane(lane)) => {
+                g.collect(lane, dst)?;
+                Ok(if check_finite { d.first_new_non_finite(src, dst) } else { None })
+            }
+            #[cfg(feature = "cuda")]
+            (Device::Cpu, Ticket::Lane(_)) => unreachable!("the CPU finishes as it starts"),
+        }
+    }
+
     /// Run every kind of op on a small random problem and compare with the CPU: a device whose
     /// results differ by more than one unit in the last place is not used.
     pub fn self_check(&self) -> std::result::Result<(), String> {
@@ -141,16 +199,29 @@ impl Device {
             d.encode(&w, &mut src);
             for chain in &chains {
                 let mut cpu = vec![0u8; src.len()];
-                let mut dev = vec![0u8; src.len()];
                 ops::apply_chain(&src, &mut cpu, d, o, i, 0, chain, false);
-                self.apply_chain(&src, &mut dev, d, o, i, 0, chain, false).map_err(|e| format!("{e:#}"))?;
-                let (mut a, mut b) = (vec![0f32; o * i], vec![0f32; o * i]);
+                let mut results = vec![vec![0u8; src.len()]; 3];
+                let err = |e: anyhow::Error| format!("{e:#}");
+                self.apply_chain(&src, &mut results[0], d, o, i, 0, chain, false).map_err(err)?;
+                // and the pipelined path, with two pieces in flight at once when the device has lanes
+                let t1 = self.start(&src, &mut results[1], d, o, i, 0, chain, false).map_err(err)?;
+                if self.lanes() > 1 {
+                    let t2 = self.start(&src, &mut results[2], d, o, i, 0, chain, false).map_err(err)?;
+                    self.finish(t1, &src, &mut results[1], d, false).map_err(err)?;
+                    self.finish(t2, &src, &mut results[2], d, false).map_err(err)?;
+                } else {
+                    self.finish(t1, &src, &mut results[1], d, false).map_err(err)?;
+                    results[2] = results[1].clone();
+                }
+                let mut a = vec![0f32; o * i];
                 d.decode(&cpu, &mut a);
-                d.decode(&dev, &mut b);
-                for (k, (p, q)) in a.iter().zip(&b).enumerate() {
-                    let ulp = d.ulps(*p, *q);
-                    if ulp > 1 {
-                        return Err(format!("{d} element {k}: CPU {p} vs device {q}"));
+                for (path, dev) in ["synchronous", "pipelined", "pipelined (second lane)"].iter().zip(&results) {
+                    let mut b = vec![0f32; o * i];
+                    d.decode(dev, &mut b);
+                    for (k, (p, q)) in a.iter().zip(&b).enumerate() {
+                        if d.ulps(*p, *q) > 1 {
+                            return Err(format!("{d} element {k}, {path}: CPU {p} vs device {q}"));
+                        }
                     }
                 }
             }
