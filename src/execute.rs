@@ -230,78 +230,33 @@ pub fn run_into(
         let mut flight: std::collections::VecDeque<Flight> = Default::default();
         let mut spares: Vec<Vec<u8>> = vec![];
         let check = !opts.allow_non_finite;
-        let mut computed: Result<()> = Ok(());
         let send = |k: usize, piece| to_writers[k].send(piece).is_ok();
-        'pieces: for item in from_reader {
-            let (k, piece) = match item {
-                Ok(kp) => kp,
-                Err(e) => {
-                    computed = Err(e);
-                    break;
-                }
-            };
-            // Only computed pieces may be in flight: anything else waits for them, so that every
-            // writer gets its pieces in order.
-            let must_wait = if matches!(piece, Piece::Rows { .. }) { depth - 1 } else { 0 };
-            while flight.len() > must_wait {
-                let f = flight.pop_front().expect("non-empty");
-                let t = Instant::now();
-                let done = f.finish(device, check);
-                busy.add(&busy.compute, t.elapsed());
-                match done {
-                    Ok((k, piece, spare)) => {
-                        spares.extend(spare);
-                        if !send(k, piece) {
-                            break 'pieces; // the writer failed: its error is the one to report
+        let computed = (|| -> Result<()> {
+            for item in from_reader {
+                let (k, piece) = item?;
+                match piece {
+                    Piece::Rows { job, chain, row0, src, last } => {
+                        let out = recycled.try_recv().unwrap_or_default();
+                        let stage = spares.pop().unwrap_or_default();
+                        let t = Instant::now();
+                        let started = Flight::start(device, k, job, chain, row0, src, last, out, stage, check);
+                        busy.add(&busy.compute, t.elapsed());
+                        flight.push_back(started?);
+                        // the oldest lands while the newest runs (on the CPU: at once)
+                        if !land(&mut flight, depth - 1, device, check, busy, &mut spares, &send)? {
+                            return Ok(()); // a writer failed: its error is the one to report
                         }
                     }
-                    Err(e) => {
-                        computed = Err(e);
-                        break 'pieces;
-                    }
-                }
-            }
-            match piece {
-                Piece::Rows { job, chain, row0, src, last } => {
-                    let out = recycled.try_recv().unwrap_or_default();
-                    let stage = spares.pop().unwrap_or_default();
-                    let t = Instant::now();
-                    let started = Flight::start(device, k, job, chain, row0, src, last, out, stage, check);
-                    busy.add(&busy.compute, t.elapsed());
-                    match started {
-                        Ok(f) => flight.push_back(f),
-                        Err(e) => {
-                            computed = Err(e);
-                            break;
+                    other => {
+                        // anything else waits for the pieces in flight: every writer gets its pieces in order
+                        if !land(&mut flight, 0, device, check, busy, &mut spares, &send)? || !send(k, other) {
+                            return Ok(());
                         }
                     }
                 }
-                other => {
-                    if !send(k, other) {
-                        break;
-                    }
-                }
             }
-        }
-        if computed.is_ok() {
-            // the last pieces still in flight
-            while let Some(f) = flight.pop_front() {
-                let t = Instant::now();
-                let done = f.finish(device, check);
-                busy.add(&busy.compute, t.elapsed());
-                match done {
-                    Ok((k, piece, _)) => {
-                        if !send(k, piece) {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        computed = Err(e);
-                        break;
-                    }
-                }
-            }
-        }
+            land(&mut flight, 0, device, check, busy, &mut spares, &send).map(|_| ())
+        })();
         drop(to_writers);
         let mut written = vec![];
         for w in writers {
@@ -638,6 +593,32 @@ fn write_all<'scope>(
         s.join().unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: an fsync thread panicked")))?;
     }
     Ok(())
+}
+
+/// Finish the oldest pieces in flight until at most `keep` remain, sending each to its writer;
+/// false when a writer has stopped.
+#[allow(clippy::too_many_arguments)]
+fn land<'a>(
+    flight: &mut std::collections::VecDeque<Flight<'a>>,
+    keep: usize,
+    device: &Device,
+    check: bool,
+    busy: &Busy,
+    spares: &mut Vec<Vec<u8>>,
+    send: &dyn Fn(usize, Piece<'a>) -> bool,
+) -> Result<bool> {
+    while flight.len() > keep {
+        let f = flight.pop_front().expect("longer than keep");
+        let t = Instant::now();
+        let done = f.finish(device, check);
+        busy.add(&busy.compute, t.elapsed());
+        let (k, piece, spare) = done?;
+        spares.extend(spare);
+        if !send(k, piece) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// One computed piece: its chain started on the device, its cast and checks still to come.

@@ -80,6 +80,8 @@ fn apply_env(cmd: &str, model: &Path, c: &Case, out: &Path, piece_bytes: Option<
     command.args(&args);
     if let Some(n) = piece_bytes {
         command.env("BONE_TOOL_PIECE_BYTES", n.to_string());
+        // and several pieces in flight at once, as on a GPU: they must still land in order
+        command.env("BONE_TOOL_CPU_IN_FLIGHT", "3");
     }
     ok(&command.output().expect("bone-tool runs"));
 }
@@ -184,7 +186,7 @@ fn unmerge_matches_peft_on_every_fixture() {
 #[test]
 fn tensors_cut_into_small_pieces_give_the_same_bytes() {
     // The pipeline streams big tensors in row pieces (whole BAT strips); force pieces of a few rows
-    // so that the tiny fixtures take that path too.
+    // so that the tiny fixtures take that path too, with three pieces in flight (a GPU's lanes).
     let tmp = tempfile::tempdir().unwrap();
     let mut pieces_used = 0;
     for c in &cases() {

@@ -123,9 +123,16 @@ impl Device {
 
     /// How many pieces may be in flight at once: 1 on the CPU (it computes as a piece starts); on a
     /// GPU one per lane (stream), so that copies and kernels of consecutive pieces overlap.
+    /// (`BONE_TOOL_CPU_IN_FLIGHT=N` keeps N pieces in flight on the CPU too: the tests use it to
+    /// check that pieces land in order with the GPU's queueing.)
     pub fn lanes(&self) -> usize {
         match self {
-            Device::Cpu => 1,
+            Device::Cpu => {
+                static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+                *N.get_or_init(|| {
+                    std::env::var("BONE_TOOL_CPU_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1)
+                })
+            }
             #[cfg(feature = "cuda")]
             Device::Cuda(g) => g.lanes(),
         }
