@@ -61,8 +61,9 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
     }
     let base = Model::open(model)?;
     let mut all_adapters = vec![];
+    let every_adapter: Vec<PathBuf> = jobs.iter().flat_map(|j| j.adapters.iter().cloned()).collect();
     for job in jobs {
-        refuse_overlap(&job.out, model, &job.adapters)?;
+        refuse_overlap(&job.out, model, &every_adapter)?;
         for other in jobs.iter().filter(|o| o.out != job.out) {
             let (a, b) = (absolute(&job.out), absolute(&other.out));
             if a.starts_with(&b) || b.starts_with(&a) {
