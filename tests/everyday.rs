@@ -315,6 +315,24 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
         // verify agrees, recomputing from the tied base
         ok(&run(&["verify", "--base", s(&base), "--adapter", s(adapter), "--merged", s(&out)]));
     }
+    // the other side: an adapter that replaces the embedding (modules_to_save) and leaves lm_head
+    // alone gets lm_head written with the tied weights' old values
+    let emb = tmp.path().join("emb");
+    copy_dir(&case.join("adapter"), &emb);
+    let mut t = load(&emb.join("adapter_model.safetensors"));
+    t.remove("base_model.model.lm_head.bone_block").unwrap();
+    let mut changed = t.remove("base_model.model.lm_head.base_layer.weight").unwrap();
+    changed.data[0] ^= 0x01; // differs from the tied weights in one bit
+    t.insert("base_model.model.model.embed_tokens.weight".into(), changed.clone());
+    save(&emb.join("adapter_model.safetensors"), &t);
+    let out = tmp.path().join("out-emb");
+    let o = merge_with(&base, &emb, &out, &[]);
+    ok(&o);
+    assert!(stderr(&o).contains("unties them"), "{}", stderr(&o));
+    let (ours, before) = (load(&out), load(&base));
+    assert!(ours["model.embed_tokens.weight"].data == changed.data, "the embedding is the adapter's");
+    assert!(ours["lm_head.weight"].data == before["model.embed_tokens.weight"].data, "lm_head keeps the tied values");
+    assert_eq!(config(&out)["tie_word_embeddings"], false);
     // --keep-tied refuses, leaving nothing
     let refused = tmp.path().join("refused");
     let o = merge_with(&base, &case.join("adapter"), &refused, &["--keep-tied"]);
