@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, run on the GPU machine in one call; builds nothing there (no Rust): it uses the
 # binaries scripts/gpu-prepare.sh put in .device-bin/. Prints everything, most important first:
-#   1. the GPU, and bone-tool's device selection (with --timings);
+#   1. the GPU, bone-tool's device selection (with --timings), and kernel throughput
+#      (examples/gpu_kernels: one-pass default add against a device-to-device copy, BAT GEMMs);
 #   2. gpu_check: every fixture merged and unmerged on cuda (two lanes, pipelined) and on cpu,
 #      compared (<= 1 ulp);
 #   3. the benchmark table for the 1b shape, cuda and cpu rows next to cp -r (3 runs), and the
@@ -17,6 +18,8 @@ export BONE_TOOL_PREBUILT="$bin" BENCH_DIR="${BENCH_DIR:-/tmp/bone-bench}"
 echo "== machine"; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
 echo "== device selection"
 "$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1
+echo "== kernels"
+"$bin/gpu_kernels"; echo "gpu_kernels exit $?"
 echo "== gpu_check (cuda, 2 lanes, vs cpu on every fixture)"
 "$bin/gpu_check" "$bin/bone-tool" fixtures; echo "gpu_check exit $?"
 echo "== bench 1b"

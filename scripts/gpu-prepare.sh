@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bins --examples
 mkdir -p .device-bin
-cp target/release/bone-tool target/release/examples/{synth,gemm_peak,gpu_check} .device-bin/
+cp target/release/bone-tool target/release/examples/{synth,gemm_peak,gpu_check,gpu_kernels} .device-bin/
 strip .device-bin/* 2>/dev/null || true
 du -sh .device-bin

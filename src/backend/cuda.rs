@@ -88,6 +88,25 @@ extern "C" __global__ void bat_unmerge_pre(const float* w, float* diff, const fl
     }
 }
 
+// Default and mini as the only op, in one pass over the bytes: out[o, c] = in[o, c] + sign * et[o, c mod r],
+// rounded to dt (what decode, periodic without rounding, and encode do in three).
+extern "C" __global__ void periodic_fused(const unsigned char* in, unsigned char* out, const float* et, u64 rows, u64 cols, int r, float sign, int dt) {
+    for (u64 o = blockIdx.y; o < rows; o += gridDim.y) {
+        const float* e = et + o * (u64)r;
+        for (u64 c = blockIdx.x * (u64)blockDim.x + threadIdx.x; c < cols; c += (u64)gridDim.x * blockDim.x) {
+            u64 k = o * cols + c;
+            float x;
+            if (dt == 0) x = ((const float*)in)[k];
+            else if (dt == 1) x = f16_to_f32(((const u16*)in)[k]);
+            else x = bf16_to_f32(((const u16*)in)[k]);
+            x = x + sign * e[(u32)(c % (u64)r)];
+            if (dt == 0) ((float*)out)[k] = x;
+            else if (dt == 1) ((u16*)out)[k] = f32_to_f16(x);
+            else ((u16*)out)[k] = f32_to_bf16(x);
+        }
+    }
+}
+
 extern "C" __global__ void round_all(float* w, u64 n, int dt) {
     for (u64 k = blockIdx.x * (u64)blockDim.x + threadIdx.x; k < n; k += (u64)gridDim.x * blockDim.x)
         w[k] = round_to(w[k], dt);
@@ -98,6 +117,7 @@ struct Kernels {
     decode: CudaFunction,
     encode: CudaFunction,
     periodic: CudaFunction,
+    periodic_fused: CudaFunction,
     bat_merge_post: CudaFunction,
     bat_unmerge_pre: CudaFunction,
     round_all: CudaFunction,
@@ -219,6 +239,13 @@ fn dt_code(d: Float) -> i32 {
     }
 }
 
+/// Rows on the grid's y axis (grid-stride beyond 65535), columns on x.
+fn grid_2d(rows: usize, cols: usize) -> LaunchConfig {
+    let x = cols.div_ceil(256).clamp(1, 65_535) as u32;
+    let y = rows.clamp(1, 65_535) as u32;
+    LaunchConfig { grid_dim: (x, y, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 fn grid(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
@@ -244,6 +271,7 @@ impl Cuda {
             decode: f("decode")?,
             encode: f("encode")?,
             periodic: f("periodic")?,
+            periodic_fused: f("periodic_fused")?,
             bat_merge_post: f("bat_merge_post")?,
             bat_unmerge_pre: f("bat_unmerge_pre")?,
             round_all: f("round_all")?,
@@ -323,6 +351,25 @@ impl Cuda {
         let n = rows * i;
         let dt = dt_code(d);
         let n64 = n as u64;
+        if let [Prepared::Periodic { et, r, sign, .. }] = ops {
+            // one default/mini add, the common case: one pass, bytes in and bytes out
+            let d_et = s.clone_htod(&et[row0 * r..(row0 + rows) * r]).map_err(e("host to device copy"))?;
+            let (rows64, cols64, r32) = (rows as u64, i as u64, *r as i32);
+            unsafe {
+                s.launch_builder(&self.k.periodic_fused)
+                    .arg(d_in)
+                    .arg(d_out)
+                    .arg(&d_et)
+                    .arg(&rows64)
+                    .arg(&cols64)
+                    .arg(&r32)
+                    .arg(sign)
+                    .arg(&dt)
+                    .launch(grid_2d(rows, i))
+            }
+            .map_err(e("periodic_fused"))?;
+            return Ok(());
+        }
         // SAFETY (every launch): arguments match the kernel signatures above; buffers hold n elements.
         unsafe { s.launch_builder(&self.k.decode).arg(d_in).arg(&mut *w).arg(&n64).arg(&dt).launch(grid(n)) }
             .map_err(e("decode"))?;
@@ -397,6 +444,66 @@ impl Cuda {
         unsafe { s.launch_builder(&self.k.encode).arg(&*w).arg(d_out).arg(&n64).arg(&dt).launch(grid(n)) }
             .map_err(e("encode"))?;
         Ok(())
+    }
+
+    /// Kernel throughput on this GPU, for the GPU check: the one-pass default/mini add on bf16
+    /// (GB/s of bytes read and written, next to a device-to-device copy of the same bytes, which is
+    /// about what the memory can do), and the BAT strip GEMMs (GFLOP/s, r = 64).
+    pub fn bench_kernels(&self) -> Result<String> {
+        let s = &self.stream;
+        let (rows, cols, r) = (16_384usize, 16_384usize, 64usize);
+        let n = rows * cols;
+        let timed = |what: &str, reps: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            f()?; // warm-up
+            let a = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(e("event"))?;
+            for _ in 0..reps {
+                f()?;
+            }
+            let b = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(e("event"))?;
+            let ms = a.elapsed_ms(&b).map_err(e("event timing"))? as f64 / reps as f64;
+            anyhow::ensure!(ms > 0.0, "{what}: no time measured");
+            Ok(ms * 1e-3)
+        };
+        let d_in: CudaSlice<u8> = s.alloc_zeros(n * 2).map_err(e("allocation"))?;
+        let mut d_out: CudaSlice<u8> = s.alloc_zeros(n * 2).map_err(e("allocation"))?;
+        let et: Vec<f32> = (0..rows * r).map(|k| (k % 97) as f32 * 1e-3).collect();
+        let d_et = s.clone_htod(&et).map_err(e("host to device copy"))?;
+        let copy = timed("copy", 5, &mut || s.memcpy_dtod(&d_in, &mut d_out).map_err(e("copy")))?;
+        let (rows64, cols64, r32, sign, dt) = (rows as u64, cols as u64, r as i32, 1f32, 2i32);
+        let add = timed("add", 5, &mut || {
+            unsafe {
+                s.launch_builder(&self.k.periodic_fused)
+                    .arg(&d_in)
+                    .arg(&mut d_out)
+                    .arg(&d_et)
+                    .arg(&rows64)
+                    .arg(&cols64)
+                    .arg(&r32)
+                    .arg(&sign)
+                    .arg(&dt)
+                    .launch(grid_2d(rows, cols))
+            }
+            .map(|_| ())
+            .map_err(e("periodic_fused"))
+        })?;
+        drop((d_in, d_out, d_et));
+        let w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
+        let mut out: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
+        let blocks: CudaSlice<f32> = s.alloc_zeros(rows * r).map_err(e("allocation"))?;
+        let gemm = timed("gemm", 5, &mut || strip_gemm(&self.blas, &w, &blocks, &mut out, rows, cols, r))?;
+        let bytes = (n * 2 * 2) as f64;
+        let flops = 2.0 * n as f64 * r as f64;
+        Ok(format!(
+            "kernels on {} ([{rows}, {cols}] bf16, r = {r}):\n  \
+             device-to-device copy   {:8.1} GB/s\n  \
+             default add, one pass   {:8.1} GB/s ({:.0}% of the copy)\n  \
+             BAT strip GEMMs (f32)   {:8.1} GFLOP/s",
+            self.name,
+            bytes / copy / 1e9,
+            bytes / add / 1e9,
+            100.0 * copy / add,
+            flops / gemm / 1e9
+        ))
     }
 
     /// Pieces that may be in flight at once: the lanes (`BONE_TOOL_CUDA_LANES`, default 2; 1 runs
