@@ -153,17 +153,31 @@ impl Float {
     pub fn cast(self, to: Float, src: &[u8], dst: &mut [u8]) -> Option<usize> {
         let (n, m) = (self.size(), to.size());
         assert_eq!(src.len() / n * m, dst.len(), "cast: byte count");
+        // Only a narrower exponent can overflow: f32 -> f16/bf16, bf16 -> f16.
+        let can_overflow = !matches!((self, to), (_, Float::F32) | (Float::F16, Float::BF16)) && self != to;
         const CHUNK: usize = 1 << 13;
+        const STRIP: usize = 1 << 10;
         src.par_chunks(CHUNK * n)
             .zip(dst.par_chunks_mut(CHUNK * m))
             .enumerate()
             .filter_map(|(k, (s, d))| {
-                let mut vals = vec![0f32; s.len() / n];
-                self.decode_serial(s, &mut vals);
-                to.encode_serial(&vals, d);
-                let mut back = vec![0f32; vals.len()];
-                to.decode_serial(d, &mut back);
-                vals.iter().zip(&back).position(|(a, b)| a.is_finite() && !b.is_finite()).map(|p| k * CHUNK + p)
+                let mut vals = [0f32; STRIP];
+                let mut first = None;
+                for (j, (s, d)) in s.chunks(STRIP * n).zip(d.chunks_mut(STRIP * m)).enumerate() {
+                    let v = &mut vals[..s.len() / n];
+                    self.decode_serial(s, v);
+                    to.encode_serial(v, d);
+                    if can_overflow && first.is_none() {
+                        // an exponent of all ones in the output: inf (the input was finite)
+                        let exp = if to == Float::F16 { 0x7c00u16 } else { 0x7f80 };
+                        first = d
+                            .chunks_exact(2)
+                            .zip(v.iter())
+                            .position(|(h, x)| x.is_finite() && u16::from_le_bytes([h[0], h[1]]) & exp == exp)
+                            .map(|p| k * CHUNK + j * STRIP + p);
+                    }
+                }
+                first
             })
             .min()
     }
