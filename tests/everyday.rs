@@ -264,6 +264,18 @@ fn reshard_check(case: &std::path::Path, out: &std::path::Path, max: u64, size: 
     assert!(peft.iter().all(|(k, t)| ours[k].data == t.data));
 }
 
+/// The lm_head case's adapter without the lm_head.base_layer.weight PEFT saved beside it.
+fn bare_adapter(case: &std::path::Path, tmp: &std::path::Path) -> std::path::PathBuf {
+    let bare = tmp.join("bare");
+    if !bare.exists() {
+        copy_dir(&case.join("adapter"), &bare);
+        let mut t = load(&bare.join("adapter_model.safetensors"));
+        assert!(t.remove("base_model.model.lm_head.base_layer.weight").is_some());
+        save(&bare.join("adapter_model.safetensors"), &t);
+    }
+    bare
+}
+
 /// The tied base: llama-bf16 with lm_head's values as its (only) embedding, no lm_head stored,
 /// tie_word_embeddings true, as transformers saves a tied model.
 fn tied_base(dir: &std::path::Path) -> std::path::PathBuf {
@@ -287,11 +299,7 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     let case = fixtures().join("cases/bone-default-lm-head-bf16");
     // PEFT saved lm_head's base weight with the adapter (lm_head.base_layer.weight); without it, the
     // untied lm_head must start from the tied embedding's bytes.
-    let bare = tmp.path().join("bare");
-    copy_dir(&case.join("adapter"), &bare);
-    let mut t = load(&bare.join("adapter_model.safetensors"));
-    assert!(t.remove("base_model.model.lm_head.base_layer.weight").is_some());
-    save(&bare.join("adapter_model.safetensors"), &t);
+    let bare = bare_adapter(&case, tmp.path());
     for (k, adapter) in [case.join("adapter"), bare].iter().enumerate() {
         let out = tmp.path().join(format!("out{k}"));
         let o = merge_with(&base, adapter, &out, &[]);
@@ -333,6 +341,24 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     assert!(ours["model.embed_tokens.weight"].data == changed.data, "the embedding is the adapter's");
     assert!(ours["lm_head.weight"].data == before["model.embed_tokens.weight"].data, "lm_head keeps the tied values");
     assert_eq!(config(&out)["tie_word_embeddings"], false);
+    // --each on the tied base: one adapter unties (an lm_head only its output has), the other keeps
+    // the tie; one read of the base gives each output what a run of its own gives
+    let (a1, a2) = (tmp.path().join("each-in/head"), tmp.path().join("each-in/bat"));
+    copy_dir(&bare_adapter(&case, tmp.path()), &a1);
+    copy_dir(&fixtures().join("cases/bone-bat-bf16/adapter"), &a2);
+    let pattern = tmp.path().join("each-out/{name}");
+    ok(&run(&["-q", "merge", "--base", s(&base), "--each", s(&a1), s(&a2), "--out-pattern", s(&pattern)]));
+    for a in [&a1, &a2] {
+        let alone = tmp.path().join("alone");
+        let _ = std::fs::remove_dir_all(&alone);
+        ok(&merge_with(&base, a, &alone, &["-q"]));
+        let each = tmp.path().join("each-out").join(a.file_name().unwrap());
+        let files = |dir: &std::path::Path| -> Vec<(std::path::PathBuf, Vec<u8>)> {
+            digest(dir).into_iter().map(|(p, b)| (p.strip_prefix(dir).unwrap().to_path_buf(), b)).collect()
+        };
+        assert!(files(&each) == files(&alone), "{}: --each differs from a run of its own", a.display());
+        assert_eq!(load(&each).contains_key("lm_head.weight"), a == &a1, "only the first unties");
+    }
     // --keep-tied refuses, leaving nothing
     let refused = tmp.path().join("refused");
     let o = merge_with(&base, &case.join("adapter"), &refused, &["--keep-tied"]);
