@@ -322,8 +322,11 @@ impl Cuda {
         let mut since = Instant::now();
         let d_in: CudaSlice<u8> = s.clone_htod(src).map_err(e("host to device copy"))?;
         self.phase_done(0, &mut since)?;
-        let mut w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
-        let mut tmp: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
+        // Only what run_ops touches: a lone default/mini add goes bytes to bytes; only BAT needs tmp.
+        let fused = matches!(ops, [Prepared::Periodic { .. }]);
+        let bat = ops.iter().any(|op| !matches!(op, Prepared::Periodic { .. }));
+        let mut w: CudaSlice<f32> = s.alloc_zeros(if fused { 1 } else { n }).map_err(e("allocation"))?;
+        let mut tmp: CudaSlice<f32> = s.alloc_zeros(if bat { n } else { 1 }).map_err(e("allocation"))?;
         let mut d_out: CudaSlice<u8> = s.alloc_zeros(src.len()).map_err(e("allocation"))?;
         let bufs = Buffers { d_in: &d_in, w: &mut w, tmp: &mut tmp, d_out: &mut d_out };
         self.run_ops(s, &self.blas, bufs, d, rows, i, row0, ops)?;

@@ -109,12 +109,11 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
         crate::report::warning(&note);
     }
 
-    let sizes: Vec<u64> = plans
+    // Outputs usually share a disk: each is checked against the space all of them need.
+    let need: u64 = plans
         .iter()
         .map(|p| p.total_bytes() + p.side_files.iter().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum::<u64>())
-        .collect();
-    // Outputs usually share a disk: each is checked against the space all of them need.
-    let need: u64 = sizes.iter().sum();
+        .sum();
     let dirs = jobs.iter().map(|j| OutputDir::create(&j.out, opts.force, need)).collect::<Result<Vec<_>>>()?;
     let total: u64 = plans.iter().map(|p| p.total_bytes()).sum();
     let progress = progress_bar(total, quiet || opts.json);
