@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-const KERNELS: &str = r#"
+pub(crate) const KERNELS: &str = r#"
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -30,8 +30,14 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
     if ((b & 0x7fffffffu) > 0x7f800000u) return (u16)((b >> 16) | 0x40u);
     return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
+#ifdef BONE_TOOL_HOST_EMULATION
+// The tests compile these kernels as C++ for the host (see cuda_on_host.rs): GCC's _Float16 rounds to nearest even too.
+__device__ __forceinline__ float f16_to_f32(u16 h) { _Float16 f; __builtin_memcpy(&f, &h, 2); return (float)f; }
+__device__ __forceinline__ u16 f32_to_f16(float x) { _Float16 f = (_Float16)x; u16 h; __builtin_memcpy(&h, &f, 2); return h; }
+#else
 __device__ __forceinline__ float f16_to_f32(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 f32_to_f16(float x) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h; }
+#endif
 // dt: 0 f32, 1 f16, 2 bf16
 __device__ __forceinline__ float round_to(float x, int dt) {
     if (dt == 2) return bf16_to_f32(f32_to_bf16(x));
@@ -113,21 +119,49 @@ extern "C" __global__ void round_all(float* w, u64 n, int dt) {
 }
 "#;
 
-struct Kernels {
-    decode: CudaFunction,
-    encode: CudaFunction,
-    periodic: CudaFunction,
-    periodic_fused: CudaFunction,
-    bat_merge_post: CudaFunction,
-    bat_unmerge_pre: CudaFunction,
-    round_all: CudaFunction,
+/// The kernels of [`KERNELS`], by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    Decode,
+    Encode,
+    Periodic,
+    PeriodicFused,
+    BatMergePost,
+    BatUnmergePre,
+    RoundAll,
+}
+
+impl Kernel {
+    pub(crate) const ALL: [Kernel; 7] = [
+        Kernel::Decode,
+        Kernel::Encode,
+        Kernel::Periodic,
+        Kernel::PeriodicFused,
+        Kernel::BatMergePost,
+        Kernel::BatUnmergePre,
+        Kernel::RoundAll,
+    ];
+
+    /// Its name in [`KERNELS`].
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kernel::Decode => "decode",
+            Kernel::Encode => "encode",
+            Kernel::Periodic => "periodic",
+            Kernel::PeriodicFused => "periodic_fused",
+            Kernel::BatMergePost => "bat_merge_post",
+            Kernel::BatUnmergePre => "bat_unmerge_pre",
+            Kernel::RoundAll => "round_all",
+        }
+    }
 }
 
 pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    k: Kernels,
+    /// Indexed by [`Kernel`].
+    k: Vec<CudaFunction>,
     name: String,
     /// Nanoseconds spent copying to the device, in kernels (and the blocks' uploads), and copying back.
     phases: [AtomicU64; 3],
@@ -240,13 +274,13 @@ fn dt_code(d: Float) -> i32 {
 }
 
 /// Rows on the grid's y axis (grid-stride beyond 65535), columns on x.
-fn grid_2d(rows: usize, cols: usize) -> LaunchConfig {
+pub(crate) fn grid_2d(rows: usize, cols: usize) -> LaunchConfig {
     let x = cols.div_ceil(256).clamp(1, 65_535) as u32;
     let y = rows.clamp(1, 65_535) as u32;
     LaunchConfig { grid_dim: (x, y, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
-fn grid(n: usize) -> LaunchConfig {
+pub(crate) fn grid(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
@@ -267,15 +301,7 @@ impl Cuda {
             cudarc::nvrtc::compile_ptx(KERNELS).map_err(|e| anyhow!("NVRTC could not compile the kernels: {e:?}"))?;
         let module = ctx.load_module(ptx).map_err(|e| anyhow!("cannot load the kernels: {e:?}"))?;
         let f = |name: &str| module.load_function(name).map_err(|e| anyhow!("kernel {name}: {e:?}"));
-        let k = Kernels {
-            decode: f("decode")?,
-            encode: f("encode")?,
-            periodic: f("periodic")?,
-            periodic_fused: f("periodic_fused")?,
-            bat_merge_post: f("bat_merge_post")?,
-            bat_unmerge_pre: f("bat_unmerge_pre")?,
-            round_all: f("round_all")?,
-        };
+        let k = Kernel::ALL.iter().map(|k| f(k.name())).collect::<Result<Vec<_>>>()?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
         pedantic(&blas)?;
         let n_lanes = std::env::var("BONE_TOOL_CUDA_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(2usize);
@@ -322,11 +348,9 @@ impl Cuda {
         let mut since = Instant::now();
         let d_in: CudaSlice<u8> = s.clone_htod(src).map_err(e("host to device copy"))?;
         self.phase_done(0, &mut since)?;
-        // Only what run_ops touches: a lone default/mini add goes bytes to bytes; only BAT needs tmp.
-        let fused = matches!(ops, [Prepared::Periodic { .. }]);
-        let bat = ops.iter().any(|op| !matches!(op, Prepared::Periodic { .. }));
-        let mut w: CudaSlice<f32> = s.alloc_zeros(if fused { 1 } else { n }).map_err(e("allocation"))?;
-        let mut tmp: CudaSlice<f32> = s.alloc_zeros(if bat { n } else { 1 }).map_err(e("allocation"))?;
+        let (w_len, tmp_len) = scratch_lens(ops, n);
+        let mut w: CudaSlice<f32> = s.alloc_zeros(w_len).map_err(e("allocation"))?;
+        let mut tmp: CudaSlice<f32> = s.alloc_zeros(tmp_len).map_err(e("allocation"))?;
         let mut d_out: CudaSlice<u8> = s.alloc_zeros(src.len()).map_err(e("allocation"))?;
         let bufs = Buffers { d_in: &d_in, w: &mut w, tmp: &mut tmp, d_out: &mut d_out };
         self.run_ops(s, &self.blas, bufs, d, rows, i, row0, ops)?;
@@ -336,8 +360,7 @@ impl Cuda {
         Ok(())
     }
 
-    /// Decode `n = rows·i` elements of `bufs.d_in`, run the ops, encode into `bufs.d_out`, all
-    /// queued on stream `s` (whose cuBLAS handle is `blas`).
+    /// Run [`program`] for the chain on stream `s` (whose cuBLAS handle is `blas`), queued.
     #[allow(clippy::too_many_arguments)]
     fn run_ops(
         &self,
@@ -350,103 +373,7 @@ impl Cuda {
         row0: usize,
         ops: &[Prepared],
     ) -> Result<()> {
-        let Buffers { d_in, w, tmp, d_out } = bufs;
-        let n = rows * i;
-        let dt = dt_code(d);
-        let n64 = n as u64;
-        if let [Prepared::Periodic { et, r, sign, .. }] = ops {
-            // one default/mini add, the common case: one pass, bytes in and bytes out
-            let d_et = s.clone_htod(&et[row0 * r..(row0 + rows) * r]).map_err(e("host to device copy"))?;
-            let (rows64, cols64, r32) = (rows as u64, i as u64, *r as i32);
-            unsafe {
-                s.launch_builder(&self.k.periodic_fused)
-                    .arg(d_in)
-                    .arg(d_out)
-                    .arg(&d_et)
-                    .arg(&rows64)
-                    .arg(&cols64)
-                    .arg(&r32)
-                    .arg(sign)
-                    .arg(&dt)
-                    .launch(grid_2d(rows, i))
-            }
-            .map_err(e("periodic_fused"))?;
-            return Ok(());
-        }
-        // SAFETY (every launch): arguments match the kernel signatures above; buffers hold n elements.
-        unsafe { s.launch_builder(&self.k.decode).arg(d_in).arg(&mut *w).arg(&n64).arg(&dt).launch(grid(n)) }
-            .map_err(e("decode"))?;
-        for (k, op) in ops.iter().enumerate() {
-            let rnd: i32 = (k + 1 < ops.len()).into();
-            let (rows64, cols64) = (rows as u64, i as u64);
-            match op {
-                Prepared::Periodic { et, r, sign, .. } => {
-                    let et_rows = &et[row0 * r..(row0 + rows) * r];
-                    let d_et = s.clone_htod(et_rows).map_err(e("host to device copy"))?;
-                    let r32 = *r as i32;
-                    unsafe {
-                        s.launch_builder(&self.k.periodic)
-                            .arg(&mut *w)
-                            .arg(&d_et)
-                            .arg(&rows64)
-                            .arg(&cols64)
-                            .arg(&r32)
-                            .arg(sign)
-                            .arg(&dt)
-                            .arg(&rnd)
-                            .launch(grid(n))
-                    }
-                    .map_err(e("periodic"))?;
-                }
-                Prepared::BatMerge { b, r, rounding } => {
-                    let r = *r;
-                    let blocks = &b[(row0 / r) * r * r..((row0 + rows) / r) * r * r];
-                    let d_b = s.clone_htod(blocks).map_err(e("host to device copy"))?;
-                    strip_gemm(blas, w, &d_b, tmp, rows, i, r)?;
-                    let (r32, once) = (r as i32, i32::from(rounding.once));
-                    unsafe {
-                        s.launch_builder(&self.k.bat_merge_post)
-                            .arg(&mut *w)
-                            .arg(&*tmp)
-                            .arg(&d_b)
-                            .arg(&rows64)
-                            .arg(&cols64)
-                            .arg(&r32)
-                            .arg(&once)
-                            .arg(&dt)
-                            .arg(&rnd)
-                            .launch(grid(n))
-                    }
-                    .map_err(e("bat_merge_post"))?;
-                }
-                Prepared::BatUnmerge { b, inv, r, .. } => {
-                    let r = *r;
-                    let range = (row0 / r) * r * r..((row0 + rows) / r) * r * r;
-                    let d_b = s.clone_htod(&b[range.clone()]).map_err(e("host to device copy"))?;
-                    let d_inv = s.clone_htod(&inv[range]).map_err(e("host to device copy"))?;
-                    let r32 = r as i32;
-                    unsafe {
-                        s.launch_builder(&self.k.bat_unmerge_pre)
-                            .arg(&*w)
-                            .arg(&mut *tmp)
-                            .arg(&d_b)
-                            .arg(&rows64)
-                            .arg(&cols64)
-                            .arg(&r32)
-                            .launch(grid(n))
-                    }
-                    .map_err(e("bat_unmerge_pre"))?;
-                    strip_gemm(blas, tmp, &d_inv, w, rows, i, r)?;
-                    if rnd == 1 {
-                        unsafe { s.launch_builder(&self.k.round_all).arg(&mut *w).arg(&n64).arg(&dt).launch(grid(n)) }
-                            .map_err(e("round_all"))?;
-                    }
-                }
-            }
-        }
-        unsafe { s.launch_builder(&self.k.encode).arg(&*w).arg(d_out).arg(&n64).arg(&dt).launch(grid(n)) }
-            .map_err(e("encode"))?;
-        Ok(())
+        program(&mut GpuExec { s, blas, k: &self.k, bufs, ups: vec![] }, d, rows, i, row0, ops)
     }
 
     /// Kernel throughput on this GPU, for the GPU check: the one-pass default/mini add on bf16
@@ -475,7 +402,7 @@ impl Cuda {
         let (rows64, cols64, r32, sign, dt) = (rows as u64, cols as u64, r as i32, 1f32, 2i32);
         let add = timed("add", 5, &mut || {
             unsafe {
-                s.launch_builder(&self.k.periodic_fused)
+                s.launch_builder(&self.k[Kernel::PeriodicFused as usize])
                     .arg(&d_in)
                     .arg(&mut d_out)
                     .arg(&d_et)
@@ -493,7 +420,12 @@ impl Cuda {
         let w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
         let mut out: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
         let blocks: CudaSlice<f32> = s.alloc_zeros(rows * r).map_err(e("allocation"))?;
-        let gemm = timed("gemm", 5, &mut || strip_gemm(&self.blas, &w, &blocks, &mut out, rows, cols, r))?;
+        let mut gemm = || {
+            // SAFETY: the buffers hold the strips and blocks of a [rows, cols] weight.
+            unsafe { self.blas.gemm_strided_batched(strip_gemm_config(rows, cols, r), &blocks, &w, &mut out) }
+                .map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))
+        };
+        let gemm = timed("gemm", 5, &mut gemm)?;
         let bytes = (n * 2 * 2) as f64;
         let flops = 2.0 * n as f64 * r as f64;
         Ok(format!(
@@ -571,19 +503,177 @@ impl Cuda {
         Ok(())
     }
 }
+/// What a piece's kernels work in: the piece's bytes (`In`), the result's bytes (`Out`), two f32
+/// buffers of its elements (`W`, `Tmp`: see [`scratch_lens`]), and the blocks uploaded for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mem {
+    In,
+    Out,
+    W,
+    Tmp,
+    Up(usize),
+}
+
+/// A kernel argument.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    Mem(Mem),
+    U64(u64),
+    I32(i32),
+    F32(f32),
+}
+
+/// What [`program`] runs on: a CUDA stream ([`GpuExec`]), or in the tests the same kernels
+/// compiled for the host.
+pub(crate) trait Exec {
+    /// Copy f32 values to a new buffer.
+    fn upload(&mut self, data: &[f32]) -> Result<Mem>;
+    fn launch(&mut self, k: Kernel, cfg: LaunchConfig, args: &[Arg]) -> Result<()>;
+    /// cuBLAS's `C = A·B` (column-major, strided batched) with `a` an upload, `b` and `c` f32 buffers.
+    fn gemm(&mut self, cfg: &StridedBatchedConfig<f32>, a: Mem, b: Mem, c: Mem) -> Result<()>;
+}
+
+/// Elements the f32 buffers `W` and `Tmp` need for `ops` over `n` elements: a lone default/mini add
+/// goes bytes to bytes and needs neither; only BAT needs `Tmp`. (1 where unused: CUDA allocations
+/// are never empty.)
+pub(crate) fn scratch_lens(ops: &[Prepared], n: usize) -> (usize, usize) {
+    let fused = matches!(ops, [Prepared::Periodic { .. }]);
+    let bat = ops.iter().any(|op| !matches!(op, Prepared::Periodic { .. }));
+    (if fused { 1 } else { n }, if bat { n } else { 1 })
+}
+
+/// The GPU version of [`crate::ops::apply_chain`] over the rows `row0..row0 + rows` of a weight with
+/// `i` columns: `In` (bytes of dtype `d`) is decoded, put through every op, and encoded into `Out`.
+/// The one-pass kernel does a lone default/mini add.
+pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: usize, ops: &[Prepared]) -> Result<()> {
+    use Arg::{F32, I32, U64};
+    use Mem::{In, Out, Tmp, W};
+    let n = rows * i;
+    let dt = dt_code(d);
+    let (n64, rows64, cols64) = (n as u64, rows as u64, i as u64);
+    if let [Prepared::Periodic { et, r, sign, .. }] = ops {
+        let e = x.upload(&et[row0 * r..(row0 + rows) * r])?;
+        let args =
+            [Arg::Mem(In), Arg::Mem(Out), Arg::Mem(e), U64(rows64), U64(cols64), I32(*r as i32), F32(*sign), I32(dt)];
+        return x.launch(Kernel::PeriodicFused, grid_2d(rows, i), &args);
+    }
+    x.launch(Kernel::Decode, grid(n), &[Arg::Mem(In), Arg::Mem(W), U64(n64), I32(dt)])?;
+    for (k, op) in ops.iter().enumerate() {
+        // every op but the last rounds to the weight's dtype; the encode rounds the last
+        let rnd = i32::from(k + 1 < ops.len());
+        match op {
+            Prepared::Periodic { et, r, sign, .. } => {
+                let e = x.upload(&et[row0 * r..(row0 + rows) * r])?;
+                let args =
+                    [Arg::Mem(W), Arg::Mem(e), U64(rows64), U64(cols64), I32(*r as i32), F32(*sign), I32(dt), I32(rnd)];
+                x.launch(Kernel::Periodic, grid(n), &args)?;
+            }
+            Prepared::BatMerge { b, r, rounding } => {
+                let r = *r;
+                let blocks = x.upload(&b[(row0 / r) * r * r..((row0 + rows) / r) * r * r])?;
+                x.gemm(&strip_gemm_config(rows, i, r), blocks, W, Tmp)?;
+                let once = I32(rounding.once.into());
+                let args = [
+                    Arg::Mem(W),
+                    Arg::Mem(Tmp),
+                    Arg::Mem(blocks),
+                    U64(rows64),
+                    U64(cols64),
+                    I32(r as i32),
+                    once,
+                    I32(dt),
+                    I32(rnd),
+                ];
+                x.launch(Kernel::BatMergePost, grid(n), &args)?;
+            }
+            Prepared::BatUnmerge { b, inv, r, .. } => {
+                let r = *r;
+                let range = (row0 / r) * r * r..((row0 + rows) / r) * r * r;
+                let blocks = x.upload(&b[range.clone()])?;
+                let inverses = x.upload(&inv[range])?;
+                let args = [Arg::Mem(W), Arg::Mem(Tmp), Arg::Mem(blocks), U64(rows64), U64(cols64), I32(r as i32)];
+                x.launch(Kernel::BatUnmergePre, grid(n), &args)?;
+                x.gemm(&strip_gemm_config(rows, i, r), inverses, Tmp, W)?;
+                if rnd == 1 {
+                    x.launch(Kernel::RoundAll, grid(n), &[Arg::Mem(W), U64(n64), I32(dt)])?;
+                }
+            }
+        }
+    }
+    x.launch(Kernel::Encode, grid(n), &[Arg::Mem(W), Arg::Mem(Out), U64(n64), I32(dt)])
+}
+
+/// [`program`] on a CUDA stream: every buffer of a piece is used on that stream only, in order.
+struct GpuExec<'a> {
+    s: &'a Arc<CudaStream>,
+    blas: &'a CudaBlas,
+    k: &'a [CudaFunction],
+    bufs: Buffers<'a>,
+    /// Freed, in stream order, when the piece's work is queued.
+    ups: Vec<CudaSlice<f32>>,
+}
+
+impl GpuExec<'_> {
+    /// The device address of a buffer: the kernels take them as 64-bit values, as cudarc passes them.
+    fn addr(&self, m: Mem) -> Result<u64> {
+        let s: &CudaStream = self.s;
+        Ok(match m {
+            Mem::In => self.bufs.d_in.device_ptr(s).0,
+            Mem::Out => self.bufs.d_out.device_ptr(s).0,
+            Mem::W => self.bufs.w.device_ptr(s).0,
+            Mem::Tmp => self.bufs.tmp.device_ptr(s).0,
+            Mem::Up(k) => self.ups.get(k).ok_or_else(|| anyhow!("internal error: no upload {k}"))?.device_ptr(s).0,
+        })
+    }
+}
+
+impl Exec for GpuExec<'_> {
+    fn upload(&mut self, data: &[f32]) -> Result<Mem> {
+        self.ups.push(self.s.clone_htod(data).map_err(e("host to device copy"))?);
+        Ok(Mem::Up(self.ups.len() - 1))
+    }
+
+    fn launch(&mut self, k: Kernel, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let vals = args
+            .iter()
+            .map(|a| match *a {
+                Arg::Mem(m) => self.addr(m).map(Arg::U64),
+                other => Ok(other),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut b = self.s.launch_builder(&self.k[k as usize]);
+        for v in &vals {
+            match v {
+                Arg::U64(x) => b.arg(x),
+                Arg::I32(x) => b.arg(x),
+                Arg::F32(x) => b.arg(x),
+                Arg::Mem(_) => unreachable!("resolved above"),
+            };
+        }
+        // SAFETY: `program` passes each kernel the arguments of its signature (the host emulation
+        // test checks the count and kind of every one) and buffers that hold what it indexes.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|err| anyhow!("CUDA kernel {}: {err:?}", k.name()))
+    }
+
+    fn gemm(&mut self, cfg: &StridedBatchedConfig<f32>, a: Mem, b: Mem, c: Mem) -> Result<()> {
+        let Mem::Up(ka) = a else { anyhow::bail!("internal error: GEMM with {a:?} as A") };
+        let m = self.ups.get(ka).ok_or_else(|| anyhow!("internal error: no upload {ka}"))?;
+        let (x, out): (&CudaSlice<f32>, &mut CudaSlice<f32>) = match (b, c) {
+            (Mem::W, Mem::Tmp) => (&*self.bufs.w, &mut *self.bufs.tmp),
+            (Mem::Tmp, Mem::W) => (&*self.bufs.tmp, &mut *self.bufs.w),
+            _ => anyhow::bail!("internal error: GEMM from {b:?} into {c:?}"),
+        };
+        // SAFETY: `program` sizes the config to the buffers (rows/r strips of r·i, blocks of r·r).
+        unsafe { self.blas.gemm_strided_batched(*cfg, m, x, out) }.map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))
+    }
+}
+
 /// For every strip s of `r` rows: `out_s[I, r] = x_s[I, r] · m_s[r, r]`, all row-major.
-/// Column-major, that is `out_sᵀ = m_sᵀ · x_sᵀ`: one strided-batched SGEMM with m = r, n = I, k = r.
-fn strip_gemm(
-    blas: &CudaBlas,
-    x: &CudaSlice<f32>,
-    m: &CudaSlice<f32>,
-    out: &mut CudaSlice<f32>,
-    rows: usize,
-    i: usize,
-    r: usize,
-) -> Result<()> {
+/// Column-major, that is `out_sᵀ = m_sᵀ · x_sᵀ`: one strided-batched SGEMM with m = r, n = I, k = r,
+/// A the blocks `m`, B the strips `x`, C the strips `out`.
+pub(crate) fn strip_gemm_config(rows: usize, i: usize, r: usize) -> StridedBatchedConfig<f32> {
     let op = blas_sys::cublasOperation_t::CUBLAS_OP_N;
-    let cfg = StridedBatchedConfig {
+    StridedBatchedConfig {
         gemm: GemmConfig {
             transa: op,
             transb: op,
@@ -600,7 +690,5 @@ fn strip_gemm(
         stride_a: (r * r) as i64,
         stride_b: (r * i) as i64,
         stride_c: (r * i) as i64,
-    };
-    // SAFETY: the buffers hold rows/r strips of r*i elements and rows/r blocks of r*r.
-    unsafe { blas.gemm_strided_batched(cfg, m, x, out) }.map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))
+    }
 }

@@ -241,6 +241,24 @@ impl Float {
         (key(a) - key(b)).unsigned_abs()
     }
 
+    /// The first element where a device's results (`dev`) disagree with the CPU's (`cpu`), for one
+    /// tensor or piece: each value within one unit of this dtype of the other, or, in f32, within
+    /// 2⁻¹⁸ (3.8e-6) of the largest magnitude in `cpu`. One unit is what a different summation order
+    /// can do once a value is rounded to f16/bf16. In f32 it can do more: BAT's r-term GEMMs round
+    /// relative to the delta and to the inverse's products, which can be as large as the largest
+    /// weight, so where a result is much smaller than those, two correct orders differ by several
+    /// units (seen: 2 units of a 0.06 whose delta was as large). The bound stays below the 1e-5
+    /// that the comparison with PEFT allows.
+    pub fn disagreement(self, cpu: &[f32], dev: &[f32]) -> Option<usize> {
+        assert_eq!(cpu.len(), dev.len());
+        let scale = cpu.iter().fold(0f32, |m, x| if x.is_finite() { m.max(x.abs()) } else { m });
+        let slack = if self == Float::F32 { scale as f64 * 2f64.powi(-18) } else { 0.0 };
+        cpu.iter().zip(dev).position(|(a, b)| {
+            let gap = (*a as f64 - *b as f64).abs();
+            self.ulps(*a, *b) > 1 && (gap.is_nan() || gap > slack)
+        })
+    }
+
     fn exponent_all_ones(self, e: &[u8]) -> bool {
         match self {
             Float::F32 => u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & 0x7f80_0000 == 0x7f80_0000,
@@ -359,6 +377,17 @@ mod tests {
         let mut b = vec![0u8; 2];
         Float::F16.encode(&[70000.0], &mut b);
         assert_eq!(Float::F16.first_new_non_finite(&[0, 0], &b), Some(0));
+    }
+
+    #[test]
+    fn devices_disagree_beyond_one_unit_or_in_f32_beyond_the_scale_slack() {
+        let unit = 2f32.powi(-7); // bf16 at 1.0
+        assert_eq!(Float::BF16.disagreement(&[1.0, 0.5], &[1.0 + unit, 0.5]), None);
+        assert_eq!(Float::BF16.disagreement(&[1.0, 0.5], &[1.0, 0.5 + 2.0 * unit]), Some(1));
+        // f32: 0.001 off by 1e-7 (many units of 0.001) is within 2^-18 of the largest value, 1.0
+        assert_eq!(Float::F32.disagreement(&[1.0, 0.001], &[1.0, 0.001 + 1e-7]), None);
+        assert_eq!(Float::F32.disagreement(&[1.0, 0.001], &[1.0, 0.001 + 1e-5]), Some(1));
+        assert_eq!(Float::F32.disagreement(&[1.0, 2.0], &[1.0, f32::NAN]), Some(1));
     }
 
     #[test]
