@@ -4,7 +4,7 @@
 #   1. the GPU, bone-tool's device selection (with --timings), and kernel throughput
 #      (examples/gpu_kernels: one-pass default add against a device-to-device copy, BAT GEMMs);
 #   2. gpu_check: every fixture merged and unmerged on cuda (two lanes, pipelined) and on cpu,
-#      compared (<= 1 ulp);
+#      compared (one unit, or in f32 2^-18 of the largest value: Float::disagreement);
 #   3. the benchmark table for the 1b shape, cuda and cpu rows next to cp -r (3 runs), and the
 #      per-phase timings of one cuda merge of each kind;
 #   4. gpu_check again on a few cases: synchronous one-lane path (BONE_TOOL_CUDA_LANES=1), and
