@@ -66,7 +66,7 @@ pub struct RunOptions {
 
 /// Where the time of a run went: each stage's busy time in seconds (stages overlap, so they add up
 /// to more than the wall time; the largest is the bottleneck).
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Timings {
     /// Reader: loading adapter blocks (and inverting BAT blocks), mapping and cutting tensors.
     pub read: f64,
@@ -83,6 +83,13 @@ pub struct Timings {
     pub kernels: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub d2h: Option<f64>,
+    /// On a GPU, the host's copies into and out of page-locked buffers (part of `compute`, not of
+    /// the three above).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staging: Option<f64>,
+    /// On a GPU, each step of starting it (before the pipeline), in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_start: Option<serde_json::Map<String, serde_json::Value>>,
     /// The whole pipeline, start to end.
     pub wall: f64,
 }
@@ -268,11 +275,15 @@ pub fn run_into(
         let checks = written.into_iter().collect::<Result<Vec<_>>>()?;
         let secs = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
         // The device's counters run from its start: count this run's share.
-        let gpu = device.gpu_phases().map(|now| [0, 1, 2].map(|k| now[k] - gpu_before.map_or(0.0, |b| b[k])));
+        let gpu = device.gpu_phases().map(|now| [0, 1, 2, 3].map(|k| now[k] - gpu_before.map_or(0.0, |b| b[k])));
+        let start = device.startup();
         let timings = Timings {
             h2d: gpu.map(|g| g[0]),
             kernels: gpu.map(|g| g[1]),
             d2h: gpu.map(|g| g[2]),
+            staging: gpu.map(|g| g[3]),
+            device_start: (!start.is_empty())
+                .then(|| start.into_iter().map(|(what, secs)| (what.to_string(), serde_json::json!(secs))).collect()),
             read: secs(&busy.read),
             compute: secs(&busy.compute),
             write: secs(&busy.write),

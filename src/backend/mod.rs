@@ -72,8 +72,12 @@ impl Device {
     #[cfg(feature = "cuda")]
     fn open_cuda() -> std::result::Result<Device, String> {
         let gpu = cuda::Cuda::new().map_err(|e| format!("{e:#}"))?;
-        let dev = Device::Cuda(Box::new(gpu));
+        let mut dev = Device::Cuda(Box::new(gpu));
+        let t = std::time::Instant::now();
         dev.self_check().map_err(|e| format!("the GPU's results differ from the CPU's ({e}); not using it"))?;
+        if let Device::Cuda(g) = &mut dev {
+            g.startup.push(("self-check", t.elapsed().as_secs_f64()));
+        }
         Ok(dev)
     }
 
@@ -82,12 +86,22 @@ impl Device {
         Err("this bone-tool was built without the `cuda` feature".to_string())
     }
 
-    /// Seconds so far in host-to-device copies, kernels and device-to-host copies (None on the CPU).
-    pub fn gpu_phases(&self) -> Option<[f64; 3]> {
+    /// Seconds so far in host-to-device copies, kernels, device-to-host copies and the host's copies
+    /// into and out of page-locked buffers (None on the CPU).
+    pub fn gpu_phases(&self) -> Option<[f64; 4]> {
         match self {
             Device::Cpu => None,
             #[cfg(feature = "cuda")]
             Device::Cuda(g) => Some(g.phase_seconds()),
+        }
+    }
+
+    /// How long each step of starting the device took, in seconds (empty on the CPU).
+    pub fn startup(&self) -> Vec<(&'static str, f64)> {
+        match self {
+            Device::Cpu => vec![],
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => g.startup.clone(),
         }
     }
 

@@ -218,6 +218,9 @@ pub(crate) fn print_timings(t: &execute::Timings, total: f64) {
         rows.push(("  kernels", k, "of compute: GPU kernels and GEMMs"));
         rows.push(("  d2h", d2h, "of compute: GPU to host copies"));
     }
+    if let Some(staging) = t.staging {
+        rows.push(("  staging", staging, "of compute: host copies into and out of page-locked buffers"));
+    }
     rows.push(("write", t.write, "writing results, copying untouched tensors"));
     rows.push(("fsync", t.fsync, "flushing finished files (background)"));
     eprintln!("timings (busy seconds per stage; stages overlap):");
@@ -226,6 +229,12 @@ pub(crate) fn print_timings(t: &execute::Timings, total: f64) {
         eprintln!("  {name:<9} {secs:>8.3}s  {share:>5.0}% of the pipeline  {what}");
     }
     eprintln!("  pipeline  {:>8.3}s, whole command {total:.3}s", t.wall);
+    if let Some(start) = &t.device_start {
+        let sum: f64 = start.values().filter_map(|v| v.as_f64()).sum();
+        let steps: Vec<String> =
+            start.iter().map(|(what, v)| format!("{what} {:.3}s", v.as_f64().unwrap_or(0.0))).collect();
+        eprintln!("  device start {sum:.3}s, before the pipeline: {}", steps.join(", "));
+    }
 }
 
 /// The plan as data: what `--dry-run` shows.
