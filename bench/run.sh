@@ -27,24 +27,32 @@ if [ ! -f "$dir/base/config.json" ]; then
   echo "generating the $shape model in $dir ..." >&2
   "$synth" --shape "$shape" --out "$dir" >&2
 fi
-[ -x /usr/bin/time ] || { echo "bench needs /usr/bin/time (apt-get install time)" >&2; exit 1; }
+# peak RSS needs GNU time; without it (a bare GPU image) the walls come from bash and RSS is "-"
+have_time=1
+[ -x /usr/bin/time ] || { have_time=0; echo "no /usr/bin/time: measuring wall time only (apt-get install time for RSS)" >&2; }
 
 bytes=$(du -sb "$dir/base" | cut -f1)
 r=$(sed -n 's/.*"r": *\([0-9]*\).*/\1/p' "$dir/bat/adapter_config.json" | head -1)
 # warm the page cache so that every row reads from memory
 cat "$dir"/base/* > /dev/null
 
-measure() { # label, then the command; prints "median_wall max_rss_kb"
+measure() { # label, then the command; prints "median_wall max_rss_kb", or "FAILED -" when a run fails
   local label="$1"; shift
   local walls=() rss=0
   for _ in $(seq "$runs"); do
     rm -rf "$out"
     local t
-    /usr/bin/time -o "$out.time" -f "%e %M" "$@" > /dev/null
-    t=$(tail -1 "$out.time")
+    if [ "$have_time" = 1 ]; then
+      /usr/bin/time -o "$out.time" -f "%e %M" "$@" > /dev/null || { echo "$label FAILED -"; return; }
+      t=$(tail -1 "$out.time")
+    else
+      local t0 t1
+      t0=$(date +%s.%N); "$@" > /dev/null || { echo "$label FAILED -"; return; }; t1=$(date +%s.%N)
+      t="$(echo "$t1 - $t0" | awk '{printf "%.3f", $1 - $3}') -"
+    fi
     walls+=("${t% *}")
     local m="${t#* }"
-    [ "$m" -gt "$rss" ] && rss="$m"
+    if [ "$m" = "-" ]; then rss="-"; elif [ "$m" -gt "$rss" ]; then rss="$m"; fi
   done
   local med
   med=$(printf '%s\n' "${walls[@]}" | sort -g | sed -n "$(( (runs + 1) / 2 ))p")
@@ -92,9 +100,14 @@ for row in "${rows[@]}"; do
   rss=$(echo "$row" | awk '{print $NF}')
   wall=$(echo "$row" | awk '{print $(NF-1)}')
   label=$(echo "$row" | awk '{$NF=""; $(NF-1)=""; print}' | sed 's/ *$//')
+  if [ "$wall" = FAILED ]; then
+    echo "| $label | failed (its error is above) | - | - | - | - |"
+    continue
+  fi
   gf="-"
-  case "$label" in *BAT*) gf=$(python3 -c "print(f'{$flops / $wall / 1e9:.0f}')");; esac
-  python3 -c "print(f'| $label | {$wall:.2f} | {$wall / $cp_wall:.2f} | {$rss / 1024:.0f} | {$bytes / 1e9 / $wall:.2f} | $gf |')"
+  case "$label" in *BAT*) gf=$(python3 -c "print(f'{$flops / max($wall, 0.001) / 1e9:.0f}')");; esac
+  rss_mb="-"; [ "$rss" != "-" ] && rss_mb=$(python3 -c "print(f'{$rss / 1024:.0f}')")
+  python3 -c "print(f'| $label | {$wall:.2f} | {$wall / max($cp_wall, 0.001):.2f} | $rss_mb | {$bytes / 1e9 / max($wall, 0.001):.2f} | $gf |')"
 done
 echo
 echo "GEMM on this machine (examples/gemm_peak, r = $r): square f32 GEMM peak $peak GFLOP/s;"
