@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-pub(crate) const KERNELS: &str = r#"
+pub const KERNELS: &str = r#"
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -61,56 +61,67 @@ extern "C" __global__ void encode(const float* in, unsigned char* out, u64 n, in
     }
 }
 
+// Calls f(o, k, m) for every element (o, c) of a [rows, cols] row-major matrix, with k = o*cols + c
+// and m = c mod r: rows on the grid's y axis, columns on x, both grid-stride. Columns fit in 31 bits
+// (the host checks), so each thread's columns and their residues advance by adding: no division
+// per element (a 64-bit one costs dozens of instructions, more than the memory time of a bf16).
+template <class F>
+__device__ __forceinline__ void each_element(u64 rows, u64 cols, int r, F f) {
+    u32 n = (u32)cols, ur = (u32)r, step = gridDim.x * blockDim.x;
+    u32 c0 = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c0 >= n) return;
+    u32 m0 = c0 % ur, dm = step % ur;
+    for (u64 o = blockIdx.y; o < rows; o += gridDim.y) {
+        u64 row = o * cols;
+        u32 m = m0;
+        for (u32 c = c0; c < n; c += step) {
+            f(o, row + c, m);
+            m += dm;
+            if (m >= ur) m -= ur;
+        }
+    }
+}
+
 // Default and mini: w[o, c] += sign * et[o, c mod r], then round to dt (when asked).
 extern "C" __global__ void periodic(float* w, const float* et, u64 rows, u64 cols, int r, float sign, int dt, int rnd) {
-    u64 n = rows * cols;
-    for (u64 k = blockIdx.x * (u64)blockDim.x + threadIdx.x; k < n; k += (u64)gridDim.x * blockDim.x) {
-        u64 o = k / cols, c = k % cols;
-        float x = w[k] + sign * et[o * r + c % r];
+    each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) {
+        float x = w[k] + sign * et[o * r + m];
         w[k] = rnd ? round_to(x, dt) : x;
-    }
+    });
 }
 
 // BAT merge after the strip GEMMs (delta = strip . B_i): delta += B_i[a, :], round it (PEFT's
-// double rounding unless once), add to w, round (when asked). Strip s holds r*cols elements seen
-// as a [cols, r] row-major matrix; its view row kk belongs to tile row a = kk / (cols / r).
+// double rounding unless once), add to w, round (when asked). Strip s (rows s*r..) seen as a
+// [cols, r] row-major matrix has view row kk = (o - s*r) * (cols/r) + c/r and column c mod r, and
+// kk belongs to tile row a = kk / (cols/r) = o - s*r. So the term is B_s[o mod r, c mod r] =
+// b[o*r + c mod r] (the blocks [rows/r, r, r] read as [rows, r]): the default add's pattern.
 extern "C" __global__ void bat_merge_post(float* w, const float* delta, const float* b, u64 rows, u64 cols, int r, int once, int dt, int rnd) {
-    u64 n = rows * cols, strip = (u64)r * cols, per_a = cols / r;
-    for (u64 k = blockIdx.x * (u64)blockDim.x + threadIdx.x; k < n; k += (u64)gridDim.x * blockDim.x) {
-        u64 s = k / strip, within = k % strip, kk = within / r, bc = within % r, a = kk / per_a;
-        float d = delta[k] + b[s * r * r + a * r + bc];
+    each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) {
+        float d = delta[k] + b[o * r + m];
         if (!once) d = round_to(d, dt);
         float x = w[k] + d;
         w[k] = rnd ? round_to(x, dt) : x;
-    }
+    });
 }
 
-// BAT unmerge before the GEMM with the inverses: diff = w - B_i[a, :].
+// BAT unmerge before the GEMM with the inverses: diff = w - B_i[a, :] (indexed as above).
 extern "C" __global__ void bat_unmerge_pre(const float* w, float* diff, const float* b, u64 rows, u64 cols, int r) {
-    u64 n = rows * cols, strip = (u64)r * cols, per_a = cols / r;
-    for (u64 k = blockIdx.x * (u64)blockDim.x + threadIdx.x; k < n; k += (u64)gridDim.x * blockDim.x) {
-        u64 s = k / strip, within = k % strip, kk = within / r, bc = within % r, a = kk / per_a;
-        diff[k] = w[k] - b[s * r * r + a * r + bc];
-    }
+    each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) { diff[k] = w[k] - b[o * r + m]; });
 }
 
 // Default and mini as the only op, in one pass over the bytes: out[o, c] = in[o, c] + sign * et[o, c mod r],
 // rounded to dt (what decode, periodic without rounding, and encode do in three).
 extern "C" __global__ void periodic_fused(const unsigned char* in, unsigned char* out, const float* et, u64 rows, u64 cols, int r, float sign, int dt) {
-    for (u64 o = blockIdx.y; o < rows; o += gridDim.y) {
-        const float* e = et + o * (u64)r;
-        for (u64 c = blockIdx.x * (u64)blockDim.x + threadIdx.x; c < cols; c += (u64)gridDim.x * blockDim.x) {
-            u64 k = o * cols + c;
-            float x;
-            if (dt == 0) x = ((const float*)in)[k];
-            else if (dt == 1) x = f16_to_f32(((const u16*)in)[k]);
-            else x = bf16_to_f32(((const u16*)in)[k]);
-            x = x + sign * e[(u32)(c % (u64)r)];
-            if (dt == 0) ((float*)out)[k] = x;
-            else if (dt == 1) ((u16*)out)[k] = f32_to_f16(x);
-            else ((u16*)out)[k] = f32_to_bf16(x);
-        }
-    }
+    each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) {
+        float x;
+        if (dt == 0) x = ((const float*)in)[k];
+        else if (dt == 1) x = f16_to_f32(((const u16*)in)[k]);
+        else x = bf16_to_f32(((const u16*)in)[k]);
+        x = x + sign * et[o * r + m];
+        if (dt == 0) ((float*)out)[k] = x;
+        else if (dt == 1) ((u16*)out)[k] = f32_to_f16(x);
+        else ((u16*)out)[k] = f32_to_bf16(x);
+    });
 }
 
 extern "C" __global__ void round_all(float* w, u64 n, int dt) {
@@ -121,7 +132,7 @@ extern "C" __global__ void round_all(float* w, u64 n, int dt) {
 
 /// The kernels of [`KERNELS`], by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kernel {
+pub enum Kernel {
     Decode,
     Encode,
     Periodic,
@@ -132,7 +143,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    pub(crate) const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 7] = [
         Kernel::Decode,
         Kernel::Encode,
         Kernel::Periodic,
@@ -143,7 +154,7 @@ impl Kernel {
     ];
 
     /// Its name in [`KERNELS`].
-    pub(crate) fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Kernel::Decode => "decode",
             Kernel::Encode => "encode",
@@ -276,11 +287,13 @@ fn dt_code(d: Float) -> i32 {
     }
 }
 
-/// Rows on the grid's y axis (grid-stride beyond 65535), columns on x.
+/// For `each_element`: rows on the grid's y axis (grid-stride beyond 65535), columns on x, in
+/// blocks of up to 256 threads (fewer, in whole warps, for narrow rows).
 pub(crate) fn grid_2d(rows: usize, cols: usize) -> LaunchConfig {
-    let x = cols.div_ceil(256).clamp(1, 65_535) as u32;
+    let threads = cols.next_multiple_of(32).clamp(32, 256);
+    let x = cols.div_ceil(threads).clamp(1, 65_535) as u32;
     let y = rows.clamp(1, 65_535) as u32;
-    LaunchConfig { grid_dim: (x, y, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig { grid_dim: (x, y, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
 }
 
 pub(crate) fn grid(n: usize) -> LaunchConfig {
@@ -583,6 +596,7 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
     use Arg::{F32, I32, U64};
     use Mem::{In, Out, Tmp, W};
     let n = rows * i;
+    anyhow::ensure!(i < 1 << 31, "a row of {i} columns: the GPU kernels index columns in 31 bits (use --device cpu)");
     let dt = dt_code(d);
     let (n64, rows64, cols64) = (n as u64, rows as u64, i as u64);
     if let [Prepared::Periodic { et, r, sign, .. }] = ops {
@@ -600,7 +614,7 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
                 let e = x.upload(&et[row0 * r..(row0 + rows) * r])?;
                 let args =
                     [Arg::Mem(W), Arg::Mem(e), U64(rows64), U64(cols64), I32(*r as i32), F32(*sign), I32(dt), I32(rnd)];
-                x.launch(Kernel::Periodic, grid(n), &args)?;
+                x.launch(Kernel::Periodic, grid_2d(rows, i), &args)?;
             }
             Prepared::BatMerge { b, r, rounding } => {
                 let r = *r;
@@ -618,7 +632,7 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
                     I32(dt),
                     I32(rnd),
                 ];
-                x.launch(Kernel::BatMergePost, grid(n), &args)?;
+                x.launch(Kernel::BatMergePost, grid_2d(rows, i), &args)?;
             }
             Prepared::BatUnmerge { b, inv, r, .. } => {
                 let r = *r;
@@ -626,7 +640,7 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
                 let blocks = x.upload(&b[range.clone()])?;
                 let inverses = x.upload(&inv[range])?;
                 let args = [Arg::Mem(W), Arg::Mem(Tmp), Arg::Mem(blocks), U64(rows64), U64(cols64), I32(r as i32)];
-                x.launch(Kernel::BatUnmergePre, grid(n), &args)?;
+                x.launch(Kernel::BatUnmergePre, grid_2d(rows, i), &args)?;
                 x.gemm(&strip_gemm_config(rows, i, r), inverses, Tmp, W)?;
                 if rnd == 1 {
                     x.launch(Kernel::RoundAll, grid(n), &[Arg::Mem(W), U64(n64), I32(dt)])?;

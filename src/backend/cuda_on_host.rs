@@ -196,8 +196,9 @@ struct HostExec {
     /// In, Out, W, Tmp.
     mem: [HostBuf; 4],
     ups: Vec<HostBuf>,
-    /// Run every launch on a grid of at most 2×3 blocks of 32 threads, so that each thread takes
-    /// many elements: the kernels' grid-stride loops must still cover everything once.
+    /// Run every launch on a grid of at most 3×3 blocks of 13 threads, so that each thread takes
+    /// many elements: the kernels' grid-stride loops must still cover everything once (a stride of
+    /// 39 columns is no multiple of any r here, so the residues wrap in every way).
     small_grid: bool,
     launched: Vec<Kernel>,
 }
@@ -245,8 +246,8 @@ impl Exec for HostExec {
         }
         let (mut g, mut b) = (cfg.grid_dim, cfg.block_dim);
         if self.small_grid {
-            g = (g.0.min(2), g.1.min(3), g.2.min(1));
-            b = (b.0.min(32), b.1.min(1), b.2.min(1));
+            g = (g.0.min(3), g.1.min(3), g.2.min(1));
+            b = (b.0.min(13), b.1.min(1), b.2.min(1));
         }
         let name = CString::new(k.name()).expect("no NUL in a kernel name");
         let mut msg = [0 as c_char; 256];
@@ -368,8 +369,14 @@ fn periodic(block: &[f32], r: usize, cols: usize, o: usize, sign: f32, rd: Round
 #[test]
 fn default_and_mini_chains_give_the_cpus_bytes() {
     let Some(launch) = launcher() else { return };
-    // 44 columns with r = 8: a tail of 4 columns; mini blocks of 6 columns tile the 48 rows
-    let (o, i, r, mini) = (48, 44, 8, 6);
+    // 44 columns with r = 8: a tail of 4; 301 with r = 6: a tail of 1, two blocks of threads a row.
+    // Mini blocks of 6 or 5 columns tile the rows.
+    for (o, i, r, mini) in [(48, 44, 8, 6), (30, 301, 6, 5)] {
+        default_and_mini_shape(launch, o, i, r, mini);
+    }
+}
+
+fn default_and_mini_shape(launch: Launch, o: usize, i: usize, r: usize, mini: usize) {
     let def = values(r * o, 0.05, 7);
     let mini_block = values(r * mini, 0.05, 11);
     for d in [Float::F32, Float::F16, Float::BF16] {
@@ -384,7 +391,8 @@ fn default_and_mini_chains_give_the_cpus_bytes() {
             for (row0, rows) in [(0, o), (5, 19)] {
                 for small in [false, true] {
                     let (cpu, gpu, launched) = both(launch, d, o, i, row0, rows, chain, small).unwrap();
-                    let what = format!("{what}, {d}, rows {row0}..{}, small grid {small}", row0 + rows);
+                    let what =
+                        format!("{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}", row0 + rows);
                     assert_agree(d, &cpu, &gpu, true, &what);
                     if chain.len() == 1 {
                         assert_eq!(launched, [Kernel::PeriodicFused], "{what}: one pass");
@@ -398,7 +406,13 @@ fn default_and_mini_chains_give_the_cpus_bytes() {
 #[test]
 fn bat_chains_agree_with_the_cpu_within_one_unit() {
     let Some(launch) = launcher() else { return };
-    let (o, i, r) = (48, 40, 8);
+    // r = 8; and r = 6 with rows of 300 columns (two blocks of threads a row)
+    for (o, i, r) in [(48, 40, 8), (36, 300, 6)] {
+        bat_shape(launch, o, i, r);
+    }
+}
+
+fn bat_shape(launch: Launch, o: usize, i: usize, r: usize) {
     let b = values(o * r, 0.2, 3);
     let inv = ops::bat_inverses(&b, r).unwrap().inv;
     let def = values(r * o, 0.05, 5);
@@ -419,10 +433,12 @@ fn bat_chains_agree_with_the_cpu_within_one_unit() {
             ),
         ];
         for (what, chain) in &chains {
-            for (row0, rows) in [(0, o), (16, 24)] {
+            // the whole weight, and a piece of whole strips from the middle
+            for (row0, rows) in [(0, o), (2 * r, 3 * r)] {
                 for small in [false, true] {
                     let (cpu, gpu, _) = both(launch, d, o, i, row0, rows, chain, small).unwrap();
-                    let what = format!("{what}, {d}, rows {row0}..{}, small grid {small}", row0 + rows);
+                    let what =
+                        format!("{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}", row0 + rows);
                     // the GEMMs sum in another order than the CPU's
                     assert_agree(d, &cpu, &gpu, false, &what);
                 }
