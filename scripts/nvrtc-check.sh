@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Compile the GPU kernels with the GPU machine's NVRTC and assemble them for its GPU, here, without
+# a GPU: NVRTC and ptxas need no driver. Installs both from PyPI (the CUDA 13.0 of the device,
+# about 550 MB) into .venv-nvrtc once, then runs examples/nvrtc_check.rs (the same compile_ptx call
+# as `--device cuda`) and ptxas for sm_90 (H200), and fails if a kernel divides 64-bit integers.
+# scripts/gpu-prepare.sh runs it before building the device binaries.
+#   CUDA_PIP_VERSION=13.0.*   the CUDA release to check against
+#   PTX_ARCH=sm_90            the GPU to assemble for
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv-nvrtc
+version="${CUDA_PIP_VERSION:-13.0.*}"
+arch="${PTX_ARCH:-sm_90}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q "nvidia-cuda-nvrtc==$version" "nvidia-cuda-nvcc==$version"
+cuda="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
+cargo build --release --quiet --example nvrtc_check
+ptx="$(mktemp --suffix=.ptx)"
+trap 'rm -f "$ptx" "$ptx.cubin"' EXIT
+LD_LIBRARY_PATH="$cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" target/release/examples/nvrtc_check "$ptx"
+"$cuda/bin/ptxas" -arch="$arch" -v "$ptx" -o "$ptx.cubin" 2>&1 | awk '
+  /Compiling entry function/ { split($0, q, "\047"); name = q[2] }
+  /bytes spill stores/ { for (i = 1; i <= NF; i++) if ($i == "spill" && $(i + 1) == "stores,") spill = $(i - 2) }
+  /Used [0-9]+ registers/ { for (i = 1; i <= NF; i++) if ($i == "Used") regs = $(i + 1)
+                            printf "  %-16s %3d registers, %s bytes spilled\n", name, regs, spill }'
+echo "ptxas assembled every kernel for $arch"
+if grep -qE '(div|rem)\.(s|u)64' "$ptx"; then
+  echo "a kernel divides 64-bit integers (slow on a GPU):"; grep -nE '(div|rem)\.(s|u)64' "$ptx"; exit 1
+fi
+echo "no 64-bit integer division in any kernel"
