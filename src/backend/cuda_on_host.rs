@@ -30,12 +30,15 @@ struct Dim3 { unsigned x, y, z; };
 static thread_local Dim3 blockIdx, threadIdx, blockDim, gridDim;
 static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+static thread_local char failure[256];
+static void emu_check(bool ok, const char* what) {
+    if (!ok && !failure[0]) snprintf(failure, sizeof failure, "%s", what);
+}
 "#;
 
 /// Runs a kernel by name over its grid, thread after thread, converting each argument to the type
 /// the kernel's signature has, and refusing a count or a kind that does not match it.
 const DRIVER: &str = r#"
-static thread_local char failure[256];
 struct Arg {
     char kind;
     unsigned long long v;
@@ -369,9 +372,11 @@ fn periodic(block: &[f32], r: usize, cols: usize, o: usize, sign: f32, rd: Round
 #[test]
 fn default_and_mini_chains_give_the_cpus_bytes() {
     let Some(launch) = launcher() else { return };
-    // 44 columns with r = 8: a tail of 4; 301 with r = 6: a tail of 1, two blocks of threads a row.
-    // Mini blocks of 6 or 5 columns tile the rows.
-    for (o, i, r, mini) in [(48, 44, 8, 6), (30, 301, 6, 5)] {
+    // 44 columns with r = 8: a tail of 4 (8-byte groups in every dtype); 301 with r = 6: a tail of
+    // 1 and 2-byte accesses, two blocks of threads a row; 400 with r = 7: 8-byte groups that the
+    // tiny grid strides over; 48 with r = 3: residues that wrap inside a group of 4. Mini blocks of
+    // 6, 5 or 2 columns tile the rows.
+    for (o, i, r, mini) in [(48, 44, 8, 6), (30, 301, 6, 5), (14, 400, 7, 5), (9, 48, 3, 2)] {
         default_and_mini_shape(launch, o, i, r, mini);
     }
 }
@@ -388,7 +393,8 @@ fn default_and_mini_shape(launch: Launch, o: usize, i: usize, r: usize, mini: us
             ("default then mini", vec![periodic(&def, r, o, o, 1.0, rd), periodic(&mini_block, r, mini, o, -1.0, rd)]),
         ];
         for (what, chain) in &chains {
-            for (row0, rows) in [(0, o), (5, 19)] {
+            // the whole weight, and a piece from the middle
+            for (row0, rows) in [(0, o), (o / 5 + 1, o / 2)] {
                 for small in [false, true] {
                     let (cpu, gpu, launched) = both(launch, d, o, i, row0, rows, chain, small).unwrap();
                     let what =
