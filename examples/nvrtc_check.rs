@@ -9,6 +9,7 @@
 //! is printed). Exit 2: no libnvrtc on the library path.
 
 use bone_tool::backend::cuda::{Kernel, KERNELS};
+use bone_tool::backend::kernel_cache;
 
 fn main() {
     let Some(out) = std::env::args().nth(1) else {
@@ -20,8 +21,16 @@ fn main() {
         eprintln!("no libnvrtc on the library path (scripts/nvrtc-check.sh installs one)");
         std::process::exit(2);
     }
-    // the same call as Cuda::new
-    let ptx = match cudarc::nvrtc::compile_ptx(KERNELS) {
+    // the same call as Cuda::new (the first NVRTC call also loads the library: timed apart)
+    let t = std::time::Instant::now();
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers; the first call loads libnvrtc.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    let load = t.elapsed();
+    let t = std::time::Instant::now();
+    let compiled = cudarc::nvrtc::compile_ptx(KERNELS);
+    let compile = t.elapsed();
+    let ptx = match compiled {
         Ok(p) => p,
         Err(e) => {
             eprintln!("NVRTC refused the kernels: {e:?}");
@@ -39,9 +48,35 @@ fn main() {
     let version = src.lines().find(|l| l.starts_with(".version")).unwrap_or("(no .version line)");
     std::fs::write(&out, &src).expect("write the PTX");
     println!("NVRTC compiled the kernels: {} bytes of PTX, {version}, {target}, written to {out}", src.len());
+    println!(
+        "NVRTC {major}.{minor}: loading it took {:.0} ms, compiling {:.0} ms",
+        load.as_secs_f64() * 1e3,
+        compile.as_secs_f64() * 1e3
+    );
     if !missing.is_empty() {
         eprintln!("kernels missing from the PTX: {}", missing.join(", "));
         std::process::exit(1);
     }
     println!("all {} kernels present", Kernel::ALL.len());
+
+    // the PTX cache --device cuda uses, with this NVRTC: compiled once, then read back the same
+    let tmp = std::env::temp_dir().join(format!("bone-tool-nvrtc-check-{}", std::process::id()));
+    let names: Vec<&str> = Kernel::ALL.iter().map(|k| k.name()).collect();
+    let compile = || cudarc::nvrtc::compile_ptx(KERNELS).map(|p| p.to_src()).map_err(|e| anyhow::anyhow!("{e:?}"));
+    let t = std::time::Instant::now();
+    let first = kernel_cache::ptx(Some(&tmp), KERNELS, (major, minor), &names, compile).expect("compile");
+    let t_first = t.elapsed();
+    let t = std::time::Instant::now();
+    let second = kernel_cache::ptx(Some(&tmp), KERNELS, (major, minor), &names, compile).expect("cache");
+    let t_second = t.elapsed();
+    let _ = std::fs::remove_dir_all(&tmp);
+    if first.from_cache || !second.from_cache || first.text != second.text || first.text != src {
+        eprintln!("the kernel cache did not give back what NVRTC compiled");
+        std::process::exit(1);
+    }
+    println!(
+        "kernel cache: compiled and stored in {:.0} ms, read back the same PTX in {:.1} ms",
+        t_first.as_secs_f64() * 1e3,
+        t_second.as_secs_f64() * 1e3
+    );
 }

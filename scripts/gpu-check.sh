@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, run on the GPU machine in one call; builds nothing there (no Rust): it uses the
 # binaries scripts/gpu-prepare.sh put in .device-bin/. Prints everything, most important first:
-#   1. the GPU, bone-tool's device selection (with --timings), and kernel throughput
+#   1. the GPU, bone-tool's device selection (with --timings: each start-up step, NVRTC compiling,
+#      then again with the PTX cache), and kernel throughput
 #      (examples/gpu_kernels: one-pass default add against a device-to-device copy, BAT GEMMs);
 #   2. gpu_check: every fixture merged and unmerged on cuda (two lanes, pipelined) and on cpu,
 #      compared (one unit, or in f32 2^-18 of the largest value: Float::disagreement);
@@ -22,7 +23,11 @@ main() {
   export BONE_TOOL_PREBUILT="$bin" BENCH_DIR="${BENCH_DIR:-/tmp/bone-bench}"
   echo "== machine"; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
   echo "== device selection"
+  export BONE_TOOL_CACHE_DIR=/tmp/bone-tool-cache
+  rm -rf "$BONE_TOOL_CACHE_DIR"
   "$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1
+  echo "-- again, kernels from the PTX cache:"
+  "$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1 | grep "device start"
   echo "== kernels"
   "$bin/gpu_kernels"; echo "gpu_kernels exit $?"
   echo "== gpu_check (cuda, 2 lanes, vs cpu on every fixture)"

@@ -6,6 +6,7 @@
 //! libcuda, NVRTC and cuBLAS are loaded at run time (cudarc's dynamic loading): a machine without
 //! them gets a clear error, never a crash.
 
+use super::kernel_cache;
 use crate::ops::dtype::Float;
 use crate::ops::Prepared;
 use anyhow::{anyhow, Result};
@@ -15,6 +16,7 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
     PinnedHostSlice, PushKernelArg,
 };
+use cudarc::nvrtc::Ptx;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -372,12 +374,34 @@ impl Cuda {
         step("driver and context");
         let name = ctx.name().unwrap_or_else(|_| "CUDA device 0".into());
         let stream = ctx.default_stream();
-        let ptx =
-            cudarc::nvrtc::compile_ptx(KERNELS).map_err(|e| anyhow!("NVRTC could not compile the kernels: {e:?}"))?;
-        let module = ctx.load_module(ptx).map_err(|e| anyhow!("cannot load the kernels: {e:?}"))?;
-        let f = |name: &str| module.load_function(name).map_err(|e| anyhow!("kernel {name}: {e:?}"));
-        let k = Kernel::ALL.iter().map(|k| f(k.name())).collect::<Result<Vec<_>>>()?;
-        step("kernels (NVRTC)");
+        // NVRTC's output, cached between runs (see kernel_cache); one the driver refuses is compiled anew
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: two valid out-pointers; libnvrtc is there (libraries_missing).
+        unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+            .result()
+            .map_err(|e| anyhow!("NVRTC: {e:?}"))?;
+        let compile = || {
+            cudarc::nvrtc::compile_ptx(KERNELS)
+                .map(|p| p.to_src())
+                .map_err(|e| anyhow!("NVRTC could not compile the kernels: {e:?}"))
+        };
+        let load = |text: String| -> Result<Vec<CudaFunction>> {
+            let module = ctx.load_module(Ptx::from_src(text)).map_err(|e| anyhow!("cannot load the kernels: {e:?}"))?;
+            let f = |name: &str| module.load_function(name).map_err(|e| anyhow!("kernel {name}: {e:?}"));
+            Kernel::ALL.iter().map(|k| f(k.name())).collect()
+        };
+        let cache = kernel_cache::dir();
+        let names: Vec<&str> = Kernel::ALL.iter().map(|k| k.name()).collect();
+        let ptx = kernel_cache::ptx(cache.as_deref(), KERNELS, (major, minor), &names, compile)?;
+        let from_cache = ptx.from_cache;
+        let k = match load(ptx.text) {
+            Err(_) if from_cache => {
+                kernel_cache::forget(cache.as_deref(), KERNELS, (major, minor));
+                load(compile()?)?
+            }
+            other => other?,
+        };
+        step(if from_cache { "kernels (cached PTX)" } else { "kernels (NVRTC)" });
         let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
         pedantic(&blas)?;
         let n_lanes = std::env::var("BONE_TOOL_CUDA_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(2usize);

@@ -5,6 +5,8 @@
 pub mod cuda;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_on_host;
+#[cfg(feature = "cuda")]
+pub mod kernel_cache;
 
 use crate::error::{input, Result};
 use crate::ops::dtype::Float;
