@@ -357,19 +357,20 @@ pub(crate) fn grid(n: usize) -> LaunchConfig {
 
 impl Cuda {
     pub fn new() -> Result<Cuda> {
-        if let Some(why) = libraries_missing() {
-            return Err(anyhow!("{why}"));
-        }
-        let n = CudaContext::device_count().map_err(|e| anyhow!("the CUDA driver reports no device: {e:?}"))?;
-        if n < 1 {
-            return Err(anyhow!("no CUDA device"));
-        }
         let mut clock = Instant::now();
         let mut startup = vec![];
         let mut step = |what: &'static str| {
             startup.push((what, clock.elapsed().as_secs_f64()));
             clock = Instant::now();
         };
+        if let Some(why) = libraries_missing() {
+            return Err(anyhow!("{why}"));
+        }
+        step("opening libcuda, NVRTC, cuBLAS");
+        let n = CudaContext::device_count().map_err(|e| anyhow!("the CUDA driver reports no device: {e:?}"))?;
+        if n < 1 {
+            return Err(anyhow!("no CUDA device"));
+        }
         let ctx = CudaContext::new(0).map_err(|e| anyhow!("cannot open CUDA device 0: {e:?}"))?;
         step("driver and context");
         let name = ctx.name().unwrap_or_else(|_| "CUDA device 0".into());
