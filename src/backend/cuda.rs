@@ -68,29 +68,11 @@ extern "C" __global__ void encode(const float* in, unsigned char* out, u64 n, in
     }
 }
 
-// Calls f(o, k, m) for every element (o, c) of a [rows, cols] row-major matrix, with k = o*cols + c
-// and m = c mod r: rows on the grid's y axis, columns on x, both grid-stride. Columns fit in 31 bits
-// (the host checks), so each thread's columns and their residues advance by adding: no division
-// per element (a 64-bit one costs dozens of instructions, more than the memory time of a bf16).
-template <class F>
-__device__ __forceinline__ void each_element(u64 rows, u64 cols, int r, F f) {
-    u32 n = (u32)cols, ur = (u32)r, step = gridDim.x * blockDim.x;
-    u32 c0 = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c0 >= n) return;
-    u32 m0 = c0 % ur, dm = step % ur;
-    for (u64 o = blockIdx.y; o < rows; o += gridDim.y) {
-        u64 row = o * cols;
-        u32 m = m0;
-        for (u32 c = c0; c < n; c += step) {
-            f(o, row + c, m);
-            m += dm;
-            if (m >= ur) m -= ur;
-        }
-    }
-}
-
-// As each_element, for groups of v consecutive columns (cols a multiple of v): f(o, k, m) with k
-// the group's first element and m = its column mod r.
+// Calls f(o, k, m) for every group of v consecutive columns (o, c..c+v) of a [rows, cols] row-major
+// matrix (cols a multiple of v), with k = o*cols + c the group's first element and m = c mod r:
+// rows on the grid's y axis, columns on x, both grid-stride. Columns fit in 31 bits (the host
+// checks), so each thread's columns and their residues advance by adding: no division per element
+// (a 64-bit one costs dozens of instructions, more than the memory time of a bf16).
 template <class F>
 __device__ __forceinline__ void each_group(u64 rows, u64 cols, int r, u32 v, F f) {
     u32 n = (u32)cols, ur = (u32)r, step = gridDim.x * blockDim.x * v;
@@ -107,6 +89,10 @@ __device__ __forceinline__ void each_group(u64 rows, u64 cols, int r, u32 v, F f
         }
     }
 }
+
+// Every element: groups of one column.
+template <class F>
+__device__ __forceinline__ void each_element(u64 rows, u64 cols, int r, F f) { each_group(rows, cols, r, 1, f); }
 
 __device__ __forceinline__ float load_as_f32(const unsigned char* p, u64 k, int dt) {
     if (dt == 0) return ((const float*)p)[k];
