@@ -327,6 +327,16 @@ fn dt_code(d: Float) -> i32 {
     }
 }
 
+/// Whether `periodic_fused` may move 8 bytes at a time: every row holds whole 8-byte groups.
+fn whole_words(d: Float, cols: usize) -> bool {
+    cols % (8 / d.size()) == 0
+}
+
+/// The grid for `periodic_fused`: a thread per element, or per 8-byte group with `vec`.
+fn fused_grid(d: Float, rows: usize, cols: usize, vec: bool) -> LaunchConfig {
+    grid_2d(rows, if vec { cols / (8 / d.size()) } else { cols })
+}
+
 /// For `each_element`: rows on the grid's y axis (grid-stride beyond 65535), columns on x, in
 /// blocks of up to 256 threads (fewer, in whole warps, for narrow rows).
 pub(crate) fn grid_2d(rows: usize, cols: usize) -> LaunchConfig {
@@ -497,9 +507,9 @@ impl Cuda {
         let et: Vec<f32> = (0..rows * r).map(|k| (k % 97) as f32 * 1e-3).collect();
         let d_et = s.clone_htod(&et).map_err(e("host to device copy"))?;
         let copy = timed("copy", 5, &mut || s.memcpy_dtod(&d_in, &mut d_out).map_err(e("copy")))?;
-        let (rows64, cols64, r32, sign, dt) = (rows as u64, cols as u64, r as i32, 1f32, 2i32);
-        let mut add = |vec: i32| {
-            let threads = if vec == 1 { cols / 4 } else { cols };
+        let (rows64, cols64, r32, sign, dt) = (rows as u64, cols as u64, r as i32, 1f32, dt_code(Float::BF16));
+        let mut add = |vec: bool| {
+            let (config, flag) = (fused_grid(Float::BF16, rows, cols, vec), i32::from(vec));
             timed("add", 5, &mut || {
                 unsafe {
                     s.launch_builder(&self.k[Kernel::PeriodicFused as usize])
@@ -511,14 +521,14 @@ impl Cuda {
                         .arg(&r32)
                         .arg(&sign)
                         .arg(&dt)
-                        .arg(&vec)
-                        .launch(grid_2d(rows, threads))
+                        .arg(&flag)
+                        .launch(config)
                 }
                 .map(|_| ())
                 .map_err(e("periodic_fused"))
             })
         };
-        let (add_vec, add_scalar) = (add(1)?, add(0)?);
+        let (add_vec, add_scalar) = (add(true)?, add(false)?);
         drop((d_in, d_out, d_et));
         let mut w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
         let mut out: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
@@ -698,10 +708,7 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
     let (n64, rows64, cols64) = (n as u64, rows as u64, i as u64);
     if let [Prepared::Periodic { et, r, sign, .. }] = ops {
         let e = x.upload(&et[row0 * r..(row0 + rows) * r])?;
-        // 8-byte accesses where every row holds whole groups of 8 bytes
-        let per_word = 8 / d.size();
-        let vec = i % per_word == 0;
-        let threads = if vec { i / per_word } else { i };
+        let vec = whole_words(d, i);
         let args = [
             Arg::Mem(In),
             Arg::Mem(Out),
@@ -713,7 +720,7 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
             I32(dt),
             I32(vec.into()),
         ];
-        return x.launch(Kernel::PeriodicFused, grid_2d(rows, threads), &args);
+        return x.launch(Kernel::PeriodicFused, fused_grid(d, rows, i, vec), &args);
     }
     x.launch(Kernel::Decode, grid(n), &[Arg::Mem(In), Arg::Mem(W), U64(n64), I32(dt)])?;
     for (k, op) in ops.iter().enumerate() {
