@@ -58,11 +58,8 @@ fn cuda_matches_cpu_on_every_fixture_or_says_why_not() {
             for (t, cpu) in &outs[0] {
                 let gpu = &outs[1][t];
                 let f = Float::from_dtype(cpu.dtype).expect("every fixture tensor is a float");
-                let (mut x, mut y) = (vec![0f32; cpu.data.len() / f.size()], vec![0f32; gpu.data.len() / f.size()]);
-                f.decode(&cpu.data, &mut x);
-                f.decode(&gpu.data, &mut y);
-                if let Some(k) = f.disagreement(&x, &y) {
-                    panic!("{name} {cmd} {t}: element {k}: CPU {} vs GPU {}", x[k], y[k]);
+                if let Some((k, x, y)) = f.disagreement_in(&cpu.data, &gpu.data) {
+                    panic!("{name} {cmd} {t}: element {k}: CPU {x} vs GPU {y}");
                 }
                 compared += 1;
             }

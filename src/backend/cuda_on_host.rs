@@ -357,12 +357,8 @@ fn assert_agree(d: Float, cpu: &[u8], gpu: &[u8], exact: bool, what: &str) {
         }
         return;
     }
-    let n = cpu.len() / d.size();
-    let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
-    d.decode(cpu, &mut a);
-    d.decode(gpu, &mut b);
-    if let Some(k) = d.disagreement(&a, &b) {
-        panic!("{what}: element {k}: CPU {} vs GPU program {}", a[k], b[k]);
+    if let Some((k, a, b)) = d.disagreement_in(cpu, gpu) {
+        panic!("{what}: element {k}: CPU {a} vs GPU program {b}");
     }
 }
 

@@ -241,13 +241,9 @@ impl Device {
                     self.finish(t1, &src, &mut results[1], d, false).map_err(err)?;
                     results[2] = results[1].clone();
                 }
-                let mut a = vec![0f32; o * i];
-                d.decode(&cpu, &mut a);
                 for (path, dev) in ["synchronous", "pipelined", "pipelined (second lane)"].iter().zip(&results) {
-                    let mut b = vec![0f32; o * i];
-                    d.decode(dev, &mut b);
-                    if let Some(k) = d.disagreement(&a, &b) {
-                        return Err(format!("{d} element {k}, {path}: CPU {} vs device {}", a[k], b[k]));
+                    if let Some((k, p, q)) = d.disagreement_in(&cpu, dev) {
+                        return Err(format!("{d} element {k}, {path}: CPU {p} vs device {q}"));
                     }
                 }
             }

@@ -259,6 +259,15 @@ impl Float {
         })
     }
 
+    /// [`Float::disagreement`] on encoded values: the first element that disagrees, with the CPU's
+    /// value and the device's.
+    pub fn disagreement_in(self, cpu: &[u8], dev: &[u8]) -> Option<(usize, f32, f32)> {
+        let (mut a, mut b) = (vec![0f32; cpu.len() / self.size()], vec![0f32; dev.len() / self.size()]);
+        self.decode(cpu, &mut a);
+        self.decode(dev, &mut b);
+        self.disagreement(&a, &b).map(|k| (k, a[k], b[k]))
+    }
+
     fn exponent_all_ones(self, e: &[u8]) -> bool {
         match self {
             Float::F32 => u32::from_le_bytes([e[0], e[1], e[2], e[3]]) & 0x7f80_0000 == 0x7f80_0000,
@@ -388,6 +397,12 @@ mod tests {
         assert_eq!(Float::F32.disagreement(&[1.0, 0.001], &[1.0, 0.001 + 1e-7]), None);
         assert_eq!(Float::F32.disagreement(&[1.0, 0.001], &[1.0, 0.001 + 1e-5]), Some(1));
         assert_eq!(Float::F32.disagreement(&[1.0, 2.0], &[1.0, f32::NAN]), Some(1));
+        // the same on encoded bytes, with both values
+        let (mut cpu, mut dev) = ([0u8; 4], [0u8; 4]);
+        Float::BF16.encode(&[1.0, 0.5], &mut cpu);
+        Float::BF16.encode(&[1.0, 0.5 + 2.0 * unit], &mut dev);
+        assert_eq!(Float::BF16.disagreement_in(&cpu, &dev), Some((1, 0.5, 0.5 + 2.0 * unit)));
+        assert_eq!(Float::BF16.disagreement_in(&cpu, &cpu), None);
     }
 
     #[test]
