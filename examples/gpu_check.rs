@@ -80,6 +80,9 @@ fn main() {
                     command.arg("--adapter").arg(fixtures.join(a.as_str().unwrap()));
                 }
                 command.arg("--out").arg(&out).args(["--device", device]);
+                if device == "cuda" {
+                    command.arg("--all-on-gpu"); // else the CPU computes the adds while it starts
+                }
                 if c["autocast_adapter_dtype"] == false {
                     command.arg("--no-autocast-adapter-dtype");
                 }

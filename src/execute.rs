@@ -6,7 +6,7 @@
 //! background while the next one is written. At most a few tensors are in memory at once.
 
 use crate::adapter::Adapter;
-use crate::backend::{Device, Ticket};
+use crate::backend::{same_bytes_on_every_device, Device, Opening, Ticket};
 use crate::error::{input, Interrupted, Result};
 use crate::model::output::ShardWriter;
 use crate::model::HEAD;
@@ -60,6 +60,8 @@ pub struct TensorCheck {
 pub struct RunOptions {
     /// fsync every shard before returning.
     pub fsync: bool,
+    /// While a GPU is opening, compute on the CPU the chains whose bytes are the same on both.
+    pub cpu_while_opening: bool,
     /// Write values that became inf or NaN instead of stopping.
     pub allow_non_finite: bool,
 }
@@ -87,11 +89,33 @@ pub struct Timings {
     /// the three above).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub staging: Option<f64>,
+    /// On a GPU, the part of `compute` spent waiting for a piece's results (the copy back done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_wait: Option<f64>,
     /// On a GPU, each step of starting it (before the pipeline), in seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_start: Option<serde_json::Map<String, serde_json::Value>>,
+    /// On a GPU, the seconds the pipeline waited for it to open (it opens beside the pipeline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_waited: Option<f64>,
+    /// On a GPU, the share of computed bytes the CPU computed while it was opening.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_while_opening: Option<f64>,
+    /// Time each stage spent blocked on its neighbour: the stage that others wait for is the
+    /// bottleneck.
+    pub waits: Waits,
     /// The whole pipeline, start to end.
     pub wall: f64,
+}
+
+/// Seconds a stage spent blocked: the reader handing a piece on, the compute stage waiting for the
+/// next piece or handing one on, the writers waiting for the next piece.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Waits {
+    pub read_for_compute: f64,
+    pub compute_for_read: f64,
+    pub compute_for_write: f64,
+    pub write_for_compute: f64,
 }
 
 /// What a run reports.
@@ -146,7 +170,7 @@ pub struct Target<'a> {
 pub fn run(
     targets: &[Target],
     base: &Model,
-    device: &Device,
+    device: &Opening,
     opts: RunOptions,
     progress: &ProgressBar,
 ) -> Result<Report> {
@@ -180,7 +204,7 @@ pub fn run(
 pub fn run_into(
     outputs: Vec<Output>,
     base: &Model,
-    device: &Device,
+    device: &Opening,
     opts: RunOptions,
     progress: &ProgressBar,
 ) -> Result<Report> {
@@ -190,7 +214,6 @@ pub fn run_into(
     let adapters: Vec<&[Adapter]> = outputs.iter().map(|o| o.adapters).collect();
     let busy = Busy::default();
     let busy = &busy;
-    let gpu_before = device.gpu_phases();
     std::thread::scope(|scope| -> Result<Report> {
         let (to_compute, from_reader) = sync_channel::<Result<(usize, Piece)>>(1);
         // Written buffers come back to the compute stage: no fresh pages to fault in per piece.
@@ -203,7 +226,9 @@ pub fn run_into(
             let mut since = Instant::now();
             let mut send = |k, p| {
                 busy.add(&busy.read, since.elapsed());
+                let t = Instant::now();
                 let sent = to_compute.send(Ok((k, p))).is_ok();
+                busy.add(&busy.read_waits, t.elapsed());
                 since = Instant::now();
                 sent
             };
@@ -231,38 +256,66 @@ pub fn run_into(
         }
         drop(recycle);
 
+        // The device, once it is open; until then the CPU computes the chains whose bytes are the
+        // same on both, and a chain that is not waits for it.
+        let cpu = Device::Cpu;
+        let mut opened = Opened::default();
+        let (mut cpu_bytes, mut computed_bytes) = (0u64, 0u64);
         // Pieces in flight on the device, oldest first: a GPU works on the next piece while the
         // previous one is copied back (one at a time on the CPU, which computes as it starts).
-        let depth = device.lanes().max(1);
         let mut flight: std::collections::VecDeque<Flight> = Default::default();
         let mut spares: Vec<Vec<u8>> = vec![];
         let check = !opts.allow_non_finite;
-        let send = |k: usize, piece| to_writers[k].send(piece).is_ok();
+        let send = |k: usize, piece| {
+            let t = Instant::now();
+            let sent = to_writers[k].send(piece).is_ok();
+            busy.add(&busy.compute_waits_write, t.elapsed());
+            sent
+        };
         let computed = (|| -> Result<()> {
-            for item in from_reader {
+            let from_reader = from_reader; // dropped on return: a reader blocked on it stops
+            loop {
+                let t = Instant::now();
+                let Ok(item) = from_reader.recv() else { break };
+                busy.add(&busy.compute_waits_read, t.elapsed());
                 let (k, piece) = item?;
                 match piece {
                     Piece::Rows { job, chain, row0, src, last } => {
+                        let early = opts.cpu_while_opening && same_bytes_on_every_device(&chain);
+                        let dev = match opened.get(device, false)? {
+                            Some(d) => d,
+                            None if early => &cpu,
+                            None => opened.get(device, true)?.expect("waited for"),
+                        };
+                        if !chain.is_empty() {
+                            let n = src.bytes().len() as u64;
+                            computed_bytes += n;
+                            if opened.device.is_none() {
+                                cpu_bytes += n;
+                            }
+                        }
                         let out = recycled.try_recv().unwrap_or_default();
                         let stage = spares.pop().unwrap_or_default();
                         let t = Instant::now();
-                        let started = Flight::start(device, k, job, chain, row0, src, last, out, stage, check);
+                        let started = Flight::start(dev, k, job, chain, row0, src, last, out, stage, check);
                         busy.add(&busy.compute, t.elapsed());
                         flight.push_back(started?);
                         // the oldest lands while the newest runs (on the CPU: at once)
-                        if !land(&mut flight, depth - 1, device, check, busy, &mut spares, &send)? {
+                        let depth = dev.lanes().max(1);
+                        if !land(&mut flight, depth - 1, dev, check, busy, &mut spares, &send)? {
                             return Ok(()); // a writer failed: its error is the one to report
                         }
                     }
                     other => {
                         // anything else waits for the pieces in flight: every writer gets its pieces in order
-                        if !land(&mut flight, 0, device, check, busy, &mut spares, &send)? || !send(k, other) {
+                        let dev = opened.device.unwrap_or(&cpu);
+                        if !land(&mut flight, 0, dev, check, busy, &mut spares, &send)? || !send(k, other) {
                             return Ok(());
                         }
                     }
                 }
             }
-            land(&mut flight, 0, device, check, busy, &mut spares, &send).map(|_| ())
+            land(&mut flight, 0, opened.device.unwrap_or(&cpu), check, busy, &mut spares, &send).map(|_| ())
         })();
         drop(to_writers);
         let mut written = vec![];
@@ -274,30 +327,81 @@ pub fn run_into(
         computed?;
         let checks = written.into_iter().collect::<Result<Vec<_>>>()?;
         let secs = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
-        // The device's counters run from its start: count this run's share.
-        let gpu = device.gpu_phases().map(|now| [0, 1, 2, 3].map(|k| now[k] - gpu_before.map_or(0.0, |b| b[k])));
+        // A device still opening is waited for (`--device cuda` must be usable): its start shows.
+        let device = device.wait()?;
+        let gpu = device.gpu_phases().map(|now| {
+            let before: [f64; 5] = opened.gpu_before.unwrap_or(now);
+            [0, 1, 2, 3, 4].map(|k| now[k] - before[k])
+        });
         let start = device.startup();
+        let on_gpu = gpu.is_some();
         let timings = Timings {
             h2d: gpu.map(|g| g[0]),
             kernels: gpu.map(|g| g[1]),
             d2h: gpu.map(|g| g[2]),
             staging: gpu.map(|g| g[3]),
+            gpu_wait: gpu.map(|g| g[4]),
             device_start: (!start.is_empty())
                 .then(|| start.into_iter().map(|(what, secs)| (what.to_string(), serde_json::json!(secs))).collect()),
             read: secs(&busy.read),
+            waits: Waits {
+                read_for_compute: secs(&busy.read_waits),
+                compute_for_read: secs(&busy.compute_waits_read),
+                compute_for_write: secs(&busy.compute_waits_write),
+                write_for_compute: secs(&busy.write_waits),
+            },
             compute: secs(&busy.compute),
             write: secs(&busy.write),
             fsync: secs(&busy.fsync),
+            device_waited: on_gpu.then_some(opened.waited),
+            cpu_while_opening: on_gpu.then(|| {
+                if computed_bytes > 0 {
+                    cpu_bytes as f64 / computed_bytes as f64
+                } else {
+                    0.0
+                }
+            }),
             wall: started.elapsed().as_secs_f64(),
         };
         Ok(Report { warnings, checks, timings })
     })
 }
 
+/// The device as the compute stage sees it: None until it is open.
+#[derive(Default)]
+struct Opened<'d> {
+    device: Option<&'d Device>,
+    /// Its counters when it opened (they run from its start, the self-check included).
+    gpu_before: Option<[f64; 5]>,
+    /// Seconds the compute stage waited for it.
+    waited: f64,
+}
+
+impl<'d> Opened<'d> {
+    /// The device if open; with `wait`, wait for it.
+    fn get(&mut self, opening: &'d Opening, wait: bool) -> Result<Option<&'d Device>> {
+        if self.device.is_none() {
+            let t = Instant::now();
+            let got = if wait { Some(opening.wait()) } else { opening.get() };
+            if let Some(d) = got {
+                let d = d?;
+                self.waited += t.elapsed().as_secs_f64();
+                self.gpu_before = d.gpu_phases();
+                self.device = Some(d);
+            }
+        }
+        Ok(self.device)
+    }
+}
+
 /// Busy time per stage, in nanoseconds, added to by every thread of that stage.
 #[derive(Default)]
 struct Busy {
     read: AtomicU64,
+    read_waits: AtomicU64,
+    compute_waits_read: AtomicU64,
+    compute_waits_write: AtomicU64,
+    write_waits: AtomicU64,
     compute: AtomicU64,
     write: AtomicU64,
     fsync: AtomicU64,
@@ -561,9 +665,11 @@ fn write_all<'scope>(
         progress.inc(shard.header.len() as u64);
         for _ in &shard.jobs {
             loop {
+                let t = Instant::now();
                 let Ok(piece) = pieces.recv() else {
                     return Ok(()); // an earlier stage stopped and reports why
                 };
+                busy.add(&busy.write_waits, t.elapsed());
                 check_interrupt()?;
                 let t = Instant::now();
                 let last = match piece {

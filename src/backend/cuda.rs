@@ -216,7 +216,7 @@ pub struct Cuda {
     name: String,
     /// Nanoseconds spent copying to the device, in kernels (and the blocks' uploads), copying back,
     /// and (on the host) copying into and out of the lanes' page-locked buffers.
-    phases: [AtomicU64; 4],
+    phases: [AtomicU64; 5],
     /// Seconds each step of starting took (the self-check is added by the caller).
     pub startup: Vec<(&'static str, f64)>,
     /// The streams pieces are queued on (empty: everything runs synchronously on `stream`).
@@ -426,7 +426,7 @@ impl Cuda {
     }
 
     /// Seconds so far in host-to-device copies, kernels, device-to-host copies, and staging copies.
-    pub fn phase_seconds(&self) -> [f64; 4] {
+    pub fn phase_seconds(&self) -> [f64; 5] {
         self.phases.each_ref().map(|a| a.load(Ordering::Relaxed) as f64 * 1e-9)
     }
 
@@ -452,6 +452,8 @@ impl Cuda {
     ) -> Result<()> {
         let n = rows * i;
         anyhow::ensure!(src.len() == n * d.size() && dst.len() == src.len(), "apply_chain: byte counts");
+        // The device may have been opened on another thread: its context becomes this thread's.
+        self.ctx.bind_to_thread().map_err(e("context"))?;
         let s = &self.stream;
         let mut since = Instant::now();
         let d_in: CudaSlice<u8> = s.clone_htod(src).map_err(e("host to device copy"))?;
@@ -595,6 +597,7 @@ impl Cuda {
     pub fn enqueue(&self, src: &[u8], d: Float, rows: usize, i: usize, row0: usize, ops: &[Prepared]) -> Result<usize> {
         let n = rows * i;
         anyhow::ensure!(src.len() == n * d.size(), "enqueue: byte count");
+        self.ctx.bind_to_thread().map_err(e("context"))?;
         let k = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
         let mut guard = self.lanes[k].lock().map_err(|_| anyhow!("a GPU lane was poisoned"))?;
         let lane = &mut *guard;
@@ -637,7 +640,10 @@ impl Cuda {
         let lane = &mut *guard;
         let len = lane.pending.take().ok_or_else(|| anyhow!("internal error: GPU lane {k} has nothing to collect"))?;
         anyhow::ensure!(dst.len() == len, "collect: byte count");
+        self.ctx.bind_to_thread().map_err(e("context"))?;
+        let t = Instant::now();
         lane.marks[3].synchronize().map_err(e("synchronize"))?;
+        self.phases[4].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let l = lane.bufs.as_ref().expect("reserved when enqueued");
         let t = Instant::now();
         par_copy(dst, &l.pin_out.as_slice().map_err(e("staging buffer"))?[..len]);

@@ -37,6 +37,118 @@ pub enum Device {
     Cuda(Box<cuda::Cuda>),
 }
 
+/// A device being opened on its own thread, so that the work need not wait for it: a GPU takes
+/// 0.4-0.6 s to start (driver, context, cuBLAS, self-check), in which the pipeline can already
+/// copy untouched tensors and the CPU compute the chains whose bytes are the same on both
+/// ([`same_bytes_on_every_device`]).
+pub struct Opening {
+    opened: std::sync::OnceLock<Opened>,
+    done: std::sync::Mutex<bool>,
+    ready: std::sync::Condvar,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// What opening a device gave: the device and a note for the user, or the error (its message, and
+/// whether it was the user's input: see [`crate::error::InputError`]).
+type Opened = std::result::Result<(Device, Option<String>), (String, bool)>;
+
+impl Opening {
+    /// Open the device asked for ([`Device::select`]): on a thread when that can take a while (a GPU
+    /// driver is there), else at once, so that a machine without one fails before any work.
+    pub fn start(choice: DeviceChoice) -> std::sync::Arc<Opening> {
+        let opening = std::sync::Arc::new(Opening {
+            opened: Default::default(),
+            done: Default::default(),
+            ready: Default::default(),
+            thread: Default::default(),
+        });
+        // BONE_TOOL_OPEN_DELAY_MS=N: open on a thread, N ms late, whatever the device (the tests run
+        // the pipeline's paths for a device still opening on machines without a GPU).
+        let delay = std::env::var("BONE_TOOL_OPEN_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
+        if delay.is_none() && (choice == DeviceChoice::Cpu || Device::no_driver()) {
+            opening.set(Device::select(choice));
+        } else {
+            let o = opening.clone();
+            let handle = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(delay.unwrap_or(0)));
+                let opened = std::panic::catch_unwind(|| Device::select(choice))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: opening the device panicked")));
+                o.set(opened)
+            });
+            *opening.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        }
+        opening
+    }
+
+    /// A device opened already.
+    pub fn ready(device: Device) -> Opening {
+        let opening = Opening {
+            opened: Default::default(),
+            done: std::sync::Mutex::new(true),
+            ready: Default::default(),
+            thread: Default::default(),
+        };
+        let _ = opening.opened.set(Ok((device, None)));
+        opening
+    }
+
+    fn set(&self, result: Result<(Device, Option<String>)>) {
+        let result = result.map_err(|e| {
+            let is_input = e.chain().any(|c| c.is::<crate::error::InputError>());
+            (format!("{e:#}"), is_input)
+        });
+        let _ = self.opened.set(result);
+        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.ready.notify_all();
+    }
+
+    /// The device, if it is open (an error if it could not be opened); None while it is opening.
+    pub fn get(&self) -> Option<Result<&Device>> {
+        self.opened.get().map(|o| o.as_ref().map(|(d, _)| d).map_err(Self::error))
+    }
+
+    /// The device, once it is open.
+    pub fn wait(&self) -> Result<&Device> {
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        while !*done {
+            done = self.ready.wait(done).unwrap_or_else(|p| p.into_inner());
+        }
+        drop(done);
+        self.get().expect("set before done")
+    }
+
+    /// Wait for the opening thread to end (a thread left inside the driver while the process exits
+    /// could crash it): the device, or why it could not be opened.
+    pub fn finish(&self) -> Result<&Device> {
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join(); // a panic was caught and set as the error
+        }
+        self.wait()
+    }
+
+    /// Why `auto` chose the CPU on a machine with a GPU driver, once known.
+    pub fn note(&self) -> Option<&str> {
+        self.opened.get().and_then(|o| o.as_ref().ok()).and_then(|(_, note)| note.as_deref())
+    }
+
+    fn error((msg, is_input): &(String, bool)) -> anyhow::Error {
+        if *is_input {
+            input(msg.clone())
+        } else {
+            anyhow::anyhow!("{msg}")
+        }
+    }
+}
+
+/// True when a chain gives the same bytes on the CPU and on a GPU: the elementwise adds (default
+/// and mini), done in f32 with one rounding each, in the same order. (BAT's GEMMs sum in another
+/// order on a GPU: within one unit, not the same bytes.) The pipeline computes these on the CPU
+/// while a GPU is starting.
+pub fn same_bytes_on_every_device(chain: &[Prepared]) -> bool {
+    chain.iter().all(|op| matches!(op, Prepared::Periodic { .. }))
+}
+
 impl Device {
     /// Open the device asked for. `auto` falls back to the CPU, with the reason as a note when
     /// the machine has a GPU driver (a GPU that cannot be used deserves a word; a machine without
@@ -88,9 +200,9 @@ impl Device {
         Err("this bone-tool was built without the `cuda` feature".to_string())
     }
 
-    /// Seconds so far in host-to-device copies, kernels, device-to-host copies and the host's copies
-    /// into and out of page-locked buffers (None on the CPU).
-    pub fn gpu_phases(&self) -> Option<[f64; 4]> {
+    /// Seconds so far in host-to-device copies, kernels, device-to-host copies, the host's copies
+    /// into and out of page-locked buffers, and the host waiting for results (None on the CPU).
+    pub fn gpu_phases(&self) -> Option<[f64; 5]> {
         match self {
             Device::Cpu => None,
             #[cfg(feature = "cuda")]
@@ -255,6 +367,47 @@ impl Device {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_opening_device_is_waited_for_across_threads_and_keeps_its_error_kind() {
+        let pending = std::sync::Arc::new(Opening {
+            opened: Default::default(),
+            done: Default::default(),
+            ready: Default::default(),
+            thread: Default::default(),
+        });
+        assert!(pending.get().is_none(), "nothing yet");
+        let p = pending.clone();
+        let setter = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            p.set(Ok((Device::Cpu, Some("a note".into()))));
+        });
+        assert_eq!(pending.wait().unwrap().name(), "cpu");
+        setter.join().unwrap();
+        assert_eq!(pending.finish().unwrap().name(), "cpu");
+        assert_eq!(pending.note(), Some("a note"));
+
+        let failed = Opening::ready(Device::Cpu);
+        let failed = Opening { opened: std::sync::OnceLock::new(), ..failed };
+        failed.set(Err(input("--device cuda: no usable GPU: none")));
+        let err = failed.get().unwrap().err().unwrap();
+        assert_eq!(crate::error::exit_code(&err), crate::error::exit::BAD_INPUT, "{err}");
+        assert_eq!(err.to_string(), "--device cuda: no usable GPU: none");
+        let other = Opening { opened: std::sync::OnceLock::new(), ..Opening::ready(Device::Cpu) };
+        other.set(Err(anyhow::anyhow!("the driver broke")));
+        assert_eq!(crate::error::exit_code(&other.wait().err().unwrap()), crate::error::exit::FAILED);
+    }
+
+    #[test]
+    fn only_the_elementwise_chains_run_on_the_cpu_while_a_gpu_opens() {
+        let rd = Rounding::peft(Float::BF16);
+        let add = Prepared::Periodic { et: vec![0.0; 4], r: 2, sign: 1.0, rounding: rd };
+        let bat = Prepared::BatMerge { b: vec![0.0; 4], r: 2, rounding: rd };
+        assert!(same_bytes_on_every_device(&[]));
+        assert!(same_bytes_on_every_device(std::slice::from_ref(&add)));
+        assert!(!same_bytes_on_every_device(&[add.clone(), bat.clone()]));
+        assert!(!same_bytes_on_every_device(&[bat]));
+    }
 
     #[test]
     fn the_cpu_passes_its_own_self_check() {

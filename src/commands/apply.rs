@@ -1,7 +1,7 @@
 //! `merge` and `unmerge`: the same pipeline (open, plan, execute, commit) with a different op chain.
 
 use crate::adapter::Adapter;
-use crate::backend::Device;
+use crate::backend::Opening;
 use crate::cli::{ApplyOptions, RoundingArg};
 use crate::error::{input, Result};
 use crate::execute;
@@ -59,6 +59,25 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
             )));
         }
     }
+    // The device opens beside everything that follows: reading headers and adapters, planning, and
+    // the pipeline's first pieces.
+    let opening = (!opts.dry_run).then(|| Opening::start(opts.device));
+    let result = run_opening(direction, model, jobs, opts, quiet, started, opening.as_deref());
+    if let Some(o) = &opening {
+        let _ = o.finish();
+    }
+    result
+}
+
+fn run_opening(
+    direction: Direction,
+    model: &Path,
+    jobs: &[Job],
+    opts: &ApplyOptions,
+    quiet: bool,
+    started: Instant,
+    opening: Option<&Opening>,
+) -> Result<()> {
     let base = Model::open(model)?;
     let mut all_adapters = vec![];
     let every_adapter: Vec<PathBuf> = jobs.iter().flat_map(|j| j.adapters.iter().cloned()).collect();
@@ -104,9 +123,9 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
         return Ok(());
     }
 
-    let (device, note) = Device::select(opts.device)?;
-    if let Some(note) = note {
-        crate::report::warning(&note);
+    let opening = opening.expect("opened unless a dry run");
+    if let Some(Err(e)) = opening.get() {
+        return Err(e); // known at once: no GPU driver for --device cuda
     }
 
     // Outputs usually share a disk: each is checked against the space all of them need.
@@ -117,15 +136,20 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
     let dirs = jobs.iter().map(|j| OutputDir::create(&j.out, opts.force, need)).collect::<Result<Vec<_>>>()?;
     let total: u64 = plans.iter().map(|p| p.total_bytes()).sum();
     let progress = progress_bar(total, quiet || opts.json);
-    let run_opts = execute::RunOptions { fsync: !opts.no_fsync, allow_non_finite: opts.allow_non_finite };
+    let run_opts = execute::RunOptions {
+        fsync: !opts.no_fsync,
+        allow_non_finite: opts.allow_non_finite,
+        cpu_while_opening: !opts.all_on_gpu,
+    };
     let targets: Vec<_> = plans
         .iter()
         .zip(&all_adapters)
         .zip(&dirs)
         .map(|((plan, adapters), dir)| execute::Target { plan, adapters, dir: dir.path() })
         .collect();
-    let report = execute::run(&targets, &base, &device, run_opts, &progress)?;
-    let late_warnings = report.warnings;
+    let report = execute::run(&targets, &base, opening, run_opts, &progress)?;
+    let device_name = opening.wait()?.name();
+    let late_warnings: Vec<String> = opening.note().map(str::to_string).into_iter().chain(report.warnings).collect();
     progress.finish_and_clear();
     for w in &late_warnings {
         crate::report::warning(w);
@@ -156,7 +180,7 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
         let mut summary = serde_json::json!({
             "command": if direction == Direction::Merge { "merge" } else { "unmerge" },
             "model": model.display().to_string(),
-            "device": device.name(),
+            "device": device_name,
             "seconds": seconds,
             "timings": report.timings,
             "bytes_read": base.data_bytes(),
@@ -180,7 +204,7 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
         for (plan, job) in plans.iter().zip(jobs) {
             let n = job.adapters.len();
             let cast = if plan.cast > 0 { format!(", {} cast to {dtype}", plan.cast) } else { String::new() };
-            let device = if several { String::new() } else { format!(" on {}", device.name()) };
+            let device = if several { String::new() } else { format!(" on {device_name}") };
             let time = if several { String::new() } else { format!(" in {seconds:.1}s") };
             eprintln!(
                 "{verb} {n} adapter{} → {}{device}: {} tensors changed, {} copied{cast}, {}{time}",
@@ -195,7 +219,7 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
             eprintln!(
                 "{} models written on {} in {seconds:.1}s, the base read once ({} read, {} written)",
                 jobs.len(),
-                device.name(),
+                device_name,
                 HumanBytes(base.data_bytes()),
                 HumanBytes(total)
             );
@@ -221,6 +245,9 @@ pub(crate) fn print_timings(t: &execute::Timings, total: f64) {
     if let Some(staging) = t.staging {
         rows.push(("  staging", staging, "of compute: host copies into and out of page-locked buffers"));
     }
+    if let Some(wait) = t.gpu_wait {
+        rows.push(("  gpu wait", wait, "of compute: waiting for the GPU's results"));
+    }
     rows.push(("write", t.write, "writing results, copying untouched tensors"));
     rows.push(("fsync", t.fsync, "flushing finished files (background)"));
     eprintln!("timings (busy seconds per stage; stages overlap):");
@@ -228,12 +255,25 @@ pub(crate) fn print_timings(t: &execute::Timings, total: f64) {
         let share = if t.wall > 0.0 { 100.0 * secs / t.wall } else { 0.0 };
         eprintln!("  {name:<9} {secs:>8.3}s  {share:>5.0}% of the pipeline  {what}");
     }
+    let w = &t.waits;
+    eprintln!(
+        "  waits     read for compute {:.3}s, compute for read {:.3}s, compute for write {:.3}s, write for compute \
+         {:.3}s",
+        w.read_for_compute, w.compute_for_read, w.compute_for_write, w.write_for_compute
+    );
     eprintln!("  pipeline  {:>8.3}s, whole command {total:.3}s", t.wall);
     if let Some(start) = &t.device_start {
         let sum: f64 = start.values().filter_map(|v| v.as_f64()).sum();
         let steps: Vec<String> =
             start.iter().map(|(what, v)| format!("{what} {:.3}s", v.as_f64().unwrap_or(0.0))).collect();
-        eprintln!("  device start {sum:.3}s, before the pipeline: {}", steps.join(", "));
+        eprintln!("  device start {sum:.3}s, beside the pipeline: {}", steps.join(", "));
+        if let (Some(waited), Some(cpu)) = (t.device_waited, t.cpu_while_opening) {
+            eprintln!(
+                "  the pipeline waited {waited:.3}s for the GPU; the CPU computed {:.0}% of the changed bytes while \
+                 it started",
+                100.0 * cpu
+            );
+        }
     }
 }
 

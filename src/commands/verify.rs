@@ -2,7 +2,7 @@
 //! compare it with a given model. Nothing is written.
 
 use crate::adapter::Adapter;
-use crate::backend::Device;
+use crate::backend::{Device, Opening};
 use crate::cli::{RoundingArg, VerifyArgs};
 use crate::error::Result;
 use crate::execute::{self, RunOptions, Sink};
@@ -34,6 +34,7 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
     };
     let plan = plan::build(&input, &adapters, direction, options)?;
     let (device, note) = Device::select(args.device)?;
+    let device = Opening::ready(device);
     let mut warnings = plan.warnings.clone();
     warnings.extend(note);
     let progress = if quiet || args.json {
@@ -41,7 +42,7 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
     } else {
         ProgressBar::with_draw_target(Some(input.data_bytes()), ProgressDrawTarget::stderr())
     };
-    let run_opts = RunOptions { fsync: false, allow_non_finite: true };
+    let run_opts = RunOptions { fsync: false, allow_non_finite: true, cpu_while_opening: false };
     let started = std::time::Instant::now();
     let output = execute::Output { plan: &plan, adapters: &adapters, sink: Sink::Compare(&expected) };
     let report = execute::run_into(vec![output], &input, &device, run_opts, &progress)?;
