@@ -7,7 +7,8 @@
 # Models are generated once by examples/synth.rs under $BENCH_DIR (default /tmp/bone-bench).
 # Needs about 4x the model size of free disk (base, two merged inputs for unmerge, one output).
 # Prints a markdown table.
-#   DEVICES="cuda cpu"   rows for each device (--device), default "cpu"
+#   DEVICES="cuda cpu"   rows for each device (--device), default "cpu"; `gpu-only` is
+#                        --device cuda --all-on-gpu (no CPU adds while the GPU starts)
 #   BONE_TOOL_PREBUILT=DIR   use the binaries in DIR (bone-tool, synth, gemm_peak); build nothing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,14 +68,15 @@ rows+=("$(measure "cp -r base + sync" sh -c "cp -r '$dir/base' '$out' && sync")"
 "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$dir/merged-bat" --force
 for dev in $devices; do
   tag=""; [ "$devices" != "cpu" ] && tag=" ($dev)"
+  dev_args=(--device "$dev"); [ "$dev" = gpu-only ] && dev_args=(--device cuda --all-on-gpu)
   cat "$dir"/base/* > /dev/null
-  rows+=("$(measure "merge default$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$out" --device "$dev")")
-  rows+=("$(measure "merge default --no-fsync$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$out" --no-fsync --device "$dev")")
-  rows+=("$(measure "merge BAT$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$out" --device "$dev")")
-  rows+=("$(measure "merge BAT --no-fsync$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$out" --no-fsync --device "$dev")")
+  rows+=("$(measure "merge default$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$out" "${dev_args[@]}")")
+  rows+=("$(measure "merge default --no-fsync$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/default" --out "$out" --no-fsync "${dev_args[@]}")")
+  rows+=("$(measure "merge BAT$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$out" "${dev_args[@]}")")
+  rows+=("$(measure "merge BAT --no-fsync$tag" "$bin" -q merge --base "$dir/base" --adapter "$dir/bat" --out "$out" --no-fsync "${dev_args[@]}")")
   cat "$dir"/merged-default/* "$dir"/merged-bat/* > /dev/null
-  rows+=("$(measure "unmerge default$tag" "$bin" -q unmerge --merged "$dir/merged-default" --adapter "$dir/default" --out "$out" --device "$dev")")
-  rows+=("$(measure "unmerge BAT$tag" "$bin" -q unmerge --merged "$dir/merged-bat" --adapter "$dir/bat" --out "$out" --device "$dev")")
+  rows+=("$(measure "unmerge default$tag" "$bin" -q unmerge --merged "$dir/merged-default" --adapter "$dir/default" --out "$out" "${dev_args[@]}")")
+  rows+=("$(measure "unmerge BAT$tag" "$bin" -q unmerge --merged "$dir/merged-bat" --adapter "$dir/bat" --out "$out" "${dev_args[@]}")")
 done
 rm -rf "$out" "$out.time"
 

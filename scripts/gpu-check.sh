@@ -13,39 +13,43 @@
 #   5. the 7b shape, cuda rows only (1 run), when the disk has room.
 #   Everything also goes to $OUT/gpu-check.log (the device tool brings $OUT back), since a call
 #   returns only the last 12,000 characters; sections after 1-3 are skipped once 420 s have gone,
-#   so that a 540 s call ends with its summary rather than being cut off.
+#   so that a 540 s call ends with its summary rather than being cut off (GPU_CHECK_LATE_S=N moves
+#   that mark; SKIP_7B=1 leaves out section 5). Each step is stopped after 150 s (a hang in one
+#   step must not eat the whole call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-late() { if [ "$SECONDS" -gt 420 ]; then echo "skipped: $SECONDS s gone"; return 0; fi; return 1; }
+late() { if [ "$SECONDS" -gt "${GPU_CHECK_LATE_S:-420}" ]; then echo "skipped: $SECONDS s gone"; return 0; fi; return 1; }
 main() {
   bin="$PWD/.device-bin"
   [ -x "$bin/bone-tool" ] || { echo "no .device-bin/bone-tool: run scripts/gpu-prepare.sh here and carry .device-bin"; return 2; }
   export BONE_TOOL_PREBUILT="$bin" BENCH_DIR="${BENCH_DIR:-/tmp/bone-bench}"
   echo "== machine"; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
+  [ -z "${PROBE:-}" ] || { echo "== probe"; bash "$PROBE"; }
   echo "== device selection"
   export BONE_TOOL_CACHE_DIR=/tmp/bone-tool-cache
   rm -rf "$BONE_TOOL_CACHE_DIR"
-  "$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1
+  timeout 60 "$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1
   echo "-- again, kernels from the PTX cache:"
   "$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1 | grep "device start"
   echo "== kernels"
-  "$bin/gpu_kernels"; echo "gpu_kernels exit $?"
+  timeout 150 "$bin/gpu_kernels"; echo "gpu_kernels exit $?"
   echo "== gpu_check (cuda, 2 lanes, vs cpu on every fixture)"
-  "$bin/gpu_check" "$bin/bone-tool" fixtures; echo "gpu_check exit $?"
+  timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures; echo "gpu_check exit $?"
   echo "== bench 1b"
-  DEVICES="cuda cpu" bash bench/run.sh 1b 3 2>&1 | tail -25
+  DEVICES="cuda gpu-only cpu" timeout 200 bash bench/run.sh 1b 3 2>&1 | tail -25
   for kind in default bat; do
     echo "-- timings: cuda merge $kind (1b)"
-    "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" --out /tmp/t1b --force --device cuda --timings 2>&1 | tail -12
+    timeout 60 "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" --out /tmp/t1b --force --device cuda --timings 2>&1 | tail -12
     rm -rf /tmp/t1b
   done
   echo "== gpu_check, one lane (synchronous path)"
-  late || BONE_TOOL_CUDA_LANES=1 "$bin/gpu_check" "$bin/bone-tool" fixtures bat-bf16,mini,tail; echo "exit $?"
+  late || BONE_TOOL_CUDA_LANES=1 timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures bat-bf16,mini,tail; echo "exit $?"
   echo "== gpu_check, 4 KB pieces (many in flight)"
-  late || BONE_TOOL_PIECE_BYTES=4096 "$bin/gpu_check" "$bin/bone-tool" fixtures bat-bf16,mini,tail; echo "exit $?"
+  late || BONE_TOOL_PIECE_BYTES=4096 timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures bat-bf16,mini,tail; echo "exit $?"
   rm -rf "$BENCH_DIR/1b"
   echo "== bench 7b"
   if late; then :
+  elif [ -n "${SKIP_7B:-}" ]; then echo "skipped: SKIP_7B"
   elif [ "$(df --output=avail -B1G "$BENCH_DIR" | tail -1)" -gt 58 ]; then
     DEVICES="cuda" bash bench/run.sh 7b 1 2>&1 | tail -14
   else
