@@ -4,7 +4,7 @@
 //! Exit 0 with the table; 2 when no GPU is usable (the reason is printed); 1 when a kernel fails.
 
 fn main() {
-    let gpu = match bone_tool::backend::cuda::Cuda::new() {
+    let gpu = match bone_tool::backend::cuda::Cuda::new(true) {
         Ok(g) => g,
         Err(e) => {
             println!("no usable GPU: {e:#}");

@@ -125,6 +125,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// True when some tensor's chain has a BAT op: a GEMM, which a GPU does with cuBLAS.
+    pub fn needs_gemm(&self) -> bool {
+        self.shards.iter().flat_map(|s| &s.jobs).any(|j| j.ops.iter().any(|op| matches!(op, Op::Bat { .. })))
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.shards.iter().map(|s| s.header.len() as u64 + s.data_bytes).sum()
     }

@@ -210,7 +210,9 @@ impl Kernel {
 pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// cuBLAS on `stream`: opened with the device when its chains have GEMMs (BAT), else on the
+    /// first GEMM (loading cuBLAS costs 0.1-0.2 s that default and mini merges need not pay).
+    blas: std::sync::OnceLock<CudaBlas>,
     /// Indexed by [`Kernel`].
     k: Vec<CudaFunction>,
     name: String,
@@ -236,7 +238,8 @@ struct Buffers<'a> {
 /// the host reads the results back) and device buffers, reused piece after piece.
 struct Lane {
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// Created with the lane when the device has GEMMs to do, else on the lane's first GEMM.
+    blas: Option<CudaBlas>,
     bufs: Option<LaneBuffers>,
     /// Recorded before the copy in, after it, after the kernels, after the copy back.
     marks: [CudaEvent; 4],
@@ -256,10 +259,9 @@ struct LaneBuffers {
 }
 
 impl Lane {
-    fn new(ctx: &Arc<CudaContext>) -> Result<Lane> {
+    fn new(ctx: &Arc<CudaContext>, gemm: bool) -> Result<Lane> {
         let stream = ctx.new_stream().map_err(e("new stream"))?;
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
-        pedantic(&blas)?;
+        let blas = if gemm { Some(new_blas(&stream)?) } else { None };
         let ev = || ctx.new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC)).map_err(e("new event"));
         Ok(Lane { stream, blas, bufs: None, marks: [ev()?, ev()?, ev()?, ev()?], pending: None })
     }
@@ -294,6 +296,22 @@ fn e(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> anyhow::Erro
     move |err| anyhow!("CUDA {what}: {err:?}")
 }
 
+/// A cuBLAS handle on stream `s`, in pedantic math.
+fn new_blas(s: &Arc<CudaStream>) -> Result<CudaBlas> {
+    // SAFETY: only tries to open the shared library.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(anyhow!("cuBLAS (libcublas) was not found"));
+    }
+    let blas = CudaBlas::new(s.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
+    pedantic(&blas)?;
+    Ok(blas)
+}
+
+/// True when a chain has GEMMs (BAT), which need cuBLAS.
+fn has_gemm(ops: &[Prepared]) -> bool {
+    ops.iter().any(|op| !matches!(op, Prepared::Periodic { .. }))
+}
+
 /// True f32 GEMMs: no TF32, whatever NVIDIA_TF32_OVERRIDE or the defaults say.
 fn pedantic(blas: &CudaBlas) -> Result<()> {
     // SAFETY: a valid handle from CudaBlas::new.
@@ -303,7 +321,8 @@ fn pedantic(blas: &CudaBlas) -> Result<()> {
 }
 
 /// Why CUDA cannot be used here, without touching the driver when its libraries are missing.
-pub fn libraries_missing() -> Option<&'static str> {
+/// What keeps a GPU from being used, if anything: libcuda, NVRTC, and with `gemm` cuBLAS.
+pub fn libraries_missing(gemm: bool) -> Option<&'static str> {
     // SAFETY: these only try to open the shared libraries.
     unsafe {
         if !cudarc::driver::sys::is_culib_present() {
@@ -312,7 +331,7 @@ pub fn libraries_missing() -> Option<&'static str> {
         if !cudarc::nvrtc::sys::is_culib_present() {
             return Some("NVRTC (libnvrtc) was not found");
         }
-        if !cudarc::cublas::sys::is_culib_present() {
+        if gemm && !cudarc::cublas::sys::is_culib_present() {
             return Some("cuBLAS (libcublas) was not found");
         }
     }
@@ -352,17 +371,18 @@ pub(crate) fn grid(n: usize) -> LaunchConfig {
 }
 
 impl Cuda {
-    pub fn new() -> Result<Cuda> {
+    /// Open device 0; `gemm`: the chains to come have GEMMs (BAT), so cuBLAS is opened now too.
+    pub fn new(gemm: bool) -> Result<Cuda> {
         let mut clock = Instant::now();
         let mut startup = vec![];
         let mut step = |what: &'static str| {
             startup.push((what, clock.elapsed().as_secs_f64()));
             clock = Instant::now();
         };
-        if let Some(why) = libraries_missing() {
+        if let Some(why) = libraries_missing(gemm) {
             return Err(anyhow!("{why}"));
         }
-        step("opening libcuda, NVRTC, cuBLAS");
+        step(if gemm { "opening libcuda, NVRTC, cuBLAS" } else { "opening libcuda, NVRTC" });
         let n = CudaContext::device_count().map_err(|e| anyhow!("the CUDA driver reports no device: {e:?}"))?;
         if n < 1 {
             return Err(anyhow!("no CUDA device"));
@@ -399,15 +419,17 @@ impl Cuda {
             other => other?,
         };
         step(if from_cache { "kernels (cached PTX)" } else { "kernels (NVRTC)" });
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
-        pedantic(&blas)?;
+        let blas = std::sync::OnceLock::new();
+        if gemm {
+            let _ = blas.set(new_blas(&stream)?);
+        }
         let n_lanes = std::env::var("BONE_TOOL_CUDA_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(2usize);
         let lanes = if n_lanes > 1 {
-            (0..n_lanes).map(|_| Lane::new(&ctx).map(Mutex::new)).collect::<Result<Vec<_>>>()?
+            (0..n_lanes).map(|_| Lane::new(&ctx, gemm).map(Mutex::new)).collect::<Result<Vec<_>>>()?
         } else {
             vec![]
         };
-        step("cuBLAS and lanes");
+        step(if gemm { "cuBLAS and lanes" } else { "lanes" });
         Ok(Cuda {
             ctx,
             stream,
@@ -463,19 +485,30 @@ impl Cuda {
         let mut tmp: CudaSlice<f32> = s.alloc_zeros(tmp_len).map_err(e("allocation"))?;
         let mut d_out: CudaSlice<u8> = s.alloc_zeros(src.len()).map_err(e("allocation"))?;
         let bufs = Buffers { d_in: &d_in, w: &mut w, tmp: &mut tmp, d_out: &mut d_out };
-        self.run_ops(s, &self.blas, bufs, d, rows, i, row0, ops)?;
+        let blas = if has_gemm(ops) { Some(self.blas()?) } else { None };
+        self.run_ops(s, blas, bufs, d, rows, i, row0, ops)?;
         self.phase_done(1, &mut since)?;
         s.memcpy_dtoh(&d_out, dst).map_err(e("device to host copy"))?;
         self.phase_done(2, &mut since)?;
         Ok(())
     }
 
-    /// Run [`program`] for the chain on stream `s` (whose cuBLAS handle is `blas`), queued.
+    /// cuBLAS on the default stream, opened now if it was not with the device.
+    fn blas(&self) -> Result<&CudaBlas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        let _ = self.blas.set(new_blas(&self.stream)?);
+        Ok(self.blas.get().expect("just set"))
+    }
+
+    /// Run [`program`] for the chain on stream `s` (whose cuBLAS handle is `blas`, if the chain has
+    /// GEMMs), queued.
     #[allow(clippy::too_many_arguments)]
     fn run_ops(
         &self,
         s: &Arc<CudaStream>,
-        blas: &CudaBlas,
+        blas: Option<&CudaBlas>,
         bufs: Buffers,
         d: Float,
         rows: usize,
@@ -541,7 +574,7 @@ impl Cuda {
             unsafe { blas.gemm_strided_batched(cfg, &blocks, &w, &mut out) }
                 .map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))
         };
-        let pedantic_gemm = timed("gemm", 5, &mut || gemm(&self.blas))?;
+        let pedantic_gemm = timed("gemm", 5, &mut || gemm(self.blas()?))?;
         // cuBLAS's default math keeps SGEMM in f32 too (TF32 only when asked for): is pedantic slower?
         let default_blas = CudaBlas::new(s.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
         let default_gemm = timed("gemm", 5, &mut || gemm(&default_blas))?;
@@ -603,6 +636,9 @@ impl Cuda {
         let lane = &mut *guard;
         anyhow::ensure!(lane.pending.is_none(), "internal error: GPU lane {k} reused before it was collected");
         lane.reserve(&self.ctx, n)?;
+        if has_gemm(ops) && lane.blas.is_none() {
+            lane.blas = Some(new_blas(&lane.stream)?);
+        }
         let l = lane.bufs.as_mut().expect("reserved");
         let s = &lane.stream;
         // The lane is idle (collected), so its staging buffer is free.
@@ -620,7 +656,7 @@ impl Cuda {
         }
         lane.marks[1].record(s).map_err(e("event"))?;
         let bufs = Buffers { d_in: &l.d_in, w: &mut l.w, tmp: &mut l.tmp, d_out: &mut l.d_out };
-        self.run_ops(s, &lane.blas, bufs, d, rows, i, row0, ops)?;
+        self.run_ops(s, lane.blas.as_ref(), bufs, d, rows, i, row0, ops)?;
         lane.marks[2].record(s).map_err(e("event"))?;
         {
             let (dev, _sync) = l.d_out.device_ptr(s);
@@ -777,7 +813,7 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
 /// [`program`] on a CUDA stream: every buffer of a piece is used on that stream only, in order.
 struct GpuExec<'a> {
     s: &'a Arc<CudaStream>,
-    blas: &'a CudaBlas,
+    blas: Option<&'a CudaBlas>,
     k: &'a [CudaFunction],
     bufs: Buffers<'a>,
     /// Freed, in stream order, when the piece's work is queued.
@@ -835,7 +871,8 @@ impl Exec for GpuExec<'_> {
             _ => anyhow::bail!("internal error: GEMM from {b:?} into {c:?}"),
         };
         // SAFETY: `program` sizes the config to the buffers (rows/r strips of r·i, blocks of r·r).
-        unsafe { self.blas.gemm_strided_batched(*cfg, m, x, out) }.map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))
+        let blas = self.blas.ok_or_else(|| anyhow!("internal error: a GEMM on a lane without cuBLAS"))?;
+        unsafe { blas.gemm_strided_batched(*cfg, m, x, out) }.map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))
     }
 }
 

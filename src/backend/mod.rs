@@ -53,9 +53,9 @@ pub struct Opening {
 type Opened = std::result::Result<(Device, Option<String>), (String, bool)>;
 
 impl Opening {
-    /// Open the device asked for ([`Device::select`]): on a thread when that can take a while (a GPU
+    /// Open the device asked for ([`Device::select_for`]): on a thread when that can take a while (a GPU
     /// driver is there), else at once, so that a machine without one fails before any work.
-    pub fn start(choice: DeviceChoice) -> std::sync::Arc<Opening> {
+    pub fn start(choice: DeviceChoice, gemm: bool) -> std::sync::Arc<Opening> {
         let opening = std::sync::Arc::new(Opening {
             opened: Default::default(),
             done: Default::default(),
@@ -66,12 +66,12 @@ impl Opening {
         // the pipeline's paths for a device still opening on machines without a GPU).
         let delay = std::env::var("BONE_TOOL_OPEN_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
         if delay.is_none() && (choice == DeviceChoice::Cpu || Device::no_driver()) {
-            opening.set(Device::select(choice));
+            opening.set(Device::select_for(choice, gemm));
         } else {
             let o = opening.clone();
             let handle = std::thread::spawn(move || {
                 std::thread::sleep(std::time::Duration::from_millis(delay.unwrap_or(0)));
-                let opened = std::panic::catch_unwind(|| Device::select(choice))
+                let opened = std::panic::catch_unwind(|| Device::select_for(choice, gemm))
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: opening the device panicked")));
                 o.set(opened)
             });
@@ -154,12 +154,18 @@ impl Device {
     /// the machine has a GPU driver (a GPU that cannot be used deserves a word; a machine without
     /// one does not); `cuda` without a usable GPU is an error.
     pub fn select(choice: DeviceChoice) -> Result<(Device, Option<String>)> {
+        Self::select_for(choice, true)
+    }
+
+    /// [`Device::select`] for chains with GEMMs (BAT) or without (`gemm` false: a GPU opens
+    /// without cuBLAS, and its self-check checks the adds only).
+    pub fn select_for(choice: DeviceChoice, gemm: bool) -> Result<(Device, Option<String>)> {
         match choice {
             DeviceChoice::Cpu => Ok((Device::Cpu, None)),
-            DeviceChoice::Cuda => Self::open_cuda()
+            DeviceChoice::Cuda => Self::open_cuda(gemm)
                 .map(|d| (d, None))
                 .map_err(|why| input(format!("--device cuda: no usable GPU: {why} (use --device cpu or auto)"))),
-            DeviceChoice::Auto => match Self::open_cuda() {
+            DeviceChoice::Auto => match Self::open_cuda(gemm) {
                 Ok(d) => Ok((d, None)),
                 Err(why) if Self::no_driver() => {
                     let _ = why;
@@ -184,11 +190,11 @@ impl Device {
     }
 
     #[cfg(feature = "cuda")]
-    fn open_cuda() -> std::result::Result<Device, String> {
-        let gpu = cuda::Cuda::new().map_err(|e| format!("{e:#}"))?;
+    fn open_cuda(gemm: bool) -> std::result::Result<Device, String> {
+        let gpu = cuda::Cuda::new(gemm).map_err(|e| format!("{e:#}"))?;
         let mut dev = Device::Cuda(Box::new(gpu));
         let t = std::time::Instant::now();
-        dev.self_check().map_err(|e| format!("the GPU's results differ from the CPU's ({e}); not using it"))?;
+        dev.self_check(gemm).map_err(|e| format!("the GPU's results differ from the CPU's ({e}); not using it"))?;
         if let Device::Cuda(g) = &mut dev {
             g.startup.push(("self-check", t.elapsed().as_secs_f64()));
         }
@@ -196,7 +202,7 @@ impl Device {
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn open_cuda() -> std::result::Result<Device, String> {
+    fn open_cuda(_gemm: bool) -> std::result::Result<Device, String> {
         Err("this bone-tool was built without the `cuda` feature".to_string())
     }
 
@@ -306,9 +312,10 @@ impl Device {
         }
     }
 
-    /// Run every kind of op on a small random problem and compare with the CPU: a device whose
-    /// results differ by more than one unit in the last place is not used.
-    pub fn self_check(&self) -> std::result::Result<(), String> {
+    /// Run every kind of op (with `gemm` false, the adds only) on a small random problem and compare
+    /// with the CPU: a device whose results differ by more than one unit in the last place is not
+    /// used.
+    pub fn self_check(&self, gemm: bool) -> std::result::Result<(), String> {
         let (o, i, r) = (48usize, 40usize, 8usize);
         let mut x = 0x2545F4914F6CDD1Du64;
         let mut rand = |scale: f32| {
@@ -326,7 +333,7 @@ impl Device {
         let inv = ops::bat_inverses(&b_bat, r).map_err(|_| "self-check block singular".to_string())?.inv;
         for d in [Float::F32, Float::F16, Float::BF16] {
             let rd = Rounding::peft(d);
-            let chains = vec![
+            let chains = [
                 vec![Prepared::Periodic { et: ops::expand_transposed(&b_def, r, o, o), r, sign: 1.0, rounding: rd }],
                 vec![Prepared::BatMerge { b: b_bat.clone(), r, rounding: rd }],
                 vec![
@@ -337,7 +344,7 @@ impl Device {
             ];
             let mut src = vec![0u8; o * i * d.size()];
             d.encode(&w, &mut src);
-            for chain in &chains {
+            for chain in chains.iter().filter(|c| gemm || same_bytes_on_every_device(c)) {
                 let mut cpu = vec![0u8; src.len()];
                 ops::apply_chain(&src, &mut cpu, d, o, i, 0, chain, false);
                 let mut results = vec![vec![0u8; src.len()]; 3];
@@ -411,7 +418,8 @@ mod tests {
 
     #[test]
     fn the_cpu_passes_its_own_self_check() {
-        Device::Cpu.self_check().unwrap();
+        Device::Cpu.self_check(true).unwrap();
+        Device::Cpu.self_check(false).unwrap();
     }
 
     #[test]

@@ -59,12 +59,10 @@ pub fn run(direction: Direction, model: &Path, jobs: &[Job], opts: &ApplyOptions
             )));
         }
     }
-    // The device opens beside everything that follows: reading headers and adapters, planning, and
-    // the pipeline's first pieces.
-    let opening = (!opts.dry_run).then(|| Opening::start(opts.device));
-    let result = run_opening(direction, model, jobs, opts, quiet, started, opening.as_deref());
+    let mut opening = None;
+    let result = run_opening(direction, model, jobs, opts, quiet, started, &mut opening);
     if let Some(o) = &opening {
-        let _ = o.finish();
+        let _ = o.finish(); // a thread still opening a GPU as the process exits could crash it
     }
     result
 }
@@ -76,7 +74,7 @@ fn run_opening(
     opts: &ApplyOptions,
     quiet: bool,
     started: Instant,
-    opening: Option<&Opening>,
+    opening: &mut Option<std::sync::Arc<Opening>>,
 ) -> Result<()> {
     let base = Model::open(model)?;
     let mut all_adapters = vec![];
@@ -104,6 +102,10 @@ fn run_opening(
     for w in plans.iter().flat_map(|p| &p.warnings) {
         crate::report::warning(w);
     }
+    if !opts.dry_run {
+        // The device opens beside what follows: the output folders, and the pipeline's first pieces.
+        *opening = Some(Opening::start(opts.device, plans.iter().any(|p| p.needs_gemm())));
+    }
     let several = jobs.len() > 1;
     if opts.dry_run {
         let summaries: Vec<_> = plans
@@ -123,7 +125,7 @@ fn run_opening(
         return Ok(());
     }
 
-    let opening = opening.expect("opened unless a dry run");
+    let opening: &Opening = opening.as_deref().expect("opened unless a dry run");
     if let Some(Err(e)) = opening.get() {
         return Err(e); // known at once: no GPU driver for --device cuda
     }
