@@ -72,7 +72,7 @@ pub struct RunOptions {
 pub struct Timings {
     /// Reader: loading adapter blocks (and inverting BAT blocks), mapping and cutting tensors.
     pub read: f64,
-    /// Compute: the op chains and casts, including the page faults that read the base's mapped bytes.
+    /// Compute: the op chains and casts (the reader faults the base's mapped pages in beforehand).
     pub compute: f64,
     /// Writers: writing computed bytes and copying untouched tensors file to file.
     pub write: f64,

@@ -236,8 +236,8 @@ fn run_opening(
 /// `--timings`: each stage's busy time next to the wall time, on stderr.
 pub(crate) fn print_timings(t: &execute::Timings, total: f64) {
     let mut rows = vec![
-        ("read", t.read, "adapter blocks, BAT inverses, cutting tensors into pieces"),
-        ("compute", t.compute, "op chains and casts, incl. page faults reading the base"),
+        ("read", t.read, "adapter blocks, BAT inverses, cutting tensors into pieces, faulting their pages in"),
+        ("compute", t.compute, "op chains and casts"),
     ];
     if let (Some(h2d), Some(k), Some(d2h)) = (t.h2d, t.kernels, t.d2h) {
         rows.push(("  h2d", h2d, "of compute: host to GPU copies"));
