@@ -41,9 +41,9 @@ __device__ __forceinline__ float f16_to_f32(u16 h) { float f; asm("cvt.f32.f16 %
 __device__ __forceinline__ u16 f32_to_f16(float x) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h; }
 #endif
 #ifdef BONE_TOOL_HOST_EMULATION
-#define ASSUME_ALIGNED8(p) emu_check(((unsigned long long)(p) & 7) == 0, "an 8-byte access at an address that is no multiple of 8")
+#define ASSUME_ALIGNED(p, a) emu_check(((unsigned long long)(p) & ((a) - 1)) == 0, "a wide access at an address that is no multiple of its width")
 #else
-#define ASSUME_ALIGNED8(p)
+#define ASSUME_ALIGNED(p, a)
 #endif
 // dt: 0 f32, 1 f16, 2 bf16
 __device__ __forceinline__ float round_to(float x, int dt) {
@@ -133,34 +133,68 @@ extern "C" __global__ void bat_unmerge_pre(const float* w, float* diff, const fl
     each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) { diff[k] = w[k] - b[o * r + m]; });
 }
 
+// The values of dtype DT in one 64-bit word, from column residue m on: each plus sign * e[m],
+// re-encoded (m steps on, mod r).
+template <int DT>
+__device__ __forceinline__ u64 add_word(u64 word, const float* e, u32& m, u32 ur, float sign) {
+    const u32 bits = DT == 0 ? 32 : 16, v = 64 / bits;
+    u64 res = 0;
+    for (u32 j = 0; j < v; j++) { // v is 2 or 4 at compile time: unrolled
+        u64 lane = word >> (bits * j);
+        float x = DT == 0 ? __uint_as_float((u32)lane) : DT == 1 ? f16_to_f32((u16)lane) : bf16_to_f32((u16)lane);
+        x = x + sign * e[m];
+        u64 enc = DT == 0 ? (u64)__float_as_uint(x) : DT == 1 ? (u64)f32_to_f16(x) : (u64)f32_to_bf16(x);
+        res |= enc << (bits * j);
+        if (++m == ur) m = 0;
+    }
+    return res;
+}
+
+struct alignas(16) Words2 { u64 lo, hi; };
+
+// The one-pass add for dtype DT, BYTES (8 or 16) per access: each thread has that many bytes in
+// flight per load, which is what keeps the memory busy (one load per thread and a few thousand
+// threads per SM are not enough at 2-byte width).
+template <int DT, u32 BYTES>
+__device__ __forceinline__ void fused_wide(const unsigned char* in, unsigned char* out, const float* et, u64 rows, u64 cols, int r, float sign) {
+    const u32 size = DT == 0 ? 4 : 2, ur = (u32)r;
+    each_group(rows, cols, r, BYTES / size, [&](u64 o, u64 k, u32 m0) {
+        const unsigned char* src = in + k * size;
+        unsigned char* dst = out + k * size;
+        ASSUME_ALIGNED(src, BYTES);
+        ASSUME_ALIGNED(dst, BYTES);
+        const float* e = et + o * r;
+        u32 m = m0;
+        if (BYTES == 16) {
+            Words2 w = *(const Words2*)src, res;
+            res.lo = add_word<DT>(w.lo, e, m, ur, sign);
+            res.hi = add_word<DT>(w.hi, e, m, ur, sign);
+            *(Words2*)dst = res;
+        } else {
+            *(u64*)dst = add_word<DT>(*(const u64*)src, e, m, ur, sign);
+        }
+    });
+}
+
 // Default and mini as the only op, in one pass over the bytes: out[o, c] = in[o, c] + sign * et[o, c mod r],
-// rounded to dt (what decode, periodic without rounding, and encode do in three). With vec, each
-// thread moves 8 bytes at a time (4 f16/bf16 or 2 f32; the host asks for it only when a row holds
-// whole groups, so every access is aligned): a quarter of the memory instructions of 2-byte ones.
+// rounded to dt (what decode, periodic without rounding, and encode do in three). vec: bytes per
+// access, 16 or 8 (the host asks for a width only when a row holds whole groups of it, so every
+// access is aligned), else one element at a time.
 extern "C" __global__ void periodic_fused(const unsigned char* in, unsigned char* out, const float* et, u64 rows, u64 cols, int r, float sign, int dt, int vec) {
-    if (!vec) {
-        each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) {
-            store_from_f32(out, k, dt, load_as_f32(in, k, dt) + sign * et[o * r + m]);
-        });
+    if (vec == 16) {
+        if (dt == 0) fused_wide<0, 16>(in, out, et, rows, cols, r, sign);
+        else if (dt == 1) fused_wide<1, 16>(in, out, et, rows, cols, r, sign);
+        else fused_wide<2, 16>(in, out, et, rows, cols, r, sign);
         return;
     }
-    u32 bits = dt == 0 ? 32 : 16, v = 64 / bits, ur = (u32)r;
-    each_group(rows, cols, r, v, [&](u64 o, u64 k, u32 m) {
-        const unsigned char* src = in + k * (bits / 8);
-        unsigned char* dst = out + k * (bits / 8);
-        ASSUME_ALIGNED8(src);
-        ASSUME_ALIGNED8(dst);
-        u64 word = *(const u64*)src, res = 0;
-        const float* e = et + o * r;
-        for (u32 j = 0; j < v; j++) {
-            u64 lane = word >> (bits * j);
-            float x = dt == 0 ? __uint_as_float((u32)lane) : dt == 1 ? f16_to_f32((u16)lane) : bf16_to_f32((u16)lane);
-            x = x + sign * e[m];
-            u64 enc = dt == 0 ? (u64)__float_as_uint(x) : dt == 1 ? (u64)f32_to_f16(x) : (u64)f32_to_bf16(x);
-            res |= enc << (bits * j);
-            if (++m == ur) m = 0;
-        }
-        *(u64*)dst = res;
+    if (vec == 8) {
+        if (dt == 0) fused_wide<0, 8>(in, out, et, rows, cols, r, sign);
+        else if (dt == 1) fused_wide<1, 8>(in, out, et, rows, cols, r, sign);
+        else fused_wide<2, 8>(in, out, et, rows, cols, r, sign);
+        return;
+    }
+    each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) {
+        store_from_f32(out, k, dt, load_as_f32(in, k, dt) + sign * et[o * r + m]);
     });
 }
 
@@ -346,14 +380,19 @@ fn dt_code(d: Float) -> i32 {
     }
 }
 
-/// Whether `periodic_fused` may move 8 bytes at a time: every row holds whole 8-byte groups.
-fn whole_words(d: Float, cols: usize) -> bool {
-    cols % (8 / d.size()) == 0
+/// The bytes `periodic_fused` moves per access: 16 or 8 where every row holds whole groups of that
+/// many bytes (so that every access is aligned), else 0 (one element at a time).
+/// `BONE_TOOL_ACCESS_BYTES=8` (or 0) caps it, to compare widths end to end.
+pub(crate) fn access_bytes(d: Float, cols: usize) -> usize {
+    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cap =
+        *CAP.get_or_init(|| std::env::var("BONE_TOOL_ACCESS_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(16));
+    [16, 8].into_iter().find(|&b| b <= cap && cols % (b / d.size()) == 0).unwrap_or(0)
 }
 
-/// The grid for `periodic_fused`: a thread per element, or per 8-byte group with `vec`.
-fn fused_grid(d: Float, rows: usize, cols: usize, vec: bool) -> LaunchConfig {
-    grid_2d(rows, if vec { cols / (8 / d.size()) } else { cols })
+/// The grid for `periodic_fused`: a thread per group of `bytes` bytes, or per element (`bytes` 0).
+fn fused_grid(d: Float, rows: usize, cols: usize, bytes: usize) -> LaunchConfig {
+    grid_2d(rows, if bytes > 0 { cols / (bytes / d.size()) } else { cols })
 }
 
 /// For `each_element`: rows on the grid's y axis (grid-stride beyond 65535), columns on x, in
@@ -543,8 +582,8 @@ impl Cuda {
         let d_et = s.clone_htod(&et).map_err(e("host to device copy"))?;
         let copy = timed("copy", 5, &mut || s.memcpy_dtod(&d_in, &mut d_out).map_err(e("copy")))?;
         let (rows64, cols64, r32, sign, dt) = (rows as u64, cols as u64, r as i32, 1f32, dt_code(Float::BF16));
-        let mut add = |vec: bool| {
-            let (config, flag) = (fused_grid(Float::BF16, rows, cols, vec), i32::from(vec));
+        let mut add = |bytes: usize| {
+            let (config, flag) = (fused_grid(Float::BF16, rows, cols, bytes), bytes as i32);
             timed("add", 5, &mut || {
                 unsafe {
                     s.launch_builder(&self.k[Kernel::PeriodicFused as usize])
@@ -563,7 +602,15 @@ impl Cuda {
                 .map_err(e("periodic_fused"))
             })
         };
-        let (add_vec, add_scalar) = (add(true)?, add(false)?);
+        let (add16, add8, add_scalar) = (add(16)?, add(8)?, add(0)?);
+        let used = access_bytes(Float::BF16, cols);
+        let best = if used == 16 {
+            add16
+        } else if used == 8 {
+            add8
+        } else {
+            add_scalar
+        };
         drop((d_in, d_out, d_et));
         let mut w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
         let mut out: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
@@ -603,14 +650,16 @@ impl Cuda {
         Ok(format!(
             "kernels on {} ([{rows}, {cols}] bf16, r = {r}):\n  \
              device-to-device copy   {:8.1} GB/s\n  \
-             default add, one pass   {:8.1} GB/s ({:.0}% of the copy) 8-byte accesses (used), \
-             {:.1} GB/s 2-byte\n  \
+             default add, one pass   {:8.1} GB/s ({:.0}% of the copy) with {used}-byte accesses (used); \
+             16-byte {:.1} GB/s, 8-byte {:.1} GB/s, 2-byte {:.1} GB/s\n  \
              BAT strip GEMMs (f32)   {:8.1} GFLOP/s pedantic math (used), {:.1} GFLOP/s default math\n  \
              BAT + B_i pass (f32)    {:8.1} GB/s",
             self.name,
             bytes / copy / 1e9,
-            bytes / add_vec / 1e9,
-            100.0 * copy / add_vec,
+            bytes / best / 1e9,
+            100.0 * copy / best,
+            bytes / add16 / 1e9,
+            bytes / add8 / 1e9,
             bytes / add_scalar / 1e9,
             flops / pedantic_gemm / 1e9,
             flops / default_gemm / 1e9,
@@ -750,7 +799,7 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
     let (n64, rows64, cols64) = (n as u64, rows as u64, i as u64);
     if let [Prepared::Periodic { et, r, sign, .. }] = ops {
         let e = x.upload(&et[row0 * r..(row0 + rows) * r])?;
-        let vec = whole_words(d, i);
+        let vec = access_bytes(d, i);
         let args = [
             Arg::Mem(In),
             Arg::Mem(Out),
@@ -760,7 +809,7 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
             I32(*r as i32),
             F32(*sign),
             I32(dt),
-            I32(vec.into()),
+            I32(vec as i32),
         ];
         return x.launch(Kernel::PeriodicFused, fused_grid(d, rows, i, vec), &args);
     }

@@ -171,6 +171,9 @@ impl HostBuf {
         let n = len.div_ceil(4);
         let canary = CANARY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut words = vec![0u32; n + GUARD];
+        // as cudaMalloc's (256-aligned), so that the kernels' 16-byte accesses are checked for
+        // alignment within the buffer (the allocator gives 16 on x86-64)
+        assert_eq!(words.as_ptr() as usize % 16, 0, "a host buffer that is not 16-byte aligned");
         words[n..].fill(canary);
         HostBuf { words, len, canary }
     }
@@ -369,12 +372,19 @@ fn periodic(block: &[f32], r: usize, cols: usize, o: usize, sign: f32, rd: Round
 #[test]
 fn default_and_mini_chains_give_the_cpus_bytes() {
     let Some(launch) = launcher() else { return };
-    // 44 columns with r = 8: a tail of 4 (8-byte groups in every dtype); 301 with r = 6: a tail of
-    // 1 and 2-byte accesses, two blocks of threads a row; 400 with r = 7: 8-byte groups that the
-    // tiny grid strides over; 48 with r = 3: residues that wrap inside a group of 4. Mini blocks of
-    // 6, 5 or 2 columns tile the rows.
-    for (o, i, r, mini) in [(48, 44, 8, 6), (30, 301, 6, 5), (14, 400, 7, 5), (9, 48, 3, 2)] {
+    // 44 columns with r = 8: a tail of 4 (8-byte groups in f16/bf16, 16-byte in f32); 301 with
+    // r = 6: a tail of 1 and one element at a time, two blocks of threads a row; 400 with r = 7:
+    // 16-byte groups that the tiny grid strides over; 48 with r = 3: residues that wrap inside a
+    // group; 50 with r = 5: 8-byte groups of f32. Mini blocks of 6, 5 or 2 columns tile the rows.
+    let shapes = [(48, 44, 8, 6), (30, 301, 6, 5), (14, 400, 7, 5), (9, 48, 3, 2), (10, 50, 5, 5)];
+    for (o, i, r, mini) in shapes {
         default_and_mini_shape(launch, o, i, r, mini);
+    }
+    // every access width of the one-pass add ran, in every dtype
+    for d in [Float::F32, Float::F16, Float::BF16] {
+        let widths: std::collections::BTreeSet<usize> =
+            shapes.iter().map(|&(_, i, _, _)| cuda::access_bytes(d, i)).collect();
+        assert_eq!(widths.into_iter().collect::<Vec<_>>(), [0, 8, 16], "{d}");
     }
 }
 
