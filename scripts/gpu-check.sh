@@ -6,8 +6,9 @@
 #      (examples/gpu_kernels: one-pass default add against a device-to-device copy, BAT GEMMs);
 #   2. gpu_check: every fixture merged and unmerged on cuda (two lanes, pipelined) and on cpu,
 #      compared (one unit, or in f32 2^-18 of the largest value: Float::disagreement);
-#   3. the benchmark table for the 1b shape, cuda and cpu rows next to cp -r (3 runs), and the
-#      per-phase timings of one cuda merge of each kind;
+#   3. the benchmark table for the 1b shape, cuda, gpu-only (--all-on-gpu) and cpu rows next to
+#      cp -r (3 runs), the per-phase timings of one cuda merge of each kind, and the 1b outputs of
+#      cpu, cuda and cuda --all-on-gpu compared byte for byte;
 #   4. gpu_check again on a few cases: synchronous one-lane path (BONE_TOOL_CUDA_LANES=1), and
 #      4 KB pieces so that many pieces are in flight;
 #   5. the 7b shape, cuda rows only (1 run), when the disk has room.
@@ -41,6 +42,22 @@ main() {
     echo "-- timings: cuda merge $kind (1b)"
     timeout 60 "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" --out /tmp/t1b --force --device cuda --timings 2>&1 | tail -12
     rm -rf /tmp/t1b
+  done
+  echo "== 1b outputs: cpu, cuda (the CPU adds while the GPU starts), cuda --all-on-gpu"
+  for kind in default bat; do
+    for dev in "cpu" "cuda" "cuda --all-on-gpu"; do
+      # shellcheck disable=SC2086
+      timeout 60 "$bin/bone-tool" -q merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
+        --out "/tmp/same-${dev// /_}" --force --no-fsync --device $dev || echo "FAILED: merge $kind --device $dev"
+    done
+    for f in "$BENCH_DIR"/1b/base/*.safetensors; do
+      n=$(basename "$f")
+      if cmp -s "/tmp/same-cuda/$n" "/tmp/same-cuda_--all-on-gpu/$n"; then echo "$kind $n: cuda = cuda --all-on-gpu"
+      else echo "$kind $n: cuda and cuda --all-on-gpu DIFFER"; fi
+      if cmp -s "/tmp/same-cpu/$n" "/tmp/same-cuda/$n"; then echo "$kind $n: cpu = cuda"
+      else echo "$kind $n: cpu and cuda differ (expected for BAT: within one unit; not for default)"; fi
+    done
+    rm -rf /tmp/same-*
   done
   echo "== gpu_check, one lane (synchronous path)"
   late || BONE_TOOL_CUDA_LANES=1 timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures bat-bf16,mini,tail; echo "exit $?"
