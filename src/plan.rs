@@ -125,9 +125,18 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// True when some tensor's chain has a BAT op: a GEMM, which a GPU does with cuBLAS.
-    pub fn needs_gemm(&self) -> bool {
-        self.shards.iter().flat_map(|s| &s.jobs).any(|j| j.ops.iter().any(|op| matches!(op, Op::Bat { .. })))
+    /// What the plan asks of a device: GEMMs when some tensor's chain has a BAT op (a GPU does
+    /// them with cuBLAS), and the dtypes of the weights it computes.
+    pub fn needs(&self) -> crate::backend::Needs {
+        let jobs = || self.shards.iter().flat_map(|s| &s.jobs);
+        let gemm = jobs().any(|j| j.ops.iter().any(|op| matches!(op, Op::Bat { .. })));
+        let mut dtypes = vec![];
+        for f in jobs().filter(|j| !j.ops.is_empty()).filter_map(|j| j.weight_float()) {
+            if !dtypes.contains(&f) {
+                dtypes.push(f);
+            }
+        }
+        crate::backend::Needs { gemm, dtypes }
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -514,4 +523,37 @@ fn side_files(
         out.push(path);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Needs;
+    use std::path::Path;
+
+    fn plan_of(base: &str, adapters: &[&str], direction: Direction) -> Plan {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let base = Model::open(&root.join("bases").join(base)).unwrap();
+        let adapters: Vec<Adapter> = adapters
+            .iter()
+            .map(|a| Adapter::open(&root.join("cases").join(a), crate::adapter::DEFAULT_PREFIX).unwrap())
+            .collect();
+        build(&base, &adapters, direction, Options::default()).unwrap()
+    }
+
+    #[test]
+    fn a_plan_says_whether_it_needs_gemms_and_in_which_dtypes_it_computes() {
+        let default = plan_of("llama-f32", &["bone-default-f32/adapter"], Direction::Merge);
+        assert_eq!(default.needs(), Needs { gemm: false, dtypes: vec![Float::F32] });
+        let bat = plan_of("llama-bf16", &["bone-bat-bf16/adapter"], Direction::Unmerge);
+        assert_eq!(bat.needs(), Needs { gemm: true, dtypes: vec![Float::BF16] });
+        let mini = plan_of("llama-bf16", &["miss-mini-bf16/adapter"], Direction::Merge);
+        assert_eq!(mini.needs(), Needs { gemm: false, dtypes: vec![Float::BF16] });
+        let stacked = plan_of(
+            "llama-bf16",
+            &["miss-stacked-bat-bf16/adapter-1", "miss-stacked-bat-bf16/adapter-2"],
+            Direction::Merge,
+        );
+        assert!(stacked.needs().gemm);
+    }
 }

@@ -21,6 +21,21 @@ pub enum DeviceChoice {
     Cuda,
 }
 
+/// What the work will ask of a device: whether it has GEMMs (BAT: a GPU opens cuBLAS) and which
+/// weight dtypes it computes in (the self-check checks those).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Needs {
+    pub gemm: bool,
+    pub dtypes: Vec<Float>,
+}
+
+impl Needs {
+    /// Everything: GEMMs and every float dtype.
+    pub fn all() -> Needs {
+        Needs { gemm: true, dtypes: vec![Float::F32, Float::F16, Float::BF16] }
+    }
+}
+
 /// A chain started with [`Device::start`].
 #[derive(Debug)]
 pub enum Ticket {
@@ -55,7 +70,7 @@ type Opened = std::result::Result<(Device, Option<String>), (String, bool)>;
 impl Opening {
     /// Open the device asked for ([`Device::select_for`]): on a thread when that can take a while (a GPU
     /// driver is there), else at once, so that a machine without one fails before any work.
-    pub fn start(choice: DeviceChoice, gemm: bool) -> std::sync::Arc<Opening> {
+    pub fn start(choice: DeviceChoice, needs: Needs) -> std::sync::Arc<Opening> {
         let opening = std::sync::Arc::new(Opening {
             opened: Default::default(),
             done: Default::default(),
@@ -66,12 +81,12 @@ impl Opening {
         // the pipeline's paths for a device still opening on machines without a GPU).
         let delay = std::env::var("BONE_TOOL_OPEN_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
         if delay.is_none() && (choice == DeviceChoice::Cpu || Device::no_driver()) {
-            opening.set(Device::select_for(choice, gemm));
+            opening.set(Device::select_for(choice, &needs));
         } else {
             let o = opening.clone();
             let handle = std::thread::spawn(move || {
                 std::thread::sleep(std::time::Duration::from_millis(delay.unwrap_or(0)));
-                let opened = std::panic::catch_unwind(|| Device::select_for(choice, gemm))
+                let opened = std::panic::catch_unwind(|| Device::select_for(choice, &needs))
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("internal error: opening the device panicked")));
                 o.set(opened)
             });
@@ -154,18 +169,18 @@ impl Device {
     /// the machine has a GPU driver (a GPU that cannot be used deserves a word; a machine without
     /// one does not); `cuda` without a usable GPU is an error.
     pub fn select(choice: DeviceChoice) -> Result<(Device, Option<String>)> {
-        Self::select_for(choice, true)
+        Self::select_for(choice, &Needs::all())
     }
 
-    /// [`Device::select`] for chains with GEMMs (BAT) or without (`gemm` false: a GPU opens
-    /// without cuBLAS, and its self-check checks the adds only).
-    pub fn select_for(choice: DeviceChoice, gemm: bool) -> Result<(Device, Option<String>)> {
+    /// [`Device::select`] for the work described by `needs`: a GPU opens cuBLAS only for GEMMs,
+    /// and self-checks only the kinds of op and the dtypes the work has.
+    pub fn select_for(choice: DeviceChoice, needs: &Needs) -> Result<(Device, Option<String>)> {
         match choice {
             DeviceChoice::Cpu => Ok((Device::Cpu, None)),
-            DeviceChoice::Cuda => Self::open_cuda(gemm)
+            DeviceChoice::Cuda => Self::open_cuda(needs)
                 .map(|d| (d, None))
                 .map_err(|why| input(format!("--device cuda: no usable GPU: {why} (use --device cpu or auto)"))),
-            DeviceChoice::Auto => match Self::open_cuda(gemm) {
+            DeviceChoice::Auto => match Self::open_cuda(needs) {
                 Ok(d) => Ok((d, None)),
                 Err(why) if Self::no_driver() => {
                     let _ = why;
@@ -190,11 +205,11 @@ impl Device {
     }
 
     #[cfg(feature = "cuda")]
-    fn open_cuda(gemm: bool) -> std::result::Result<Device, String> {
-        let gpu = cuda::Cuda::new(gemm).map_err(|e| format!("{e:#}"))?;
+    fn open_cuda(needs: &Needs) -> std::result::Result<Device, String> {
+        let gpu = cuda::Cuda::new(needs.gemm).map_err(|e| format!("{e:#}"))?;
         let mut dev = Device::Cuda(Box::new(gpu));
         let t = std::time::Instant::now();
-        dev.self_check(gemm).map_err(|e| format!("the GPU's results differ from the CPU's ({e}); not using it"))?;
+        dev.self_check(needs).map_err(|e| format!("the GPU's results differ from the CPU's ({e}); not using it"))?;
         if let Device::Cuda(g) = &mut dev {
             g.startup.push(("self-check", t.elapsed().as_secs_f64()));
         }
@@ -202,7 +217,7 @@ impl Device {
     }
 
     #[cfg(not(feature = "cuda"))]
-    fn open_cuda(_gemm: bool) -> std::result::Result<Device, String> {
+    fn open_cuda(_needs: &Needs) -> std::result::Result<Device, String> {
         Err("this bone-tool was built without the `cuda` feature".to_string())
     }
 
@@ -312,10 +327,10 @@ impl Device {
         }
     }
 
-    /// Run every kind of op (with `gemm` false, the adds only) on a small random problem and compare
-    /// with the CPU: a device whose results differ by more than one unit in the last place is not
-    /// used.
-    pub fn self_check(&self, gemm: bool) -> std::result::Result<(), String> {
+    /// Run each kind of op the work has (without GEMMs, the adds only), in each of its dtypes (or
+    /// f32 when it computes nothing), on a small random problem and compare with the CPU: a device
+    /// whose results differ by more than one unit in the last place is not used.
+    pub fn self_check(&self, needs: &Needs) -> std::result::Result<(), String> {
         let (o, i, r) = (48usize, 40usize, 8usize);
         let mut x = 0x2545F4914F6CDD1Du64;
         let mut rand = |scale: f32| {
@@ -331,7 +346,8 @@ impl Device {
         let b_def: Vec<f32> = (0..r * o).map(|_| rand(0.02)).collect();
         let b_bat: Vec<f32> = (0..o * r).map(|_| rand(0.04)).collect();
         let inv = ops::bat_inverses(&b_bat, r).map_err(|_| "self-check block singular".to_string())?.inv;
-        for d in [Float::F32, Float::F16, Float::BF16] {
+        let dtypes = if needs.dtypes.is_empty() { vec![Float::F32] } else { needs.dtypes.clone() };
+        for d in dtypes {
             let rd = Rounding::peft(d);
             let chains = [
                 vec![Prepared::Periodic { et: ops::expand_transposed(&b_def, r, o, o), r, sign: 1.0, rounding: rd }],
@@ -344,7 +360,7 @@ impl Device {
             ];
             let mut src = vec![0u8; o * i * d.size()];
             d.encode(&w, &mut src);
-            for chain in chains.iter().filter(|c| gemm || same_bytes_on_every_device(c)) {
+            for chain in chains.iter().filter(|c| needs.gemm || same_bytes_on_every_device(c)) {
                 let mut cpu = vec![0u8; src.len()];
                 ops::apply_chain(&src, &mut cpu, d, o, i, 0, chain, false);
                 let mut results = vec![vec![0u8; src.len()]; 3];
@@ -418,8 +434,9 @@ mod tests {
 
     #[test]
     fn the_cpu_passes_its_own_self_check() {
-        Device::Cpu.self_check(true).unwrap();
-        Device::Cpu.self_check(false).unwrap();
+        Device::Cpu.self_check(&Needs::all()).unwrap();
+        Device::Cpu.self_check(&Needs { gemm: false, dtypes: vec![Float::BF16] }).unwrap();
+        Device::Cpu.self_check(&Needs { gemm: true, dtypes: vec![] }).unwrap();
     }
 
     #[test]

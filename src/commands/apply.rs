@@ -1,7 +1,7 @@
 //! `merge` and `unmerge`: the same pipeline (open, plan, execute, commit) with a different op chain.
 
 use crate::adapter::Adapter;
-use crate::backend::Opening;
+use crate::backend::{Needs, Opening};
 use crate::cli::{ApplyOptions, RoundingArg};
 use crate::error::{input, Result};
 use crate::execute;
@@ -104,7 +104,16 @@ fn run_opening(
     }
     if !opts.dry_run {
         // The device opens beside what follows: the output folders, and the pipeline's first pieces.
-        *opening = Some(Opening::start(opts.device, plans.iter().any(|p| p.needs_gemm())));
+        let mut needs = Needs { gemm: false, dtypes: vec![] };
+        for n in plans.iter().map(|p| p.needs()) {
+            needs.gemm |= n.gemm;
+            for d in n.dtypes {
+                if !needs.dtypes.contains(&d) {
+                    needs.dtypes.push(d);
+                }
+            }
+        }
+        *opening = Some(Opening::start(opts.device, needs));
     }
     let several = jobs.len() > 1;
     if opts.dry_run {

@@ -33,7 +33,7 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
         ..Options::default()
     };
     let plan = plan::build(&input, &adapters, direction, options)?;
-    let (device, note) = Device::select_for(args.device, plan.needs_gemm())?;
+    let (device, note) = Device::select_for(args.device, &plan.needs())?;
     let device = Opening::ready(device);
     let mut warnings = plan.warnings.clone();
     warnings.extend(note);
