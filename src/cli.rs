@@ -260,8 +260,8 @@ pub struct ApplyOptions {
     pub rounding: RoundingArg,
 
     /// Where the math runs: `auto` uses an NVIDIA GPU when one is usable (built with the `cuda`
-    /// feature, driver, NVRTC and cuBLAS present, and its results agree with the CPU's on a
-    /// self-check), else the CPU. A GPU starts beside the work (0.4-0.6 s): meanwhile the CPU
+    /// feature, driver and NVRTC present, cuBLAS too for BAT, and its results agree with the CPU's
+    /// on a self-check), else the CPU. A GPU starts beside the work (0.4-0.7 s): meanwhile the CPU
     /// computes the default and mini adds, whose bytes are the same on both; BAT waits for it
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
