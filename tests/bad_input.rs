@@ -524,3 +524,32 @@ fn a_dtype_that_cannot_hold_a_value_stops_unless_allowed() {
     ok(&run(&args));
     assert!(values(&load(&out)[key])[5].is_infinite());
 }
+
+/// `--device cuda` where no GPU can be used fails cleanly: at once, and also when the device opens
+/// late, beside the pipeline (BONE_TOOL_OPEN_DELAY_MS), after the CPU has computed the adds.
+#[test]
+fn cuda_without_a_usable_gpu_fails_cleanly_even_when_found_out_late() {
+    let env = Env::new();
+    let base = fixtures().join("bases/llama-bf16");
+    let adapter = fixtures().join("cases/bone-default-tail-bf16/adapter");
+    let out = env.path("out");
+    let mut args = merge_args(s(&base), s(&adapter), s(&out));
+    args.extend(["--device", "cuda"]);
+    let probe = run(&args);
+    if probe.status.success() {
+        eprintln!("a GPU is usable here: this test checks the machines without one");
+        return;
+    }
+    fails(&args, Some(&out), &[&base, &adapter], &["--device cuda: no usable GPU"]);
+    for delay in ["0", "40"] {
+        let o = bin().args(&args).env("BONE_TOOL_OPEN_DELAY_MS", delay).output().unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "delay {delay}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{err}");
+        assert!(errors[0].contains("--device cuda: no usable GPU"), "{err}");
+        assert!(!out.exists(), "delay {delay}: {} must not exist", out.display());
+        assert_eq!(leftovers(env.tmp.path(), ".tmp-"), Vec::<String>::new(), "temporary folder left behind");
+    }
+}
