@@ -130,13 +130,11 @@ impl Plan {
     pub fn needs(&self) -> crate::backend::Needs {
         let jobs = || self.shards.iter().flat_map(|s| &s.jobs);
         let gemm = jobs().any(|j| j.ops.iter().any(|op| matches!(op, Op::Bat { .. })));
-        let mut dtypes = vec![];
+        let mut needs = crate::backend::Needs { gemm, dtypes: vec![] };
         for f in jobs().filter(|j| !j.ops.is_empty()).filter_map(|j| j.weight_float()) {
-            if !dtypes.contains(&f) {
-                dtypes.push(f);
-            }
+            needs.include(crate::backend::Needs { gemm: false, dtypes: vec![f] });
         }
-        crate::backend::Needs { gemm, dtypes }
+        needs
     }
 
     pub fn total_bytes(&self) -> u64 {

@@ -341,11 +341,6 @@ fn new_blas(s: &Arc<CudaStream>) -> Result<CudaBlas> {
     Ok(blas)
 }
 
-/// True when a chain has GEMMs (BAT), which need cuBLAS.
-fn has_gemm(ops: &[Prepared]) -> bool {
-    ops.iter().any(|op| !matches!(op, Prepared::Periodic { .. }))
-}
-
 /// True f32 GEMMs: no TF32, whatever NVIDIA_TF32_OVERRIDE or the defaults say.
 fn pedantic(blas: &CudaBlas) -> Result<()> {
     // SAFETY: a valid handle from CudaBlas::new.
@@ -354,9 +349,9 @@ fn pedantic(blas: &CudaBlas) -> Result<()> {
         .map_err(|e| anyhow!("cannot set cuBLAS math mode: {e:?}"))
 }
 
-/// Why CUDA cannot be used here, without touching the driver when its libraries are missing.
-/// What keeps a GPU from being used, if anything: libcuda, NVRTC, and with `gemm` cuBLAS.
-pub fn libraries_missing(gemm: bool) -> Option<&'static str> {
+/// Why CUDA cannot be used here, without touching the driver when its libraries are missing:
+/// libcuda or NVRTC absent (cuBLAS, needed for BAT only, is looked for as it is opened: `new_blas`).
+pub fn libraries_missing() -> Option<&'static str> {
     // SAFETY: these only try to open the shared libraries.
     unsafe {
         if !cudarc::driver::sys::is_culib_present() {
@@ -364,9 +359,6 @@ pub fn libraries_missing(gemm: bool) -> Option<&'static str> {
         }
         if !cudarc::nvrtc::sys::is_culib_present() {
             return Some("NVRTC (libnvrtc) was not found");
-        }
-        if gemm && !cudarc::cublas::sys::is_culib_present() {
-            return Some("cuBLAS (libcublas) was not found");
         }
     }
     None
@@ -418,10 +410,10 @@ impl Cuda {
             startup.push((what, clock.elapsed().as_secs_f64()));
             clock = Instant::now();
         };
-        if let Some(why) = libraries_missing(gemm) {
+        if let Some(why) = libraries_missing() {
             return Err(anyhow!("{why}"));
         }
-        step(if gemm { "opening libcuda, NVRTC, cuBLAS" } else { "opening libcuda, NVRTC" });
+        step("opening libcuda, NVRTC");
         let n = CudaContext::device_count().map_err(|e| anyhow!("the CUDA driver reports no device: {e:?}"))?;
         if n < 1 {
             return Err(anyhow!("no CUDA device"));
@@ -524,7 +516,7 @@ impl Cuda {
         let mut tmp: CudaSlice<f32> = s.alloc_zeros(tmp_len).map_err(e("allocation"))?;
         let mut d_out: CudaSlice<u8> = s.alloc_zeros(src.len()).map_err(e("allocation"))?;
         let bufs = Buffers { d_in: &d_in, w: &mut w, tmp: &mut tmp, d_out: &mut d_out };
-        let blas = if has_gemm(ops) { Some(self.blas()?) } else { None };
+        let blas = if super::has_gemm(ops) { Some(self.blas()?) } else { None };
         self.run_ops(s, blas, bufs, d, rows, i, row0, ops)?;
         self.phase_done(1, &mut since)?;
         s.memcpy_dtoh(&d_out, dst).map_err(e("device to host copy"))?;
@@ -685,7 +677,7 @@ impl Cuda {
         let lane = &mut *guard;
         anyhow::ensure!(lane.pending.is_none(), "internal error: GPU lane {k} reused before it was collected");
         lane.reserve(&self.ctx, n)?;
-        if has_gemm(ops) && lane.blas.is_none() {
+        if super::has_gemm(ops) && lane.blas.is_none() {
             lane.blas = Some(new_blas(&lane.stream)?);
         }
         let l = lane.bufs.as_mut().expect("reserved");

@@ -34,6 +34,16 @@ impl Needs {
     pub fn all() -> Needs {
         Needs { gemm: true, dtypes: vec![Float::F32, Float::F16, Float::BF16] }
     }
+
+    /// Add what `other` needs.
+    pub fn include(&mut self, other: Needs) {
+        self.gemm |= other.gemm;
+        for d in other.dtypes {
+            if !self.dtypes.contains(&d) {
+                self.dtypes.push(d);
+            }
+        }
+    }
 }
 
 /// A chain started with [`Device::start`].
@@ -56,9 +66,11 @@ pub enum Device {
 /// 0.4-0.6 s to start (driver, context, cuBLAS, self-check), in which the pipeline can already
 /// copy untouched tensors and the CPU compute the chains whose bytes are the same on both
 /// ([`same_bytes_on_every_device`]).
+#[derive(Default)]
 pub struct Opening {
     opened: std::sync::OnceLock<Opened>,
-    done: std::sync::Mutex<bool>,
+    /// Held while `opened` is set and while a waiter checks it, so that no wake-up is missed.
+    lock: std::sync::Mutex<()>,
     ready: std::sync::Condvar,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -71,12 +83,7 @@ impl Opening {
     /// Open the device asked for ([`Device::select_for`]): on a thread when that can take a while (a GPU
     /// driver is there), else at once, so that a machine without one fails before any work.
     pub fn start(choice: DeviceChoice, needs: Needs) -> std::sync::Arc<Opening> {
-        let opening = std::sync::Arc::new(Opening {
-            opened: Default::default(),
-            done: Default::default(),
-            ready: Default::default(),
-            thread: Default::default(),
-        });
+        let opening = std::sync::Arc::new(Opening::default());
         // BONE_TOOL_OPEN_DELAY_MS=N: open on a thread, N ms late, whatever the device (the tests run
         // the pipeline's paths for a device still opening on machines without a GPU).
         let delay = std::env::var("BONE_TOOL_OPEN_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
@@ -97,12 +104,7 @@ impl Opening {
 
     /// A device opened already.
     pub fn ready(device: Device) -> Opening {
-        let opening = Opening {
-            opened: Default::default(),
-            done: std::sync::Mutex::new(true),
-            ready: Default::default(),
-            thread: Default::default(),
-        };
+        let opening = Opening::default();
         let _ = opening.opened.set(Ok((device, None)));
         opening
     }
@@ -112,8 +114,8 @@ impl Opening {
             let is_input = e.chain().any(|c| c.is::<crate::error::InputError>());
             (format!("{e:#}"), is_input)
         });
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let _ = self.opened.set(result);
-        *self.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.ready.notify_all();
     }
 
@@ -124,12 +126,12 @@ impl Opening {
 
     /// The device, once it is open.
     pub fn wait(&self) -> Result<&Device> {
-        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        while !*done {
-            done = self.ready.wait(done).unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.opened.get().is_none() {
+            guard = self.ready.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
-        drop(done);
-        self.get().expect("set before done")
+        drop(guard);
+        self.get().expect("waited until set")
     }
 
     /// Wait for the opening thread to end (a thread left inside the driver while the process exits
@@ -156,12 +158,17 @@ impl Opening {
     }
 }
 
-/// True when a chain gives the same bytes on the CPU and on a GPU: the elementwise adds (default
-/// and mini), done in f32 with one rounding each, in the same order. (BAT's GEMMs sum in another
-/// order on a GPU: within one unit, not the same bytes.) The pipeline computes these on the CPU
-/// while a GPU is starting.
+/// True when a chain has GEMMs (BAT), which a GPU does with cuBLAS.
+pub fn has_gemm(chain: &[Prepared]) -> bool {
+    chain.iter().any(|op| !matches!(op, Prepared::Periodic { .. }))
+}
+
+/// True when a chain gives the same bytes on the CPU and on a GPU: the chains without GEMMs, the
+/// elementwise adds (default and mini), done in f32 with one rounding each, in the same order.
+/// (BAT's GEMMs sum in another order on a GPU: within one unit, not the same bytes.) The pipeline
+/// computes these on the CPU while a GPU is starting.
 pub fn same_bytes_on_every_device(chain: &[Prepared]) -> bool {
-    chain.iter().all(|op| matches!(op, Prepared::Periodic { .. }))
+    !has_gemm(chain)
 }
 
 impl Device {
@@ -360,7 +367,7 @@ impl Device {
             ];
             let mut src = vec![0u8; o * i * d.size()];
             d.encode(&w, &mut src);
-            for chain in chains.iter().filter(|c| needs.gemm || same_bytes_on_every_device(c)) {
+            for chain in chains.iter().filter(|c| needs.gemm || !has_gemm(c)) {
                 let mut cpu = vec![0u8; src.len()];
                 ops::apply_chain(&src, &mut cpu, d, o, i, 0, chain, false);
                 let mut results = vec![vec![0u8; src.len()]; 3];
@@ -393,12 +400,7 @@ mod tests {
 
     #[test]
     fn an_opening_device_is_waited_for_across_threads_and_keeps_its_error_kind() {
-        let pending = std::sync::Arc::new(Opening {
-            opened: Default::default(),
-            done: Default::default(),
-            ready: Default::default(),
-            thread: Default::default(),
-        });
+        let pending = std::sync::Arc::new(Opening::default());
         assert!(pending.get().is_none(), "nothing yet");
         let p = pending.clone();
         let setter = std::thread::spawn(move || {

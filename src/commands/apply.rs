@@ -105,13 +105,8 @@ fn run_opening(
     if !opts.dry_run {
         // The device opens beside what follows: the output folders, and the pipeline's first pieces.
         let mut needs = Needs { gemm: false, dtypes: vec![] };
-        for n in plans.iter().map(|p| p.needs()) {
-            needs.gemm |= n.gemm;
-            for d in n.dtypes {
-                if !needs.dtypes.contains(&d) {
-                    needs.dtypes.push(d);
-                }
-            }
+        for p in &plans {
+            needs.include(p.needs());
         }
         *opening = Some(Opening::start(opts.device, needs));
     }
