@@ -8,7 +8,7 @@
 //! and runs this. Exit 0: compiled, every kernel present. Exit 1: NVRTC refused the source (its log
 //! is printed). Exit 2: no libnvrtc on the library path.
 
-use bone_tool::backend::cuda::{Kernel, KERNELS};
+use bone_tool::backend::cuda::{library, Kernel, Library, KERNELS};
 use bone_tool::backend::kernel_cache;
 
 fn main() {
@@ -16,17 +16,17 @@ fn main() {
         eprintln!("usage: nvrtc_check OUT.ptx");
         std::process::exit(2);
     };
-    // SAFETY: only tries to open the shared library.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+    // loading the library, timed apart from the compile
+    let t = std::time::Instant::now();
+    if !library(Library::Nvrtc) {
         eprintln!("no libnvrtc on the library path (scripts/nvrtc-check.sh installs one)");
         std::process::exit(2);
     }
-    // the same call as Cuda::new (the first NVRTC call also loads the library: timed apart)
-    let t = std::time::Instant::now();
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: two valid out-pointers; the first call loads libnvrtc.
-    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
     let load = t.elapsed();
+    // the same calls as Cuda::new
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid out-pointers; libnvrtc is loaded.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
     let t = std::time::Instant::now();
     let compiled = cudarc::nvrtc::compile_ptx(KERNELS);
     let compile = t.elapsed();

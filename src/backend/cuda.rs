@@ -332,8 +332,7 @@ fn e(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> anyhow::Erro
 
 /// A cuBLAS handle on stream `s`, in pedantic math.
 fn new_blas(s: &Arc<CudaStream>) -> Result<CudaBlas> {
-    // SAFETY: only tries to open the shared library.
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+    if !library(Library::Cublas) {
         return Err(anyhow!("cuBLAS (libcublas) was not found"));
     }
     let blas = CudaBlas::new(s.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
@@ -349,19 +348,37 @@ fn pedantic(blas: &CudaBlas) -> Result<()> {
         .map_err(|e| anyhow!("cannot set cuBLAS math mode: {e:?}"))
 }
 
-/// Why CUDA cannot be used here, without touching the driver when its libraries are missing:
-/// libcuda or NVRTC absent (cuBLAS, needed for BAT only, is looked for as it is opened: `new_blas`).
-pub fn libraries_missing() -> Option<&'static str> {
-    // SAFETY: these only try to open the shared libraries.
-    unsafe {
-        if !cudarc::driver::sys::is_culib_present() {
-            return Some("the NVIDIA driver library (libcuda) was not found");
-        }
-        if !cudarc::nvrtc::sys::is_culib_present() {
-            return Some("NVRTC (libnvrtc) was not found");
-        }
-    }
-    None
+/// The shared libraries the GPU backend loads at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Library {
+    /// libcuda, the driver's
+    Driver,
+    Nvrtc,
+    /// libcublas (which loads the 500 MB libcublasLt)
+    Cublas,
+}
+
+/// Whether `lib` can be loaded, by the names cudarc looks for. The first call loads it and keeps it
+/// loaded, so that cudarc's own loading at the library's first use finds it there at no cost.
+/// (cudarc's `is_culib_present` unloads what it loaded: the load that followed paid the whole
+/// `dlopen` again, 80-90 ms for cuBLAS on the 2-core machine, 10 ms for NVRTC.)
+pub fn library(lib: Library) -> bool {
+    static LOADED: [std::sync::OnceLock<Option<libloading::Library>>; 3] =
+        [std::sync::OnceLock::new(), std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    let names: &[&str] = match lib {
+        Library::Driver => &["cuda", "nvcuda"],
+        Library::Nvrtc => &["nvrtc"],
+        Library::Cublas => &["cublas"],
+    };
+    LOADED[lib as usize]
+        .get_or_init(|| {
+            names.iter().flat_map(|n| cudarc::get_lib_name_candidates(n)).find_map(|name| {
+                // SAFETY: loading runs the library's initialisers, as cudarc's own loading of the
+                // same file by the same name does.
+                unsafe { libloading::Library::new(name) }.ok()
+            })
+        })
+        .is_some()
 }
 
 fn dt_code(d: Float) -> i32 {
@@ -410,21 +427,42 @@ impl Cuda {
             startup.push((what, clock.elapsed().as_secs_f64()));
             clock = Instant::now();
         };
-        if let Some(why) = libraries_missing() {
-            return Err(anyhow!("{why}"));
+        if !library(Library::Driver) {
+            return Err(anyhow!("the NVIDIA driver library (libcuda) was not found"));
         }
-        step("opening libcuda, NVRTC");
-        let n = CudaContext::device_count().map_err(|e| anyhow!("the CUDA driver reports no device: {e:?}"))?;
-        if n < 1 {
-            return Err(anyhow!("no CUDA device"));
+        step("loading libcuda");
+        // NVRTC (and cuBLAS, for GEMMs) load on another thread while the driver starts: loading is
+        // this process's own CPU work (cuBLAS pulls in the 500 MB cuBLASLt), the driver's start
+        // mostly waits on its kernel module.
+        let loader = std::thread::spawn(move || {
+            let nvrtc = library(Library::Nvrtc);
+            if gemm {
+                library(Library::Cublas);
+            }
+            nvrtc
+        });
+        let ctx = (|| {
+            let n = CudaContext::device_count().map_err(|e| anyhow!("the CUDA driver reports no device: {e:?}"))?;
+            if n < 1 {
+                return Err(anyhow!("no CUDA device"));
+            }
+            CudaContext::new(0).map_err(|e| anyhow!("cannot open CUDA device 0: {e:?}"))
+        })();
+        let nvrtc = loader.join().unwrap_or(false);
+        let ctx = ctx?;
+        if !nvrtc {
+            return Err(anyhow!("NVRTC (libnvrtc) was not found"));
         }
-        let ctx = CudaContext::new(0).map_err(|e| anyhow!("cannot open CUDA device 0: {e:?}"))?;
-        step("driver and context");
+        step(if gemm {
+            "driver and context (NVRTC, cuBLAS load beside it)"
+        } else {
+            "driver and context (NVRTC loads beside it)"
+        });
         let name = ctx.name().unwrap_or_else(|_| "CUDA device 0".into());
         let stream = ctx.default_stream();
         // NVRTC's output, cached between runs (see kernel_cache); one the driver refuses is compiled anew
         let (mut major, mut minor) = (0, 0);
-        // SAFETY: two valid out-pointers; libnvrtc is there (libraries_missing).
+        // SAFETY: two valid out-pointers; libnvrtc is loaded (the loader above).
         unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
             .result()
             .map_err(|e| anyhow!("NVRTC: {e:?}"))?;

@@ -80,14 +80,15 @@ pub struct Opening {
 type Opened = std::result::Result<(Device, Option<String>), (String, bool)>;
 
 impl Opening {
-    /// Open the device asked for ([`Device::select_for`]): on a thread when that can take a while (a GPU
-    /// driver is there), else at once, so that a machine without one fails before any work.
+    /// Open the device asked for ([`Device::select_for`]): the CPU at once, a GPU on a thread (even
+    /// finding out that there is no driver loads libcuda when there is one: 10-50 ms that the
+    /// pipeline need not wait for; without one the answer comes within a millisecond).
     pub fn start(choice: DeviceChoice, needs: Needs) -> std::sync::Arc<Opening> {
         let opening = std::sync::Arc::new(Opening::default());
         // BONE_TOOL_OPEN_DELAY_MS=N: open on a thread, N ms late, whatever the device (the tests run
         // the pipeline's paths for a device still opening on machines without a GPU).
         let delay = std::env::var("BONE_TOOL_OPEN_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
-        if delay.is_none() && (choice == DeviceChoice::Cpu || Device::no_driver()) {
+        if delay.is_none() && choice == DeviceChoice::Cpu {
             opening.set(Device::select_for(choice, &needs));
         } else {
             let o = opening.clone();
@@ -202,8 +203,7 @@ impl Device {
     fn no_driver() -> bool {
         #[cfg(feature = "cuda")]
         {
-            // SAFETY: only tries to open the shared library.
-            !unsafe { cudarc::driver::sys::is_culib_present() }
+            !cuda::library(cuda::Library::Driver)
         }
         #[cfg(not(feature = "cuda"))]
         {
