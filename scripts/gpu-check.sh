@@ -2,13 +2,16 @@
 # The GPU check, run on the GPU machine in one call; builds nothing there (no Rust): it uses the
 # binaries scripts/gpu-prepare.sh put in .device-bin/. Prints everything, most important first:
 #   1. the GPU, bone-tool's device selection (with --timings: each start-up step, NVRTC compiling,
-#      then again with the PTX cache), and kernel throughput
+#      then again with the PTX cache), the start and the end of a device alone (examples/gpu_start:
+#      dropping it against leaving it to the process's exit), and kernel throughput
 #      (examples/gpu_kernels: one-pass default add against a device-to-device copy, BAT GEMMs);
 #   2. gpu_check: every fixture merged and unmerged on cuda (two lanes, pipelined) and on cpu,
 #      compared (one unit, or in f32 2^-18 of the largest value: Float::disagreement);
 #   3. the benchmark table for the 1b shape, cuda, gpu-only (--all-on-gpu) and cpu rows next to
 #      cp -r (3 runs), the per-phase timings of one cuda merge of each kind, and the 1b outputs of
 #      cpu, cuda and cuda --all-on-gpu compared byte for byte;
+#      then, interleaved, 1b merges on cpu, cuda, and cuda with the adds kept on the CPU
+#      (BONE_TOOL_ADDS_ON=cpu), timed as whole processes;
 #   4. gpu_check again on a few cases: synchronous one-lane path (BONE_TOOL_CUDA_LANES=1), and
 #      4 KB pieces so that many pieces are in flight;
 #   5. the 7b shape, cuda rows only (1 run), when the disk has room.
@@ -32,6 +35,15 @@ main() {
   timeout 60 "$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1
   echo "-- again, kernels from the PTX cache:"
   "$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1 | grep "device start"
+  echo "== start and end (a default merge's device, a BAT merge's; the end by drop or by exit)"
+  for kind in default bat; do
+    for end in drop exit drop exit; do
+      t0=$(date +%s.%N)
+      timeout 60 "$bin/gpu_start" "$kind" "$end"
+      t1=$(date +%s.%N)
+      echo "  $kind $end: process wall $(echo "$t0 $t1" | awk '{printf "%.3f", $2 - $1}')s"
+    done
+  done
   echo "== kernels"
   timeout 150 "$bin/gpu_kernels"; echo "gpu_kernels exit $?"
   echo "== gpu_check (cuda, 2 lanes, vs cpu on every fixture)"
@@ -43,17 +55,42 @@ main() {
     timeout 60 "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" --out /tmp/t1b --force --device cuda --timings 2>&1 | tail -12
     rm -rf /tmp/t1b
   done
-  echo "== 1b outputs: cpu, cuda (the CPU adds while the GPU starts), cuda --all-on-gpu"
+  echo "== 1b A/B, --no-fsync, interleaved: process wall; the --timings summary of the last run of each"
+  # adds-cpu: BONE_TOOL_ADDS_ON=cpu, the adds stay on the CPU once the GPU is open (GEMMs on the GPU)
   for kind in default bat; do
-    for dev in "cpu" "cuda" "cuda --all-on-gpu"; do
+    for rep in 1 2 3; do
+      for v in cpu cuda adds-cpu; do
+        [ "$kind" = bat ] && [ "$v" = adds-cpu ] && continue
+        dev=cuda; [ "$v" = cpu ] && dev=cpu
+        env_v=(); [ "$v" = adds-cpu ] && env_v=(BONE_TOOL_ADDS_ON=cpu)
+        rm -rf /tmp/ab
+        t0=$(date +%s.%N)
+        env "${env_v[@]}" timeout 60 "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
+          --out /tmp/ab --no-fsync --device "$dev" --timings > "/tmp/ab-$kind-$v.log" 2>&1 || echo "FAILED: $kind $v"
+        t1=$(date +%s.%N)
+        echo "  $kind $v run $rep: process wall $(echo "$t0 $t1" | awk '{printf "%.3f", $2 - $1}')s"
+      done
+    done
+    for v in cpu cuda adds-cpu; do
+      [ -f "/tmp/ab-$kind-$v.log" ] || continue
+      echo "  -- $kind $v:"; grep -E "compute |staging|waits|pipeline|device start|waited" "/tmp/ab-$kind-$v.log" | sed 's/^/  /'
+    done
+  done
+  rm -rf /tmp/ab /tmp/ab-*.log
+  echo "== 1b outputs: cpu, cuda (the CPU adds while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu"
+  for kind in default bat; do
+    for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu"; do
+      env_v=(); [ "$dev" = "cuda adds-cpu" ] && env_v=(BONE_TOOL_ADDS_ON=cpu)
       # shellcheck disable=SC2086
-      timeout 60 "$bin/bone-tool" -q merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
-        --out "/tmp/same-${dev// /_}" --force --no-fsync --device $dev || echo "FAILED: merge $kind --device $dev"
+      env "${env_v[@]}" timeout 60 "$bin/bone-tool" -q merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
+        --out "/tmp/same-${dev// /_}" --force --no-fsync --device ${dev% adds-cpu} || echo "FAILED: merge $kind --device $dev"
     done
     for f in "$BENCH_DIR"/1b/base/*.safetensors; do
       n=$(basename "$f")
       if cmp -s "/tmp/same-cuda/$n" "/tmp/same-cuda_--all-on-gpu/$n"; then echo "$kind $n: cuda = cuda --all-on-gpu"
       else echo "$kind $n: cuda and cuda --all-on-gpu DIFFER"; fi
+      if cmp -s "/tmp/same-cuda/$n" "/tmp/same-cuda_adds-cpu/$n"; then echo "$kind $n: cuda = cuda adds-cpu"
+      else echo "$kind $n: cuda and cuda adds-cpu DIFFER"; fi
       if cmp -s "/tmp/same-cpu/$n" "/tmp/same-cuda/$n"; then echo "$kind $n: cpu = cuda"
       else echo "$kind $n: cpu and cuda differ (expected for BAT: within one unit; not for default)"; fi
     done

@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 [ -n "${NO_NVRTC_CHECK:-}" ] || bash scripts/nvrtc-check.sh
 cargo build --release --bins --examples
 mkdir -p .device-bin
-cp target/release/bone-tool target/release/examples/{synth,gemm_peak,gpu_check,gpu_kernels} .device-bin/
+cp target/release/bone-tool target/release/examples/{synth,gemm_peak,gpu_check,gpu_kernels,gpu_start} .device-bin/
 strip .device-bin/* 2>/dev/null || true
 du -sh .device-bin

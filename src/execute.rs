@@ -62,6 +62,9 @@ pub struct RunOptions {
     pub fsync: bool,
     /// While a GPU is opening, compute on the CPU the chains whose bytes are the same on both.
     pub cpu_while_opening: bool,
+    /// Compute the chains whose bytes are the same on both on the CPU even once a GPU is open
+    /// (the GPU does the GEMMs only).
+    pub adds_on_cpu: bool,
     /// Write values that became inf or NaN instead of stopping.
     pub allow_non_finite: bool,
 }
@@ -98,7 +101,8 @@ pub struct Timings {
     /// On a GPU, the seconds the pipeline waited for it to open (it opens beside the pipeline).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device_waited: Option<f64>,
-    /// On a GPU, the share of computed bytes the CPU computed while it was opening.
+    /// On a GPU, the share of computed bytes the CPU computed: while the GPU was opening (and all
+    /// the adds with `RunOptions::adds_on_cpu`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_while_opening: Option<f64>,
     /// Time each stage spent blocked on its neighbour: the stage that others wait for is the
@@ -283,6 +287,7 @@ pub fn run_into(
                     Piece::Rows { job, chain, row0, src, last } => {
                         let early = opts.cpu_while_opening && same_bytes_on_every_device(&chain);
                         let dev = match opened.get(device, false)? {
+                            Some(_) if early && opts.adds_on_cpu => &cpu,
                             Some(d) => d,
                             None if early => &cpu,
                             None => opened.get(device, true)?.expect("waited for"),
@@ -290,7 +295,7 @@ pub fn run_into(
                         if !chain.is_empty() {
                             let n = src.bytes().len() as u64;
                             computed_bytes += n;
-                            if opened.device.is_none() {
+                            if std::ptr::eq(dev, &cpu) {
                                 cpu_bytes += n;
                             }
                         }

@@ -146,6 +146,9 @@ fn run_opening(
         fsync: !opts.no_fsync,
         allow_non_finite: opts.allow_non_finite,
         cpu_while_opening: !opts.all_on_gpu,
+        // An experiment for the GPU machine: are the adds faster on its CPU than through the GPU's
+        // copies? (scripts/gpu-check.sh times both)
+        adds_on_cpu: !opts.all_on_gpu && std::env::var("BONE_TOOL_ADDS_ON").is_ok_and(|v| v == "cpu"),
     };
     let targets: Vec<_> = plans
         .iter()
@@ -275,8 +278,7 @@ pub(crate) fn print_timings(t: &execute::Timings, total: f64) {
         eprintln!("  device start {sum:.3}s, beside the pipeline: {}", steps.join(", "));
         if let (Some(waited), Some(cpu)) = (t.device_waited, t.cpu_while_opening) {
             eprintln!(
-                "  the pipeline waited {waited:.3}s for the GPU; the CPU computed {:.0}% of the changed bytes while \
-                 it started",
+                "  the pipeline waited {waited:.3}s for the GPU; the CPU computed {:.0}% of the changed bytes",
                 100.0 * cpu
             );
         }
