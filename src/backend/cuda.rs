@@ -749,8 +749,9 @@ impl Cuda {
         Ok(k)
     }
 
-    /// Wait for lane `k`'s chain and copy its result into `dst`.
-    pub fn collect(&self, k: usize, dst: &mut [u8]) -> Result<()> {
+    /// Wait for lane `k`'s chain and copy its result into `dst`; with `check_finite`, returns the
+    /// first value that became inf or NaN (against `src`, the piece's bytes), found as it is copied.
+    pub fn collect(&self, k: usize, src: &[u8], dst: &mut [u8], d: Float, check_finite: bool) -> Result<Option<usize>> {
         let mut guard = self.lanes[k].lock().map_err(|_| anyhow!("a GPU lane was poisoned"))?;
         let lane = &mut *guard;
         let len = lane.pending.take().ok_or_else(|| anyhow!("internal error: GPU lane {k} has nothing to collect"))?;
@@ -761,13 +762,13 @@ impl Cuda {
         self.phases[4].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let l = lane.bufs.as_ref().expect("reserved when enqueued");
         let t = Instant::now();
-        par_copy(dst, &l.pin_out.as_slice().map_err(e("staging buffer"))?[..len]);
+        let bad = d.copy_checking(src, &l.pin_out.as_slice().map_err(e("staging buffer"))?[..len], dst, check_finite);
         self.phases[3].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         for (phase, (a, b)) in [(0, 1), (1, 2), (2, 3)].into_iter().enumerate() {
             let ms = lane.marks[a].elapsed_ms(&lane.marks[b]).map_err(e("event timing"))?;
             self.phases[phase].fetch_add((ms as f64 * 1e6) as u64, Ordering::Relaxed);
         }
-        Ok(())
+        Ok(bad)
     }
 }
 /// `dst = src` on the rayon pool, which is idle while a GPU computes: one core copies a 16 MB piece

@@ -325,10 +325,7 @@ impl Device {
         match (self, t) {
             (_, Ticket::Done(k)) => Ok(k),
             #[cfg(feature = "cuda")]
-            (Device::Cuda(g), Ticket::Lane(lane)) => {
-                g.collect(lane, dst)?;
-                Ok(if check_finite { d.first_new_non_finite(src, dst) } else { None })
-            }
+            (Device::Cuda(g), Ticket::Lane(lane)) => g.collect(lane, src, dst, d, check_finite),
             #[cfg(feature = "cuda")]
             (Device::Cpu, Ticket::Lane(_)) => unreachable!("the CPU finishes as it starts"),
         }

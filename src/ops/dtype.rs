@@ -198,6 +198,28 @@ impl Float {
             .find_map_first(|(c, (b, a))| self.first_new_non_finite_serial(b, a).map(|k| c * CHUNK + k))
     }
 
+    /// `to = from`, in parallel, and with `check`, [`Float::first_new_non_finite`] of `before`
+    /// against the copy, each chunk checked while it is still in cache (one pass over the result
+    /// rather than two: a GPU's results come back this way, from page-locked memory).
+    pub fn copy_checking(self, before: &[u8], from: &[u8], to: &mut [u8], check: bool) -> Option<usize> {
+        assert!(before.len() == from.len() && from.len() == to.len(), "copy_checking: byte counts");
+        const CHUNK: usize = 1 << 18;
+        let n = self.size();
+        to.par_chunks_mut(CHUNK * n)
+            .zip(from.par_chunks(CHUNK * n))
+            .zip(before.par_chunks(CHUNK * n))
+            .enumerate()
+            .filter_map(|(c, ((t, f), b))| {
+                t.copy_from_slice(f);
+                if check {
+                    self.first_new_non_finite_serial(b, t).map(|k| c * CHUNK + k)
+                } else {
+                    None
+                }
+            })
+            .min()
+    }
+
     /// [`Float::first_new_non_finite`] on the calling thread.
     #[inline(always)]
     pub fn first_new_non_finite_serial(self, b: &[u8], a: &[u8]) -> Option<usize> {
@@ -386,6 +408,31 @@ mod tests {
         let mut b = vec![0u8; 2];
         Float::F16.encode(&[70000.0], &mut b);
         assert_eq!(Float::F16.first_new_non_finite(&[0, 0], &b), Some(0));
+    }
+
+    #[test]
+    fn copy_checking_copies_and_finds_the_first_new_non_finite_value_across_chunks() {
+        for t in [Float::F32, Float::F16, Float::BF16] {
+            // three chunks and a bit, so that chunks run on several threads and the minimum matters
+            let n = (1 << 18) * 3 + 5;
+            let vals: Vec<f32> = (0..n).map(|k| (k % 97) as f32 - 48.0).collect();
+            let mut before = vec![0u8; n * t.size()];
+            t.encode(&vals, &mut before);
+            let mut after_vals = vals.clone();
+            after_vals[n - 2] = f32::INFINITY; // a later chunk first: the smallest index must win
+            after_vals[(1 << 18) + 7] = f32::NAN;
+            let mut from = vec![0u8; before.len()];
+            t.encode(&after_vals, &mut from);
+            let mut to = vec![0u8; before.len()];
+            assert_eq!(t.copy_checking(&before, &from, &mut to, true), Some((1 << 18) + 7), "{t}");
+            assert_eq!(to, from, "{t}");
+            assert_eq!(t.first_new_non_finite(&before, &to), Some((1 << 18) + 7), "{t}");
+            let mut unchecked = vec![0u8; before.len()];
+            assert_eq!(t.copy_checking(&before, &from, &mut unchecked, false), None, "{t}");
+            assert_eq!(unchecked, from, "{t}");
+            // non-finite already in the input is not new
+            assert_eq!(t.copy_checking(&from, &from, &mut to, true), None, "{t}");
+        }
     }
 
     #[test]
