@@ -80,15 +80,15 @@ pub struct Opening {
 type Opened = std::result::Result<(Device, Option<String>), (String, bool)>;
 
 impl Opening {
-    /// Open the device asked for ([`Device::select_for`]): the CPU at once, a GPU on a thread (even
-    /// finding out that there is no driver loads libcuda when there is one: 10-50 ms that the
-    /// pipeline need not wait for; without one the answer comes within a millisecond).
+    /// Open the device asked for ([`Device::select_for`]): on a thread when that can take a while
+    /// (an NVIDIA device node is there: even finding out whether the driver library loads costs
+    /// 10-50 ms then), else at once, so that a machine without a GPU fails before any work.
     pub fn start(choice: DeviceChoice, needs: Needs) -> std::sync::Arc<Opening> {
         let opening = std::sync::Arc::new(Opening::default());
         // BONE_TOOL_OPEN_DELAY_MS=N: open on a thread, N ms late, whatever the device (the tests run
         // the pipeline's paths for a device still opening on machines without a GPU).
         let delay = std::env::var("BONE_TOOL_OPEN_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
-        if delay.is_none() && choice == DeviceChoice::Cpu {
+        if delay.is_none() && (choice == DeviceChoice::Cpu || !Device::device_node()) {
             opening.set(Device::select_for(choice, &needs));
         } else {
             let o = opening.clone();
@@ -197,6 +197,12 @@ impl Device {
                 Err(why) => Ok((Device::Cpu, Some(format!("using the CPU: {why}")))),
             },
         }
+    }
+
+    /// True when this machine shows an NVIDIA device to this process: /dev/nvidiactl, or WSL's
+    /// /dev/dxg. Without either no GPU can open; finding that out costs a `stat`, not a `dlopen`.
+    fn device_node() -> bool {
+        cfg!(feature = "cuda") && ["/dev/nvidiactl", "/dev/dxg"].iter().any(|p| std::path::Path::new(p).exists())
     }
 
     /// True when this machine has no NVIDIA driver at all.
