@@ -136,11 +136,17 @@ const BADLY_CONDITIONED: f64 = 1e3;
 /// Bytes per piece of work: tensors flow through the pipeline in pieces of about this size, so
 /// memory stays the same whatever the size of the model or of its largest tensor.
 /// (`BONE_TOOL_PIECE_BYTES` overrides it: the tests use tiny pieces to cut small tensors too.)
-fn piece_bytes() -> usize {
+pub(crate) fn piece_bytes() -> usize {
     static PIECE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *PIECE.get_or_init(|| {
         std::env::var("BONE_TOOL_PIECE_BYTES").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(16 << 20)
     })
+}
+
+/// Rows per piece of a tensor whose rows take `row_bytes` and are cut in multiples of `unit`:
+/// as many as fit in `piece` bytes, at least one unit.
+pub(crate) fn rows_per_piece(piece: usize, row_bytes: usize, unit: usize) -> usize {
+    ((piece / row_bytes.max(1)) / unit).max(1) * unit
 }
 
 /// One piece of the output, in output order.
@@ -534,7 +540,7 @@ fn tensor_pieces<'a>(sources: &[Source<'a>], send: &mut dyn FnMut(usize, Piece<'
     let (rows, cols) = row_view(&job.src);
     let row_bytes = cols * job.src.dtype.bitsize() / 8;
     let unit = sources.iter().filter_map(|s| s.chain.as_deref()).map(|c| ops::row_unit(c)).fold(1, ops::lcm);
-    let rows_per_piece = ((piece_bytes() / row_bytes.max(1)) / unit).max(1) * unit;
+    let rows_per_piece = rows_per_piece(piece_bytes(), row_bytes, unit);
     let mut row0 = 0;
     loop {
         let n = rows_per_piece.min(rows - row0);

@@ -282,8 +282,9 @@ struct Lane {
 }
 
 struct LaneBuffers {
-    /// Elements the buffers hold.
-    cap: usize,
+    /// Bytes the byte buffers hold, and elements the f32 ones hold.
+    bytes: usize,
+    elems: usize,
     pin_in: PinnedHostSlice<u8>,
     pin_out: PinnedHostSlice<u8>,
     d_in: CudaSlice<u8>,
@@ -300,29 +301,39 @@ impl Lane {
         Ok(Lane { stream, blas, bufs: None, marks: [ev()?, ev()?, ev()?, ev()?], pending: None })
     }
 
-    /// Make the buffers hold at least `n` elements of any dtype (at least 4M, so that one size fits
-    /// the usual 16 MB pieces).
-    fn reserve(&mut self, ctx: &Arc<CudaContext>, n: usize) -> Result<()> {
-        if self.bufs.as_ref().is_some_and(|b| b.cap >= n) {
+    /// Make the buffers hold a piece of `bytes` bytes and `elems` elements, and at least any whole
+    /// piece of the pipeline ([`lane_sizes`]), so that the first allocation (the self-check's)
+    /// serves the whole run: growing means a synchronize and page-locking the staging buffers anew.
+    fn reserve(&mut self, ctx: &Arc<CudaContext>, bytes: usize, elems: usize) -> Result<()> {
+        if self.bufs.as_ref().is_some_and(|b| b.bytes >= bytes && b.elems >= elems) {
             return Ok(());
         }
         self.stream.synchronize().map_err(e("synchronize"))?;
         self.bufs = None;
-        let cap = n.max(1 << 22);
+        let (bytes, elems) = lane_sizes(bytes, elems, crate::execute::piece_bytes());
         let s = &self.stream;
         // SAFETY: the staging buffers are written before they are read.
-        let pin = || unsafe { ctx.alloc_pinned_with_flags::<u8>(cap * 4, 0) }.map_err(e("page-locked allocation"));
+        let pin = || unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }.map_err(e("page-locked allocation"));
         self.bufs = Some(LaneBuffers {
-            cap,
+            bytes,
+            elems,
             pin_in: pin()?,
             pin_out: pin()?,
-            d_in: s.alloc_zeros(cap * 4).map_err(e("allocation"))?,
-            d_out: s.alloc_zeros(cap * 4).map_err(e("allocation"))?,
-            w: s.alloc_zeros(cap).map_err(e("allocation"))?,
-            tmp: s.alloc_zeros(cap).map_err(e("allocation"))?,
+            d_in: s.alloc_zeros(bytes).map_err(e("allocation"))?,
+            d_out: s.alloc_zeros(bytes).map_err(e("allocation"))?,
+            w: s.alloc_zeros(elems).map_err(e("allocation"))?,
+            tmp: s.alloc_zeros(elems).map_err(e("allocation"))?,
         });
         Ok(())
     }
+}
+
+/// The sizes a lane's buffers get for a piece of `bytes` bytes and `elems` elements when the
+/// pipeline's pieces are at most `piece` bytes: whole pieces of every dtype fit, the 2-byte ones
+/// having the most elements. (Sized by f32 elements, as before, a 16 MB bf16 piece did not fit
+/// the first allocation: every bf16 run grew its lanes at its first GPU piece.)
+pub(crate) fn lane_sizes(bytes: usize, elems: usize, piece: usize) -> (usize, usize) {
+    (bytes.max(piece), elems.max(piece / 2))
 }
 
 /// A CUDA error, with what was being done.
@@ -714,7 +725,7 @@ impl Cuda {
         let mut guard = self.lanes[k].lock().map_err(|_| anyhow!("a GPU lane was poisoned"))?;
         let lane = &mut *guard;
         anyhow::ensure!(lane.pending.is_none(), "internal error: GPU lane {k} reused before it was collected");
-        lane.reserve(&self.ctx, n)?;
+        lane.reserve(&self.ctx, src.len(), n)?;
         if super::has_gemm(ops) && lane.blas.is_none() {
             lane.blas = Some(new_blas(&lane.stream)?);
         }
@@ -978,5 +989,29 @@ pub(crate) fn strip_gemm_config(rows: usize, i: usize, r: usize) -> StridedBatch
         stride_a: (r * r) as i64,
         stride_b: (r * i) as i64,
         stride_c: (r * i) as i64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lane_sized_by_its_first_piece_holds_every_piece_of_the_run_in_every_dtype() {
+        for piece in [16 << 20, 4096, 1000] {
+            // the self-check's tiny piece comes first
+            let (bytes, elems) = lane_sizes(48 * 40 * 4, 48 * 40, piece);
+            for d in [Float::F32, Float::F16, Float::BF16] {
+                for (cols, unit) in [(2048, 1), (5632, 64), (4096, 8), (11008, 32), (7, 3)] {
+                    let row_bytes = cols * d.size();
+                    let rows = crate::execute::rows_per_piece(piece, row_bytes, unit);
+                    if rows * row_bytes > piece {
+                        continue; // one unit of rows beyond a piece: grows, as it must
+                    }
+                    assert!(rows * row_bytes <= bytes, "{d} {cols} piece {piece}: bytes");
+                    assert!(rows * cols <= elems, "{d} {cols} piece {piece}: elements");
+                }
+            }
+        }
     }
 }
