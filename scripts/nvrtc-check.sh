@@ -30,9 +30,13 @@ if grep -qE '(div|rem)\.(s|u)64' "$ptx"; then
   echo "a kernel divides 64-bit integers (slow on a GPU):"; grep -nE '(div|rem)\.(s|u)64' "$ptx"; exit 1
 fi
 echo "no 64-bit integer division in any kernel"
-# the one-pass add's 16-byte path must be 16-byte loads and stores (else its width is lost)
-wide=$(awk '/\.entry periodic_fused/ { on = 1 } on && /^}/ { on = 0 } on' "$ptx" | grep -cE '(ld|st)\.global(\.nc)?\.v(2\.(u|b)64|4\.(u|b)32)')
-if [ "$wide" -lt 2 ]; then
-  echo "periodic_fused has no 16-byte global loads and stores (ld/st.global.v2.u64 or .v4.u32)"; exit 1
-fi
-echo "periodic_fused: $wide 16-byte global loads and stores"
+# the one-pass add's 16-byte path must be 16-byte loads and stores (else its width is lost), in
+# both of its kernels
+for k in periodic_fused periodic_fused_x4; do
+  wide=$(awk -v k="$k" '$0 ~ "\\.entry " k "\\(" { on = 1 } on && /^}/ { on = 0 } on' "$ptx" |
+    grep -cE '(ld|st)\.global(\.nc)?\.v(2\.(u|b)64|4\.(u|b)32)')
+  if [ "$wide" -lt 2 ]; then
+    echo "$k has no 16-byte global loads and stores (ld/st.global.v2.u64 or .v4.u32)"; exit 1
+  fi
+  echo "$k: $wide 16-byte global loads and stores"
+done

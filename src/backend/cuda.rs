@@ -42,8 +42,10 @@ __device__ __forceinline__ u16 f32_to_f16(float x) { u16 h; asm("cvt.rn.f16.f32 
 #endif
 #ifdef BONE_TOOL_HOST_EMULATION
 #define ASSUME_ALIGNED(p, a) emu_check(((unsigned long long)(p) & ((a) - 1)) == 0, "a wide access at an address that is no multiple of its width")
+#define UNROLL
 #else
 #define ASSUME_ALIGNED(p, a)
+#define UNROLL _Pragma("unroll")
 #endif
 // dt: 0 f32, 1 f16, 2 bf16
 __device__ __forceinline__ float round_to(float x, int dt) {
@@ -152,27 +154,85 @@ __device__ __forceinline__ u64 add_word(u64 word, const float* e, u32& m, u32 ur
 
 struct alignas(16) Words2 { u64 lo, hi; };
 
-// The one-pass add for dtype DT, BYTES (8 or 16) per access: each thread has that many bytes in
-// flight per load, which is what keeps the memory busy (one load per thread and a few thousand
-// threads per SM are not enough at 2-byte width).
-template <int DT, u32 BYTES>
+// One access of BYTES (8 or 16) bytes, as words.
+template <u32 BYTES> struct Access;
+template <> struct Access<8> { u64 w; };
+template <> struct Access<16> { Words2 w; };
+
+template <int DT>
+__device__ __forceinline__ void add_access(Access<8>& a, const float* e, u32& m, u32 ur, float sign) {
+    a.w = add_word<DT>(a.w, e, m, ur, sign);
+}
+template <int DT>
+__device__ __forceinline__ void add_access(Access<16>& a, const float* e, u32& m, u32 ur, float sign) {
+    a.w.lo = add_word<DT>(a.w.lo, e, m, ur, sign);
+    a.w.hi = add_word<DT>(a.w.hi, e, m, ur, sign);
+}
+
+// The one-pass add for dtype DT, BYTES (8 or 16) per access, U groups a thread a row in flight at
+// once: all U loads are issued before the first store, so that each thread keeps U * BYTES bytes
+// in flight (one 2-byte load per thread and a few thousand threads per SM left the memory idle).
+// A thread's groups are `stride` columns apart, the grid's width in columns (the host sizes the
+// grid for U groups a thread); columns are counted in 64 bits here, as c + j * stride can pass 2^32.
+template <int DT, u32 BYTES, u32 U>
 __device__ __forceinline__ void fused_wide(const unsigned char* in, unsigned char* out, const float* et, u64 rows, u64 cols, int r, float sign) {
-    const u32 size = DT == 0 ? 4 : 2, ur = (u32)r;
-    each_group(rows, cols, r, BYTES / size, [&](u64 o, u64 k, u32 m0) {
-        const unsigned char* src = in + k * size;
-        unsigned char* dst = out + k * size;
-        ASSUME_ALIGNED(src, BYTES);
-        ASSUME_ALIGNED(dst, BYTES);
+    const u32 size = DT == 0 ? 4 : 2, ur = (u32)r, v = BYTES / size;
+    const u64 stride = (u64)gridDim.x * blockDim.x * v;
+    const u64 c0 = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * v;
+    if (c0 >= cols) return;
+    const u32 m0 = (u32)c0 % ur, dm = (u32)stride % ur; // c0 < cols < 2^31, stride < 2^28: 32-bit division
+    for (u64 o = blockIdx.y; o < rows; o += gridDim.y) {
         const float* e = et + o * r;
+        const u64 row = o * cols;
         u32 m = m0;
-        if (BYTES == 16) {
-            Words2 w = *(const Words2*)src, res;
-            res.lo = add_word<DT>(w.lo, e, m, ur, sign);
-            res.hi = add_word<DT>(w.hi, e, m, ur, sign);
-            *(Words2*)dst = res;
-        } else {
-            *(u64*)dst = add_word<DT>(*(const u64*)src, e, m, ur, sign);
+        for (u64 c = c0; c < cols; c += U * stride) {
+            Access<BYTES> a[U];
+            u32 ms[U];
+UNROLL
+            for (u32 j = 0; j < U; j++) {
+                const u64 cj = c + j * stride;
+                ms[j] = m;
+                m += dm;
+                if (m >= ur) m -= ur;
+                if (cj < cols) {
+                    const unsigned char* src = in + (row + cj) * size;
+                    ASSUME_ALIGNED(src, BYTES);
+                    a[j] = *(const Access<BYTES>*)src;
+                }
+            }
+UNROLL
+            for (u32 j = 0; j < U; j++) {
+                const u64 cj = c + j * stride;
+                if (cj < cols) {
+                    add_access<DT>(a[j], e, ms[j], ur, sign);
+                    unsigned char* dst = out + (row + cj) * size;
+                    ASSUME_ALIGNED(dst, BYTES);
+                    *(Access<BYTES>*)dst = a[j];
+                }
+            }
         }
+    }
+}
+
+template <u32 BYTES, u32 U>
+__device__ __forceinline__ void fused_dtype(const unsigned char* in, unsigned char* out, const float* et, u64 rows, u64 cols, int r, float sign, int dt) {
+    if (dt == 0) fused_wide<0, BYTES, U>(in, out, et, rows, cols, r, sign);
+    else if (dt == 1) fused_wide<1, BYTES, U>(in, out, et, rows, cols, r, sign);
+    else fused_wide<2, BYTES, U>(in, out, et, rows, cols, r, sign);
+}
+
+template <u32 U>
+__device__ __forceinline__ void fused(const unsigned char* in, unsigned char* out, const float* et, u64 rows, u64 cols, int r, float sign, int dt, int vec) {
+    if (vec == 16) {
+        fused_dtype<16, U>(in, out, et, rows, cols, r, sign, dt);
+        return;
+    }
+    if (vec == 8) {
+        fused_dtype<8, U>(in, out, et, rows, cols, r, sign, dt);
+        return;
+    }
+    each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) {
+        store_from_f32(out, k, dt, load_as_f32(in, k, dt) + sign * et[o * r + m]);
     });
 }
 
@@ -181,21 +241,14 @@ __device__ __forceinline__ void fused_wide(const unsigned char* in, unsigned cha
 // access, 16 or 8 (the host asks for a width only when a row holds whole groups of it, so every
 // access is aligned), else one element at a time.
 extern "C" __global__ void periodic_fused(const unsigned char* in, unsigned char* out, const float* et, u64 rows, u64 cols, int r, float sign, int dt, int vec) {
-    if (vec == 16) {
-        if (dt == 0) fused_wide<0, 16>(in, out, et, rows, cols, r, sign);
-        else if (dt == 1) fused_wide<1, 16>(in, out, et, rows, cols, r, sign);
-        else fused_wide<2, 16>(in, out, et, rows, cols, r, sign);
-        return;
-    }
-    if (vec == 8) {
-        if (dt == 0) fused_wide<0, 8>(in, out, et, rows, cols, r, sign);
-        else if (dt == 1) fused_wide<1, 8>(in, out, et, rows, cols, r, sign);
-        else fused_wide<2, 8>(in, out, et, rows, cols, r, sign);
-        return;
-    }
-    each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) {
-        store_from_f32(out, k, dt, load_as_f32(in, k, dt) + sign * et[o * r + m]);
-    });
+    fused<1>(in, out, et, rows, cols, r, sign, dt, vec);
+}
+
+// The same with four groups a thread in flight: a kernel of its own, since registers are counted per
+// kernel and its four accesses need more of them, which would cut how many threads the one-group
+// version keeps on each multiprocessor.
+extern "C" __global__ void periodic_fused_x4(const unsigned char* in, unsigned char* out, const float* et, u64 rows, u64 cols, int r, float sign, int dt, int vec) {
+    fused<4>(in, out, et, rows, cols, r, sign, dt, vec);
 }
 
 extern "C" __global__ void round_all(float* w, u64 n, int dt) {
@@ -211,17 +264,19 @@ pub enum Kernel {
     Encode,
     Periodic,
     PeriodicFused,
+    PeriodicFusedX4,
     BatMergePost,
     BatUnmergePre,
     RoundAll,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::Decode,
         Kernel::Encode,
         Kernel::Periodic,
         Kernel::PeriodicFused,
+        Kernel::PeriodicFusedX4,
         Kernel::BatMergePost,
         Kernel::BatUnmergePre,
         Kernel::RoundAll,
@@ -234,6 +289,7 @@ impl Kernel {
             Kernel::Encode => "encode",
             Kernel::Periodic => "periodic",
             Kernel::PeriodicFused => "periodic_fused",
+            Kernel::PeriodicFusedX4 => "periodic_fused_x4",
             Kernel::BatMergePost => "bat_merge_post",
             Kernel::BatUnmergePre => "bat_unmerge_pre",
             Kernel::RoundAll => "round_all",
@@ -400,19 +456,51 @@ fn dt_code(d: Float) -> i32 {
     }
 }
 
-/// The bytes `periodic_fused` moves per access: 16 or 8 where every row holds whole groups of that
-/// many bytes (so that every access is aligned), else 0 (one element at a time).
-/// `BONE_TOOL_ACCESS_BYTES=8` (or 0) caps it, to compare widths end to end.
-pub(crate) fn access_bytes(d: Float, cols: usize) -> usize {
-    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let cap =
-        *CAP.get_or_init(|| std::env::var("BONE_TOOL_ACCESS_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(16));
-    [16, 8].into_iter().find(|&b| b <= cap && cols % (b / d.size()) == 0).unwrap_or(0)
+/// How the one-pass add (`periodic_fused`) is launched: at most `max_bytes` bytes per access (16,
+/// 8, or 0: one element at a time) and `unroll` groups a thread has in flight (1 or 4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fused {
+    pub max_bytes: usize,
+    pub unroll: usize,
 }
 
-/// The grid for `periodic_fused`: a thread per group of `bytes` bytes, or per element (`bytes` 0).
-fn fused_grid(d: Float, rows: usize, cols: usize, bytes: usize) -> LaunchConfig {
-    grid_2d(rows, if bytes > 0 { cols / (bytes / d.size()) } else { cols })
+impl Fused {
+    /// What `--device cuda` uses: 16 bytes, one group a thread. `BONE_TOOL_ACCESS_BYTES=8` (or 0)
+    /// and `BONE_TOOL_UNROLL=4` change it, to compare end to end on a GPU.
+    pub fn configured() -> Fused {
+        static F: std::sync::OnceLock<Fused> = std::sync::OnceLock::new();
+        *F.get_or_init(|| {
+            let var =
+                |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+            Fused {
+                max_bytes: var("BONE_TOOL_ACCESS_BYTES", 16),
+                unroll: if var("BONE_TOOL_UNROLL", 1) == 4 { 4 } else { 1 },
+            }
+        })
+    }
+
+    /// Bytes per access for rows of `cols` elements of `d`: the widest allowed of 16 and 8 whose
+    /// groups every row holds whole (so that every access is aligned), else 0.
+    pub fn access_bytes(self, d: Float, cols: usize) -> usize {
+        [16, 8].into_iter().find(|&b| b <= self.max_bytes && cols % (b / d.size()) == 0).unwrap_or(0)
+    }
+
+    /// The kernel: `periodic_fused`, or `periodic_fused_x4` for four groups a thread.
+    pub(crate) fn kernel(self) -> Kernel {
+        if self.unroll == 4 {
+            Kernel::PeriodicFusedX4
+        } else {
+            Kernel::PeriodicFused
+        }
+    }
+
+    /// The grid: a thread per `unroll` groups of a row (per element when one at a time).
+    pub(crate) fn grid(self, d: Float, rows: usize, cols: usize) -> LaunchConfig {
+        match self.access_bytes(d, cols) {
+            0 => grid_2d(rows, cols),
+            bytes => grid_2d(rows, (cols / (bytes / d.size())).div_ceil(self.unroll)),
+        }
+    }
 }
 
 /// For `each_element`: rows on the grid's y axis (grid-stride beyond 65535), columns on x, in
@@ -596,7 +684,7 @@ impl Cuda {
         row0: usize,
         ops: &[Prepared],
     ) -> Result<()> {
-        program(&mut GpuExec { s, blas, k: &self.k, bufs, ups: vec![] }, d, rows, i, row0, ops)
+        program(&mut GpuExec { s, blas, k: &self.k, bufs, ups: vec![] }, d, rows, i, row0, ops, Fused::configured())
     }
 
     /// Kernel throughput on this GPU, for the GPU check: the one-pass default/mini add on bf16
@@ -623,11 +711,11 @@ impl Cuda {
         let d_et = s.clone_htod(&et).map_err(e("host to device copy"))?;
         let copy = timed("copy", 5, &mut || s.memcpy_dtod(&d_in, &mut d_out).map_err(e("copy")))?;
         let (rows64, cols64, r32, sign, dt) = (rows as u64, cols as u64, r as i32, 1f32, dt_code(Float::BF16));
-        let mut add = |bytes: usize| {
-            let (config, flag) = (fused_grid(Float::BF16, rows, cols, bytes), bytes as i32);
+        let mut add = |f: Fused| {
+            let (config, vec) = (f.grid(Float::BF16, rows, cols), f.access_bytes(Float::BF16, cols) as i32);
             timed("add", 5, &mut || {
                 unsafe {
-                    s.launch_builder(&self.k[Kernel::PeriodicFused as usize])
+                    s.launch_builder(&self.k[f.kernel() as usize])
                         .arg(&d_in)
                         .arg(&mut d_out)
                         .arg(&d_et)
@@ -636,22 +724,27 @@ impl Cuda {
                         .arg(&r32)
                         .arg(&sign)
                         .arg(&dt)
-                        .arg(&flag)
+                        .arg(&vec)
                         .launch(config)
                 }
                 .map(|_| ())
                 .map_err(e("periodic_fused"))
             })
         };
-        let (add16, add8, add_scalar) = (add(16)?, add(8)?, add(0)?);
-        let used = access_bytes(Float::BF16, cols);
-        let best = if used == 16 {
-            add16
-        } else if used == 8 {
-            add8
-        } else {
-            add_scalar
-        };
+        // every width, one and four groups a thread (the columns hold whole groups of every width)
+        let mut adds = vec![];
+        for (max_bytes, unroll) in [(16, 1), (16, 4), (8, 1), (8, 4), (0, 1)] {
+            let f = Fused { max_bytes, unroll };
+            adds.push((f, add(f)?));
+        }
+        let used = Fused::configured();
+        let used = Fused { max_bytes: used.access_bytes(Float::BF16, cols), ..used };
+        let best = adds.iter().find(|(f, _)| *f == used).map_or(f64::NAN, |a| a.1);
+        let fastest = adds.iter().copied().fold(adds[0], |m, a| if a.1 < m.1 { a } else { m });
+        let each: Vec<String> = adds
+            .iter()
+            .map(|(f, t)| format!("{}-byte x{} {:.1}", f.max_bytes.max(2), f.unroll, (n * 2 * 2) as f64 / t / 1e9))
+            .collect();
         drop((d_in, d_out, d_et));
         let mut w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
         let mut out: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
@@ -691,17 +784,20 @@ impl Cuda {
         Ok(format!(
             "kernels on {} ([{rows}, {cols}] bf16, r = {r}):\n  \
              device-to-device copy   {:8.1} GB/s\n  \
-             default add, one pass   {:8.1} GB/s ({:.0}% of the copy) with {used}-byte accesses (used); \
-             16-byte {:.1} GB/s, 8-byte {:.1} GB/s, 2-byte {:.1} GB/s\n  \
+             default add, one pass   {:8.1} GB/s ({:.0}% of the copy) with {}-byte accesses, {} a thread (used)\n  \
+             every launch, GB/s      {} (fastest: {}-byte x{}, {:.0}% of the copy)\n  \
              BAT strip GEMMs (f32)   {:8.1} GFLOP/s pedantic math (used), {:.1} GFLOP/s default math\n  \
              BAT + B_i pass (f32)    {:8.1} GB/s",
             self.name,
             bytes / copy / 1e9,
             bytes / best / 1e9,
             100.0 * copy / best,
-            bytes / add16 / 1e9,
-            bytes / add8 / 1e9,
-            bytes / add_scalar / 1e9,
+            used.max_bytes,
+            used.unroll,
+            each.join(", "),
+            fastest.0.max_bytes.max(2),
+            fastest.0.unroll,
+            100.0 * copy / fastest.1,
             flops / pedantic_gemm / 1e9,
             flops / default_gemm / 1e9,
             post_bytes / post / 1e9
@@ -832,7 +928,15 @@ pub(crate) fn scratch_lens(ops: &[Prepared], n: usize) -> (usize, usize) {
 /// The GPU version of [`crate::ops::apply_chain`] over the rows `row0..row0 + rows` of a weight with
 /// `i` columns: `In` (bytes of dtype `d`) is decoded, put through every op, and encoded into `Out`.
 /// The one-pass kernel does a lone default/mini add.
-pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: usize, ops: &[Prepared]) -> Result<()> {
+pub(crate) fn program(
+    x: &mut impl Exec,
+    d: Float,
+    rows: usize,
+    i: usize,
+    row0: usize,
+    ops: &[Prepared],
+    fused: Fused,
+) -> Result<()> {
     use Arg::{F32, I32, U64};
     use Mem::{In, Out, Tmp, W};
     let n = rows * i;
@@ -841,7 +945,6 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
     let (n64, rows64, cols64) = (n as u64, rows as u64, i as u64);
     if let [Prepared::Periodic { et, r, sign, .. }] = ops {
         let e = x.upload(&et[row0 * r..(row0 + rows) * r])?;
-        let vec = access_bytes(d, i);
         let args = [
             Arg::Mem(In),
             Arg::Mem(Out),
@@ -851,9 +954,9 @@ pub(crate) fn program(x: &mut impl Exec, d: Float, rows: usize, i: usize, row0: 
             I32(*r as i32),
             F32(*sign),
             I32(dt),
-            I32(vec as i32),
+            I32(fused.access_bytes(d, i) as i32),
         ];
-        return x.launch(Kernel::PeriodicFused, fused_grid(d, rows, i, vec), &args);
+        return x.launch(fused.kernel(), fused.grid(d, rows, i), &args);
     }
     x.launch(Kernel::Decode, grid(n), &[Arg::Mem(In), Arg::Mem(W), U64(n64), I32(dt)])?;
     for (k, op) in ops.iter().enumerate() {

@@ -7,7 +7,7 @@
 //! conversions, which are single PTX instructions on the GPU and GCC's `_Float16` here.
 //! `scripts/gpu-check.sh` covers those on a GPU.
 
-use super::cuda::{self, Arg, Exec, Kernel, Mem};
+use super::cuda::{self, Arg, Exec, Fused, Kernel, Mem};
 use crate::ops::dtype::Float;
 use crate::ops::{self, Prepared, Rounding};
 use anyhow::{anyhow, bail, ensure, Result};
@@ -340,6 +340,7 @@ fn both(
     rows: usize,
     chain: &[Prepared],
     small_grid: bool,
+    fused: Fused,
 ) -> Result<(Vec<u8>, Vec<u8>, Vec<Kernel>)> {
     let w = values(o * i, 0.5, (o * 31 + i) as u64);
     let mut all = vec![0u8; o * i * d.size()];
@@ -348,7 +349,7 @@ fn both(
     let mut cpu = vec![0u8; src.len()];
     ops::apply_chain(src, &mut cpu, d, rows, i, row0, chain, false);
     let mut x = HostExec::new(launch, src, chain, rows * i, small_grid);
-    cuda::program(&mut x, d, rows, i, row0, chain)?;
+    cuda::program(&mut x, d, rows, i, row0, chain, fused)?;
     Ok((cpu, x.mem[1].bytes(), x.launched))
 }
 
@@ -380,13 +381,27 @@ fn default_and_mini_chains_give_the_cpus_bytes() {
     for (o, i, r, mini) in shapes {
         default_and_mini_shape(launch, o, i, r, mini);
     }
-    // every access width of the one-pass add ran, in every dtype
+    // every access width of the one-pass add ran, in every dtype, with and without unrolling
     for d in [Float::F32, Float::F16, Float::BF16] {
-        let widths: std::collections::BTreeSet<usize> =
-            shapes.iter().map(|&(_, i, _, _)| cuda::access_bytes(d, i)).collect();
-        assert_eq!(widths.into_iter().collect::<Vec<_>>(), [0, 8, 16], "{d}");
+        for unroll in [1, 4] {
+            let widths: std::collections::BTreeSet<usize> =
+                shapes.iter().map(|&(_, i, _, _)| Fused { max_bytes: 16, unroll }.access_bytes(d, i)).collect();
+            assert_eq!(widths.into_iter().collect::<Vec<_>>(), [0, 8, 16], "{d}");
+        }
     }
 }
+
+/// The launches of the one-pass add the tests run: the default, each narrower width, and four
+/// groups a thread.
+const LAUNCHES: [Fused; 4] = [
+    Fused { max_bytes: 16, unroll: 1 },
+    Fused { max_bytes: 16, unroll: 4 },
+    Fused { max_bytes: 8, unroll: 4 },
+    Fused { max_bytes: 0, unroll: 1 },
+];
+
+/// For the chains without a one-pass add.
+const DEFAULT_LAUNCH: Fused = Fused { max_bytes: 16, unroll: 1 };
 
 fn default_and_mini_shape(launch: Launch, o: usize, i: usize, r: usize, mini: usize) {
     let def = values(r * o, 0.05, 7);
@@ -402,13 +417,15 @@ fn default_and_mini_shape(launch: Launch, o: usize, i: usize, r: usize, mini: us
         for (what, chain) in &chains {
             // the whole weight, and a piece from the middle
             for (row0, rows) in [(0, o), (o / 5 + 1, o / 2)] {
-                for small in [false, true] {
-                    let (cpu, gpu, launched) = both(launch, d, o, i, row0, rows, chain, small).unwrap();
-                    let what =
-                        format!("{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}", row0 + rows);
+                for (small, fused) in [false, true].into_iter().flat_map(|s| LAUNCHES.map(|f| (s, f))) {
+                    let (cpu, gpu, launched) = both(launch, d, o, i, row0, rows, chain, small, fused).unwrap();
+                    let what = format!(
+                        "{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}, {fused:?}",
+                        row0 + rows
+                    );
                     assert_agree(d, &cpu, &gpu, true, &what);
                     if chain.len() == 1 {
-                        assert_eq!(launched, [Kernel::PeriodicFused], "{what}: one pass");
+                        assert_eq!(launched, [fused.kernel()], "{what}: one pass");
                     }
                 }
             }
@@ -449,7 +466,7 @@ fn bat_shape(launch: Launch, o: usize, i: usize, r: usize) {
             // the whole weight, and a piece of whole strips from the middle
             for (row0, rows) in [(0, o), (2 * r, 3 * r)] {
                 for small in [false, true] {
-                    let (cpu, gpu, _) = both(launch, d, o, i, row0, rows, chain, small).unwrap();
+                    let (cpu, gpu, _) = both(launch, d, o, i, row0, rows, chain, small, DEFAULT_LAUNCH).unwrap();
                     let what =
                         format!("{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}", row0 + rows);
                     // the GEMMs sum in another order than the CPU's
@@ -466,7 +483,7 @@ fn the_one_pass_add_covers_rows_beyond_the_grids_65535() {
     let (o, i, r) = (70_000, 3, 2);
     let block = values(r * o, 0.05, 13);
     let chain = [periodic(&block, r, o, o, 1.0, Rounding::peft(Float::BF16))];
-    let (cpu, gpu, _) = both(launch, Float::BF16, o, i, 0, o, &chain, false).unwrap();
+    let (cpu, gpu, _) = both(launch, Float::BF16, o, i, 0, o, &chain, false, DEFAULT_LAUNCH).unwrap();
     assert_agree(Float::BF16, &cpu, &gpu, true, "70000 rows");
 }
 
