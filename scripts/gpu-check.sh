@@ -10,8 +10,9 @@
 #   3. the benchmark table for the 1b shape, cuda, gpu-only (--all-on-gpu) and cpu rows next to
 #      cp -r (3 runs), the per-phase timings of one cuda merge of each kind, and the 1b outputs of
 #      cpu, cuda and cuda --all-on-gpu compared byte for byte;
-#      then, interleaved, 1b merges on cpu, cuda, and cuda with the adds kept on the CPU
-#      (BONE_TOOL_ADDS_ON=cpu), timed as whole processes;
+#      then, interleaved, 1b merges on cpu, cuda, cuda with the adds kept on the CPU
+#      (BONE_TOOL_ADDS_ON=cpu) and cuda with the GPU kept to the end (BONE_TOOL_KEEP_DEVICE=1),
+#      timed as whole processes;
 #   4. gpu_check again on a few cases: synchronous one-lane path (BONE_TOOL_CUDA_LANES=1), and
 #      4 KB pieces so that many pieces are in flight;
 #   5. the 7b shape, cuda rows only (1 run), when the disk has room.
@@ -55,28 +56,37 @@ main() {
     timeout 60 "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" --out /tmp/t1b --force --device cuda --timings 2>&1 | tail -12
     rm -rf /tmp/t1b
   done
-  echo "== 1b A/B, --no-fsync, interleaved: process wall; the --timings summary of the last run of each"
-  # adds-cpu: BONE_TOOL_ADDS_ON=cpu, the adds stay on the CPU once the GPU is open (GEMMs on the GPU)
-  for kind in default bat; do
+  echo "== 1b A/B, interleaved: process wall of each run; the --timings summary of the last run of each"
+  # adds-cpu: BONE_TOOL_ADDS_ON=cpu, the adds stay on the CPU once the GPU is open (GEMMs on it);
+  # keep-device: BONE_TOOL_KEEP_DEVICE=1, the GPU is freed at the process's end, not once its last
+  # piece is back
+  ab() { # fsync flag ("" or --no-fsync), kind, variants...
+    local sync="$1" kind="$2"; shift 2
     for rep in 1 2 3; do
-      for v in cpu cuda adds-cpu; do
-        [ "$kind" = bat ] && [ "$v" = adds-cpu ] && continue
-        dev=cuda; [ "$v" = cpu ] && dev=cpu
-        env_v=(); [ "$v" = adds-cpu ] && env_v=(BONE_TOOL_ADDS_ON=cpu)
+      for v in "$@"; do
+        local dev=cuda env_v=()
+        [ "$v" = cpu ] && dev=cpu
+        [ "$v" = adds-cpu ] && env_v=(BONE_TOOL_ADDS_ON=cpu)
+        [ "$v" = keep-device ] && env_v=(BONE_TOOL_KEEP_DEVICE=1)
         rm -rf /tmp/ab
+        local t0 t1
         t0=$(date +%s.%N)
+        # shellcheck disable=SC2086
         env "${env_v[@]}" timeout 60 "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
-          --out /tmp/ab --no-fsync --device "$dev" --timings > "/tmp/ab-$kind-$v.log" 2>&1 || echo "FAILED: $kind $v"
+          --out /tmp/ab $sync --device "$dev" --timings > "/tmp/ab-$v.log" 2>&1 || echo "FAILED: $kind $v $sync"
         t1=$(date +%s.%N)
-        echo "  $kind $v run $rep: process wall $(echo "$t0 $t1" | awk '{printf "%.3f", $2 - $1}')s"
+        echo "  $kind ${sync:-fsync} $v run $rep: process wall $(echo "$t0 $t1" | awk '{printf "%.3f", $2 - $1}')s"
       done
     done
-    for v in cpu cuda adds-cpu; do
-      [ -f "/tmp/ab-$kind-$v.log" ] || continue
-      echo "  -- $kind $v:"; grep -E "compute |staging|waits|pipeline|device start|waited" "/tmp/ab-$kind-$v.log" | sed 's/^/  /'
+    for v in "$@"; do
+      echo "  -- $kind ${sync:-fsync} $v:"; grep -E "compute |staging|waits|pipeline|device start|waited" "/tmp/ab-$v.log" | sed 's/^/  /'
     done
-  done
-  rm -rf /tmp/ab /tmp/ab-*.log
+    rm -rf /tmp/ab /tmp/ab-*.log
+  }
+  ab --no-fsync default cpu cuda adds-cpu keep-device
+  ab --no-fsync bat cpu cuda keep-device
+  ab "" default cuda keep-device
+  ab "" bat cuda keep-device
   echo "== 1b outputs: cpu, cuda (the CPU adds while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu"
   for kind in default bat; do
     for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu"; do

@@ -65,6 +65,9 @@ pub struct RunOptions {
     /// Compute the chains whose bytes are the same on both on the CPU even once a GPU is open
     /// (the GPU does the GEMMs only).
     pub adds_on_cpu: bool,
+    /// Free a GPU as soon as its last piece is back, so that the driver's teardown runs beside
+    /// the writer's tail and fsyncs rather than at the process's exit.
+    pub release_early: bool,
     /// Write values that became inf or NaN instead of stopping.
     pub allow_non_finite: bool,
 }
@@ -329,6 +332,11 @@ pub fn run_into(
             land(&mut flight, 0, opened.device.unwrap_or(&cpu), check, busy, &mut spares, &send).map(|_| ())
         })();
         drop(to_writers);
+        if computed.is_ok() && opts.release_early {
+            if let Some(d) = opened.device {
+                d.release();
+            }
+        }
         let mut written = vec![];
         for w in writers {
             written
@@ -344,6 +352,9 @@ pub fn run_into(
             let before: [f64; 5] = opened.gpu_before.unwrap_or(now);
             [0, 1, 2, 3, 4].map(|k| now[k] - before[k])
         });
+        if opts.release_early {
+            device.release(); // one that opened only after the last piece
+        }
         let start = device.startup();
         let on_gpu = gpu.is_some();
         let timings = Timings {

@@ -18,7 +18,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::Instant;
 
 pub const KERNELS: &str = r#"
@@ -298,6 +298,23 @@ impl Kernel {
 }
 
 pub struct Cuda {
+    /// What lives on the GPU; None once released ([`Cuda::release`]).
+    gpu: RwLock<Option<Gpu>>,
+    name: String,
+    /// Nanoseconds spent copying to the device, in kernels (and the blocks' uploads), copying back,
+    /// and (on the host) copying into and out of the lanes' page-locked buffers.
+    phases: [AtomicU64; 5],
+    /// Seconds each step of starting took (the self-check is added by the caller).
+    pub startup: Vec<(&'static str, f64)>,
+    /// How many lanes `gpu` has (0: everything runs synchronously on its stream).
+    n_lanes: usize,
+    next_lane: AtomicUsize,
+    /// The thread that frees the GPU once released; joined when this is dropped.
+    releasing: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The context and everything made in it.
+struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     /// cuBLAS on `stream`: opened with the device when its chains have GEMMs (BAT), else on the
@@ -305,15 +322,8 @@ pub struct Cuda {
     blas: std::sync::OnceLock<CudaBlas>,
     /// Indexed by [`Kernel`].
     k: Vec<CudaFunction>,
-    name: String,
-    /// Nanoseconds spent copying to the device, in kernels (and the blocks' uploads), copying back,
-    /// and (on the host) copying into and out of the lanes' page-locked buffers.
-    phases: [AtomicU64; 5],
-    /// Seconds each step of starting took (the self-check is added by the caller).
-    pub startup: Vec<(&'static str, f64)>,
     /// The streams pieces are queued on (empty: everything runs synchronously on `stream`).
     lanes: Vec<Mutex<Lane>>,
-    next_lane: AtomicUsize,
 }
 
 /// The device buffers one piece runs in.
@@ -517,6 +527,34 @@ pub(crate) fn grid(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
+impl Gpu {
+    /// cuBLAS on the default stream, opened now if it was not with the device.
+    fn blas(&self) -> Result<&CudaBlas> {
+        if let Some(b) = self.blas.get() {
+            return Ok(b);
+        }
+        let _ = self.blas.set(new_blas(&self.stream)?);
+        Ok(self.blas.get().expect("just set"))
+    }
+
+    /// Run [`program`] for the chain on stream `s` (whose cuBLAS handle is `blas`, if the chain has
+    /// GEMMs), queued.
+    #[allow(clippy::too_many_arguments)]
+    fn run_ops(
+        &self,
+        s: &Arc<CudaStream>,
+        blas: Option<&CudaBlas>,
+        bufs: Buffers,
+        d: Float,
+        rows: usize,
+        i: usize,
+        row0: usize,
+        ops: &[Prepared],
+    ) -> Result<()> {
+        program(&mut GpuExec { s, blas, k: &self.k, bufs, ups: vec![] }, d, rows, i, row0, ops, Fused::configured())
+    }
+}
+
 impl Cuda {
     /// Open device 0; `gemm`: the chains to come have GEMMs (BAT), so cuBLAS is opened now too.
     pub fn new(gemm: bool) -> Result<Cuda> {
@@ -599,16 +637,35 @@ impl Cuda {
         };
         step(if gemm { "cuBLAS and lanes" } else { "lanes" });
         Ok(Cuda {
-            ctx,
-            stream,
-            blas,
-            k,
+            n_lanes: lanes.len(),
+            gpu: RwLock::new(Some(Gpu { ctx, stream, blas, k, lanes })),
             name,
             phases: Default::default(),
             startup,
-            lanes,
             next_lane: AtomicUsize::new(0),
+            releasing: Mutex::new(None),
         })
+    }
+
+    /// The GPU's state for a call; an error once it was released.
+    fn state(&self) -> Result<RwLockReadGuard<'_, Option<Gpu>>> {
+        let guard = self.gpu.read().map_err(|_| anyhow!("the GPU's state was poisoned"))?;
+        anyhow::ensure!(guard.is_some(), "internal error: the GPU was used after it was released");
+        Ok(guard)
+    }
+
+    /// Free everything on the GPU (buffers, cuBLAS, streams, kernels, the context) on a thread of
+    /// its own, once the work needs it no more: the driver's teardown, which took 0.15-0.2 s at the
+    /// H200 machine's process exits, then runs beside the writer's tail and its fsyncs. The name,
+    /// the counters and the start-up steps stay; any other call is an error afterwards.
+    pub fn release(&self) {
+        let Some(gpu) = self.gpu.write().ok().and_then(|mut g| g.take()) else { return };
+        let handle = std::thread::spawn(move || {
+            // the frees run in the context, as on the thread that used it
+            let _ = gpu.ctx.bind_to_thread();
+            drop(gpu);
+        });
+        *self.releasing.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
     }
 
     pub fn name(&self) -> &str {
@@ -620,8 +677,8 @@ impl Cuda {
         self.phases.each_ref().map(|a| a.load(Ordering::Relaxed) as f64 * 1e-9)
     }
 
-    fn phase_done(&self, phase: usize, since: &mut Instant) -> Result<()> {
-        self.stream.synchronize().map_err(|e| anyhow!("CUDA synchronize: {e:?}"))?;
+    fn phase_done(&self, s: &CudaStream, phase: usize, since: &mut Instant) -> Result<()> {
+        s.synchronize().map_err(|e| anyhow!("CUDA synchronize: {e:?}"))?;
         self.phases[phase].fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
         *since = Instant::now();
         Ok(())
@@ -642,56 +699,34 @@ impl Cuda {
     ) -> Result<()> {
         let n = rows * i;
         anyhow::ensure!(src.len() == n * d.size() && dst.len() == src.len(), "apply_chain: byte counts");
+        let guard = self.state()?;
+        let g = guard.as_ref().expect("state() checks");
         // The device may have been opened on another thread: its context becomes this thread's.
-        self.ctx.bind_to_thread().map_err(e("context"))?;
-        let s = &self.stream;
+        g.ctx.bind_to_thread().map_err(e("context"))?;
+        let s = &g.stream;
         let mut since = Instant::now();
         let d_in: CudaSlice<u8> = s.clone_htod(src).map_err(e("host to device copy"))?;
-        self.phase_done(0, &mut since)?;
+        self.phase_done(s, 0, &mut since)?;
         let (w_len, tmp_len) = scratch_lens(ops, n);
         let mut w: CudaSlice<f32> = s.alloc_zeros(w_len).map_err(e("allocation"))?;
         let mut tmp: CudaSlice<f32> = s.alloc_zeros(tmp_len).map_err(e("allocation"))?;
         let mut d_out: CudaSlice<u8> = s.alloc_zeros(src.len()).map_err(e("allocation"))?;
         let bufs = Buffers { d_in: &d_in, w: &mut w, tmp: &mut tmp, d_out: &mut d_out };
-        let blas = if super::has_gemm(ops) { Some(self.blas()?) } else { None };
-        self.run_ops(s, blas, bufs, d, rows, i, row0, ops)?;
-        self.phase_done(1, &mut since)?;
+        let blas = if super::has_gemm(ops) { Some(g.blas()?) } else { None };
+        g.run_ops(s, blas, bufs, d, rows, i, row0, ops)?;
+        self.phase_done(s, 1, &mut since)?;
         s.memcpy_dtoh(&d_out, dst).map_err(e("device to host copy"))?;
-        self.phase_done(2, &mut since)?;
+        self.phase_done(s, 2, &mut since)?;
         Ok(())
-    }
-
-    /// cuBLAS on the default stream, opened now if it was not with the device.
-    fn blas(&self) -> Result<&CudaBlas> {
-        if let Some(b) = self.blas.get() {
-            return Ok(b);
-        }
-        let _ = self.blas.set(new_blas(&self.stream)?);
-        Ok(self.blas.get().expect("just set"))
-    }
-
-    /// Run [`program`] for the chain on stream `s` (whose cuBLAS handle is `blas`, if the chain has
-    /// GEMMs), queued.
-    #[allow(clippy::too_many_arguments)]
-    fn run_ops(
-        &self,
-        s: &Arc<CudaStream>,
-        blas: Option<&CudaBlas>,
-        bufs: Buffers,
-        d: Float,
-        rows: usize,
-        i: usize,
-        row0: usize,
-        ops: &[Prepared],
-    ) -> Result<()> {
-        program(&mut GpuExec { s, blas, k: &self.k, bufs, ups: vec![] }, d, rows, i, row0, ops, Fused::configured())
     }
 
     /// Kernel throughput on this GPU, for the GPU check: the one-pass default/mini add on bf16
     /// (GB/s of bytes read and written, next to a device-to-device copy of the same bytes, which is
     /// about what the memory can do), and the BAT strip GEMMs (GFLOP/s, r = 64).
     pub fn bench_kernels(&self) -> Result<String> {
-        let s = &self.stream;
+        let guard = self.state()?;
+        let g = guard.as_ref().expect("state() checks");
+        let s = &g.stream;
         let (rows, cols, r) = (16_384usize, 16_384usize, 64usize);
         let n = rows * cols;
         let timed = |what: &str, reps: usize, f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
@@ -715,7 +750,7 @@ impl Cuda {
             let (config, vec) = (f.grid(Float::BF16, rows, cols), f.access_bytes(Float::BF16, cols) as i32);
             timed("add", 5, &mut || {
                 unsafe {
-                    s.launch_builder(&self.k[f.kernel() as usize])
+                    s.launch_builder(&g.k[f.kernel() as usize])
                         .arg(&d_in)
                         .arg(&mut d_out)
                         .arg(&d_et)
@@ -755,14 +790,14 @@ impl Cuda {
             unsafe { blas.gemm_strided_batched(cfg, &blocks, &w, &mut out) }
                 .map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))
         };
-        let pedantic_gemm = timed("gemm", 5, &mut || gemm(self.blas()?))?;
+        let pedantic_gemm = timed("gemm", 5, &mut || gemm(g.blas()?))?;
         // cuBLAS's default math keeps SGEMM in f32 too (TF32 only when asked for): is pedantic slower?
         let default_blas = CudaBlas::new(s.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
         let default_gemm = timed("gemm", 5, &mut || gemm(&default_blas))?;
         let (once, rnd) = (0i32, 1i32);
         let post = timed("bat_merge_post", 5, &mut || {
             unsafe {
-                s.launch_builder(&self.k[Kernel::BatMergePost as usize])
+                s.launch_builder(&g.k[Kernel::BatMergePost as usize])
                     .arg(&mut w)
                     .arg(&out)
                     .arg(&blocks)
@@ -807,7 +842,7 @@ impl Cuda {
     /// Pieces that may be in flight at once: the lanes (`BONE_TOOL_CUDA_LANES`, default 2; 1 runs
     /// every piece synchronously with [`Cuda::apply_chain`]).
     pub fn lanes(&self) -> usize {
-        self.lanes.len().max(1)
+        self.n_lanes.max(1)
     }
 
     /// Queue a chain on the next lane: the bytes are copied into its page-locked buffer, then the
@@ -816,12 +851,14 @@ impl Cuda {
     pub fn enqueue(&self, src: &[u8], d: Float, rows: usize, i: usize, row0: usize, ops: &[Prepared]) -> Result<usize> {
         let n = rows * i;
         anyhow::ensure!(src.len() == n * d.size(), "enqueue: byte count");
-        self.ctx.bind_to_thread().map_err(e("context"))?;
-        let k = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
-        let mut guard = self.lanes[k].lock().map_err(|_| anyhow!("a GPU lane was poisoned"))?;
+        let state = self.state()?;
+        let g = state.as_ref().expect("state() checks");
+        g.ctx.bind_to_thread().map_err(e("context"))?;
+        let k = self.next_lane.fetch_add(1, Ordering::Relaxed) % g.lanes.len();
+        let mut guard = g.lanes[k].lock().map_err(|_| anyhow!("a GPU lane was poisoned"))?;
         let lane = &mut *guard;
         anyhow::ensure!(lane.pending.is_none(), "internal error: GPU lane {k} reused before it was collected");
-        lane.reserve(&self.ctx, src.len(), n)?;
+        lane.reserve(&g.ctx, src.len(), n)?;
         if super::has_gemm(ops) && lane.blas.is_none() {
             lane.blas = Some(new_blas(&lane.stream)?);
         }
@@ -842,7 +879,7 @@ impl Cuda {
         }
         lane.marks[1].record(s).map_err(e("event"))?;
         let bufs = Buffers { d_in: &l.d_in, w: &mut l.w, tmp: &mut l.tmp, d_out: &mut l.d_out };
-        self.run_ops(s, lane.blas.as_ref(), bufs, d, rows, i, row0, ops)?;
+        g.run_ops(s, lane.blas.as_ref(), bufs, d, rows, i, row0, ops)?;
         lane.marks[2].record(s).map_err(e("event"))?;
         {
             let (dev, _sync) = l.d_out.device_ptr(s);
@@ -859,11 +896,13 @@ impl Cuda {
     /// Wait for lane `k`'s chain and copy its result into `dst`; with `check_finite`, returns the
     /// first value that became inf or NaN (against `src`, the piece's bytes), found as it is copied.
     pub fn collect(&self, k: usize, src: &[u8], dst: &mut [u8], d: Float, check_finite: bool) -> Result<Option<usize>> {
-        let mut guard = self.lanes[k].lock().map_err(|_| anyhow!("a GPU lane was poisoned"))?;
+        let state = self.state()?;
+        let g = state.as_ref().expect("state() checks");
+        let mut guard = g.lanes[k].lock().map_err(|_| anyhow!("a GPU lane was poisoned"))?;
         let lane = &mut *guard;
         let len = lane.pending.take().ok_or_else(|| anyhow!("internal error: GPU lane {k} has nothing to collect"))?;
         anyhow::ensure!(dst.len() == len, "collect: byte count");
-        self.ctx.bind_to_thread().map_err(e("context"))?;
+        g.ctx.bind_to_thread().map_err(e("context"))?;
         let t = Instant::now();
         lane.marks[3].synchronize().map_err(e("synchronize"))?;
         self.phases[4].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -878,6 +917,17 @@ impl Cuda {
         Ok(bad)
     }
 }
+
+impl Drop for Cuda {
+    /// A released GPU is freed before this returns: no thread is left inside the driver as the
+    /// process exits.
+    fn drop(&mut self) {
+        if let Some(t) = self.releasing.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// `dst = src` on the rayon pool, which is idle while a GPU computes: one core copies a 16 MB piece
 /// into page-locked memory at well below the bandwidth several do.
 fn par_copy(dst: &mut [u8], src: &[u8]) {

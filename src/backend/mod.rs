@@ -234,6 +234,15 @@ impl Device {
         Err("this bone-tool was built without the `cuda` feature".to_string())
     }
 
+    /// Free a GPU once the work needs it no more, on a thread of its own (see
+    /// [`cuda::Cuda::release`]); nothing on the CPU. Only its name and counters are used afterwards.
+    pub fn release(&self) {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(g) = self {
+            g.release();
+        }
+    }
+
     /// Seconds so far in host-to-device copies, kernels, device-to-host copies, the host's copies
     /// into and out of page-locked buffers, and the host waiting for results (None on the CPU).
     pub fn gpu_phases(&self) -> Option<[f64; 5]> {

@@ -149,6 +149,8 @@ fn run_opening(
         // An experiment for the GPU machine: are the adds faster on its CPU than through the GPU's
         // copies? (scripts/gpu-check.sh times both)
         adds_on_cpu: !opts.all_on_gpu && std::env::var("BONE_TOOL_ADDS_ON").is_ok_and(|v| v == "cpu"),
+        // BONE_TOOL_KEEP_DEVICE=1 keeps the GPU to the end, to time what releasing it early saves
+        release_early: std::env::var_os("BONE_TOOL_KEEP_DEVICE").is_none(),
     };
     let targets: Vec<_> = plans
         .iter()

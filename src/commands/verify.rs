@@ -42,7 +42,13 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
     } else {
         ProgressBar::with_draw_target(Some(input.data_bytes()), ProgressDrawTarget::stderr())
     };
-    let run_opts = RunOptions { fsync: false, allow_non_finite: true, cpu_while_opening: false, adds_on_cpu: false };
+    let run_opts = RunOptions {
+        fsync: false,
+        allow_non_finite: true,
+        cpu_while_opening: false,
+        adds_on_cpu: false,
+        release_early: false,
+    };
     let started = std::time::Instant::now();
     let output = execute::Output { plan: &plan, adapters: &adapters, sink: Sink::Compare(&expected) };
     let report = execute::run_into(vec![output], &input, &device, run_opts, &progress)?;
