@@ -625,11 +625,13 @@ impl Cuda {
             other => other?,
         };
         step(if from_cache { "kernels (cached PTX)" } else { "kernels (NVRTC)" });
+        let n_lanes = std::env::var("BONE_TOOL_CUDA_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(2usize);
+        // the default stream's cuBLAS serves the synchronous path: with lanes, each has its own
+        // and this one opens only if asked for (the kernel benchmark)
         let blas = std::sync::OnceLock::new();
-        if gemm {
+        if gemm && n_lanes <= 1 {
             let _ = blas.set(new_blas(&stream)?);
         }
-        let n_lanes = std::env::var("BONE_TOOL_CUDA_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(2usize);
         let lanes = if n_lanes > 1 {
             (0..n_lanes).map(|_| Lane::new(&ctx, gemm).map(Mutex::new)).collect::<Result<Vec<_>>>()?
         } else {
