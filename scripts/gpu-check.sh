@@ -7,7 +7,8 @@
 #      (examples/gpu_kernels: one-pass default add against a device-to-device copy, BAT GEMMs);
 #   2. gpu_check: every fixture merged and unmerged on cuda (two lanes, pipelined) and on cpu,
 #      compared (one unit, or in f32 2^-18 of the largest value: Float::disagreement);
-#   3. the benchmark table for the 1b shape, cuda, gpu-only (--all-on-gpu) and cpu rows next to
+#   3. the benchmark table for the 1b shape, cuda and cpu rows (DEVICES adds others: gpu-only is
+#      --all-on-gpu) next to
 #      cp -r (3 runs), the per-phase timings of one cuda merge of each kind, and the 1b outputs of
 #      cpu, cuda and cuda --all-on-gpu compared byte for byte;
 #      then, interleaved, 1b merges on cpu, cuda, cuda with the adds kept on the CPU
@@ -50,7 +51,7 @@ main() {
   echo "== gpu_check (cuda, 2 lanes, vs cpu on every fixture)"
   timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures; echo "gpu_check exit $?"
   echo "== bench 1b"
-  DEVICES="cuda gpu-only cpu" timeout 200 bash bench/run.sh 1b 3 2>&1 | tail -25
+  DEVICES="${DEVICES:-cuda cpu}" timeout 200 bash bench/run.sh 1b 3 2>&1 | tail -25
   for kind in default bat; do
     echo "-- timings: cuda merge $kind (1b)"
     timeout 60 "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" --out /tmp/t1b --force --device cuda --timings 2>&1 | tail -12
