@@ -368,7 +368,7 @@ impl Lane {
     }
 
     /// Make the buffers hold a piece of `bytes` bytes and `elems` elements, and at least any whole
-    /// piece of the pipeline ([`lane_sizes`]), so that the first allocation (the self-check's)
+    /// piece of the pipeline ([`lane_sizes`]), so that the first allocation (at the device's start)
     /// serves the whole run: growing means a synchronize and page-locking the staging buffers anew.
     fn reserve(&mut self, ctx: &Arc<CudaContext>, bytes: usize, elems: usize) -> Result<()> {
         if self.bufs.as_ref().is_some_and(|b| b.bytes >= bytes && b.elems >= elems) {
@@ -632,12 +632,20 @@ impl Cuda {
         if gemm && n_lanes <= 1 {
             let _ = blas.set(new_blas(&stream)?);
         }
-        let lanes = if n_lanes > 1 {
+        let mut lanes = if n_lanes > 1 {
             (0..n_lanes).map(|_| Lane::new(&ctx, gemm).map(Mutex::new)).collect::<Result<Vec<_>>>()?
         } else {
             vec![]
         };
         step(if gemm { "cuBLAS and lanes" } else { "lanes" });
+        // each lane's buffers, for a whole piece, now rather than at its first piece: a step of its
+        // own, as page-locking host memory is the driver's slow path
+        for lane in &mut lanes {
+            lane.get_mut().map_err(|_| anyhow!("a GPU lane was poisoned"))?.reserve(&ctx, 0, 0)?;
+        }
+        if !lanes.is_empty() {
+            step("lane buffers");
+        }
         Ok(Cuda {
             n_lanes: lanes.len(),
             gpu: RwLock::new(Some(Gpu { ctx, stream, blas, k, lanes })),
