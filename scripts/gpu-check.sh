@@ -21,9 +21,12 @@
 #   returns only the last 12,000 characters; sections after 1-3 are skipped once 420 s have gone,
 #   so that a 540 s call ends with its summary rather than being cut off (GPU_CHECK_LATE_S=N moves
 #   that mark; SKIP_7B=1 leaves out section 5). Each step is stopped after 150 s (a hang in one
-#   step must not eat the whole call).
+#   step must not eat the whole call). SECTIONS="kernels bench ab" runs only those (of select,
+#   startend, kernels, check, bench, ab, outputs, lanes1, small, 7b): a second, shorter call that
+#   confirms a change.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+want() { [ -z "${SECTIONS:-}" ] || [[ " $SECTIONS " == *" $1 "* ]]; }
 late() { if [ "$SECONDS" -gt "${GPU_CHECK_LATE_S:-420}" ]; then echo "skipped: $SECONDS s gone"; return 0; fi; return 1; }
 main() {
   bin="$PWD/.device-bin"
@@ -31,12 +34,15 @@ main() {
   export BONE_TOOL_PREBUILT="$bin" BENCH_DIR="${BENCH_DIR:-/tmp/bone-bench}"
   echo "== machine"; nproc; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | head -3
   [ -z "${PROBE:-}" ] || { echo "== probe"; bash "$PROBE"; }
-  echo "== device selection"
   export BONE_TOOL_CACHE_DIR=/tmp/bone-tool-cache
+  if want select; then
+  echo "== device selection"
   rm -rf "$BONE_TOOL_CACHE_DIR"
   timeout 60 "$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1
   echo "-- again, kernels from the PTX cache:"
   "$bin/bone-tool" merge --base fixtures/bases/llama-bf16 --adapter fixtures/cases/bone-bat-bf16/adapter --out /tmp/sel --force --device cuda --timings 2>&1 | grep "device start"
+  fi
+  if want startend; then
   echo "== start and end (a default merge's device, a BAT merge's; the end by drop or by exit)"
   for kind in default bat; do
     for end in drop exit drop exit; do
@@ -46,10 +52,16 @@ main() {
       echo "  $kind $end: process wall $(echo "$t0 $t1" | awk '{printf "%.3f", $2 - $1}')s"
     done
   done
+  fi
+  if want kernels; then
   echo "== kernels"
   timeout 150 "$bin/gpu_kernels"; echo "gpu_kernels exit $?"
+  fi
+  if want check; then
   echo "== gpu_check (cuda, 2 lanes, vs cpu on every fixture)"
   timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures; echo "gpu_check exit $?"
+  fi
+  if want bench; then
   echo "== bench 1b"
   DEVICES="${DEVICES:-cuda cpu}" timeout 200 bash bench/run.sh 1b 3 2>&1 | tail -25
   for kind in default bat; do
@@ -57,6 +69,11 @@ main() {
     timeout 60 "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" --out /tmp/t1b --force --device cuda --timings 2>&1 | tail -12
     rm -rf /tmp/t1b
   done
+  fi
+  if { want ab || want outputs; } && [ ! -f "$BENCH_DIR/1b/base/config.json" ]; then
+    "$bin/synth" --shape 1b --out "$BENCH_DIR/1b" > /dev/null
+  fi
+  if want ab; then
   echo "== 1b A/B, interleaved: process wall of each run; the --timings summary of the last run of each"
   # adds-cpu: BONE_TOOL_ADDS_ON=cpu, the adds stay on the CPU once the GPU is open (GEMMs on it);
   # keep-device: BONE_TOOL_KEEP_DEVICE=1, the GPU is freed at the process's end, not once its last
@@ -88,6 +105,8 @@ main() {
   ab --no-fsync bat cpu cuda keep-device
   ab "" default cuda keep-device
   ab "" bat cuda keep-device
+  fi
+  if want outputs; then
   echo "== 1b outputs: cpu, cuda (the CPU adds while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu"
   for kind in default bat; do
     for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu"; do
@@ -107,11 +126,17 @@ main() {
     done
     rm -rf /tmp/same-*
   done
+  fi
+  if want lanes1; then
   echo "== gpu_check, one lane (synchronous path)"
   late || BONE_TOOL_CUDA_LANES=1 timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures bat-bf16,mini,tail; echo "exit $?"
+  fi
+  if want small; then
   echo "== gpu_check, 4 KB pieces (many in flight)"
   late || BONE_TOOL_PIECE_BYTES=4096 timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures bat-bf16,mini,tail; echo "exit $?"
+  fi
   rm -rf "$BENCH_DIR/1b"
+  if want 7b; then
   echo "== bench 7b"
   if late; then :
   elif [ -n "${SKIP_7B:-}" ]; then echo "skipped: SKIP_7B"
@@ -119,6 +144,7 @@ main() {
     DEVICES="cuda" bash bench/run.sh 7b 1 2>&1 | tail -14
   else
     echo "skipped: less than 58 GB free for the 7b model and its outputs"
+  fi
   fi
   echo "== done in $SECONDS s"
 }
