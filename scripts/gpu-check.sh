@@ -77,7 +77,8 @@ main() {
   echo "== 1b A/B, interleaved: process wall of each run; the --timings summary of the last run of each"
   # adds-cpu: BONE_TOOL_ADDS_ON=cpu, the adds stay on the CPU once the GPU is open (GEMMs on it);
   # keep-device: BONE_TOOL_KEEP_DEVICE=1, the GPU is freed at the process's end, not once its last
-  # piece is back
+  # piece is back; pread: BONE_TOOL_READ=pread, pieces read into pooled buffers rather than mapped
+  # (no mmap/munmap per piece while the driver starts beside the pipeline)
   ab() { # fsync flag ("" or --no-fsync), kind, variants...
     local sync="$1" kind="$2"; shift 2
     for rep in 1 2 3; do
@@ -86,6 +87,8 @@ main() {
         [ "$v" = cpu ] && dev=cpu
         [ "$v" = adds-cpu ] && env_v=(BONE_TOOL_ADDS_ON=cpu)
         [ "$v" = keep-device ] && env_v=(BONE_TOOL_KEEP_DEVICE=1)
+        [ "$v" = pread ] && env_v=(BONE_TOOL_READ=pread)
+        [ "$v" = adds-cpu-pread ] && env_v=(BONE_TOOL_ADDS_ON=cpu BONE_TOOL_READ=pread)
         rm -rf /tmp/ab
         local t0 t1
         t0=$(date +%s.%N)
@@ -101,7 +104,7 @@ main() {
     done
     rm -rf /tmp/ab /tmp/ab-*.log
   }
-  ab --no-fsync default cpu cuda adds-cpu keep-device
+  ab --no-fsync default cpu cuda adds-cpu keep-device pread adds-cpu-pread
   ab --no-fsync bat cpu cuda keep-device
   ab "" default cuda keep-device
   ab "" bat cuda keep-device

@@ -448,6 +448,7 @@ fn read_all<'a>(
     let flat: Vec<Vec<&'a TensorJob>> =
         plans.iter().map(|p| p.shards.iter().flat_map(|s| s.jobs.iter()).collect()).collect();
     let mut at = vec![0usize; flat.len()];
+    let reads = Reads::new();
     loop {
         check_interrupt()?;
         let next: Vec<Option<&TensorJob>> = flat.iter().zip(&at).map(|(f, &i)| f.get(i).copied()).collect();
@@ -464,9 +465,32 @@ fn read_all<'a>(
                 at[k] += 1;
             }
         }
-        if !tensor_pieces(&sources, send)? {
+        if !tensor_pieces(&sources, &reads, send)? {
             return Ok(false);
         }
+    }
+}
+
+/// How the reader gets the bytes a piece computes from: mapped (the default: no copy, the reader
+/// faults the pages in), or with `BONE_TOOL_READ=pread` read into buffers that come back when the
+/// piece is done (a copy, but no mapping made or removed per piece: an experiment for a GPU
+/// machine, where the driver starting beside the pipeline slowed the CPU's adds 2-4x).
+struct Reads {
+    pread: bool,
+    pool: (std::sync::mpsc::Sender<Vec<u8>>, Receiver<Vec<u8>>),
+}
+
+impl Reads {
+    fn new() -> Reads {
+        Reads { pread: std::env::var("BONE_TOOL_READ").is_ok_and(|v| v == "pread"), pool: std::sync::mpsc::channel() }
+    }
+
+    fn get(&self, file: &SafetensorsFile, start: u64, len: usize) -> Result<TensorBytes> {
+        if !self.pread {
+            return file.map_range(start, len);
+        }
+        let buf = self.pool.1.try_recv().unwrap_or_default();
+        file.read_range(start, len, buf, self.pool.0.clone())
     }
 }
 
@@ -527,7 +551,11 @@ fn row_view(t: &TensorEntry) -> (usize, usize) {
 
 /// Cut one tensor into pieces for every output that writes it, the same rows for all of them in
 /// turn, so that the base's bytes are read once while every output uses them.
-fn tensor_pieces<'a>(sources: &[Source<'a>], send: &mut dyn FnMut(usize, Piece<'a>) -> bool) -> Result<bool> {
+fn tensor_pieces<'a>(
+    sources: &[Source<'a>],
+    reads: &Reads,
+    send: &mut dyn FnMut(usize, Piece<'a>) -> bool,
+) -> Result<bool> {
     let job = sources[0].job;
     let total = job.src.len_bytes();
     if sources.iter().all(|s| s.chain.is_none()) || total == 0 {
@@ -563,7 +591,7 @@ fn tensor_pieces<'a>(sources: &[Source<'a>], send: &mut dyn FnMut(usize, Piece<'
                 Some(chain) => {
                     let src = match &s.converted {
                         Some(all) => TensorBytes::Shared { data: Arc::clone(all), off, len },
-                        None => s.file.map_range(s.entry.start + off as u64, len)?,
+                        None => reads.get(s.file, s.entry.start + off as u64, len)?,
                     };
                     Piece::Rows { job: s.job, chain: Arc::clone(chain), row0, src, last }
                 }

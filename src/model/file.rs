@@ -129,9 +129,11 @@ impl SafetensorsFile {
     }
 }
 
-/// Bytes of a tensor: mapped from its file, or a range of a buffer held in memory.
+/// Bytes of a tensor: mapped from its file, read into a buffer of a pool, or a range of a buffer
+/// held in memory.
 pub enum TensorBytes {
     Mapped { map: memmap2::Mmap, off: usize, len: usize },
+    Read(Pooled),
     Shared { data: std::sync::Arc<Vec<u8>>, off: usize, len: usize },
 }
 
@@ -139,8 +141,42 @@ impl TensorBytes {
     pub fn bytes(&self) -> &[u8] {
         match self {
             TensorBytes::Mapped { map, off, len } => &map[*off..*off + *len],
+            TensorBytes::Read(p) => &p.data[..p.len],
             TensorBytes::Shared { data, off, len } => &data[*off..*off + *len],
         }
+    }
+}
+
+/// A buffer that goes back to its pool when dropped (the reader reuses it: no fresh pages).
+pub struct Pooled {
+    data: Vec<u8>,
+    len: usize,
+    home: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let _ = self.home.send(std::mem::take(&mut self.data));
+    }
+}
+
+impl SafetensorsFile {
+    /// `len` bytes at absolute offset `start`, read with `pread` into `buf` (grown as needed),
+    /// which goes back to `home` once the bytes are dropped. No mapping is made or removed: a
+    /// process whose other threads map and unmap memory (a GPU driver starting) does not wait
+    /// for them.
+    pub fn read_range(
+        &self,
+        start: u64,
+        len: usize,
+        mut buf: Vec<u8>,
+        home: std::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<TensorBytes> {
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        self.read_at(start, &mut buf[..len])?;
+        Ok(TensorBytes::Read(Pooled { data: buf, len, home }))
     }
 }
 
@@ -198,4 +234,31 @@ pub fn build_header(tensors: &[(String, Dtype, Vec<usize>)]) -> Result<Vec<u8>> 
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pooled_read_has_the_files_bytes_and_its_buffer_comes_back_when_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let header = build_header(&[("w".into(), Dtype::U8, vec![100])]).unwrap();
+        let data: Vec<u8> = (0..100u8).collect();
+        std::fs::write(&path, [header, data.clone()].concat()).unwrap();
+        let f = SafetensorsFile::open(&path).unwrap();
+        let start = f.get("w").unwrap().start;
+        let (home, pool) = std::sync::mpsc::channel();
+        // a recycled buffer larger than asked for, with old bytes in it
+        let bytes = f.read_range(start + 10, 20, vec![0xAA; 64], home.clone()).unwrap();
+        assert_eq!(bytes.bytes(), &data[10..30]);
+        assert!(pool.try_recv().is_err(), "not back while the bytes live");
+        drop(bytes);
+        let back = pool.try_recv().expect("back in the pool once dropped");
+        assert_eq!(back.len(), 64, "the same buffer, not a new one");
+        // a smaller buffer grows
+        let bytes = f.read_range(start, 100, back, home).unwrap();
+        assert_eq!(bytes.bytes(), &data[..]);
+    }
 }
