@@ -695,7 +695,7 @@ impl Cuda {
     }
 
     /// The GPU version of [`crate::ops::apply_chain`], synchronous, on the default stream with
-    /// pageable copies: the one-lane path (`BONE_TOOL_CUDA_LANES=1`) and the self-check.
+    /// pageable copies: the one-lane path (`BONE_TOOL_CUDA_LANES=1`).
     #[allow(clippy::too_many_arguments)]
     pub fn apply_chain(
         &self,
