@@ -189,6 +189,42 @@ fn max_shard_size_reshards_greedily_with_a_fresh_index() {
     assert!(peft.iter().all(|(k, t)| ours[k].data == t.data));
 }
 
+#[test]
+fn shards_written_side_by_side_are_the_same_files() {
+    // One writer per shard at a time (BONE_TOOL_WRITERS) against one writer for all: the same
+    // bytes in every file. The sharded fixtures (3 and 2 files, BAT and default, lm_head replaced),
+    // and a re-sharding into 10 KB files, more files than writers, so that they go in groups.
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        ("bases/llama-bf16-sharded", "cases/miss-default-sharded-bf16/adapter", None),
+        ("bases/llama-f32-sharded", "cases/bone-bat-sharded-f32/adapter", None),
+        ("bases/llama-f32", "cases/bone-bat-f32/adapter", Some("10KB")),
+    ];
+    for (n, (base, adapter, max)) in cases.iter().enumerate() {
+        let mut outs = vec![];
+        for writers in ["1", "2", "3", "8"] {
+            let out = tmp.path().join(format!("{n}-{writers}"));
+            let mut args = vec!["-q", "merge", "--base", "", "--adapter", "", "--out", ""];
+            let (b, a, o) = (fixtures().join(base), fixtures().join(adapter), out.clone());
+            args[3] = b.to_str().unwrap();
+            args[5] = a.to_str().unwrap();
+            args[7] = o.to_str().unwrap();
+            if let Some(m) = max {
+                args.extend(["--max-shard-size", m]);
+            }
+            ok(&bin().args(&args).env("BONE_TOOL_WRITERS", writers).output().unwrap());
+            outs.push(
+                digest(&out).into_iter().map(|(p, d)| (p.file_name().unwrap().to_owned(), d)).collect::<Vec<_>>(),
+            );
+        }
+        let files = outs[0].iter().filter(|(p, _)| p.to_string_lossy().ends_with(".safetensors")).count();
+        assert!(files >= 2, "case {n}: {files} files, not sharded");
+        for (k, o) in outs.iter().enumerate().skip(1) {
+            assert!(o == &outs[0], "case {n}: writers {} wrote other files than one writer", ["1", "2", "3", "8"][k]);
+        }
+    }
+}
+
 fn reshard_check(case: &std::path::Path, out: &std::path::Path, max: u64, size: &str) {
     ok(&merge_with(&fixtures().join("bases/llama-f32"), &case.join("adapter"), out, &["-q", "--max-shard-size", size]));
     let index: serde_json::Value =

@@ -89,6 +89,9 @@ fn apply_env(cmd: &str, model: &Path, c: &Case, out: &Path, piece_bytes: Option<
     }
     if pread {
         command.env("BONE_TOOL_READ", "pread");
+    } else if piece_bytes.is_some() {
+        // and the shards written side by side, each by a writer of its own
+        command.env("BONE_TOOL_WRITERS", "3");
     }
     ok(&command.output().expect("bone-tool runs"));
 }
@@ -194,7 +197,8 @@ fn unmerge_matches_peft_on_every_fixture() {
 fn tensors_cut_into_small_pieces_give_the_same_bytes() {
     // The pipeline streams big tensors in row pieces (whole BAT strips); force pieces of a few rows
     // so that the tiny fixtures take that path too, with three pieces in flight (a GPU's lanes),
-    // mapped or (every other case) read into buffers that the pieces give back as they finish.
+    // mapped and the shards written side by side, or (every other case) read into buffers that the
+    // pieces give back as they finish.
     let tmp = tempfile::tempdir().unwrap();
     let mut pieces_used = 0;
     for (k, c) in cases().iter().enumerate() {
