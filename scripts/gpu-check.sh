@@ -78,13 +78,15 @@ main() {
   # adds-cpu: BONE_TOOL_ADDS_ON=cpu, the adds stay on the CPU once the GPU is open (GEMMs on it);
   # keep-device: BONE_TOOL_KEEP_DEVICE=1, the GPU is freed at the process's end, not once its last
   # piece is back; pread: BONE_TOOL_READ=pread, pieces read into pooled buffers rather than mapped
-  # (no mmap/munmap per piece while the driver starts beside the pipeline)
+  # (no mmap/munmap per piece while the driver starts beside the pipeline); -1w: one writer thread
+  # (BONE_TOOL_WRITERS=1) rather than one per shard
   ab() { # fsync flag ("" or --no-fsync), kind, variants...
     local sync="$1" kind="$2"; shift 2
     for rep in 1 2 3; do
       for v in "$@"; do
         local dev=cuda env_v=()
-        [ "$v" = cpu ] && dev=cpu
+        case "$v" in cpu*) dev=cpu;; esac
+        case "$v" in *-1w) env_v=(BONE_TOOL_WRITERS=1);; esac
         [ "$v" = adds-cpu ] && env_v=(BONE_TOOL_ADDS_ON=cpu)
         [ "$v" = keep-device ] && env_v=(BONE_TOOL_KEEP_DEVICE=1)
         [ "$v" = pread ] && env_v=(BONE_TOOL_READ=pread)
@@ -104,8 +106,8 @@ main() {
     done
     rm -rf /tmp/ab /tmp/ab-*.log
   }
-  ab --no-fsync default cpu cuda adds-cpu keep-device pread adds-cpu-pread
-  ab --no-fsync bat cpu cuda keep-device
+  ab --no-fsync default cpu cpu-1w cuda cuda-1w adds-cpu keep-device pread adds-cpu-pread
+  ab --no-fsync bat cpu cpu-1w cuda cuda-1w keep-device
   ab "" default cuda keep-device
   ab "" bat cuda keep-device
   fi
