@@ -5,7 +5,7 @@
 //! (`copy_file_range`) without passing through memory. Each finished shard is fsynced in the
 //! background while the next one is written. At most a few tensors are in memory at once.
 //! On many cores a single output's shards are written a few at a time, each by a writer of its
-//! own, the reader interleaving their tensors ([`parallel_writers`]).
+//! own, the reader interleaving their tensors (`parallel_writers`).
 
 use crate::adapter::Adapter;
 use crate::backend::{same_bytes_on_every_device, Device, Opening, Ticket};
