@@ -108,8 +108,8 @@ main() {
   }
   ab --no-fsync default cpu cpu-1w cuda cuda-1w adds-cpu keep-device pread adds-cpu-pread
   ab --no-fsync bat cpu cpu-1w cuda cuda-1w keep-device
-  ab "" default cuda keep-device
-  ab "" bat cuda keep-device
+  ab "" default cpu cpu-1w cuda cuda-1w keep-device
+  ab "" bat cuda cuda-1w keep-device
   fi
   if want outputs; then
   echo "== 1b outputs: cpu, cuda (the CPU adds while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu"
