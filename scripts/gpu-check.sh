@@ -22,7 +22,7 @@
 #   so that a 540 s call ends with its summary rather than being cut off (GPU_CHECK_LATE_S=N moves
 #   that mark; SKIP_7B=1 leaves out section 5). Each step is stopped after 150 s (a hang in one
 #   step must not eat the whole call). SECTIONS="kernels bench ab" runs only those (of select,
-#   startend, kernels, check, bench, ab, outputs, lanes1, small, 7b): a second, shorter call that
+#   startend, kernels, check, bench, ab, outputs, lanes1, x4, small, 7b): a second, shorter call that
 #   confirms a change.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -112,13 +112,15 @@ main() {
   ab "" bat cuda cuda-1w keep-device
   fi
   if want outputs; then
-  echo "== 1b outputs: cpu, cuda (the CPU adds while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu"
+  echo "== 1b outputs: cpu, cuda (the CPU adds while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu, cuda --all-on-gpu with BONE_TOOL_UNROLL=4"
   for kind in default bat; do
-    for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu"; do
-      env_v=(); [ "$dev" = "cuda adds-cpu" ] && env_v=(BONE_TOOL_ADDS_ON=cpu)
-      # shellcheck disable=SC2086
+    for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu" "cuda --all-on-gpu x4"; do
+      env_v=(); flags=(--device "${dev%% *}")
+      [[ "$dev" == *adds-cpu ]] && env_v=(BONE_TOOL_ADDS_ON=cpu)
+      [[ "$dev" == *x4 ]] && env_v=(BONE_TOOL_UNROLL=4)
+      [[ "$dev" == *--all-on-gpu* ]] && flags+=(--all-on-gpu)
       env "${env_v[@]}" timeout 60 "$bin/bone-tool" -q merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
-        --out "/tmp/same-${dev// /_}" --force --no-fsync --device ${dev% adds-cpu} || echo "FAILED: merge $kind --device $dev"
+        --out "/tmp/same-${dev// /_}" --force --no-fsync "${flags[@]}" || echo "FAILED: merge $kind --device $dev"
     done
     for f in "$BENCH_DIR"/1b/base/*.safetensors; do
       n=$(basename "$f")
@@ -126,6 +128,8 @@ main() {
       else echo "$kind $n: cuda and cuda --all-on-gpu DIFFER"; fi
       if cmp -s "/tmp/same-cuda/$n" "/tmp/same-cuda_adds-cpu/$n"; then echo "$kind $n: cuda = cuda adds-cpu"
       else echo "$kind $n: cuda and cuda adds-cpu DIFFER"; fi
+      if cmp -s "/tmp/same-cuda_--all-on-gpu/$n" "/tmp/same-cuda_--all-on-gpu_x4/$n"; then echo "$kind $n: cuda --all-on-gpu = the same with x4"
+      else echo "$kind $n: cuda --all-on-gpu and the same with x4 (BONE_TOOL_UNROLL=4) DIFFER"; fi
       if cmp -s "/tmp/same-cpu/$n" "/tmp/same-cuda/$n"; then echo "$kind $n: cpu = cuda"
       else echo "$kind $n: cpu and cuda differ (expected for BAT: within one unit; not for default)"; fi
     done
@@ -135,6 +139,10 @@ main() {
   if want lanes1; then
   echo "== gpu_check, one lane (synchronous path)"
   late || BONE_TOOL_CUDA_LANES=1 timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures bat-bf16,mini,tail; echo "exit $?"
+  fi
+  if want x4; then
+  echo "== gpu_check, the one-pass add with four groups a thread (BONE_TOOL_UNROLL=4)"
+  late || BONE_TOOL_UNROLL=4 timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures default,mini,tail; echo "exit $?"
   fi
   if want small; then
   echo "== gpu_check, 4 KB pieces (many in flight)"
