@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
 # The GPU check, run on the GPU machine in one call; builds nothing there (no Rust): it uses the
-# binaries scripts/gpu-prepare.sh put in .device-bin/. Prints everything, most important first:
-#   1. the GPU, bone-tool's device selection (with --timings: each start-up step, NVRTC compiling,
-#      then again with the PTX cache), the start and the end of a device alone (examples/gpu_start:
-#      dropping it against leaving it to the process's exit), and kernel throughput
-#      (examples/gpu_kernels: one-pass default add against a device-to-device copy, BAT GEMMs);
-#   2. gpu_check: every fixture merged and unmerged on cuda (two lanes, pipelined) and on cpu,
-#      compared (one unit, or in f32 2^-18 of the largest value: Float::disagreement);
-#   3. the benchmark table for the 1b shape, cuda and cpu rows (DEVICES adds others: gpu-only is
-#      --all-on-gpu) next to
-#      cp -r (3 runs), the per-phase timings of one cuda merge of each kind, and the 1b outputs of
-#      cpu, cuda and cuda --all-on-gpu compared byte for byte;
-#      then, interleaved, 1b merges on cpu, cuda, cuda with the adds kept on the CPU
-#      (BONE_TOOL_ADDS_ON=cpu) and cuda with the GPU kept to the end (BONE_TOOL_KEEP_DEVICE=1),
-#      timed as whole processes;
-#   4. gpu_check again on a few cases: synchronous one-lane path (BONE_TOOL_CUDA_LANES=1), and
-#      4 KB pieces so that many pieces are in flight;
-#   5. the 7b shape, cuda rows only (1 run), when the disk has room.
-#   Everything also goes to $OUT/gpu-check.log (the device tool brings $OUT back), since a call
-#   returns only the last 12,000 characters; sections after 1-3 are skipped once 420 s have gone,
-#   so that a 540 s call ends with its summary rather than being cut off (GPU_CHECK_LATE_S=N moves
-#   that mark; SKIP_7B=1 leaves out section 5). Each step is stopped after 150 s (a hang in one
-#   step must not eat the whole call). SECTIONS="kernels bench ab" runs only those (of select,
-#   startend, kernels, check, bench, ab, outputs, lanes1, x4, small, 7b): a second, shorter call that
-#   confirms a change.
+# binaries scripts/gpu-prepare.sh put in .device-bin/. Prints everything, most important first.
+# Sections (SECTIONS="kernels bench ab" runs only those, for a second, shorter call that confirms
+# a change):
+#   select    bone-tool's device selection with --timings: each start-up step, NVRTC compiling,
+#             then again with the PTX cache;
+#   startend  a device alone (examples/gpu_start), as a default and a BAT merge open it, ended by
+#             dropping it or by exiting, each process timed whole;
+#   kernels   examples/gpu_kernels: the one-pass default add at every access width with one and
+#             four groups a thread, against a device-to-device copy; BAT GEMMs and + B_i pass;
+#   check     examples/gpu_check: every fixture merged and unmerged on cuda (two lanes) and on cpu,
+#             compared (one unit, or in f32 2^-18 of the largest value: Float::disagreement);
+#   bench     the 1b table, cuda and cpu rows (DEVICES adds others: gpu-only is --all-on-gpu) next
+#             to cp -r (3 runs), and the --timings of one cuda merge of each kind;
+#   ab        interleaved 1b merges, each process timed whole, 3 runs of each variant: cpu, cuda,
+#             one writer (-1w) against one per shard, the adds kept on the CPU (adds-cpu), the GPU
+#             kept to the end (keep-device), pieces read with pread (pread), with and without fsync;
+#   outputs   the 1b outputs of cpu, cuda, cuda --all-on-gpu, adds-cpu and the four-groups add
+#             compared byte for byte;
+#   lanes1, x4, small   gpu_check again on a few cases: one lane (the synchronous path), the
+#             four-groups add (BONE_TOOL_UNROLL=4), 4 KB pieces (many in flight);
+#   7b        the 7b table, cuda rows only (1 run), when the disk has room (SKIP_7B=1 leaves it out).
+# Everything also goes to $OUT/gpu-check.log (the device tool brings $OUT back), since a call
+# returns only the last 12,000 characters; lanes1, x4, small and 7b are skipped once 420 s have
+# gone (GPU_CHECK_LATE_S=N moves that mark), so that a 540 s call ends with its summary. Each step
+# is stopped after 60-200 s (a hang in one step must not eat the whole call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 want() { [ -z "${SECTIONS:-}" ] || [[ " $SECTIONS " == *" $1 "* ]]; }
