@@ -45,12 +45,16 @@ fn kill_9_at_random_moments_never_leaves_a_partial_output() {
     let out = work.join("out");
     let (mut killed, mut finished) = (0, 0);
     for round in 0..16u64 {
-        let mut child = bin()
+        let mut command = bin();
+        command
             .args(["-q", "merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()])
             .args(["--out", out.to_str().unwrap(), "--force", "--no-fsync"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(std::process::Stdio::null());
+        if round % 2 == 1 {
+            // a file per tensor, written three at a time by writers of their own
+            command.args(["--max-shard-size", "5MB"]).env("BONE_TOOL_WRITERS", "3");
+        }
+        let mut child = command.spawn().unwrap();
         std::thread::sleep(Duration::from_millis((round * 37) % 90));
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
