@@ -578,23 +578,21 @@ impl Cuda {
             }
             nvrtc
         });
-        let ctx = (|| {
-            let n = CudaContext::device_count().map_err(|e| anyhow!("the CUDA driver reports no device: {e:?}"))?;
-            if n < 1 {
-                return Err(anyhow!("no CUDA device"));
-            }
+        // cuInit (in device_count) and the context, timed apart: which of the two is the driver's
+        // 0.2-0.38 s?
+        let n = CudaContext::device_count();
+        step("driver (cuInit)");
+        let ctx = n.map_err(|e| anyhow!("the CUDA driver reports no device: {e:?}")).and_then(|n| {
+            anyhow::ensure!(n >= 1, "no CUDA device");
             CudaContext::new(0).map_err(|e| anyhow!("cannot open CUDA device 0: {e:?}"))
-        })();
+        });
+        step("context");
         let nvrtc = loader.join().unwrap_or(false);
         let ctx = ctx?;
         if !nvrtc {
             return Err(anyhow!("NVRTC (libnvrtc) was not found"));
         }
-        step(if gemm {
-            "driver and context (NVRTC, cuBLAS load beside it)"
-        } else {
-            "driver and context (NVRTC loads beside it)"
-        });
+        step(if gemm { "waiting for NVRTC and cuBLAS to load" } else { "waiting for NVRTC to load" });
         let name = ctx.name().unwrap_or_else(|_| "CUDA device 0".into());
         let stream = ctx.default_stream();
         // NVRTC's output, cached between runs (see kernel_cache); one the driver refuses is compiled anew
