@@ -81,6 +81,53 @@ fn kill_9_at_random_moments_never_leaves_a_partial_output() {
 }
 
 #[test]
+fn sigterm_at_random_moments_removes_the_partial_output_and_exits_130() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter) = make_inputs(tmp.path());
+    let reference = tmp.path().join("reference");
+    merge(&base, &adapter, &reference);
+    let expected = load(&reference);
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let out = work.join("out");
+    let mut interrupted = 0;
+    for round in 0..12u64 {
+        let mut command = bin();
+        command
+            .args(["-q", "merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()])
+            .args(["--out", out.to_str().unwrap(), "--force", "--no-fsync"])
+            .stderr(std::process::Stdio::piped());
+        if round % 2 == 1 {
+            command.args(["--max-shard-size", "5MB"]).env("BONE_TOOL_WRITERS", "3");
+        }
+        let child = command.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(3 + (round * 11) % 50));
+        // SAFETY: a plain kill(2) of our own child, which has not been waited for yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let o = child.wait_with_output().unwrap();
+        match o.status.code() {
+            // finished first, or the signal came before the handler was set (nothing begun)
+            Some(0) | None => {}
+            Some(130) => {
+                interrupted += 1;
+                let err = String::from_utf8_lossy(&o.stderr);
+                assert!(err.contains("interrupted: the partial output was removed"), "round {round}: {err}");
+            }
+            other => panic!("round {round}: exit {other:?}: {}", String::from_utf8_lossy(&o.stderr)),
+        }
+        // nothing half-written beside --out, and --out absent or complete
+        assert_eq!(leftovers(&work, ".tmp-"), Vec::<String>::new(), "round {round}");
+        if out.exists() {
+            let got = load(&out);
+            assert_eq!(got.len(), expected.len(), "round {round}");
+            assert!(got.iter().all(|(k, t)| expected[k].data == t.data), "round {round}: a partial output");
+        }
+    }
+    eprintln!("{interrupted} of 12 runs interrupted");
+    assert!(interrupted >= 3, "the loop must interrupt some runs ({interrupted} interrupted)");
+}
+
+#[test]
 fn leftovers_are_cleared_and_a_moved_aside_output_restored() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
