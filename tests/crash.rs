@@ -33,28 +33,59 @@ fn make_inputs(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     (base, adapter)
 }
 
-#[test]
-fn kill_9_at_random_moments_never_leaves_a_partial_output() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (base, adapter) = make_inputs(tmp.path());
-    let reference = tmp.path().join("reference");
-    merge(&base, &adapter, &reference);
-    let expected = load(&reference);
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    let out = work.join("out");
-    let (mut killed, mut finished) = (0, 0);
-    for round in 0..16u64 {
+/// A merge interrupted round after round: its inputs, what a complete output holds, and the
+/// folder --out lives in.
+struct Rounds {
+    _tmp: tempfile::TempDir,
+    base: std::path::PathBuf,
+    adapter: std::path::PathBuf,
+    expected: std::collections::BTreeMap<String, T>,
+    work: std::path::PathBuf,
+    out: std::path::PathBuf,
+}
+
+impl Rounds {
+    fn new() -> Rounds {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, adapter) = make_inputs(tmp.path());
+        let reference = tmp.path().join("reference");
+        merge(&base, &adapter, &reference);
+        let expected = load(&reference);
+        let work = tmp.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let out = work.join("out");
+        Rounds { _tmp: tmp, base, adapter, expected, work, out }
+    }
+
+    /// The merge of round `round`: every other one re-sharded into a file per tensor, written three
+    /// at a time by writers of their own.
+    fn command(&self, round: u64) -> std::process::Command {
         let mut command = bin();
         command
-            .args(["-q", "merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()])
-            .args(["--out", out.to_str().unwrap(), "--force", "--no-fsync"])
-            .stderr(std::process::Stdio::null());
+            .args(["-q", "merge", "--base", self.base.to_str().unwrap(), "--adapter", self.adapter.to_str().unwrap()])
+            .args(["--out", self.out.to_str().unwrap(), "--force", "--no-fsync"]);
         if round % 2 == 1 {
-            // a file per tensor, written three at a time by writers of their own
             command.args(["--max-shard-size", "5MB"]).env("BONE_TOOL_WRITERS", "3");
         }
-        let mut child = command.spawn().unwrap();
+        command
+    }
+
+    /// --out is absent (first rounds) or complete: never a mixture.
+    fn assert_absent_or_complete(&self, round: u64) {
+        if self.out.exists() {
+            let got = load(&self.out);
+            assert_eq!(got.len(), self.expected.len(), "round {round}");
+            assert!(got.iter().all(|(k, t)| self.expected[k].data == t.data), "round {round}: a partial output");
+        }
+    }
+}
+
+#[test]
+fn kill_9_at_random_moments_never_leaves_a_partial_output() {
+    let r = Rounds::new();
+    let (mut killed, mut finished) = (0, 0);
+    for round in 0..16u64 {
+        let mut child = r.command(round).stderr(std::process::Stdio::null()).spawn().unwrap();
         std::thread::sleep(Duration::from_millis((round * 37) % 90));
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
@@ -63,44 +94,24 @@ fn kill_9_at_random_moments_never_leaves_a_partial_output() {
         } else {
             killed += 1
         }
-        // --out is absent (first rounds) or complete: never a mixture
-        if out.exists() {
-            let got = load(&out);
-            assert_eq!(got.len(), expected.len(), "round {round}");
-            assert!(got.iter().all(|(k, t)| expected[k].data == t.data), "round {round}: a partial output");
-        }
+        r.assert_absent_or_complete(round);
     }
     // The next run clears what the killed ones left, and says so.
-    let o = merge_with(&base, &adapter, &out, &["--force"]);
+    let o = merge_with(&r.base, &r.adapter, &r.out, &["--force"]);
     ok(&o);
-    assert_eq!(leftovers(&work, ".tmp-"), Vec::<String>::new());
-    assert_eq!(leftovers(&work, ".old-"), Vec::<String>::new());
-    assert!(load(&out).iter().all(|(k, t)| expected[k].data == t.data));
+    assert_eq!(leftovers(&r.work, ".tmp-"), Vec::<String>::new());
+    assert_eq!(leftovers(&r.work, ".old-"), Vec::<String>::new());
+    assert!(load(&r.out).iter().all(|(k, t)| r.expected[k].data == t.data));
     eprintln!("{killed} runs killed, {finished} finished before the kill");
     assert!(killed >= 4, "the loop must interrupt some runs ({killed} killed)");
 }
 
 #[test]
 fn sigterm_at_random_moments_removes_the_partial_output_and_exits_130() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (base, adapter) = make_inputs(tmp.path());
-    let reference = tmp.path().join("reference");
-    merge(&base, &adapter, &reference);
-    let expected = load(&reference);
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
-    let out = work.join("out");
+    let r = Rounds::new();
     let mut interrupted = 0;
     for round in 0..12u64 {
-        let mut command = bin();
-        command
-            .args(["-q", "merge", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()])
-            .args(["--out", out.to_str().unwrap(), "--force", "--no-fsync"])
-            .stderr(std::process::Stdio::piped());
-        if round % 2 == 1 {
-            command.args(["--max-shard-size", "5MB"]).env("BONE_TOOL_WRITERS", "3");
-        }
-        let child = command.spawn().unwrap();
+        let child = r.command(round).stderr(std::process::Stdio::piped()).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(3 + (round * 11) % 50));
         // SAFETY: a plain kill(2) of our own child, which has not been waited for yet.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
@@ -115,13 +126,9 @@ fn sigterm_at_random_moments_removes_the_partial_output_and_exits_130() {
             }
             other => panic!("round {round}: exit {other:?}: {}", String::from_utf8_lossy(&o.stderr)),
         }
-        // nothing half-written beside --out, and --out absent or complete
-        assert_eq!(leftovers(&work, ".tmp-"), Vec::<String>::new(), "round {round}");
-        if out.exists() {
-            let got = load(&out);
-            assert_eq!(got.len(), expected.len(), "round {round}");
-            assert!(got.iter().all(|(k, t)| expected[k].data == t.data), "round {round}: a partial output");
-        }
+        // nothing half-written beside --out
+        assert_eq!(leftovers(&r.work, ".tmp-"), Vec::<String>::new(), "round {round}");
+        r.assert_absent_or_complete(round);
     }
     eprintln!("{interrupted} of 12 runs interrupted");
     assert!(interrupted >= 3, "the loop must interrupt some runs ({interrupted} interrupted)");
