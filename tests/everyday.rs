@@ -200,19 +200,18 @@ fn shards_written_side_by_side_are_the_same_files() {
         ("bases/llama-f32-sharded", "cases/bone-bat-sharded-f32/adapter", None),
         ("bases/llama-f32", "cases/bone-bat-f32/adapter", Some("10KB")),
     ];
+    const WRITERS: [&str; 4] = ["1", "2", "3", "8"];
     for (n, (base, adapter, max)) in cases.iter().enumerate() {
         let mut outs = vec![];
-        for writers in ["1", "2", "3", "8"] {
+        for writers in WRITERS {
             let out = tmp.path().join(format!("{n}-{writers}"));
-            let mut args = vec!["-q", "merge", "--base", "", "--adapter", "", "--out", ""];
-            let (b, a, o) = (fixtures().join(base), fixtures().join(adapter), out.clone());
-            args[3] = b.to_str().unwrap();
-            args[5] = a.to_str().unwrap();
-            args[7] = o.to_str().unwrap();
+            let mut command = bin();
+            command.args(["-q", "merge", "--base"]).arg(fixtures().join(base));
+            command.arg("--adapter").arg(fixtures().join(adapter)).arg("--out").arg(&out);
             if let Some(m) = max {
-                args.extend(["--max-shard-size", m]);
+                command.args(["--max-shard-size", m]);
             }
-            ok(&bin().args(&args).env("BONE_TOOL_WRITERS", writers).output().unwrap());
+            ok(&command.env("BONE_TOOL_WRITERS", writers).output().unwrap());
             outs.push(
                 digest(&out).into_iter().map(|(p, d)| (p.file_name().unwrap().to_owned(), d)).collect::<Vec<_>>(),
             );
@@ -220,7 +219,7 @@ fn shards_written_side_by_side_are_the_same_files() {
         let files = outs[0].iter().filter(|(p, _)| p.to_string_lossy().ends_with(".safetensors")).count();
         assert!(files >= 2, "case {n}: {files} files, not sharded");
         for (k, o) in outs.iter().enumerate().skip(1) {
-            assert!(o == &outs[0], "case {n}: writers {} wrote other files than one writer", ["1", "2", "3", "8"][k]);
+            assert!(o == &outs[0], "case {n}: {} writers wrote other files than one writer", WRITERS[k]);
         }
     }
 }
