@@ -254,7 +254,7 @@ pub fn bat_merge_rows(
         for (k, (drow, wrow)) in delta.chunks_exact_mut(r).zip(strip.chunks_exact_mut(r)).enumerate() {
             let brow = &bi[(k / per_a) * r..][..r];
             for (d, bv) in drow.iter_mut().zip(brow) {
-                *d += bv;
+                *d = plus_zero(*d) + bv;
             }
             if !rd.once {
                 rd.weight.round(drow);
@@ -294,6 +294,7 @@ pub fn bat_unmerge_rows(
             }
         }
         gemm(strip, diff, invi, i, r);
+        strip.iter_mut().for_each(|x| *x = plus_zero(*x));
         if round {
             rd.weight.round(strip);
         }
@@ -311,7 +312,7 @@ pub fn bat_delta(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) -> Vec<f32>
         gemm(d, strip, bi, i, r);
         for (k, drow) in d.chunks_exact_mut(r).enumerate() {
             for (x, bv) in drow.iter_mut().zip(&bi[(k / per_a) * r..][..r]) {
-                *x += bv;
+                *x = plus_zero(*x) + bv;
             }
         }
     });
@@ -349,11 +350,86 @@ fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
 }
 
 /// `dst[I, r] = lhs[I, r] · rhs[r, r]`, all row-major, single-threaded (callers parallelise).
+/// Where [`gemm_is_in_order`], these are [`gemm_in_order`]'s bytes but for the sign of zero: faer
+/// gives -0 where all of an element's products are -0 (on some shapes; a sum from +0 never gives
+/// -0), so callers add +0 to every value in their next pass ([`plus_zero`]).
 fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
     let dst = MatMut::from_row_major_slice_mut(dst, i, r);
     let lhs = MatRef::from_row_major_slice(lhs, i, r);
     let rhs = MatRef::from_row_major_slice(rhs, r, r);
     matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
+}
+
+/// `x + 0`: -0 becomes +0, every other value stays (no compiler may drop this addition). What a sum
+/// that starts from +0 gives where [`gemm`] gives -0.
+#[inline(always)]
+fn plus_zero(x: f32) -> f32 {
+    x + 0.0
+}
+
+/// [`gemm`] summed the way the GPU's `strip_gemm` kernel sums: every element from +0 over k in
+/// order, one fused multiply-add (one rounding) per product.
+pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
+    assert!(dst.len() == i * r && lhs.len() == i * r && rhs.len() == r * r);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the processor has FMA, checked just above.
+        unsafe { gemm_in_order_fma(dst, lhs, rhs, r) };
+        return;
+    }
+    gemm_in_order_body(dst, lhs, rhs, r);
+}
+
+/// With the FMA instruction: `mul_add` is otherwise a call into a software fma, whose slow path
+/// (taken for some values) costs 50 times more.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn gemm_in_order_fma(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize) {
+    gemm_in_order_body(dst, lhs, rhs, r);
+}
+
+#[inline(always)]
+fn gemm_in_order_body(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize) {
+    for (out, x) in dst.chunks_exact_mut(r).zip(lhs.chunks_exact(r)) {
+        out.fill(0.0);
+        // k outermost, each element's k still in order: rhs is read row by row
+        for (&a, row) in x.iter().zip(rhs.chunks_exact(r)) {
+            for (o, &b) in out.iter_mut().zip(row) {
+                *o = a.mul_add(b, *o);
+            }
+        }
+    }
+}
+
+/// Whether [`gemm`] (faer) gives exactly [`gemm_in_order`]'s bytes (once -0 is made +0) for blocks
+/// of `r` on this machine. It does where the processor has FMA and r is at most 512 (measured on the AVX-512
+/// build machine: faer's kernels sum each element's products in order there; at r = 1024 they sum
+/// in blocks of k, and 94% of the values differ in the last bit). Then BAT's bytes are the same on
+/// the CPU and on a GPU, so that the pipeline may compute BAT on the CPU while the GPU starts.
+/// Checked once per r in a process, on 16 rows of random values (a different order changes most
+/// of them): r = 64 takes well under a millisecond, r = 512 about 10 ms.
+pub fn gemm_is_in_order(r: usize) -> bool {
+    static KNOWN: std::sync::Mutex<Vec<(usize, bool)>> = std::sync::Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&(_, yes)) = known.iter().find(|(k, _)| *k == r) {
+        return yes;
+    }
+    let i = 16;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ r as u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    };
+    let lhs: Vec<f32> = (0..i * r).map(|_| next()).collect();
+    let rhs: Vec<f32> = (0..r * r).map(|_| next() * 0.1).collect();
+    let (mut faer, mut ours) = (vec![0f32; i * r], vec![0f32; i * r]);
+    gemm(&mut faer, &lhs, &rhs, i, r);
+    gemm_in_order(&mut ours, &lhs, &rhs, i, r);
+    let yes = faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits());
+    known.push((r, yes));
+    yes
 }
 
 /// The inverses `(I + B_i)⁻¹` of every block of a BAT layer, computed in f64 and stored as f32.
@@ -581,6 +657,80 @@ mod tests {
         assert_eq!(bat_singular(&b, r).map(|e| e.block), Some(0));
         assert_eq!(bat_singular(&[0.1, 0.0, 0.0, 0.1, -1.0, 0.0, 0.0, -1.0], r).map(|e| e.block), Some(1));
         assert_eq!(bat_singular(&[0.1, 0.2, -0.3, 0.1], r), None);
+    }
+
+    #[test]
+    fn the_cpu_gemm_sums_each_element_in_order_with_one_rounding_a_product() {
+        // What lets a GPU give the CPU's BAT bytes (see gemm_is_in_order): faer's products summed
+        // in order by fused multiply-adds, on this machine's shapes: view rows from 1 to a 7b
+        // weight's 11008, r from 1 to 256, signed zeros included.
+        let mut g = Lcg(5);
+        let fma = cfg!(target_arch = "aarch64") || {
+            #[cfg(target_arch = "x86_64")]
+            {
+                std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                false
+            }
+        };
+        for (i, r) in [(1, 1), (3, 1), (5, 3), (40, 8), (7, 7), (64, 16), (11008, 64), (300, 96), (512, 128), (32, 256)]
+        {
+            let mut lhs = g.vec(i * r, 1.0);
+            let rhs = g.vec(r * r, 0.2);
+            // signed zeros: a row of -0 (-0 or +0 products by rhs's signs), and scattered +0
+            lhs[..r].fill(-0.0);
+            lhs[r..].iter_mut().step_by(5).for_each(|x| *x = 0.0);
+            let (mut faer, mut ours) = (vec![0f32; i * r], vec![7f32; i * r]);
+            gemm(&mut faer, &lhs, &rhs, i, r);
+            gemm_in_order(&mut ours, &lhs, &rhs, i, r);
+            let same = faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits());
+            assert_eq!(same, fma, "[{i}, {r}]·[{r}, {r}]: faer and the in-order sum");
+            assert_eq!(gemm_is_in_order(r), fma, "r {r}: the run-time check");
+        }
+        // the check answers what it finds: at r = 1024 faer sums in blocks of k
+        let r = 1024;
+        let (lhs, rhs) = (g.vec(16 * r, 1.0), g.vec(r * r, 0.1));
+        let (mut faer, mut ours) = (vec![0f32; 16 * r], vec![0f32; 16 * r]);
+        gemm(&mut faer, &lhs, &rhs, 16, r);
+        gemm_in_order(&mut ours, &lhs, &rhs, 16, r);
+        assert_eq!(gemm_is_in_order(r), faer == ours);
+        // the in-order sum itself, against f64 for a small case: one rounding per product
+        let (lhs, rhs) = ([0.5f32, 0.25, 3.0], [1.0f32, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
+        let mut out = [0f32; 3];
+        gemm_in_order(&mut out, &lhs, &rhs, 1, 3);
+        assert_eq!(out, [0.5 + 2.0 + 192.0, 1.0 + 4.0 + 384.0, 2.0 + 8.0 + 768.0]);
+    }
+
+    #[test]
+    fn bat_sums_of_negative_zero_products_are_plus_zero_as_on_a_gpu() {
+        // faer gives -0 where all of an element's products are -0 (here, r = 8); a sum from +0, as
+        // the GPU's kernel and PEFT's BLAS start it, gives +0, and so must the CPU.
+        let r = 8;
+        let rd = Rounding::peft(Float::F32);
+        // unmerge with B = 0 (inverse I): row 0 of W' is -0 then -1s, so element [0, 0] sums
+        // -0·1 and -1·(+0)s
+        let mut w = vec![-1.0f32; r * r];
+        w[0] = -0.0;
+        let b = vec![0.0f32; r * r];
+        let inv = bat_inverses(&b, r).unwrap().inv;
+        bat_unmerge(&mut w, r, r, &b, &inv, r, rd);
+        assert_eq!(w[0].to_bits(), 0, "unmerge: {}", w[0]);
+        assert!(w[1..r].iter().all(|&x| x == -1.0));
+        // merge: element [1, 0] (tile row a = 1, column j = 0): W[1, 0] = -0, W[1, 1] = 1 against
+        // B[1, 0] = -0, the other W[1, k] = -1 against +0: every product -0; the `+ B_i` term is
+        // B[1, 0] = -0 too, and W[1, 0] + Δ is +0 only if the GEMM's sum was
+        let mut w = vec![-1.0f32; r * r];
+        (w[r], w[r + 1]) = (-0.0, 1.0);
+        let mut b = vec![0.0f32; r * r];
+        b[r] = -0.0;
+        bat_merge(&mut w, r, r, &b, r, rd);
+        assert_eq!(w[r].to_bits(), 0, "merge: {}", w[r]);
+        // bat_delta: the same Δ, +0 + -0 = +0
+        let mut w = vec![-1.0f32; r * r];
+        (w[r], w[r + 1]) = (-0.0, 1.0);
+        assert_eq!(bat_delta(&w, r, r, &b, r)[r].to_bits(), 0);
     }
 
     #[test]
