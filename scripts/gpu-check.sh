@@ -10,14 +10,16 @@
 #   kernels   examples/gpu_kernels: the one-pass default add at every access width with one and
 #             four groups a thread, against a device-to-device copy; BAT GEMMs and + B_i pass;
 #   check     examples/gpu_check: every fixture merged and unmerged on cuda (two lanes) and on cpu,
-#             compared (one unit, or in f32 2^-18 of the largest value: Float::disagreement);
+#             compared: the same bytes; then BAT cases with cuBLAS's GEMMs (BONE_TOOL_GEMM=cublas),
+#             within one unit (or in f32 2^-18 of the largest value: Float::disagreement);
 #   bench     the 1b table, cuda and cpu rows (DEVICES adds others: gpu-only is --all-on-gpu) next
 #             to cp -r (3 runs), and the --timings of one cuda merge of each kind;
 #   ab        interleaved 1b merges, each process timed whole, 3 runs of each variant: cpu, cuda,
 #             one writer (-1w) against one per shard, the adds kept on the CPU (adds-cpu), the GPU
-#             kept to the end (keep-device), pieces read with pread (pread), with and without fsync;
-#   outputs   the 1b outputs of cpu, cuda, cuda --all-on-gpu, adds-cpu and the four-groups add
-#             compared byte for byte;
+#             kept to the end (keep-device), pieces read with pread (pread), BAT with cuBLAS's GEMMs
+#             (cublas: BAT then waits for the GPU), with and without fsync;
+#   outputs   the 1b outputs of cpu, cuda, cuda --all-on-gpu, adds-cpu, the four-groups add and
+#             cuBLAS's GEMMs compared byte for byte;
 #   lanes1, x4, small   gpu_check again on a few cases: one lane (the synchronous path), the
 #             four-groups add (BONE_TOOL_UNROLL=4), 4 KB pieces (many in flight);
 #   7b        the 7b table, cuda rows only (1 run), when the disk has room (SKIP_7B=1 leaves it out).
@@ -61,6 +63,8 @@ main() {
   if want check; then
   echo "== gpu_check (cuda, 2 lanes, vs cpu on every fixture)"
   timeout 150 "$bin/gpu_check" "$bin/bone-tool" fixtures; echo "gpu_check exit $?"
+  echo "-- BAT cases with cuBLAS's GEMMs (BONE_TOOL_GEMM=cublas: within one unit)"
+  BONE_TOOL_GEMM=cublas timeout 120 "$bin/gpu_check" "$bin/bone-tool" fixtures bat; echo "gpu_check (cublas) exit $?"
   fi
   if want bench; then
   echo "== bench 1b"
@@ -92,6 +96,7 @@ main() {
         [ "$v" = keep-device ] && env_v=(BONE_TOOL_KEEP_DEVICE=1)
         [ "$v" = pread ] && env_v=(BONE_TOOL_READ=pread)
         [ "$v" = adds-cpu-pread ] && env_v=(BONE_TOOL_ADDS_ON=cpu BONE_TOOL_READ=pread)
+        [ "$v" = cublas ] && env_v=(BONE_TOOL_GEMM=cublas)
         rm -rf /tmp/ab
         local t0 t1
         t0=$(date +%s.%N)
@@ -108,17 +113,18 @@ main() {
     rm -rf /tmp/ab /tmp/ab-*.log
   }
   ab --no-fsync default cpu cpu-1w cuda cuda-1w adds-cpu keep-device pread adds-cpu-pread
-  ab --no-fsync bat cpu cpu-1w cuda cuda-1w keep-device
+  ab --no-fsync bat cpu cpu-1w cuda cuda-1w keep-device cublas
   ab "" default cpu cpu-1w cuda cuda-1w keep-device
-  ab "" bat cuda cuda-1w keep-device
+  ab "" bat cpu cuda cuda-1w keep-device cublas
   fi
   if want outputs; then
-  echo "== 1b outputs: cpu, cuda (the CPU adds while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu, cuda --all-on-gpu with BONE_TOOL_UNROLL=4"
+  echo "== 1b outputs: cpu, cuda (the CPU computes while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu, cuda --all-on-gpu with BONE_TOOL_UNROLL=4, cuda --all-on-gpu with BONE_TOOL_GEMM=cublas"
   for kind in default bat; do
-    for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu" "cuda --all-on-gpu x4"; do
+    for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu" "cuda --all-on-gpu x4" "cuda --all-on-gpu cublas"; do
       env_v=(); flags=(--device "${dev%% *}")
       [[ "$dev" == *adds-cpu ]] && env_v=(BONE_TOOL_ADDS_ON=cpu)
       [[ "$dev" == *x4 ]] && env_v=(BONE_TOOL_UNROLL=4)
+      [[ "$dev" == *cublas ]] && env_v=(BONE_TOOL_GEMM=cublas)
       [[ "$dev" == *--all-on-gpu* ]] && flags+=(--all-on-gpu)
       env "${env_v[@]}" timeout 60 "$bin/bone-tool" -q merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
         --out "/tmp/same-${dev// /_}" --force --no-fsync "${flags[@]}" || echo "FAILED: merge $kind --device $dev"
@@ -132,7 +138,11 @@ main() {
       if cmp -s "/tmp/same-cuda_--all-on-gpu/$n" "/tmp/same-cuda_--all-on-gpu_x4/$n"; then echo "$kind $n: cuda --all-on-gpu = the same with x4"
       else echo "$kind $n: cuda --all-on-gpu and the same with x4 (BONE_TOOL_UNROLL=4) DIFFER"; fi
       if cmp -s "/tmp/same-cpu/$n" "/tmp/same-cuda/$n"; then echo "$kind $n: cpu = cuda"
-      else echo "$kind $n: cpu and cuda differ (expected for BAT: within one unit; not for default)"; fi
+      else echo "$kind $n: cpu and cuda DIFFER"; fi
+      if cmp -s "/tmp/same-cpu/$n" "/tmp/same-cuda_--all-on-gpu/$n"; then echo "$kind $n: cpu = cuda --all-on-gpu"
+      else echo "$kind $n: cpu and cuda --all-on-gpu DIFFER"; fi
+      if cmp -s "/tmp/same-cpu/$n" "/tmp/same-cuda_--all-on-gpu_cublas/$n"; then echo "$kind $n: cpu = cuBLAS's GEMMs"
+      else echo "$kind $n: cpu and cuBLAS's GEMMs differ (for BAT they may: cuBLAS sums in its own order)"; fi
     done
     rm -rf /tmp/same-*
   done

@@ -40,3 +40,10 @@ for k in periodic_fused periodic_fused_x4; do
   fi
   echo "$k: $wide 16-byte global loads and stores"
 done
+# the in-order GEMM's rows of blocks and chunks: 16-byte loads when r is a multiple of 4
+wide=$(awk '$0 ~ "\\.entry strip_gemm\\(" { on = 1 } on && /^}/ { on = 0 } on' "$ptx" |
+  grep -cE 'ld\.global(\.nc)?\.v4\.(f|b|u)32')
+if [ "$wide" -lt 2 ]; then
+  echo "strip_gemm has no 16-byte global loads (ld.global.v4.f32)"; exit 1
+fi
+echo "strip_gemm: $wide 16-byte global loads"

@@ -260,14 +260,14 @@ pub struct ApplyOptions {
     pub rounding: RoundingArg,
 
     /// Where the math runs: `auto` uses an NVIDIA GPU when one is usable (built with the `cuda`
-    /// feature, driver and NVRTC present, cuBLAS too for BAT, and its results agree with the CPU's
-    /// on a self-check), else the CPU. A GPU starts beside the work (0.4-0.7 s): meanwhile the CPU
-    /// computes the default and mini adds, whose bytes are the same on both; BAT waits for it
+    /// feature, driver and NVRTC present, and it gives the CPU's bytes on a self-check), else the
+    /// CPU. Both give the same bytes. A GPU starts beside the work (0.4-0.7 s), while the CPU
+    /// computes the first pieces
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
 
     /// Compute every changed tensor on the GPU: wait for it to start rather than letting the CPU
-    /// compute the first adds meanwhile (the output is the same bytes either way)
+    /// compute the first pieces meanwhile (the output is the same bytes either way)
     #[arg(long)]
     pub all_on_gpu: bool,
 

@@ -8,7 +8,7 @@
 //! own, the reader interleaving their tensors (`parallel_writers`).
 
 use crate::adapter::Adapter;
-use crate::backend::{same_bytes_on_every_device, Device, Opening, Ticket};
+use crate::backend::{has_gemm, same_bytes_on_every_device, Device, Opening, Ticket};
 use crate::error::{input, Interrupted, Result};
 use crate::model::output::ShardWriter;
 use crate::model::HEAD;
@@ -65,8 +65,7 @@ pub struct RunOptions {
     pub fsync: bool,
     /// While a GPU is opening, compute on the CPU the chains whose bytes are the same on both.
     pub cpu_while_opening: bool,
-    /// Compute the chains whose bytes are the same on both on the CPU even once a GPU is open
-    /// (the GPU does the GEMMs only).
+    /// Compute the default/mini adds on the CPU even once a GPU is open (the GPU does BAT only).
     pub adds_on_cpu: bool,
     /// Free a GPU as soon as its last piece is back, so that the driver's teardown runs beside
     /// the writer's tail and fsyncs rather than at the process's exit.
@@ -312,7 +311,7 @@ pub fn run_into(
                     Piece::Rows { job, chain, row0, src, last } => {
                         let early = opts.cpu_while_opening && same_bytes_on_every_device(&chain);
                         let dev = match opened.get(device, false)? {
-                            Some(_) if early && opts.adds_on_cpu => &cpu,
+                            Some(_) if opts.adds_on_cpu && !has_gemm(&chain) => &cpu,
                             Some(d) => d,
                             None if early => &cpu,
                             None => opened.get(device, true)?.expect("waited for"),

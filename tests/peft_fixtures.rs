@@ -83,8 +83,8 @@ fn apply_env(cmd: &str, model: &Path, c: &Case, out: &Path, piece_bytes: Option<
         command.env("BONE_TOOL_PIECE_BYTES", n.to_string());
         // and several pieces in flight at once, as on a GPU: they must still land in order
         command.env("BONE_TOOL_CPU_IN_FLIGHT", "3");
-        // and the device opening late, beside the pipeline: adds start on the CPU meanwhile, BAT
-        // waits for it
+        // and the device opening late, beside the pipeline: the CPU computes meanwhile (the adds,
+        // and BAT where its GEMMs sum in the GPU kernel's order)
         command.env("BONE_TOOL_OPEN_DELAY_MS", "30");
     }
     if pread {

@@ -251,6 +251,40 @@ extern "C" __global__ void periodic_fused_x4(const unsigned char* in, unsigned c
     fused<4>(in, out, et, rows, cols, r, sign, dt, vec);
 }
 
+// BAT's strip GEMMs, summed as the CPU's GEMM sums them (ops::gemm_in_order; faer gives the same
+// bytes where ops::gemm_is_in_order): for every strip s of r rows, out_s[I, r] = x_s[I, r] · m_s[r, r]
+// (row-major), every element from +0 over k in order, one fused multiply-add per product. As
+// elements of the [rows, cols] matrix: out[o, c] = sum over k of x[o, c - c mod r + k] · m_s[k, c mod r],
+// s = o / r. A thread computes V consecutive columns of one r-chunk of a row: with V = 4 (r a
+// multiple of 4) the chunk and the blocks' rows are read 16 bytes at a time.
+template <u32 V> struct alignas(4 * V) Floats { float v[V]; };
+
+template <u32 V>
+__device__ __forceinline__ void strip_gemm_v(const float* m, const float* x, float* out, u64 rows, u64 cols, int r) {
+    each_group(rows, cols, r, V, [&](u64 o, u64 k, u32 j) {
+        const float* xs = x + (k - j);
+        const float* ms = m + (u64)((u32)o / (u32)r) * r * r + j; // rows < 2^31 (the host checks)
+        float acc[V];
+        for (u32 t = 0; t < V; t++) acc[t] = 0.0f;
+        for (int q = 0; q < r; q += V) {
+            ASSUME_ALIGNED(xs + q, 4 * V);
+            const Floats<V> xv = *(const Floats<V>*)(xs + q);
+            for (u32 u = 0; u < V; u++) {
+                ASSUME_ALIGNED(ms + (u64)(q + u) * r, 4 * V);
+                const Floats<V> b = *(const Floats<V>*)(ms + (u64)(q + u) * r);
+                for (u32 t = 0; t < V; t++) acc[t] = fmaf(xv.v[u], b.v[t], acc[t]);
+            }
+        }
+        for (u32 t = 0; t < V; t++) out[k + t] = acc[t];
+    });
+}
+
+// vec: 4 when r is a multiple of 4 (then so are the columns), else 1.
+extern "C" __global__ void strip_gemm(const float* m, const float* x, float* out, u64 rows, u64 cols, int r, int vec) {
+    if (vec == 4) strip_gemm_v<4>(m, x, out, rows, cols, r);
+    else strip_gemm_v<1>(m, x, out, rows, cols, r);
+}
+
 extern "C" __global__ void round_all(float* w, u64 n, int dt) {
     for (u64 k = blockIdx.x * (u64)blockDim.x + threadIdx.x; k < n; k += (u64)gridDim.x * blockDim.x)
         w[k] = round_to(w[k], dt);
@@ -268,10 +302,11 @@ pub enum Kernel {
     BatMergePost,
     BatUnmergePre,
     RoundAll,
+    StripGemm,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::Decode,
         Kernel::Encode,
         Kernel::Periodic,
@@ -280,6 +315,7 @@ impl Kernel {
         Kernel::BatMergePost,
         Kernel::BatUnmergePre,
         Kernel::RoundAll,
+        Kernel::StripGemm,
     ];
 
     /// Its name in [`KERNELS`].
@@ -293,6 +329,7 @@ impl Kernel {
             Kernel::BatMergePost => "bat_merge_post",
             Kernel::BatUnmergePre => "bat_unmerge_pre",
             Kernel::RoundAll => "round_all",
+            Kernel::StripGemm => "strip_gemm",
         }
     }
 }
@@ -360,9 +397,9 @@ struct LaneBuffers {
 }
 
 impl Lane {
-    fn new(ctx: &Arc<CudaContext>, gemm: bool) -> Result<Lane> {
+    fn new(ctx: &Arc<CudaContext>, cublas: bool) -> Result<Lane> {
         let stream = ctx.new_stream().map_err(e("new stream"))?;
-        let blas = if gemm { Some(new_blas(&stream)?) } else { None };
+        let blas = if cublas { Some(new_blas(&stream)?) } else { None };
         let ev = || ctx.new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC)).map_err(e("new event"));
         Ok(Lane { stream, blas, bufs: None, marks: [ev()?, ev()?, ev()?, ev()?], pending: None })
     }
@@ -513,6 +550,34 @@ impl Fused {
     }
 }
 
+/// How the GPU does BAT's strip GEMMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StripGemm {
+    /// The `strip_gemm` kernel: every element summed in order with one fused multiply-add per
+    /// product, as the CPU sums it, so that BAT gives the CPU's bytes (where
+    /// [`crate::ops::gemm_is_in_order`]); and no cuBLAS to load and start.
+    InOrder,
+    /// cuBLAS's strided-batched SGEMM in pedantic f32 (`BONE_TOOL_GEMM=cublas`): its own order of
+    /// summing, so within one unit of the CPU's values rather than its bytes.
+    Cublas,
+}
+
+impl StripGemm {
+    /// What `--device cuda` uses: the in-order kernel unless `BONE_TOOL_GEMM=cublas`.
+    pub fn configured() -> StripGemm {
+        static G: std::sync::OnceLock<StripGemm> = std::sync::OnceLock::new();
+        *G.get_or_init(|| match std::env::var("BONE_TOOL_GEMM").as_deref() {
+            Ok("cublas") => StripGemm::Cublas,
+            _ => StripGemm::InOrder,
+        })
+    }
+
+    /// Whether `ops` need cuBLAS: BAT's GEMMs, done by cuBLAS.
+    pub fn needs_cublas(self, ops: &[Prepared]) -> bool {
+        self == StripGemm::Cublas && super::has_gemm(ops)
+    }
+}
+
 /// For `each_element`: rows on the grid's y axis (grid-stride beyond 65535), columns on x, in
 /// blocks of up to 256 threads (fewer, in whole warps, for narrow rows).
 pub(crate) fn grid_2d(rows: usize, cols: usize) -> LaunchConfig {
@@ -551,13 +616,15 @@ impl Gpu {
         row0: usize,
         ops: &[Prepared],
     ) -> Result<()> {
-        program(&mut GpuExec { s, blas, k: &self.k, bufs, ups: vec![] }, d, rows, i, row0, ops, Fused::configured())
+        let x = &mut GpuExec { s, blas, k: &self.k, bufs, ups: vec![] };
+        program(x, d, rows, i, row0, ops, Fused::configured(), StripGemm::configured())
     }
 }
 
 impl Cuda {
-    /// Open device 0; `gemm`: the chains to come have GEMMs (BAT), so cuBLAS is opened now too.
-    pub fn new(gemm: bool) -> Result<Cuda> {
+    /// Open device 0; `cublas`: the chains to come have GEMMs (BAT) that cuBLAS is to do
+    /// ([`StripGemm::Cublas`]), so it is loaded and started now too.
+    pub fn new(cublas: bool) -> Result<Cuda> {
         let mut clock = Instant::now();
         let mut startup = vec![];
         let mut step = |what: &'static str| {
@@ -573,7 +640,7 @@ impl Cuda {
         // mostly waits on its kernel module.
         let loader = std::thread::spawn(move || {
             let nvrtc = library(Library::Nvrtc);
-            if gemm {
+            if cublas {
                 library(Library::Cublas);
             }
             nvrtc
@@ -592,7 +659,7 @@ impl Cuda {
         if !nvrtc {
             return Err(anyhow!("NVRTC (libnvrtc) was not found"));
         }
-        step(if gemm { "waiting for NVRTC and cuBLAS to load" } else { "waiting for NVRTC to load" });
+        step(if cublas { "waiting for NVRTC and cuBLAS to load" } else { "waiting for NVRTC to load" });
         let name = ctx.name().unwrap_or_else(|_| "CUDA device 0".into());
         let stream = ctx.default_stream();
         // NVRTC's output, cached between runs (see kernel_cache); one the driver refuses is compiled anew
@@ -627,15 +694,15 @@ impl Cuda {
         // the default stream's cuBLAS serves the synchronous path: with lanes, each has its own
         // and this one opens only if asked for (the kernel benchmark)
         let blas = std::sync::OnceLock::new();
-        if gemm && n_lanes <= 1 {
+        if cublas && n_lanes <= 1 {
             let _ = blas.set(new_blas(&stream)?);
         }
         let mut lanes = if n_lanes > 1 {
-            (0..n_lanes).map(|_| Lane::new(&ctx, gemm).map(Mutex::new)).collect::<Result<Vec<_>>>()?
+            (0..n_lanes).map(|_| Lane::new(&ctx, cublas).map(Mutex::new)).collect::<Result<Vec<_>>>()?
         } else {
             vec![]
         };
-        step(if gemm { "cuBLAS and lanes" } else { "lanes" });
+        step(if cublas { "cuBLAS and lanes" } else { "lanes" });
         // each lane's buffers, for a whole piece, now rather than at its first piece: a step of its
         // own, as page-locking host memory is the driver's slow path
         for lane in &mut lanes {
@@ -720,7 +787,7 @@ impl Cuda {
         let mut tmp: CudaSlice<f32> = s.alloc_zeros(tmp_len).map_err(e("allocation"))?;
         let mut d_out: CudaSlice<u8> = s.alloc_zeros(src.len()).map_err(e("allocation"))?;
         let bufs = Buffers { d_in: &d_in, w: &mut w, tmp: &mut tmp, d_out: &mut d_out };
-        let blas = if super::has_gemm(ops) { Some(g.blas()?) } else { None };
+        let blas = if StripGemm::configured().needs_cublas(ops) { Some(g.blas()?) } else { None };
         g.run_ops(s, blas, bufs, d, rows, i, row0, ops)?;
         self.phase_done(s, 1, &mut since)?;
         s.memcpy_dtoh(&d_out, dst).map_err(e("device to host copy"))?;
@@ -802,6 +869,50 @@ impl Cuda {
         // cuBLAS's default math keeps SGEMM in f32 too (TF32 only when asked for): is pedantic slower?
         let default_blas = CudaBlas::new(s.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
         let default_gemm = timed("gemm", 5, &mut || gemm(&default_blas))?;
+        let in_order = |m: &CudaSlice<f32>, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize| {
+            let (rows64, cols64, r32, v) = (rows as u64, cols as u64, r as i32, 4i32);
+            // SAFETY: m holds the blocks, x and out the strips, of a [rows, cols] weight with r = 64.
+            unsafe {
+                s.launch_builder(&g.k[Kernel::StripGemm as usize])
+                    .arg(m)
+                    .arg(x)
+                    .arg(out)
+                    .arg(&rows64)
+                    .arg(&cols64)
+                    .arg(&r32)
+                    .arg(&v)
+                    .launch(grid_2d(rows, cols / 4))
+            }
+            .map(|_| ())
+            .map_err(e("strip_gemm"))
+        };
+        let in_order_gemm = timed("strip_gemm", 5, &mut || in_order(&blocks, &w, &mut out, rows, cols))?;
+        // Bit for bit against the CPU's in-order sum (which faer's GEMM equals where
+        // ops::gemm_is_in_order), on random values of a [256, 4096] weight: the kernel, and cuBLAS.
+        let (cr, cc) = (256usize, 4096usize);
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut rand = |scale: f32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        };
+        let xs: Vec<f32> = (0..cr * cc).map(|_| rand(1.0)).collect();
+        let ms: Vec<f32> = (0..cr * r).map(|_| rand(0.1)).collect();
+        let mut cpu = vec![0f32; cr * cc];
+        for (k, (c, x)) in cpu.chunks_exact_mut(r * cc).zip(xs.chunks_exact(r * cc)).enumerate() {
+            crate::ops::gemm_in_order(c, x, &ms[k * r * r..][..r * r], cc, r);
+        }
+        let dx = s.clone_htod(&xs).map_err(e("host to device copy"))?;
+        let dm = s.clone_htod(&ms).map_err(e("host to device copy"))?;
+        let mut dout: CudaSlice<f32> = s.alloc_zeros(cr * cc).map_err(e("allocation"))?;
+        let same = |got: Vec<f32>| got.iter().zip(&cpu).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+        in_order(&dm, &dx, &mut dout, cr, cc)?;
+        let kernel_same = same(s.clone_dtoh(&dout).map_err(e("device to host copy"))?);
+        // SAFETY: the buffers hold the strips and blocks of a [cr, cc] weight.
+        unsafe { g.blas()?.gemm_strided_batched(strip_gemm_config(cr, cc, r), &dm, &dx, &mut dout) }
+            .map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))?;
+        let cublas_same = same(s.clone_dtoh(&dout).map_err(e("device to host copy"))?);
         let (once, rnd) = (0i32, 1i32);
         let post = timed("bat_merge_post", 5, &mut || {
             unsafe {
@@ -829,7 +940,8 @@ impl Cuda {
              device-to-device copy   {:8.1} GB/s\n  \
              default add, one pass   {:8.1} GB/s ({:.0}% of the copy) with {}-byte accesses, {} a thread (used)\n  \
              every launch, GB/s      {} (fastest: {}-byte x{}, {:.0}% of the copy)\n  \
-             BAT strip GEMMs (f32)   {:8.1} GFLOP/s pedantic math (used), {:.1} GFLOP/s default math\n  \
+             BAT strip GEMMs (f32)   {:8.1} GFLOP/s in order{}, cuBLAS {:.1} GFLOP/s pedantic math{}, {:.1} GFLOP/s default math\n  \
+             the CPU's bytes         in-order kernel {}, cuBLAS {} of {} values ([{cr}, {cc}], random)\n  \
              BAT + B_i pass (f32)    {:8.1} GB/s",
             self.name,
             bytes / copy / 1e9,
@@ -841,8 +953,14 @@ impl Cuda {
             fastest.0.max_bytes.max(2),
             fastest.0.unroll,
             100.0 * copy / fastest.1,
+            flops / in_order_gemm / 1e9,
+            if StripGemm::configured() == StripGemm::InOrder { " (used)" } else { "" },
             flops / pedantic_gemm / 1e9,
+            if StripGemm::configured() == StripGemm::Cublas { " (used)" } else { "" },
             flops / default_gemm / 1e9,
+            kernel_same,
+            cublas_same,
+            cr * cc,
             post_bytes / post / 1e9
         ))
     }
@@ -867,7 +985,7 @@ impl Cuda {
         let lane = &mut *guard;
         anyhow::ensure!(lane.pending.is_none(), "internal error: GPU lane {k} reused before it was collected");
         lane.reserve(&g.ctx, src.len(), n)?;
-        if super::has_gemm(ops) && lane.blas.is_none() {
+        if StripGemm::configured().needs_cublas(ops) && lane.blas.is_none() {
             lane.blas = Some(new_blas(&lane.stream)?);
         }
         let l = lane.bufs.as_mut().expect("reserved");
@@ -985,7 +1103,8 @@ pub(crate) fn scratch_lens(ops: &[Prepared], n: usize) -> (usize, usize) {
 
 /// The GPU version of [`crate::ops::apply_chain`] over the rows `row0..row0 + rows` of a weight with
 /// `i` columns: `In` (bytes of dtype `d`) is decoded, put through every op, and encoded into `Out`.
-/// The one-pass kernel does a lone default/mini add.
+/// The one-pass kernel does a lone default/mini add; `gemm` says how BAT's GEMMs are done.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn program(
     x: &mut impl Exec,
     d: Float,
@@ -994,11 +1113,13 @@ pub(crate) fn program(
     row0: usize,
     ops: &[Prepared],
     fused: Fused,
+    gemm: StripGemm,
 ) -> Result<()> {
     use Arg::{F32, I32, U64};
     use Mem::{In, Out, Tmp, W};
     let n = rows * i;
     anyhow::ensure!(i < 1 << 31, "a row of {i} columns: the GPU kernels index columns in 31 bits (use --device cpu)");
+    anyhow::ensure!(rows < 1 << 31, "a piece of {rows} rows: the GPU kernels index rows in 31 bits (use --device cpu)");
     let dt = dt_code(d);
     let (n64, rows64, cols64) = (n as u64, rows as u64, i as u64);
     if let [Prepared::Periodic { et, r, sign, .. }] = ops {
@@ -1030,7 +1151,7 @@ pub(crate) fn program(
             Prepared::BatMerge { b, r, rounding } => {
                 let r = *r;
                 let blocks = x.upload(&b[(row0 / r) * r * r..((row0 + rows) / r) * r * r])?;
-                x.gemm(&strip_gemm_config(rows, i, r), blocks, W, Tmp)?;
+                program_strips(x, gemm, blocks, W, Tmp, rows, i, r)?;
                 let once = I32(rounding.once.into());
                 let args = [
                     Arg::Mem(W),
@@ -1052,7 +1173,7 @@ pub(crate) fn program(
                 let inverses = x.upload(&inv[range])?;
                 let args = [Arg::Mem(W), Arg::Mem(Tmp), Arg::Mem(blocks), U64(rows64), U64(cols64), I32(r as i32)];
                 x.launch(Kernel::BatUnmergePre, grid_2d(rows, i), &args)?;
-                x.gemm(&strip_gemm_config(rows, i, r), inverses, Tmp, W)?;
+                program_strips(x, gemm, inverses, Tmp, W, rows, i, r)?;
                 if rnd == 1 {
                     x.launch(Kernel::RoundAll, grid(n), &[Arg::Mem(W), U64(n64), I32(dt)])?;
                 }
@@ -1060,6 +1181,37 @@ pub(crate) fn program(
         }
     }
     x.launch(Kernel::Encode, grid(n), &[Arg::Mem(W), Arg::Mem(Out), U64(n64), I32(dt)])
+}
+
+/// For every strip of `r` rows: `to_s[I, r] = from_s[I, r] · m_s[r, r]` (row-major), with the
+/// in-order kernel or cuBLAS.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn program_strips(
+    x: &mut impl Exec,
+    gemm: StripGemm,
+    m: Mem,
+    from: Mem,
+    to: Mem,
+    rows: usize,
+    i: usize,
+    r: usize,
+) -> Result<()> {
+    match gemm {
+        StripGemm::Cublas => x.gemm(&strip_gemm_config(rows, i, r), m, from, to),
+        StripGemm::InOrder => {
+            let v = if r % 4 == 0 { 4 } else { 1 };
+            let args = [
+                Arg::Mem(m),
+                Arg::Mem(from),
+                Arg::Mem(to),
+                Arg::U64(rows as u64),
+                Arg::U64(i as u64),
+                Arg::I32(r as i32),
+                Arg::I32(v as i32),
+            ];
+            x.launch(Kernel::StripGemm, grid_2d(rows, i / v), &args)
+        }
+    }
 }
 
 /// [`program`] on a CUDA stream: every buffer of a piece is used on that stream only, in order.

@@ -7,7 +7,7 @@
 //! conversions, which are single PTX instructions on the GPU and GCC's `_Float16` here.
 //! `scripts/gpu-check.sh` covers those on a GPU.
 
-use super::cuda::{self, Arg, Exec, Fused, Kernel, Mem};
+use super::cuda::{self, Arg, Exec, Fused, Kernel, Mem, StripGemm};
 use crate::ops::dtype::Float;
 use crate::ops::{self, Prepared, Rounding};
 use anyhow::{anyhow, bail, ensure, Result};
@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 
 /// Stands in for the CUDA headers: thread coordinates as globals, the bit casts, no qualifiers.
 const SHIM: &str = r#"
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -341,6 +342,7 @@ fn both(
     chain: &[Prepared],
     small_grid: bool,
     fused: Fused,
+    gemm: StripGemm,
 ) -> Result<(Vec<u8>, Vec<u8>, Vec<Kernel>)> {
     let w = values(o * i, 0.5, (o * 31 + i) as u64);
     let mut all = vec![0u8; o * i * d.size()];
@@ -349,7 +351,7 @@ fn both(
     let mut cpu = vec![0u8; src.len()];
     ops::apply_chain(src, &mut cpu, d, rows, i, row0, chain, false);
     let mut x = HostExec::new(launch, src, chain, rows * i, small_grid);
-    cuda::program(&mut x, d, rows, i, row0, chain, fused)?;
+    cuda::program(&mut x, d, rows, i, row0, chain, fused, gemm)?;
     Ok((cpu, x.mem[1].bytes(), x.launched))
 }
 
@@ -418,7 +420,8 @@ fn default_and_mini_shape(launch: Launch, o: usize, i: usize, r: usize, mini: us
             // the whole weight, and a piece from the middle
             for (row0, rows) in [(0, o), (o / 5 + 1, o / 2)] {
                 for (small, fused) in [false, true].into_iter().flat_map(|s| LAUNCHES.map(|f| (s, f))) {
-                    let (cpu, gpu, launched) = both(launch, d, o, i, row0, rows, chain, small, fused).unwrap();
+                    let (cpu, gpu, launched) =
+                        both(launch, d, o, i, row0, rows, chain, small, fused, StripGemm::InOrder).unwrap();
                     let what = format!(
                         "{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}, {fused:?}",
                         row0 + rows
@@ -434,15 +437,20 @@ fn default_and_mini_shape(launch: Launch, o: usize, i: usize, r: usize, mini: us
 }
 
 #[test]
-fn bat_chains_agree_with_the_cpu() {
+fn bat_chains_give_the_cpus_bytes_with_the_in_order_gemm_and_agree_with_cublas() {
     let Some(launch) = launcher() else { return };
-    // r = 8; and r = 6 with rows of 300 columns (two blocks of threads a row)
+    // r = 8 and 64 (16-byte loads); r = 6 with rows of 300 columns (two blocks of threads a row,
+    // one column a thread), and r = 3
+    for (o, i, r) in [(48, 40, 8), (36, 300, 6), (320, 128, 64), (15, 12, 3)] {
+        assert!(ops::gemm_is_in_order(r), "the CPU's GEMM sums in order here (see ops' tests)");
+        bat_shape(launch, o, i, r, StripGemm::InOrder);
+    }
     for (o, i, r) in [(48, 40, 8), (36, 300, 6)] {
-        bat_shape(launch, o, i, r);
+        bat_shape(launch, o, i, r, StripGemm::Cublas);
     }
 }
 
-fn bat_shape(launch: Launch, o: usize, i: usize, r: usize) {
+fn bat_shape(launch: Launch, o: usize, i: usize, r: usize, gemm: StripGemm) {
     let b = values(o * r, 0.2, 3);
     let inv = ops::bat_inverses(&b, r).unwrap().inv;
     let def = values(r * o, 0.05, 5);
@@ -466,15 +474,41 @@ fn bat_shape(launch: Launch, o: usize, i: usize, r: usize) {
             // the whole weight, and a piece of whole strips from the middle
             for (row0, rows) in [(0, o), (2 * r, 3 * r)] {
                 for small in [false, true] {
-                    let (cpu, gpu, _) = both(launch, d, o, i, row0, rows, chain, small, DEFAULT_LAUNCH).unwrap();
-                    let what =
-                        format!("{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}", row0 + rows);
-                    // the GEMMs sum in another order than the CPU's
-                    assert_agree(d, &cpu, &gpu, false, &what);
+                    let (cpu, gpu, launched) =
+                        both(launch, d, o, i, row0, rows, chain, small, DEFAULT_LAUNCH, gemm).unwrap();
+                    let what = format!(
+                        "{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}, {gemm:?}",
+                        row0 + rows
+                    );
+                    // the emulated cuBLAS sums in f64: within a unit of the CPU's in-order sum
+                    assert_agree(d, &cpu, &gpu, gemm == StripGemm::InOrder, &what);
+                    assert_eq!(launched.contains(&Kernel::StripGemm), gemm == StripGemm::InOrder, "{what}");
                 }
             }
         }
     }
+}
+
+#[test]
+fn the_in_order_gemm_sums_zero_products_to_plus_zero_as_the_cpu_does() {
+    let Some(launch) = launcher() else { return };
+    let (rows, i, r) = (8, 16, 4);
+    let n = rows * i;
+    let chain = [Prepared::BatMerge { b: vec![], r, rounding: Rounding::peft(Float::F32) }];
+    let mut x = HostExec::new(launch, &vec![0u8; n * 4], &chain, n, false);
+    // rows of -0 and of +0 against a block of +1 and one of -1: in half the rows every product is
+    // -0 (whose in-order sum from -0 would be -0), in the other half +0
+    let w: Vec<f32> = (0..n).map(|k| if (k / i) % 2 == 0 { -0.0 } else { 0.0 }).collect();
+    let m: Vec<f32> = (0..(rows / r) * r * r).map(|k| if k < r * r { 1.0 } else { -1.0 }).collect();
+    x.mem[2].words[..n].iter_mut().zip(&w).for_each(|(word, v)| *word = v.to_bits());
+    let blocks = x.upload(&m).unwrap();
+    cuda::program_strips(&mut x, StripGemm::InOrder, blocks, Mem::W, Mem::Tmp, rows, i, r).unwrap();
+    let mut cpu = vec![0f32; n];
+    for (s, (c, strip)) in cpu.chunks_exact_mut(r * i).zip(w.chunks_exact(r * i)).enumerate() {
+        ops::gemm_in_order(c, strip, &m[s * r * r..][..r * r], i, r);
+    }
+    let gpu = x.mem[3].f32s();
+    assert!(gpu.iter().chain(&cpu).all(|v| v.to_bits() == 0), "every sum +0: GPU {gpu:?}, CPU {cpu:?}");
 }
 
 #[test]
@@ -483,7 +517,8 @@ fn the_one_pass_add_covers_rows_beyond_the_grids_65535() {
     let (o, i, r) = (70_000, 3, 2);
     let block = values(r * o, 0.05, 13);
     let chain = [periodic(&block, r, o, o, 1.0, Rounding::peft(Float::BF16))];
-    let (cpu, gpu, _) = both(launch, Float::BF16, o, i, 0, o, &chain, false, DEFAULT_LAUNCH).unwrap();
+    let (cpu, gpu, _) =
+        both(launch, Float::BF16, o, i, 0, o, &chain, false, DEFAULT_LAUNCH, StripGemm::InOrder).unwrap();
     assert_agree(Float::BF16, &cpu, &gpu, true, "70000 rows");
 }
 

@@ -164,12 +164,32 @@ pub fn has_gemm(chain: &[Prepared]) -> bool {
     chain.iter().any(|op| !matches!(op, Prepared::Periodic { .. }))
 }
 
-/// True when a chain gives the same bytes on the CPU and on a GPU: the chains without GEMMs, the
-/// elementwise adds (default and mini), done in f32 with one rounding each, in the same order.
-/// (BAT's GEMMs sum in another order on a GPU: within one unit, not the same bytes.) The pipeline
-/// computes these on the CPU while a GPU is starting.
+/// True when a chain gives the same bytes on the CPU and on a GPU. The elementwise adds (default
+/// and mini) do: f32 with one rounding each, in the same order. BAT does where its GEMMs sum in
+/// the same order on both: the GPU's `strip_gemm` kernel sums each element's products in order,
+/// one fused multiply-add each, and so does the CPU's GEMM (faer) where
+/// [`ops::gemm_is_in_order`] finds it for that r (r up to 512 on processors with FMA); with
+/// `BONE_TOOL_GEMM=cublas`, cuBLAS sums in its own order. The pipeline computes these chains on
+/// the CPU while a GPU is starting, and the self-check holds a GPU to the CPU's bytes on them.
 pub fn same_bytes_on_every_device(chain: &[Prepared]) -> bool {
-    !has_gemm(chain)
+    chain.iter().all(|op| match op {
+        Prepared::Periodic { .. } => true,
+        Prepared::BatMerge { r, .. } | Prepared::BatUnmerge { r, .. } => {
+            gpu_gemm_in_order() && ops::gemm_is_in_order(*r)
+        }
+    })
+}
+
+/// Whether a GPU would sum BAT's GEMMs in order ([`cuda::StripGemm::InOrder`]).
+fn gpu_gemm_in_order() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::StripGemm::configured() == cuda::StripGemm::InOrder
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        true // no GPU: the CPU is every device
+    }
 }
 
 impl Device {
@@ -219,7 +239,8 @@ impl Device {
 
     #[cfg(feature = "cuda")]
     fn open_cuda(needs: &Needs) -> std::result::Result<Device, String> {
-        let gpu = cuda::Cuda::new(needs.gemm).map_err(|e| format!("{e:#}"))?;
+        let cublas = needs.gemm && cuda::StripGemm::configured() == cuda::StripGemm::Cublas;
+        let gpu = cuda::Cuda::new(cublas).map_err(|e| format!("{e:#}"))?;
         let mut dev = Device::Cuda(Box::new(gpu));
         let t = std::time::Instant::now();
         dev.self_check(needs).map_err(|e| format!("the GPU's results differ from the CPU's ({e}); not using it"))?;
@@ -348,7 +369,8 @@ impl Device {
 
     /// Run each kind of op the work has (without GEMMs, the adds only), in each of its dtypes (or
     /// f32 when it computes nothing), on a small random problem and compare with the CPU: a device
-    /// whose results differ by more than one unit in the last place is not used.
+    /// is not used whose results differ from the CPU's bytes on a chain that
+    /// [`same_bytes_on_every_device`], or by more than one unit in the last place on another.
     pub fn self_check(&self, needs: &Needs) -> std::result::Result<(), String> {
         let (o, i, r) = (48usize, 40usize, 8usize);
         let mut x = 0x2545F4914F6CDD1Du64;
@@ -396,9 +418,18 @@ impl Device {
                     results[1] = results[0].clone();
                 }
                 let paths = if self.lanes() > 1 { ["first lane", "second lane"] } else { ["synchronous"; 2] };
+                let exact = same_bytes_on_every_device(chain);
                 for (path, dev) in paths.iter().zip(&results) {
                     if let Some((k, p, q)) = d.disagreement_in(&cpu, dev) {
                         return Err(format!("{d} element {k}, {path}: CPU {p} vs device {q}"));
+                    }
+                    let n = d.size();
+                    if let Some(k) = cpu.chunks(n).zip(dev.chunks(n)).position(|(a, b)| exact && a != b) {
+                        let mut v = [0f32; 2];
+                        d.decode(&cpu[k * n..][..n], &mut v[..1]);
+                        d.decode(&dev[k * n..][..n], &mut v[1..]);
+                        let (p, q) = (v[0], v[1]);
+                        return Err(format!("{d} element {k}, {path}: CPU {p:e} vs device {q:e}, not the same bytes"));
                     }
                 }
             }
@@ -437,14 +468,20 @@ mod tests {
     }
 
     #[test]
-    fn only_the_elementwise_chains_run_on_the_cpu_while_a_gpu_opens() {
+    fn the_chains_whose_gemms_sum_in_order_on_the_cpu_run_there_while_a_gpu_opens() {
         let rd = Rounding::peft(Float::BF16);
         let add = Prepared::Periodic { et: vec![0.0; 4], r: 2, sign: 1.0, rounding: rd };
-        let bat = Prepared::BatMerge { b: vec![0.0; 4], r: 2, rounding: rd };
+        let bat = |r: usize| Prepared::BatMerge { b: vec![0.0; r * r], r, rounding: rd };
+        let unmerge = |r: usize| Prepared::BatUnmerge { b: vec![0.0; r * r], inv: vec![0.0; r * r], r, rounding: rd };
         assert!(same_bytes_on_every_device(&[]));
         assert!(same_bytes_on_every_device(std::slice::from_ref(&add)));
-        assert!(!same_bytes_on_every_device(&[add.clone(), bat.clone()]));
-        assert!(!same_bytes_on_every_device(&[bat]));
+        // this machine's GEMM sums in order up to r = 512 (see ops' tests); the GPU's kernel always
+        assert!(same_bytes_on_every_device(&[add.clone(), bat(2)]));
+        assert!(same_bytes_on_every_device(&[bat(64), unmerge(64), add.clone()]));
+        // at r = 1024 faer sums in blocks of k: BAT waits for the GPU, and so does a chain with it
+        assert!(!ops::gemm_is_in_order(1024));
+        assert!(!same_bytes_on_every_device(&[add.clone(), bat(1024)]));
+        assert!(!same_bytes_on_every_device(&[bat(8), unmerge(1024)]));
     }
 
     #[test]
