@@ -260,7 +260,7 @@ extern "C" __global__ void periodic_fused_x4(const unsigned char* in, unsigned c
 template <u32 V> struct alignas(4 * V) Floats { float v[V]; };
 
 template <u32 V>
-__device__ __forceinline__ void strip_gemm_v(const float* m, const float* x, float* out, u64 rows, u64 cols, int r) {
+__device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r) {
     each_group(rows, cols, r, V, [&](u64 o, u64 k, u32 j) {
         const float* xs = x + (k - j);
         const float* ms = m + (u64)((u32)o / (u32)r) * r * r + j; // rows < 2^31 (the host checks)
@@ -279,8 +279,9 @@ __device__ __forceinline__ void strip_gemm_v(const float* m, const float* x, flo
     });
 }
 
-// vec: 4 when r is a multiple of 4 (then so are the columns), else 1.
-extern "C" __global__ void strip_gemm(const float* m, const float* x, float* out, u64 rows, u64 cols, int r, int vec) {
+// vec: 4 when r is a multiple of 4 (then so are the columns), else 1. x and out are different
+// buffers (W and Tmp), read and written only here: read-only loads.
+extern "C" __global__ void strip_gemm(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r, int vec) {
     if (vec == 4) strip_gemm_v<4>(m, x, out, rows, cols, r);
     else strip_gemm_v<1>(m, x, out, rows, cols, r);
 }
