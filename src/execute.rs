@@ -506,8 +506,9 @@ fn read_all<'a>(
 
 /// How the reader gets the bytes a piece computes from: mapped (the default: no copy, the reader
 /// faults the pages in), or with `BONE_TOOL_READ=pread` read into buffers that come back when the
-/// piece is done (a copy, but no mapping made or removed per piece: an experiment for a GPU
-/// machine, where the driver starting beside the pipeline slowed the CPU's adds 2-4x).
+/// piece is done, in 1 MB reads side by side (a copy, but no mapping made or removed per piece: an
+/// experiment for a GPU machine, where the driver starting beside the pipeline slowed the CPU's
+/// adds 2-4x).
 struct Reads {
     pread: bool,
     pool: (std::sync::mpsc::Sender<Vec<u8>>, Receiver<Vec<u8>>),
