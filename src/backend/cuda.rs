@@ -870,27 +870,29 @@ impl Cuda {
         // cuBLAS's default math keeps SGEMM in f32 too (TF32 only when asked for): is pedantic slower?
         let default_blas = CudaBlas::new(s.clone()).map_err(|e| anyhow!("cannot start cuBLAS: {e:?}"))?;
         let default_gemm = timed("gemm", 5, &mut || gemm(&default_blas))?;
-        let in_order = |m: &CudaSlice<f32>, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize| {
-            let (rows64, cols64, r32, v) = (rows as u64, cols as u64, r as i32, 4i32);
-            // SAFETY: m holds the blocks, x and out the strips, of a [rows, cols] weight with r = 64.
-            unsafe {
-                s.launch_builder(&g.k[Kernel::StripGemm as usize])
-                    .arg(m)
-                    .arg(x)
-                    .arg(out)
-                    .arg(&rows64)
-                    .arg(&cols64)
-                    .arg(&r32)
-                    .arg(&v)
-                    .launch(grid_2d(rows, cols / 4))
-            }
-            .map(|_| ())
-            .map_err(e("strip_gemm"))
-        };
-        let in_order_gemm = timed("strip_gemm", 5, &mut || in_order(&blocks, &w, &mut out, rows, cols))?;
+        let in_order =
+            |m: &CudaSlice<f32>, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize, r: usize| {
+                let v = if r % 4 == 0 { 4 } else { 1 };
+                let (rows64, cols64, r32, v32) = (rows as u64, cols as u64, r as i32, v as i32);
+                // SAFETY: m holds the blocks, x and out the strips, of a [rows, cols] weight.
+                unsafe {
+                    s.launch_builder(&g.k[Kernel::StripGemm as usize])
+                        .arg(m)
+                        .arg(x)
+                        .arg(out)
+                        .arg(&rows64)
+                        .arg(&cols64)
+                        .arg(&r32)
+                        .arg(&v32)
+                        .launch(grid_2d(rows, cols / v))
+                }
+                .map(|_| ())
+                .map_err(e("strip_gemm"))
+            };
+        let in_order_gemm = timed("strip_gemm", 5, &mut || in_order(&blocks, &w, &mut out, rows, cols, r))?;
         // Bit for bit against the CPU's in-order sum (which faer's GEMM equals where
-        // ops::gemm_is_in_order), on random values of a [256, 4096] weight: the kernel, and cuBLAS.
-        let (cr, cc) = (256usize, 4096usize);
+        // ops::gemm_is_in_order), on random values: how many of the kernel's values, and of
+        // cuBLAS's, are the CPU's, for r = 64 (16-byte loads) and r = 6 (a column a thread).
         let mut seed = 0x2545_F491_4F6C_DD1Du64;
         let mut rand = |scale: f32| {
             seed ^= seed << 13;
@@ -898,22 +900,26 @@ impl Cuda {
             seed ^= seed << 17;
             ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
         };
-        let xs: Vec<f32> = (0..cr * cc).map(|_| rand(1.0)).collect();
-        let ms: Vec<f32> = (0..cr * r).map(|_| rand(0.1)).collect();
-        let mut cpu = vec![0f32; cr * cc];
-        for (k, (c, x)) in cpu.chunks_exact_mut(r * cc).zip(xs.chunks_exact(r * cc)).enumerate() {
-            crate::ops::gemm_in_order(c, x, &ms[k * r * r..][..r * r], cc, r);
-        }
-        let dx = s.clone_htod(&xs).map_err(e("host to device copy"))?;
-        let dm = s.clone_htod(&ms).map_err(e("host to device copy"))?;
-        let mut dout: CudaSlice<f32> = s.alloc_zeros(cr * cc).map_err(e("allocation"))?;
-        let same = |got: Vec<f32>| got.iter().zip(&cpu).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
-        in_order(&dm, &dx, &mut dout, cr, cc)?;
-        let kernel_same = same(s.clone_dtoh(&dout).map_err(e("device to host copy"))?);
-        // SAFETY: the buffers hold the strips and blocks of a [cr, cc] weight.
-        unsafe { g.blas()?.gemm_strided_batched(strip_gemm_config(cr, cc, r), &dm, &dx, &mut dout) }
-            .map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))?;
-        let cublas_same = same(s.clone_dtoh(&dout).map_err(e("device to host copy"))?);
+        let mut agree = |cr: usize, cc: usize, r: usize| -> Result<String> {
+            let xs: Vec<f32> = (0..cr * cc).map(|_| rand(1.0)).collect();
+            let ms: Vec<f32> = (0..cr * r).map(|_| rand(0.1)).collect();
+            let mut cpu = vec![0f32; cr * cc];
+            for (k, (c, x)) in cpu.chunks_exact_mut(r * cc).zip(xs.chunks_exact(r * cc)).enumerate() {
+                crate::ops::gemm_in_order(c, x, &ms[k * r * r..][..r * r], cc, r);
+            }
+            let dx = s.clone_htod(&xs).map_err(e("host to device copy"))?;
+            let dm = s.clone_htod(&ms).map_err(e("host to device copy"))?;
+            let mut dout: CudaSlice<f32> = s.alloc_zeros(cr * cc).map_err(e("allocation"))?;
+            let same = |got: Vec<f32>| got.iter().zip(&cpu).filter(|(a, b)| a.to_bits() == b.to_bits()).count();
+            in_order(&dm, &dx, &mut dout, cr, cc, r)?;
+            let kernel = same(s.clone_dtoh(&dout).map_err(e("device to host copy"))?);
+            // SAFETY: the buffers hold the strips and blocks of a [cr, cc] weight.
+            unsafe { g.blas()?.gemm_strided_batched(strip_gemm_config(cr, cc, r), &dm, &dx, &mut dout) }
+                .map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))?;
+            let cublas = same(s.clone_dtoh(&dout).map_err(e("device to host copy"))?);
+            Ok(format!("r = {r} [{cr}, {cc}]: in-order kernel {kernel}, cuBLAS {cublas} of {}", cr * cc))
+        };
+        let agreement = [agree(256, 4096, 64)?, agree(252, 4092, 6)?].join("; ");
         let (once, rnd) = (0i32, 1i32);
         let post = timed("bat_merge_post", 5, &mut || {
             unsafe {
@@ -942,7 +948,7 @@ impl Cuda {
              default add, one pass   {:8.1} GB/s ({:.0}% of the copy) with {}-byte accesses, {} a thread (used)\n  \
              every launch, GB/s      {} (fastest: {}-byte x{}, {:.0}% of the copy)\n  \
              BAT strip GEMMs (f32)   {:8.1} GFLOP/s in order{}, cuBLAS {:.1} GFLOP/s pedantic math{}, {:.1} GFLOP/s default math\n  \
-             the CPU's bytes         in-order kernel {}, cuBLAS {} of {} values ([{cr}, {cc}], random)\n  \
+             the CPU's bytes         {agreement} (random values)\n  \
              BAT + B_i pass (f32)    {:8.1} GB/s",
             self.name,
             bytes / copy / 1e9,
@@ -959,9 +965,6 @@ impl Cuda {
             flops / pedantic_gemm / 1e9,
             if StripGemm::configured() == StripGemm::Cublas { " (used)" } else { "" },
             flops / default_gemm / 1e9,
-            kernel_same,
-            cublas_same,
-            cr * cc,
             post_bytes / post / 1e9
         ))
     }
