@@ -110,7 +110,7 @@ main() {
       done
     done
     for v in "$@"; do
-      echo "  -- $kind ${sync:-fsync} $v:"; grep -E "compute |staging|waits|pipeline|device start|waited" "/tmp/ab-$v.log" | sed 's/^/  /'
+      echo "  -- $kind ${sync:-fsync} $v:"; grep -E "compute |staging|waits|pipeline|process|device start|waited" "/tmp/ab-$v.log" | sed 's/^/  /'
     done
     rm -rf /tmp/ab /tmp/ab-*.log
   }

@@ -67,12 +67,16 @@ fn json_summary_after_a_run() {
     }
     assert!(t["wall"].as_f64().unwrap() <= j["seconds"].as_f64().unwrap());
     assert!(t.get("h2d").is_none(), "no GPU phases on the CPU");
+    // the process's own usage: some CPU time, and the page faults of at least its own start
+    let p = &t["process"];
+    assert!(p["user"].as_f64().unwrap() + p["system"].as_f64().unwrap() > 0.0, "{p}");
+    assert!(p["minor_faults"].as_i64().unwrap() > 0, "{p}");
 
     // --timings: a table on stderr, nothing on stdout
     let o = merge_with(&base, &adapter, &tmp.path().join("t"), &["-q", "--timings"]);
     ok(&o);
     let err = stderr(&o);
-    for stage in ["read", "compute", "write", "fsync", "pipeline"] {
+    for stage in ["read", "compute", "write", "fsync", "pipeline", "process"] {
         assert!(err.lines().any(|l| l.trim_start().starts_with(stage)), "{stage}: {err}");
     }
     assert_eq!(stdout(&o), "");

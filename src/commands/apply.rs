@@ -273,6 +273,13 @@ pub(crate) fn print_timings(t: &execute::Timings, total: f64) {
         w.read_for_compute, w.compute_for_read, w.compute_for_write, w.write_for_compute
     );
     eprintln!("  pipeline  {:>8.3}s, whole command {total:.3}s", t.wall);
+    if let Some(p) = &t.process {
+        eprintln!(
+            "  process   user {:.3}s, system {:.3}s, {} minor and {} major page faults, {} voluntary and {} \
+             involuntary context switches",
+            p.user, p.system, p.minor_faults, p.major_faults, p.voluntary_switches, p.involuntary_switches
+        );
+    }
     if let Some(start) = &t.device_start {
         let sum: f64 = start.values().filter_map(|v| v.as_f64()).sum();
         let steps: Vec<String> =
