@@ -125,8 +125,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// What the plan asks of a device: GEMMs when some tensor's chain has a BAT op (a GPU does
-    /// them with cuBLAS), and the dtypes of the weights it computes.
+    /// What the plan asks of a device: GEMMs when some tensor's chain has a BAT op (its
+    /// self-check then runs BAT), and the dtypes of the weights it computes.
     pub fn needs(&self) -> crate::backend::Needs {
         let jobs = || self.shards.iter().flat_map(|s| &s.jobs);
         let gemm = jobs().any(|j| j.ops.iter().any(|op| matches!(op, Op::Bat { .. })));

@@ -21,7 +21,7 @@ pub enum DeviceChoice {
     Cuda,
 }
 
-/// What the work will ask of a device: whether it has GEMMs (BAT: a GPU opens cuBLAS) and which
+/// What the work will ask of a device: whether it has GEMMs (BAT: the self-check runs them) and which
 /// weight dtypes it computes in (the self-check checks those).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Needs {
@@ -63,8 +63,8 @@ pub enum Device {
 }
 
 /// A device being opened on its own thread, so that the work need not wait for it: a GPU takes
-/// 0.4-0.6 s to start (driver, context, cuBLAS, self-check), in which the pipeline can already
-/// copy untouched tensors and the CPU compute the chains whose bytes are the same on both
+/// 0.4-0.6 s to start (driver, context, kernels, lanes, self-check), in which the pipeline can
+/// already copy untouched tensors and the CPU compute the chains whose bytes are the same on both
 /// ([`same_bytes_on_every_device`]).
 #[derive(Default)]
 pub struct Opening {
@@ -159,7 +159,7 @@ impl Opening {
     }
 }
 
-/// True when a chain has GEMMs (BAT), which a GPU does with cuBLAS.
+/// True when a chain has GEMMs (BAT).
 pub fn has_gemm(chain: &[Prepared]) -> bool {
     chain.iter().any(|op| !matches!(op, Prepared::Periodic { .. }))
 }
@@ -200,8 +200,9 @@ impl Device {
         Self::select_for(choice, &Needs::all())
     }
 
-    /// [`Device::select`] for the work described by `needs`: a GPU opens cuBLAS only for GEMMs,
-    /// and self-checks only the kinds of op and the dtypes the work has.
+    /// [`Device::select`] for the work described by `needs`: a GPU opens cuBLAS only for GEMMs
+    /// that cuBLAS is to do (`BONE_TOOL_GEMM=cublas`), and self-checks only the kinds of op and the
+    /// dtypes the work has.
     pub fn select_for(choice: DeviceChoice, needs: &Needs) -> Result<(Device, Option<String>)> {
         match choice {
             DeviceChoice::Cpu => Ok((Device::Cpu, None)),
