@@ -318,15 +318,7 @@ impl Exec for HostExec {
 
 /// Deterministic values in [-scale/2, scale/2).
 fn values(n: usize, scale: f32, seed: u64) -> Vec<f32> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
+    ops::Xorshift(seed | 1).values(n, scale)
 }
 
 /// The rows `row0..row0 + rows` of an `[o, i]` weight through `chain`: the CPU's bytes and the

@@ -374,19 +374,13 @@ impl Device {
     /// [`same_bytes_on_every_device`], or by more than one unit in the last place on another.
     pub fn self_check(&self, needs: &Needs) -> std::result::Result<(), String> {
         let (o, i, r) = (48usize, 40usize, 8usize);
-        let mut x = 0x2545F4914F6CDD1Du64;
-        let mut rand = |scale: f32| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        };
+        let mut g = ops::Xorshift(0x2545F4914F6CDD1D);
         // Weights at least 0.1 from zero and deltas below 0.06: no result cancels into a smaller
         // binade than its delta, so a summation order that flips a rounded delta moves the result
         // by at most one unit (see Float::disagreement).
-        let w: Vec<f32> = (0..o * i).map(|_| rand(0.2)).map(|x| x + 0.1f32.copysign(x)).collect();
-        let b_def: Vec<f32> = (0..r * o).map(|_| rand(0.02)).collect();
-        let b_bat: Vec<f32> = (0..o * r).map(|_| rand(0.04)).collect();
+        let w: Vec<f32> = g.values(o * i, 0.2).into_iter().map(|x| x + 0.1f32.copysign(x)).collect();
+        let b_def = g.values(r * o, 0.02);
+        let b_bat = g.values(o * r, 0.04);
         let inv = ops::bat_inverses(&b_bat, r).map_err(|_| "self-check block singular".to_string())?.inv;
         let dtypes = if needs.dtypes.is_empty() { vec![Float::F32] } else { needs.dtypes.clone() };
         for d in dtypes {

@@ -415,21 +415,34 @@ pub fn gemm_is_in_order(r: usize) -> bool {
         return yes;
     }
     let i = 16;
-    let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ r as u64;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    };
-    let lhs: Vec<f32> = (0..i * r).map(|_| next()).collect();
-    let rhs: Vec<f32> = (0..r * r).map(|_| next() * 0.1).collect();
+    let mut g = Xorshift(0x9E37_79B9_7F4A_7C15u64 ^ r as u64);
+    let (lhs, rhs) = (g.values(i * r, 1.0), g.values(r * r, 0.1));
     let (mut faer, mut ours) = (vec![0f32; i * r], vec![0f32; i * r]);
     gemm(&mut faer, &lhs, &rhs, i, r);
     gemm_in_order(&mut ours, &lhs, &rhs, i, r);
     let yes = faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits());
     known.push((r, yes));
     yes
+}
+
+/// xorshift64: deterministic values for the small problems that the run-time checks and the GPU
+/// benchmark compute (no rand crate). The state must not be 0.
+pub struct Xorshift(pub u64);
+
+impl Xorshift {
+    /// The next value, in [-scale/2, scale/2).
+    pub fn next(&mut self, scale: f32) -> f32 {
+        let x = &mut self.0;
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        ((*x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+    }
+
+    /// The next `n` values, in [-scale/2, scale/2).
+    pub fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next(scale)).collect()
+    }
 }
 
 /// The inverses `(I + B_i)⁻¹` of every block of a BAT layer, computed in f64 and stored as f32.
