@@ -355,8 +355,9 @@ pub struct Cuda {
 struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    /// cuBLAS on `stream`: opened with the device when its chains have GEMMs (BAT), else on the
-    /// first GEMM (loading cuBLAS costs 0.1-0.2 s that default and mini merges need not pay).
+    /// cuBLAS on `stream`, for the synchronous path when cuBLAS does BAT's GEMMs
+    /// (`BONE_TOOL_GEMM=cublas`): opened with the device then, else on first use (the kernel
+    /// benchmark); loading cuBLAS costs 0.1-0.2 s that no other run need pay.
     blas: std::sync::OnceLock<CudaBlas>,
     /// Indexed by [`Kernel`].
     k: Vec<CudaFunction>,
@@ -372,11 +373,13 @@ struct Buffers<'a> {
     d_out: &'a mut CudaSlice<u8>,
 }
 
-/// One stream with its own cuBLAS handle, page-locked staging buffers (cached, not write-combined:
-/// the host reads the results back) and device buffers, reused piece after piece.
+/// One stream with its page-locked staging buffers (cached, not write-combined: the host reads the
+/// results back) and device buffers, reused piece after piece (and its own cuBLAS handle when
+/// cuBLAS does the GEMMs).
 struct Lane {
     stream: Arc<CudaStream>,
-    /// Created with the lane when the device has GEMMs to do, else on the lane's first GEMM.
+    /// Created with the lane when cuBLAS is to do the device's GEMMs, else on the lane's first
+    /// cuBLAS GEMM (none with the in-order kernel).
     blas: Option<CudaBlas>,
     bufs: Option<LaneBuffers>,
     /// Recorded before the copy in, after it, after the kernels, after the copy back.
@@ -603,8 +606,8 @@ impl Gpu {
         Ok(self.blas.get().expect("just set"))
     }
 
-    /// Run [`program`] for the chain on stream `s` (whose cuBLAS handle is `blas`, if the chain has
-    /// GEMMs), queued.
+    /// Run [`program`] for the chain on stream `s` (whose cuBLAS handle is `blas`, if cuBLAS does
+    /// the chain's GEMMs), queued.
     #[allow(clippy::too_many_arguments)]
     fn run_ops(
         &self,
@@ -872,8 +875,8 @@ impl Cuda {
         let default_gemm = timed("gemm", 5, &mut || gemm(&default_blas))?;
         let in_order =
             |m: &CudaSlice<f32>, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize, r: usize| {
-                let v = if r % 4 == 0 { 4 } else { 1 };
-                let (rows64, cols64, r32, v32) = (rows as u64, cols as u64, r as i32, v as i32);
+                let (config, v) = strip_gemm_launch(rows, cols, r);
+                let (rows64, cols64, r32) = (rows as u64, cols as u64, r as i32);
                 // SAFETY: m holds the blocks, x and out the strips, of a [rows, cols] weight.
                 unsafe {
                     s.launch_builder(&g.k[Kernel::StripGemm as usize])
@@ -883,8 +886,8 @@ impl Cuda {
                         .arg(&rows64)
                         .arg(&cols64)
                         .arg(&r32)
-                        .arg(&v32)
-                        .launch(grid_2d(rows, cols / v))
+                        .arg(&v)
+                        .launch(config)
                 }
                 .map(|_| ())
                 .map_err(e("strip_gemm"))
@@ -893,16 +896,9 @@ impl Cuda {
         // Bit for bit against the CPU's in-order sum (which faer's GEMM equals where
         // ops::gemm_is_in_order), on random values: how many of the kernel's values, and of
         // cuBLAS's, are the CPU's, for r = 64 (16-byte loads) and r = 6 (a column a thread).
-        let mut seed = 0x2545_F491_4F6C_DD1Du64;
-        let mut rand = |scale: f32| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        };
+        let mut rand = crate::ops::Xorshift(0x2545_F491_4F6C_DD1D);
         let mut agree = |cr: usize, cc: usize, r: usize| -> Result<String> {
-            let xs: Vec<f32> = (0..cr * cc).map(|_| rand(1.0)).collect();
-            let ms: Vec<f32> = (0..cr * r).map(|_| rand(0.1)).collect();
+            let (xs, ms) = (rand.values(cr * cc, 1.0), rand.values(cr * r, 0.1));
             let mut cpu = vec![0f32; cr * cc];
             for (k, (c, x)) in cpu.chunks_exact_mut(r * cc).zip(xs.chunks_exact(r * cc)).enumerate() {
                 crate::ops::gemm_in_order(c, x, &ms[k * r * r..][..r * r], cc, r);
@@ -1203,7 +1199,7 @@ pub(crate) fn program_strips(
     match gemm {
         StripGemm::Cublas => x.gemm(&strip_gemm_config(rows, i, r), m, from, to),
         StripGemm::InOrder => {
-            let v = if r % 4 == 0 { 4 } else { 1 };
+            let (config, v) = strip_gemm_launch(rows, i, r);
             let args = [
                 Arg::Mem(m),
                 Arg::Mem(from),
@@ -1211,11 +1207,18 @@ pub(crate) fn program_strips(
                 Arg::U64(rows as u64),
                 Arg::U64(i as u64),
                 Arg::I32(r as i32),
-                Arg::I32(v as i32),
+                Arg::I32(v),
             ];
-            x.launch(Kernel::StripGemm, grid_2d(rows, i / v), &args)
+            x.launch(Kernel::StripGemm, config, &args)
         }
     }
+}
+
+/// How `strip_gemm` is launched for a [rows, i] weight with blocks of r: its `vec` argument (4
+/// columns a thread with 16-byte loads when r is a multiple of 4, else 1) and a thread per group.
+pub(crate) fn strip_gemm_launch(rows: usize, i: usize, r: usize) -> (LaunchConfig, i32) {
+    let v = if r % 4 == 0 { 4 } else { 1 };
+    (grid_2d(rows, i / v), v as i32)
 }
 
 /// [`program`] on a CUDA stream: every buffer of a piece is used on that stream only, in order.
