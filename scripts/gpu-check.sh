@@ -121,6 +121,12 @@ main() {
   fi
   if want outputs; then
   echo "== 1b outputs: cpu, cuda (the CPU computes while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu, cuda --all-on-gpu with BONE_TOOL_UNROLL=4, cuda --all-on-gpu with BONE_TOOL_GEMM=cublas"
+  # same A B: shard $n of the $kind outputs of devices A and B (as the loop below names them), byte
+  # for byte
+  same() {
+    if cmp -s "/tmp/same-${1// /_}/$n" "/tmp/same-${2// /_}/$n"; then echo "$kind $n: $1 = $2"
+    else echo "$kind $n: $1 and $2 DIFFER${3:-}"; fi
+  }
   for kind in default bat; do
     for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu" "cuda --all-on-gpu x4" "cuda --all-on-gpu cublas"; do
       env_v=(); flags=(--device "${dev%% *}")
@@ -133,18 +139,12 @@ main() {
     done
     for f in "$BENCH_DIR"/1b/base/*.safetensors; do
       n=$(basename "$f")
-      if cmp -s "/tmp/same-cuda/$n" "/tmp/same-cuda_--all-on-gpu/$n"; then echo "$kind $n: cuda = cuda --all-on-gpu"
-      else echo "$kind $n: cuda and cuda --all-on-gpu DIFFER"; fi
-      if cmp -s "/tmp/same-cuda/$n" "/tmp/same-cuda_adds-cpu/$n"; then echo "$kind $n: cuda = cuda adds-cpu"
-      else echo "$kind $n: cuda and cuda adds-cpu DIFFER"; fi
-      if cmp -s "/tmp/same-cuda_--all-on-gpu/$n" "/tmp/same-cuda_--all-on-gpu_x4/$n"; then echo "$kind $n: cuda --all-on-gpu = the same with x4"
-      else echo "$kind $n: cuda --all-on-gpu and the same with x4 (BONE_TOOL_UNROLL=4) DIFFER"; fi
-      if cmp -s "/tmp/same-cpu/$n" "/tmp/same-cuda/$n"; then echo "$kind $n: cpu = cuda"
-      else echo "$kind $n: cpu and cuda DIFFER"; fi
-      if cmp -s "/tmp/same-cpu/$n" "/tmp/same-cuda_--all-on-gpu/$n"; then echo "$kind $n: cpu = cuda --all-on-gpu"
-      else echo "$kind $n: cpu and cuda --all-on-gpu DIFFER"; fi
-      if cmp -s "/tmp/same-cpu/$n" "/tmp/same-cuda_--all-on-gpu_cublas/$n"; then echo "$kind $n: cpu = cuBLAS's GEMMs"
-      else echo "$kind $n: cpu and cuBLAS's GEMMs differ (for BAT they may: cuBLAS sums in its own order)"; fi
+      same "cuda" "cuda --all-on-gpu"
+      same "cuda" "cuda adds-cpu"
+      same "cuda --all-on-gpu" "cuda --all-on-gpu x4"
+      same "cpu" "cuda"
+      same "cpu" "cuda --all-on-gpu"
+      same "cpu" "cuda --all-on-gpu cublas" " (for BAT they may: cuBLAS sums in its own order)"
     done
     rm -rf /tmp/same-*
   done

@@ -345,11 +345,10 @@ pub fn run_into(
                 let (k, piece) = item?;
                 match piece {
                     Piece::Rows { job, chain, row0, src, last } => {
-                        let early = opts.cpu_while_opening && same_bytes_on_every_device(&chain);
                         let dev = match opened.get(device, false)? {
                             Some(_) if opts.adds_on_cpu && !has_gemm(&chain) => &cpu,
                             Some(d) => d,
-                            None if early => &cpu,
+                            None if opts.cpu_while_opening && same_bytes_on_every_device(&chain) => &cpu,
                             None => opened.get(device, true)?.expect("waited for"),
                         };
                         if !chain.is_empty() {
@@ -570,9 +569,10 @@ impl Reads {
 /// for its writer (on the H200 machine's 16 cores the compute stage of a 1b merge was busy 0.19 s
 /// of 0.77; `perf` on a 1b default merge here: 53% of the CPU time in the kernel copying written
 /// bytes into the page cache, 24% in the math; three `cp` of the 1b model's shards side by side
-/// took 0.4 s on the 2-core machine, one after the other 0.6-2 s). One writer per 4 cores, at most 4 and one per shard: on 2 cores, where
-/// the math is the bottleneck, extra writers only waited for it (1b merge, 3 writers against one:
-/// 0.9-1.2 s against 0.87-0.98 s, and with fsync medians of 2.05 s against 1.63 s).
+/// took 0.4 s on the 2-core machine, one after the other 0.6-2 s). One writer per 4 cores, at most
+/// 4 and one per shard: on 2 cores, where the math is the bottleneck, extra writers only waited for
+/// it (1b merge, 3 writers against one: 0.9-1.2 s against 0.87-0.98 s, and with fsync medians of
+/// 2.05 s against 1.63 s).
 /// Only for a single output written to a folder (several outputs, or a comparison, keep one writer
 /// each). `BONE_TOOL_WRITERS=N` sets it.
 fn parallel_writers(outputs: &[Output]) -> usize {

@@ -419,7 +419,8 @@ impl Device {
                         return Err(format!("{d} element {k}, {path}: CPU {p} vs device {q}"));
                     }
                     let n = d.size();
-                    if let Some(k) = cpu.chunks(n).zip(dev.chunks(n)).position(|(a, b)| exact && a != b) {
+                    let differs = if exact { cpu.chunks(n).zip(dev.chunks(n)).position(|(a, b)| a != b) } else { None };
+                    if let Some(k) = differs {
                         let mut v = [0f32; 2];
                         d.decode(&cpu[k * n..][..n], &mut v[..1]);
                         d.decode(&dev[k * n..][..n], &mut v[1..]);
