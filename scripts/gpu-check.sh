@@ -16,7 +16,9 @@
 #             within one unit (or in f32 2^-18 of the largest value: Float::disagreement);
 #   bench     the 1b table, cuda and cpu rows (DEVICES adds others: gpu-only is --all-on-gpu) next
 #             to cp -r (3 runs), and the --timings of one cuda merge of each kind;
-#   ab        interleaved 1b merges, each process timed whole, 3 runs of each variant: cpu, cuda,
+#   ab        interleaved 1b merges, each process timed whole, 3 runs of each variant (AB_RUNS=N),
+#             each variant's median as a multiple of cp -r's (+ sync with fsync) in the same
+#             interleaved runs, the issue's ratio; the variants: cpu, cuda,
 #             one writer (-1w) against one per shard, the adds kept on the CPU (adds-cpu), the GPU
 #             kept to the end (keep-device), pieces read with pread (pread), BAT with cuBLAS's GEMMs
 #             (cublas: BAT then waits for the GPU), with and without fsync;
@@ -87,9 +89,11 @@ main() {
   # piece is back; pread: BONE_TOOL_READ=pread, pieces read into pooled buffers rather than mapped
   # (no mmap/munmap per piece while the driver starts beside the pipeline); -1w: one writer thread
   # (BONE_TOOL_WRITERS=1) rather than one per shard
-  ab() { # fsync flag ("" or --no-fsync), kind, variants...
-    local sync="$1" kind="$2"; shift 2
-    for rep in 1 2 3; do
+  median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+  ab() { # fsync flag ("" or --no-fsync), kind, variants... (cp: cp -r of the base, the yardstick)
+    local sync="$1" kind="$2" reps="${AB_RUNS:-3}"; shift 2
+    local -A walls=() failed=()
+    for rep in $(seq "$reps"); do
       for v in "$@"; do
         local dev=cuda env_v=()
         case "$v" in cpu*) dev=cpu;; esac
@@ -100,24 +104,42 @@ main() {
         [ "$v" = adds-cpu-pread ] && env_v=(BONE_TOOL_ADDS_ON=cpu BONE_TOOL_READ=pread)
         [ "$v" = cublas ] && env_v=(BONE_TOOL_GEMM=cublas)
         rm -rf /tmp/ab
-        local t0 t1
+        local t0 t1 wall
         t0=$(date +%s.%N)
-        # shellcheck disable=SC2086
-        env "${env_v[@]}" timeout 60 "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
-          --out /tmp/ab $sync --device "$dev" --timings > "/tmp/ab-$v.log" 2>&1 || echo "FAILED: $kind $v $sync"
+        if [ "$v" = cp ]; then # the yardstick, interleaved: cp -r of the base (and sync, with fsync)
+          cp -r "$BENCH_DIR/1b/base" /tmp/ab && { [ -n "$sync" ] || sync; } || { echo "FAILED: cp"; failed[$v]=1; }
+        else
+          # shellcheck disable=SC2086
+          env "${env_v[@]}" timeout 60 "$bin/bone-tool" merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
+            --out /tmp/ab $sync --device "$dev" --timings > "/tmp/ab-$v.log" 2>&1 || { echo "FAILED: $kind $v $sync"; failed[$v]=1; }
+        fi
         t1=$(date +%s.%N)
-        echo "  $kind ${sync:-fsync} $v run $rep: process wall $(echo "$t0 $t1" | awk '{printf "%.3f", $2 - $1}')s"
+        wall=$(echo "$t0 $t1" | awk '{printf "%.3f", $2 - $1}')
+        walls[$v]+=" $wall"
+        echo "  $kind ${sync:-fsync} $v run $rep: process wall ${wall}s"
       done
     done
+    # each variant's median next to cp's median of the same interleaved runs: the issue's ratio
+    local cp_med
+    cp_med=$(median ${walls[cp]})
+    echo "  -- $kind ${sync:-fsync}, medians of $reps runs, x cp -r$( [ -n "$sync" ] || echo ' + sync'):"
     for v in "$@"; do
-      echo "  -- $kind ${sync:-fsync} $v:"; grep -E "compute |staging|waits|pipeline|process|device start|waited" "/tmp/ab-$v.log" | sed 's/^/  /'
+      local med; med=$(median ${walls[$v]})
+      if [ -n "${failed[$v]:-}" ]; then echo "  $kind ${sync:-fsync} $v: FAILED (its error is in the log below)"
+      else echo "  $kind ${sync:-fsync} $v: median ${med}s = $(echo "$med $cp_med" | awk '{printf "%.2f", $1 / $2}')x cp"; fi
+    done
+    for v in "$@"; do
+      [ "$v" = cp ] && continue
+      echo "  -- $kind ${sync:-fsync} $v:"
+      if [ -n "${failed[$v]:-}" ]; then tail -3 "/tmp/ab-$v.log"
+      else grep -E "compute |staging|waits|pipeline|process|device start|waited" "/tmp/ab-$v.log"; fi | sed 's/^/  /'
     done
     rm -rf /tmp/ab /tmp/ab-*.log
   }
-  ab --no-fsync default cpu cpu-1w cuda cuda-1w adds-cpu keep-device pread adds-cpu-pread
-  ab --no-fsync bat cpu cpu-1w cuda cuda-1w keep-device cublas
-  ab "" default cpu cpu-1w cuda cuda-1w keep-device
-  ab "" bat cpu cuda cuda-1w keep-device cublas
+  ab --no-fsync default cp cpu cpu-1w cuda cuda-1w adds-cpu keep-device pread adds-cpu-pread
+  ab --no-fsync bat cp cpu cpu-1w cuda cuda-1w keep-device cublas pread
+  ab "" default cp cpu cpu-1w cuda cuda-1w keep-device
+  ab "" bat cp cpu cuda cuda-1w keep-device cublas
   fi
   if want outputs; then
   echo "== 1b outputs: cpu, cuda (the CPU computes while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu, cuda --all-on-gpu with BONE_TOOL_UNROLL=4, cuda --all-on-gpu with BONE_TOOL_GEMM=cublas"
