@@ -8,7 +8,8 @@
 #   startend  a device alone (examples/gpu_start), as a default and a BAT merge open it, ended by
 #             dropping it or by exiting, each process timed whole;
 #   kernels   examples/gpu_kernels: the one-pass default add at every access width with one and
-#             four groups a thread, against a device-to-device copy; BAT's strip GEMMs by the
+#             four groups a thread (16-byte ones also on grids of 1024 and 256 rows of blocks:
+#             BONE_TOOL_GRID_ROWS), against a device-to-device copy; BAT's strip GEMMs by the
 #             in-order kernel and by cuBLAS, with how many values of each equal the CPU's in-order
 #             sum (the kernel must give all); the + B_i pass;
 #   check     examples/gpu_check: every fixture merged and unmerged on cuda (two lanes) and on cpu,

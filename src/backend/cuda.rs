@@ -508,16 +508,19 @@ fn dt_code(d: Float) -> i32 {
 }
 
 /// How the one-pass add (`periodic_fused`) is launched: at most `max_bytes` bytes per access (16,
-/// 8, or 0: one element at a time) and `unroll` groups a thread has in flight (1 or 4).
+/// 8, or 0: one element at a time), `unroll` groups a thread has in flight (1 or 4), and at most
+/// `grid_rows` rows of blocks (the grid's y axis; each thread strides over the rows beyond).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fused {
     pub max_bytes: usize,
     pub unroll: usize,
+    pub grid_rows: usize,
 }
 
 impl Fused {
-    /// What `--device cuda` uses: 16 bytes, one group a thread. `BONE_TOOL_ACCESS_BYTES=8` (or 0)
-    /// and `BONE_TOOL_UNROLL=4` change it, to compare end to end on a GPU.
+    /// What `--device cuda` uses: 16 bytes, one group a thread, a row of blocks per row (up to the
+    /// grid's 65535). `BONE_TOOL_ACCESS_BYTES=8` (or 0), `BONE_TOOL_UNROLL=4` and
+    /// `BONE_TOOL_GRID_ROWS=N` change it, to compare end to end on a GPU.
     pub fn configured() -> Fused {
         static F: std::sync::OnceLock<Fused> = std::sync::OnceLock::new();
         *F.get_or_init(|| {
@@ -526,9 +529,13 @@ impl Fused {
             Fused {
                 max_bytes: var("BONE_TOOL_ACCESS_BYTES", 16),
                 unroll: if var("BONE_TOOL_UNROLL", 1) == 4 { 4 } else { 1 },
+                grid_rows: var("BONE_TOOL_GRID_ROWS", Fused::ALL_ROWS).clamp(1, Fused::ALL_ROWS),
             }
         })
     }
+
+    /// No cap on the grid's rows of blocks beyond the grid's own.
+    pub const ALL_ROWS: usize = 65_535;
 
     /// Bytes per access for rows of `cols` elements of `d`: the widest allowed of 16 and 8 whose
     /// groups every row holds whole (so that every access is aligned), else 0.
@@ -545,8 +552,10 @@ impl Fused {
         }
     }
 
-    /// The grid: a thread per `unroll` groups of a row (per element when one at a time).
+    /// The grid: a thread per `unroll` groups of a row (per element when one at a time), for at
+    /// most `grid_rows` rows at once.
     pub(crate) fn grid(self, d: Float, rows: usize, cols: usize) -> LaunchConfig {
+        let rows = rows.min(self.grid_rows);
         match self.access_bytes(d, cols) {
             0 => grid_2d(rows, cols),
             bytes => grid_2d(rows, (cols / (bytes / d.size())).div_ceil(self.unroll)),
@@ -845,20 +854,30 @@ impl Cuda {
                 .map_err(e("periodic_fused"))
             })
         };
-        // every width, one and four groups a thread (the columns hold whole groups of every width)
+        // every width, one and four groups a thread (the columns hold whole groups of every width);
+        // the 16-byte ones also on grids of 1024 and 256 rows of blocks (fewer, longer-lived blocks:
+        // 8 or 2 blocks a row here, 132 multiprocessors)
+        let all = Fused::ALL_ROWS;
+        let mut launches = vec![(16, 1, all), (16, 4, all), (8, 1, all), (8, 4, all), (0, 1, all)];
+        launches.extend([(16, 1, 1024), (16, 4, 1024), (16, 1, 256), (16, 4, 256)]);
         let mut adds = vec![];
-        for (max_bytes, unroll) in [(16, 1), (16, 4), (8, 1), (8, 4), (0, 1)] {
-            let f = Fused { max_bytes, unroll };
+        for (max_bytes, unroll, grid_rows) in launches {
+            let f = Fused { max_bytes, unroll, grid_rows };
             adds.push((f, add(f)?));
         }
         let used = Fused::configured();
         let used = Fused { max_bytes: used.access_bytes(Float::BF16, cols), ..used };
-        let best = adds.iter().find(|(f, _)| *f == used).map_or(f64::NAN, |a| a.1);
+        let best = match adds.iter().find(|(f, _)| *f == used) {
+            Some(a) => a.1,
+            None => add(used)?,
+        };
         let fastest = adds.iter().copied().fold(adds[0], |m, a| if a.1 < m.1 { a } else { m });
-        let each: Vec<String> = adds
-            .iter()
-            .map(|(f, t)| format!("{}-byte x{} {:.1}", f.max_bytes.max(2), f.unroll, (n * 2 * 2) as f64 / t / 1e9))
-            .collect();
+        let name = |f: Fused| {
+            let grid = if f.grid_rows < all { format!(" /{} rows", f.grid_rows) } else { String::new() };
+            format!("{}-byte x{}{grid}", f.max_bytes.max(2), f.unroll)
+        };
+        let each: Vec<String> =
+            adds.iter().map(|&(f, t)| format!("{} {:.1}", name(f), (n * 2 * 2) as f64 / t / 1e9)).collect();
         drop((d_in, d_out, d_et));
         let mut w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
         let mut out: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
@@ -941,8 +960,8 @@ impl Cuda {
         Ok(format!(
             "kernels on {} ([{rows}, {cols}] bf16, r = {r}):\n  \
              device-to-device copy   {:8.1} GB/s\n  \
-             default add, one pass   {:8.1} GB/s ({:.0}% of the copy) with {}-byte accesses, {} a thread (used)\n  \
-             every launch, GB/s      {} (fastest: {}-byte x{}, {:.0}% of the copy)\n  \
+             default add, one pass   {:8.1} GB/s ({:.0}% of the copy), {} (used: bytes an access x groups a thread)\n  \
+             every launch, GB/s      {} (fastest: {}, {:.0}% of the copy)\n  \
              BAT strip GEMMs (f32)   {:8.1} GFLOP/s in order{}, cuBLAS {:.1} GFLOP/s pedantic math{}, {:.1} GFLOP/s default math\n  \
              the CPU's bytes         {agreement} (random values)\n  \
              BAT + B_i pass (f32)    {:8.1} GB/s",
@@ -950,11 +969,9 @@ impl Cuda {
             bytes / copy / 1e9,
             bytes / best / 1e9,
             100.0 * copy / best,
-            used.max_bytes,
-            used.unroll,
+            name(used),
             each.join(", "),
-            fastest.0.max_bytes.max(2),
-            fastest.0.unroll,
+            name(fastest.0),
             100.0 * copy / fastest.1,
             flops / in_order_gemm / 1e9,
             if StripGemm::configured() == StripGemm::InOrder { " (used)" } else { "" },

@@ -378,24 +378,28 @@ fn default_and_mini_chains_give_the_cpus_bytes() {
     // every access width of the one-pass add ran, in every dtype, with and without unrolling
     for d in [Float::F32, Float::F16, Float::BF16] {
         for unroll in [1, 4] {
-            let widths: std::collections::BTreeSet<usize> =
-                shapes.iter().map(|&(_, i, _, _)| Fused { max_bytes: 16, unroll }.access_bytes(d, i)).collect();
+            let widths: std::collections::BTreeSet<usize> = shapes
+                .iter()
+                .map(|&(_, i, _, _)| Fused { max_bytes: 16, unroll, grid_rows: 1 }.access_bytes(d, i))
+                .collect();
             assert_eq!(widths.into_iter().collect::<Vec<_>>(), [0, 8, 16], "{d}");
         }
     }
 }
 
-/// The launches of the one-pass add the tests run: the default, each narrower width, and four
-/// groups a thread.
-const LAUNCHES: [Fused; 4] = [
-    Fused { max_bytes: 16, unroll: 1 },
-    Fused { max_bytes: 16, unroll: 4 },
-    Fused { max_bytes: 8, unroll: 4 },
-    Fused { max_bytes: 0, unroll: 1 },
+/// The launches of the one-pass add the tests run: the default, each narrower width, four groups a
+/// thread, and grids of two rows of blocks and one (each thread strides over the rows).
+const LAUNCHES: [Fused; 6] = [
+    Fused { max_bytes: 16, unroll: 1, grid_rows: Fused::ALL_ROWS },
+    Fused { max_bytes: 16, unroll: 4, grid_rows: Fused::ALL_ROWS },
+    Fused { max_bytes: 8, unroll: 4, grid_rows: Fused::ALL_ROWS },
+    Fused { max_bytes: 0, unroll: 1, grid_rows: Fused::ALL_ROWS },
+    Fused { max_bytes: 16, unroll: 1, grid_rows: 2 },
+    Fused { max_bytes: 16, unroll: 4, grid_rows: 1 },
 ];
 
 /// For the chains without a one-pass add.
-const DEFAULT_LAUNCH: Fused = Fused { max_bytes: 16, unroll: 1 };
+const DEFAULT_LAUNCH: Fused = Fused { max_bytes: 16, unroll: 1, grid_rows: Fused::ALL_ROWS };
 
 fn default_and_mini_shape(launch: Launch, o: usize, i: usize, r: usize, mini: usize) {
     let def = values(r * o, 0.05, 7);
