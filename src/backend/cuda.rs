@@ -552,6 +552,32 @@ impl Fused {
         }
     }
 
+    /// The launch of the one-pass add `out = in + sign * e` over a [rows, cols] weight of `d` with
+    /// residues mod `r`: its kernel, grid and arguments (`bufs`: in, out, e).
+    pub(crate) fn launch(
+        self,
+        d: Float,
+        rows: usize,
+        cols: usize,
+        r: usize,
+        sign: f32,
+        [input, out, e]: [Arg; 3],
+    ) -> (Kernel, LaunchConfig, [Arg; 9]) {
+        let vec = self.access_bytes(d, cols) as i32;
+        let args = [
+            input,
+            out,
+            e,
+            Arg::U64(rows as u64),
+            Arg::U64(cols as u64),
+            Arg::I32(r as i32),
+            Arg::F32(sign),
+            Arg::I32(dt_code(d)),
+            Arg::I32(vec),
+        ];
+        (self.kernel(), self.grid(d, rows, cols), args)
+    }
+
     /// The grid: a thread per `unroll` groups of a row (per element when one at a time), for at
     /// most `grid_rows` rows at once.
     pub(crate) fn grid(self, d: Float, rows: usize, cols: usize) -> LaunchConfig {
@@ -833,26 +859,11 @@ impl Cuda {
         let et: Vec<f32> = (0..rows * r).map(|k| (k % 97) as f32 * 1e-3).collect();
         let d_et = s.clone_htod(&et).map_err(e("host to device copy"))?;
         let copy = timed("copy", 5, &mut || s.memcpy_dtod(&d_in, &mut d_out).map_err(e("copy")))?;
-        let (rows64, cols64, r32, sign, dt) = (rows as u64, cols as u64, r as i32, 1f32, dt_code(Float::BF16));
-        let mut add = |f: Fused| {
-            let (config, vec) = (f.grid(Float::BF16, rows, cols), f.access_bytes(Float::BF16, cols) as i32);
-            timed("add", 5, &mut || {
-                unsafe {
-                    s.launch_builder(&g.k[f.kernel() as usize])
-                        .arg(&d_in)
-                        .arg(&mut d_out)
-                        .arg(&d_et)
-                        .arg(&rows64)
-                        .arg(&cols64)
-                        .arg(&r32)
-                        .arg(&sign)
-                        .arg(&dt)
-                        .arg(&vec)
-                        .launch(config)
-                }
-                .map(|_| ())
-                .map_err(e("periodic_fused"))
-            })
+        let add_bufs = [addr(&d_in, s), addr(&d_out, s), addr(&d_et, s)];
+        let add = |f: Fused| {
+            let (k, cfg, args) = f.launch(Float::BF16, rows, cols, r, 1.0, add_bufs);
+            // SAFETY: the arguments of the one-pass add, for buffers of a [rows, cols] bf16 weight.
+            timed("add", 5, &mut || unsafe { launch_kernel(s, &g.k, k, cfg, &args) })
         };
         // every width, one and four groups a thread (the columns hold whole groups of every width);
         // the 16-byte ones also on grids of 1024 and 256 rows of blocks (fewer, longer-lived blocks:
@@ -879,7 +890,7 @@ impl Cuda {
         let each: Vec<String> =
             adds.iter().map(|&(f, t)| format!("{} {:.1}", name(f), (n * 2 * 2) as f64 / t / 1e9)).collect();
         drop((d_in, d_out, d_et));
-        let mut w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
+        let w: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
         let mut out: CudaSlice<f32> = s.alloc_zeros(n).map_err(e("allocation"))?;
         let blocks: CudaSlice<f32> = s.alloc_zeros(rows * r).map_err(e("allocation"))?;
         let cfg = strip_gemm_config(rows, cols, r);
@@ -894,22 +905,9 @@ impl Cuda {
         let default_gemm = timed("gemm", 5, &mut || gemm(&default_blas))?;
         let in_order =
             |m: &CudaSlice<f32>, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize, r: usize| {
-                let (config, v) = strip_gemm_launch(rows, cols, r);
-                let (rows64, cols64, r32) = (rows as u64, cols as u64, r as i32);
+                let (cfg, args) = strip_gemm_launch(rows, cols, r, [addr(m, s), addr(x, s), addr(out, s)]);
                 // SAFETY: m holds the blocks, x and out the strips, of a [rows, cols] weight.
-                unsafe {
-                    s.launch_builder(&g.k[Kernel::StripGemm as usize])
-                        .arg(m)
-                        .arg(x)
-                        .arg(out)
-                        .arg(&rows64)
-                        .arg(&cols64)
-                        .arg(&r32)
-                        .arg(&v)
-                        .launch(config)
-                }
-                .map(|_| ())
-                .map_err(e("strip_gemm"))
+                unsafe { launch_kernel(s, &g.k, Kernel::StripGemm, cfg, &args) }
             };
         let in_order_gemm = timed("strip_gemm", 5, &mut || in_order(&blocks, &w, &mut out, rows, cols, r))?;
         // Bit for bit against the CPU's in-order sum (which faer's GEMM equals where
@@ -935,23 +933,21 @@ impl Cuda {
             Ok(format!("r = {r} [{cr}, {cc}]: in-order kernel {kernel}, cuBLAS {cublas} of {}", cr * cc))
         };
         let agreement = [agree(256, 4096, 64)?, agree(252, 4092, 6)?].join("; ");
-        let (once, rnd) = (0i32, 1i32);
-        let post = timed("bat_merge_post", 5, &mut || {
-            unsafe {
-                s.launch_builder(&g.k[Kernel::BatMergePost as usize])
-                    .arg(&mut w)
-                    .arg(&out)
-                    .arg(&blocks)
-                    .arg(&rows64)
-                    .arg(&cols64)
-                    .arg(&r32)
-                    .arg(&once)
-                    .arg(&dt)
-                    .arg(&rnd)
-                    .launch(grid_2d(rows, cols))
-            }
-            .map(|_| ())
-            .map_err(e("bat_merge_post"))
+        // once = 0, dt = bf16, rnd = 1
+        let post_args = [
+            addr(&w, s),
+            addr(&out, s),
+            addr(&blocks, s),
+            Arg::U64(rows as u64),
+            Arg::U64(cols as u64),
+            Arg::I32(r as i32),
+            Arg::I32(0),
+            Arg::I32(dt_code(Float::BF16)),
+            Arg::I32(1),
+        ];
+        // SAFETY: bat_merge_post's arguments, for buffers of a [rows, cols] weight and its blocks.
+        let post = timed("bat_merge_post", 5, &mut || unsafe {
+            launch_kernel(s, &g.k, Kernel::BatMergePost, grid_2d(rows, cols), &post_args)
         })?;
         let bytes = (n * 2 * 2) as f64;
         let flops = 2.0 * n as f64 * r as f64;
@@ -1141,18 +1137,8 @@ pub(crate) fn program(
     let (n64, rows64, cols64) = (n as u64, rows as u64, i as u64);
     if let [Prepared::Periodic { et, r, sign, .. }] = ops {
         let e = x.upload(&et[row0 * r..(row0 + rows) * r])?;
-        let args = [
-            Arg::Mem(In),
-            Arg::Mem(Out),
-            Arg::Mem(e),
-            U64(rows64),
-            U64(cols64),
-            I32(*r as i32),
-            F32(*sign),
-            I32(dt),
-            I32(fused.access_bytes(d, i) as i32),
-        ];
-        return x.launch(fused.kernel(), fused.grid(d, rows, i), &args);
+        let (k, cfg, args) = fused.launch(d, rows, i, *r, *sign, [Arg::Mem(In), Arg::Mem(Out), Arg::Mem(e)]);
+        return x.launch(k, cfg, &args);
     }
     x.launch(Kernel::Decode, grid(n), &[Arg::Mem(In), Arg::Mem(W), U64(n64), I32(dt)])?;
     for (k, op) in ops.iter().enumerate() {
@@ -1216,26 +1202,19 @@ pub(crate) fn program_strips(
     match gemm {
         StripGemm::Cublas => x.gemm(&strip_gemm_config(rows, i, r), m, from, to),
         StripGemm::InOrder => {
-            let (config, v) = strip_gemm_launch(rows, i, r);
-            let args = [
-                Arg::Mem(m),
-                Arg::Mem(from),
-                Arg::Mem(to),
-                Arg::U64(rows as u64),
-                Arg::U64(i as u64),
-                Arg::I32(r as i32),
-                Arg::I32(v),
-            ];
+            let (config, args) = strip_gemm_launch(rows, i, r, [Arg::Mem(m), Arg::Mem(from), Arg::Mem(to)]);
             x.launch(Kernel::StripGemm, config, &args)
         }
     }
 }
 
-/// How `strip_gemm` is launched for a [rows, i] weight with blocks of r: its `vec` argument (4
-/// columns a thread with 16-byte loads when r is a multiple of 4, else 1) and a thread per group.
-pub(crate) fn strip_gemm_launch(rows: usize, i: usize, r: usize) -> (LaunchConfig, i32) {
+/// How `strip_gemm` is launched for a [rows, i] weight with blocks of r (`bufs`: the blocks, the
+/// strips, the result): a thread per group of `vec` columns (4 with 16-byte loads when r is a
+/// multiple of 4, else 1), and its arguments.
+pub(crate) fn strip_gemm_launch(rows: usize, i: usize, r: usize, [m, x, out]: [Arg; 3]) -> (LaunchConfig, [Arg; 7]) {
     let v = if r % 4 == 0 { 4 } else { 1 };
-    (grid_2d(rows, i / v), v as i32)
+    let args = [m, x, out, Arg::U64(rows as u64), Arg::U64(i as u64), Arg::I32(r as i32), Arg::I32(v as i32)];
+    (grid_2d(rows, i / v), args)
 }
 
 /// [`program`] on a CUDA stream: every buffer of a piece is used on that stream only, in order.
@@ -1250,14 +1229,14 @@ struct GpuExec<'a> {
 
 impl GpuExec<'_> {
     /// The device address of a buffer: the kernels take them as 64-bit values, as cudarc passes them.
-    fn addr(&self, m: Mem) -> Result<u64> {
+    fn addr(&self, m: Mem) -> Result<Arg> {
         let s: &CudaStream = self.s;
         Ok(match m {
-            Mem::In => self.bufs.d_in.device_ptr(s).0,
-            Mem::Out => self.bufs.d_out.device_ptr(s).0,
-            Mem::W => self.bufs.w.device_ptr(s).0,
-            Mem::Tmp => self.bufs.tmp.device_ptr(s).0,
-            Mem::Up(k) => self.ups.get(k).ok_or_else(|| anyhow!("internal error: no upload {k}"))?.device_ptr(s).0,
+            Mem::In => addr(self.bufs.d_in, s),
+            Mem::Out => addr(&*self.bufs.d_out, s),
+            Mem::W => addr(&*self.bufs.w, s),
+            Mem::Tmp => addr(&*self.bufs.tmp, s),
+            Mem::Up(k) => addr(self.ups.get(k).ok_or_else(|| anyhow!("internal error: no upload {k}"))?, s),
         })
     }
 }
@@ -1272,22 +1251,13 @@ impl Exec for GpuExec<'_> {
         let vals = args
             .iter()
             .map(|a| match *a {
-                Arg::Mem(m) => self.addr(m).map(Arg::U64),
+                Arg::Mem(m) => self.addr(m),
                 other => Ok(other),
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut b = self.s.launch_builder(&self.k[k as usize]);
-        for v in &vals {
-            match v {
-                Arg::U64(x) => b.arg(x),
-                Arg::I32(x) => b.arg(x),
-                Arg::F32(x) => b.arg(x),
-                Arg::Mem(_) => unreachable!("resolved above"),
-            };
-        }
         // SAFETY: `program` passes each kernel the arguments of its signature (the host emulation
         // test checks the count and kind of every one) and buffers that hold what it indexes.
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|err| anyhow!("CUDA kernel {}: {err:?}", k.name()))
+        unsafe { launch_kernel(self.s, self.k, k, cfg, &vals) }
     }
 
     fn gemm(&mut self, cfg: &StridedBatchedConfig<f32>, a: Mem, b: Mem, c: Mem) -> Result<()> {
@@ -1302,6 +1272,36 @@ impl Exec for GpuExec<'_> {
         let blas = self.blas.ok_or_else(|| anyhow!("internal error: a GEMM on a lane without cuBLAS"))?;
         unsafe { blas.gemm_strided_batched(*cfg, m, x, out) }.map_err(|e| anyhow!("cuBLAS strided SGEMM: {e:?}"))
     }
+}
+
+/// Launch kernel `k` (of `kernels`, in [`Kernel`]'s order) on stream `s` with `vals`, buffers as
+/// their device addresses (`Arg::U64`).
+///
+/// # Safety
+/// `vals` are the arguments of the kernel's signature, and the buffers hold what it indexes.
+unsafe fn launch_kernel(
+    s: &CudaStream,
+    kernels: &[CudaFunction],
+    k: Kernel,
+    cfg: LaunchConfig,
+    vals: &[Arg],
+) -> Result<()> {
+    let mut b = s.launch_builder(&kernels[k as usize]);
+    for v in vals {
+        match v {
+            Arg::U64(x) => b.arg(x),
+            Arg::I32(x) => b.arg(x),
+            Arg::F32(x) => b.arg(x),
+            Arg::Mem(m) => anyhow::bail!("internal error: CUDA kernel {} given {m:?}, not an address", k.name()),
+        };
+    }
+    // SAFETY: the caller's.
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(|err| anyhow!("CUDA kernel {}: {err:?}", k.name()))
+}
+
+/// A buffer's device address, as a kernel argument (for buffers used on stream `s` only).
+fn addr<T>(b: &CudaSlice<T>, s: &CudaStream) -> Arg {
+    Arg::U64(b.device_ptr(s).0)
 }
 
 /// For every strip s of `r` rows: `out_s[I, r] = x_s[I, r] · m_s[r, r]`, all row-major.
