@@ -535,7 +535,7 @@ impl Fused {
     }
 
     /// No cap on the grid's rows of blocks beyond the grid's own.
-    pub const ALL_ROWS: usize = 65_535;
+    pub const ALL_ROWS: usize = GRID_Y_MAX;
 
     /// Bytes per access for rows of `cols` elements of `d`: the widest allowed of 16 and 8 whose
     /// groups every row holds whole (so that every access is aligned), else 0.
@@ -617,12 +617,15 @@ impl StripGemm {
     }
 }
 
+/// The most blocks a grid has on its y axis (CUDA's limit).
+const GRID_Y_MAX: usize = 65_535;
+
 /// For `each_element`: rows on the grid's y axis (grid-stride beyond 65535), columns on x, in
 /// blocks of up to 256 threads (fewer, in whole warps, for narrow rows).
 pub(crate) fn grid_2d(rows: usize, cols: usize) -> LaunchConfig {
     let threads = cols.next_multiple_of(32).clamp(32, 256);
     let x = cols.div_ceil(threads).clamp(1, 65_535) as u32;
-    let y = rows.clamp(1, 65_535) as u32;
+    let y = rows.clamp(1, GRID_Y_MAX) as u32;
     LaunchConfig { grid_dim: (x, y, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 }
 }
 

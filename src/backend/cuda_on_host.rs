@@ -378,10 +378,8 @@ fn default_and_mini_chains_give_the_cpus_bytes() {
     // every access width of the one-pass add ran, in every dtype, with and without unrolling
     for d in [Float::F32, Float::F16, Float::BF16] {
         for unroll in [1, 4] {
-            let widths: std::collections::BTreeSet<usize> = shapes
-                .iter()
-                .map(|&(_, i, _, _)| Fused { max_bytes: 16, unroll, grid_rows: 1 }.access_bytes(d, i))
-                .collect();
+            let widths: std::collections::BTreeSet<usize> =
+                shapes.iter().map(|&(_, i, _, _)| Fused { unroll, ..DEFAULT_LAUNCH }.access_bytes(d, i)).collect();
             assert_eq!(widths.into_iter().collect::<Vec<_>>(), [0, 8, 16], "{d}");
         }
     }
