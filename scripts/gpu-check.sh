@@ -35,6 +35,19 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 want() { [ -z "${SECTIONS:-}" ] || [[ " $SECTIONS " == *" $1 "* ]]; }
+# variant_env NAME: sets env_v to the environment of a variant that ab and outputs name by words:
+# adds-cpu (the adds stay on the CPU), pread, -1w (one writer), keep-device, cublas, x4 (the
+# four-groups add)
+variant_env() {
+  env_v=()
+  [[ "$1" == *adds-cpu* ]] && env_v+=(BONE_TOOL_ADDS_ON=cpu)
+  [[ "$1" == *pread* ]] && env_v+=(BONE_TOOL_READ=pread)
+  [[ "$1" == *-1w ]] && env_v+=(BONE_TOOL_WRITERS=1)
+  [[ "$1" == *keep-device* ]] && env_v+=(BONE_TOOL_KEEP_DEVICE=1)
+  [[ "$1" == *cublas* ]] && env_v+=(BONE_TOOL_GEMM=cublas)
+  [[ "$1" == *x4 ]] && env_v+=(BONE_TOOL_UNROLL=4)
+  return 0
+}
 late() { if [ "$SECONDS" -gt "${GPU_CHECK_LATE_S:-420}" ]; then echo "skipped: $SECONDS s gone"; return 0; fi; return 1; }
 main() {
   bin="$PWD/.device-bin"
@@ -96,14 +109,9 @@ main() {
     local -A walls=() failed=()
     for rep in $(seq "$reps"); do
       for v in "$@"; do
-        local dev=cuda env_v=()
+        local dev=cuda
         case "$v" in cpu*) dev=cpu;; esac
-        case "$v" in *-1w) env_v=(BONE_TOOL_WRITERS=1);; esac
-        [ "$v" = adds-cpu ] && env_v=(BONE_TOOL_ADDS_ON=cpu)
-        [ "$v" = keep-device ] && env_v=(BONE_TOOL_KEEP_DEVICE=1)
-        [ "$v" = pread ] && env_v=(BONE_TOOL_READ=pread)
-        [ "$v" = adds-cpu-pread ] && env_v=(BONE_TOOL_ADDS_ON=cpu BONE_TOOL_READ=pread)
-        [ "$v" = cublas ] && env_v=(BONE_TOOL_GEMM=cublas)
+        variant_env "$v"
         rm -rf /tmp/ab
         local t0 t1 wall
         t0=$(date +%s.%N)
@@ -152,10 +160,7 @@ main() {
   }
   for kind in default bat; do
     for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu" "cuda --all-on-gpu x4" "cuda --all-on-gpu cublas"; do
-      env_v=(); flags=(--device "${dev%% *}")
-      [[ "$dev" == *adds-cpu ]] && env_v=(BONE_TOOL_ADDS_ON=cpu)
-      [[ "$dev" == *x4 ]] && env_v=(BONE_TOOL_UNROLL=4)
-      [[ "$dev" == *cublas ]] && env_v=(BONE_TOOL_GEMM=cublas)
+      variant_env "$dev"; flags=(--device "${dev%% *}")
       [[ "$dev" == *--all-on-gpu* ]] && flags+=(--all-on-gpu)
       env "${env_v[@]}" timeout 60 "$bin/bone-tool" -q merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
         --out "/tmp/same-${dev// /_}" --force --no-fsync "${flags[@]}" || echo "FAILED: merge $kind --device $dev"
