@@ -17,14 +17,14 @@
 #             within one unit (or in f32 2^-18 of the largest value: Float::disagreement);
 #   bench     the 1b table, cuda and cpu rows (DEVICES adds others: gpu-only is --all-on-gpu) next
 #             to cp -r (3 runs), and the --timings of one cuda merge of each kind;
+#   outputs   the 1b outputs of cpu, cuda, cuda --all-on-gpu, adds-cpu, the four-groups add and
+#             cuBLAS's GEMMs compared byte for byte (before ab: a correctness check, and short);
 #   ab        interleaved 1b merges, each process timed whole, 3 runs of each variant (AB_RUNS=N),
 #             each variant's median as a multiple of cp -r's (+ sync with fsync) in the same
 #             interleaved runs, the ratio; the variants: cpu, cuda,
 #             one writer (-1w) against one per shard, the adds kept on the CPU (adds-cpu), the GPU
 #             kept to the end (keep-device), pieces read with pread (pread), BAT with cuBLAS's GEMMs
 #             (cublas: BAT then waits for the GPU), with and without fsync;
-#   outputs   the 1b outputs of cpu, cuda, cuda --all-on-gpu, adds-cpu, the four-groups add and
-#             cuBLAS's GEMMs compared byte for byte;
 #   lanes1, x4, small   gpu_check again on a few cases: one lane (the synchronous path), the
 #             four-groups add (BONE_TOOL_UNROLL=4), 4 KB pieces (many in flight);
 #   7b        the 7b table, cuda rows only (1 run), when the disk has room (SKIP_7B=1 leaves it out).
@@ -96,6 +96,35 @@ main() {
   if { want ab || want outputs; } && [ ! -f "$BENCH_DIR/1b/base/config.json" ]; then
     "$bin/synth" --shape 1b --out "$BENCH_DIR/1b" > /dev/null
   fi
+  if want outputs; then
+  echo "== 1b outputs: cpu, cuda (the CPU computes while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu, cuda --all-on-gpu with BONE_TOOL_UNROLL=4, cuda --all-on-gpu with BONE_TOOL_GEMM=cublas"
+  # same A B: shard $n of the $kind outputs of devices A and B (as the loop below names them), byte
+  # for byte
+  same() {
+    local a="/tmp/same-${1// /_}/$n" b="/tmp/same-${2// /_}/$n"
+    if [ ! -f "$a" ] || [ ! -f "$b" ]; then echo "$kind $n: $1 or $2 has no output (its merge FAILED above)"
+    elif cmp -s "$a" "$b"; then echo "$kind $n: $1 = $2"
+    else echo "$kind $n: $1 and $2 DIFFER${3:-}"; fi
+  }
+  for kind in default bat; do
+    for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu" "cuda --all-on-gpu x4" "cuda --all-on-gpu cublas"; do
+      variant_env "$dev"; flags=(--device "${dev%% *}")
+      [[ "$dev" == *--all-on-gpu* ]] && flags+=(--all-on-gpu)
+      env "${env_v[@]}" timeout 60 "$bin/bone-tool" -q merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
+        --out "/tmp/same-${dev// /_}" --force --no-fsync "${flags[@]}" || echo "FAILED: merge $kind --device $dev"
+    done
+    for f in "$BENCH_DIR"/1b/base/*.safetensors; do
+      n=$(basename "$f")
+      same "cuda" "cuda --all-on-gpu"
+      same "cuda" "cuda adds-cpu"
+      same "cuda --all-on-gpu" "cuda --all-on-gpu x4"
+      same "cpu" "cuda"
+      same "cpu" "cuda --all-on-gpu"
+      same "cpu" "cuda --all-on-gpu cublas" " (for BAT they may: cuBLAS sums in its own order)"
+    done
+    rm -rf /tmp/same-*
+  done
+  fi
   if want ab; then
   echo "== 1b A/B, interleaved: process wall of each run; the --timings summary of the last run of each"
   # adds-cpu: BONE_TOOL_ADDS_ON=cpu, the adds stay on the CPU once the GPU is open (GEMMs on it);
@@ -149,33 +178,6 @@ main() {
   ab --no-fsync bat cp cpu cpu-1w cuda cuda-1w keep-device cublas pread
   ab "" default cp cpu cpu-1w cuda cuda-1w keep-device
   ab "" bat cp cpu cuda cuda-1w keep-device cublas
-  fi
-  if want outputs; then
-  echo "== 1b outputs: cpu, cuda (the CPU computes while the GPU starts), cuda --all-on-gpu, cuda with BONE_TOOL_ADDS_ON=cpu, cuda --all-on-gpu with BONE_TOOL_UNROLL=4, cuda --all-on-gpu with BONE_TOOL_GEMM=cublas"
-  # same A B: shard $n of the $kind outputs of devices A and B (as the loop below names them), byte
-  # for byte
-  same() {
-    if cmp -s "/tmp/same-${1// /_}/$n" "/tmp/same-${2// /_}/$n"; then echo "$kind $n: $1 = $2"
-    else echo "$kind $n: $1 and $2 DIFFER${3:-}"; fi
-  }
-  for kind in default bat; do
-    for dev in "cpu" "cuda" "cuda --all-on-gpu" "cuda adds-cpu" "cuda --all-on-gpu x4" "cuda --all-on-gpu cublas"; do
-      variant_env "$dev"; flags=(--device "${dev%% *}")
-      [[ "$dev" == *--all-on-gpu* ]] && flags+=(--all-on-gpu)
-      env "${env_v[@]}" timeout 60 "$bin/bone-tool" -q merge --base "$BENCH_DIR/1b/base" --adapter "$BENCH_DIR/1b/$kind" \
-        --out "/tmp/same-${dev// /_}" --force --no-fsync "${flags[@]}" || echo "FAILED: merge $kind --device $dev"
-    done
-    for f in "$BENCH_DIR"/1b/base/*.safetensors; do
-      n=$(basename "$f")
-      same "cuda" "cuda --all-on-gpu"
-      same "cuda" "cuda adds-cpu"
-      same "cuda --all-on-gpu" "cuda --all-on-gpu x4"
-      same "cpu" "cuda"
-      same "cpu" "cuda --all-on-gpu"
-      same "cpu" "cuda --all-on-gpu cublas" " (for BAT they may: cuBLAS sums in its own order)"
-    done
-    rm -rf /tmp/same-*
-  done
   fi
   if want lanes1; then
   echo "== gpu_check, one lane (synchronous path)"
