@@ -132,7 +132,7 @@ impl Plan {
         let gemm = jobs().any(|j| j.ops.iter().any(|op| matches!(op, Op::Bat { .. })));
         let mut needs = crate::backend::Needs { gemm, dtypes: vec![] };
         for f in jobs().filter(|j| !j.ops.is_empty()).filter_map(|j| j.weight_float()) {
-            needs.include(crate::backend::Needs { gemm: false, dtypes: vec![f] });
+            needs.include_dtype(f);
         }
         needs
     }

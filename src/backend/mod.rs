@@ -23,7 +23,7 @@ pub enum DeviceChoice {
 
 /// What the work will ask of a device: whether it has GEMMs (BAT: the self-check runs them) and which
 /// weight dtypes it computes in (the self-check checks those).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Needs {
     pub gemm: bool,
     pub dtypes: Vec<Float>,
@@ -39,9 +39,14 @@ impl Needs {
     pub fn include(&mut self, other: Needs) {
         self.gemm |= other.gemm;
         for d in other.dtypes {
-            if !self.dtypes.contains(&d) {
-                self.dtypes.push(d);
-            }
+            self.include_dtype(d);
+        }
+    }
+
+    /// Add dtype `d`, once.
+    pub fn include_dtype(&mut self, d: Float) {
+        if !self.dtypes.contains(&d) {
+            self.dtypes.push(d);
         }
     }
 }

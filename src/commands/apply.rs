@@ -104,7 +104,7 @@ fn run_opening(
     }
     if !opts.dry_run {
         // The device opens beside what follows: the output folders, and the pipeline's first pieces.
-        let mut needs = Needs { gemm: false, dtypes: vec![] };
+        let mut needs = Needs::default();
         for p in &plans {
             needs.include(p.needs());
         }
