@@ -179,9 +179,7 @@ const BADLY_CONDITIONED: f64 = 1e3;
 /// (`BONE_TOOL_PIECE_BYTES` overrides it: the tests use tiny pieces to cut small tensors too.)
 pub(crate) fn piece_bytes() -> usize {
     static PIECE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PIECE.get_or_init(|| {
-        std::env::var("BONE_TOOL_PIECE_BYTES").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(16 << 20)
-    })
+    *PIECE.get_or_init(|| crate::env_setting("BONE_TOOL_PIECE_BYTES").filter(|&n| n > 0).unwrap_or(16 << 20))
 }
 
 /// Rows per piece of a tensor whose rows take `row_bytes` and are cut in multiples of `unit`:
@@ -577,7 +575,7 @@ impl Reads {
 /// each). `BONE_TOOL_WRITERS=N` sets it.
 fn parallel_writers(outputs: &[Output]) -> usize {
     let [Output { plan, sink: Sink::Folder(_), .. }] = outputs else { return 1 };
-    let asked = std::env::var("BONE_TOOL_WRITERS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
+    let asked = crate::env_setting::<usize>("BONE_TOOL_WRITERS").filter(|&n| n > 0);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     asked.unwrap_or((cores / 4).clamp(1, 4)).min(plan.shards.len()).max(1)
 }

@@ -14,3 +14,9 @@ pub mod model;
 pub mod ops;
 pub mod plan;
 pub mod report;
+
+/// The value of environment variable `name` parsed as a `T`, for the `BONE_TOOL_*` settings that
+/// tests and benchmarks turn; None when it is not set or does not parse (the default then holds).
+pub(crate) fn env_setting<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok()?.parse().ok()
+}

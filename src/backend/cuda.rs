@@ -524,8 +524,7 @@ impl Fused {
     pub fn configured() -> Fused {
         static F: std::sync::OnceLock<Fused> = std::sync::OnceLock::new();
         *F.get_or_init(|| {
-            let var =
-                |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+            let var = |name: &str, default: usize| crate::env_setting(name).unwrap_or(default);
             Fused {
                 max_bytes: var("BONE_TOOL_ACCESS_BYTES", 16),
                 unroll: if var("BONE_TOOL_UNROLL", 1) == 4 { 4 } else { 1 },
@@ -732,7 +731,7 @@ impl Cuda {
             other => other?,
         };
         step(if from_cache { "kernels (cached PTX)" } else { "kernels (NVRTC)" });
-        let n_lanes = std::env::var("BONE_TOOL_CUDA_LANES").ok().and_then(|v| v.parse().ok()).unwrap_or(2usize);
+        let n_lanes = crate::env_setting("BONE_TOOL_CUDA_LANES").unwrap_or(2usize);
         // the default stream's cuBLAS serves the synchronous path: with lanes, each has its own
         // and this one opens only if asked for (the kernel benchmark)
         let blas = std::sync::OnceLock::new();

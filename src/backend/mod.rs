@@ -92,7 +92,7 @@ impl Opening {
         let opening = std::sync::Arc::new(Opening::default());
         // BONE_TOOL_OPEN_DELAY_MS=N: open on a thread, N ms late, whatever the device (the tests run
         // the pipeline's paths for a device still opening on machines without a GPU).
-        let delay = std::env::var("BONE_TOOL_OPEN_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok());
+        let delay = crate::env_setting::<u64>("BONE_TOOL_OPEN_DELAY_MS");
         if delay.is_none() && (choice == DeviceChoice::Cpu || !Device::device_node()) {
             opening.set(Device::select_for(choice, &needs));
         } else {
@@ -329,9 +329,7 @@ impl Device {
         match self {
             Device::Cpu => {
                 static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-                *N.get_or_init(|| {
-                    std::env::var("BONE_TOOL_CPU_IN_FLIGHT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1)
-                })
+                *N.get_or_init(|| crate::env_setting("BONE_TOOL_CPU_IN_FLIGHT").unwrap_or(1).max(1))
             }
             #[cfg(feature = "cuda")]
             Device::Cuda(g) => g.lanes(),
