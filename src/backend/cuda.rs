@@ -936,21 +936,19 @@ impl Cuda {
             Ok(format!("r = {r} [{cr}, {cc}]: in-order kernel {kernel}, cuBLAS {cublas} of {}", cr * cc))
         };
         let agreement = [agree(256, 4096, 64)?, agree(252, 4092, 6)?].join("; ");
-        // once = 0, dt = bf16, rnd = 1
-        let post_args = [
-            addr(&w, s),
-            addr(&out, s),
-            addr(&blocks, s),
-            Arg::U64(rows as u64),
-            Arg::U64(cols as u64),
-            Arg::I32(r as i32),
-            Arg::I32(0),
-            Arg::I32(dt_code(Float::BF16)),
-            Arg::I32(1),
-        ];
+        // bf16, Δ rounded before it is added (once = false), the result rounded
+        let (post_cfg, post_args) = bat_merge_post_launch(
+            Float::BF16,
+            rows,
+            cols,
+            r,
+            false,
+            true,
+            [addr(&w, s), addr(&out, s), addr(&blocks, s)],
+        );
         // SAFETY: bat_merge_post's arguments, for buffers of a [rows, cols] weight and its blocks.
         let post = timed("bat_merge_post", 5, &mut || unsafe {
-            launch_kernel(s, &g.k, Kernel::BatMergePost, grid_2d(rows, cols), &post_args)
+            launch_kernel(s, &g.k, Kernel::BatMergePost, post_cfg, &post_args)
         })?;
         let flops = 2.0 * n as f64 * r as f64;
         // the + B_i pass reads w and delta and writes w, in f32
@@ -1157,19 +1155,9 @@ pub(crate) fn program(
                 let r = *r;
                 let blocks = x.upload(&b[(row0 / r) * r * r..((row0 + rows) / r) * r * r])?;
                 program_strips(x, gemm, blocks, W, Tmp, rows, i, r)?;
-                let once = I32(rounding.once.into());
-                let args = [
-                    Arg::Mem(W),
-                    Arg::Mem(Tmp),
-                    Arg::Mem(blocks),
-                    U64(rows64),
-                    U64(cols64),
-                    I32(r as i32),
-                    once,
-                    I32(dt),
-                    I32(rnd),
-                ];
-                x.launch(Kernel::BatMergePost, grid_2d(rows, i), &args)?;
+                let bufs = [Arg::Mem(W), Arg::Mem(Tmp), Arg::Mem(blocks)];
+                let (cfg, args) = bat_merge_post_launch(d, rows, i, r, rounding.once, rnd == 1, bufs);
+                x.launch(Kernel::BatMergePost, cfg, &args)?;
             }
             Prepared::BatUnmerge { b, inv, r, .. } => {
                 let r = *r;
@@ -1208,6 +1196,32 @@ pub(crate) fn program_strips(
             x.launch(Kernel::StripGemm, config, &args)
         }
     }
+}
+
+/// How `bat_merge_post` is launched for a [rows, i] weight of `d` with blocks of r (`bufs`: W, the
+/// GEMM's result Δ, the blocks): `W + (Δ + B_i)`, with Δ + B_i rounded to `d` first as PEFT does
+/// unless `once` ([`crate::ops::Rounding::once`]), and the sum rounded to `d` when `round`.
+pub(crate) fn bat_merge_post_launch(
+    d: Float,
+    rows: usize,
+    i: usize,
+    r: usize,
+    once: bool,
+    round: bool,
+    [w, delta, blocks]: [Arg; 3],
+) -> (LaunchConfig, [Arg; 9]) {
+    let args = [
+        w,
+        delta,
+        blocks,
+        Arg::U64(rows as u64),
+        Arg::U64(i as u64),
+        Arg::I32(r as i32),
+        Arg::I32(once.into()),
+        Arg::I32(dt_code(d)),
+        Arg::I32(round.into()),
+    ];
+    (grid_2d(rows, i), args)
 }
 
 /// How `strip_gemm` is launched for a [rows, i] weight with blocks of r (`bufs`: the blocks, the
