@@ -283,8 +283,13 @@ pub struct ApplyOptions {
 
     /// When the base ties lm_head to embed_tokens and an adapter changes one of them, refuse
     /// (default: write both tensors and set tie_word_embeddings false, with a warning)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "untie")]
     pub keep_tied: bool,
+
+    /// Write both tied tensors and set tie_word_embeddings false when an adapter changes one side.
+    /// This is the default; the flag spells it out in scripts
+    #[arg(long)]
+    pub untie: bool,
 
     /// Print the plan (each changed tensor and how, the files and their sizes, memory and time) and
     /// exit without writing anything

@@ -403,6 +403,16 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     let o = merge_with(&base, &case.join("adapter"), &refused, &["--keep-tied"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--keep-tied") && !refused.exists());
+    // --untie spells out the default (the same files); with --keep-tied it is a usage error
+    let spelled = tmp.path().join("spelled");
+    ok(&merge_with(&base, &emb, &spelled, &["-q", "--untie"]));
+    let rel = |dir: &std::path::Path| -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        digest(dir).into_iter().map(|(p, b)| (p.strip_prefix(dir).unwrap().to_path_buf(), b)).collect()
+    };
+    assert!(rel(&spelled) == rel(&out), "--untie differs from the default");
+    let o = merge_with(&base, &emb, &refused, &["--untie", "--keep-tied"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cannot be used with") && !refused.exists(), "{}", stderr(&o));
     // an adapter that leaves both sides alone keeps the model tied
     let other = tmp.path().join("other");
     ok(&merge_with(&base, &fixtures().join("cases/bone-bat-bf16/adapter"), &other, &["-q"]));
