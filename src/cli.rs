@@ -373,10 +373,15 @@ pub enum InspectCommand {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["adapter", "adapter_flag"])))]
 pub struct InspectAdapterArgs {
     /// The adapter folder
     #[arg(value_name = "ADAPTER")]
-    pub adapter: PathBuf,
+    adapter: Option<PathBuf>,
+
+    /// The adapter folder, spelled as merge spells it (the same as the positional ADAPTER)
+    #[arg(long = "adapter", value_name = "ADAPTER")]
+    adapter_flag: Option<PathBuf>,
 
     /// Check every layer against this base model; exit 2 when the adapter cannot be merged into it
     #[arg(long, value_name = "MODEL")]
@@ -388,4 +393,11 @@ pub struct InspectAdapterArgs {
 
     #[command(flatten)]
     pub prefix: PrefixArg,
+}
+
+impl InspectAdapterArgs {
+    /// The adapter folder, however it was given (clap requires exactly one of the two).
+    pub fn adapter(&self) -> &std::path::Path {
+        self.adapter.as_deref().or(self.adapter_flag.as_deref()).expect("clap requires ADAPTER or --adapter")
+    }
 }

@@ -334,4 +334,14 @@ fn inspect_text_is_readable() {
     {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+    // `--adapter DIR`, as merge spells it, prints the same; both at once, or neither, is a usage error
+    let flag = run(&["inspect", "adapter", "--adapter", dir.to_str().unwrap()]);
+    ok(&flag);
+    assert_eq!(stdout(&flag), text);
+    for args in [
+        vec!["inspect", "adapter", dir.to_str().unwrap(), "--adapter", dir.to_str().unwrap()],
+        vec!["inspect", "adapter"],
+    ] {
+        assert_eq!(run(&args).status.code(), Some(2), "{args:?}");
+    }
 }
