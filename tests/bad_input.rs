@@ -371,6 +371,30 @@ fn output_inside_an_input_is_refused() {
 }
 
 #[test]
+fn hub_ids_get_a_download_hint() {
+    // relative to the package root, where cargo runs the tests: neither exists there
+    let e = Env::new();
+    let out = e.path("out");
+    let a = fixtures().join("cases/bone-default-f32/adapter");
+    let line = fails(
+        &merge_args("meta-llama/Llama-3.2-1B", s(&a), s(&out)),
+        Some(&out),
+        &[],
+        &["meta-llama/Llama-3.2-1B: no such file or folder", "huggingface-cli download meta-llama/Llama-3.2-1B"],
+    );
+    assert!(line.contains("--local-dir"), "{line}");
+    fails(
+        &merge_args(s(&base_f32()), "someone/bone-adapter", s(&out)),
+        Some(&out),
+        &[],
+        &["someone/bone-adapter: no such adapter folder", "huggingface-cli download someone/bone-adapter"],
+    );
+    // a plain missing folder gets no such hint
+    let line = fails(&merge_args("no-such-base", s(&a), s(&out)), Some(&out), &[], &["no-such-base: no such file"]);
+    assert!(!line.contains("huggingface-cli"), "{line}");
+}
+
+#[test]
 fn adapter_folder_passed_as_base() {
     let e = Env::new();
     let a = fixtures().join("cases/bone-default-f32/adapter");

@@ -77,7 +77,11 @@ impl Adapter {
             if path.is_file() { path.parent().unwrap_or(Path::new(".")).to_path_buf() } else { path.to_path_buf() };
         let d = dir.display();
         if !dir.is_dir() {
-            return Err(input(format!("{}: no such adapter folder", path.display())));
+            return Err(input(format!(
+                "{}: no such adapter folder{}",
+                path.display(),
+                crate::model::hub_id_hint(path)
+            )));
         }
         let cfg_path = dir.join(CONFIG_NAME);
         let text = match std::fs::read_to_string(&cfg_path) {

@@ -43,7 +43,8 @@ impl Model {
     }
 
     fn open_any(path: &Path) -> Result<Model> {
-        let meta = std::fs::metadata(path).map_err(|e| input(format!("{}: {}", path.display(), io_reason(&e))))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| input(format!("{}: {}{}", path.display(), io_reason(&e), hub_id_hint(path))))?;
         if meta.is_file() {
             let name = file_name(path);
             if name.ends_with(".index.json") {
@@ -277,11 +278,45 @@ fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
     }
 }
 
+/// For a path that does not exist but reads like a Hugging Face Hub id (`org/name`), a hint that
+/// bone-tool reads local folders only; else nothing.
+pub fn hub_id_hint(path: &Path) -> String {
+    let s = path.to_string_lossy();
+    let parts: Vec<&str> = s.split('/').collect();
+    let looks_like_id = parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty() && *p != "." && *p != "..")
+        && !s.starts_with('~')
+        && !path.exists();
+    if looks_like_id {
+        format!(" (bone-tool reads local folders; for a Hub model, download it first: huggingface-cli download {s} --local-dir DIR)")
+    } else {
+        String::new()
+    }
+}
+
 /// A short reason for an I/O error, the way a user reads it.
 pub fn io_reason(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::NotFound => "no such file or folder".to_string(),
         std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hub_id_hint;
+    use std::path::Path;
+
+    #[test]
+    fn hub_id_hint_only_for_missing_org_name_paths() {
+        assert!(hub_id_hint(Path::new("meta-llama/Llama-3.2-1B"))
+            .contains("huggingface-cli download meta-llama/Llama-3.2-1B --local-dir"));
+        // cargo runs unit tests in the package root, where src/model exists: an existing folder gets
+        // no hint, nor do an absolute path, one part, three parts, ./ and ~
+        assert!(Path::new("src/model").is_dir());
+        for p in ["src/model", "/abs/path", "model", "a/b/c", "./model", "../model", "~/m", "org/"] {
+            assert_eq!(hub_id_hint(Path::new(p)), "", "{p}");
+        }
     }
 }
