@@ -148,6 +148,16 @@ const STALE_WEIGHTS: &[&str] = &[".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5",
 /// Build the plan for `adapters` applied to (or removed from) `base`, in the order given.
 pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Options) -> Result<Plan> {
     let mut warnings: Vec<String> = adapters.iter().flat_map(|a| a.warnings.iter().cloned()).collect();
+    // The same folder twice stacks it twice (as PEFT would, loaded under two names); more often a typo.
+    let canonical = |a: &Adapter| std::fs::canonicalize(&a.dir).unwrap_or_else(|_| a.dir.clone());
+    for (i, a) in adapters.iter().enumerate() {
+        if adapters[..i].iter().any(|b| canonical(b) == canonical(a)) {
+            warnings.push(format!(
+                "{}: this adapter is given more than once, so its blocks are applied once per mention",
+                a.dir.display()
+            ));
+        }
+    }
     let mut ops_by_tensor: std::collections::HashMap<String, Vec<Op>> = Default::default();
     let mut problems: Vec<String> = vec![];
 

@@ -544,3 +544,25 @@ fn colour_only_when_asked_or_on_a_terminal() {
     assert!(stderr(&o).starts_with("\x1b[1;31merror:\x1b[0m "), "{:?}", stderr(&o));
     assert_eq!(o.status.code(), plain.status.code());
 }
+
+#[test]
+fn the_same_adapter_twice_is_applied_twice_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("bases/llama-bf16");
+    let a = fixtures().join("cases/bone-bat-bf16/adapter");
+    let twice = tmp.path().join("twice");
+    let dotted = format!("{}/.", a.display());
+    let o = run(&["merge", "--base", s(&base), "--adapter", s(&a), "--adapter", &dotted, "--out", s(&twice)]);
+    ok(&o);
+    assert!(stderr(&o).contains("given more than once"), "{}", stderr(&o));
+    // independent: two runs, the second on the first's output, give the same tensors
+    let (once, again) = (tmp.path().join("once"), tmp.path().join("again"));
+    ok(&merge_with(&base, &a, &once, &["-q"]));
+    ok(&merge_with(&once, &a, &again, &["-q"]));
+    let (t, g, o1) = (load(&twice), load(&again), load(&once));
+    assert!(t.iter().all(|(k, v)| g[k].data == v.data), "stacked twice differs from two runs");
+    assert!(t.iter().any(|(k, v)| o1[k].data != v.data), "the second mention changed nothing");
+    // one mention: no such warning
+    let o = merge_with(&base, &a, &tmp.path().join("single"), &[]);
+    assert!(!stderr(&o).contains("more than once"), "{}", stderr(&o));
+}
