@@ -123,9 +123,8 @@ pub struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// The adapter folder to convert
-    #[arg(value_name = "ADAPTER")]
-    pub adapter: PathBuf,
+    #[command(flatten)]
+    pub adapter: AdapterArg,
 
     /// What to write: `miss` (from Bone, lossless), `bone` (from MiSS, for PEFT 0.14-0.18), or
     /// `lora` (default and mini exactly; BAT by truncated SVD)
@@ -349,6 +348,26 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// The one adapter folder of `inspect adapter` and `convert`: positional, or `--adapter` as merge
+/// spells it (exactly one of the two).
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct AdapterArg {
+    /// The adapter folder
+    #[arg(value_name = "ADAPTER")]
+    positional: Option<PathBuf>,
+
+    /// The adapter folder, spelled as merge spells it (the same as the positional ADAPTER)
+    #[arg(long = "adapter", value_name = "ADAPTER")]
+    flag: Option<PathBuf>,
+}
+
+impl AdapterArg {
+    pub fn path(&self) -> &std::path::Path {
+        self.positional.as_deref().or(self.flag.as_deref()).expect("clap requires ADAPTER or --adapter")
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct PrefixArg {
     /// The prefix of the adapter's tensor keys before the module path; stripped to find the base
@@ -373,15 +392,9 @@ pub enum InspectCommand {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("which").required(true).args(["adapter", "adapter_flag"])))]
 pub struct InspectAdapterArgs {
-    /// The adapter folder
-    #[arg(value_name = "ADAPTER")]
-    adapter: Option<PathBuf>,
-
-    /// The adapter folder, spelled as merge spells it (the same as the positional ADAPTER)
-    #[arg(long = "adapter", value_name = "ADAPTER")]
-    adapter_flag: Option<PathBuf>,
+    #[command(flatten)]
+    pub adapter: AdapterArg,
 
     /// Check every layer against this base model; exit 2 when the adapter cannot be merged into it
     #[arg(long, value_name = "MODEL")]
@@ -393,11 +406,4 @@ pub struct InspectAdapterArgs {
 
     #[command(flatten)]
     pub prefix: PrefixArg,
-}
-
-impl InspectAdapterArgs {
-    /// The adapter folder, however it was given (clap requires exactly one of the two).
-    pub fn adapter(&self) -> &std::path::Path {
-        self.adapter.as_deref().or(self.adapter_flag.as_deref()).expect("clap requires ADAPTER or --adapter")
-    }
 }

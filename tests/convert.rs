@@ -117,6 +117,21 @@ fn bone_to_miss_merges_to_the_same_bytes() {
         merge(&base, &miss, &m2);
         let (x, y) = (load(&m1), load(&m2));
         assert!(x.iter().all(|(k, t)| y[k].data == t.data), "{case}");
+        // `--adapter DIR`, as merge spells it, writes the same files as the positional ADAPTER
+        let flag = tmp.path().join(format!("{case}-flag"));
+        ok(&run(&[
+            "-q",
+            "convert",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--to",
+            "miss",
+            "--out",
+            flag.to_str().unwrap(),
+        ]));
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            assert!(std::fs::read(miss.join(f)).unwrap() == std::fs::read(flag.join(f)).unwrap(), "{case} {f}");
+        }
     }
 }
 

@@ -40,8 +40,8 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     if args.rank == Some(0) {
         return Err(input("--rank 0: expected a positive rank"));
     }
-    let a = Adapter::open(&args.adapter, &args.prefix.adapter_prefix)?;
-    super::apply::refuse_overlap(&args.out, &args.adapter, &[])?;
+    let a = Adapter::open(args.adapter.path(), &args.prefix.adapter_prefix)?;
+    super::apply::refuse_overlap(&args.out, args.adapter.path(), &[])?;
     let c = &a.config;
     let mut warnings = a.warnings.clone();
     for ig in &a.ignored {

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
 pub fn adapter(args: &InspectAdapterArgs) -> Result<()> {
-    let a = Adapter::open(args.adapter(), &args.prefix.adapter_prefix)?;
+    let a = Adapter::open(args.adapter.path(), &args.prefix.adapter_prefix)?;
     let base = args.base.as_ref().map(|p| Model::open(p)).transpose()?;
     let report = report(&a, base.as_ref());
     if args.json {
@@ -20,7 +20,7 @@ pub fn adapter(args: &InspectAdapterArgs) -> Result<()> {
         let n = report["problems"].as_array().map_or(0, Vec::len);
         return Err(input(format!(
             "{} cannot be merged into {}: {n} problem{} (listed above)",
-            args.adapter().display(),
+            args.adapter.path().display(),
             args.base.as_ref().map(|b| b.display().to_string()).unwrap_or_default(),
             if n == 1 { "" } else { "s" }
         )));
