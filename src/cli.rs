@@ -69,6 +69,11 @@ pub enum Command {
                             Exit 0 when every tensor is within one unit in the last place, 1 when not, 2 on bad input."
     )]
     Verify(VerifyArgs),
+    /// Rewrite an adapter: Bone -> MiSS, MiSS -> Bone, or Bone/MiSS -> LoRA for any serving stack
+    #[command(after_help = "Examples:\n  bone-tool convert ./bone-adapter --to miss --out ./miss-adapter\n  \
+                            bone-tool convert ./miss-adapter --to lora --out ./lora-adapter --base ./base-model\n  \
+                            bone-tool convert ./bat-adapter --to lora --out ./lora --base ./base-model --energy 0.99")]
+    Convert(ConvertArgs),
     /// Print a shell completion script (e.g. `bone-tool completions bash > /etc/bash_completion.d/bone-tool`)
     Completions {
         #[arg(value_enum)]
@@ -76,11 +81,6 @@ pub enum Command {
     },
     /// Print the manual page in roff (e.g. `bone-tool man > bone-tool.1 && man ./bone-tool.1`)
     Man,
-    /// Rewrite an adapter: Bone -> MiSS, MiSS -> Bone, or Bone/MiSS -> LoRA for any serving stack
-    #[command(after_help = "Examples:\n  bone-tool convert ./bone-adapter --to miss --out ./miss-adapter\n  \
-                            bone-tool convert ./miss-adapter --to lora --out ./lora-adapter --base ./base-model\n  \
-                            bone-tool convert ./bat-adapter --to lora --out ./lora --base ./base-model --energy 0.99")]
-    Convert(ConvertArgs),
 }
 
 #[derive(Args, Debug)]
