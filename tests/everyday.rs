@@ -216,9 +216,7 @@ fn shards_written_side_by_side_are_the_same_files() {
                 command.args(["--max-shard-size", m]);
             }
             ok(&command.env("BONE_TOOL_WRITERS", writers).output().unwrap());
-            outs.push(
-                digest(&out).into_iter().map(|(p, d)| (p.file_name().unwrap().to_owned(), d)).collect::<Vec<_>>(),
-            );
+            outs.push(digest_relative(&out));
         }
         let files = outs[0].iter().filter(|(p, _)| p.to_string_lossy().ends_with(".safetensors")).count();
         assert!(files >= 2, "case {n}: {files} files, not sharded");
@@ -392,10 +390,11 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
         let _ = std::fs::remove_dir_all(&alone);
         ok(&merge_with(&base, a, &alone, &["-q"]));
         let each = tmp.path().join("each-out").join(a.file_name().unwrap());
-        let files = |dir: &std::path::Path| -> Vec<(std::path::PathBuf, Vec<u8>)> {
-            digest(dir).into_iter().map(|(p, b)| (p.strip_prefix(dir).unwrap().to_path_buf(), b)).collect()
-        };
-        assert!(files(&each) == files(&alone), "{}: --each differs from a run of its own", a.display());
+        assert!(
+            digest_relative(&each) == digest_relative(&alone),
+            "{}: --each differs from a run of its own",
+            a.display()
+        );
         assert_eq!(load(&each).contains_key("lm_head.weight"), a == &a1, "only the first unties");
     }
     // --keep-tied refuses, leaving nothing
@@ -406,10 +405,7 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     // --untie spells out the default (the same files); with --keep-tied it is a usage error
     let spelled = tmp.path().join("spelled");
     ok(&merge_with(&base, &emb, &spelled, &["-q", "--untie"]));
-    let rel = |dir: &std::path::Path| -> Vec<(std::path::PathBuf, Vec<u8>)> {
-        digest(dir).into_iter().map(|(p, b)| (p.strip_prefix(dir).unwrap().to_path_buf(), b)).collect()
-    };
-    assert!(rel(&spelled) == rel(&out), "--untie differs from the default");
+    assert!(digest_relative(&spelled) == digest_relative(&out), "--untie differs from the default");
     let o = merge_with(&base, &emb, &refused, &["--untie", "--keep-tied"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("cannot be used with") && !refused.exists(), "{}", stderr(&o));

@@ -169,6 +169,11 @@ pub fn digest(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// `digest` with paths relative to `dir`, to compare two output folders file by file.
+pub fn digest_relative(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    digest(dir).into_iter().map(|(p, b)| (p.strip_prefix(dir).unwrap().to_path_buf(), b)).collect()
+}
+
 /// Entries of a folder whose names contain `needle` (temporary folders left behind).
 pub fn leftovers(dir: &Path, needle: &str) -> Vec<String> {
     std::fs::read_dir(dir)
