@@ -149,9 +149,10 @@ const STALE_WEIGHTS: &[&str] = &[".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5",
 pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Options) -> Result<Plan> {
     let mut warnings: Vec<String> = adapters.iter().flat_map(|a| a.warnings.iter().cloned()).collect();
     // The same folder twice stacks it twice (as PEFT would, loaded under two names); more often a typo.
-    let canonical = |a: &Adapter| std::fs::canonicalize(&a.dir).unwrap_or_else(|_| a.dir.clone());
+    let canonical: Vec<PathBuf> =
+        adapters.iter().map(|a| std::fs::canonicalize(&a.dir).unwrap_or_else(|_| a.dir.clone())).collect();
     for (i, a) in adapters.iter().enumerate() {
-        if adapters[..i].iter().any(|b| canonical(b) == canonical(a)) {
+        if canonical[..i].contains(&canonical[i]) {
             warnings.push(format!(
                 "{}: this adapter is given more than once, so its blocks are applied once per mention",
                 a.dir.display()
