@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Differential sweep against PEFT 0.18.1 (fixtures/sweep.py): TRIALS randomly drawn models and
+# adapters (default 100) from SEED (default 1), each merged and unmerged by PEFT and by bone-tool,
+# compared by the fixture tests' rules. Builds the release binary, installs PEFT into
+# fixtures/.venv on first use (~6 GB, a few minutes), writes only to temporary folders, and keeps
+# the folder of a failing trial for a look. Exits 1 if any trial failed.
+#   scripts/peft-sweep.sh [TRIALS] [SEED] [FIRST]   (FIRST: the first trial's number, to rerun one)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+python="$(bash "$root/fixtures/venv.sh")"
+PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES="" BONE_TOOL="$root/target/release/bone-tool" \
+  "$python" "$root/fixtures/sweep.py" "${1:-100}" "${2:-1}" "${3:-0}"
