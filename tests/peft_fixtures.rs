@@ -2,8 +2,9 @@
 //! inspect --json, end to end through the binary.
 //!
 //! What is compared, per the spec's dtype policy:
-//! - merges: byte for byte, except f32 BAT (torch's f32 GEMM sums in another order): there every
-//!   value within 1e-5 relative (with a floor at 1% of the tensor's largest value);
+//! - merges: byte for byte, every case (the manifest's `expect`; f32 BAT too since bone-tool sums
+//!   BAT's products as torch does: fused from r = 8, rounded one by one below), else every value
+//!   within 1e-5 relative (with a floor at 1% of the tensor's largest value);
 //! - unmerges: default/mini byte for byte; BAT uses (I + B)^-1, which PEFT takes from LAPACK in f32
 //!   and bone-tool computes in f64: f16/bf16 values within one ulp (or, where the result cancels to
 //!   almost nothing, within 1e-5 of the tensor's largest value), and at most 0.05% of all values

@@ -251,9 +251,11 @@ extern "C" __global__ void periodic_fused_x4(const unsigned char* in, unsigned c
     fused<4>(in, out, et, rows, cols, r, sign, dt, vec);
 }
 
-// BAT's strip GEMMs, summed as the CPU's GEMM sums them (ops::gemm_in_order; faer gives the same
-// bytes where ops::gemm_is_in_order): for every strip s of r rows, out_s[I, r] = x_s[I, r] · m_s[r, r]
-// (row-major), every element from +0 over k in order, one fused multiply-add per product. As
+// BAT's strip GEMMs, summed as PEFT's torch and the CPU's GEMM sum them (ops::gemm_in_order; faer
+// gives the same bytes where ops::gemm_is_in_order): for every strip s of r rows, out_s[I, r] =
+// x_s[I, r] · m_s[r, r] (row-major), every element from +0 over k in order; from r = 8
+// (ops::FUSED_FROM_R) one fused multiply-add per product, below it each product rounded and then
+// added (__fmul_rn and __fadd_rn, which the compiler never fuses). As
 // elements of the [rows, cols] matrix: out[o, c] = sum over k of x[o, c - c mod r + k] · m_s[k, c mod r],
 // s = o / r. A thread computes V consecutive columns of one r-chunk of a row: with V = 4 (r a
 // multiple of 4) the chunk and the blocks' rows are read 16 bytes at a time.
@@ -264,6 +266,7 @@ __device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const 
     each_group(rows, cols, r, V, [&](u64 o, u64 k, u32 j) {
         const float* xs = x + (k - j);
         const float* ms = m + (u64)((u32)o / (u32)r) * r * r + j; // rows < 2^31 (the host checks)
+        const bool fused = r >= 8;
         float acc[V];
         for (u32 t = 0; t < V; t++) acc[t] = 0.0f;
         for (int q = 0; q < r; q += V) {
@@ -272,7 +275,8 @@ __device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const 
             for (u32 u = 0; u < V; u++) {
                 ASSUME_ALIGNED(ms + (u64)(q + u) * r, 4 * V);
                 const Floats<V> b = *(const Floats<V>*)(ms + (u64)(q + u) * r);
-                for (u32 t = 0; t < V; t++) acc[t] = fmaf(xv.v[u], b.v[t], acc[t]);
+                for (u32 t = 0; t < V; t++)
+                    acc[t] = fused ? fmaf(xv.v[u], b.v[t], acc[t]) : __fadd_rn(acc[t], __fmul_rn(xv.v[u], b.v[t]));
             }
         }
         for (u32 t = 0; t < V; t++) out[k + t] = acc[t];
@@ -591,8 +595,9 @@ impl Fused {
 /// How the GPU does BAT's strip GEMMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StripGemm {
-    /// The `strip_gemm` kernel: every element summed in order with one fused multiply-add per
-    /// product, as the CPU sums it, so that BAT gives the CPU's bytes (where
+    /// The `strip_gemm` kernel: every element summed in order (one fused multiply-add per product
+    /// from r = 8, a rounded product then a rounded add below), as PEFT and the CPU sum it, so that
+    /// BAT gives the CPU's bytes (where
     /// [`crate::ops::gemm_is_in_order`]); and no cuBLAS to load and start.
     InOrder,
     /// cuBLAS's strided-batched SGEMM in pedantic f32 (`BONE_TOOL_GEMM=cublas`): its own order of

@@ -171,9 +171,10 @@ pub fn has_gemm(chain: &[Prepared]) -> bool {
 
 /// True when a chain gives the same bytes on the CPU and on a GPU. The elementwise adds (default
 /// and mini) do: f32 with one rounding each, in the same order. BAT does where its GEMMs sum in
-/// the same order on both: the GPU's `strip_gemm` kernel sums each element's products in order,
-/// one fused multiply-add each, and so does the CPU's GEMM (faer) where
-/// [`ops::gemm_is_in_order`] finds it for that r (r up to 512 on processors with FMA); with
+/// the same order on both: the GPU's `strip_gemm` kernel sums each element's products in order
+/// (one fused multiply-add each from r = 8, as PEFT's torch does; a rounded product and a rounded
+/// add below), and so does the CPU's GEMM where [`ops::gemm_is_in_order`] finds it for that r
+/// (always below r = 8, where it is the in-order loop; faer up to r = 512 on processors with FMA); with
 /// `BONE_TOOL_GEMM=cublas`, cuBLAS sums in its own order. The pipeline computes these chains on
 /// the CPU while a GPU is starting, and the self-check holds a GPU to the CPU's bytes on them.
 pub fn same_bytes_on_every_device(chain: &[Prepared]) -> bool {

@@ -349,11 +349,25 @@ fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
     assert_eq!(b.len(), (o / r) * r * r);
 }
 
+/// The smallest r for which PEFT's GEMM fuses each product into its sum. PEFT's BAT multiplies the
+/// r×r tiles with torch's batched matmul; on the CPU, torch (2.15) computes an r×r·r×r product
+/// with fewer than 400 multiply-adds (r ≤ 7) in a plain loop: every product rounded to f32 and then
+/// added, k in order from +0. From r = 8 it calls oneDNN, which sums k in order with one fused
+/// multiply-add (one rounding) per product. Measured on every value of random products for r from 1
+/// to 256 (and pinned by the test below); `scripts/peft-sweep.sh` found the difference as a bf16
+/// BAT merge one ulp off PEFT at r = 3, where the two ways of summing put a delta on either side of
+/// a rounding tie.
+pub const FUSED_FROM_R: usize = 8;
+
 /// `dst[I, r] = lhs[I, r] · rhs[r, r]`, all row-major, single-threaded (callers parallelise).
-/// Where [`gemm_is_in_order`], these are [`gemm_in_order`]'s bytes but for the sign of zero: faer
-/// gives -0 where all of an element's products are -0 (on some shapes; a sum from +0 never gives
-/// -0), so callers add +0 to every value in their next pass ([`plus_zero`]).
+/// Below [`FUSED_FROM_R`], [`gemm_in_order`]; from it, faer's GEMM, which gives exactly
+/// [`gemm_in_order`]'s bytes where [`gemm_is_in_order`] but for the sign of zero: faer gives -0
+/// where all of an element's products are -0 (on some shapes; a sum from +0 never gives -0), so
+/// callers add +0 to every value in their next pass ([`plus_zero`]).
 fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
+    if r < FUSED_FROM_R {
+        return gemm_in_order(dst, lhs, rhs, i, r);
+    }
     let dst = MatMut::from_row_major_slice_mut(dst, i, r);
     let lhs = MatRef::from_row_major_slice(lhs, i, r);
     let rhs = MatRef::from_row_major_slice(rhs, r, r);
@@ -367,10 +381,22 @@ fn plus_zero(x: f32) -> f32 {
     x + 0.0
 }
 
-/// [`gemm`] summed the way the GPU's `strip_gemm` kernel sums: every element from +0 over k in
-/// order, one fused multiply-add (one rounding) per product.
+/// [`gemm`] summed the way PEFT's torch and the GPU's `strip_gemm` kernel sum: every element from +0
+/// over k in order; from r = [`FUSED_FROM_R`] one fused multiply-add (one rounding) per product,
+/// below it each product rounded and then added.
 pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
     assert!(dst.len() == i * r && lhs.len() == i * r && rhs.len() == r * r);
+    if r < FUSED_FROM_R {
+        for (out, x) in dst.chunks_exact_mut(r).zip(lhs.chunks_exact(r)) {
+            out.fill(0.0);
+            for (&a, row) in x.iter().zip(rhs.chunks_exact(r)) {
+                for (o, &b) in out.iter_mut().zip(row) {
+                    *o += a * b; // two roundings: Rust never fuses these
+                }
+            }
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the processor has FMA, checked just above.
@@ -401,14 +427,18 @@ fn gemm_in_order_body(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize) {
     }
 }
 
-/// Whether [`gemm`] (faer) gives exactly [`gemm_in_order`]'s bytes (once -0 is made +0) for blocks
-/// of `r` on this machine. It does where the processor has FMA and r is at most 512 (measured on the AVX-512
+/// Whether [`gemm`] gives exactly [`gemm_in_order`]'s bytes (once -0 is made +0) for blocks of `r`
+/// on this machine: below [`FUSED_FROM_R`] it is that function; from it faer's GEMM does where the
+/// processor has FMA and r is at most 512 (measured on the AVX-512
 /// build machine: faer's kernels sum each element's products in order there; at r = 1024 they sum
 /// in blocks of k, and 94% of the values differ in the last bit). Then BAT's bytes are the same on
 /// the CPU and on a GPU, so that the pipeline may compute BAT on the CPU while the GPU starts.
 /// Checked once per r in a process, on 16 rows of random values (a different order changes most
 /// of them): r = 64 takes well under a millisecond, r = 512 about 10 ms.
 pub fn gemm_is_in_order(r: usize) -> bool {
+    if r < FUSED_FROM_R {
+        return true;
+    }
     static KNOWN: std::sync::Mutex<Vec<(usize, bool)>> = std::sync::Mutex::new(Vec::new());
     let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(&(_, yes)) = known.iter().find(|(k, _)| *k == r) {
@@ -699,8 +729,10 @@ mod tests {
             gemm(&mut faer, &lhs, &rhs, i, r);
             gemm_in_order(&mut ours, &lhs, &rhs, i, r);
             let same = faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits());
-            assert_eq!(same, fma, "[{i}, {r}]·[{r}, {r}]: faer and the in-order sum");
-            assert_eq!(gemm_is_in_order(r), fma, "r {r}: the run-time check");
+            // (below FUSED_FROM_R the CPU's GEMM is the in-order sum itself)
+            let expect = fma || r < FUSED_FROM_R;
+            assert_eq!(same, expect, "[{i}, {r}]·[{r}, {r}]: faer and the in-order sum");
+            assert_eq!(gemm_is_in_order(r), expect, "r {r}: the run-time check");
         }
         // the check answers what it finds: at r = 1024 faer sums in blocks of k
         let r = 1024;
@@ -714,6 +746,29 @@ mod tests {
         let mut out = [0f32; 3];
         gemm_in_order(&mut out, &lhs, &rhs, 1, 3);
         assert_eq!(out, [0.5 + 2.0 + 192.0, 1.0 + 4.0 + 384.0, 2.0 + 8.0 + 768.0]);
+    }
+
+    #[test]
+    fn products_are_fused_into_the_sum_from_r_8_as_in_torch() {
+        // Row 0 of W is [1, 1 + 2^-12, 0...], column 0 of B_0 is [-1, 1 + 2^-12, 0...]. The second
+        // product is 1 + 2^-11 + 2^-24: rounded on its own it loses the 2^-24 (a tie, to even), fused
+        // into the sum it keeps it. torch 2.15 on the CPU (PEFT's BAT, `o @ B`, on these exact
+        // tiles) gives 2^-11 at r = 2 and 7 and 2^-11 + 2^-24 at r = 8.
+        for r in [2, 7, 8, 9] {
+            let mut w = vec![0f32; r * r];
+            (w[0], w[1]) = (1.0, 1.0 + 2f32.powi(-12));
+            let mut b = vec![0f32; r * r];
+            (b[0], b[r]) = (-1.0, 1.0 + 2f32.powi(-12));
+            let expect = if r < 8 { 2f32.powi(-11) } else { 2f32.powi(-11) + 2f32.powi(-24) };
+            let (mut cpu, mut in_order) = (vec![0f32; r * r], vec![0f32; r * r]);
+            gemm(&mut cpu, &w, &b, r, r);
+            gemm_in_order(&mut in_order, &w, &b, r, r);
+            assert_eq!((cpu[0], in_order[0]), (expect, expect), "r = {r}");
+            // and through the merge: Δ = that + B[0, 0] = -1 + it, the weight 1 + Δ in f32
+            let mut merged = w.clone();
+            bat_merge(&mut merged, r, r, &b, r, Rounding::peft(Float::F32));
+            assert_eq!(merged[0], 1.0 + (expect - 1.0), "r = {r}");
+        }
     }
 
     #[test]
