@@ -353,10 +353,10 @@ fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
 /// r×r tiles with torch's batched matmul; on the CPU, torch (2.15) computes an r×r·r×r product
 /// with fewer than 400 multiply-adds (r ≤ 7) in a plain loop: every product rounded to f32 and then
 /// added, k in order from +0. From r = 8 it calls oneDNN, which sums k in order with one fused
-/// multiply-add (one rounding) per product. Measured on every value of random products for r from 1
-/// to 256 (and pinned by the test below); `scripts/peft-sweep.sh` found the difference as a bf16
-/// BAT merge one ulp off PEFT at r = 3, where the two ways of summing put a delta on either side of
-/// a rounding tie.
+/// multiply-add (one rounding) per product, up to r = 384 (beyond, it sums k in blocks, which
+/// bone-tool does not copy). Measured on every value of random products for r from 1 to 1024, and
+/// pinned by the test below. `scripts/peft-sweep.sh` found the difference as a bf16 BAT merge one
+/// ulp off PEFT at r = 3, where the two ways of summing put a delta on either side of a rounding tie.
 pub const FUSED_FROM_R: usize = 8;
 
 /// `dst[I, r] = lhs[I, r] · rhs[r, r]`, all row-major, single-threaded (callers parallelise).
