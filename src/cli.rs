@@ -253,8 +253,9 @@ pub struct ApplyOptions {
     #[arg(long)]
     pub force: bool,
 
-    /// How BAT merges round: `peft` rounds the delta to the weight dtype before adding it, as PEFT
-    /// does (byte-identical output); `once` rounds W + delta once (more accurate)
+    /// How BAT merges round: `peft` rounds the delta to the weight dtype before adding it, as PEFT's
+    /// merge_and_unload() does (byte-identical output); `once` rounds W + delta once (more
+    /// accurate; byte-identical to merge_and_unload(safe_merge=True))
     #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
     pub rounding: RoundingArg,
 

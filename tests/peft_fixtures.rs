@@ -29,6 +29,8 @@ struct Case {
     exact_merge: bool,
     autocast: bool,
     has_bat: bool,
+    /// PEFT's `merge_and_unload(safe_merge=True)`, which rounds BAT's `W + Δ` once (f16/bf16 BAT).
+    merged_safe: Option<String>,
 }
 
 fn cases() -> Vec<Case> {
@@ -54,19 +56,21 @@ fn cases() -> Vec<Case> {
                 exact_merge: c["expect"] == "bytes",
                 autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
                 has_bat,
+                merged_safe: c["merged_safe"].as_str().map(str::to_string),
             }
         })
         .collect()
 }
 
 fn apply(cmd: &str, model: &Path, c: &Case, out: &Path) {
-    apply_env(cmd, model, c, out, None, false)
+    apply_env(cmd, model, c, out, None, false, &[])
 }
 
 /// Run merge or unmerge; `piece_bytes` forces the pipeline to cut tensors into pieces that small,
 /// and `pread` reads them into pooled buffers rather than mapping them.
-fn apply_env(cmd: &str, model: &Path, c: &Case, out: &Path, piece_bytes: Option<usize>, pread: bool) {
+fn apply_env(cmd: &str, model: &Path, c: &Case, out: &Path, piece_bytes: Option<usize>, pread: bool, extra: &[&str]) {
     let mut args: Vec<String> = vec!["--quiet".into(), cmd.into()];
+    args.extend(extra.iter().map(|a| a.to_string()));
     args.push(if cmd == "merge" { "--base" } else { "--merged" }.into());
     args.push(model.display().to_string());
     for a in &c.adapters {
@@ -163,6 +167,26 @@ fn merge_matches_peft_on_every_fixture() {
 }
 
 #[test]
+fn rounding_once_matches_peft_safe_merge() {
+    // PEFT's safe_merge adds BAT's f32 delta to a copy of the weight and rounds once: `--rounding
+    // once`. (The default merge rounds the delta first and differs from it in some values.)
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<Case> = cases().into_iter().filter(|c| c.merged_safe.is_some()).collect();
+    assert!(cases.len() >= 4, "the manifest has safe merges of the f16/bf16 BAT cases");
+    let mut differ_from_default = 0;
+    for c in &cases {
+        let out = tmp.path().join(&c.name);
+        apply_env("merge", &fixtures().join(&c.base), c, &out, None, false, &["--rounding", "once"]);
+        let safe = load(&fixtures().join(c.merged_safe.as_ref().unwrap()));
+        let bad = compare(&load(&out), &safe, Expect::Bytes);
+        assert!(bad.is_empty(), "{}: --rounding once differs from PEFT's safe_merge:\n{}", c.name, bad.join("\n"));
+        let default = load(&fixtures().join("cases").join(&c.name).join("merged"));
+        differ_from_default += compare(&default, &safe, Expect::Bytes).len();
+    }
+    assert!(differ_from_default > 0, "the two roundings differ somewhere, or this test shows nothing");
+}
+
+#[test]
 fn unmerge_matches_peft_on_every_fixture() {
     let tmp = tempfile::tempdir().unwrap();
     let mut failures = vec![];
@@ -208,9 +232,9 @@ fn tensors_cut_into_small_pieces_give_the_same_bytes() {
         {
             let (whole, cut) =
                 (tmp.path().join(format!("{}-{cmd}-whole", c.name)), tmp.path().join(format!("{}-{cmd}-cut", c.name)));
-            apply_env(cmd, &model, c, &whole, None, false);
+            apply_env(cmd, &model, c, &whole, None, false, &[]);
             // every other case reads its pieces with pread into recycled buffers
-            apply_env(cmd, &model, c, &cut, Some(700), k % 2 == 1);
+            apply_env(cmd, &model, c, &cut, Some(700), k % 2 == 1, &[]);
             let (a, b) = (load(&whole), load(&cut));
             assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
             for (k, t) in &a {
