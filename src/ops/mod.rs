@@ -387,13 +387,15 @@ fn plus_zero(x: f32) -> f32 {
 pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
     assert!(dst.len() == i * r && lhs.len() == i * r && rhs.len() == r * r);
     if r < FUSED_FROM_R {
-        for (out, x) in dst.chunks_exact_mut(r).zip(lhs.chunks_exact(r)) {
-            out.fill(0.0);
-            for (&a, row) in x.iter().zip(rhs.chunks_exact(r)) {
-                for (o, &b) in out.iter_mut().zip(row) {
-                    *o += a * b; // two roundings: Rust never fuses these
-                }
-            }
+        // r known at compile time: the sums live in registers (twice the speed of a loop over r)
+        match r {
+            1 => gemm_unfused::<1>(dst, lhs, rhs),
+            2 => gemm_unfused::<2>(dst, lhs, rhs),
+            3 => gemm_unfused::<3>(dst, lhs, rhs),
+            4 => gemm_unfused::<4>(dst, lhs, rhs),
+            5 => gemm_unfused::<5>(dst, lhs, rhs),
+            6 => gemm_unfused::<6>(dst, lhs, rhs),
+            _ => gemm_unfused::<7>(dst, lhs, rhs),
         }
         return;
     }
@@ -404,6 +406,20 @@ pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usi
         return;
     }
     gemm_in_order_body(dst, lhs, rhs, r);
+}
+
+/// [`gemm_in_order`] below [`FUSED_FROM_R`], for blocks of `R`: each product rounded, then added.
+fn gemm_unfused<const R: usize>(dst: &mut [f32], lhs: &[f32], rhs: &[f32]) {
+    let m: [[f32; R]; R] = std::array::from_fn(|k| std::array::from_fn(|t| rhs[k * R + t]));
+    for (out, x) in dst.chunks_exact_mut(R).zip(lhs.chunks_exact(R)) {
+        let mut acc = [0f32; R];
+        for (&a, row) in x.iter().zip(&m) {
+            for (s, &b) in acc.iter_mut().zip(row) {
+                *s += a * b; // two roundings: Rust never fuses these
+            }
+        }
+        out.copy_from_slice(&acc);
+    }
 }
 
 /// With the FMA instruction: `mul_add` is otherwise a call into a software fma, whose slow path
