@@ -285,6 +285,34 @@ fn block_for_a_layer_the_base_lacks() {
 }
 
 #[test]
+fn conv1d_layers_of_gpt2_are_refused() {
+    // GPT-2 stores c_attn/c_fc/c_proj as Conv1D, [in_features, out_features]: a square c_proj passes
+    // every shape check, and a block added along out_features would silently land on the wrong axis.
+    let e = Env::new();
+    let base = e.path("gpt2");
+    std::fs::create_dir_all(&base).unwrap();
+    std::fs::write(base.join("config.json"), r#"{"model_type": "gpt2", "n_embd": 8}"#).unwrap();
+    let w = f32_tensor(vec![8, 8], &[0.5; 64]);
+    save(&base.join("model.safetensors"), &[("h.0.attn.c_proj.weight".to_string(), w)].into_iter().collect());
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    let cfg = a.join("adapter_config.json");
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("\"r\": 8", "\"r\": 4")).unwrap();
+    let block = f32_tensor(vec![4, 8], &[0.01; 32]);
+    let key = "base_model.model.h.0.attn.c_proj.bone_block".to_string();
+    save(&a.join("adapter_model.safetensors"), &[(key, block)].into_iter().collect());
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base), s(&a), s(&out)),
+        Some(&out),
+        &[&a, &base],
+        &["h.0.attn.c_proj.weight", "Conv1D", "gpt2", "nn.Linear"],
+    );
+    // the same tensor in a model whose layers are Linear merges
+    std::fs::write(base.join("config.json"), r#"{"model_type": "gpt_bigcode", "n_embd": 8}"#).unwrap();
+    ok(&run(&merge_args(s(&base), s(&a), s(&out))));
+}
+
+#[test]
 fn missing_shard_named_in_the_index() {
     let e = Env::new();
     let b = e.copy("bases/llama-bf16-sharded", "base");

@@ -205,6 +205,12 @@ impl Adapter {
         if w.shape.len() != 2 {
             return Err(format!("base tensor {target:?} has shape {:?}, expected a Linear weight [out, in]", w.shape));
         }
+        if let Some(model_type) = conv1d_model(base, &target) {
+            return Err(format!(
+                "{target:?} is a Conv1D weight of a {model_type} model, stored [in_features, out_features]: Bone and MiSS \
+                 apply to nn.Linear layers only (PEFT refuses to put them on Conv1D too), so this adapter was not made for this base"
+            ));
+        }
         let (o, i) = (w.shape[0], w.shape[1]);
         let s = &b.entry.shape;
         let r = c.r;
@@ -265,6 +271,18 @@ impl Adapter {
     pub fn num_parameters(&self) -> usize {
         self.blocks.iter().map(|b| b.entry.numel()).sum()
     }
+}
+
+/// The model types whose transformers classes use GPT-2's `Conv1D` (a weight stored [in, out]) for
+/// these layers: a block there would be added along the wrong axis (silently, where in = out).
+const CONV1D_MODELS: [&str; 5] = ["gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"];
+const CONV1D_LAYERS: [&str; 4] = ["c_attn", "c_fc", "c_proj", "q_attn"];
+
+/// The base's model_type when `target` is one of its Conv1D weights.
+fn conv1d_model<'a>(base: &'a Model, target: &str) -> Option<&'a str> {
+    let model_type = base.config.as_ref()?.get("model_type")?.as_str()?;
+    let layer = target.strip_suffix(".weight")?.rsplit('.').next()?;
+    (CONV1D_MODELS.contains(&model_type) && CONV1D_LAYERS.contains(&layer)).then_some(model_type)
 }
 
 /// Explain a key whose base tensor does not exist, suggesting a prefix when one would fix it.
