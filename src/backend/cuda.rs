@@ -255,11 +255,16 @@ extern "C" __global__ void periodic_fused_x4(const unsigned char* in, unsigned c
 // gives the same bytes where ops::gemm_is_in_order): for every strip s of r rows, out_s[I, r] =
 // x_s[I, r] · m_s[r, r] (row-major), every element from +0 over k in order; from r = 8
 // (ops::FUSED_FROM_R) one fused multiply-add per product, below it each product rounded and then
-// added (__fmul_rn and __fadd_rn, which the compiler never fuses). As
+// added (__fmul_rn and __fadd_rn, which the compiler never fuses); from r = 385 to 768 in two halves
+// added at the end (ops::split_sums_at). As
 // elements of the [rows, cols] matrix: out[o, c] = sum over k of x[o, c - c mod r + k] · m_s[k, c mod r],
 // s = o / r. A thread computes V consecutive columns of one r-chunk of a row: with V = 4 (r a
 // multiple of 4) the chunk and the blocks' rows are read 16 bytes at a time.
 template <u32 V> struct alignas(4 * V) Floats { float v[V]; };
+
+// Where torch sums in two halves (ops::split_sums_at: r from 385 to 768), the first half's length;
+// else r. The host launches V = 4 only where this is a multiple of 4.
+__device__ __forceinline__ int strip_split(int r) { return r > 384 && r <= 768 ? (r + 1) / 2 : r; }
 
 template <u32 V>
 __device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r) {
@@ -267,9 +272,14 @@ __device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const 
         const float* xs = x + (k - j);
         const float* ms = m + (u64)((u32)o / (u32)r) * r * r + j; // rows < 2^31 (the host checks)
         const bool fused = r >= 8;
+        const int h = strip_split(r);
         float acc[V];
         for (u32 t = 0; t < V; t++) acc[t] = 0.0f;
         for (int q = 0; q < r; q += V) {
+            if (q == h) { // the second half starts from +0; the first's sum waits in out (no registers)
+                for (u32 t = 0; t < V; t++) out[k + t] = acc[t];
+                for (u32 t = 0; t < V; t++) acc[t] = 0.0f;
+            }
             ASSUME_ALIGNED(xs + q, 4 * V);
             const Floats<V> xv = *(const Floats<V>*)(xs + q);
             for (u32 u = 0; u < V; u++) {
@@ -279,12 +289,15 @@ __device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const 
                     acc[t] = fused ? fmaf(xv.v[u], b.v[t], acc[t]) : __fadd_rn(acc[t], __fmul_rn(xv.v[u], b.v[t]));
             }
         }
+        if (h < r)
+            for (u32 t = 0; t < V; t++) acc[t] = __fadd_rn(out[k + t], acc[t]);
         for (u32 t = 0; t < V; t++) out[k + t] = acc[t];
     });
 }
 
-// vec: 4 when r is a multiple of 4 (then so are the columns), else 1. x and out are different
-// buffers (W and Tmp), read and written only here: read-only loads.
+// vec: 4 when r (then so are the columns) and strip_split(r) are multiples of 4, else 1. x and out
+// are different buffers (W and Tmp): x only read (read-only loads), out written (and read back by the
+// same thread where the sum splits).
 extern "C" __global__ void strip_gemm(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r, int vec) {
     if (vec == 4) strip_gemm_v<4>(m, x, out, rows, cols, r);
     else strip_gemm_v<1>(m, x, out, rows, cols, r);
@@ -1233,7 +1246,9 @@ pub(crate) fn bat_merge_post_launch(
 /// strips, the result): a thread per group of `vec` columns (4 with 16-byte loads when r is a
 /// multiple of 4, else 1), and its arguments.
 pub(crate) fn strip_gemm_launch(rows: usize, i: usize, r: usize, [m, x, out]: [Arg; 3]) -> (LaunchConfig, [Arg; 7]) {
-    let v = if r % 4 == 0 { 4 } else { 1 };
+    // 16-byte loads where r, and the first half of a split sum, are multiples of 4
+    let split = crate::ops::split_sums_at(r).unwrap_or(r);
+    let v = if r % 4 == 0 && split % 4 == 0 { 4 } else { 1 };
     let args = [m, x, out, Arg::U64(rows as u64), Arg::U64(i as u64), Arg::I32(r as i32), Arg::I32(v as i32)];
     (grid_2d(rows, i / v), args)
 }

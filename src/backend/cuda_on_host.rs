@@ -510,6 +510,29 @@ fn the_in_order_gemm_sums_zero_products_to_plus_zero_as_the_cpu_does() {
 }
 
 #[test]
+fn the_in_order_gemm_sums_in_two_halves_where_torch_does() {
+    // r = 392: 16-byte loads, halves of 196; r = 388: halves of 194, a column a thread; r = 384:
+    // one sum. The CPU's in-order sum splits at ops::split_sums_at (pinned against torch there).
+    let Some(launch) = launcher() else { return };
+    for r in [392, 388, 384] {
+        assert_eq!(ops::split_sums_at(r).is_some(), r != 384);
+        let (rows, i) = (r, r);
+        let n = rows * i;
+        let chain = [Prepared::BatMerge { b: vec![], r, rounding: Rounding::peft(Float::F32) }];
+        let mut x = HostExec::new(launch, &vec![0u8; n * 4], &chain, n, false);
+        let (w, m) = (values(n, 1.0, 11), values(r * r, 0.1, 12));
+        x.mem[2].words[..n].iter_mut().zip(&w).for_each(|(word, v)| *word = v.to_bits());
+        let blocks = x.upload(&m).unwrap();
+        cuda::program_strips(&mut x, StripGemm::InOrder, blocks, Mem::W, Mem::Tmp, rows, i, r).unwrap();
+        let mut cpu = vec![0f32; n];
+        ops::gemm_in_order(&mut cpu, &w, &m, i, r);
+        let gpu = x.mem[3].f32s();
+        let differ = gpu.iter().zip(&cpu).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(differ, 0, "r = {r}: {differ} of {n} values differ from the CPU's");
+    }
+}
+
+#[test]
 fn the_one_pass_add_covers_rows_beyond_the_grids_65535() {
     let Some(launch) = launcher() else { return };
     let (o, i, r) = (70_000, 3, 2);

@@ -353,11 +353,19 @@ fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
 /// r×r tiles with torch's batched matmul; on the CPU, torch (2.15) computes an r×r·r×r product
 /// with fewer than 400 multiply-adds (r ≤ 7) in a plain loop: every product rounded to f32 and then
 /// added, k in order from +0. From r = 8 it calls oneDNN, which sums k in order with one fused
-/// multiply-add (one rounding) per product, up to r = 384 (beyond, it sums k in blocks, which
-/// bone-tool does not copy). Measured on every value of random products for r from 1 to 1024, and
-/// pinned by the test below. `scripts/peft-sweep.sh` found the difference as a bf16 BAT merge one
+/// multiply-add (one rounding) per product, up to r = 384; from 385 to 768 in two halves
+/// ([`split_sums_at`]); beyond, in blocks that bone-tool does not copy (it sums in order there). Measured on every value of
+/// random products for r from 1 to 1024, and pinned by the tests below. `scripts/peft-sweep.sh` found the difference as a bf16 BAT merge one
 /// ulp off PEFT at r = 3, where the two ways of summing put a delta on either side of a rounding tie.
 pub const FUSED_FROM_R: usize = 8;
+
+/// Where torch (oneDNN) sums an r×r·r×r product in two halves: for r from 385 to 768 it sums the
+/// first ceil(r/2) products in order from +0, then the rest likewise, and adds the two sums. The
+/// length of the first half, for those r. (Measured on every value of r = 385, 392, 400, 448, 512,
+/// 640 and 768, on PEFT's tile layout too; at 800 and 1024 torch blocks otherwise, unknown here.)
+pub fn split_sums_at(r: usize) -> Option<usize> {
+    (r > 384 && r <= 768).then(|| r.div_ceil(2))
+}
 
 /// `dst[I, r] = lhs[I, r] · rhs[r, r]`, all row-major, single-threaded (callers parallelise).
 /// Below [`FUSED_FROM_R`], [`gemm_in_order`]; from it, faer's GEMM, which gives exactly
@@ -368,10 +376,19 @@ fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
     if r < FUSED_FROM_R {
         return gemm_in_order(dst, lhs, rhs, i, r);
     }
-    let dst = MatMut::from_row_major_slice_mut(dst, i, r);
     let lhs = MatRef::from_row_major_slice(lhs, i, r);
     let rhs = MatRef::from_row_major_slice(rhs, r, r);
-    matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
+    if let Some(h) = split_sums_at(r) {
+        // each half summed from +0 on its own, then the two sums added, as torch does
+        let mut rest = vec![0f32; i * r];
+        let (first, second) =
+            (MatMut::from_row_major_slice_mut(dst, i, r), MatMut::from_row_major_slice_mut(&mut rest, i, r));
+        matmul(first, Accum::Replace, lhs.subcols(0, h), rhs.subrows(0, h), 1.0f32, Par::Seq);
+        matmul(second, Accum::Replace, lhs.subcols(h, r - h), rhs.subrows(h, r - h), 1.0f32, Par::Seq);
+        dst.iter_mut().zip(&rest).for_each(|(d, x)| *d = plus_zero(*d) + plus_zero(*x));
+        return;
+    }
+    matmul(MatMut::from_row_major_slice_mut(dst, i, r), Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
 }
 
 /// `x + 0`: -0 becomes +0, every other value stays (no compiler may drop this addition). What a sum
@@ -383,7 +400,7 @@ fn plus_zero(x: f32) -> f32 {
 
 /// [`gemm`] summed the way PEFT's torch and the GPU's `strip_gemm` kernel sum: every element from +0
 /// over k in order; from r = [`FUSED_FROM_R`] one fused multiply-add (one rounding) per product,
-/// below it each product rounded and then added.
+/// below it each product rounded and then added; where [`split_sums_at`], in two halves.
 pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
     assert!(dst.len() == i * r && lhs.len() == i * r && rhs.len() == r * r);
     if r < FUSED_FROM_R {
@@ -399,13 +416,25 @@ pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usi
         }
         return;
     }
+    if let Some(h) = split_sums_at(r) {
+        let mut rest = vec![0f32; i * r];
+        in_order_fused(dst, lhs, rhs, r, 0..h);
+        in_order_fused(&mut rest, lhs, rhs, r, h..r);
+        dst.iter_mut().zip(&rest).for_each(|(d, x)| *d += x);
+        return;
+    }
+    in_order_fused(dst, lhs, rhs, r, 0..r);
+}
+
+/// `dst` = the sums over k in `ks` (in order, from +0, fused) of [`gemm_in_order`]'s products.
+fn in_order_fused(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, ks: std::ops::Range<usize>) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the processor has FMA, checked just above.
-        unsafe { gemm_in_order_fma(dst, lhs, rhs, r) };
+        unsafe { gemm_in_order_fma(dst, lhs, rhs, r, ks) };
         return;
     }
-    gemm_in_order_body(dst, lhs, rhs, r);
+    gemm_in_order_body(dst, lhs, rhs, r, ks);
 }
 
 /// [`gemm_in_order`] below [`FUSED_FROM_R`], for blocks of `R`: each product rounded, then added.
@@ -426,16 +455,16 @@ fn gemm_unfused<const R: usize>(dst: &mut [f32], lhs: &[f32], rhs: &[f32]) {
 /// (taken for some values) costs 50 times more.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
-unsafe fn gemm_in_order_fma(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize) {
-    gemm_in_order_body(dst, lhs, rhs, r);
+unsafe fn gemm_in_order_fma(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, ks: std::ops::Range<usize>) {
+    gemm_in_order_body(dst, lhs, rhs, r, ks);
 }
 
 #[inline(always)]
-fn gemm_in_order_body(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize) {
+fn gemm_in_order_body(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, ks: std::ops::Range<usize>) {
     for (out, x) in dst.chunks_exact_mut(r).zip(lhs.chunks_exact(r)) {
         out.fill(0.0);
         // k outermost, each element's k still in order: rhs is read row by row
-        for (&a, row) in x.iter().zip(rhs.chunks_exact(r)) {
+        for (&a, row) in x[ks.clone()].iter().zip(rhs.chunks_exact(r).skip(ks.start)) {
             for (o, &b) in out.iter_mut().zip(row) {
                 *o = a.mul_add(b, *o);
             }
@@ -734,8 +763,20 @@ mod tests {
                 false
             }
         };
-        for (i, r) in [(1, 1), (3, 1), (5, 3), (40, 8), (7, 7), (64, 16), (11008, 64), (300, 96), (512, 128), (32, 256)]
-        {
+        for (i, r) in [
+            (1, 1),
+            (3, 1),
+            (5, 3),
+            (40, 8),
+            (7, 7),
+            (64, 16),
+            (11008, 64),
+            (300, 96),
+            (512, 128),
+            (32, 256),
+            (9, 392),
+            (4, 512),
+        ] {
             let mut lhs = g.vec(i * r, 1.0);
             let rhs = g.vec(r * r, 0.2);
             // signed zeros: a row of -0 (-0 or +0 products by rhs's signs), and scattered +0
@@ -784,6 +825,27 @@ mod tests {
             let mut merged = w.clone();
             bat_merge(&mut merged, r, r, &b, r, Rounding::peft(Float::F32));
             assert_eq!(merged[0], 1.0 + (expect - 1.0), "r = {r}");
+        }
+    }
+
+    #[test]
+    fn products_are_summed_in_two_halves_from_r_385_to_768_as_in_torch() {
+        // Row 0 of W has 1 at k = 0, h and h + 1; column 0 of B_0 has 1 at k = 0 and 2^-24 at h and
+        // h + 1. In order, 1 + 2^-24 rounds back to 1 (a tie, to even) twice: 1. In two halves from
+        // k = h, the small products sum to 2^-23 first: 1 + 2^-23. torch 2.15 on these exact tiles
+        // (PEFT's `o @ B`) gives 1 at r = 384 (h = 1) and 1 + 2^-23 at r = 386, 392, 512 and 768.
+        for (r, split) in [(384, false), (386, true), (392, true), (512, true), (768, true)] {
+            let h = split_sums_at(r).unwrap_or(1);
+            assert_eq!(h == r.div_ceil(2), split, "r = {r}");
+            let mut w = vec![0f32; r * r];
+            (w[0], w[h], w[h + 1]) = (1.0, 1.0, 1.0);
+            let mut b = vec![0f32; r * r];
+            (b[0], b[h * r], b[(h + 1) * r]) = (1.0, 2f32.powi(-24), 2f32.powi(-24));
+            let expect = if split { 1.0 + 2f32.powi(-23) } else { 1.0 };
+            let (mut cpu, mut in_order) = (vec![0f32; r * r], vec![0f32; r * r]);
+            gemm(&mut cpu, &w, &b, r, r);
+            gemm_in_order(&mut in_order, &w, &b, r, r);
+            assert_eq!((cpu[0], in_order[0]), (expect, expect), "r = {r}");
         }
     }
 
