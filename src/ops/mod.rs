@@ -378,17 +378,20 @@ fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
     }
     let lhs = MatRef::from_row_major_slice(lhs, i, r);
     let rhs = MatRef::from_row_major_slice(rhs, r, r);
-    if let Some(h) = split_sums_at(r) {
-        // each half summed from +0 on its own, then the two sums added, as torch does
-        let mut rest = vec![0f32; i * r];
-        let (first, second) =
-            (MatMut::from_row_major_slice_mut(dst, i, r), MatMut::from_row_major_slice_mut(&mut rest, i, r));
-        matmul(first, Accum::Replace, lhs.subcols(0, h), rhs.subrows(0, h), 1.0f32, Par::Seq);
-        matmul(second, Accum::Replace, lhs.subcols(h, r - h), rhs.subrows(h, r - h), 1.0f32, Par::Seq);
-        dst.iter_mut().zip(&rest).for_each(|(d, x)| *d = plus_zero(*d) + plus_zero(*x));
-        return;
-    }
-    matmul(MatMut::from_row_major_slice_mut(dst, i, r), Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
+    sum_as_torch(dst, i, r, |dst, ks| {
+        let (lhs, rhs) = (lhs.subcols(ks.start, ks.len()), rhs.subrows(ks.start, ks.len()));
+        matmul(MatMut::from_row_major_slice_mut(dst, i, r), Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
+    });
+}
+
+/// `sum(dst, ks)` writes into `dst` ([I, r]) every element's sum over k in `ks`: over all of k, or
+/// where [`split_sums_at`], over each half on its own, the two sums then added as torch does.
+fn sum_as_torch(dst: &mut [f32], i: usize, r: usize, mut sum: impl FnMut(&mut [f32], std::ops::Range<usize>)) {
+    let Some(h) = split_sums_at(r) else { return sum(dst, 0..r) };
+    let mut rest = vec![0f32; i * r];
+    sum(dst, 0..h);
+    sum(&mut rest, h..r);
+    dst.iter_mut().zip(&rest).for_each(|(d, x)| *d += x);
 }
 
 /// `x + 0`: -0 becomes +0, every other value stays (no compiler may drop this addition). What a sum
@@ -416,14 +419,7 @@ pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usi
         }
         return;
     }
-    if let Some(h) = split_sums_at(r) {
-        let mut rest = vec![0f32; i * r];
-        in_order_fused(dst, lhs, rhs, r, 0..h);
-        in_order_fused(&mut rest, lhs, rhs, r, h..r);
-        dst.iter_mut().zip(&rest).for_each(|(d, x)| *d += x);
-        return;
-    }
-    in_order_fused(dst, lhs, rhs, r, 0..r);
+    sum_as_torch(dst, i, r, |dst, ks| in_order_fused(dst, lhs, rhs, r, ks));
 }
 
 /// `dst` = the sums over k in `ks` (in order, from +0, fused) of [`gemm_in_order`]'s products.
