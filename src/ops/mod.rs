@@ -470,8 +470,9 @@ fn gemm_in_order_body(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, ks: s
 
 /// Whether [`gemm`] gives exactly [`gemm_in_order`]'s bytes (once -0 is made +0) for blocks of `r`
 /// on this machine: below [`FUSED_FROM_R`] it is that function; from it faer's GEMM does where the
-/// processor has FMA and r is at most 512 (measured on the AVX-512
-/// build machine: faer's kernels sum each element's products in order there; at r = 1024 they sum
+/// processor has FMA and r is at most 768 (measured on the AVX-512
+/// build machine: faer's kernels sum each element's products in order up to 512, and from r = 385
+/// [`gemm`] asks them for two halves of at most 384; at r = 1024 they sum
 /// in blocks of k, and 94% of the values differ in the last bit). Then BAT's bytes are the same on
 /// the CPU and on a GPU, so that the pipeline may compute BAT on the CPU while the GPU starts.
 /// Checked once per r in a process, on 16 rows of random values (a different order changes most
@@ -772,6 +773,8 @@ mod tests {
             (32, 256),
             (9, 392),
             (4, 512),
+            (3, 640),
+            (2, 768),
         ] {
             let mut lhs = g.vec(i * r, 1.0);
             let rhs = g.vec(r * r, 0.2);
