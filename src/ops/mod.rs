@@ -352,14 +352,15 @@ fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
 /// The smallest r for which PEFT's GEMM fuses each product into its sum. PEFT's BAT multiplies the
 /// r×r tiles with torch's batched matmul; on the CPU, torch (2.15) computes an r×r·r×r product
 /// with fewer than 400 multiply-adds (r ≤ 7) in a plain loop: every product rounded to f32 and then
-/// added, k in order from +0. From r = 8 it calls oneDNN, which sums k in order with one fused
+/// added, k in order from +0. From r = 8 it calls Intel MKL (PyPI's x86-64 torch, on an AVX-512
+/// processor; MKL's AVX2 code sums otherwise at r = 8 and from 512, see README), which sums k in order with one fused
 /// multiply-add (one rounding) per product, up to r = 384; from 385 to 768 in two halves
 /// ([`split_sums_at`]); beyond, in blocks that bone-tool does not copy (it sums in order there). Measured on every value of
 /// random products for r from 1 to 1024, and pinned by the tests below. `scripts/peft-sweep.sh` found the difference as a bf16 BAT merge one
 /// ulp off PEFT at r = 3, where the two ways of summing put a delta on either side of a rounding tie.
 pub const FUSED_FROM_R: usize = 8;
 
-/// Where torch (oneDNN) sums an r×r·r×r product in two halves: for r from 385 to 768 it sums the
+/// Where torch (MKL) sums an r×r·r×r product in two halves: for r from 385 to 768 it sums the
 /// first ceil(r/2) products in order from +0, then the rest likewise, and adds the two sums. The
 /// length of the first half, for those r. (Measured on every value of r = 385, 392, 400, 448, 512,
 /// 640 and 768, on PEFT's tile layout too; at 800 and 1024 torch blocks otherwise, unknown here.)
