@@ -5,6 +5,7 @@
 # fixtures/.venv on first use (~6 GB, a few minutes), writes only to temporary folders, and keeps
 # the folder of a failing trial for a look. Exits 1 if any trial failed.
 #   scripts/peft-sweep.sh [TRIALS] [SEED] [FIRST]   (FIRST: the first trial's number, to rerun one)
+# SWEEP_HUGE=1 makes every model huge (one layer, hidden 392-1024: BAT's r beyond 384).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cargo build --release --quiet --manifest-path "$root/Cargo.toml"

@@ -261,7 +261,7 @@ pub struct ApplyOptions {
 
     /// Where the math runs: `auto` uses an NVIDIA GPU when one is usable (built with the `cuda`
     /// feature, driver and NVRTC present, and it gives the CPU's bytes on a self-check), else the
-    /// CPU. Both give the same bytes (BAT with r above 768: within one unit). A GPU starts beside
+    /// CPU. Both give the same bytes (BAT: on a processor with FMA). A GPU starts beside
     /// the work (0.4-0.7 s), while the CPU computes the first pieces
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,

@@ -255,31 +255,23 @@ extern "C" __global__ void periodic_fused_x4(const unsigned char* in, unsigned c
 // gives the same bytes where ops::gemm_is_in_order): for every strip s of r rows, out_s[I, r] =
 // x_s[I, r] · m_s[r, r] (row-major), every element from +0 over k in order; from r = 8
 // (ops::FUSED_FROM_R) one fused multiply-add per product, below it each product rounded and then
-// added (__fmul_rn and __fadd_rn, which the compiler never fuses); from r = 385 to 768 in two halves
-// added at the end (ops::split_sums_at). As
+// added (__fmul_rn and __fadd_rn, which the compiler never fuses). From r = 385 torch cuts k into
+// blocks (ops::sum_block), sums each from +0 and adds the sums in order: the host launches the
+// kernel once a block, k from k0 to k1, the first storing its sums (add = 0) and each later one
+// adding them to out (add = 1), in stream order. As
 // elements of the [rows, cols] matrix: out[o, c] = sum over k of x[o, c - c mod r + k] · m_s[k, c mod r],
-// s = o / r. A thread computes V consecutive columns of one r-chunk of a row: with V = 4 (r a
-// multiple of 4) the chunk and the blocks' rows are read 16 bytes at a time.
+// s = o / r. A thread computes V consecutive columns of one r-chunk of a row: with V = 4 (r and k0 multiples of 4) the chunk and the blocks' rows are read 16 bytes at a time.
 template <u32 V> struct alignas(4 * V) Floats { float v[V]; };
 
-// Where torch sums in two halves (ops::split_sums_at: r from 385 to 768), the first half's length;
-// else r. The host launches V = 4 only where this is a multiple of 4.
-__device__ __forceinline__ int strip_split(int r) { return r > 384 && r <= 768 ? (r + 1) / 2 : r; }
-
 template <u32 V>
-__device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r) {
+__device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r, int k0, int k1, int add) {
     each_group(rows, cols, r, V, [&](u64 o, u64 k, u32 j) {
         const float* xs = x + (k - j);
         const float* ms = m + (u64)((u32)o / (u32)r) * r * r + j; // rows < 2^31 (the host checks)
         const bool fused = r >= 8;
-        const int h = strip_split(r);
         float acc[V];
         for (u32 t = 0; t < V; t++) acc[t] = 0.0f;
-        for (int q = 0; q < r; q += V) {
-            if (q == h) { // the second half starts from +0; the first's sum waits in out (no registers)
-                for (u32 t = 0; t < V; t++) out[k + t] = acc[t];
-                for (u32 t = 0; t < V; t++) acc[t] = 0.0f;
-            }
+        for (int q = k0; q < k1; q += V) {
             ASSUME_ALIGNED(xs + q, 4 * V);
             const Floats<V> xv = *(const Floats<V>*)(xs + q);
             for (u32 u = 0; u < V; u++) {
@@ -289,18 +281,16 @@ __device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const 
                     acc[t] = fused ? fmaf(xv.v[u], b.v[t], acc[t]) : __fadd_rn(acc[t], __fmul_rn(xv.v[u], b.v[t]));
             }
         }
-        if (h < r)
-            for (u32 t = 0; t < V; t++) acc[t] = __fadd_rn(out[k + t], acc[t]);
-        for (u32 t = 0; t < V; t++) out[k + t] = acc[t];
+        for (u32 t = 0; t < V; t++) out[k + t] = add ? __fadd_rn(out[k + t], acc[t]) : acc[t];
     });
 }
 
-// vec: 4 when r (then so are the columns) and strip_split(r) are multiples of 4, else 1. x and out
-// are different buffers (W and Tmp): x only read (read-only loads), out written (and read back by the
-// same thread where the sum splits).
-extern "C" __global__ void strip_gemm(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r, int vec) {
-    if (vec == 4) strip_gemm_v<4>(m, x, out, rows, cols, r);
-    else strip_gemm_v<1>(m, x, out, rows, cols, r);
+// vec: 4 when r (then so are the columns) and k0 and k1 are multiples of 4, else 1. x and out
+// are different buffers (W and Tmp): x only read (read-only loads), out written (and read back by
+// the same thread where add).
+extern "C" __global__ void strip_gemm(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r, int vec, int k0, int k1, int add) {
+    if (vec == 4) strip_gemm_v<4>(m, x, out, rows, cols, r, k0, k1, add);
+    else strip_gemm_v<1>(m, x, out, rows, cols, r, k0, k1, add);
 }
 
 extern "C" __global__ void round_all(float* w, u64 n, int dt) {
@@ -926,9 +916,11 @@ impl Cuda {
         let default_gemm = timed("gemm", 5, &mut || gemm(&default_blas))?;
         let in_order =
             |m: &CudaSlice<f32>, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize, r: usize| {
-                let (cfg, args) = strip_gemm_launch(rows, cols, r, [addr(m, s), addr(x, s), addr(out, s)]);
-                // SAFETY: m holds the blocks, x and out the strips, of a [rows, cols] weight.
-                unsafe { launch_kernel(s, &g.k, Kernel::StripGemm, cfg, &args) }
+                for (cfg, args) in strip_gemm_launches(rows, cols, r, [addr(m, s), addr(x, s), addr(out, s)]) {
+                    // SAFETY: m holds the blocks, x and out the strips, of a [rows, cols] weight.
+                    unsafe { launch_kernel(s, &g.k, Kernel::StripGemm, cfg, &args) }?;
+                }
+                Ok(())
             };
         let in_order_gemm = timed("strip_gemm", 5, &mut || in_order(&blocks, &w, &mut out, rows, cols, r))?;
         // Bit for bit against the CPU's in-order sum (which faer's GEMM equals where
@@ -1210,8 +1202,10 @@ pub(crate) fn program_strips(
     match gemm {
         StripGemm::Cublas => x.gemm(&strip_gemm_config(rows, i, r), m, from, to),
         StripGemm::InOrder => {
-            let (config, args) = strip_gemm_launch(rows, i, r, [Arg::Mem(m), Arg::Mem(from), Arg::Mem(to)]);
-            x.launch(Kernel::StripGemm, config, &args)
+            for (config, args) in strip_gemm_launches(rows, i, r, [Arg::Mem(m), Arg::Mem(from), Arg::Mem(to)]) {
+                x.launch(Kernel::StripGemm, config, &args)?;
+            }
+            Ok(())
         }
     }
 }
@@ -1243,14 +1237,33 @@ pub(crate) fn bat_merge_post_launch(
 }
 
 /// How `strip_gemm` is launched for a [rows, i] weight with blocks of r (`bufs`: the blocks, the
-/// strips, the result): a thread per group of `vec` columns (4 with 16-byte loads when r is a
-/// multiple of 4, else 1), and its arguments.
-pub(crate) fn strip_gemm_launch(rows: usize, i: usize, r: usize, [m, x, out]: [Arg; 3]) -> (LaunchConfig, [Arg; 7]) {
-    // 16-byte loads where r, and the first half of a split sum, are multiples of 4
-    let split = crate::ops::split_sums_at(r).unwrap_or(r);
-    let v = if r % 4 == 0 && split % 4 == 0 { 4 } else { 1 };
-    let args = [m, x, out, Arg::U64(rows as u64), Arg::U64(i as u64), Arg::I32(r as i32), Arg::I32(v as i32)];
-    (grid_2d(rows, i / v), args)
+/// strips, the result): once for each of torch's blocks of k ([`crate::ops::sum_block`]; one
+/// launch up to r = 384), in order on one stream, a thread per group of `vec` columns (4 with
+/// 16-byte loads when r and the blocks' length are multiples of 4, else 1), and their arguments.
+pub(crate) fn strip_gemm_launches(
+    rows: usize,
+    i: usize,
+    r: usize,
+    [m, x, out]: [Arg; 3],
+) -> impl Iterator<Item = (LaunchConfig, [Arg; 10])> {
+    let block = crate::ops::sum_block(r);
+    let v = if r % 4 == 0 && block % 4 == 0 { 4 } else { 1 };
+    (0..r).step_by(block).map(move |k0| {
+        let k1 = (k0 + block).min(r);
+        let args = [
+            m,
+            x,
+            out,
+            Arg::U64(rows as u64),
+            Arg::U64(i as u64),
+            Arg::I32(r as i32),
+            Arg::I32(v as i32),
+            Arg::I32(k0 as i32),
+            Arg::I32(k1 as i32),
+            Arg::I32((k0 > 0).into()),
+        ];
+        (grid_2d(rows, i / v), args)
+    })
 }
 
 /// [`program`] on a CUDA stream: every buffer of a piece is used on that stream only, in order.

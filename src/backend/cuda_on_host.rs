@@ -28,6 +28,7 @@ const SHIM: &str = r#"
 #define __global__ __attribute__((visibility("hidden")))
 #define __device__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 struct Dim3 { unsigned x, y, z; };
 static thread_local Dim3 blockIdx, threadIdx, blockDim, gridDim;
 static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
@@ -510,12 +511,13 @@ fn the_in_order_gemm_sums_zero_products_to_plus_zero_as_the_cpu_does() {
 }
 
 #[test]
-fn the_in_order_gemm_sums_in_two_halves_where_torch_does() {
+fn the_in_order_gemm_sums_in_torchs_blocks() {
     // r = 392: 16-byte loads, halves of 196; r = 388: halves of 194, a column a thread; r = 384:
-    // one sum. The CPU's in-order sum splits at ops::split_sums_at (pinned against torch there).
+    // one sum; r = 776: blocks of 384, 384 and 8 (16-byte loads); r = 778: 384, 384 and 10 (a
+    // column a thread). The CPU's in-order sum cuts at ops::sum_block (pinned against torch there).
     let Some(launch) = launcher() else { return };
-    for r in [392, 388, 384] {
-        assert_eq!(ops::split_sums_at(r).is_some(), r != 384);
+    for r in [392, 388, 384, 776, 778] {
+        assert_eq!(ops::sum_block(r) < r, r != 384);
         let (rows, i) = (r, r);
         let n = rows * i;
         let chain = [Prepared::BatMerge { b: vec![], r, rounding: Rounding::peft(Float::F32) }];

@@ -174,7 +174,7 @@ pub fn has_gemm(chain: &[Prepared]) -> bool {
 /// the same order on both: the GPU's `strip_gemm` kernel sums each element's products in order
 /// (one fused multiply-add each from r = 8, as PEFT's torch does; a rounded product and a rounded
 /// add below), and so does the CPU's GEMM where [`ops::gemm_is_in_order`] finds it for that r
-/// (always below r = 8, where it is the in-order loop; faer up to r = 768 on processors with FMA, from 385 as two halves of at most 384); with
+/// (always below r = 8, where it is the in-order loop; faer on processors with FMA, from r = 385 in torch's blocks of at most 384); with
 /// `BONE_TOOL_GEMM=cublas`, cuBLAS sums in its own order. The pipeline computes these chains on
 /// the CPU while a GPU is starting, and the self-check holds a GPU to the CPU's bytes on them.
 pub fn same_bytes_on_every_device(chain: &[Prepared]) -> bool {
@@ -475,13 +475,14 @@ mod tests {
         let unmerge = |r: usize| Prepared::BatUnmerge { b: vec![0.0; r * r], inv: vec![0.0; r * r], r, rounding: rd };
         assert!(same_bytes_on_every_device(&[]));
         assert!(same_bytes_on_every_device(std::slice::from_ref(&add)));
-        // this machine's GEMM sums in order up to r = 768 (see ops' tests); the GPU's kernel always
+        // this machine's GEMM sums in order (see ops' tests); the GPU's kernel always
         assert!(same_bytes_on_every_device(&[add.clone(), bat(2)]));
         assert!(same_bytes_on_every_device(&[bat(64), unmerge(64), add.clone()]));
-        // at r = 1024 faer sums in blocks of k: BAT waits for the GPU, and so does a chain with it
-        assert!(!ops::gemm_is_in_order(1024));
-        assert!(!same_bytes_on_every_device(&[add.clone(), bat(1024)]));
-        assert!(!same_bytes_on_every_device(&[bat(8), unmerge(1024)]));
+        assert!(same_bytes_on_every_device(&[bat(8), unmerge(1024)]));
+        // where it does not (faer without FMA), BAT waits for the GPU, and so does a chain with it
+        for r in [8, 64, 1024] {
+            assert_eq!(same_bytes_on_every_device(&[add.clone(), bat(r)]), ops::gemm_is_in_order(r));
+        }
     }
 
     #[test]

@@ -354,18 +354,24 @@ fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
 /// with fewer than 400 multiply-adds (r ≤ 7) in a plain loop: every product rounded to f32 and then
 /// added, k in order from +0. From r = 8 it calls Intel MKL (PyPI's x86-64 torch, on an AVX-512
 /// processor; MKL's AVX2 code sums otherwise at r = 8 and from 512, see README), which sums k in order with one fused
-/// multiply-add (one rounding) per product, up to r = 384; from 385 to 768 in two halves
-/// ([`split_sums_at`]); beyond, in blocks that bone-tool does not copy (it sums in order there). Measured on every value of
-/// random products for r from 1 to 1024, and pinned by the tests below. `scripts/peft-sweep.sh` found the difference as a bf16 BAT merge one
+/// multiply-add (one rounding) per product, up to r = 384; beyond, in blocks of k
+/// ([`sum_block`]). Measured on every value of
+/// random products for r from 1 to 2048, and pinned by the tests below. `scripts/peft-sweep.sh` found the difference as a bf16 BAT merge one
 /// ulp off PEFT at r = 3, where the two ways of summing put a delta on either side of a rounding tie.
 pub const FUSED_FROM_R: usize = 8;
 
-/// Where torch (MKL) sums an r×r·r×r product in two halves: for r from 385 to 768 it sums the
-/// first ceil(r/2) products in order from +0, then the rest likewise, and adds the two sums. The
-/// length of the first half, for those r. (Measured on every value of r = 385, 392, 400, 448, 512,
-/// 640 and 768, on PEFT's tile layout too; at 800 and 1024 torch blocks otherwise, unknown here.)
-pub fn split_sums_at(r: usize) -> Option<usize> {
-    (r > 384 && r <= 768).then(|| r.div_ceil(2))
+/// How torch (MKL) cuts the k of an r×r·r×r product: into blocks of this length from k = 0 (the
+/// last one shorter), each summed in order from +0, and the block sums added in order,
+/// `((s₀ + s₁) + s₂) + …`. Up to r = 384 one block (r); from 385 to 768 two halves (ceil(r/2));
+/// beyond, blocks of 384. (Measured on every value of r = 385, 392, 400, 448, 512, 640, 768, 769,
+/// 776, 800, 832, 896, 960, 1024, 1152, 1200, 1536, 1544 and 2048, on PEFT's tile layout, and on
+/// the exact tiles of the tests below.)
+pub fn sum_block(r: usize) -> usize {
+    match r {
+        0..=384 => r,
+        385..=768 => r.div_ceil(2),
+        _ => 384,
+    }
 }
 
 /// `dst[I, r] = lhs[I, r] · rhs[r, r]`, all row-major, single-threaded (callers parallelise).
@@ -386,13 +392,18 @@ fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
 }
 
 /// `sum(dst, ks)` writes into `dst` ([I, r]) every element's sum over k in `ks`: over all of k, or
-/// where [`split_sums_at`], over each half on its own, the two sums then added as torch does.
+/// over each block of [`sum_block`] on its own, the block sums then added in order as torch does.
 fn sum_as_torch(dst: &mut [f32], i: usize, r: usize, mut sum: impl FnMut(&mut [f32], std::ops::Range<usize>)) {
-    let Some(h) = split_sums_at(r) else { return sum(dst, 0..r) };
-    let mut rest = vec![0f32; i * r];
-    sum(dst, 0..h);
-    sum(&mut rest, h..r);
-    dst.iter_mut().zip(&rest).for_each(|(d, x)| *d += x);
+    let b = sum_block(r);
+    sum(dst, 0..b);
+    if b == r {
+        return;
+    }
+    let mut part = vec![0f32; i * r];
+    for start in (b..r).step_by(b) {
+        sum(&mut part, start..(start + b).min(r));
+        dst.iter_mut().zip(&part).for_each(|(d, x)| *d += x);
+    }
 }
 
 /// `x + 0`: -0 becomes +0, every other value stays (no compiler may drop this addition). What a sum
@@ -404,7 +415,7 @@ fn plus_zero(x: f32) -> f32 {
 
 /// [`gemm`] summed the way PEFT's torch and the GPU's `strip_gemm` kernel sum: every element from +0
 /// over k in order; from r = [`FUSED_FROM_R`] one fused multiply-add (one rounding) per product,
-/// below it each product rounded and then added; where [`split_sums_at`], in two halves.
+/// below it each product rounded and then added; in the blocks of [`sum_block`].
 pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
     assert!(dst.len() == i * r && lhs.len() == i * r && rhs.len() == r * r);
     if r < FUSED_FROM_R {
@@ -471,10 +482,10 @@ fn gemm_in_order_body(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, ks: s
 
 /// Whether [`gemm`] gives exactly [`gemm_in_order`]'s bytes (once -0 is made +0) for blocks of `r`
 /// on this machine: below [`FUSED_FROM_R`] it is that function; from it faer's GEMM does where the
-/// processor has FMA and r is at most 768 (measured on the AVX-512
-/// build machine: faer's kernels sum each element's products in order up to 512, and from r = 385
-/// [`gemm`] asks them for two halves of at most 384; at r = 1024 they sum
-/// in blocks of k, and 94% of the values differ in the last bit). Then BAT's bytes are the same on
+/// processor has FMA (measured on the AVX-512 build machine: faer's kernels sum each element's
+/// products in order up to k = 512, and from r = 385 [`gemm`] asks them for blocks of k of at most
+/// 384; at k = 1024 they sum in blocks of their own, where 94% of the values differ in the last
+/// bit, so that a change of [`sum_block`] could make this false). Then BAT's bytes are the same on
 /// the CPU and on a GPU, so that the pipeline may compute BAT on the CPU while the GPU starts.
 /// Checked once per r in a process, on 16 rows of random values (a different order changes most
 /// of them): r = 64 takes well under a millisecond, r = 512 about 10 ms.
@@ -749,7 +760,7 @@ mod tests {
     fn the_cpu_gemm_sums_each_element_in_order_with_one_rounding_a_product() {
         // What lets a GPU give the CPU's BAT bytes (see gemm_is_in_order): faer's products summed
         // in order by fused multiply-adds, on this machine's shapes: view rows from 1 to a 7b
-        // weight's 11008, r from 1 to 256, signed zeros included.
+        // weight's 11008, r from 1 to 1200 (from 385 in torch's blocks), signed zeros included.
         let mut g = Lcg(5);
         let fma = cfg!(target_arch = "aarch64") || {
             #[cfg(target_arch = "x86_64")]
@@ -776,6 +787,9 @@ mod tests {
             (4, 512),
             (3, 640),
             (2, 768),
+            (2, 800),
+            (1, 1024),
+            (1, 1200),
         ] {
             let mut lhs = g.vec(i * r, 1.0);
             let rhs = g.vec(r * r, 0.2);
@@ -829,24 +843,48 @@ mod tests {
     }
 
     #[test]
-    fn products_are_summed_in_two_halves_from_r_385_to_768_as_in_torch() {
-        // Row 0 of W has 1 at k = 0, h and h + 1; column 0 of B_0 has 1 at k = 0 and 2^-24 at h and
-        // h + 1. In order, 1 + 2^-24 rounds back to 1 (a tie, to even) twice: 1. In two halves from
-        // k = h, the small products sum to 2^-23 first: 1 + 2^-23. torch 2.15 on these exact tiles
-        // (PEFT's `o @ B`) gives 1 at r = 384 (h = 1) and 1 + 2^-23 at r = 386, 392, 512 and 768.
-        for (r, split) in [(384, false), (386, true), (392, true), (512, true), (768, true)] {
-            let h = split_sums_at(r).unwrap_or(1);
-            assert_eq!(h == r.div_ceil(2), split, "r = {r}");
-            let mut w = vec![0f32; r * r];
-            (w[0], w[h], w[h + 1]) = (1.0, 1.0, 1.0);
+    fn products_are_summed_in_torchs_blocks_of_k_from_r_385() {
+        // Row 0 of W has 1 at k = 0 and at `ks`; column 0 of B_0 has 1 at k = 0 and 2^-24 at `ks`.
+        // In order, 1 + 2^-24 rounds back to 1 (a tie, to even) each time: 1. Summed in blocks,
+        // the two small products of a block (at its start) make 2^-23 first, and each such block
+        // adds one ulp of 1. torch 2.15 on these exact tiles (PEFT's `o @ B`) gives these ulps:
+        // none at r = 384, one at 386-768 (halves) and at 769 and 800 (blocks of 384: 384, 384,
+        // the rest), two at 1024, three at 1536.
+        for (r, ks, ulps) in [
+            (384, vec![1, 2], 0),
+            (386, vec![193, 194], 1),
+            (392, vec![196, 197], 1),
+            (512, vec![256, 257], 1),
+            (768, vec![384, 385], 1),
+            (769, vec![384, 385], 1),
+            (800, vec![384, 385], 1),
+            (1024, vec![384, 385, 768, 769], 2),
+            (1536, vec![384, 385, 768, 769, 1152, 1153], 3),
+        ] {
+            let mut w = vec![0f32; r]; // row 0 alone
             let mut b = vec![0f32; r * r];
-            (b[0], b[h * r], b[(h + 1) * r]) = (1.0, 2f32.powi(-24), 2f32.powi(-24));
-            let expect = if split { 1.0 + 2f32.powi(-23) } else { 1.0 };
-            let (mut cpu, mut in_order) = (vec![0f32; r * r], vec![0f32; r * r]);
-            gemm(&mut cpu, &w, &b, r, r);
-            gemm_in_order(&mut in_order, &w, &b, r, r);
+            (w[0], b[0]) = (1.0, 1.0);
+            for &k in &ks {
+                (w[k], b[k * r]) = (1.0, 2f32.powi(-24));
+            }
+            let expect = 1.0 + ulps as f32 * 2f32.powi(-23);
+            let (mut cpu, mut in_order) = (vec![0f32; r], vec![0f32; r]);
+            gemm(&mut cpu, &w, &b, 1, r);
+            gemm_in_order(&mut in_order, &w, &b, 1, r);
             assert_eq!((cpu[0], in_order[0]), (expect, expect), "r = {r}");
         }
+        // the blocks' sums are added in order, ((s0 + s1) + s2) + s3: at r = 1536, s0 = 1 and
+        // s1 = s2 = s3 = 2^-24 (one small product each) give 1 + 2^-24 = 1 (a tie, to even) three
+        // times; a pairwise (1 + 2^-24) + (2^-24 + 2^-24) would give 1 + 2^-23
+        let r = 1536;
+        let (mut w, mut b) = (vec![0f32; r], vec![0f32; r * r]);
+        (w[0], b[0]) = (1.0, 1.0);
+        for k in [384, 768, 1152] {
+            (w[k], b[k * r]) = (1.0, 2f32.powi(-24));
+        }
+        let mut out = vec![0f32; r];
+        gemm_in_order(&mut out, &w, &b, 1, r);
+        assert_eq!(out[0], 1.0);
     }
 
     #[test]
