@@ -101,6 +101,13 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub reverse: bool,
 
+    /// Also accept a changed tensor whose every value is within REL times the tensor's largest
+    /// |value| (status `within_tolerance`). Off by default: exit 0 needs every tensor within one
+    /// ulp. For f32 BAT from another machine, 1e-5: PEFT's own f32 BAT sums depend on the
+    /// processor it ran on, and its unmerge inverts in f32
+    #[arg(long, value_name = "REL", value_parser = parse_tolerance)]
+    pub tolerance: Option<f64>,
+
     /// Print one JSON object (every tensor's status, max abs and ulp error) instead of text
     #[arg(long)]
     pub json: bool,
@@ -323,9 +330,17 @@ pub struct ApplyOptions {
     pub prefix: PrefixArg,
 }
 
+/// `1e-5`: a relative tolerance for `verify`, from 0 to below 1.
+fn parse_tolerance(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(x) if x.is_finite() && (0.0..1.0).contains(&x) => Ok(x),
+        _ => Err(format!("{text:?}: expected a relative tolerance from 0 to below 1, e.g. 1e-5")),
+    }
+}
+
 /// `500MB`, `5GB`, `2GiB`, `1000` (bytes): decimal units as Hugging Face's max_shard_size, binary
 /// ones with `i`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);

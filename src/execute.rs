@@ -52,10 +52,30 @@ pub enum Sink<'a> {
 pub struct TensorCheck {
     pub name: String,
     /// "equal", "within_1_ulp", "differs", "missing" (not in the other model), "extra" (only in
-    /// the other model), "dtype_changed" or "shape_changed".
+    /// the other model), "dtype_changed" or "shape_changed"; `verify --tolerance` adds
+    /// "within_tolerance".
     pub status: String,
     pub max_abs: f64,
     pub max_ulp: u64,
+    /// For the tensors the adapters change: the largest |value| of the other model's tensor, and
+    /// `max_abs` relative to it (0 where the tensor is all zeros or equal).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rel: Option<f64>,
+}
+
+impl TensorCheck {
+    fn new(name: &str, status: &str) -> TensorCheck {
+        TensorCheck {
+            name: name.to_string(),
+            status: status.into(),
+            max_abs: 0.0,
+            max_ulp: 0,
+            scale: None,
+            max_rel: None,
+        }
+    }
 }
 
 /// How a plan is carried out.
@@ -726,7 +746,9 @@ fn compare_all<'scope>(
     let mut theirs = vec![];
     let mut ours_copy = vec![];
     for job in plan.shards.iter().flat_map(|s| s.jobs.iter()) {
-        let mut check = TensorCheck { name: job.name.clone(), status: "equal".into(), max_abs: 0.0, max_ulp: 0 };
+        let mut check = TensorCheck::new(&job.name, "equal");
+        // the scale of a changed float tensor, for max_rel
+        let mut scale = (!job.ops.is_empty()).then_some(0f32).filter(|_| job.weight_float().is_some());
         let other = expected.tensor(&job.name);
         match other {
             None => check.status = "missing".into(),
@@ -753,7 +775,7 @@ fn compare_all<'scope>(
                 let (si, e) = other.expect("status says it exists");
                 theirs.resize(ours.len(), 0);
                 expected.shards[si].read_at(e.start + offset, &mut theirs)?;
-                compare_bytes(job, ours, &theirs, &mut check);
+                compare_bytes(job, ours, &theirs, &mut check, scale.as_mut());
             }
             offset += ours.len() as u64;
             progress.inc(ours.len() as u64);
@@ -764,6 +786,10 @@ fn compare_all<'scope>(
                 break;
             }
         }
+        if let Some(s) = scale.filter(|_| matches!(check.status.as_str(), "equal" | "within_1_ulp" | "differs")) {
+            check.scale = Some(s as f64);
+            check.max_rel = Some(if s > 0.0 { check.max_abs / s as f64 } else { 0.0 });
+        }
         checks.push(check);
     }
     let ours: std::collections::HashSet<&str> =
@@ -771,20 +797,26 @@ fn compare_all<'scope>(
     let mut extra: Vec<&str> = expected.tensor_names().filter(|n| !ours.contains(n)).collect();
     extra.sort();
     for name in extra {
-        checks.push(TensorCheck { name: name.to_string(), status: "extra".into(), max_abs: 0.0, max_ulp: 0 });
+        checks.push(TensorCheck::new(name, "extra"));
     }
     Ok(checks)
 }
 
-/// Fold one piece's comparison into the tensor's.
-fn compare_bytes(job: &TensorJob, ours: &[u8], theirs: &[u8], check: &mut TensorCheck) {
+/// Fold one piece's comparison into the tensor's; `scale`: the largest |value| of theirs so far, to
+/// be updated (changed float tensors).
+fn compare_bytes(job: &TensorJob, ours: &[u8], theirs: &[u8], check: &mut TensorCheck, scale: Option<&mut f32>) {
+    let Some(d) = job.weight_float() else {
+        if ours != theirs {
+            check.status = "differs".into();
+        }
+        return;
+    };
+    if let Some(scale) = scale {
+        *scale = scale.max(d.max_abs(theirs));
+    }
     if ours == theirs {
         return;
     }
-    let Some(d) = job.weight_float() else {
-        check.status = "differs".into();
-        return;
-    };
     let n = d.size();
     let (mut a, mut b) = (vec![0f32; ours.len() / n], vec![0f32; ours.len() / n]);
     d.decode(ours, &mut a);
@@ -795,7 +827,9 @@ fn compare_bytes(job: &TensorJob, ours: &[u8], theirs: &[u8], check: &mut Tensor
         }
         let ulp = d.ulps(*x, *y);
         check.max_ulp = check.max_ulp.max(ulp);
-        check.max_abs = check.max_abs.max(((*x as f64) - (*y as f64)).abs());
+        let diff = ((*x as f64) - (*y as f64)).abs();
+        // a NaN against a number (or NaNs of other bits) is no small difference
+        check.max_abs = check.max_abs.max(if diff.is_nan() { f64::INFINITY } else { diff });
     }
     check.status = if check.max_ulp <= 1 { "within_1_ulp" } else { "differs" }.into();
 }

@@ -104,3 +104,60 @@ fn tampered_missing_and_extra_tensors_are_reported() {
     assert!(out.contains(q) && out.contains("missing") && out.contains("stranger.weight"), "{out}");
     assert!(stderr(&o).contains("3 of 30 tensors differ or do not correspond"), "{}", stderr(&o));
 }
+
+#[test]
+fn tolerance_accepts_peft_f32_bat_unmerge_and_still_refuses_a_wrong_adapter() {
+    // PEFT's unmerge of f32 BAT inverts I + B in f32 (bone-tool in f64): many values differ by
+    // more than one ulp, all of them by far less than 1e-5 of the tensor's largest value
+    let case = fixtures().join("cases/bone-bat-f32");
+    let (unmerged, adapter, merged) = (case.join("unmerged"), case.join("adapter"), case.join("merged"));
+    let (code, j) = verify(&unmerged, &adapter, &merged, &["--reverse"]);
+    assert_eq!(code, Some(1), "{j}");
+    assert!(j["differs"].as_u64().unwrap() > 0, "{j}");
+    assert!(j["hint"].as_str().unwrap().contains("--tolerance 1e-5"), "{j}");
+    let (code, j) = verify(&unmerged, &adapter, &merged, &["--reverse", "--tolerance", "1e-5"]);
+    assert_eq!(code, Some(0), "{j}");
+    assert_eq!(j["differs"], 0);
+    let tolerated: Vec<_> =
+        j["tensors"].as_array().unwrap().iter().filter(|t| t["status"] == "within_tolerance").collect();
+    assert_eq!(tolerated.len() as u64, j["within_tolerance"].as_u64().unwrap());
+    assert!(!tolerated.is_empty());
+    for t in &tolerated {
+        let (abs, scale, rel) =
+            (t["max_abs"].as_f64().unwrap(), t["scale"].as_f64().unwrap(), t["max_rel"].as_f64().unwrap());
+        assert!(t["max_ulp"].as_u64().unwrap() > 1 && rel <= 1e-5 && scale > 0.0, "{t}");
+        assert!((abs / scale - rel).abs() <= 1e-12, "{t}");
+    }
+    // a tighter tolerance than the differences: refused again, and no hint once one is given
+    let (code, j) = verify(&unmerged, &adapter, &merged, &["--reverse", "--tolerance", "1e-12"]);
+    assert_eq!(code, Some(1), "{j}");
+    assert!(j["hint"].is_null(), "{j}");
+    // the right base with another BAT adapter, or the base itself as the merge: real differences,
+    // refused at 1e-5
+    let base = fixtures().join("bases/llama-f32");
+    let other = fixtures().join("cases/miss-bat-f32/adapter");
+    let (code, j) = verify(&base, &other, &merged, &["--tolerance", "1e-5"]);
+    assert_eq!(code, Some(1), "{j}");
+    assert!(j["hint"].is_null(), "{j}");
+    let (code, j) = verify(&base, &adapter, &base, &["--tolerance", "1e-5"]);
+    assert_eq!(code, Some(1), "{j}");
+    assert_eq!(j["within_tolerance"], 0);
+    // a NaN where PEFT has a number is no small difference
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = load(&merged.join("model.safetensors"));
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let mut tq = t[q].clone();
+    tq.data[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    t.insert(q.into(), tq);
+    let bad = tmp.path().join("nan");
+    std::fs::create_dir(&bad).unwrap();
+    save(&bad.join("model.safetensors"), &t);
+    let (code, j) = verify(&base, &adapter, &bad, &["--tolerance", "0.5"]);
+    assert_eq!(code, Some(1), "{j}");
+    let status = j["tensors"].as_array().unwrap().iter().find(|x| x["name"] == q).unwrap()["status"].clone();
+    assert_eq!(status, "differs", "{j}");
+    // and a tolerance that is no number is bad usage
+    let o = run(&["verify", "--base", "a", "--adapter", "b", "--merged", "c", "--tolerance", "x"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("expected a relative tolerance"), "{}", stderr(&o));
+}
