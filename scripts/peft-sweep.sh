@@ -9,6 +9,10 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+# a copy of the binary, so that building while a long sweep runs changes nothing under it
+bin="$(mktemp -d)"
+trap 'rm -rf "$bin"' EXIT
+cp "$root/target/release/bone-tool" "$bin/"
 python="$(bash "$root/fixtures/venv.sh")"
-PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES="" BONE_TOOL="$root/target/release/bone-tool" \
+PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES="" BONE_TOOL="$bin/bone-tool" \
   "$python" "$root/fixtures/sweep.py" "${1:-100}" "${2:-1}" "${3:-0}"
