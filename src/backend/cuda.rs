@@ -925,7 +925,8 @@ impl Cuda {
         let in_order_gemm = timed("strip_gemm", 5, &mut || in_order(&blocks, &w, &mut out, rows, cols, r))?;
         // Bit for bit against the CPU's in-order sum (which faer's GEMM equals where
         // ops::gemm_is_in_order), on random values: how many of the kernel's values, and of
-        // cuBLAS's, are the CPU's, for r = 64 (16-byte loads) and r = 6 (a column a thread).
+        // cuBLAS's, are the CPU's, for r = 64 (16-byte loads) and r = 6 (a column a thread), and
+        // where torch cuts k into blocks.
         let mut rand = crate::ops::Xorshift(0x2545_F491_4F6C_DD1D);
         let mut agree = |cr: usize, cc: usize, r: usize| -> Result<String> {
             let (xs, ms) = (rand.values(cr * cc, 1.0), rand.values(cr * r, 0.1));
@@ -945,7 +946,10 @@ impl Cuda {
             let cublas = same(s.clone_dtoh(&dout).map_err(e("device to host copy"))?);
             Ok(format!("r = {r} [{cr}, {cc}]: in-order kernel {kernel}, cuBLAS {cublas} of {}", cr * cc))
         };
-        let agreement = [agree(256, 4096, 64)?, agree(252, 4092, 6)?].join("; ");
+        // r = 776 sums k in three blocks (three launches, 16-byte loads), r = 390 in two halves of
+        // 195 (a column a thread)
+        let agreement =
+            [agree(256, 4096, 64)?, agree(252, 4092, 6)?, agree(776, 776, 776)?, agree(390, 390, 390)?].join("; ");
         // bf16, Δ rounded before it is added (once = false), the result rounded
         let (post_cfg, post_args) = bat_merge_post_launch(
             Float::BF16,
