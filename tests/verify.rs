@@ -115,6 +115,16 @@ fn tolerance_accepts_peft_f32_bat_unmerge_and_still_refuses_a_wrong_adapter() {
     assert_eq!(code, Some(1), "{j}");
     assert!(j["differs"].as_u64().unwrap() > 0, "{j}");
     assert!(j["hint"].as_str().unwrap().contains("--tolerance 1e-5"), "{j}");
+    // the text report says it on stderr, and lists max_rel beside each tensor
+    let (u, a, m) = (unmerged.to_str().unwrap(), adapter.to_str().unwrap(), merged.to_str().unwrap());
+    let o = run(&["verify", "--reverse", "--base", u, "--adapter", a, "--merged", m]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("note: every tensor that differs is BAT"), "{}", stderr(&o));
+    assert!(stdout(&o).contains("max rel "), "{}", stdout(&o));
+    let o = run(&["verify", "--reverse", "--base", u, "--adapter", a, "--merged", m, "--tolerance", "1e-5"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("within the tolerance 1e-5"), "{}", stdout(&o));
+    assert!(!stderr(&o).contains("note:"), "{}", stderr(&o));
     let (code, j) = verify(&unmerged, &adapter, &merged, &["--reverse", "--tolerance", "1e-5"]);
     assert_eq!(code, Some(0), "{j}");
     assert_eq!(j["differs"], 0);
