@@ -6,6 +6,8 @@
 # the folder of a failing trial for a look. Exits 1 if any trial failed.
 #   scripts/peft-sweep.sh [TRIALS] [SEED] [FIRST]   (FIRST: the first trial's number, to rerun one)
 # SWEEP_HUGE=1 makes every model huge (one layer, hidden 392-1024: BAT's r beyond 384).
+# SWEEP_FOREIGN=1 runs PEFT with MKL's AVX2 code (MKL_ENABLE_INSTRUCTIONS=AVX2), as on a processor
+# without AVX-512: BAT merges are then held to f32 within 1e-5 / one ulp, and verify to --tolerance 1e-5.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cargo build --release --quiet --manifest-path "$root/Cargo.toml"
@@ -14,5 +16,6 @@ bin="$(mktemp -d)"
 trap 'rm -rf "$bin"' EXIT
 cp "$root/target/release/bone-tool" "$bin/"
 python="$(bash "$root/fixtures/venv.sh")"
+if [ "${SWEEP_FOREIGN:-0}" = 1 ]; then export MKL_ENABLE_INSTRUCTIONS=AVX2; fi
 PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES="" BONE_TOOL="$bin/bone-tool" \
   "$python" "$root/fixtures/sweep.py" "${1:-100}" "${2:-1}" "${3:-0}"

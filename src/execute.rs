@@ -57,6 +57,8 @@ pub struct TensorCheck {
     pub status: String,
     pub max_abs: f64,
     pub max_ulp: u64,
+    /// How many values differ at all (float tensors).
+    pub values_off: u64,
     /// For the tensors the adapters change: the largest |value| of the other model's tensor, and
     /// `max_abs` relative to it (0 where the tensor is all zeros or equal).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -72,6 +74,7 @@ impl TensorCheck {
             status: status.into(),
             max_abs: 0.0,
             max_ulp: 0,
+            values_off: 0,
             scale: None,
             max_rel: None,
         }
@@ -827,6 +830,7 @@ fn compare_bytes(job: &TensorJob, ours: &[u8], theirs: &[u8], check: &mut Tensor
         }
         let ulp = d.ulps(*x, *y);
         check.max_ulp = check.max_ulp.max(ulp);
+        check.values_off += 1;
         let diff = ((*x as f64) - (*y as f64)).abs();
         // a NaN against a number (or NaNs of other bits) is no small difference
         check.max_abs = check.max_abs.max(if diff.is_nan() { f64::INFINITY } else { diff });
