@@ -94,9 +94,14 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
         ))
     } else if all_bad(&|c, d, numel| {
         // PEFT rounds the delta to f16/bf16 before adding it: a delta summed in another order can
-        // round the other way, by one unit of the delta, which can be as large as the tensor
-        let unit = if d == Float::BF16 { 2f64.powi(-7) } else { 2f64.powi(-10) };
-        c.values_off as usize * 2000 <= numel && c.max_rel.is_some_and(|r| r <= unit)
+        // round the other way, by one unit of the delta, which can be as large as the tensor (f32
+        // tensors of a model with both: as above)
+        let (bound, few) = match d {
+            Float::F32 => (1e-5, true),
+            Float::BF16 => (2f64.powi(-7), c.values_off as usize * 2000 <= numel),
+            Float::F16 => (2f64.powi(-10), c.values_off as usize * 2000 <= numel),
+        };
+        few && c.max_rel.is_some_and(|r| r <= bound)
     }) {
         Some(format!(
             "every tensor that differs is BAT, with at most 0.05% of its values off, by at most two \
