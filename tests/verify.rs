@@ -172,10 +172,10 @@ fn tolerance_accepts_peft_f32_bat_unmerge_and_still_refuses_a_wrong_adapter() {
     let (unmerged, adapter, merged) = (case.join("unmerged"), case.join("adapter"), case.join("merged"));
     let (code, j) = verify(&unmerged, &adapter, &merged, &["--reverse"]);
     assert_eq!(code, Some(1), "{j}");
-    assert!(j["hint"].as_str().unwrap().contains("at most 0.05% of its values off"), "{j}");
+    assert!(j["hint"].as_str().unwrap().contains("at most 1% of its values off"), "{j}");
     for t in j["tensors"].as_array().unwrap().iter().filter(|t| t["status"] == "differs") {
         let off = t["values_off"].as_u64().unwrap();
-        assert!(off > 0 && off * 2000 <= 48 * 48, "{t}");
+        assert!(off > 0 && off * 100 <= 48 * 48, "{t}");
     }
     let bf16 = fixtures().join("bases/llama-bf16");
     let (code, j) = verify(&bf16, &adapter, &bf16, &[]);
