@@ -186,3 +186,40 @@ fn tolerance_accepts_peft_f32_bat_unmerge_and_still_refuses_a_wrong_adapter() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("expected a relative tolerance"), "{}", stderr(&o));
 }
+
+#[test]
+fn peft_merges_made_with_mkls_avx2_code_verify_as_its_notes_say() {
+    // PEFT run as on a processor without AVX-512 (fixtures/generate.py --foreign): its f32 BAT sums
+    // run in another order, so verify exits 1 with a note naming --tolerance 1e-5, which accepts
+    // them; in f16 the deltas that round the other way are one ulp off, which verify accepts
+    let mut seen = vec![];
+    for c in manifest()["cases"].as_array().unwrap() {
+        let Some(avx2) = c["merged_avx2"].as_str() else { continue };
+        let name = c["name"].as_str().unwrap();
+        let base = fixtures().join(c["base"].as_str().unwrap());
+        let adapter = fixtures().join(c["adapters"][0].as_str().unwrap());
+        let flags: &[&str] = if c["autocast_adapter_dtype"] == false { &["--no-autocast-adapter-dtype"] } else { &[] };
+        let (code, j) = verify(&base, &adapter, &fixtures().join(avx2), flags);
+        if name.ends_with("f32") {
+            assert_eq!(code, Some(1), "{name}: {j}");
+            assert!(j["differs"].as_u64().unwrap() > 0, "{name}: {j}");
+            assert!(j["hint"].as_str().unwrap().contains("`--tolerance 1e-5`"), "{name}: {j}");
+            let (code, j) =
+                verify(&base, &adapter, &fixtures().join(avx2), &[flags, &["--tolerance", "1e-5"]].concat());
+            assert_eq!(code, Some(0), "{name}: {j}");
+            assert_eq!(
+                j["within_tolerance"],
+                j["tensors"].as_array().unwrap().len() as u64 - j["equal"].as_u64().unwrap()
+            );
+        } else {
+            assert_eq!(code, Some(0), "{name}: {j}");
+            assert!(j["within_1_ulp"].as_u64().unwrap() > 0, "{name}: PEFT's AVX2 merge is no different: {j}");
+        }
+        // and PEFT's own merge on this processor is the bytes bone-tool makes
+        let (code, j) = verify(&base, &adapter, &fixtures().join("cases").join(name).join("merged"), flags);
+        assert_eq!(code, Some(0), "{name}: {j}");
+        assert_eq!(j["equal"].as_u64().unwrap() as usize, j["tensors"].as_array().unwrap().len(), "{name}: {j}");
+        seen.push(name.to_string());
+    }
+    assert_eq!(seen, ["bone-bat-f32", "bone-bat-no-autocast-f16"]);
+}
