@@ -7,7 +7,7 @@
 #   scripts/peft-sweep.sh [TRIALS] [SEED] [FIRST]   (FIRST: the first trial's number, to rerun one)
 # SWEEP_HUGE=1 makes every model huge (one layer, hidden 392-1024: BAT's r beyond 384).
 # SWEEP_FOREIGN=1 runs PEFT with MKL's AVX2 code (MKL_ENABLE_INSTRUCTIONS=AVX2), as on a processor
-# without AVX-512: BAT merges are then held to f32 within 1e-5 / one ulp, and verify to --tolerance 1e-5.
+# without AVX-512: BAT merges are then held to the bounds of verify's notes (fixtures/sweep.py).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cargo build --release --quiet --manifest-path "$root/Cargo.toml"
