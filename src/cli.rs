@@ -340,7 +340,7 @@ fn parse_tolerance(text: &str) -> Result<f64, String> {
 
 /// `500MB`, `5GB`, `2GiB`, `1000` (bytes): decimal units as Hugging Face's max_shard_size, binary
 /// ones with `i`.
-fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);

@@ -260,7 +260,8 @@ extern "C" __global__ void periodic_fused_x4(const unsigned char* in, unsigned c
 // kernel once a block, k from k0 to k1, the first storing its sums (add = 0) and each later one
 // adding them to out (add = 1), in stream order. As
 // elements of the [rows, cols] matrix: out[o, c] = sum over k of x[o, c - c mod r + k] · m_s[k, c mod r],
-// s = o / r. A thread computes V consecutive columns of one r-chunk of a row: with V = 4 (r and k0 multiples of 4) the chunk and the blocks' rows are read 16 bytes at a time.
+// s = o / r. A thread computes V consecutive columns of one r-chunk of a row: with V = 4 (r and k0
+// multiples of 4) the chunk and the blocks' rows are read 16 bytes at a time.
 template <u32 V> struct alignas(4 * V) Floats { float v[V]; };
 
 template <u32 V>

@@ -28,7 +28,6 @@ const SHIM: &str = r#"
 #define __global__ __attribute__((visibility("hidden")))
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
 struct Dim3 { unsigned x, y, z; };
 static thread_local Dim3 blockIdx, threadIdx, blockDim, gridDim;
 static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }

@@ -174,7 +174,8 @@ pub fn has_gemm(chain: &[Prepared]) -> bool {
 /// the same order on both: the GPU's `strip_gemm` kernel sums each element's products in order
 /// (one fused multiply-add each from r = 8, as PEFT's torch does; a rounded product and a rounded
 /// add below), and so does the CPU's GEMM where [`ops::gemm_is_in_order`] finds it for that r
-/// (always below r = 8, where it is the in-order loop; faer on processors with FMA, from r = 385 in torch's blocks of at most 384); with
+/// (always below r = 8, where it is the in-order loop; faer on processors with FMA, from r = 385
+/// in torch's blocks of at most 384); with
 /// `BONE_TOOL_GEMM=cublas`, cuBLAS sums in its own order. The pipeline computes these chains on
 /// the CPU while a GPU is starting, and the self-check holds a GPU to the CPU's bytes on them.
 pub fn same_bytes_on_every_device(chain: &[Prepared]) -> bool {

@@ -356,9 +356,9 @@ fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
 /// processor; MKL's AVX2 code sums otherwise at r = 8 and from 512, see the README), which sums k
 /// in order with one fused multiply-add (one rounding) per product, up to r = 384; beyond, in
 /// blocks of k ([`sum_block`]). Measured on every value of random products for r from 1 to 1024
-/// and at chosen r up to 4096, and pinned by the tests below. `scripts/peft-sweep.sh` found the difference as a bf16 BAT merge
-/// one ulp off PEFT at r = 3, where the two ways of summing put a delta on either side of a
-/// rounding tie.
+/// and at chosen r up to 4096, and pinned by the tests below. `scripts/peft-sweep.sh` found the
+/// difference as a bf16 BAT merge one ulp off PEFT at r = 3, where the two ways of summing put a
+/// delta on either side of a rounding tie.
 pub const FUSED_FROM_R: usize = 8;
 
 /// How torch (MKL) cuts the k of an r×r·r×r product: into blocks of this length from k = 0 (the
