@@ -562,3 +562,59 @@ fn the_same_adapter_twice_is_applied_twice_with_a_warning() {
     let o = merge_with(&base, &a, &tmp.path().join("single"), &[]);
     assert!(!stderr(&o).contains("more than once"), "{}", stderr(&o));
 }
+
+/// Paths given relative to the working folder, as bare file names: a lone weights file's folder is
+/// then the empty path, which every path "starts with" and no file-system call accepts; it must
+/// read as `.`. Output beside a lone weights file is fine; output that holds it is refused.
+#[test]
+fn bare_file_names_in_the_working_folder_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let case = fixtures().join("cases/bone-default-f32/adapter");
+    std::fs::copy(fixtures().join("bases/llama-f32/model.safetensors"), dir.join("model.safetensors")).unwrap();
+    copy_dir(&case, &dir.join("adapter"));
+    let in_dir = |args: &[&str], at: &std::path::Path| bin().current_dir(at).args(args).output().unwrap();
+
+    let o = in_dir(&["merge", "-q", "--base", "model.safetensors", "--adapter", "adapter", "--out", "merged"], dir);
+    ok(&o);
+    let expected = tmp.path().join("expected");
+    merge(&fixtures().join("bases/llama-f32"), &case, &expected);
+    assert!(
+        std::fs::read(dir.join("merged/model.safetensors")).unwrap()
+            == std::fs::read(expected.join("model.safetensors")).unwrap()
+    );
+    // the adapter's weights file names its folder, also as a bare name
+    let o = in_dir(&["inspect", "adapter", "adapter_model.safetensors"], &dir.join("adapter"));
+    ok(&o);
+    assert!(stdout(&o).contains("BONE"), "{}", stdout(&o));
+
+    // --force on the folder that holds the lone base file would delete it
+    let before = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let o =
+        in_dir(&["merge", "-q", "--base", "model.safetensors", "--adapter", "adapter", "--out", ".", "--force"], dir);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("overlaps the input model.safetensors"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), before);
+    // output inside the adapter folder, named by its weights file, is refused as inside a folder
+    let o = in_dir(
+        &["merge", "--base", "../model.safetensors", "--adapter", "adapter_model.safetensors", "--out", "m"],
+        &dir.join("adapter"),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("overlaps the input ."), "{}", stderr(&o));
+
+    // an index file given by its bare name stands for its folder
+    let sharded = dir.join("sharded");
+    copy_dir(&fixtures().join("bases/llama-f32-sharded"), &sharded);
+    let o = in_dir(
+        &["merge", "-q", "--base", "model.safetensors.index.json", "--adapter", "../adapter", "--out", "../m2"],
+        &sharded,
+    );
+    ok(&o);
+    let o = in_dir(
+        &["merge", "--base", "model.safetensors.index.json", "--adapter", "../adapter", "--out", "inside"],
+        &sharded,
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("overlaps the input ."), "{}", stderr(&o));
+}

@@ -73,8 +73,7 @@ pub struct Geometry {
 impl Adapter {
     /// Open an adapter folder (or the path of its config or weights file).
     pub fn open(path: &Path, prefix: &str) -> Result<Adapter> {
-        let dir =
-            if path.is_file() { path.parent().unwrap_or(Path::new(".")).to_path_buf() } else { path.to_path_buf() };
+        let dir = if path.is_file() { crate::model::folder_of(path) } else { path.to_path_buf() };
         let d = dir.display();
         if !dir.is_dir() {
             return Err(input(format!(

@@ -80,7 +80,7 @@ fn run_opening(
     let mut all_adapters = vec![];
     let every_adapter: Vec<PathBuf> = jobs.iter().flat_map(|j| j.adapters.iter().cloned()).collect();
     for job in jobs {
-        refuse_overlap(&job.out, model, &every_adapter)?;
+        refuse_overlap(&job.out, Some(model), &every_adapter)?;
         for other in jobs.iter().filter(|o| o.out != job.out) {
             let (a, b) = (absolute(&job.out), absolute(&other.out));
             if a.starts_with(&b) || b.starts_with(&a) {
@@ -448,17 +448,21 @@ fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
 }
 
 /// `--out` must not be an input folder, inside one, or hold one: `--force` would destroy inputs.
-pub(crate) fn refuse_overlap(out: &Path, model: &Path, adapters: &[PathBuf]) -> Result<()> {
+/// A model given as a lone weights file is that file alone (no side files are read beside it):
+/// `--out` must not be it or hold it, but may be beside it. An index file stands for its folder,
+/// an adapter's weights file for the adapter folder.
+pub(crate) fn refuse_overlap(out: &Path, model: Option<&Path>, adapters: &[PathBuf]) -> Result<()> {
     let out_abs = absolute(out);
-    let mut inputs = vec![if model.is_file() {
-        model.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        model.to_path_buf()
-    }];
-    inputs.extend(adapters.iter().cloned());
-    for i in inputs {
+    let lone_file = |p: &Path| p.is_file() && !crate::model::file_name(p).ends_with(".index.json");
+    let folder = |p: &Path| if p.is_file() { crate::model::folder_of(p) } else { p.to_path_buf() };
+    let mut inputs: Vec<(PathBuf, bool)> = vec![];
+    if let Some(m) = model {
+        inputs.push(if lone_file(m) { (m.to_path_buf(), false) } else { (folder(m), true) });
+    }
+    inputs.extend(adapters.iter().map(|a| (folder(a), true)));
+    for (i, is_folder) in inputs {
         let i_abs = absolute(&i);
-        if out_abs.starts_with(&i_abs) || i_abs.starts_with(&out_abs) {
+        if i_abs.starts_with(&out_abs) || (is_folder && out_abs.starts_with(&i_abs)) {
             return Err(input(format!(
                 "--out {} overlaps the input {}: write the output to a folder of its own",
                 out.display(),

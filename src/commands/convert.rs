@@ -41,7 +41,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
         return Err(input("--rank 0: expected a positive rank"));
     }
     let a = Adapter::open(args.adapter.path(), &args.prefix.adapter_prefix)?;
-    super::apply::refuse_overlap(&args.out, args.adapter.path(), &[])?;
+    super::apply::refuse_overlap(&args.out, None, &[args.adapter.path().to_path_buf()])?;
     let c = &a.config;
     let mut warnings = a.warnings.clone();
     for ig in &a.ignored {

@@ -48,7 +48,7 @@ impl Model {
         if meta.is_file() {
             let name = file_name(path);
             if name.ends_with(".index.json") {
-                let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+                let folder = folder_of(path);
                 return Self::open_index(path, &folder, &name);
             }
             check_link(path)?;
@@ -232,8 +232,8 @@ pub fn check_link(path: &Path) -> Result<()> {
     if !is_link {
         return Ok(());
     }
-    let folder = path.parent().unwrap_or(Path::new("."));
-    let folder = folder.canonicalize().unwrap_or_else(|_| folder.to_path_buf());
+    let folder = folder_of(path);
+    let folder = folder.canonicalize().unwrap_or(folder);
     let target = path
         .canonicalize()
         .map_err(|e| input(format!("{}: broken symbolic link: {}", path.display(), io_reason(&e))))?;
@@ -254,6 +254,15 @@ pub fn check_link(path: &Path) -> Result<()> {
         path.display(),
         target.display()
     )))
+}
+
+/// The folder holding `p`: `.` for a bare file name (whose `parent()` is the empty path, which no
+/// file-system call accepts and every path `starts_with`).
+pub fn folder_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(f) if !f.as_os_str().is_empty() => f.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 pub fn file_name(p: &Path) -> String {

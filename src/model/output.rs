@@ -31,10 +31,7 @@ impl OutputDir {
             .ok_or_else(|| input(format!("--out {shown} does not name a folder")))?
             .to_string_lossy()
             .into_owned();
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let parent = crate::model::folder_of(out);
         std::fs::create_dir_all(&parent)
             .map_err(|e| input(format!("cannot create {}: {}", parent.display(), io_reason(&e))))?;
         clear_leftovers(&parent, &name, out);
@@ -243,7 +240,8 @@ impl ShardWriter {
     }
 
     fn write_error(&self, e: std::io::Error) -> anyhow::Error {
-        let folder = self.path.parent().unwrap_or(Path::new(".")).display();
+        let folder = crate::model::folder_of(&self.path);
+        let folder = folder.display();
         if e.raw_os_error() == Some(libc::ENOSPC) {
             anyhow::anyhow!(
                 "the disk holding {folder} is full after {} of the {} bytes of {}",

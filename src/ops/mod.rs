@@ -356,7 +356,7 @@ fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
 /// processor; MKL's AVX2 code sums otherwise at r = 8 and from 512, see the README), which sums k
 /// in order with one fused multiply-add (one rounding) per product, up to r = 384; beyond, in
 /// blocks of k ([`sum_block`]). Measured on every value of random products for r from 1 to 1024
-/// and at chosen r up to 4096, and pinned by the tests below. `scripts/peft-sweep.sh` found the
+/// and at chosen r up to 8192, and pinned by the tests below. `scripts/peft-sweep.sh` found the
 /// difference as a bf16 BAT merge one ulp off PEFT at r = 3, where the two ways of summing put a
 /// delta on either side of a rounding tie.
 pub const FUSED_FROM_R: usize = 8;
@@ -366,7 +366,8 @@ pub const FUSED_FROM_R: usize = 8;
 /// `((s₀ + s₁) + s₂) + …`. Up to r = 384 one block (r); from 385 to 768 two halves (ceil(r/2));
 /// beyond, blocks of 384. (Measured on every value of r = 385, 392, 400, 448, 512, 640, 768, 769,
 /// 776, 800, 832, 896, 960, 1024, 1152, 1200, 1536, 1544, 2048, 2304, 3072 and 4096, on PEFT's
-/// tile layout, and on the exact tiles of the tests below.)
+/// tile layout, and on the exact tiles of the tests below; PEFT's and bone-tool's merges of one
+/// r×r weight were the same bytes at r = 4608, 5000, 6144 and 8192.)
 pub fn sum_block(r: usize) -> usize {
     match r {
         0..=384 => r,
