@@ -36,14 +36,15 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 want() { [ -z "${SECTIONS:-}" ] || [[ " $SECTIONS " == *" $1 "* ]]; }
 # variant_env NAME: sets env_v to the environment of a variant that ab and outputs name by words:
-# adds-cpu (the adds stay on the CPU), pread, -1w (one writer), keep-device, cublas, x4 (the
-# four-groups add)
+# adds-cpu (the adds stay on the CPU), pread, -1w (one writer), keep-device, -fb (writeback started
+# every 32 MB as the shards are written), cublas, x4 (the four-groups add)
 variant_env() {
   env_v=()
   [[ "$1" == *adds-cpu* ]] && env_v+=(BONE_TOOL_ADDS_ON=cpu)
   [[ "$1" == *pread* ]] && env_v+=(BONE_TOOL_READ=pread)
   [[ "$1" == *-1w ]] && env_v+=(BONE_TOOL_WRITERS=1)
   [[ "$1" == *keep-device* ]] && env_v+=(BONE_TOOL_KEEP_DEVICE=1)
+  [[ "$1" == *-fb ]] && env_v+=(BONE_TOOL_FLUSH_BEHIND=32MB)
   [[ "$1" == *cublas* ]] && env_v+=(BONE_TOOL_GEMM=cublas)
   [[ "$1" == *x4 ]] && env_v+=(BONE_TOOL_UNROLL=4)
   return 0
@@ -131,7 +132,8 @@ main() {
   # keep-device: BONE_TOOL_KEEP_DEVICE=1, the GPU is freed at the process's end, not once its last
   # piece is back; pread: BONE_TOOL_READ=pread, pieces read into pooled buffers rather than mapped
   # (no mmap/munmap per piece while the driver starts beside the pipeline); -1w: one writer thread
-  # (BONE_TOOL_WRITERS=1) rather than one per shard
+  # (BONE_TOOL_WRITERS=1) rather than one per shard; -fb: BONE_TOOL_FLUSH_BEHIND=32MB, each writer
+  # starts its file's writeback every 32 MB, so the fsyncs find it mostly written (fsync runs only)
   median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
   ab() { # fsync flag ("" or --no-fsync), kind, variants... (cp: cp -r of the base, the yardstick)
     local sync="$1" kind="$2" reps="${AB_RUNS:-3}"; shift 2
@@ -176,8 +178,8 @@ main() {
   }
   ab --no-fsync default cp cpu cpu-1w cuda cuda-1w adds-cpu keep-device pread adds-cpu-pread
   ab --no-fsync bat cp cpu cpu-1w cuda cuda-1w keep-device cublas pread
-  ab "" default cp cpu cpu-1w cuda cuda-1w keep-device
-  ab "" bat cp cpu cuda cuda-1w keep-device cublas
+  ab "" default cp cpu cpu-1w cuda cuda-1w keep-device cpu-fb cuda-fb
+  ab "" bat cp cpu cuda cuda-1w keep-device cuda-fb
   fi
   if want lanes1; then
   echo "== gpu_check, one lane (synchronous path)"
