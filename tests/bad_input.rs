@@ -605,3 +605,25 @@ fn cuda_without_a_usable_gpu_fails_cleanly_even_when_found_out_late() {
         assert_eq!(leftovers(env.tmp.path(), ".tmp-"), Vec::<String>::new(), "temporary folder left behind");
     }
 }
+
+#[test]
+fn a_folder_of_adapters_names_them() {
+    let e = Env::new();
+    let b = base_f32();
+    let runs = e.path("runs");
+    let out = e.path("out");
+    // a trainer's output folder: one checkpoint folder
+    e.copy("cases/bone-default-f32/adapter", "runs/checkpoint-500");
+    let line = fails(&merge_args(s(&b), s(&runs), s(&out)), Some(&out), &[&runs], &["no adapter_config.json"]);
+    assert!(line.contains(&format!("subfolder {} is one: pass it", runs.join("checkpoint-500").display())), "{line}");
+    // PEFT's save_pretrained of several named adapters: a folder each; plain folders are not named
+    e.copy("cases/bone-bat-f32/adapter", "runs/checkpoint-1000");
+    std::fs::create_dir_all(runs.join("logs")).unwrap();
+    let line = fails(&["inspect", "adapter", s(&runs)], None, &[&runs], &["no adapter_config.json"]);
+    let names = format!("{}, {}", runs.join("checkpoint-1000").display(), runs.join("checkpoint-500").display());
+    assert!(line.contains(&format!("subfolders {names} are adapters: pass one of them")), "{line}");
+    assert!(!line.contains("logs"), "{line}");
+    // a model folder keeps its own hint
+    let line = fails(&merge_args(s(&b), s(&b), s(&out)), Some(&out), &[], &["no adapter_config.json"]);
+    assert!(line.contains("looks like a model folder: pass it with --base"), "{line}");
+}

@@ -86,10 +86,27 @@ impl Adapter {
         let text = match std::fs::read_to_string(&cfg_path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let hint = if dir.join("config.json").is_file() {
-                    " (this looks like a model folder: pass it with --base)"
+                let inside = adapters_inside(&dir);
+                let cache = crate::model::hub_cache_hint(&dir);
+                let hint = if !cache.is_empty() {
+                    cache
+                } else if !inside.is_empty() {
+                    let shown: Vec<String> = inside.iter().take(4).map(|p| p.display().to_string()).collect();
+                    let more = if inside.len() > 4 { format!(" and {} more", inside.len() - 4) } else { String::new() };
+                    let (which, pass) = if inside.len() > 1 {
+                        ("subfolders", "are adapters: pass one of them")
+                    } else {
+                        ("subfolder", "is one: pass it")
+                    };
+                    format!(
+                        "; its {which} {}{more} {pass} (PEFT saves each named adapter, and a trainer each \
+                         checkpoint, in a folder of its own)",
+                        shown.join(", ")
+                    )
+                } else if dir.join("config.json").is_file() {
+                    " (this looks like a model folder: pass it with --base)".to_string()
                 } else {
-                    ""
+                    String::new()
                 };
                 return Err(input(format!("{d}: no {CONFIG_NAME}, so this is not a PEFT adapter folder{hint}")));
             }
@@ -307,4 +324,12 @@ fn missing_target(key: &str, target: &str, base: &Model) -> String {
         msg.push_str(" (was the adapter made for another base model?)");
     }
     msg
+}
+/// The subfolders of `dir` that are adapter folders (they hold adapter_config.json), sorted.
+fn adapters_inside(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
+    let mut found: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.join(CONFIG_NAME).is_file()).collect();
+    found.sort();
+    found
 }
