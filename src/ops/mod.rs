@@ -123,11 +123,10 @@ pub fn apply_chain(
     let step = h * i * d.size();
     let first_bad = std::sync::atomic::AtomicUsize::new(usize::MAX);
     dst.par_chunks_mut(step).zip(src.par_chunks(step)).enumerate().for_each(|(s, (out, inp))| {
-        STRIP.with_borrow_mut(|(w, scratch)| strip(inp, out, w, scratch, d, row0 + s * h, i, ops));
-        if check_finite {
-            if let Some(k) = d.first_new_non_finite_serial(inp, out) {
-                first_bad.fetch_min(s * h * i + k, std::sync::atomic::Ordering::Relaxed);
-            }
+        let bad =
+            STRIP.with_borrow_mut(|(w, scratch)| strip(inp, out, w, scratch, d, row0 + s * h, i, ops, check_finite));
+        if let Some(k) = bad {
+            first_bad.fetch_min(s * h * i + k, std::sync::atomic::Ordering::Relaxed);
         }
     });
     Some(first_bad.into_inner()).filter(|&k| k != usize::MAX)
@@ -138,8 +137,10 @@ thread_local! {
     static STRIP: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// One strip: decode, every op, encode. Compiled twice: for AVX2 where the processor has it
-/// (the same operations in wider registers, so the same results) and for the baseline.
+/// One strip: decode, every op, encode, and with `check_finite` the first value that became
+/// infinite or NaN. Compiled twice: for AVX2 where the processor has it (the same operations in
+/// wider registers, so the same results) and for the baseline.
+#[allow(clippy::too_many_arguments)]
 fn strip(
     inp: &[u8],
     out: &mut [u8],
@@ -149,18 +150,19 @@ fn strip(
     row0: usize,
     i: usize,
     ops: &[Prepared],
-) {
+    check_finite: bool,
+) -> Option<usize> {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the processor supports AVX2, checked just above.
-        unsafe { strip_avx2(inp, out, w, scratch, d, row0, i, ops) };
-        return;
+        return unsafe { strip_avx2(inp, out, w, scratch, d, row0, i, ops, check_finite) };
     }
-    strip_body(inp, out, w, scratch, d, row0, i, ops);
+    strip_body(inp, out, w, scratch, d, row0, i, ops, check_finite)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn strip_avx2(
     inp: &[u8],
     out: &mut [u8],
@@ -170,11 +172,13 @@ unsafe fn strip_avx2(
     row0: usize,
     i: usize,
     ops: &[Prepared],
-) {
-    strip_body(inp, out, w, scratch, d, row0, i, ops);
+    check_finite: bool,
+) -> Option<usize> {
+    strip_body(inp, out, w, scratch, d, row0, i, ops, check_finite)
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn strip_body(
     inp: &[u8],
     out: &mut [u8],
@@ -184,13 +188,20 @@ fn strip_body(
     row0: usize,
     i: usize,
     ops: &[Prepared],
-) {
+    check_finite: bool,
+) -> Option<usize> {
     w.resize(inp.len() / d.size(), 0.0);
     d.decode_serial(inp, w);
     for (k, op) in ops.iter().enumerate() {
         op.apply_rows(w, row0, i, scratch, k + 1 < ops.len());
     }
     d.encode_serial(w, out);
+    // while the strip is in cache, in this function's wider registers
+    if check_finite {
+        d.first_new_non_finite_serial(inp, out)
+    } else {
+        None
+    }
 }
 
 pub fn lcm(a: usize, b: usize) -> usize {
