@@ -1,5 +1,6 @@
 //! Single-thread speed of the CPU's default/mini add chain (decode, add, round, encode) on a
-//! [2048, 5632] weight in each dtype, and of BAT's at r = 64: ns per element, best of 15.
+//! [2048, 5632] weight in each dtype, of BAT's at r = 64, and of `--dtype`'s casts: ns per element,
+//! best of 15.
 //!   cargo run --release --example ops_speed
 use bone_tool::ops::dtype::Float;
 use bone_tool::ops::{apply_chain, expand_transposed, Prepared, Rounding};
@@ -20,6 +21,20 @@ fn main() {
         let ops = [Prepared::Periodic { et, r, sign: 1.0, rounding: Rounding::peft(d) }];
         let b = rng.values(o / r * r * r, 0.05);
         let bat = [Prepared::BatMerge { b, r, rounding: Rounding::peft(d) }];
+        for to in [Float::BF16, Float::F16, Float::F32].into_iter().filter(|&t| t != d) {
+            let name = format!("{d:?} cast to {to:?}");
+            if !only.iter().all(|w| name.contains(w.as_str())) {
+                continue;
+            }
+            let mut out = vec![0u8; o * i * to.size()];
+            let mut best = f64::MAX;
+            for _ in 0..15 {
+                let t = Instant::now();
+                pool.install(|| d.cast(to, &src, &mut out));
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("{name}: {:.3} ns/element", best * 1e9 / (o * i) as f64);
+        }
         for (name, ops) in [("default", &ops[..]), ("bat r=64", &bat[..])] {
             if !only.iter().all(|w| format!("{d:?} {name}").contains(w.as_str())) {
                 continue;

@@ -165,31 +165,54 @@ impl Float {
         // Only a narrower exponent can overflow: f32 -> f16/bf16, bf16 -> f16.
         let can_overflow = !matches!((self, to), (_, Float::F32) | (Float::F16, Float::BF16)) && self != to;
         const CHUNK: usize = 1 << 13;
-        const STRIP: usize = 1 << 10;
         src.par_chunks(CHUNK * n)
             .zip(dst.par_chunks_mut(CHUNK * m))
             .enumerate()
-            .filter_map(|(k, (s, d))| {
-                let mut vals = [0f32; STRIP];
-                let mut first = None;
-                for (j, (s, d)) in s.chunks(STRIP * n).zip(d.chunks_mut(STRIP * m)).enumerate() {
-                    let v = &mut vals[..s.len() / n];
-                    self.decode_serial(s, v);
-                    to.encode_serial(v, d);
-                    if can_overflow && first.is_none() {
-                        // an exponent of all ones in the output: inf (the input was finite)
-                        let exp = if to == Float::F16 { 0x7c00u16 } else { 0x7f80 };
-                        first = d
-                            .chunks_exact(2)
-                            .zip(v.iter())
-                            .position(|(h, x)| x.is_finite() && u16::from_le_bytes([h[0], h[1]]) & exp == exp)
-                            .map(|p| k * CHUNK + j * STRIP + p);
-                    }
-                }
-                first
-            })
+            .filter_map(|(k, (s, d))| cast_chunk(self, to, s, d, can_overflow).map(|p| k * CHUNK + p))
             .min()
     }
+}
+
+/// One chunk of [`Float::cast`] on the calling thread: the first element that overflowed, if
+/// `can_overflow`. Compiled twice, as the ops' strips: for AVX2 where the processor has it, and
+/// for the baseline.
+fn cast_chunk(from: Float, to: Float, s: &[u8], d: &mut [u8], can_overflow: bool) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the processor supports AVX2, checked just above.
+        return unsafe { cast_chunk_avx2(from, to, s, d, can_overflow) };
+    }
+    cast_chunk_body(from, to, s, d, can_overflow)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn cast_chunk_avx2(from: Float, to: Float, s: &[u8], d: &mut [u8], can_overflow: bool) -> Option<usize> {
+    cast_chunk_body(from, to, s, d, can_overflow)
+}
+
+#[inline(always)]
+fn cast_chunk_body(from: Float, to: Float, s: &[u8], d: &mut [u8], can_overflow: bool) -> Option<usize> {
+    const STRIP: usize = 1 << 10;
+    let (n, m) = (from.size(), to.size());
+    let mut vals = [0f32; STRIP];
+    let mut first = None;
+    for (j, (s, d)) in s.chunks(STRIP * n).zip(d.chunks_mut(STRIP * m)).enumerate() {
+        let v = &mut vals[..s.len() / n];
+        from.decode_serial(s, v);
+        to.encode_serial(v, d);
+        if can_overflow && first.is_none() {
+            // an exponent of all ones in the output where the input was finite: overflow. Look
+            // for one branch-free; find where only when there is one. (The rest is still cast:
+            // with --allow-non-finite the caller writes it.)
+            let exp = if to == Float::F16 { 0x7c00u16 } else { 0x7f80 };
+            let over = |(h, x): (&[u8], &f32)| x.is_finite() & (u16::from_le_bytes([h[0], h[1]]) & exp == exp);
+            if d.chunks_exact(2).zip(v.iter()).fold(false, |acc, p| acc | over(p)) {
+                first = d.chunks_exact(2).zip(v.iter()).position(over).map(|p| j * STRIP + p);
+            }
+        }
+    }
+    first
 }
 
 impl Float {
@@ -605,5 +628,11 @@ mod tests {
         big[15000] = -1e6;
         Float::F32.encode(&big, &mut src);
         assert_eq!(Float::F32.cast(Float::F16, &src, &mut hf), Some(9000));
+        // and every value is still cast, those after it in its chunk too (--allow-non-finite
+        // writes them): inf where it overflowed
+        for (k, v) in big.iter().enumerate() {
+            assert_eq!(u16::from_le_bytes([hf[2 * k], hf[2 * k + 1]]), half::f16::from_f32(*v).to_bits(), "{k}");
+        }
+        assert_eq!(u16::from_le_bytes([hf[2 * 15000], hf[2 * 15000 + 1]]), half::f16::NEG_INFINITY.to_bits());
     }
 }
