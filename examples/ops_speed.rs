@@ -1,6 +1,6 @@
-//! Single-thread speed of the CPU's default/mini add chain (decode, add, round, encode) on a
-//! [2048, 5632] weight in each dtype, of BAT's at r = 64, and of `--dtype`'s casts: ns per element,
-//! best of 15.
+//! Single-thread speed of the CPU's default/mini add chain (decode, add, round, encode, the check
+//! for new inf/NaN) on a [2048, 5632] weight in each dtype, of BAT's at r = 64, of both unmerges,
+//! and of `--dtype`'s casts: ns per element, best of 15.
 //!   cargo run --release --example ops_speed
 use bone_tool::ops::dtype::Float;
 use bone_tool::ops::{apply_chain, expand_transposed, Prepared, Rounding};
@@ -20,7 +20,13 @@ fn main() {
         let et = expand_transposed(&block, r, o, o);
         let ops = [Prepared::Periodic { et, r, sign: 1.0, rounding: Rounding::peft(d) }];
         let b = rng.values(o / r * r * r, 0.05);
+        let inv = bone_tool::ops::bat_inverses(&b, r).expect("I + B is invertible").inv;
+        let unbat = [Prepared::BatUnmerge { b: b.clone(), inv, r, rounding: Rounding::peft(d) }];
         let bat = [Prepared::BatMerge { b, r, rounding: Rounding::peft(d) }];
+        let mut unops = ops.clone();
+        if let Prepared::Periodic { sign, .. } = &mut unops[0] {
+            *sign = -1.0;
+        }
         for to in [Float::BF16, Float::F16, Float::F32].into_iter().filter(|&t| t != d) {
             let name = format!("{d:?} cast to {to:?}");
             if !only.iter().all(|w| name.contains(w.as_str())) {
@@ -35,7 +41,12 @@ fn main() {
             }
             println!("{name}: {:.3} ns/element", best * 1e9 / (o * i) as f64);
         }
-        for (name, ops) in [("default", &ops[..]), ("bat r=64", &bat[..])] {
+        for (name, ops) in [
+            ("default", &ops[..]),
+            ("bat r=64", &bat[..]),
+            ("unmerge default", &unops[..]),
+            ("unmerge bat r=64", &unbat[..]),
+        ] {
             if !only.iter().all(|w| format!("{d:?} {name}").contains(w.as_str())) {
                 continue;
             }
