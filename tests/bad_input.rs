@@ -296,7 +296,9 @@ fn conv1d_layers_of_gpt2_are_refused() {
     save(&base.join("model.safetensors"), &[("h.0.attn.c_proj.weight".to_string(), w)].into_iter().collect());
     let a = e.copy("cases/bone-default-f32/adapter", "a");
     let cfg = a.join("adapter_config.json");
-    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("\"r\": 8", "\"r\": 4")).unwrap();
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    (c["r"], c["target_modules"]) = (4.into(), serde_json::json!(["c_proj"]));
+    std::fs::write(&cfg, c.to_string()).unwrap();
     let block = f32_tensor(vec![4, 8], &[0.01; 32]);
     let key = "base_model.model.h.0.attn.c_proj.bone_block".to_string();
     save(&a.join("adapter_model.safetensors"), &[(key, block)].into_iter().collect());

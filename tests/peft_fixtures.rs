@@ -31,6 +31,9 @@ struct Case {
     has_bat: bool,
     /// PEFT's `merge_and_unload(safe_merge=True)`, which rounds BAT's `W + Δ` once (f16/bf16 BAT).
     merged_safe: Option<String>,
+    /// For each adapter, the modules whose blocks are in its file but that PEFT, loading it,
+    /// puts no layer on (its config does not target them), as PEFT itself listed them.
+    untargeted: Vec<Vec<String>>,
 }
 
 fn cases() -> Vec<Case> {
@@ -57,6 +60,12 @@ fn cases() -> Vec<Case> {
                 autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
                 has_bat,
                 merged_safe: c["merged_safe"].as_str().map(str::to_string),
+                untargeted: c["untargeted"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|l| l.as_array().unwrap().iter().map(|m| m.as_str().unwrap().to_string()).collect())
+                    .collect(),
             }
         })
         .collect()
@@ -292,7 +301,7 @@ fn merged_folder_keeps_the_base_layout_and_side_files() {
 #[test]
 fn inspect_json_describes_every_fixture_adapter() {
     for c in &cases() {
-        for a in &c.adapters {
+        for (a, untargeted) in c.adapters.iter().zip(&c.untargeted) {
             let dir = fixtures().join(a);
             let o = run(&[
                 "inspect",
@@ -322,28 +331,56 @@ fn inspect_json_describes_every_fixture_adapter() {
             } else {
                 assert!(j["mini_r"].is_null());
             }
-            let numel: usize = blocks.iter().map(|(_, t)| t.shape.iter().product::<usize>()).sum();
+            let module =
+                |key: &str| key.trim_start_matches("base_model.model.").rsplit_once('.').unwrap().0.to_string();
+            // the blocks PEFT loads: its parameters; the others are listed, not counted
+            let numel: usize = blocks
+                .iter()
+                .filter(|(k, _)| !untargeted.contains(&module(k)))
+                .map(|(_, t)| t.shape.iter().product::<usize>())
+                .sum();
             assert_eq!(j["num_parameters"], numel, "{a}");
             let layers = j["layers"].as_array().unwrap();
             assert_eq!(layers.len(), blocks.len());
+            assert_eq!(j["num_layers"], blocks.len() - untargeted.len(), "{a}");
+            assert_eq!(j["num_untargeted"], untargeted.len(), "{a}");
             for l in layers {
                 let key = l["key"].as_str().unwrap();
                 let t = &tensors[key];
                 assert_eq!(l["block_shape"], serde_json::json!(t.shape));
-                assert_eq!(
-                    l["module"].as_str().unwrap(),
-                    key.trim_start_matches("base_model.model.").rsplit_once('.').unwrap().0
-                );
-                assert_eq!(l["ok"], true);
+                assert_eq!(l["module"].as_str().unwrap(), module(key));
+                let targeted = !untargeted.contains(&module(key));
+                assert_eq!(l["targeted"], targeted, "{a}: {key}");
+                if targeted {
+                    assert_eq!(l["ok"], true);
+                }
             }
+            // the base weights PEFT saved beside blocks (`<module>.base_layer.weight`) are loaded
+            // only for modules it targets
+            let unloaded_base = |k: &str| {
+                let k = k.trim_start_matches("base_model.model.");
+                k.split_once(".base_layer.").is_some_and(|(m, _)| untargeted.iter().any(|u| u == m))
+            };
             let mts: Vec<String> = tensors
                 .keys()
-                .filter(|k| !k.contains("_block"))
+                .filter(|k| !k.contains("_block") && !unloaded_base(k))
                 .map(|k| k.trim_start_matches("base_model.model.").replace(".base_layer.", "."))
                 .collect();
             assert_eq!(j["modules_to_save"], serde_json::json!(mts), "{a}");
+            let ignored: Vec<&String> = tensors.keys().filter(|k| unloaded_base(k)).collect();
+            let ignored_keys: Vec<&str> =
+                j["ignored_keys"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
+            assert_eq!(ignored_keys, ignored, "{a}");
             assert_eq!(j["compatible"], true);
-            assert_eq!(j["warnings"], serde_json::json!([]));
+            let warnings = j["warnings"].as_array().unwrap();
+            if untargeted.is_empty() {
+                assert!(warnings.is_empty(), "{a}: {warnings:?}");
+            } else {
+                assert_eq!(warnings.len(), 1 + ignored.len(), "{a}: {warnings:?}");
+                let w = warnings.last().unwrap().as_str().unwrap();
+                assert!(w.contains(&format!("{} of its {} blocks", untargeted.len(), blocks.len())), "{w}");
+                assert!(w.contains(&format!("{:?}", untargeted[0])), "{w}");
+            }
         }
     }
 }

@@ -171,6 +171,95 @@ impl AdapterConfig {
     }
 }
 
+impl AdapterConfig {
+    /// Whether PEFT 0.18.1 puts this adapter on the module `module` (a path in the base model,
+    /// `model.layers.0.self_attn.q_proj`) when it loads it, as its `check_target_module_exists`
+    /// decides: not when `exclude_modules` or `modules_to_save` name it, else when
+    /// `target_modules` lists it (the whole path, or its last parts) and, with
+    /// `layers_to_transform`, its layer index is one of those. PEFT loads no block for a module it
+    /// does not target (`load_state_dict(strict=False)` drops it), so neither merges it. None
+    /// where bone-tool cannot tell without PEFT's regular expressions or the model: a string
+    /// `target_modules` or `exclude_modules` (a regex, or "all-linear"), names or layer patterns
+    /// with regex characters, a `layers_to_transform` that is not integers.
+    pub fn peft_targets(&self, module: &str) -> Option<bool> {
+        let raw = |key: &str| self.raw.get(key).filter(|v| !v.is_null());
+        let strings = |v: &Value| -> Option<Vec<String>> {
+            v.as_array()?.iter().map(|s| s.as_str().map(str::to_string)).collect()
+        };
+        let names = |list: &[String]| list.iter().any(|t| module == t || module.ends_with(&format!(".{t}")));
+        if let Some(ex) = raw("exclude_modules") {
+            match ex {
+                Value::String(s) if s.is_empty() => {}
+                Value::String(_) => return None,
+                v => {
+                    if names(&strings(v)?) {
+                        return Some(false);
+                    }
+                }
+            }
+        }
+        for m in &self.modules_to_save {
+            // PEFT: re.match(rf"(^|.*\.){m}($|\..*)", key); a dot in m read as a dot
+            if !literal(m, true) {
+                return None;
+            }
+            let dotted = format!(".{module}.");
+            if dotted.contains(&format!(".{m}.")) {
+                return Some(false);
+            }
+        }
+        let targets = strings(raw("target_modules")?)?;
+        if targets.iter().any(|t| t == "all-linear") {
+            return None;
+        }
+        if targets.iter().any(|t| t == module) {
+            return Some(true);
+        }
+        if !names(&targets) {
+            return Some(false);
+        }
+        let layers: Vec<u64> = match raw("layers_to_transform") {
+            None => return Some(true),
+            Some(Value::Number(n)) => vec![n.as_u64()?],
+            Some(Value::Array(a)) if a.is_empty() => return Some(true),
+            Some(Value::Array(a)) => a.iter().map(Value::as_u64).collect::<Option<_>>()?,
+            Some(_) => return None,
+        };
+        let patterns: Vec<String> = match raw("layers_pattern") {
+            None => vec![],
+            Some(Value::String(s)) if s.is_empty() => vec![],
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(v) => strings(v)?,
+        };
+        if !patterns.iter().all(|p| literal(p, false)) {
+            return None;
+        }
+        // PEFT: re.match(r".*\.[^.]*\.(\d+)\.", key), or with each pattern p in turn
+        // r".*\.{p}\.(\d+)\.": the last all-digit part that has a part before it (itself not
+        // the first) named p (any name without patterns) and a part after it.
+        let parts: Vec<&str> = module.split('.').collect();
+        let index_after = |p: Option<&str>| {
+            (2..parts.len().saturating_sub(1)).rev().find_map(|j| {
+                let digits = !parts[j].is_empty() && parts[j].bytes().all(|b| b.is_ascii_digit());
+                (digits && p.map_or(true, |p| parts[j - 1] == p)).then(|| parts[j].parse::<u64>().ok())
+            })
+        };
+        let index =
+            if patterns.is_empty() { index_after(None) } else { patterns.iter().find_map(|p| index_after(Some(p))) };
+        match index {
+            None => Some(false),
+            Some(None) => None, // too many digits for a u64
+            Some(Some(k)) => Some(layers.contains(&k)),
+        }
+    }
+}
+
+/// A name that reads the same as a Python regular expression: no characters that regexes treat
+/// specially (`.` allowed where `dot` is, as the module paths' separator).
+fn literal(s: &str, dot: bool) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-' || (dot && c == '.'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +296,37 @@ mod tests {
         assert!(parse(r#"{"peft_type":"BONE","r":0}"#).unwrap_err().to_string().contains("positive integer"));
         assert!(parse(r#"{"peft_type":"BONE","init_weights":"pissa"}"#).is_err());
         assert!(parse("{not json").unwrap_err().to_string().contains("not valid JSON"));
+    }
+
+    /// PEFT's own decisions (fixtures/peft-targets.json, written by fixtures/generate.py from
+    /// PEFT 0.18.1's check_target_module_exists) for list targets, layer indexes and patterns,
+    /// exclusions and modules_to_save: bone-tool decides each the same way, and leaves undecided
+    /// exactly the configs with a regex string.
+    #[test]
+    fn targets_are_decided_as_peft_decides_them() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft-targets.json");
+        let table: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert!(table.len() >= 200);
+        let (mut decided, mut yes) = (0, 0);
+        for row in &table {
+            let mut cfg = row["config"].clone();
+            cfg["peft_type"] = "BONE".into();
+            let (c, _) = parse(&cfg.to_string()).unwrap();
+            let module = row["module"].as_str().unwrap();
+            let peft = row["peft"].as_bool().unwrap();
+            let regex = ["target_modules", "exclude_modules"].iter().any(|k| cfg[k].is_string());
+            match c.peft_targets(module) {
+                Some(ours) => {
+                    assert!(!regex, "{cfg} {module}: decided, but the config has a regex");
+                    assert_eq!(ours, peft, "{cfg} {module}");
+                    decided += 1;
+                    yes += usize::from(ours);
+                }
+                None => assert!(regex, "{cfg} {module}: undecided (PEFT says {peft})"),
+            }
+        }
+        // both answers occur, often
+        assert!(decided >= 180 && yes >= 50 && decided - yes >= 50, "{decided} decided, {yes} targeted");
     }
 
     #[test]

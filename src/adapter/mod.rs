@@ -54,7 +54,11 @@ pub struct Adapter {
     pub dir: PathBuf,
     pub config: AdapterConfig,
     pub file: SafetensorsFile,
+    /// The blocks that merge and unmerge apply: those on modules PEFT targets.
     pub blocks: Vec<Block>,
+    /// Blocks on modules that the config does not target ([`AdapterConfig::peft_targets`]):
+    /// PEFT does not load them, so merge and unmerge leave them out; convert keeps them.
+    pub untargeted: Vec<Block>,
     pub replacements: Vec<Replacement>,
     pub ignored: Vec<Ignored>,
     pub warnings: Vec<String>,
@@ -127,8 +131,16 @@ impl Adapter {
         }
         crate::model::check_link(&weights)?;
         let file = SafetensorsFile::open(&weights)?;
-        let mut adapter =
-            Adapter { dir, config, file, blocks: vec![], replacements: vec![], ignored: vec![], warnings };
+        let mut adapter = Adapter {
+            dir,
+            config,
+            file,
+            blocks: vec![],
+            untargeted: vec![],
+            replacements: vec![],
+            ignored: vec![],
+            warnings,
+        };
         adapter.classify(prefix)?;
         Ok(adapter)
     }
@@ -166,8 +178,50 @@ impl Adapter {
                 self.replacements.push(Replacement { key, target, entry, base_layer });
             }
         }
+        let found = self.blocks.len();
+        let (blocks, untargeted) = std::mem::take(&mut self.blocks)
+            .into_iter()
+            .partition(|b| self.config.peft_targets(&b.module) != Some(false));
+        (self.blocks, self.untargeted) = (blocks, untargeted);
+        // A module's saved base weight (`<module>.base_layer.weight`) is loaded only into the layer
+        // PEFT wraps that module in: not for a module the config does not target.
+        for r in std::mem::take(&mut self.replacements) {
+            let module = r.key.strip_prefix(prefix).unwrap_or(&r.key).split(".base_layer.").next().unwrap_or("");
+            if r.base_layer && self.config.peft_targets(module) == Some(false) {
+                let reason = format!(
+                    "the base weight of {module:?}, a module adapter_config.json does not target: PEFT does not load it"
+                );
+                self.ignored.push(Ignored { key: r.key, reason });
+            } else {
+                self.replacements.push(r);
+            }
+        }
         for ig in &self.ignored {
             self.warnings.push(format!("{wp}: ignored {:?}: {}", ig.key, ig.reason));
+        }
+        if let Some(first) = self.untargeted.first() {
+            let n = self.untargeted.len();
+            let count = match (n == found, n) {
+                (true, 1) => "its only block".to_string(),
+                (true, _) => format!("all {n} of its blocks"),
+                (false, _) => format!("{n} of its {found} blocks"),
+            };
+            let on = if n == 1 { "is on a module" } else { "are on modules" };
+            let what = format!(
+                "{count} {on} that adapter_config.json does not target (target_modules, \
+                 layers_to_transform, exclude_modules), e.g. {:?}",
+                first.module
+            );
+            if self.blocks.is_empty() && self.replacements.is_empty() {
+                return Err(input(format!(
+                    "{wp}: {what}: PEFT loads none of them, so there is nothing to apply; \
+                     make adapter_config.json name the modules the blocks are for"
+                )));
+            }
+            self.warnings.push(format!(
+                "{wp}: {what}: PEFT does not load those, so merge and unmerge leave them out as PEFT \
+                 does (convert keeps them); make adapter_config.json name them to apply them"
+            ));
         }
         if self.blocks.is_empty() && self.replacements.is_empty() {
             return Err(input(format!("{wp}: holds no {} blocks (keys ending in {:?})", pt.name(), pt.block_suffix())));

@@ -65,7 +65,8 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     let mut layers: Vec<Value> = vec![];
     let (mut err_num, mut err_den) = (0f64, 0f64);
     let mut config: Map<String, Value> = c.raw.as_object().cloned().unwrap_or_default();
-    for b in &a.blocks {
+    // blocks on modules the config does not target too: a conversion keeps what the file holds
+    for b in a.blocks.iter().chain(&a.untargeted) {
         let out_float = out_float(args.dtype, b)?;
         match args.to {
             ConvertTo::Miss | ConvertTo::Bone => {
@@ -402,6 +403,7 @@ fn lora_config(a: &Adapter, layers: &[Value], args: &ConvertArgs) -> Map<String,
         "base_model_name_or_path",
         "task_type",
         "target_modules",
+        "exclude_modules",
         "layers_to_transform",
         "layers_pattern",
         "modules_to_save",

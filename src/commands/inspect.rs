@@ -57,8 +57,20 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
                     }
                 }
             }
+            l["targeted"] = json!(true);
             l
         })
+        .chain(a.untargeted.iter().map(|b| {
+            json!({
+                "module": b.module,
+                "key": b.key,
+                "base_tensor": b.target(),
+                "block_shape": b.entry.shape,
+                "dtype": format!("{:?}", b.entry.dtype),
+                // PEFT does not load it: merge and unmerge leave it out, so it is not checked
+                "targeted": false,
+            })
+        }))
         .collect();
     let replacements: Vec<Value> = a
         .replacements
@@ -83,6 +95,7 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
         "r": c.r,
         "mini_r": if c.variant == Variant::Mini { json!(c.mini_r) } else { Value::Null },
         "num_layers": a.blocks.len(),
+        "num_untargeted": a.untargeted.len(),
         "num_parameters": a.num_parameters(),
         "block_dtype": dtypes.into_iter().collect::<Vec<_>>().join(","),
         "target_modules": c.target_modules,
@@ -115,10 +128,20 @@ pub fn render(r: &Value) -> String {
     let layers = r["layers"].as_array().cloned().unwrap_or_default();
     let kinds: BTreeSet<String> = layers
         .iter()
+        .filter(|l| l["targeted"] != false)
         .filter_map(|l| l["module"].as_str())
         .map(|m| m.rsplit('.').next().unwrap_or(m).to_string())
         .collect();
-    line("layers", format!("{} adapted ({})", layers.len(), kinds.into_iter().collect::<Vec<_>>().join(", ")));
+    let untargeted = r["num_untargeted"].as_u64().unwrap_or(0);
+    let not_loaded = if untargeted > 0 {
+        format!("; {untargeted} more blocks on modules the config does not target, which PEFT does not load (marked -)")
+    } else {
+        String::new()
+    };
+    line(
+        "layers",
+        format!("{} adapted ({}){not_loaded}", r["num_layers"], kinds.into_iter().collect::<Vec<_>>().join(", ")),
+    );
     line(
         "parameters",
         format!("{} in blocks ({})", group(r["num_parameters"].as_u64().unwrap_or(0)), str_or(&r["block_dtype"], "-")),
@@ -150,7 +173,9 @@ pub fn render(r: &Value) -> String {
     s.push_str(&format!("{:<44} {:<12} {:<6}{}\n", "module", "block", "dtype", if with_base { " base" } else { "" }));
     for l in &layers {
         let shape = compact(&l["block_shape"]);
-        let base_col = if with_base {
+        let base_col = if l["targeted"] == false {
+            "  - not targeted: PEFT does not load it".to_string()
+        } else if with_base {
             let bs = if l["base_shape"].is_null() {
                 "missing".to_string()
             } else {
