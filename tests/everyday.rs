@@ -430,6 +430,8 @@ fn each_writes_one_merged_model_per_adapter() {
     let base = fixtures().join("bases/llama-bf16");
     let mut argv: Vec<String> = ["merge", "--base", s(&base), "--each"].iter().map(|a| a.to_string()).collect();
     argv.extend(adapters.iter().map(|a| s(a).to_string()));
+    // an adapter given by its weights file is named after its folder
+    argv[5] = s(&adapters[1].join("adapter_model.safetensors")).to_string();
     argv.extend(["--out-pattern".to_string(), s(&pattern).to_string(), "--json".to_string()]);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let o = run(&argv);

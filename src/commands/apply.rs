@@ -29,7 +29,9 @@ pub fn each(adapters: &[PathBuf], pattern: &str) -> Result<Vec<Job>> {
     }
     let mut jobs: Vec<Job> = vec![];
     for a in adapters {
-        let name = std::path::absolute(a)
+        // an adapter given by its weights or config file is named after its folder
+        let folder = if a.is_file() { crate::model::folder_of(a) } else { a.clone() };
+        let name = std::path::absolute(&folder)
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .filter(|n| !n.is_empty())
