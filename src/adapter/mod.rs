@@ -6,7 +6,7 @@ pub mod config;
 use crate::error::{input, Result};
 use crate::model::{io_reason, Model, SafetensorsFile, TensorEntry};
 use crate::ops::dtype::Float;
-pub use config::{AdapterConfig, PeftType, Variant};
+pub use config::{AdapterConfig, PeftType, Regexes, Variant};
 use std::path::{Path, PathBuf};
 
 pub const CONFIG_NAME: &str = "adapter_config.json";
@@ -77,7 +77,7 @@ pub struct Geometry {
 impl Adapter {
     /// Open an adapter folder (or the path of its config or weights file).
     pub fn open(path: &Path, prefix: &str) -> Result<Adapter> {
-        let dir = if path.is_file() { crate::model::folder_of(path) } else { path.to_path_buf() };
+        let dir = crate::model::dir_of(path);
         let d = dir.display();
         if !dir.is_dir() {
             return Err(input(format!(
@@ -179,15 +179,16 @@ impl Adapter {
             }
         }
         let found = self.blocks.len();
+        let mut regexes = Regexes::default();
         let (blocks, untargeted) = std::mem::take(&mut self.blocks)
             .into_iter()
-            .partition(|b| self.config.peft_targets(&b.module) != Some(false));
+            .partition(|b| self.config.peft_targets_with(&b.module, &mut regexes) != Some(false));
         (self.blocks, self.untargeted) = (blocks, untargeted);
         // A module's saved base weight (`<module>.base_layer.weight`) is loaded only into the layer
         // PEFT wraps that module in: not for a module the config does not target.
         for r in std::mem::take(&mut self.replacements) {
-            let module = r.key.strip_prefix(prefix).unwrap_or(&r.key).split(".base_layer.").next().unwrap_or("");
-            if r.base_layer && self.config.peft_targets(module) == Some(false) {
+            let module = r.target.rsplit_once('.').map_or(r.target.as_str(), |(m, _)| m);
+            if r.base_layer && self.config.peft_targets_with(module, &mut regexes) == Some(false) {
                 let reason = format!(
                     "the base weight of {module:?}, a module adapter_config.json does not target: PEFT does not load it"
                 );
@@ -379,6 +380,7 @@ fn missing_target(key: &str, target: &str, base: &Model) -> String {
     }
     msg
 }
+
 /// The subfolders of `dir` that are adapter folders (they hold adapter_config.json), sorted.
 fn adapters_inside(dir: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };

@@ -30,8 +30,7 @@ pub fn each(adapters: &[PathBuf], pattern: &str) -> Result<Vec<Job>> {
     let mut jobs: Vec<Job> = vec![];
     for a in adapters {
         // an adapter given by its weights or config file is named after its folder
-        let folder = if a.is_file() { crate::model::folder_of(a) } else { a.clone() };
-        let name = std::path::absolute(&folder)
+        let name = std::path::absolute(crate::model::dir_of(a))
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .filter(|n| !n.is_empty())
@@ -456,12 +455,11 @@ fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
 pub(crate) fn refuse_overlap(out: &Path, model: Option<&Path>, adapters: &[PathBuf]) -> Result<()> {
     let out_abs = absolute(out);
     let lone_file = |p: &Path| p.is_file() && !crate::model::file_name(p).ends_with(".index.json");
-    let folder = |p: &Path| if p.is_file() { crate::model::folder_of(p) } else { p.to_path_buf() };
     let mut inputs: Vec<(PathBuf, bool)> = vec![];
     if let Some(m) = model {
-        inputs.push(if lone_file(m) { (m.to_path_buf(), false) } else { (folder(m), true) });
+        inputs.push(if lone_file(m) { (m.to_path_buf(), false) } else { (crate::model::dir_of(m), true) });
     }
-    inputs.extend(adapters.iter().map(|a| (folder(a), true)));
+    inputs.extend(adapters.iter().map(|a| (crate::model::dir_of(a), true)));
     for (i, is_folder) in inputs {
         let i_abs = absolute(&i);
         if i_abs.starts_with(&out_abs) || (is_folder && out_abs.starts_with(&i_abs)) {

@@ -1,6 +1,6 @@
 //! `inspect adapter`: what an adapter holds, and whether it fits a base model.
 
-use crate::adapter::{Adapter, Variant};
+use crate::adapter::{Adapter, Block, Variant};
 use crate::cli::InspectAdapterArgs;
 use crate::error::{input, Result};
 use crate::model::Model;
@@ -32,17 +32,21 @@ pub fn adapter(args: &InspectAdapterArgs) -> Result<()> {
 pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
     let c = &a.config;
     let mut problems: Vec<String> = vec![];
+    let describe = |b: &Block, targeted: bool| {
+        json!({
+            "module": b.module,
+            "key": b.key,
+            "base_tensor": b.target(),
+            "block_shape": b.entry.shape,
+            "dtype": format!("{:?}", b.entry.dtype),
+            "targeted": targeted,
+        })
+    };
     let layers: Vec<Value> = a
         .blocks
         .iter()
         .map(|b| {
-            let mut l = json!({
-                "module": b.module,
-                "key": b.key,
-                "base_tensor": b.target(),
-                "block_shape": b.entry.shape,
-                "dtype": format!("{:?}", b.entry.dtype),
-            });
+            let mut l = describe(b, true);
             if let Some(base) = base {
                 if let Some((_, w)) = base.tensor(&b.target()) {
                     l["base_shape"] = json!(w.shape);
@@ -57,20 +61,10 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
                     }
                 }
             }
-            l["targeted"] = json!(true);
             l
         })
-        .chain(a.untargeted.iter().map(|b| {
-            json!({
-                "module": b.module,
-                "key": b.key,
-                "base_tensor": b.target(),
-                "block_shape": b.entry.shape,
-                "dtype": format!("{:?}", b.entry.dtype),
-                // PEFT does not load it: merge and unmerge leave it out, so it is not checked
-                "targeted": false,
-            })
-        }))
+        // PEFT does not load these: merge and unmerge leave them out, so they are not checked
+        .chain(a.untargeted.iter().map(|b| describe(b, false)))
         .collect();
     let replacements: Vec<Value> = a
         .replacements

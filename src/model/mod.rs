@@ -265,6 +265,16 @@ pub fn folder_of(p: &Path) -> PathBuf {
     }
 }
 
+/// `p` itself when it is not a file (a folder, or a path that does not exist), else the folder
+/// holding it: an adapter folder given by its config or weights file, a model by its index file.
+pub fn dir_of(p: &Path) -> PathBuf {
+    if p.is_file() {
+        folder_of(p)
+    } else {
+        p.to_path_buf()
+    }
+}
+
 pub fn file_name(p: &Path) -> String {
     p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }

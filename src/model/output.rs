@@ -81,8 +81,8 @@ impl OutputDir {
                 .with_context(|| format!("cannot rename {} to {}", self.tmp.display(), self.out.display()))?;
             self.committed = true;
         }
-        if let (true, Some(parent)) = (fsync, self.out.parent()) {
-            let _ = sync_dir(if parent.as_os_str().is_empty() { Path::new(".") } else { parent });
+        if fsync {
+            let _ = sync_dir(&crate::model::folder_of(&self.out));
         }
         Ok(())
     }
