@@ -2,6 +2,7 @@
 
 mod common;
 use common::*;
+use std::collections::BTreeMap;
 
 #[test]
 fn dry_run_lists_the_plan_and_writes_nothing() {
@@ -619,4 +620,30 @@ fn bare_file_names_in_the_working_folder_work() {
     );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("overlaps the input ."), "{}", stderr(&o));
+}
+
+#[test]
+fn a_base_saved_without_its_model_wrapper_takes_a_prefix_and_keeps_the_layer_rule() {
+    // A base saved as LlamaModel names its tensors "layers.0.…", not "model.layers.0.…"; the
+    // adapter was made on LlamaForCausalLM with layers_to_transform [0]. --adapter-prefix
+    // "base_model.model.model." finds the base tensors, while PEFT's rule still looks for the layer
+    // in PEFT's own name, "model.layers.0.mlp.down_proj" (in "layers.0.mlp.down_proj" its
+    // pattern finds no layer, and nothing would be targeted).
+    let tmp = tempfile::tempdir().unwrap();
+    let case = fixtures().join("cases/bone-bat-sharded-f32");
+    let unwrap = |t: BTreeMap<String, T>| -> BTreeMap<String, T> {
+        t.into_iter().map(|(k, v)| (k.strip_prefix("model.").map(str::to_string).unwrap_or(k), v)).collect()
+    };
+    let base = tmp.path().join("headless");
+    std::fs::create_dir_all(&base).unwrap();
+    save(&base.join("model.safetensors"), &unwrap(load(&fixtures().join("bases/llama-f32-sharded"))));
+    let cfg = std::fs::read_to_string(case.join("adapter/adapter_config.json")).unwrap();
+    assert!(cfg.contains("\"layers_to_transform\": [\n    0\n  ]"), "{cfg}");
+    let out = tmp.path().join("out");
+    let o = merge_with(&base, &case.join("adapter"), &out, &["--adapter-prefix", "base_model.model.model."]);
+    ok(&o);
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    let (x, y) = (load(&out), unwrap(load(&case.join("merged"))));
+    assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+    assert!(x.iter().all(|(k, t)| y[k].data == t.data), "PEFT's merged bytes");
 }

@@ -14,6 +14,15 @@ pub const WEIGHTS_NAME: &str = "adapter_model.safetensors";
 /// The prefix PeftModel puts before every module path.
 pub const DEFAULT_PREFIX: &str = "base_model.model.";
 
+/// A module's path as PEFT names it when it decides what to target (`named_modules()` of the model
+/// PEFT wrapped), from its path in the adapter file: without [`DEFAULT_PREFIX`], whatever
+/// `--adapter-prefix` says. With `--adapter-prefix base_model.model.model.` (for a base saved
+/// without its `model.` wrapper), the block on `layers.0.mlp.up_proj` is PEFT's
+/// `model.layers.0.mlp.up_proj`, and `layers_to_transform` finds its layer only in the latter.
+pub fn peft_path(path_in_file: &str) -> &str {
+    path_in_file.strip_prefix(DEFAULT_PREFIX).unwrap_or(path_in_file)
+}
+
 /// One adapted layer.
 #[derive(Clone, Debug)]
 pub struct Block {
@@ -54,6 +63,8 @@ pub struct Adapter {
     pub dir: PathBuf,
     pub config: AdapterConfig,
     pub file: SafetensorsFile,
+    /// `--adapter-prefix`: what is cut from a key to give its base tensor's name.
+    pub prefix: String,
     /// The blocks that merge and unmerge apply: those on modules PEFT targets.
     pub blocks: Vec<Block>,
     /// Blocks on modules that the config does not target ([`AdapterConfig::peft_targets`]):
@@ -135,19 +146,22 @@ impl Adapter {
             dir,
             config,
             file,
+            prefix: prefix.to_string(),
             blocks: vec![],
             untargeted: vec![],
             replacements: vec![],
             ignored: vec![],
             warnings,
         };
-        adapter.classify(prefix)?;
+        adapter.classify()?;
         Ok(adapter)
     }
 
     /// Sort the file's tensors into blocks, replacements and ignored keys, and check each block's
     /// shape against the config (the checks that need no base model).
-    fn classify(&mut self, prefix: &str) -> Result<()> {
+    fn classify(&mut self) -> Result<()> {
+        let prefix = self.prefix.clone();
+        let prefix = prefix.as_str();
         let pt = self.config.peft_type;
         let other = if pt == PeftType::Bone { PeftType::Miss } else { PeftType::Bone };
         let wp = self.file.path.display().to_string();
@@ -180,15 +194,17 @@ impl Adapter {
         }
         let found = self.blocks.len();
         let mut regexes = Regexes::default();
-        let (blocks, untargeted) = std::mem::take(&mut self.blocks)
-            .into_iter()
-            .partition(|b| self.config.peft_targets_with(&b.module, &mut regexes) != Some(false));
+        let (blocks, untargeted) = std::mem::take(&mut self.blocks).into_iter().partition(|b| {
+            self.targets(b.key.strip_suffix(pt.block_suffix()).unwrap_or(&b.key), &mut regexes) != Some(false)
+        });
         (self.blocks, self.untargeted) = (blocks, untargeted);
         // A module's saved base weight (`<module>.base_layer.weight`) is loaded only into the layer
         // PEFT wraps that module in: not for a module the config does not target.
         for r in std::mem::take(&mut self.replacements) {
             let module = r.target.rsplit_once('.').map_or(r.target.as_str(), |(m, _)| m);
-            if r.base_layer && self.config.peft_targets_with(module, &mut regexes) == Some(false) {
+            let in_file = r.key.replace(".base_layer.", ".");
+            let in_file = in_file.rsplit_once('.').map_or(in_file.as_str(), |(m, _)| m);
+            if r.base_layer && self.targets(in_file, &mut regexes) == Some(false) {
                 let reason = format!(
                     "the base weight of {module:?}, a module adapter_config.json does not target: PEFT does not load it"
                 );
@@ -228,6 +244,18 @@ impl Adapter {
             return Err(input(format!("{wp}: holds no {} blocks (keys ending in {:?})", pt.name(), pt.block_suffix())));
         }
         Ok(())
+    }
+
+    /// Whether PEFT targets the module at `path_in_file` (a key without its suffix), asking the
+    /// config about PEFT's name for it ([`peft_path`]).
+    fn targets(&self, path_in_file: &str, regexes: &mut Regexes) -> Option<bool> {
+        self.config.peft_targets_with(peft_path(path_in_file), regexes)
+    }
+
+    /// Whether PEFT targets the base module `module` (a base tensor's name without `.weight`),
+    /// the module that a block keyed `<prefix><module>` would change.
+    pub fn targets_base_module(&self, module: &str, regexes: &mut Regexes) -> Option<bool> {
+        self.targets(&format!("{}{module}", self.prefix), regexes)
     }
 
     fn check_block_shape(&self, b: &Block) -> Result<()> {
