@@ -629,3 +629,51 @@ fn a_folder_of_adapters_names_them() {
     let line = fails(&merge_args(s(&b), s(&b), s(&out)), Some(&out), &[], &["no adapter_config.json"]);
     assert!(line.contains("looks like a model folder: pass it with --base"), "{line}");
 }
+
+#[test]
+fn targeted_modules_without_a_block_are_left_alone_with_a_warning() {
+    // PEFT builds a layer on every module the config targets; where the file has no block it warns
+    // "Found missing adapter keys" and merges the layer's initial block: zeros unless init_weights
+    // is false (checked with PEFT 0.18.1 on this fixture: the layer stays as it was).
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-f32/adapter", "a");
+    let f = a.join("adapter_model.safetensors");
+    let mut t = load(&f);
+    let dropped = "model.layers.1.self_attn.q_proj";
+    assert!(t.remove(&format!("base_model.model.{dropped}.bone_block")).is_some());
+    save(&f, &t);
+    let out = e.path("out");
+    let o = run(&merge_args(s(&base_f32()), s(&a), s(&out)));
+    ok(&o);
+    let warnings: Vec<String> = stderr(&o).lines().filter(|l| l.starts_with("warning:")).map(String::from).collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    for needle in [&format!("{dropped:?}"), "no block", "zeros: no change", "made for this base"] {
+        assert!(warnings[0].contains(needle), "{needle}: {}", warnings[0]);
+    }
+    let (merged, peft, base) = (load(&out), load(&fixtures().join("cases/bone-default-f32/merged")), load(&base_f32()));
+    let weight = format!("{dropped}.weight");
+    assert_eq!(merged[&weight].data, base[&weight].data, "left as it was");
+    assert_ne!(peft[&weight].data, base[&weight].data, "the block would have changed it");
+    assert!(merged.iter().filter(|(k, _)| **k != weight).all(|(k, v)| peft[k].data == v.data));
+
+    // two missing, and init_weights false: PEFT's initial blocks are random
+    assert!(t.remove("base_model.model.model.layers.0.mlp.up_proj.bone_block").is_some());
+    save(&f, &t);
+    let cfg = a.join("adapter_config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["init_weights"] = false.into();
+    std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
+    let o = run(&merge_args(s(&base_f32()), s(&a), s(&e.path("out2"))));
+    ok(&o);
+    let err = stderr(&o);
+    for needle in ["targets 2 modules", "\"model.layers.0.mlp.up_proj\"", "random values"] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    // modules the config does not target need no block: narrowed to what the file holds, no warning
+    c["target_modules"] = serde_json::json!(["k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]);
+    c["layers_to_transform"] = serde_json::json!([0]);
+    std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
+    let o = run(&merge_args(s(&base_f32()), s(&a), s(&e.path("out3"))));
+    ok(&o);
+    assert!(!stderr(&o).contains("no block"), "{}", stderr(&o));
+}

@@ -107,7 +107,10 @@ fn apply_env(cmd: &str, model: &Path, c: &Case, out: &Path, piece_bytes: Option<
         // and the shards written side by side, each by a writer of its own
         command.env("BONE_TOOL_WRITERS", "3");
     }
-    ok(&command.output().expect("bone-tool runs"));
+    let o = command.output().expect("bone-tool runs");
+    ok(&o);
+    // PEFT saved a block for every module each adapter's config targets in its base
+    assert!(!stderr(&o).contains("no block for"), "{}: {}", c.name, stderr(&o));
 }
 
 /// Compare every tensor; returns a description of each mismatch.
