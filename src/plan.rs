@@ -170,7 +170,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     for &ai in &order {
         let a = &adapters[ai];
         let at = a.dir.display();
-        warn_missing_blocks(base, a, &mut warnings);
+        warnings.extend(a.missing_blocks_warning(base));
         // Replacements first: they replace the whole tensor, then blocks act on the result.
         // Unmerging, a saved base layer is the exact original: it replaces, and the block is not undone.
         let mut restored = std::collections::HashSet::new();
@@ -419,41 +419,6 @@ fn new_config(base: &Model, out: Option<Float>, untied: bool) -> Option<serde_js
 }
 
 /// Bits of significand: what "more precise" means between float dtypes.
-/// Warn about the base's modules that adapter_config.json targets but the adapter has no block
-/// for. PEFT builds its layer there all the same, warns "Found missing adapter keys", and merges
-/// the layer's initial block: zeros (no change, as bone-tool leaves it), or random values when
-/// `init_weights` is false. Either way the adapter was likely made for another model or config.
-fn warn_missing_blocks(base: &Model, a: &Adapter, warnings: &mut Vec<String>) {
-    let have: std::collections::HashSet<&str> =
-        a.blocks.iter().chain(&a.untargeted).map(|b| b.module.as_str()).collect();
-    let mut regexes = crate::adapter::Regexes::default();
-    let missing: Vec<&str> = base
-        .tensor_names()
-        .filter_map(|name| Some((name.strip_suffix(".weight")?, base.tensor(name)?.1)))
-        .filter(|(module, e)| e.shape.len() == 2 && !have.contains(module))
-        .filter(|(module, _)| a.targets_base_module(module, &mut regexes) == Some(true))
-        .map(|(module, _)| module)
-        .collect();
-    let Some(&first) = missing.iter().min() else { return };
-    let initial = if a.config.init_weights == serde_json::Value::Bool(false) {
-        "random values, as init_weights is false: PEFT's merge would add noise there"
-    } else {
-        "zeros: no change"
-    };
-    let what = match missing.len() {
-        1 => format!(
-            "targets {first:?} of the base, but the adapter has no block for it: PEFT warns of a missing \
-             adapter key and applies its initial block there ({initial}); bone-tool leaves it unchanged"
-        ),
-        n => format!(
-            "targets {n} modules of the base that the adapter has no block for, e.g. {first:?}: PEFT warns \
-             of missing adapter keys and applies its initial blocks there ({initial}); bone-tool leaves \
-             them unchanged"
-        ),
-    };
-    warnings.push(format!("{}: adapter_config.json {what}. Was the adapter made for this base?", a.dir.display()));
-}
-
 fn precision(f: Float) -> u32 {
     match f {
         Float::F32 => 24,

@@ -655,6 +655,16 @@ fn targeted_modules_without_a_block_are_left_alone_with_a_warning() {
     assert_eq!(merged[&weight].data, base[&weight].data, "left as it was");
     assert_ne!(peft[&weight].data, base[&weight].data, "the block would have changed it");
     assert!(merged.iter().filter(|(k, _)| **k != weight).all(|(k, v)| peft[k].data == v.data));
+    // inspect tells with --base (only a base shows which modules the config targets)
+    let j = |extra: &[&str]| -> serde_json::Value {
+        let o = run(&[&["inspect", "adapter", s(&a), "--json"], extra].concat());
+        ok(&o);
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    let with_base = j(&["--base", s(&base_f32())]);
+    assert_eq!(with_base["modules_without_blocks"], serde_json::json!([dropped]));
+    assert_eq!(with_base["warnings"][0].as_str(), Some(warnings[0].trim_start_matches("warning: ")));
+    assert_eq!(j(&[])["modules_without_blocks"], serde_json::Value::Null);
 
     // two missing, and init_weights false: PEFT's initial blocks are random
     assert!(t.remove("base_model.model.model.layers.0.mlp.up_proj.bone_block").is_some());

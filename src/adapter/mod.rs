@@ -258,6 +258,49 @@ impl Adapter {
         self.targets(&format!("{}{module}", self.prefix), regexes)
     }
 
+    /// The base's modules (tensor names without `.weight`, sorted) that adapter_config.json
+    /// targets but that have no block in the file. PEFT builds its layer there all the same, warns
+    /// "Found missing adapter keys", and merges the layer's initial block: zeros (no change, as
+    /// bone-tool leaves it), or random values when `init_weights` is false. Either way the adapter
+    /// was likely made for another model or config.
+    pub fn modules_without_blocks(&self, base: &Model) -> Vec<String> {
+        let have: std::collections::HashSet<&str> =
+            self.blocks.iter().chain(&self.untargeted).map(|b| b.module.as_str()).collect();
+        let mut regexes = Regexes::default();
+        let mut missing: Vec<String> = base
+            .tensor_names()
+            .filter_map(|name| Some((name.strip_suffix(".weight")?, base.tensor(name)?.1)))
+            .filter(|(module, e)| e.shape.len() == 2 && !have.contains(module))
+            .filter(|(module, _)| self.targets_base_module(module, &mut regexes) == Some(true))
+            .map(|(module, _)| module.to_string())
+            .collect();
+        missing.sort_unstable();
+        missing
+    }
+
+    /// The warning about [`Adapter::modules_without_blocks`], if there are any.
+    pub fn missing_blocks_warning(&self, base: &Model) -> Option<String> {
+        let missing = self.modules_without_blocks(base);
+        let first = missing.first()?;
+        let initial = if self.config.init_weights == serde_json::Value::Bool(false) {
+            "random values, as init_weights is false: PEFT's merge would add noise there"
+        } else {
+            "zeros: no change"
+        };
+        let what = match missing.len() {
+            1 => format!(
+                "targets {first:?} of the base, but the adapter has no block for it: PEFT warns of a missing \
+                 adapter key and applies its initial block there ({initial}); bone-tool leaves it unchanged"
+            ),
+            n => format!(
+                "targets {n} modules of the base that the adapter has no block for, e.g. {first:?}: PEFT warns \
+                 of missing adapter keys and applies its initial blocks there ({initial}); bone-tool leaves \
+                 them unchanged"
+            ),
+        };
+        Some(format!("{}: adapter_config.json {what}. Was the adapter made for this base?", self.dir.display()))
+    }
+
     fn check_block_shape(&self, b: &Block) -> Result<()> {
         let c = &self.config;
         let s = &b.entry.shape;

@@ -81,6 +81,8 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
         })
         .collect();
     let dtypes: BTreeSet<String> = a.blocks.iter().map(|b| format!("{:?}", b.entry.dtype)).collect();
+    let mut warnings = a.warnings.clone();
+    warnings.extend(base.and_then(|b| a.missing_blocks_warning(b)));
     json!({
         "adapter": a.dir.display().to_string(),
         "peft_type": c.peft_type.name(),
@@ -102,8 +104,10 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
         "task_type": c.task_type,
         "bias": c.bias,
         "layers": layers,
-        "warnings": a.warnings,
+        "warnings": warnings,
         "base": base.map(|b| b.path.display().to_string()),
+        // targeted modules of the base without a block (known only with --base)
+        "modules_without_blocks": base.map(|b| a.modules_without_blocks(b)),
         "compatible": if base.is_some() { json!(problems.is_empty()) } else { Value::Null },
         "problems": problems,
     })
