@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 struct Env {
@@ -686,4 +687,51 @@ fn targeted_modules_without_a_block_are_left_alone_with_a_warning() {
     let o = run(&merge_args(s(&base_f32()), s(&a), s(&e.path("out3"))));
     ok(&o);
     assert!(!stderr(&o).contains("no block"), "{}", stderr(&o));
+}
+
+#[test]
+fn quantized_bases_are_refused_with_what_to_do_instead() {
+    let e = Env::new();
+    let a = fixtures().join("cases/bone-default-f32/adapter");
+    let layer = "model.layers.0.self_attn.q_proj";
+    let quantize = |name: &str, method: &str, edit: &dyn Fn(&mut BTreeMap<String, T>)| -> PathBuf {
+        let b = e.copy("bases/llama-f32", name);
+        let f = b.join("model.safetensors");
+        let mut t = load(&f);
+        edit(&mut t);
+        save(&f, &t);
+        let cfg = b.join("config.json");
+        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        c["quantization_config"] = serde_json::json!({"quant_method": method, "bits": 4});
+        std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
+        b
+    };
+    // GPTQ keeps the layer as qweight/qzeros/scales: no "<module>.weight" at all
+    let gptq = quantize("gptq", "gptq", &|t| {
+        let w = t.remove(&format!("{layer}.weight")).unwrap();
+        let packed = T {
+            dtype: safetensors::Dtype::I32,
+            shape: vec![w.shape[1] / 8, w.shape[0]],
+            data: vec![0; w.data.len() / 8],
+        };
+        t.insert(format!("{layer}.qweight"), packed.clone());
+        t.insert(format!("{layer}.qzeros"), packed);
+    });
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&gptq), s(&a), s(&out)),
+        Some(&out),
+        &[&gptq],
+        &[&format!("{layer}.weight"), "quantized", "\"gptq\"", &format!("{layer}.qweight"), "original model"],
+    );
+    // FP8 keeps "<module>.weight", in a float type bone-tool does not merge into
+    let fp8 = quantize("fp8", "fp8", &|t| {
+        let w = t.get_mut(&format!("{layer}.weight")).unwrap();
+        (w.dtype, w.data) = (safetensors::Dtype::F8_E4M3, vec![0; w.data.len() / 4]);
+    });
+    fails(&merge_args(s(&fp8), s(&a), s(&out)), Some(&out), &[&fp8], &["F8_E4M3", "quantized", "\"fp8\""]);
+    // inspect --base says the same, and exits 2
+    let o = run(&["inspect", "adapter", s(&a), "--base", s(&gptq)]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stdout(&o).contains("quantized"), "{}", stdout(&o));
 }

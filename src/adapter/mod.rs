@@ -338,8 +338,10 @@ impl Adapter {
             return Err(missing_target(&b.key, &target, base));
         };
         let weight = Float::from_dtype(w.dtype).ok_or_else(|| {
+            let method = quantized(base).map(|m| format!(", quant_method {m:?} in config.json")).unwrap_or_default();
             format!(
-                "base tensor {target:?} has dtype {:?}: bone-tool merges into F32, BF16 or F16 weights (quantized bases are not supported)",
+                "base tensor {target:?} has dtype {:?}: bone-tool merges into F32, BF16 or F16 weights (quantized bases{method} \
+                 are not supported: merge into the original model and quantize after)",
                 w.dtype
             )
         })?;
@@ -427,6 +429,14 @@ fn conv1d_model<'a>(base: &'a Model, target: &str) -> Option<&'a str> {
     (CONV1D_MODELS.contains(&model_type) && CONV1D_LAYERS.contains(&layer)).then_some(model_type)
 }
 
+/// The base's quantization method, when its config.json has a `quantization_config` ("gptq",
+/// "awq", "bitsandbytes", "fp8", "compressed-tensors", …; "unknown" when it names none).
+fn quantized(base: &Model) -> Option<String> {
+    let q = base.config.as_ref()?.get("quantization_config").filter(|q| !q.is_null())?;
+    let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown");
+    Some(method.to_string())
+}
+
 /// Explain a key whose base tensor does not exist, suggesting a prefix when one would fix it.
 fn missing_target(key: &str, target: &str, base: &Model) -> String {
     let mut msg = format!("adapter tensor {key:?}: the base has no tensor {target:?}");
@@ -442,7 +452,19 @@ fn missing_target(key: &str, target: &str, base: &Model) -> String {
             return msg;
         }
     }
-    if base.has(&format!("model.{target}")) {
+    if let Some(method) = quantized(base) {
+        // GPTQ/AWQ keep a layer as "<module>.qweight", compressed-tensors as "<module>.weight_packed"
+        let module = target.strip_suffix(".weight").unwrap_or(target);
+        let mut stored: Vec<&str> =
+            base.tensor_names().filter(|n| n.strip_prefix(module).is_some_and(|t| t.starts_with('.'))).collect();
+        stored.sort_unstable();
+        stored.truncate(3);
+        let stored = if stored.is_empty() { String::new() } else { format!(", which stores this layer as {stored:?}") };
+        msg.push_str(&format!(
+            "; the base is quantized (config.json: quantization_config, quant_method {method:?}){stored}: bone-tool \
+             merges into unquantized F32, BF16 or F16 weights only, so merge into the original model and quantize after"
+        ));
+    } else if base.has(&format!("model.{target}")) {
         msg.push_str(&format!(
             "; the base has \"model.{target}\": was the adapter made for a model wrapped differently?"
         ));
