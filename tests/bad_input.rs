@@ -735,3 +735,36 @@ fn quantized_bases_are_refused_with_what_to_do_instead() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stdout(&o).contains("quantized"), "{}", stdout(&o));
 }
+
+#[test]
+fn bases_in_other_formats_are_refused_with_what_to_do() {
+    let e = Env::new();
+    let a = fixtures().join("cases/bone-default-f32/adapter");
+    let out = e.path("out");
+    let folder = |name: &str, files: &[&str]| -> PathBuf {
+        let b = e.path(name);
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::copy(base_f32().join("config.json"), b.join("config.json")).unwrap();
+        for f in files {
+            std::fs::write(b.join(f), b"not safetensors").unwrap();
+        }
+        b
+    };
+    let bin = folder("bin", &["pytorch_model.bin"]);
+    fails(&merge_args(s(&bin), s(&a), s(&out)), Some(&out), &[&bin], &["PyTorch", "safe_serialization=True"]);
+    let gguf = folder("gguf", &["model-Q4_K_M.gguf"]);
+    fails(&merge_args(s(&gguf), s(&a), s(&out)), Some(&out), &[&gguf], &["\"model-Q4_K_M.gguf\"", "GGUF", "convert"]);
+    let file = gguf.join("model-Q4_K_M.gguf");
+    fails(&merge_args(s(&file), s(&a), s(&out)), Some(&out), &[&gguf], &["model-Q4_K_M.gguf: a GGUF file"]);
+    let pt = folder("pt", &["consolidated.00.pth"]);
+    fails(&merge_args(s(&pt), s(&a), s(&out)), Some(&out), &[&pt], &["\"consolidated.00.pth\"", "pickle"]);
+    // shards without their index: which tensors each holds is unknown
+    let shards = e.copy("bases/llama-bf16-sharded", "shards");
+    std::fs::remove_file(shards.join("model.safetensors.index.json")).unwrap();
+    fails(
+        &merge_args(s(&shards), s(&a), s(&out)),
+        Some(&out),
+        &[&shards],
+        &["3 .safetensors files", "model-00001-of-00003.safetensors", "no model.safetensors.index.json"],
+    );
+}

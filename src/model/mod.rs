@@ -51,6 +51,9 @@ impl Model {
                 let folder = folder_of(path);
                 return Self::open_index(path, &folder, &name);
             }
+            if let Some(kind) = other_format(&name) {
+                return Err(input(format!("{}: {kind}", path.display())));
+            }
             check_link(path)?;
             let shard = SafetensorsFile::open(path)?;
             return Self::assemble(path, None, vec![shard], None, None, None);
@@ -87,6 +90,19 @@ impl Model {
             return Err(input(format!(
                 "{d}: only PyTorch .bin weights, no safetensors: convert them first, e.g. with transformers: \
                  AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            )));
+        }
+        let names = list_names(&folder)?;
+        if let Some((name, kind)) = names.iter().find_map(|n| Some((n, other_format(n)?))) {
+            return Err(input(format!("{d}: no safetensors weights, and {name:?} is {kind}")));
+        }
+        if found.len() > 1 {
+            let shown = found.iter().take(3).map(String::as_str).collect::<Vec<_>>().join(", ");
+            return Err(input(format!(
+                "{d}: {} .safetensors files ({shown}{}) and no {INDEX_NAME} to say which tensors each holds: \
+                 restore the index (it comes with the model), or pass a one-file model as --base",
+                found.len(),
+                if found.len() > 3 { ", …" } else { "" }
             )));
         }
         Err(input(format!("{d}: no {SINGLE_NAME} or {INDEX_NAME} in this folder{}", hub_cache_hint(&folder))))
@@ -258,6 +274,21 @@ pub fn check_link(path: &Path) -> Result<()> {
 
 /// The folder holding `p`: `.` for a bare file name (whose `parent()` is the empty path, which no
 /// file-system call accepts and every path `starts_with`).
+/// What a weights file of another format is, and what to do instead; None for anything else.
+fn other_format(name: &str) -> Option<String> {
+    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase())?;
+    let (what, instead) = match ext.as_str() {
+        "gguf" => ("a GGUF file (llama.cpp)", "merge into the Hugging Face model, then convert it (convert_hf_to_gguf.py)"),
+        "bin" | "pt" | "pth" => (
+            "a PyTorch pickle, which bone-tool does not unpickle",
+            "save the model as safetensors first: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)",
+        ),
+        "ckpt" | "h5" | "msgpack" | "onnx" => ("not a safetensors file", "bone-tool reads Hugging Face safetensors models"),
+        _ => return None,
+    };
+    Some(format!("{what}: {instead}"))
+}
+
 pub fn folder_of(p: &Path) -> PathBuf {
     match p.parent() {
         Some(f) if !f.as_os_str().is_empty() => f.to_path_buf(),
