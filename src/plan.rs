@@ -170,7 +170,8 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     for &ai in &order {
         let a = &adapters[ai];
         let at = a.dir.display();
-        warnings.extend(a.missing_blocks_warning(base));
+        // (once for an adapter given twice)
+        warnings.extend(a.missing_blocks_warning(base).filter(|w| !warnings.contains(w)));
         // Replacements first: they replace the whole tensor, then blocks act on the result.
         // Unmerging, a saved base layer is the exact original: it replaces, and the block is not undone.
         let mut restored = std::collections::HashSet::new();

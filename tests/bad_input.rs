@@ -758,6 +758,10 @@ fn bases_in_other_formats_are_refused_with_what_to_do() {
     fails(&merge_args(s(&file), s(&a), s(&out)), Some(&out), &[&gguf], &["model-Q4_K_M.gguf: a GGUF file"]);
     let pt = folder("pt", &["consolidated.00.pth"]);
     fails(&merge_args(s(&pt), s(&a), s(&out)), Some(&out), &[&pt], &["\"consolidated.00.pth\"", "pickle"]);
+    // a trainer's pickles are not a model in another format
+    let trainer = folder("trainer", &["training_args.bin", "optimizer.pt"]);
+    let line = fails(&merge_args(s(&trainer), s(&a), s(&out)), Some(&out), &[&trainer], &["no model.safetensors"]);
+    assert!(!line.contains("pickle"), "{line}");
     // shards without their index: which tensors each holds is unknown
     let shards = e.copy("bases/llama-bf16-sharded", "shards");
     std::fs::remove_file(shards.join("model.safetensors.index.json")).unwrap();

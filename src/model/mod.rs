@@ -92,7 +92,10 @@ impl Model {
                  AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
             )));
         }
-        let names = list_names(&folder)?;
+        // a model in another format, not a trainer's pickles (training_args.bin, optimizer.pt, …)
+        let trainer = ["training_args", "optimizer", "scheduler", "rng_state", "scaler"];
+        let names: Vec<String> =
+            list_names(&folder)?.into_iter().filter(|n| !trainer.iter().any(|t| n.starts_with(t))).collect();
         if let Some((name, kind)) = names.iter().find_map(|n| Some((n, other_format(n)?))) {
             return Err(input(format!("{d}: no safetensors weights, and {name:?} is {kind}")));
         }
@@ -272,8 +275,6 @@ pub fn check_link(path: &Path) -> Result<()> {
     )))
 }
 
-/// The folder holding `p`: `.` for a bare file name (whose `parent()` is the empty path, which no
-/// file-system call accepts and every path `starts_with`).
 /// What a weights file of another format is, and what to do instead; None for anything else.
 fn other_format(name: &str) -> Option<String> {
     let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase())?;
@@ -289,6 +290,8 @@ fn other_format(name: &str) -> Option<String> {
     Some(format!("{what}: {instead}"))
 }
 
+/// The folder holding `p`: `.` for a bare file name (whose `parent()` is the empty path, which no
+/// file-system call accepts and every path `starts_with`).
 pub fn folder_of(p: &Path) -> PathBuf {
     match p.parent() {
         Some(f) if !f.as_os_str().is_empty() => f.to_path_buf(),
