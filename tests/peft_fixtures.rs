@@ -323,6 +323,8 @@ fn inspect_json_describes_every_fixture_adapter() {
             let blocks: Vec<(&String, &T)> =
                 tensors.iter().filter(|(k, _)| k.ends_with(".bone_block") || k.ends_with(".miss_block")).collect();
             assert_eq!(j["peft_type"], cfg["peft_type"], "{a}");
+            assert_eq!(j["exclude_modules"], cfg["exclude_modules"], "{a}");
+            assert_eq!(j["modules_without_blocks"], serde_json::json!([]), "{a}: PEFT saved a block for every target");
             let variant = match &cfg["init_weights"] {
                 serde_json::Value::String(s) => s.clone(),
                 _ => "default".into(),
@@ -409,4 +411,13 @@ fn inspect_text_is_readable() {
     ] {
         assert_eq!(run(&args).status.code(), Some(2), "{args:?}");
     }
+    // the rules that leave blocks out are shown with the targets
+    let narrowed = fixtures().join("cases/bone-default-retargeted-bf16/adapter");
+    let o = run(&["inspect", "adapter", narrowed.to_str().unwrap()]);
+    ok(&o);
+    let text = stdout(&o);
+    for needle in ["layer subset  [1]", "excludes      [model.layers.1.self_attn.k_proj]", "13 more blocks"] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(!stdout(&run(&["inspect", "adapter", dir.to_str().unwrap()])).contains("excludes"));
 }

@@ -96,6 +96,7 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
         "block_dtype": dtypes.into_iter().collect::<Vec<_>>().join(","),
         "target_modules": c.target_modules,
         "layers_to_transform": c.layers_to_transform,
+        "exclude_modules": c.raw.get("exclude_modules").cloned().unwrap_or(Value::Null),
         "modules_to_save": a.replacements.iter().map(|r| r.target.clone()).collect::<Vec<_>>(),
         "replacements": replacements,
         "ignored_keys": a.ignored.iter().map(|i| json!({"key": i.key, "reason": i.reason})).collect::<Vec<_>>(),
@@ -152,6 +153,10 @@ pub fn render(r: &Value) -> String {
     line("targets", compact(&targets));
     if !r["layers_to_transform"].is_null() {
         line("layer subset", compact(&r["layers_to_transform"]));
+    }
+    let excluded = &r["exclude_modules"];
+    if !(excluded.is_null() || excluded.as_array().is_some_and(Vec::is_empty) || excluded == "") {
+        line("excludes", compact(excluded));
     }
     let reps = r["modules_to_save"].as_array().cloned().unwrap_or_default();
     if !reps.is_empty() {
