@@ -375,11 +375,13 @@ impl Float {
 
 /// f32 → bf16 bits, round to nearest even (as torch does); NaN stays a quiet NaN.
 #[inline(always)]
-fn bf16_bits(x: f32) -> u16 {
+pub(crate) fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
     let nan = ((b >> 16) | 0x40) as u16;
-    if b & 0x7fff_ffff > 0x7f80_0000 {
+    // x.is_nan() is `b & 0x7fff_ffff > 0x7f80_0000`; as a float compare it vectorises in one
+    // instruction, the unsigned integer compare in three
+    if x.is_nan() {
         nan
     } else {
         rounded
@@ -387,7 +389,7 @@ fn bf16_bits(x: f32) -> u16 {
 }
 
 /// View bytes as u16 words when aligned (little-endian machines only).
-fn as_u16(bytes: &[u8]) -> Option<&[u16]> {
+pub(crate) fn as_u16(bytes: &[u8]) -> Option<&[u16]> {
     if cfg!(target_endian = "big") {
         return None;
     }
@@ -396,12 +398,31 @@ fn as_u16(bytes: &[u8]) -> Option<&[u16]> {
     (pre.is_empty() && post.is_empty()).then_some(mid)
 }
 
-fn as_u16_mut(bytes: &mut [u8]) -> Option<&mut [u16]> {
+pub(crate) fn as_u16_mut(bytes: &mut [u8]) -> Option<&mut [u16]> {
     if cfg!(target_endian = "big") {
         return None;
     }
     // SAFETY: as in as_u16.
     let (pre, mid, post) = unsafe { bytes.align_to_mut::<u16>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+/// View bytes as f32 values when aligned (little-endian machines only).
+pub(crate) fn as_f32(bytes: &[u8]) -> Option<&[f32]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: every bit pattern is a valid f32; align_to only yields the aligned middle part.
+    let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+pub(crate) fn as_f32_mut(bytes: &mut [u8]) -> Option<&mut [f32]> {
+    if cfg!(target_endian = "big") {
+        return None;
+    }
+    // SAFETY: as in as_f32.
+    let (pre, mid, post) = unsafe { bytes.align_to_mut::<f32>() };
     (pre.is_empty() && post.is_empty()).then_some(mid)
 }
 

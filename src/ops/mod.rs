@@ -190,6 +190,27 @@ fn strip_body(
     ops: &[Prepared],
     check_finite: bool,
 ) -> Option<usize> {
+    if let ([Prepared::Periodic { et, r, sign, .. }], Float::BF16 | Float::F32) = (ops, d) {
+        if let Some(found) = periodic_fused(inp, out, d, row0, i, et, *r, *sign, check_finite) {
+            return found;
+        }
+    }
+    strip_passes(inp, out, w, scratch, d, row0, i, ops, check_finite)
+}
+
+/// [`strip_body`] as separate passes over the strip: decode, each op, encode, check.
+#[inline(always)]
+fn strip_passes(
+    inp: &[u8],
+    out: &mut [u8],
+    w: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+    d: Float,
+    row0: usize,
+    i: usize,
+    ops: &[Prepared],
+    check_finite: bool,
+) -> Option<usize> {
     w.resize(inp.len() / d.size(), 0.0);
     d.decode_serial(inp, w);
     for (k, op) in ops.iter().enumerate() {
@@ -201,6 +222,85 @@ fn strip_body(
         d.first_new_non_finite_serial(inp, out)
     } else {
         None
+    }
+}
+
+/// A chain that is one default/mini op on a bf16 or f32 weight (the usual single adapter), in one
+/// pass: each value is decoded, has `sign·E` added in f32 and is rounded to D, in registers, with
+/// the same operations as the separate passes of [`strip_passes`] (the same bytes). Returns
+/// `Some(first new non-finite)`, or None where the bytes are not aligned as words (then the passes
+/// run).
+#[inline(always)]
+fn periodic_fused(
+    inp: &[u8],
+    out: &mut [u8],
+    d: Float,
+    row0: usize,
+    i: usize,
+    et: &[f32],
+    r: usize,
+    sign: f32,
+    check_finite: bool,
+) -> Option<Option<usize>> {
+    if i == 0 {
+        return Some(None);
+    }
+    let reps = 64usize.div_ceil(r);
+    let mut tile = vec![0f32; r * reps];
+    let fill = |row: usize, tile: &mut [f32]| {
+        let e = &et[(row0 + row) * r..][..r];
+        for chunk in tile.chunks_exact_mut(r) {
+            for (x, v) in chunk.iter_mut().zip(e) {
+                *x = sign * v;
+            }
+        }
+    };
+    let mut newly = false;
+    match d {
+        Float::BF16 => {
+            let (src, dst) = (dtype::as_u16(inp)?, dtype::as_u16_mut(out)?);
+            for (n, (a, b)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
+                fill(n, &mut tile);
+                let mut acc = 0u16;
+                for (a, b) in a.chunks(tile.len()).zip(b.chunks_mut(tile.len())) {
+                    for ((x, y), t) in a.iter().zip(b.iter_mut()).zip(&tile) {
+                        *y = dtype::bf16_bits(add_to_weight(f32::from_bits((*x as u32) << 16), *t));
+                        acc |= u16::from(*y & 0x7f80 == 0x7f80) & u16::from(*x & 0x7f80 != 0x7f80);
+                    }
+                }
+                newly |= acc != 0;
+            }
+        }
+        Float::F32 => {
+            let (src, dst) = (dtype::as_f32(inp)?, dtype::as_f32_mut(out)?);
+            for (n, (a, b)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
+                fill(n, &mut tile);
+                let mut acc = 0u32;
+                for (a, b) in a.chunks(tile.len()).zip(b.chunks_mut(tile.len())) {
+                    for ((x, y), t) in a.iter().zip(b.iter_mut()).zip(&tile) {
+                        *y = add_to_weight(*x, *t);
+                        let (xb, yb) = (x.to_bits(), y.to_bits());
+                        acc |= u32::from(yb & 0x7f80_0000 == 0x7f80_0000) & u32::from(xb & 0x7f80_0000 != 0x7f80_0000);
+                    }
+                }
+                newly |= acc != 0;
+            }
+        }
+        Float::F16 => return None,
+    }
+    Some(if check_finite && newly { d.first_new_non_finite_serial(inp, out) } else { None })
+}
+
+/// `w + t` for a weight `w`, where a NaN weight gives that NaN (quieted), as x86's add and torch's
+/// `W + Δ` do. Which operand's NaN a sum of two NaNs keeps is otherwise the compiler's choice, and
+/// the one-pass and the separate-pass adds must give the same bytes.
+#[inline(always)]
+fn add_to_weight(w: f32, t: f32) -> f32 {
+    let v = w + t;
+    if w.is_nan() {
+        f32::from_bits(w.to_bits() | 0x0040_0000)
+    } else {
+        v
     }
 }
 
@@ -230,7 +330,7 @@ pub fn periodic_rows(w: &mut [f32], row0: usize, i: usize, et: &[f32], r: usize,
         }
         for part in row.chunks_mut(tile.len()) {
             for (x, d) in part.iter_mut().zip(&tile) {
-                *x += d;
+                *x = add_to_weight(*x, *d);
             }
         }
         if round {
@@ -953,5 +1053,60 @@ mod tests {
         bat_merge(&mut once, 1, 1, &[b1], 1, Rounding { once: true, ..Rounding::peft(Float::BF16) });
         assert_eq!(peft, vec![1.0], "double rounding: the delta lost the bit that breaks the tie");
         assert_eq!(once, vec![1.0 + 2f32.powi(-7)], "single rounding keeps it");
+    }
+
+    #[test]
+    fn one_pass_default_add_gives_the_bytes_of_the_separate_passes() {
+        // bf16 and f32 single default/mini adds take the one-pass loop; it must equal decode, add,
+        // encode and check as separate passes, on every kind of value: ties, overflow to inf,
+        // inputs already inf or NaN, -0, subnormals, tail columns; aligned or not
+        let mut g = Lcg(11);
+        let specials = [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            -f32::MAX,
+            1.0e-40,
+            -1.0e-40,
+            1.0 + 2f32.powi(-8),
+            3.3895314e38,
+            65504.0,
+            1.0,
+        ];
+        for d in [Float::BF16, Float::F32] {
+            for (o, i, r, cols, sign) in
+                [(6, 10, 4, 6, 1.0f32), (5, 7, 3, 1, -1.0), (3, 130, 64, 3, 1.0), (4, 3, 9, 2, 1.0)]
+            {
+                let mut w = g.vec(o * i, 4.0);
+                for (k, v) in w.iter_mut().enumerate().filter(|(k, _)| k % 3 == 0) {
+                    *v = specials[k / 3 % specials.len()];
+                }
+                let mut block = g.vec(r * cols, 1.0);
+                block[0] = f32::MAX; // a finite weight plus this overflows
+                let n = block.len();
+                block[1 % n] = f32::NAN;
+                let et = expand_transposed(&block, r, cols, o);
+                let ops = [Prepared::Periodic { et, r, sign, rounding: Rounding::peft(d) }];
+                let mut src = vec![0u8; o * i * d.size()];
+                d.encode_serial(&w, &mut src);
+                // shifted by a byte, the words are unaligned and the passes run instead
+                for shift in [0, 1] {
+                    let mut padded = vec![0u8; src.len() + shift];
+                    padded[shift..].copy_from_slice(&src);
+                    let inp = &padded[shift..];
+                    let (mut fused, mut passes) = (vec![0u8; inp.len() + shift], vec![0u8; inp.len()]);
+                    let (mut w1, mut s1, mut w2, mut s2) = (vec![], vec![], vec![], vec![]);
+                    let a = strip_body(inp, &mut fused[shift..], &mut w1, &mut s1, d, 0, i, &ops, true);
+                    let b = strip_passes(inp, &mut passes, &mut w2, &mut s2, d, 0, i, &ops, true);
+                    assert_eq!(&fused[shift..], &passes[..], "{d:?} o={o} i={i} r={r} shift={shift}");
+                    assert_eq!(a, b, "{d:?}: first new non-finite");
+                    assert!(a.is_some(), "{d:?}: the overflow is found");
+                }
+            }
+        }
     }
 }
