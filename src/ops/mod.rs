@@ -190,7 +190,7 @@ fn strip_body(
     ops: &[Prepared],
     check_finite: bool,
 ) -> Option<usize> {
-    if let ([Prepared::Periodic { et, r, sign, .. }], Float::BF16 | Float::F32) = (ops, d) {
+    if let [Prepared::Periodic { et, r, sign, .. }] = ops {
         if let Some(found) = periodic_fused(inp, out, d, row0, i, et, *r, *sign, check_finite) {
             return found;
         }
@@ -286,9 +286,81 @@ fn periodic_fused(
                 newly |= acc != 0;
             }
         }
-        Float::F16 => return None,
+        Float::F16 => {
+            if !f16c() {
+                return None;
+            }
+            let (src, dst) = (dtype::as_u16(inp)?, dtype::as_u16_mut(out)?);
+            for (n, (a, b)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
+                fill(n, &mut tile);
+                for (a, b) in a.chunks(tile.len()).zip(b.chunks_mut(tile.len())) {
+                    // SAFETY: f16c() found F16C and AVX2 on this processor
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        newly |= unsafe { f16_add_f16c(a, b, &tile[..a.len()]) };
+                    }
+                }
+            }
+        }
     }
     Some(if check_finite && newly { d.first_new_non_finite_serial(inp, out) } else { None })
+}
+
+/// Whether the processor converts f16 in hardware (F16C, with AVX2): the one-pass f16 add needs it.
+fn f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `b = R_f16(a + t)` for f16 words `a`, eight at a time with F16C, as the separate passes do it
+/// (half's slice conversions use the same instructions where the processor has them): decode,
+/// [`add_to_weight`], round to nearest even. Returns whether a finite value became inf or NaN.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16_add_f16c(a: &[u16], b: &mut [u16], t: &[f32]) -> bool {
+    use std::arch::x86_64::*;
+    assert!(a.len() == b.len() && a.len() == t.len());
+    let quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x0040_0000));
+    let exp = _mm_set1_epi16(0x7c00);
+    let mut acc = _mm_setzero_si128();
+    // eight values from `x` (f16 words) and `t`: their f16 sum, and the new non-finite lanes (a
+    // macro, not a closure: a closure would not be compiled with this function's F16C and AVX2)
+    macro_rules! eight {
+        ($x:expr, $t:expr) => {{
+            let (x, t): (__m128i, __m256) = ($x, $t);
+            let w = _mm256_cvtph_ps(x);
+            let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(w, w);
+            let v = _mm256_blendv_ps(_mm256_add_ps(w, t), _mm256_or_ps(w, quiet), nan);
+            let y = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            let was = _mm_cmpeq_epi16(_mm_and_si128(x, exp), exp);
+            let is = _mm_cmpeq_epi16(_mm_and_si128(y, exp), exp);
+            (y, _mm_andnot_si128(was, is))
+        }};
+    }
+    let full = a.len() / 8 * 8;
+    for k in (0..full).step_by(8) {
+        let (y, new) = eight!(_mm_loadu_si128(a.as_ptr().add(k) as *const __m128i), _mm256_loadu_ps(t.as_ptr().add(k)));
+        _mm_storeu_si128(b.as_mut_ptr().add(k) as *mut __m128i, y);
+        acc = _mm_or_si128(acc, new);
+    }
+    if full < a.len() {
+        // the tail through padded copies (padding lanes: +0 + 0, never a new non-finite)
+        let m = a.len() - full;
+        let (mut xa, mut ta, mut ya) = ([0u16; 8], [0f32; 8], [0u16; 8]);
+        xa[..m].copy_from_slice(&a[full..]);
+        ta[..m].copy_from_slice(&t[full..]);
+        let (y, new) = eight!(_mm_loadu_si128(xa.as_ptr() as *const __m128i), _mm256_loadu_ps(ta.as_ptr()));
+        _mm_storeu_si128(ya.as_mut_ptr() as *mut __m128i, y);
+        b[full..].copy_from_slice(&ya[..m]);
+        acc = _mm_or_si128(acc, new);
+    }
+    _mm_movemask_epi8(acc) != 0
 }
 
 /// `w + t` for a weight `w`, where a NaN weight gives that NaN (quieted), as x86's add and torch's
@@ -1057,9 +1129,10 @@ mod tests {
 
     #[test]
     fn one_pass_default_add_gives_the_bytes_of_the_separate_passes() {
-        // bf16 and f32 single default/mini adds take the one-pass loop; it must equal decode, add,
-        // encode and check as separate passes, on every kind of value: ties, overflow to inf,
-        // inputs already inf or NaN, -0, subnormals, tail columns; aligned or not
+        // single default/mini adds take the one-pass loop (f16 where the processor has F16C); it
+        // must equal decode, add, encode and check as separate passes, on every kind of value:
+        // ties, overflow to inf, inputs already inf or NaN, -0, subnormals, tail columns (f16:
+        // eight at a time and a padded tail); aligned or not
         let mut g = Lcg(11);
         let specials = [
             0.0f32,
@@ -1075,12 +1148,19 @@ mod tests {
             1.0 + 2f32.powi(-8),
             3.3895314e38,
             65504.0,
+            65519.0,
+            6.0e-8,
+            -3.0e-5,
             1.0,
         ];
-        for d in [Float::BF16, Float::F32] {
-            for (o, i, r, cols, sign) in
-                [(6, 10, 4, 6, 1.0f32), (5, 7, 3, 1, -1.0), (3, 130, 64, 3, 1.0), (4, 3, 9, 2, 1.0)]
-            {
+        for d in [Float::BF16, Float::F32, Float::F16] {
+            for (o, i, r, cols, sign) in [
+                (6, 10, 4, 6, 1.0f32),
+                (5, 7, 3, 1, -1.0),
+                (3, 130, 64, 3, 1.0),
+                (4, 3, 9, 2, 1.0),
+                (2, 77, 5, 2, -1.0),
+            ] {
                 let mut w = g.vec(o * i, 4.0);
                 for (k, v) in w.iter_mut().enumerate().filter(|(k, _)| k % 3 == 0) {
                     *v = specials[k / 3 % specials.len()];
