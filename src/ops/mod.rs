@@ -259,6 +259,17 @@ fn periodic_fused(
     match d {
         Float::BF16 => {
             let (src, dst) = (dtype::as_u16(inp)?, dtype::as_u16_mut(out)?);
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                for (n, (a, b)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
+                    fill(n, &mut tile);
+                    for (a, b) in a.chunks(tile.len()).zip(b.chunks_mut(tile.len())) {
+                        // SAFETY: avx2() found AVX2 on this processor
+                        newly |= unsafe { bf16_add_avx2(a, b, &tile[..a.len()]) };
+                    }
+                }
+                return Some(if check_finite && newly { d.first_new_non_finite_serial(inp, out) } else { None });
+            }
             for (n, (a, b)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
                 fill(n, &mut tile);
                 let mut acc = 0u16;
@@ -351,6 +362,68 @@ unsafe fn f16_add_f16c(a: &[u16], b: &mut [u16], t: &[f32]) -> bool {
     }
     if full < a.len() {
         // the tail through padded copies (padding lanes: +0 + 0, never a new non-finite)
+        let m = a.len() - full;
+        let (mut xa, mut ta, mut ya) = ([0u16; 8], [0f32; 8], [0u16; 8]);
+        xa[..m].copy_from_slice(&a[full..]);
+        ta[..m].copy_from_slice(&t[full..]);
+        let (y, new) = eight!(_mm_loadu_si128(xa.as_ptr() as *const __m128i), _mm256_loadu_ps(ta.as_ptr()));
+        _mm_storeu_si128(ya.as_mut_ptr() as *mut __m128i, y);
+        b[full..].copy_from_slice(&ya[..m]);
+        acc = _mm_or_si128(acc, new);
+    }
+    _mm_movemask_epi8(acc) != 0
+}
+
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `b = R_bf16(a + t)` for bf16 words `a`, eight at a time in AVX2: the operations of the separate
+/// passes (decode, [`add_to_weight`], `bf16_bits`). Returns whether a finite value became inf or NaN.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn bf16_add_avx2(a: &[u16], b: &mut [u16], t: &[f32]) -> bool {
+    use std::arch::x86_64::*;
+    assert!(a.len() == b.len() && a.len() == t.len());
+    let quiet = _mm256_set1_epi32(0x0040_0000);
+    let bias = _mm256_set1_epi32(0x7fff);
+    let one = _mm256_set1_epi32(1);
+    let nan_bit = _mm256_set1_epi32(0x40);
+    let exp = _mm_set1_epi16(0x7f80);
+    let mut acc = _mm_setzero_si128();
+    macro_rules! eight {
+        ($x:expr, $t:expr) => {{
+            let (x, t): (__m128i, __m256) = ($x, $t);
+            let w = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(x)));
+            let wnan = _mm256_cmp_ps::<_CMP_UNORD_Q>(w, w);
+            let v = _mm256_blendv_ps(_mm256_add_ps(w, t), _mm256_or_ps(w, _mm256_castsi256_ps(quiet)), wnan);
+            let vb = _mm256_castps_si256(v);
+            let hi = _mm256_srli_epi32::<16>(vb);
+            let rounded =
+                _mm256_srli_epi32::<16>(_mm256_add_epi32(vb, _mm256_add_epi32(bias, _mm256_and_si256(hi, one))));
+            let vnan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+            let y32 = _mm256_blendv_epi8(rounded, _mm256_or_si256(hi, nan_bit), vnan);
+            // 32-bit lanes 0-3 and 4-7 sit in the two 128-bit halves: pack them in order
+            let y = _mm_packus_epi32(_mm256_castsi256_si128(y32), _mm256_extracti128_si256::<1>(y32));
+            let was = _mm_cmpeq_epi16(_mm_and_si128(x, exp), exp);
+            let is = _mm_cmpeq_epi16(_mm_and_si128(y, exp), exp);
+            (y, _mm_andnot_si128(was, is))
+        }};
+    }
+    let full = a.len() / 8 * 8;
+    for k in (0..full).step_by(8) {
+        let (y, new) = eight!(_mm_loadu_si128(a.as_ptr().add(k) as *const __m128i), _mm256_loadu_ps(t.as_ptr().add(k)));
+        _mm_storeu_si128(b.as_mut_ptr().add(k) as *mut __m128i, y);
+        acc = _mm_or_si128(acc, new);
+    }
+    if full < a.len() {
         let m = a.len() - full;
         let (mut xa, mut ta, mut ya) = ([0u16; 8], [0f32; 8], [0u16; 8]);
         xa[..m].copy_from_slice(&a[full..]);
