@@ -231,6 +231,51 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             };
             ops_by_tensor.entry(b.target()).or_default().push(op);
         }
+        // A module the config targets but the file has no block for: PEFT applies its layer's
+        // initial block, zeros, which changes nothing but -0 (W + 0 is +0), so neither does this;
+        // for init_weights false PEFT's initial block is random, and the module is left alone
+        // (the warning says so). Where PEFT could not build the layer (BAT or mini sizes that do
+        // not divide), neither.
+        if a.config.init_weights != serde_json::Value::Bool(false) {
+            for module in a.modules_without_blocks(base) {
+                let target = format!("{module}.weight");
+                let Some((_, w)) = base.tensor(&target) else { continue };
+                let Some(weight) = Float::from_dtype(w.dtype) else { continue };
+                let (o, i, c) = (w.shape[0], w.shape[1], &a.config);
+                let fits = match c.variant {
+                    Variant::Default => true,
+                    Variant::Mini => c.mini_r > 0 && o % c.mini_r == 0,
+                    Variant::Bat => c.r > 0 && o % c.r == 0 && i % c.r == 0,
+                };
+                if restored.contains(&target) || !fits || c.r == 0 {
+                    continue;
+                }
+                let adapter_float = if opts.autocast_adapter_dtype { Float::F32 } else { weight };
+                let rounding = Rounding { weight, adapter: adapter_float, once: opts.rounding_once };
+                let name = format!("(PEFT's initial block of {module}: zeros)");
+                let op = match c.variant {
+                    Variant::Default | Variant::Mini => {
+                        let cols = if c.variant == Variant::Mini { c.mini_r } else { o };
+                        Op::Periodic {
+                            adapter: ai,
+                            block: TensorEntry::zeros(name, vec![c.r, cols]),
+                            r: c.r,
+                            cols,
+                            sign: if direction == Direction::Merge { 1.0 } else { -1.0 },
+                            rounding,
+                        }
+                    }
+                    Variant::Bat => Op::Bat {
+                        adapter: ai,
+                        block: TensorEntry::zeros(name, vec![o / c.r, c.r, c.r]),
+                        r: c.r,
+                        inverse: direction == Direction::Unmerge,
+                        rounding,
+                    },
+                };
+                ops_by_tensor.entry(target).or_default().push(op);
+            }
+        }
     }
     if let Some(first) = problems.first() {
         let more =

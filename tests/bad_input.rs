@@ -632,10 +632,11 @@ fn a_folder_of_adapters_names_them() {
 }
 
 #[test]
-fn targeted_modules_without_a_block_are_left_alone_with_a_warning() {
+fn targeted_modules_without_a_block_get_peft_s_zero_block_with_a_warning() {
     // PEFT builds a layer on every module the config targets; where the file has no block it warns
     // "Found missing adapter keys" and merges the layer's initial block: zeros unless init_weights
-    // is false (checked with PEFT 0.18.1 on this fixture: the layer stays as it was).
+    // is false (checked with PEFT 0.18.1 on this fixture: the layer stays as it was; and in the
+    // sweep, where an f16 weight's -0 became +0 in W + 0, as here)
     let e = Env::new();
     let a = e.copy("cases/bone-default-f32/adapter", "a");
     let f = a.join("adapter_model.safetensors");
@@ -643,19 +644,36 @@ fn targeted_modules_without_a_block_are_left_alone_with_a_warning() {
     let dropped = "model.layers.1.self_attn.q_proj";
     assert!(t.remove(&format!("base_model.model.{dropped}.bone_block")).is_some());
     save(&f, &t);
+    let weight = format!("{dropped}.weight");
+    // a private base whose dropped module holds a -0 and a +0
+    let b = e.copy("bases/llama-f32", "base");
+    let mut bt = load(&b.join("model.safetensors"));
+    let w = bt.get_mut(&weight).unwrap();
+    w.data[..8].copy_from_slice(&[0, 0, 0, 0x80, 0, 0, 0, 0]);
+    save(&b.join("model.safetensors"), &bt);
     let out = e.path("out");
-    let o = run(&merge_args(s(&base_f32()), s(&a), s(&out)));
+    let o = run(&merge_args(s(&b), s(&a), s(&out)));
     ok(&o);
     let warnings: Vec<String> = stderr(&o).lines().filter(|l| l.starts_with("warning:")).map(String::from).collect();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
-    for needle in [&format!("{dropped:?}"), "no block", "zeros: no change", "made for this base"] {
+    for needle in [&format!("{dropped:?}"), "no block", "zeros: no change but -0 becoming +0", "made for this base"] {
         assert!(warnings[0].contains(needle), "{needle}: {}", warnings[0]);
     }
-    let (merged, peft, base) = (load(&out), load(&fixtures().join("cases/bone-default-f32/merged")), load(&base_f32()));
-    let weight = format!("{dropped}.weight");
-    assert_eq!(merged[&weight].data, base[&weight].data, "left as it was");
-    assert_ne!(peft[&weight].data, base[&weight].data, "the block would have changed it");
+    let (merged, peft) = (load(&out), load(&fixtures().join("cases/bone-default-f32/merged")));
+    // W + 0 in f32: every value as it was, but -0 is +0
+    let want: Vec<u8> = bt[&weight]
+        .data
+        .chunks_exact(4)
+        .flat_map(|c| (f32::from_le_bytes(c.try_into().unwrap()) + 0.0).to_le_bytes())
+        .collect();
+    assert_eq!(&want[..8], &[0u8; 8], "-0 + 0 is +0");
+    assert_eq!(merged[&weight].data, want);
+    assert_ne!(peft[&weight].data, merged[&weight].data, "the block would have changed it");
     assert!(merged.iter().filter(|(k, _)| **k != weight).all(|(k, v)| peft[k].data == v.data));
+    // --dry-run lists the zero block
+    let o = run(&[&merge_args(s(&b), s(&a), s(&e.path("dry")))[..], &["--dry-run"]].concat());
+    ok(&o);
+    assert!(stdout(&o).contains(&format!("(PEFT's initial block of {dropped}: zeros)")), "{}", stdout(&o));
     // inspect tells with --base (only a base shows which modules the config targets)
     let j = |extra: &[&str]| -> serde_json::Value {
         let o = run(&[&["inspect", "adapter", s(&a), "--json"], extra].concat());
@@ -674,12 +692,16 @@ fn targeted_modules_without_a_block_are_left_alone_with_a_warning() {
     let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     c["init_weights"] = false.into();
     std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
-    let o = run(&merge_args(s(&base_f32()), s(&a), s(&e.path("out2"))));
+    let o = run(&merge_args(s(&b), s(&a), s(&e.path("out2"))));
     ok(&o);
     let err = stderr(&o);
-    for needle in ["targets 2 modules", "\"model.layers.0.mlp.up_proj\"", "random values"] {
+    for needle in ["targets 2 modules", "\"model.layers.0.mlp.up_proj\"", "random values", "leaves them unchanged"] {
         assert!(err.contains(needle), "{needle}: {err}");
     }
+    // (PEFT's random values cannot be reproduced: the modules are left as they were, -0 and all)
+    let out2 = load(&e.path("out2"));
+    assert_eq!(out2[&weight].data, bt[&weight].data);
+    assert_eq!(out2["model.layers.0.mlp.up_proj.weight"].data, bt["model.layers.0.mlp.up_proj.weight"].data);
     // modules the config does not target need no block: narrowed to what the file holds, no warning
     c["target_modules"] = serde_json::json!(["k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]);
     c["layers_to_transform"] = serde_json::json!([0]);

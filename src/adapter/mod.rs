@@ -282,20 +282,20 @@ impl Adapter {
     pub fn missing_blocks_warning(&self, base: &Model) -> Option<String> {
         let missing = self.modules_without_blocks(base);
         let first = missing.first()?;
-        let initial = if self.config.init_weights == serde_json::Value::Bool(false) {
-            "random values, as init_weights is false: PEFT's merge would add noise there"
-        } else {
-            "zeros: no change"
+        let random = self.config.init_weights == serde_json::Value::Bool(false);
+        let (initial, ours) = match (random, missing.len()) {
+            (true, 1) => ("random values, as init_weights is false: PEFT's merge adds noise", "leaves it unchanged"),
+            (true, _) => ("random values, as init_weights is false: PEFT's merge adds noise", "leaves them unchanged"),
+            (false, _) => ("zeros: no change but -0 becoming +0", "does the same"),
         };
         let what = match missing.len() {
             1 => format!(
                 "targets {first:?} of the base, but the adapter has no block for it: PEFT warns of a missing \
-                 adapter key and applies its initial block there ({initial}); bone-tool leaves it unchanged"
+                 adapter key and applies its initial block there ({initial}); bone-tool {ours}"
             ),
             n => format!(
                 "targets {n} modules of the base that the adapter has no block for, e.g. {first:?}: PEFT warns \
-                 of missing adapter keys and applies its initial blocks there ({initial}); bone-tool leaves \
-                 them unchanged"
+                 of missing adapter keys and applies its initial blocks there ({initial}); bone-tool {ours}"
             ),
         };
         Some(format!("{}: adapter_config.json {what}. Was the adapter made for this base?", self.dir.display()))

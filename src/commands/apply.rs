@@ -298,19 +298,25 @@ pub(crate) fn print_timings(t: &execute::Timings, total: f64) {
 /// The plan as data: what `--dry-run` shows.
 fn plan_summary(plan: &plan::Plan, base: &Model, adapters: &[Adapter], out: &Path, force: bool) -> serde_json::Value {
     use crate::plan::Op;
+    // a module the config targets without a block in the file gets PEFT's initial block
+    let zeros = |b: &crate::model::TensorEntry| if b.is_zeros() { format!(" {}", b.name) } else { String::new() };
     let describe = |op: &Op| -> String {
         let name = |a: &usize| adapters[*a].dir.display().to_string();
         match op {
             Op::Replace { adapter, src } => format!("replaced by {:?} of {}", src.name, name(adapter)),
             Op::Periodic { adapter, r, cols, sign, block, .. } => format!(
-                "{} block {:?} (r {r}, repeating every {cols} rows) of {}",
+                "{} block {:?}{} (r {r}, repeating every {cols} rows) of {}",
                 if *sign > 0.0 { "add" } else { "subtract" },
                 block.shape,
+                zeros(block),
                 name(adapter)
             ),
-            Op::Bat { adapter, r, inverse, .. } => {
-                format!("{} (r {r}) of {}", if *inverse { "BAT unmerge" } else { "BAT merge" }, name(adapter))
-            }
+            Op::Bat { adapter, r, inverse, block, .. } => format!(
+                "{}{} (r {r}) of {}",
+                if *inverse { "BAT unmerge" } else { "BAT merge" },
+                zeros(block),
+                name(adapter)
+            ),
         }
     };
     let changed: Vec<_> = plan

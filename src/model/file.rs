@@ -32,6 +32,17 @@ impl TensorEntry {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// A block of zeros that is in no file: PEFT's initial block on a module its config targets
+    /// but the adapter file has no block for (no bytes; [`TensorEntry::is_zeros`]).
+    pub fn zeros(name: String, shape: Vec<usize>) -> TensorEntry {
+        TensorEntry { name, dtype: Dtype::F32, shape, start: 0, end: 0 }
+    }
+
+    /// Whether this is a [`TensorEntry::zeros`] block (a tensor in a file with elements has bytes).
+    pub fn is_zeros(&self) -> bool {
+        self.len_bytes() == 0 && self.numel() > 0
+    }
 }
 
 #[derive(Debug)]
@@ -86,7 +97,11 @@ impl SafetensorsFile {
     }
 
     /// Read a float tensor (F32, F16, BF16) as f32 values.
+    /// A float tensor's values as f32 ([`TensorEntry::zeros`] gives zeros, reading nothing).
     pub fn read_f32(&self, t: &TensorEntry) -> Result<Vec<f32>> {
+        if t.is_zeros() {
+            return Ok(vec![0f32; t.numel()]);
+        }
         let float = crate::ops::dtype::Float::from_dtype(t.dtype).ok_or_else(|| {
             input(format!("{}: {:?} has dtype {:?}, expected F32, BF16 or F16", self.path.display(), t.name, t.dtype))
         })?;
