@@ -98,7 +98,7 @@ impl Float {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             }
-            Float::BF16 => match as_u16(bytes) {
+            Float::BF16 => match as_words::<u16>(bytes) {
                 Some(words) => {
                     for (o, w) in out.iter_mut().zip(words) {
                         *o = f32::from_bits((*w as u32) << 16);
@@ -110,7 +110,7 @@ impl Float {
                     }
                 }
             },
-            Float::F16 => match as_u16(bytes) {
+            Float::F16 => match as_words::<u16>(bytes) {
                 // half converts slices with F16C where the processor has it
                 Some(words) => words.reinterpret_cast::<f16>().convert_to_f32_slice(out),
                 None => {
@@ -132,7 +132,7 @@ impl Float {
                     c.copy_from_slice(&x.to_le_bytes());
                 }
             }
-            Float::BF16 => match as_u16_mut(out) {
+            Float::BF16 => match as_words_mut::<u16>(out) {
                 Some(words) => {
                     for (w, x) in words.iter_mut().zip(src) {
                         *w = bf16_bits(*x);
@@ -144,7 +144,7 @@ impl Float {
                     }
                 }
             },
-            Float::F16 => match as_u16_mut(out) {
+            Float::F16 => match as_words_mut::<u16>(out) {
                 Some(words) => words.reinterpret_cast_mut::<f16>().convert_from_f32_slice(src),
                 None => {
                     for (c, x) in out.chunks_exact_mut(2).zip(src) {
@@ -259,7 +259,7 @@ impl Float {
         let newly = |k: usize| -> bool {
             !self.exponent_all_ones(&b[k * n..][..n]) && self.exponent_all_ones(&a[k * n..][..n])
         };
-        let any = match (self, as_u16(b), as_u16(a)) {
+        let any = match (self, as_words::<u16>(b), as_words::<u16>(a)) {
             (Float::F16 | Float::BF16, Some(bw), Some(aw)) => {
                 let m: u16 = if self == Float::F16 { 0x7c00 } else { 0x7f80 };
                 let mut acc = 0u16;
@@ -353,7 +353,7 @@ impl Float {
             }
             Float::F16 | Float::BF16 => {
                 let inf = if self == Float::F16 { 0x7c00 } else { 0x7f80 };
-                let bits = match as_u16(bytes) {
+                let bits = match as_words::<u16>(bytes) {
                     Some(words) => largest(words.iter().map(|w| w & 0x7fff), inf),
                     None => largest(bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff), inf),
                 };
@@ -388,41 +388,32 @@ pub(crate) fn bf16_bits(x: f32) -> u16 {
     }
 }
 
-/// View bytes as u16 words when aligned (little-endian machines only).
-pub(crate) fn as_u16(bytes: &[u8]) -> Option<&[u16]> {
+/// Element types bytes may be viewed as: plain numbers, every bit pattern a value.
+///
+/// # Safety
+/// Only for types with no invalid bit patterns and no padding.
+pub(crate) unsafe trait Word: Copy {}
+// SAFETY: plain numbers, every bit pattern valid
+unsafe impl Word for u16 {}
+// SAFETY: as above
+unsafe impl Word for f32 {}
+
+/// View bytes as words when aligned (little-endian machines only).
+pub(crate) fn as_words<T: Word>(bytes: &[u8]) -> Option<&[T]> {
     if cfg!(target_endian = "big") {
         return None;
     }
-    // SAFETY: every bit pattern is a valid u16; align_to only yields the aligned middle part.
-    let (pre, mid, post) = unsafe { bytes.align_to::<u16>() };
+    // SAFETY: every bit pattern is a valid T (Word); align_to only yields the aligned middle part.
+    let (pre, mid, post) = unsafe { bytes.align_to::<T>() };
     (pre.is_empty() && post.is_empty()).then_some(mid)
 }
 
-pub(crate) fn as_u16_mut(bytes: &mut [u8]) -> Option<&mut [u16]> {
+pub(crate) fn as_words_mut<T: Word>(bytes: &mut [u8]) -> Option<&mut [T]> {
     if cfg!(target_endian = "big") {
         return None;
     }
-    // SAFETY: as in as_u16.
-    let (pre, mid, post) = unsafe { bytes.align_to_mut::<u16>() };
-    (pre.is_empty() && post.is_empty()).then_some(mid)
-}
-
-/// View bytes as f32 values when aligned (little-endian machines only).
-pub(crate) fn as_f32(bytes: &[u8]) -> Option<&[f32]> {
-    if cfg!(target_endian = "big") {
-        return None;
-    }
-    // SAFETY: every bit pattern is a valid f32; align_to only yields the aligned middle part.
-    let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
-    (pre.is_empty() && post.is_empty()).then_some(mid)
-}
-
-pub(crate) fn as_f32_mut(bytes: &mut [u8]) -> Option<&mut [f32]> {
-    if cfg!(target_endian = "big") {
-        return None;
-    }
-    // SAFETY: as in as_f32.
-    let (pre, mid, post) = unsafe { bytes.align_to_mut::<f32>() };
+    // SAFETY: as in as_words.
+    let (pre, mid, post) = unsafe { bytes.align_to_mut::<T>() };
     (pre.is_empty() && post.is_empty()).then_some(mid)
 }
 

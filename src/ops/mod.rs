@@ -225,6 +225,28 @@ fn strip_passes(
     }
 }
 
+/// The row loop of the one-pass kernels: each row of 16-bit words `src` into `dst` through
+/// `$kernel` (an `unsafe fn(&[u16], &mut [u16], &[f32]) -> bool` with target features the caller
+/// has checked for), a tile's length at a time, the tile filled for the row by `$fill`. Evaluates to
+/// whether any part made a new inf or NaN. A macro, so that the kernel is called where
+/// `strip_avx2` has been inlined (AVX2) and can be inlined there; through a closure it was a call
+/// for every part.
+#[cfg(target_arch = "x86_64")]
+macro_rules! each_part {
+    ($src:expr, $dst:expr, $i:expr, $tile:expr, $fill:expr, $kernel:ident) => {{
+        let (src, dst, tile): (&[u16], &mut [u16], &mut [f32]) = ($src, $dst, $tile);
+        let mut newly = false;
+        for (n, (a, b)) in src.chunks_exact($i).zip(dst.chunks_exact_mut($i)).enumerate() {
+            $fill(n, &mut *tile);
+            for (a, b) in a.chunks(tile.len()).zip(b.chunks_mut(tile.len())) {
+                // SAFETY: the caller checked that the processor has the kernel's features
+                newly |= unsafe { $kernel(a, b, &tile[..a.len()]) };
+            }
+        }
+        newly
+    }};
+}
+
 /// A chain that is one default/mini op on a bf16 or f32 weight (the usual single adapter), in one
 /// pass: each value is decoded, has `sign·E` added in f32 and is rounded to D, in registers, with
 /// the same operations as the separate passes of [`strip_passes`] (the same bytes). Returns
@@ -258,32 +280,29 @@ fn periodic_fused(
     let mut newly = false;
     match d {
         Float::BF16 => {
-            let (src, dst) = (dtype::as_u16(inp)?, dtype::as_u16_mut(out)?);
-            #[cfg(target_arch = "x86_64")]
+            let (src, dst) = (dtype::as_words::<u16>(inp)?, dtype::as_words_mut::<u16>(out)?);
             if avx2() {
+                // avx2() found AVX2 on this processor
+                #[cfg(target_arch = "x86_64")]
+                {
+                    newly = each_part!(src, dst, i, &mut tile, fill, bf16_add_avx2);
+                }
+            } else {
                 for (n, (a, b)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
                     fill(n, &mut tile);
+                    let mut acc = 0u16;
                     for (a, b) in a.chunks(tile.len()).zip(b.chunks_mut(tile.len())) {
-                        // SAFETY: avx2() found AVX2 on this processor
-                        newly |= unsafe { bf16_add_avx2(a, b, &tile[..a.len()]) };
+                        for ((x, y), t) in a.iter().zip(b.iter_mut()).zip(&tile) {
+                            *y = dtype::bf16_bits(add_to_weight(f32::from_bits((*x as u32) << 16), *t));
+                            acc |= u16::from(*y & 0x7f80 == 0x7f80) & u16::from(*x & 0x7f80 != 0x7f80);
+                        }
                     }
+                    newly |= acc != 0;
                 }
-                return Some(if check_finite && newly { d.first_new_non_finite_serial(inp, out) } else { None });
-            }
-            for (n, (a, b)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
-                fill(n, &mut tile);
-                let mut acc = 0u16;
-                for (a, b) in a.chunks(tile.len()).zip(b.chunks_mut(tile.len())) {
-                    for ((x, y), t) in a.iter().zip(b.iter_mut()).zip(&tile) {
-                        *y = dtype::bf16_bits(add_to_weight(f32::from_bits((*x as u32) << 16), *t));
-                        acc |= u16::from(*y & 0x7f80 == 0x7f80) & u16::from(*x & 0x7f80 != 0x7f80);
-                    }
-                }
-                newly |= acc != 0;
             }
         }
         Float::F32 => {
-            let (src, dst) = (dtype::as_f32(inp)?, dtype::as_f32_mut(out)?);
+            let (src, dst) = (dtype::as_words::<f32>(inp)?, dtype::as_words_mut::<f32>(out)?);
             for (n, (a, b)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
                 fill(n, &mut tile);
                 let mut acc = 0u32;
@@ -301,32 +320,72 @@ fn periodic_fused(
             if !f16c() {
                 return None;
             }
-            let (src, dst) = (dtype::as_u16(inp)?, dtype::as_u16_mut(out)?);
-            for (n, (a, b)) in src.chunks_exact(i).zip(dst.chunks_exact_mut(i)).enumerate() {
-                fill(n, &mut tile);
-                for (a, b) in a.chunks(tile.len()).zip(b.chunks_mut(tile.len())) {
-                    // SAFETY: f16c() found F16C and AVX2 on this processor
-                    #[cfg(target_arch = "x86_64")]
-                    {
-                        newly |= unsafe { f16_add_f16c(a, b, &tile[..a.len()]) };
-                    }
-                }
+            let (src, dst) = (dtype::as_words::<u16>(inp)?, dtype::as_words_mut::<u16>(out)?);
+            // f16c() found F16C and AVX2 on this processor
+            #[cfg(target_arch = "x86_64")]
+            {
+                newly = each_part!(src, dst, i, &mut tile, fill, f16_add_f16c);
             }
         }
     }
     Some(if check_finite && newly { d.first_new_non_finite_serial(inp, out) } else { None })
 }
 
-/// Whether the processor converts f16 in hardware (F16C, with AVX2): the one-pass f16 add needs it.
-fn f16c() -> bool {
+/// Whether the processor has AVX2: the one-pass bf16 add's intrinsics need it.
+fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+        std::arch::is_x86_feature_detected!("avx2")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
     }
+}
+
+/// Whether the processor converts f16 in hardware (F16C, with AVX2): the one-pass f16 add needs it.
+fn f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2() && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The loop of the one-pass kernels over 16-bit words `a` with addends `t` into `b`: `$eight!(x,
+/// t)` turns eight words (`__m128i`) and eight addends (`__m256`) into eight result words and a
+/// mask of the new non-finite lanes; full groups of eight are loaded in place, a shorter tail
+/// through padded copies (padding lanes: +0 + 0, never a new non-finite). Evaluates to whether any
+/// value became inf or NaN. A macro, expanded in each kernel, so that it is compiled with that
+/// kernel's target features (a closure or a plain function would not be).
+#[cfg(target_arch = "x86_64")]
+macro_rules! eight_at_a_time {
+    ($a:expr, $b:expr, $t:expr, $eight:ident) => {{
+        let (a, b, t): (&[u16], &mut [u16], &[f32]) = ($a, $b, $t);
+        assert!(a.len() == b.len() && a.len() == t.len());
+        let mut acc = _mm_setzero_si128();
+        let full = a.len() / 8 * 8;
+        for k in (0..full).step_by(8) {
+            let (y, new) =
+                $eight!(_mm_loadu_si128(a.as_ptr().add(k) as *const __m128i), _mm256_loadu_ps(t.as_ptr().add(k)));
+            _mm_storeu_si128(b.as_mut_ptr().add(k) as *mut __m128i, y);
+            acc = _mm_or_si128(acc, new);
+        }
+        if full < a.len() {
+            let m = a.len() - full;
+            let (mut xa, mut ta, mut ya) = ([0u16; 8], [0f32; 8], [0u16; 8]);
+            xa[..m].copy_from_slice(&a[full..]);
+            ta[..m].copy_from_slice(&t[full..]);
+            let (y, new) = $eight!(_mm_loadu_si128(xa.as_ptr() as *const __m128i), _mm256_loadu_ps(ta.as_ptr()));
+            _mm_storeu_si128(ya.as_mut_ptr() as *mut __m128i, y);
+            b[full..].copy_from_slice(&ya[..m]);
+            acc = _mm_or_si128(acc, new);
+        }
+        _mm_movemask_epi8(acc) != 0
+    }};
 }
 
 /// `b = R_f16(a + t)` for f16 words `a`, eight at a time with F16C, as the separate passes do it
@@ -336,10 +395,8 @@ fn f16c() -> bool {
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn f16_add_f16c(a: &[u16], b: &mut [u16], t: &[f32]) -> bool {
     use std::arch::x86_64::*;
-    assert!(a.len() == b.len() && a.len() == t.len());
     let quiet = _mm256_castsi256_ps(_mm256_set1_epi32(0x0040_0000));
     let exp = _mm_set1_epi16(0x7c00);
-    let mut acc = _mm_setzero_si128();
     // eight values from `x` (f16 words) and `t`: their f16 sum, and the new non-finite lanes (a
     // macro, not a closure: a closure would not be compiled with this function's F16C and AVX2)
     macro_rules! eight {
@@ -354,35 +411,7 @@ unsafe fn f16_add_f16c(a: &[u16], b: &mut [u16], t: &[f32]) -> bool {
             (y, _mm_andnot_si128(was, is))
         }};
     }
-    let full = a.len() / 8 * 8;
-    for k in (0..full).step_by(8) {
-        let (y, new) = eight!(_mm_loadu_si128(a.as_ptr().add(k) as *const __m128i), _mm256_loadu_ps(t.as_ptr().add(k)));
-        _mm_storeu_si128(b.as_mut_ptr().add(k) as *mut __m128i, y);
-        acc = _mm_or_si128(acc, new);
-    }
-    if full < a.len() {
-        // the tail through padded copies (padding lanes: +0 + 0, never a new non-finite)
-        let m = a.len() - full;
-        let (mut xa, mut ta, mut ya) = ([0u16; 8], [0f32; 8], [0u16; 8]);
-        xa[..m].copy_from_slice(&a[full..]);
-        ta[..m].copy_from_slice(&t[full..]);
-        let (y, new) = eight!(_mm_loadu_si128(xa.as_ptr() as *const __m128i), _mm256_loadu_ps(ta.as_ptr()));
-        _mm_storeu_si128(ya.as_mut_ptr() as *mut __m128i, y);
-        b[full..].copy_from_slice(&ya[..m]);
-        acc = _mm_or_si128(acc, new);
-    }
-    _mm_movemask_epi8(acc) != 0
-}
-
-fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    eight_at_a_time!(a, b, t, eight)
 }
 
 /// `b = R_bf16(a + t)` for bf16 words `a`, eight at a time in AVX2: the operations of the separate
@@ -391,13 +420,11 @@ fn avx2() -> bool {
 #[target_feature(enable = "avx2")]
 unsafe fn bf16_add_avx2(a: &[u16], b: &mut [u16], t: &[f32]) -> bool {
     use std::arch::x86_64::*;
-    assert!(a.len() == b.len() && a.len() == t.len());
     let quiet = _mm256_set1_epi32(0x0040_0000);
     let bias = _mm256_set1_epi32(0x7fff);
     let one = _mm256_set1_epi32(1);
     let nan_bit = _mm256_set1_epi32(0x40);
     let exp = _mm_set1_epi16(0x7f80);
-    let mut acc = _mm_setzero_si128();
     macro_rules! eight {
         ($x:expr, $t:expr) => {{
             let (x, t): (__m128i, __m256) = ($x, $t);
@@ -417,23 +444,7 @@ unsafe fn bf16_add_avx2(a: &[u16], b: &mut [u16], t: &[f32]) -> bool {
             (y, _mm_andnot_si128(was, is))
         }};
     }
-    let full = a.len() / 8 * 8;
-    for k in (0..full).step_by(8) {
-        let (y, new) = eight!(_mm_loadu_si128(a.as_ptr().add(k) as *const __m128i), _mm256_loadu_ps(t.as_ptr().add(k)));
-        _mm_storeu_si128(b.as_mut_ptr().add(k) as *mut __m128i, y);
-        acc = _mm_or_si128(acc, new);
-    }
-    if full < a.len() {
-        let m = a.len() - full;
-        let (mut xa, mut ta, mut ya) = ([0u16; 8], [0f32; 8], [0u16; 8]);
-        xa[..m].copy_from_slice(&a[full..]);
-        ta[..m].copy_from_slice(&t[full..]);
-        let (y, new) = eight!(_mm_loadu_si128(xa.as_ptr() as *const __m128i), _mm256_loadu_ps(ta.as_ptr()));
-        _mm_storeu_si128(ya.as_mut_ptr() as *mut __m128i, y);
-        b[full..].copy_from_slice(&ya[..m]);
-        acc = _mm_or_si128(acc, new);
-    }
-    _mm_movemask_epi8(acc) != 0
+    eight_at_a_time!(a, b, t, eight)
 }
 
 /// `w + t` for a weight `w`, where a NaN weight gives that NaN (quieted), as x86's add and torch's
