@@ -170,8 +170,9 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     for &ai in &order {
         let a = &adapters[ai];
         let at = a.dir.display();
+        let missing = a.modules_without_blocks(base);
         // (once for an adapter given twice)
-        warnings.extend(a.missing_blocks_warning(base).filter(|w| !warnings.contains(w)));
+        warnings.extend(a.missing_blocks_warning(&missing).filter(|w| !warnings.contains(w)));
         // Replacements first: they replace the whole tensor, then blocks act on the result.
         // Unmerging, a saved base layer is the exact original: it replaces, and the block is not undone.
         let mut restored = std::collections::HashSet::new();
@@ -193,12 +194,18 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
                 )),
             }
         }
-        for b in &a.blocks {
+        // A module the config targets but the file has no block for gets PEFT's initial block,
+        // zeros, which change nothing but -0 (W + 0 is +0); where that block would not fit the
+        // layer (BAT or mini sizes that do not divide), PEFT could not build the layer, and the
+        // module is left alone.
+        let zeros = a.zero_blocks(base, &missing);
+        for (b, zero) in a.blocks.iter().map(|b| (b, false)).chain(zeros.iter().map(|b| (b, true))) {
             if restored.contains(&b.target()) {
                 continue;
             }
             let g = match a.check_layer(b, base) {
                 Ok(g) => g,
+                Err(_) if zero => continue,
                 Err(p) => {
                     problems.push(format!("{at}: {p}"));
                     continue;
@@ -230,51 +237,6 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
                 }
             };
             ops_by_tensor.entry(b.target()).or_default().push(op);
-        }
-        // A module the config targets but the file has no block for: PEFT applies its layer's
-        // initial block, zeros, which changes nothing but -0 (W + 0 is +0), so neither does this;
-        // for init_weights false PEFT's initial block is random, and the module is left alone
-        // (the warning says so). Where PEFT could not build the layer (BAT or mini sizes that do
-        // not divide), neither.
-        if a.config.init_weights != serde_json::Value::Bool(false) {
-            for module in a.modules_without_blocks(base) {
-                let target = format!("{module}.weight");
-                let Some((_, w)) = base.tensor(&target) else { continue };
-                let Some(weight) = Float::from_dtype(w.dtype) else { continue };
-                let (o, i, c) = (w.shape[0], w.shape[1], &a.config);
-                let fits = match c.variant {
-                    Variant::Default => true,
-                    Variant::Mini => c.mini_r > 0 && o % c.mini_r == 0,
-                    Variant::Bat => c.r > 0 && o % c.r == 0 && i % c.r == 0,
-                };
-                if restored.contains(&target) || !fits || c.r == 0 {
-                    continue;
-                }
-                let adapter_float = if opts.autocast_adapter_dtype { Float::F32 } else { weight };
-                let rounding = Rounding { weight, adapter: adapter_float, once: opts.rounding_once };
-                let name = format!("(PEFT's initial block of {module}: zeros)");
-                let op = match c.variant {
-                    Variant::Default | Variant::Mini => {
-                        let cols = if c.variant == Variant::Mini { c.mini_r } else { o };
-                        Op::Periodic {
-                            adapter: ai,
-                            block: TensorEntry::zeros(name, vec![c.r, cols]),
-                            r: c.r,
-                            cols,
-                            sign: if direction == Direction::Merge { 1.0 } else { -1.0 },
-                            rounding,
-                        }
-                    }
-                    Variant::Bat => Op::Bat {
-                        adapter: ai,
-                        block: TensorEntry::zeros(name, vec![o / c.r, c.r, c.r]),
-                        r: c.r,
-                        inverse: direction == Direction::Unmerge,
-                        rounding,
-                    },
-                };
-                ops_by_tensor.entry(target).or_default().push(op);
-            }
         }
     }
     if let Some(first) = problems.first() {

@@ -260,9 +260,9 @@ impl Adapter {
 
     /// The base's modules (tensor names without `.weight`, sorted) that adapter_config.json
     /// targets but that have no block in the file. PEFT builds its layer there all the same, warns
-    /// "Found missing adapter keys", and merges the layer's initial block: zeros (no change, as
-    /// bone-tool leaves it), or random values when `init_weights` is false. Either way the adapter
-    /// was likely made for another model or config.
+    /// "Found missing adapter keys", and merges the layer's initial block: zeros
+    /// ([`Adapter::zero_blocks`]), or random values when `init_weights` is false. Either way the
+    /// adapter was likely made for another model or config.
     pub fn modules_without_blocks(&self, base: &Model) -> Vec<String> {
         let have: std::collections::HashSet<&str> =
             self.blocks.iter().chain(&self.untargeted).map(|b| b.module.as_str()).collect();
@@ -278,9 +278,32 @@ impl Adapter {
         missing
     }
 
-    /// The warning about [`Adapter::modules_without_blocks`], if there are any.
-    pub fn missing_blocks_warning(&self, base: &Model) -> Option<String> {
-        let missing = self.modules_without_blocks(base);
+    /// PEFT's initial blocks, zeros, on the `missing` modules ([`Adapter::modules_without_blocks`]):
+    /// blocks of the variant's shape with no bytes ([`TensorEntry::zeros`]), to be checked and
+    /// applied as the file's blocks are. None for `init_weights` false, whose initial blocks are
+    /// random in PEFT and cannot be reproduced.
+    pub fn zero_blocks(&self, base: &Model, missing: &[String]) -> Vec<Block> {
+        if self.config.init_weights == serde_json::Value::Bool(false) {
+            return vec![];
+        }
+        let c = &self.config;
+        missing
+            .iter()
+            .filter_map(|module| {
+                let o = *base.tensor(&format!("{module}.weight"))?.1.shape.first()?;
+                let shape = match c.variant {
+                    Variant::Default => vec![c.r, o],
+                    Variant::Mini => vec![c.r, c.mini_r],
+                    Variant::Bat => vec![o / c.r, c.r, c.r],
+                };
+                let key = format!("(PEFT's initial block of {module}: zeros)");
+                Some(Block { entry: TensorEntry::zeros(key.clone(), shape), key, module: module.clone() })
+            })
+            .collect()
+    }
+
+    /// The warning about the `missing` modules ([`Adapter::modules_without_blocks`]), if any.
+    pub fn missing_blocks_warning(&self, missing: &[String]) -> Option<String> {
         let first = missing.first()?;
         let random = self.config.init_weights == serde_json::Value::Bool(false);
         let (initial, ours) = match (random, missing.len()) {

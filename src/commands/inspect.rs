@@ -81,8 +81,10 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
         })
         .collect();
     let dtypes: BTreeSet<String> = a.blocks.iter().map(|b| format!("{:?}", b.entry.dtype)).collect();
+    // targeted modules of the base without a block (known only with --base)
+    let missing = base.map(|b| a.modules_without_blocks(b));
     let mut warnings = a.warnings.clone();
-    warnings.extend(base.and_then(|b| a.missing_blocks_warning(b)));
+    warnings.extend(missing.as_deref().and_then(|m| a.missing_blocks_warning(m)));
     json!({
         "adapter": a.dir.display().to_string(),
         "peft_type": c.peft_type.name(),
@@ -107,8 +109,7 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
         "layers": layers,
         "warnings": warnings,
         "base": base.map(|b| b.path.display().to_string()),
-        // targeted modules of the base without a block (known only with --base)
-        "modules_without_blocks": base.map(|b| a.modules_without_blocks(b)),
+        "modules_without_blocks": missing,
         "compatible": if base.is_some() { json!(problems.is_empty()) } else { Value::Null },
         "problems": problems,
     })
