@@ -190,12 +190,66 @@ fn strip_body(
     ops: &[Prepared],
     check_finite: bool,
 ) -> Option<usize> {
-    if let [Prepared::Periodic { et, r, sign, .. }] = ops {
-        if let Some(found) = periodic_fused(inp, out, d, row0, i, et, *r, *sign, check_finite) {
-            return found;
+    match ops {
+        [Prepared::Periodic { et, r, sign, .. }] => {
+            if let Some(found) = periodic_fused(inp, out, d, row0, i, et, *r, *sign, check_finite) {
+                return found;
+            }
         }
+        [bat @ (Prepared::BatMerge { .. } | Prepared::BatUnmerge { .. })] => {
+            return bat_in_parts(inp, out, w, scratch, d, row0, i, bat, check_finite);
+        }
+        _ => {}
     }
     strip_passes(inp, out, w, scratch, d, row0, i, ops, check_finite)
+}
+
+/// Values of a BAT strip that [`bat_in_parts`] decodes, multiplies and encodes at a time: with the
+/// GEMM's result, 128 KB of f32, which stay in the core's L2 cache. (A whole strip is 1.4 MB of f32
+/// at r = 64 on a 5632-column weight, and went to L3 and back in each of five passes.)
+const BAT_PART_ELEMS: usize = 1 << 14;
+
+/// A chain that is one BAT merge or unmerge (the usual single adapter), each strip in parts of
+/// whole view rows: decode, the op's GEMM and its `± B_i`, encode and the check for new inf/NaN,
+/// while the part is in cache. The same operations as [`strip_passes`] (the same bytes).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn bat_in_parts(
+    inp: &[u8],
+    out: &mut [u8],
+    w: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+    d: Float,
+    row0: usize,
+    i: usize,
+    op: &Prepared,
+    check_finite: bool,
+) -> Option<usize> {
+    let r = op.row_multiple();
+    let (per_a, rows) = (i / r, (BAT_PART_ELEMS / r).max(1));
+    let strip_bytes = r * i * d.size();
+    let mut first = None;
+    for (s, (src, dst)) in inp.chunks_exact(strip_bytes).zip(out.chunks_exact_mut(strip_bytes)).enumerate() {
+        let blk = (row0 / r + s) * r * r;
+        for (p, (a, b)) in src.chunks(rows * r * d.size()).zip(dst.chunks_mut(rows * r * d.size())).enumerate() {
+            w.resize(a.len() / d.size(), 0.0);
+            d.decode_serial(a, w);
+            match op {
+                Prepared::BatMerge { b: bs, rounding, .. } => {
+                    bat_merge_view(w, p * rows, per_a, &bs[blk..][..r * r], r, *rounding, scratch)
+                }
+                Prepared::BatUnmerge { b: bs, inv, .. } => {
+                    bat_unmerge_view(w, p * rows, per_a, &bs[blk..][..r * r], &inv[blk..][..r * r], r, scratch)
+                }
+                Prepared::Periodic { .. } => unreachable!("bat_in_parts takes BAT ops"),
+            }
+            d.encode_serial(w, b);
+            if check_finite && first.is_none() {
+                first = d.first_new_non_finite_serial(a, b).map(|k| s * r * i + p * rows * r + k);
+            }
+        }
+    }
+    first
 }
 
 /// [`strip_body`] as separate passes over the strip: decode, each op, encode, check.
@@ -513,25 +567,32 @@ pub fn bat_merge_rows(
     delta: &mut Vec<f32>,
     round: bool,
 ) {
-    let per_a = i / r;
-    delta.resize(i * r, 0.0);
     for (s, strip) in w.chunks_exact_mut(r * i).enumerate() {
-        let bi = &b[(row0 / r + s) * r * r..][..r * r];
-        gemm(delta, strip, bi, i, r);
-        for (k, (drow, wrow)) in delta.chunks_exact_mut(r).zip(strip.chunks_exact_mut(r)).enumerate() {
-            let brow = &bi[(k / per_a) * r..][..r];
-            for (d, bv) in drow.iter_mut().zip(brow) {
-                *d = plus_zero(*d) + bv;
-            }
-            if !rd.once {
-                rd.weight.round(drow);
-            }
-            for (x, d) in wrow.iter_mut().zip(drow.iter()) {
-                *x += d;
-            }
-        }
+        bat_merge_view(strip, 0, i / r, &b[(row0 / r + s) * r * r..][..r * r], r, rd, delta);
         if round {
             rd.weight.round(strip);
+        }
+    }
+}
+
+/// [`bat_merge_rows`] on the view rows `k0..k0 + w.len() / r` of one strip (`per_a = I / r` view
+/// rows to a tile row), with the strip's block `bi`, not rounded to D at the end. Each view row is
+/// computed on its own, so a strip may be done whole or in parts: the same bytes.
+#[inline(always)]
+fn bat_merge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], r: usize, rd: Rounding, delta: &mut Vec<f32>) {
+    let n = w.len() / r;
+    delta.resize(n * r, 0.0);
+    gemm(delta, w, bi, n, r);
+    for (k, (drow, wrow)) in delta.chunks_exact_mut(r).zip(w.chunks_exact_mut(r)).enumerate() {
+        let brow = &bi[((k0 + k) / per_a) * r..][..r];
+        for (d, bv) in drow.iter_mut().zip(brow) {
+            *d = plus_zero(*d) + bv;
+        }
+        if !rd.once {
+            rd.weight.round(drow);
+        }
+        for (x, d) in wrow.iter_mut().zip(drow.iter()) {
+            *x += d;
         }
     }
 }
@@ -549,23 +610,28 @@ pub fn bat_unmerge_rows(
     diff: &mut Vec<f32>,
     round: bool,
 ) {
-    let per_a = i / r;
-    diff.resize(i * r, 0.0);
     for (s, strip) in w.chunks_exact_mut(r * i).enumerate() {
         let blk = (row0 / r + s) * r * r;
-        let (bi, invi) = (&b[blk..][..r * r], &inv[blk..][..r * r]);
-        for (k, (drow, wrow)) in diff.chunks_exact_mut(r).zip(strip.chunks_exact(r)).enumerate() {
-            let brow = &bi[(k / per_a) * r..][..r];
-            for ((d, x), bv) in drow.iter_mut().zip(wrow).zip(brow) {
-                *d = x - bv;
-            }
-        }
-        gemm(strip, diff, invi, i, r);
-        strip.iter_mut().for_each(|x| *x = plus_zero(*x));
+        bat_unmerge_view(strip, 0, i / r, &b[blk..][..r * r], &inv[blk..][..r * r], r, diff);
         if round {
             rd.weight.round(strip);
         }
     }
+}
+
+/// [`bat_unmerge_rows`] on the view rows `k0..` of one strip, as [`bat_merge_view`].
+#[inline(always)]
+fn bat_unmerge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], invi: &[f32], r: usize, diff: &mut Vec<f32>) {
+    let n = w.len() / r;
+    diff.resize(n * r, 0.0);
+    for (k, (drow, wrow)) in diff.chunks_exact_mut(r).zip(w.chunks_exact(r)).enumerate() {
+        let brow = &bi[((k0 + k) / per_a) * r..][..r];
+        for ((d, x), bv) in drow.iter_mut().zip(wrow).zip(brow) {
+            *d = x - bv;
+        }
+    }
+    gemm(w, diff, invi, n, r);
+    w.iter_mut().for_each(|x| *x = plus_zero(*x));
 }
 
 /// The BAT delta `Δ_ij = W_ij·B_i + B_i` of a whole weight, in f32 without rounding (what PEFT's
@@ -1209,6 +1275,56 @@ mod tests {
         bat_merge(&mut once, 1, 1, &[b1], 1, Rounding { once: true, ..Rounding::peft(Float::BF16) });
         assert_eq!(peft, vec![1.0], "double rounding: the delta lost the bit that breaks the tie");
         assert_eq!(once, vec![1.0 + 2f32.powi(-7)], "single rounding keeps it");
+    }
+
+    #[test]
+    fn bat_in_parts_gives_the_bytes_of_the_separate_passes() {
+        // a single BAT merge or unmerge runs each strip in parts of view rows; it must equal the
+        // strip done whole in passes: r below and above FUSED_FROM_R and beyond sum_block's 384,
+        // several parts to a strip with a short last one, two strips, and a weight that overflows
+        // in a later part (the first new inf's index); aligned or not
+        let mut g = Lcg(12);
+        for d in [Float::BF16, Float::F32, Float::F16] {
+            let big = match d {
+                Float::BF16 => 3.389_531_4e38,
+                Float::F16 => 65504.0,
+                Float::F32 => f32::MAX,
+            };
+            for (r, i) in [(3, 5469), (8, 2056), (64, 320), (392, 784)] {
+                let o = 2 * r;
+                let rows = (BAT_PART_ELEMS / r).max(1);
+                assert!(i > rows && i % rows != 0, "several parts, the last one short");
+                let mut w = g.vec(o * i, 2.0);
+                // positive blocks: a huge weight's delta is huge and of its sign
+                let b: Vec<f32> = g.vec(o * r, 1.0).iter().map(|x| x.abs() + 0.1).collect();
+                let inv = bat_inverses(&b, r).expect("I + B is invertible").inv;
+                for k in [rows * r + 5, o * i - 1] {
+                    w[k] = big;
+                }
+                let mut src = vec![0u8; o * i * d.size()];
+                d.encode_serial(&w, &mut src);
+                let merge = Prepared::BatMerge { b: b.clone(), r, rounding: Rounding::peft(d) };
+                let unmerge = Prepared::BatUnmerge { b: b.clone(), inv, r, rounding: Rounding::peft(d) };
+                for (op, overflows) in [(merge, true), (unmerge, false)] {
+                    for shift in [0, 1] {
+                        let mut padded = vec![0u8; src.len() + shift];
+                        padded[shift..].copy_from_slice(&src);
+                        let inp = &padded[shift..];
+                        let (mut parts, mut passes) = (vec![0u8; inp.len() + shift], vec![0u8; inp.len()]);
+                        let (mut w1, mut s1, mut w2, mut s2) = (vec![], vec![], vec![], vec![]);
+                        let ops = std::slice::from_ref(&op);
+                        let a = strip_body(inp, &mut parts[shift..], &mut w1, &mut s1, d, 0, i, ops, true);
+                        let p = strip_passes(inp, &mut passes, &mut w2, &mut s2, d, 0, i, ops, true);
+                        let what = format!("{d:?} r={r} i={i} {}", if overflows { "merge" } else { "unmerge" });
+                        assert!(parts[shift..] == passes[..], "{what} shift={shift}");
+                        assert_eq!(a, p, "{what}: first new non-finite");
+                        if overflows {
+                            assert!(a.is_some_and(|k| k >= rows * r), "{what}: the overflow in a later part");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
