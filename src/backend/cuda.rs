@@ -34,12 +34,29 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
 }
 #ifdef BONE_TOOL_HOST_EMULATION
 // The tests compile these kernels as C++ for the host (see cuda_on_host.rs): GCC's _Float16 rounds to nearest even too.
-__device__ __forceinline__ float f16_to_f32(u16 h) { _Float16 f; __builtin_memcpy(&f, &h, 2); return (float)f; }
-__device__ __forceinline__ u16 f32_to_f16(float x) { _Float16 f = (_Float16)x; u16 h; __builtin_memcpy(&h, &f, 2); return h; }
+__device__ __forceinline__ float f16_cvt(u16 h) { _Float16 f; __builtin_memcpy(&f, &h, 2); return (float)f; }
+__device__ __forceinline__ u16 f16_cvt_rn(float x) { _Float16 f = (_Float16)x; u16 h; __builtin_memcpy(&h, &f, 2); return h; }
 #else
-__device__ __forceinline__ float f16_to_f32(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-__device__ __forceinline__ u16 f32_to_f16(float x) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h; }
+__device__ __forceinline__ float f16_cvt(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 f16_cvt_rn(float x) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h; }
 #endif
+// NaNs convert as on the CPU (x86's F16C, the half crate): sign and payload kept, the quiet bit set;
+// a GPU's cvt may give its canonical NaN instead.
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    if ((h & 0x7fffu) > 0x7c00u) return __uint_as_float(((u32)(h & 0x8000u) << 16) | 0x7fc00000u | ((u32)(h & 0x3ffu) << 13));
+    return f16_cvt(h);
+}
+__device__ __forceinline__ u16 f32_to_f16(float x) {
+    u32 b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (u16)(((b >> 16) & 0x8000u) | 0x7e00u | ((b >> 13) & 0x3ffu));
+    return f16_cvt_rn(x);
+}
+// w + t for a weight w: a NaN weight gives that NaN, quieted, as on the CPU (ops::add_to_weight:
+// x86's add, and torch's W + delta); a GPU's add gives its canonical NaN instead.
+__device__ __forceinline__ float add_to_weight(float w, float t) {
+    u32 b = __float_as_uint(w);
+    return (b & 0x7fffffffu) > 0x7f800000u ? __uint_as_float(b | 0x400000u) : w + t;
+}
 #ifdef BONE_TOOL_HOST_EMULATION
 #define ASSUME_ALIGNED(p, a) emu_check(((unsigned long long)(p) & ((a) - 1)) == 0, "a wide access at an address that is no multiple of its width")
 #define UNROLL
@@ -111,7 +128,7 @@ __device__ __forceinline__ void store_from_f32(unsigned char* p, u64 k, int dt, 
 // Default and mini: w[o, c] += sign * et[o, c mod r], then round to dt (when asked).
 extern "C" __global__ void periodic(float* w, const float* et, u64 rows, u64 cols, int r, float sign, int dt, int rnd) {
     each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) {
-        float x = w[k] + sign * et[o * r + m];
+        float x = add_to_weight(w[k], sign * et[o * r + m]);
         w[k] = rnd ? round_to(x, dt) : x;
     });
 }
@@ -144,7 +161,7 @@ __device__ __forceinline__ u64 add_word(u64 word, const float* e, u32& m, u32 ur
     for (u32 j = 0; j < v; j++) { // v is 2 or 4 at compile time: unrolled
         u64 lane = word >> (bits * j);
         float x = DT == 0 ? __uint_as_float((u32)lane) : DT == 1 ? f16_to_f32((u16)lane) : bf16_to_f32((u16)lane);
-        x = x + sign * e[m];
+        x = add_to_weight(x, sign * e[m]);
         u64 enc = DT == 0 ? (u64)__float_as_uint(x) : DT == 1 ? (u64)f32_to_f16(x) : (u64)f32_to_bf16(x);
         res |= enc << (bits * j);
         if (++m == ur) m = 0;
@@ -232,7 +249,7 @@ __device__ __forceinline__ void fused(const unsigned char* in, unsigned char* ou
         return;
     }
     each_element(rows, cols, r, [&](u64 o, u64 k, u32 m) {
-        store_from_f32(out, k, dt, load_as_f32(in, k, dt) + sign * et[o * r + m]);
+        store_from_f32(out, k, dt, add_to_weight(load_as_f32(in, k, dt), sign * et[o * r + m]));
     });
 }
 

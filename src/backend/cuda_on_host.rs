@@ -342,6 +342,23 @@ fn both(
     let w = values(o * i, 0.5, (o * 31 + i) as u64);
     let mut all = vec![0u8; o * i * d.size()];
     d.encode(&w, &mut all);
+    both_on(launch, d, &all, i, row0, rows, chain, small_grid, fused, gemm)
+}
+
+/// [`both`] on the given bytes of a weight with `i` columns.
+#[allow(clippy::too_many_arguments)]
+fn both_on(
+    launch: Launch,
+    d: Float,
+    all: &[u8],
+    i: usize,
+    row0: usize,
+    rows: usize,
+    chain: &[Prepared],
+    small_grid: bool,
+    fused: Fused,
+    gemm: StripGemm,
+) -> Result<(Vec<u8>, Vec<u8>, Vec<Kernel>)> {
     let src = &all[row0 * i * d.size()..(row0 + rows) * i * d.size()];
     let mut cpu = vec![0u8; src.len()];
     ops::apply_chain(src, &mut cpu, d, rows, i, row0, chain, false);
@@ -530,6 +547,56 @@ fn the_in_order_gemm_sums_in_torchs_blocks() {
         let gpu = x.mem[3].f32s();
         let differ = gpu.iter().zip(&cpu).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         assert_eq!(differ, 0, "r = {r}: {differ} of {n} values differ from the CPU's");
+    }
+}
+
+#[test]
+fn nan_weights_come_out_as_the_cpus_quieted_nans() {
+    // A NaN weight plus a delta is that NaN with its quiet bit set on the CPU (x86's add and F16C,
+    // torch's W + delta); the kernels say so themselves, where a GPU would give its canonical NaN.
+    // Quiet and signalling NaNs with payloads, of either sign, in every dtype, through the one-pass
+    // add at every width and the separate decode, add and encode kernels of a chain.
+    let Some(launch) = launcher() else { return };
+    let (o, i, r, mini) = (10, 52, 4, 5);
+    let nans: [u32; 4] = [0x7fc0_0001, 0x7f80_0001, 0xffc1_2345, 0xffa0_0000];
+    let nans16: [u16; 4] = [0x7e01, 0x7c01, 0xfe03, 0xfd00];
+    let nans_b16: [u16; 4] = [0x7fc1, 0x7f81, 0xffc3, 0xffa0];
+    let def = values(r * o, 0.05, 7);
+    let mini_block = values(r * mini, 0.05, 11);
+    for d in [Float::F32, Float::F16, Float::BF16] {
+        let mut all = vec![0u8; o * i * d.size()];
+        d.encode(&values(o * i, 0.5, 3), &mut all);
+        for (put, k) in (0..o * i).step_by(7).enumerate() {
+            let at = k * d.size();
+            match d {
+                Float::F32 => all[at..at + 4].copy_from_slice(&nans[put % 4].to_le_bytes()),
+                Float::F16 => all[at..at + 2].copy_from_slice(&nans16[put % 4].to_le_bytes()),
+                Float::BF16 => all[at..at + 2].copy_from_slice(&nans_b16[put % 4].to_le_bytes()),
+            }
+        }
+        let rd = Rounding::peft(d);
+        let chains: Vec<(&str, Vec<Prepared>)> = vec![
+            ("default merge", vec![periodic(&def, r, o, o, 1.0, rd)]),
+            ("default unmerge", vec![periodic(&def, r, o, o, -1.0, rd)]),
+            ("default then mini", vec![periodic(&def, r, o, o, 1.0, rd), periodic(&mini_block, r, mini, o, -1.0, rd)]),
+        ];
+        for (what, chain) in &chains {
+            for fused in LAUNCHES {
+                let (cpu, gpu, _) = both_on(launch, d, &all, i, 0, o, chain, false, fused, StripGemm::InOrder).unwrap();
+                let what = format!("{what}, {d}, {fused:?}");
+                assert_agree(d, &cpu, &gpu, true, &what);
+                // the CPU's rule itself: every NaN weight is that NaN, quieted
+                for k in (0..o * i).step_by(7) {
+                    let (x, y) = (&all[k * d.size()..][..d.size()], &cpu[k * d.size()..][..d.size()]);
+                    let quiet: &[u8] = &match d {
+                        Float::F32 => (u32::from_le_bytes(x.try_into().unwrap()) | 0x0040_0000).to_le_bytes().to_vec(),
+                        Float::F16 => (u16::from_le_bytes(x.try_into().unwrap()) | 0x0200).to_le_bytes().to_vec(),
+                        Float::BF16 => (u16::from_le_bytes(x.try_into().unwrap()) | 0x0040).to_le_bytes().to_vec(),
+                    };
+                    assert_eq!(y, quiet, "{what}: element {k}");
+                }
+            }
+        }
     }
 }
 
