@@ -831,9 +831,14 @@ fn compare_bytes(job: &TensorJob, ours: &[u8], theirs: &[u8], check: &mut Tensor
         let ulp = d.ulps(*x, *y);
         check.max_ulp = check.max_ulp.max(ulp);
         check.values_off += 1;
-        let diff = ((*x as f64) - (*y as f64)).abs();
-        // a NaN against a number (or NaNs of other bits) is no small difference
-        check.max_abs = check.max_abs.max(if diff.is_nan() { f64::INFINITY } else { diff });
+        let diff = match (x.is_nan(), y.is_nan()) {
+            // NaNs of other bits: the same value (ulps)
+            (true, true) => 0.0,
+            // a NaN against a number is no small difference
+            (true, false) | (false, true) => f64::INFINITY,
+            (false, false) => ((*x as f64) - (*y as f64)).abs(),
+        };
+        check.max_abs = check.max_abs.max(diff);
     }
     check.status = if check.max_ulp <= 1 { "within_1_ulp" } else { "differs" }.into();
 }

@@ -106,6 +106,51 @@ fn tampered_missing_and_extra_tensors_are_reported() {
 }
 
 #[test]
+fn nan_weights_verify_whichever_nan_bits_the_merge_wrote() {
+    // A bf16 base with NaN weights: bone-tool's merge keeps each NaN (quieted); PEFT's torch
+    // writes every NaN an add makes as 0xffff (its vector loop; measured with PEFT 0.18.1 on this
+    // fixture with NaNs put in). Both are the merge: verify accepts either, as within one ulp; a
+    // NaN where the merge has a number still differs.
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = fixtures().join("cases/bone-default-tail-bf16/adapter");
+    let mut t = load(&fixtures().join("bases/llama-bf16/model.safetensors"));
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    for (k, nan) in [(0, 0x7fc1u16), (7, 0x7f81), (14, 0xffc3)] {
+        t.get_mut(q).unwrap().data[2 * k..2 * k + 2].copy_from_slice(&nan.to_le_bytes());
+    }
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    std::fs::copy(fixtures().join("bases/llama-bf16/config.json"), base.join("config.json")).unwrap();
+    save(&base.join("model.safetensors"), &t);
+    let merged = tmp.path().join("merged");
+    merge(&base, &adapter, &merged);
+    let ours = load(&merged.join("model.safetensors"));
+    let word = |t: &T, k: usize| u16::from_le_bytes([t.data[2 * k], t.data[2 * k + 1]]);
+    assert_eq!([0, 7, 14].map(|k| word(&ours[q], k)), [0x7fc1, 0x7fc1, 0xffc3], "each NaN, quieted");
+    let (code, j) = verify(&base, &adapter, &merged, &[]);
+    assert_eq!((code, j["equal"].as_u64()), (Some(0), Some(ours.len() as u64)), "{j}");
+    // PEFT's bytes
+    let mut peft = ours.clone();
+    for k in [0, 7, 14] {
+        peft.get_mut(q).unwrap().data[2 * k..2 * k + 2].copy_from_slice(&0xffffu16.to_le_bytes());
+    }
+    let theirs = tmp.path().join("peft");
+    std::fs::create_dir(&theirs).unwrap();
+    save(&theirs.join("model.safetensors"), &peft);
+    let (code, j) = verify(&base, &adapter, &theirs, &[]);
+    assert_eq!(code, Some(0), "{j}");
+    let entry =
+        |j: &serde_json::Value| j["tensors"].as_array().unwrap().iter().find(|x| x["name"] == q).cloned().unwrap();
+    assert_eq!(entry(&j)["status"], "within_1_ulp", "{j}");
+    // a number where the merge has a NaN
+    let mut wrong = peft;
+    wrong.get_mut(q).unwrap().data[0..2].copy_from_slice(&0x3f80u16.to_le_bytes());
+    save(&theirs.join("model.safetensors"), &wrong);
+    let (code, j) = verify(&base, &adapter, &theirs, &[]);
+    assert_eq!((code, entry(&j)["status"].as_str()), (Some(1), Some("differs")), "{j}");
+}
+
+#[test]
 fn tolerance_accepts_peft_f32_bat_unmerge_and_still_refuses_a_wrong_adapter() {
     // PEFT's unmerge of f32 BAT inverts I + B in f32 (bone-tool in f64): many values differ by
     // more than one ulp, all of them by far less than 1e-5 of the tensor's largest value

@@ -288,10 +288,18 @@ impl Float {
         }
     }
 
-    /// Distance between two values of this type, in units in the last place (NaN: `u64::MAX`).
+    /// Distance between two values of this type, in units in the last place. A NaN against a
+    /// number: `u64::MAX`. Two NaNs of other bits: 1, the same value written by another conversion
+    /// (torch writes every bf16 NaN that an add makes as 0xffff, or 0x7fc0 in its scalar loop).
     pub fn ulps(self, a: f32, b: f32) -> u64 {
         if a.is_nan() || b.is_nan() {
-            return if a.to_bits() == b.to_bits() { 0 } else { u64::MAX };
+            return if a.to_bits() == b.to_bits() {
+                0
+            } else if a.is_nan() && b.is_nan() {
+                1
+            } else {
+                u64::MAX
+            };
         }
         let key = |v: f32| -> i64 {
             let bits = v.to_bits() as i64;
@@ -597,6 +605,9 @@ mod tests {
         assert_eq!(Float::F32.ulps(1.0, 1.0 + f32::EPSILON), 1);
         assert_eq!(Float::F32.ulps(-0.0, 0.0), 0);
         assert_eq!(Float::F32.ulps(f32::NAN, 1.0), u64::MAX);
+        assert_eq!(Float::BF16.ulps(f32::INFINITY, f32::NAN), u64::MAX);
+        let (quiet, torchs) = (f32::from_bits(0x7fc1_0000), f32::from_bits(0xffff_0000));
+        assert_eq!((Float::BF16.ulps(quiet, torchs), Float::BF16.ulps(torchs, torchs)), (1, 0));
     }
 
     #[test]
