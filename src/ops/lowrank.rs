@@ -2,7 +2,7 @@
 //! `A = V_kᵀ` `[k, I]`. When the rank kept is small next to the layer, a randomized range finder
 //! (Gaussian sketch, two power iterations, f64) replaces the full SVD.
 
-use faer::Mat;
+use faer::{Mat, MatRef};
 
 /// How many singular values to keep.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -30,7 +30,10 @@ const OVERSAMPLE: usize = 16;
 pub fn truncate(delta: &[f32], o: usize, i: usize, rule: RankRule) -> Result<LowRank, String> {
     assert_eq!(delta.len(), o * i);
     let full = o.min(i);
-    let d = Mat::<f64>::from_fn(o, i, |x, y| delta[x * i + y] as f64);
+    // Δᵀ, built column by column (faer's matrices are column-major): reading the row-major delta
+    // in order; Δ is its transposed view
+    let dt = Mat::<f64>::from_fn(i, o, |y, x| delta[x * i + y] as f64);
+    let d = dt.transpose();
     let total: f64 = delta.iter().map(|v| (*v as f64) * (*v as f64)).sum();
     let mut sketch = match rule {
         RankRule::Fixed(k) if k == 0 || k > full => {
@@ -41,7 +44,7 @@ pub fn truncate(delta: &[f32], o: usize, i: usize, rule: RankRule) -> Result<Low
         RankRule::Energy(_) => (64 + OVERSAMPLE).min(full),
     };
     loop {
-        let (u, s, v) = if 2 * sketch >= full { exact(&d)? } else { randomized(&d, sketch)? };
+        let (u, s, v) = if 2 * sketch >= full { exact(d)? } else { randomized(d, sketch)? };
         let k = match rule {
             RankRule::Fixed(k) => Some(k),
             RankRule::Energy(t) => {
@@ -58,8 +61,8 @@ pub fn truncate(delta: &[f32], o: usize, i: usize, rule: RankRule) -> Result<Low
             }
         };
         match k {
-            Some(k) => return Ok(factors(delta, &u, &s, &v, o, i, k.min(s.len()))),
-            None if 2 * sketch >= full => return Ok(factors(delta, &u, &s, &v, o, i, s.len())),
+            Some(k) => return Ok(factors(dt.as_ref(), &u, &s, &v, k.min(s.len()))),
+            None if 2 * sketch >= full => return Ok(factors(dt.as_ref(), &u, &s, &v, s.len())),
             None => sketch = (sketch * 2).min(full),
         }
     }
@@ -67,13 +70,13 @@ pub fn truncate(delta: &[f32], o: usize, i: usize, rule: RankRule) -> Result<Low
 
 type Svd3 = (Mat<f64>, Vec<f64>, Mat<f64>);
 
-fn exact(d: &Mat<f64>) -> Result<Svd3, String> {
+fn exact(d: MatRef<'_, f64>) -> Result<Svd3, String> {
     let svd = d.thin_svd().map_err(|e| format!("SVD did not converge: {e:?}"))?;
     let s = svd.S().column_vector().iter().copied().collect();
     Ok((svd.U().to_owned(), s, svd.V().to_owned()))
 }
 
-fn randomized(d: &Mat<f64>, l: usize) -> Result<Svd3, String> {
+fn randomized(d: MatRef<'_, f64>, l: usize) -> Result<Svd3, String> {
     let (o, i) = (d.nrows(), d.ncols());
     let mut x = 0x9E3779B97F4A7C15u64;
     let mut gauss = move || {
@@ -100,7 +103,9 @@ fn randomized(d: &Mat<f64>, l: usize) -> Result<Svd3, String> {
     Ok((u, s, svd.V().to_owned()))
 }
 
-fn factors(delta: &[f32], u: &Mat<f64>, s: &[f64], v: &Mat<f64>, o: usize, i: usize, k: usize) -> LowRank {
+/// The factors of rank `k` from the SVD of `Δ` (`dt` is `Δᵀ`), with their error.
+fn factors(dt: MatRef<'_, f64>, u: &Mat<f64>, s: &[f64], v: &Mat<f64>, k: usize) -> LowRank {
+    let (i, o) = (dt.nrows(), dt.ncols());
     let mut b = vec![0f32; o * k];
     let mut a = vec![0f32; k * i];
     for x in 0..o {
@@ -114,17 +119,16 @@ fn factors(delta: &[f32], u: &Mat<f64>, s: &[f64], v: &Mat<f64>, o: usize, i: us
         }
     }
     // The error of the factors as stored, against the delta: an independent check of the SVD.
-    let bm = Mat::<f64>::from_fn(o, k, |x, j| b[x * k + j] as f64);
-    let am = Mat::<f64>::from_fn(k, i, |j, y| a[j * i + y] as f64);
-    let approx = &bm * &am;
-    let (mut num, mut den) = (0f64, 0f64);
-    for x in 0..o {
-        for y in 0..i {
-            let dv = delta[x * i + y] as f64;
-            num += (dv - approx[(x, y)]).powi(2);
-            den += dv * dv;
-        }
+    // `(B·A)ᵀ = Aᵀ·Bᵀ` has `Δᵀ`'s layout, so the two are compared column by column (rows of Δ),
+    // 256 at a time (a whole `[O, I]` product in f64 cost as much as the SVD, and its memory).
+    let at = Mat::<f64>::from_fn(i, k, |y, j| a[j * i + y] as f64);
+    let bt = Mat::<f64>::from_fn(k, o, |j, x| b[x * k + j] as f64);
+    let mut num = 0f64;
+    for x0 in (0..o).step_by(256) {
+        let n = 256.min(o - x0);
+        num += (dt.subcols(x0, n) - &at * bt.subcols(x0, n)).squared_norm_l2();
     }
+    let den = dt.squared_norm_l2();
     let rel_error = if den == 0.0 { 0.0 } else { (num / den).sqrt() };
     LowRank { a, b, k, rel_error }
 }
