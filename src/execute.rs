@@ -31,7 +31,8 @@ pub fn request_interrupt() {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-fn check_interrupt() -> Result<()> {
+/// Err(Interrupted) once Ctrl-C or SIGTERM came: long loops outside an execution call it too.
+pub fn check_interrupt() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         return Err(Interrupted.into());
     }

@@ -12,6 +12,7 @@ use crate::ops::dtype::Float;
 use crate::ops::lowrank::{self, RankRule};
 use crate::ops::{self, expand_transposed};
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safetensors::Dtype;
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -65,8 +66,27 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     let mut layers: Vec<Value> = vec![];
     let (mut err_num, mut err_den) = (0f64, 0f64);
     let mut config: Map<String, Value> = c.raw.as_object().cloned().unwrap_or_default();
+    // BAT -> LoRA takes an SVD a layer (a 7b adapter: minutes): a bar of layers on a terminal
+    let svds = args.to == ConvertTo::Lora && c.variant == Variant::Bat && !args.dry_run && !quiet;
+    let progress = if svds {
+        let pb = ProgressBar::with_draw_target(
+            Some((a.blocks.len() + a.untargeted.len()) as u64),
+            ProgressDrawTarget::stderr(),
+        );
+        pb.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} layers (SVD), eta {eta} {wide_msg}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
     // blocks on modules the config does not target too: a conversion keeps what the file holds
     for b in a.blocks.iter().chain(&a.untargeted) {
+        // Ctrl-C stops at the next layer (nothing is written before the loop ends)
+        crate::execute::check_interrupt()?;
+        progress.set_message(b.module.clone());
         let out_float = out_float(args.dtype, b)?;
         match args.to {
             ConvertTo::Miss | ConvertTo::Bone => {
@@ -171,7 +191,9 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
                 layers.push(json!({"module": b.module, "rank": k, "rel_error": rel}));
             }
         }
+        progress.inc(1);
     }
+    progress.finish_and_clear();
     // modules_to_save and other replacements travel unchanged, under the same keys.
     for rep in &a.replacements {
         tensors.push(OutTensor {
@@ -225,6 +247,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     let cfg_text = serde_json::to_string_pretty(&Value::Object(config))?;
     std::fs::write(dir.path().join(crate::adapter::CONFIG_NAME), cfg_text)
         .context("cannot write adapter_config.json")?;
+    crate::execute::check_interrupt()?;
     dir.commit(true)?;
 
     let to = match args.to {
