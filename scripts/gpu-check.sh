@@ -13,7 +13,9 @@
 #             in-order kernel and by cuBLAS, with how many values of each equal the CPU's in-order
 #             sum (the kernel must give all); the + B_i pass;
 #   check     examples/gpu_check: every fixture merged and unmerged on cuda (two lanes) and on cpu,
-#             compared: the same bytes; then BAT cases with cuBLAS's GEMMs (BONE_TOOL_GEMM=cublas),
+#             compared: the same bytes, also for five default/mini cases on copies of their bases
+#             with NaN weights (each NaN must come out quieted, as on the CPU, not as the GPU's
+#             canonical NaN); then BAT cases with cuBLAS's GEMMs (BONE_TOOL_GEMM=cublas),
 #             within one unit (or in f32 2^-18 of the largest value: Float::disagreement);
 #   bench     the 1b table, cuda and cpu rows (DEVICES adds others: gpu-only is --all-on-gpu) next
 #             to cp -r (3 runs), and the --timings of one cuda merge of each kind;
