@@ -82,6 +82,10 @@ impl Prepared {
         }
     }
 
+    fn is_bat(&self) -> bool {
+        !matches!(self, Prepared::Periodic { .. })
+    }
+
     fn row_multiple(&self) -> usize {
         match self {
             Prepared::Periodic { .. } => 1,
@@ -196,8 +200,8 @@ fn strip_body(
                 return found;
             }
         }
-        [bat @ (Prepared::BatMerge { .. } | Prepared::BatUnmerge { .. })] => {
-            return bat_in_parts(inp, out, w, scratch, d, row0, i, bat, check_finite);
+        [first, ..] if ops.iter().all(|op| op.is_bat() && op.row_multiple() == first.row_multiple()) => {
+            return bat_in_parts(inp, out, w, scratch, d, row0, i, ops, check_finite);
         }
         _ => {}
     }
@@ -209,9 +213,10 @@ fn strip_body(
 /// at r = 64 on a 5632-column weight, and went to L3 and back in each of five passes.)
 const BAT_PART_ELEMS: usize = 1 << 14;
 
-/// A chain that is one BAT merge or unmerge (the usual single adapter), each strip in parts of
-/// whole view rows: decode, the op's GEMM and its `± B_i`, encode and the check for new inf/NaN,
-/// while the part is in cache. The same operations as [`strip_passes`] (the same bytes).
+/// A chain of BAT merges and unmerges with one r (one adapter, the usual case, or stacked ones),
+/// each strip in parts of whole view rows: decode, each op's GEMM and its `± B_i` (and the rounding
+/// between ops), encode and the check for new inf/NaN, while the part is in cache. The same
+/// operations as [`strip_passes`] (the same bytes).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn bat_in_parts(
@@ -222,10 +227,10 @@ fn bat_in_parts(
     d: Float,
     row0: usize,
     i: usize,
-    op: &Prepared,
+    ops: &[Prepared],
     check_finite: bool,
 ) -> Option<usize> {
-    let r = op.row_multiple();
+    let r = ops[0].row_multiple();
     let (per_a, rows) = (i / r, (BAT_PART_ELEMS / r).max(1));
     let strip_bytes = r * i * d.size();
     let mut first = None;
@@ -234,14 +239,22 @@ fn bat_in_parts(
         for (p, (a, b)) in src.chunks(rows * r * d.size()).zip(dst.chunks_mut(rows * r * d.size())).enumerate() {
             w.resize(a.len() / d.size(), 0.0);
             d.decode_serial(a, w);
-            match op {
-                Prepared::BatMerge { b: bs, rounding, .. } => {
-                    bat_merge_view(w, p * rows, per_a, &bs[blk..][..r * r], r, *rounding, scratch)
+            for (k, op) in ops.iter().enumerate() {
+                let rd = match op {
+                    Prepared::BatMerge { b: bs, rounding, .. } => {
+                        bat_merge_view(w, p * rows, per_a, &bs[blk..][..r * r], r, *rounding, scratch);
+                        rounding
+                    }
+                    Prepared::BatUnmerge { b: bs, inv, rounding, .. } => {
+                        bat_unmerge_view(w, p * rows, per_a, &bs[blk..][..r * r], &inv[blk..][..r * r], r, scratch);
+                        rounding
+                    }
+                    Prepared::Periodic { .. } => unreachable!("bat_in_parts takes BAT ops"),
+                };
+                // between ops, as the passes round each op's result (the last is rounded by encoding)
+                if k + 1 < ops.len() {
+                    rd.weight.round(w);
                 }
-                Prepared::BatUnmerge { b: bs, inv, .. } => {
-                    bat_unmerge_view(w, p * rows, per_a, &bs[blk..][..r * r], &inv[blk..][..r * r], r, scratch)
-                }
-                Prepared::Periodic { .. } => unreachable!("bat_in_parts takes BAT ops"),
             }
             d.encode_serial(w, b);
             if check_finite && first.is_none() {
@@ -1305,17 +1318,28 @@ mod tests {
                 d.encode_serial(&w, &mut src);
                 let merge = Prepared::BatMerge { b: b.clone(), r, rounding: Rounding::peft(d) };
                 let unmerge = Prepared::BatUnmerge { b: b.clone(), inv, r, rounding: Rounding::peft(d) };
-                for (op, overflows) in [(merge, true), (unmerge, false)] {
+                let once = Prepared::BatMerge {
+                    b: b.iter().map(|x| x * 0.5).collect(),
+                    r,
+                    rounding: Rounding { once: true, ..Rounding::peft(d) },
+                };
+                let chains = [
+                    ("merge", vec![merge.clone()], true),
+                    ("unmerge", vec![unmerge.clone()], false),
+                    // stacked: rounded to D between the ops
+                    ("merge, merge once", vec![merge.clone(), once], true),
+                    ("merge, unmerge", vec![merge, unmerge], false),
+                ];
+                for (name, ops, overflows) in chains {
                     for shift in [0, 1] {
                         let mut padded = vec![0u8; src.len() + shift];
                         padded[shift..].copy_from_slice(&src);
                         let inp = &padded[shift..];
                         let (mut parts, mut passes) = (vec![0u8; inp.len() + shift], vec![0u8; inp.len()]);
                         let (mut w1, mut s1, mut w2, mut s2) = (vec![], vec![], vec![], vec![]);
-                        let ops = std::slice::from_ref(&op);
-                        let a = strip_body(inp, &mut parts[shift..], &mut w1, &mut s1, d, 0, i, ops, true);
-                        let p = strip_passes(inp, &mut passes, &mut w2, &mut s2, d, 0, i, ops, true);
-                        let what = format!("{d:?} r={r} i={i} {}", if overflows { "merge" } else { "unmerge" });
+                        let a = strip_body(inp, &mut parts[shift..], &mut w1, &mut s1, d, 0, i, &ops, true);
+                        let p = strip_passes(inp, &mut passes, &mut w2, &mut s2, d, 0, i, &ops, true);
+                        let what = format!("{d:?} r={r} i={i} {name}");
                         assert!(parts[shift..] == passes[..], "{what} shift={shift}");
                         assert_eq!(a, p, "{what}: first new non-finite");
                         if overflows {
