@@ -66,27 +66,21 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     let mut layers: Vec<Value> = vec![];
     let (mut err_num, mut err_den) = (0f64, 0f64);
     let mut config: Map<String, Value> = c.raw.as_object().cloned().unwrap_or_default();
-    // BAT -> LoRA takes an SVD a layer (a 7b adapter: minutes): a bar of layers on a terminal
-    let svds = args.to == ConvertTo::Lora && c.variant == Variant::Bat && !args.dry_run && !quiet;
-    let progress = if svds {
-        let pb = ProgressBar::with_draw_target(
-            Some((a.blocks.len() + a.untargeted.len()) as u64),
-            ProgressDrawTarget::stderr(),
-        );
-        pb.set_style(
-            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} layers (SVD), eta {eta} {wide_msg}")
-                .expect("static template")
-                .progress_chars("=> "),
-        );
-        pb
+    // BAT -> LoRA: an SVD a layer (a 7b adapter: minutes), computed first, several layers at a time
+    let mut low_ranks = if args.to == ConvertTo::Lora && c.variant == Variant::Bat && !args.dry_run {
+        let base = base.as_ref().expect("found above");
+        let rule = match (args.rank, args.energy) {
+            (Some(n), _) => RankRule::Fixed(n),
+            (None, Some(e)) => RankRule::Energy(e),
+            (None, None) => unreachable!("checked above"),
+        };
+        bat_low_ranks(&a, base, rule, quiet)?
     } else {
-        ProgressBar::hidden()
-    };
+        vec![]
+    }
+    .into_iter();
     // blocks on modules the config does not target too: a conversion keeps what the file holds
     for b in a.blocks.iter().chain(&a.untargeted) {
-        // Ctrl-C stops at the next layer (nothing is written before the loop ends)
-        crate::execute::check_interrupt()?;
-        progress.set_message(b.module.clone());
         let out_float = out_float(args.dtype, b)?;
         match args.to {
             ConvertTo::Miss | ConvertTo::Bone => {
@@ -159,18 +153,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
                         (r, lora_a, lora_b, 0.0)
                     }
                     Variant::Bat => {
-                        let base = base.as_ref().expect("found above");
-                        let (si, w_entry) = base.tensor(&b.target()).expect("checked by layer_geometry");
-                        let w = base.shards[si].read_f32(w_entry)?;
-                        let delta = ops::bat_delta(&w, o, i, &blk, c.r);
-                        let rule = match (args.rank, args.energy) {
-                            (Some(n), _) => RankRule::Fixed(n),
-                            (None, Some(e)) => RankRule::Energy(e),
-                            (None, None) => unreachable!("checked above"),
-                        };
-                        let lr = lowrank::truncate(&delta, o, i, rule)
-                            .map_err(|e| input(format!("layer {}: [{o}, {i}]: {e}", b.module)))?;
-                        let norm2: f64 = delta.iter().map(|v| (*v as f64).powi(2)).sum();
+                        let (lr, norm2) = low_ranks.next().expect("one for each block");
                         err_num += lr.rel_error.powi(2) * norm2;
                         err_den += norm2;
                         (lr.k, lr.a, lr.b, lr.rel_error)
@@ -191,9 +174,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
                 layers.push(json!({"module": b.module, "rank": k, "rel_error": rel}));
             }
         }
-        progress.inc(1);
     }
-    progress.finish_and_clear();
     // modules_to_save and other replacements travel unchanged, under the same keys.
     for rep in &a.replacements {
         tensors.push(OutTensor {
@@ -389,6 +370,91 @@ fn find_base(args: &ConvertArgs, a: &Adapter) -> Result<Model> {
 }
 
 /// `(O, I)` of a block's base tensor, checked against the variant's rules.
+/// Memory that BAT -> LoRA may give to the layers it works on at once: about 16 bytes a weight
+/// value each (the weight and its delta in f32, the delta again in f64 for the SVD).
+const SVD_MEMORY: u64 = 2 << 30;
+
+/// BAT -> LoRA: the truncated SVD of every block's delta, in the order of the blocks (targeted,
+/// then untargeted), each with the delta's squared norm. The SVDs of tall-skinny products keep
+/// about one core busy, so several layers run at a time: as many as there are worker threads,
+/// within [`SVD_MEMORY`]. A bar of layers on a terminal; Ctrl-C stops at the next layer.
+fn bat_low_ranks(a: &Adapter, base: &Model, rule: RankRule, quiet: bool) -> Result<Vec<(lowrank::LowRank, f64)>> {
+    let blocks: Vec<&Block> = a.blocks.iter().chain(&a.untargeted).collect();
+    let mut shapes = vec![];
+    for b in &blocks {
+        shapes.push(layer_geometry(a, b, Some(base))?);
+    }
+    let largest = shapes.iter().map(|(o, i)| (o * i) as u64).max().unwrap_or(1).max(1);
+    let at_once = ((SVD_MEMORY / (16 * largest)) as usize).clamp(1, rayon::current_num_threads().max(1));
+    let progress = if quiet {
+        ProgressBar::hidden()
+    } else {
+        let pb = ProgressBar::with_draw_target(Some(blocks.len() as u64), ProgressDrawTarget::stderr());
+        pb.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} layers (SVD), eta {eta} {wide_msg}")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        pb
+    };
+    let one = |n: usize| -> Result<(lowrank::LowRank, f64)> {
+        crate::execute::check_interrupt()?;
+        let (b, (o, i)) = (blocks[n], shapes[n]);
+        progress.set_message(b.module.clone());
+        let (si, w_entry) = base.tensor(&b.target()).expect("checked by layer_geometry");
+        let w = base.shards[si].read_f32(w_entry)?;
+        let delta = ops::bat_delta(&w, o, i, &a.file.read_f32(&b.entry)?, a.config.r);
+        drop(w);
+        let lr =
+            lowrank::truncate(&delta, o, i, rule).map_err(|e| input(format!("layer {}: [{o}, {i}]: {e}", b.module)))?;
+        progress.inc(1);
+        Ok((lr, delta.iter().map(|v| (*v as f64).powi(2)).sum()))
+    };
+    // workers take the next layer as they finish one; results in the blocks' order
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    type Done = Vec<(usize, (lowrank::LowRank, f64))>;
+    let results: Vec<std::result::Result<Done, (usize, anyhow::Error)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..at_once)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = vec![];
+                    loop {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if n >= blocks.len() {
+                            return Ok(done);
+                        }
+                        match one(n) {
+                            Ok(x) => done.push((n, x)),
+                            Err(e) => {
+                                // the others stop at their next layer
+                                next.store(blocks.len(), std::sync::atomic::Ordering::Relaxed);
+                                return Err((n, e));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|h| h.join().expect("an SVD worker panicked")).collect()
+    });
+    progress.finish_and_clear();
+    let mut all = vec![];
+    let mut failed: Option<(usize, anyhow::Error)> = None;
+    for r in results {
+        match r {
+            Ok(done) => all.extend(done),
+            // the first layer's error, whichever worker saw it
+            Err((n, e)) if failed.as_ref().map_or(true, |(m, _)| n < *m) => failed = Some((n, e)),
+            Err(_) => {}
+        }
+    }
+    if let Some((_, e)) = failed {
+        return Err(e);
+    }
+    all.sort_by_key(|(n, _)| *n);
+    Ok(all.into_iter().map(|(_, x)| x).collect())
+}
+
 fn layer_geometry(a: &Adapter, b: &Block, base: Option<&Model>) -> Result<(usize, usize)> {
     let base = base.expect("callers find the base first");
     let g = a.check_layer(b, base).map_err(|p| input(format!("{}: {p}", a.dir.display())))?;
