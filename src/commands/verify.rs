@@ -72,25 +72,30 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
     let ok = bad.is_empty();
     // differences that PEFT itself makes, in BAT tensors: on another processor (its sums run in
     // another order) or in its unmerge (an f32 inverse)
-    let bat: std::collections::HashMap<&str, (Float, usize)> = plan
+    // each BAT tensor: its dtype, its number of values, and how many BAT adapters act on it
+    let bat: std::collections::HashMap<&str, (Float, usize, usize)> = plan
         .shards
         .iter()
         .flat_map(|s| &s.jobs)
-        .filter(|j| j.ops.iter().any(|op| matches!(op, plan::Op::Bat { .. })))
-        .filter_map(|j| Some((j.name.as_str(), (j.weight_float()?, j.src.numel()))))
+        .filter_map(|j| {
+            let n = j.ops.iter().filter(|op| matches!(op, plan::Op::Bat { .. })).count();
+            Some((j.name.as_str(), (j.weight_float()?, j.src.numel(), n))).filter(|_| n > 0)
+        })
         .collect();
     // whether a tensor differs only as PEFT's own BAT results do: in f32 within the spec's 1e-5 of
     // its largest value; in f16/bf16 PEFT rounds the delta before adding it, so a delta summed in
     // another order can round the other way, by one unit of the delta, which can be as large as the
-    // tensor: at most 1% of the values off, by at most two units of the dtype at that scale
+    // tensor: at most 1% of the values off for each BAT adapter on it (stacked ones each round
+    // their own deltas; two at r = 640 were seen at 1.1%), by at most two units of the dtype at
+    // that scale
     let peft_like = |c: &TensorCheck| {
-        let &(d, numel) = bat.get(c.name.as_str())?;
+        let &(d, numel, adapters) = bat.get(c.name.as_str())?;
         let bound = match d {
             Float::F32 => 1e-5,
             Float::BF16 => 2f64.powi(-7),
             Float::F16 => 2f64.powi(-10),
         };
-        let few = d == Float::F32 || c.values_off as usize <= (numel / 100).max(1);
+        let few = d == Float::F32 || c.values_off as usize <= (numel / 100).max(1) * adapters;
         (c.status == "differs" && few && c.max_rel? <= bound).then_some(d)
     };
     let dtypes: Option<Vec<Float>> = bad.iter().map(|c| peft_like(c)).collect();
@@ -104,8 +109,8 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
             bad.len()
         )),
         Some(_) => Some(format!(
-            "every tensor that differs is BAT, with at most 1% of its values off, by at most two \
-             units of its dtype at its largest value: so do PEFT's own f16/bf16 BAT merges made on \
+            "every tensor that differs is BAT, with at most 1% of its values off for each BAT adapter \
+             on it, by at most two units of its dtype at its largest value: so do PEFT's own f16/bf16 BAT merges made on \
              another processor (a delta summed in another order rounds the other way) and its \
              unmerges (an f32 inverse), while an adapter left out changes most values ({} of them)",
             bad.len()
