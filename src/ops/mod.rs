@@ -75,10 +75,34 @@ impl Prepared {
     pub fn apply_rows(&self, w: &mut [f32], row0: usize, i: usize, scratch: &mut Vec<f32>, round: bool) {
         match self {
             Prepared::Periodic { et, r, sign, rounding } => periodic_rows(w, row0, i, et, *r, *sign, *rounding, round),
-            Prepared::BatMerge { b, r, rounding } => bat_merge_rows(w, row0, i, b, *r, *rounding, scratch, round),
-            Prepared::BatUnmerge { b, inv, r, rounding } => {
-                bat_unmerge_rows(w, row0, i, b, inv, *r, *rounding, scratch, round)
+            Prepared::BatMerge { r, .. } | Prepared::BatUnmerge { r, .. } => {
+                for (s, strip) in w.chunks_exact_mut(r * i).enumerate() {
+                    self.apply_view(strip, row0 / r + s, 0, i / r, scratch, round);
+                }
             }
+        }
+    }
+
+    /// A BAT op on the view rows `k0..k0 + w.len() / r` of strip `strip` (rows `strip·r..` of the
+    /// weight, read as `[I, r]`; `per_a = I / r` view rows to a tile row): [`bat_merge_view`] or
+    /// [`bat_unmerge_view`] with the strip's block, then rounded to D when `round`. Each view row is
+    /// computed on its own, so a strip may be done whole or in parts: the same bytes.
+    #[inline(always)]
+    fn apply_view(&self, w: &mut [f32], strip: usize, k0: usize, per_a: usize, scratch: &mut Vec<f32>, round: bool) {
+        let rd = match self {
+            Prepared::BatMerge { b, r, rounding } => {
+                bat_merge_view(w, k0, per_a, &b[strip * r * r..][..r * r], *r, *rounding, scratch);
+                rounding
+            }
+            Prepared::BatUnmerge { b, inv, r, rounding } => {
+                let blk = strip * r * r..(strip + 1) * r * r;
+                bat_unmerge_view(w, k0, per_a, &b[blk.clone()], &inv[blk], *r, scratch);
+                rounding
+            }
+            Prepared::Periodic { .. } => unreachable!("view rows are BAT's"),
+        };
+        if round {
+            rd.weight.round(w);
         }
     }
 
@@ -235,26 +259,12 @@ fn bat_in_parts(
     let strip_bytes = r * i * d.size();
     let mut first = None;
     for (s, (src, dst)) in inp.chunks_exact(strip_bytes).zip(out.chunks_exact_mut(strip_bytes)).enumerate() {
-        let blk = (row0 / r + s) * r * r;
         for (p, (a, b)) in src.chunks(rows * r * d.size()).zip(dst.chunks_mut(rows * r * d.size())).enumerate() {
             w.resize(a.len() / d.size(), 0.0);
             d.decode_serial(a, w);
             for (k, op) in ops.iter().enumerate() {
-                let rd = match op {
-                    Prepared::BatMerge { b: bs, rounding, .. } => {
-                        bat_merge_view(w, p * rows, per_a, &bs[blk..][..r * r], r, *rounding, scratch);
-                        rounding
-                    }
-                    Prepared::BatUnmerge { b: bs, inv, rounding, .. } => {
-                        bat_unmerge_view(w, p * rows, per_a, &bs[blk..][..r * r], &inv[blk..][..r * r], r, scratch);
-                        rounding
-                    }
-                    Prepared::Periodic { .. } => unreachable!("bat_in_parts takes BAT ops"),
-                };
-                // between ops, as the passes round each op's result (the last is rounded by encoding)
-                if k + 1 < ops.len() {
-                    rd.weight.round(w);
-                }
+                // rounded between ops, as the passes round each op's result (the last by encoding)
+                op.apply_view(w, row0 / r + s, p * rows, per_a, scratch, k + 1 < ops.len());
             }
             d.encode_serial(w, b);
             if check_finite && first.is_none() {
@@ -562,45 +572,18 @@ pub fn periodic_rows(w: &mut [f32], row0: usize, i: usize, et: &[f32], r: usize,
     }
 }
 
-/// BAT merge on whole strips starting at row `row0`: for every output block row `i` and column
-/// block `j`, `W'_ij = R_D(W_ij + R_D(W_ij·B_i + B_i))` (or `R_D(W_ij + W_ij·B_i + B_i)` with
-/// `rd.once`).
+/// BAT merge on the view rows `k0..k0 + w.len() / r` of one strip, with the strip's block `bi`:
+/// for every output block row `i` and column block `j`, `W'_ij = W_ij + R_D(W_ij·B_i + B_i)` (or
+/// `W_ij + W_ij·B_i + B_i` with `rd.once`), not yet rounded to D ([`Prepared::apply_view`]).
 ///
 /// The row strip `W[i·r..(i+1)·r, :]` is contiguous; read as an `[I, r]` row-major matrix its rows
-/// are the rows of the tiles `W_ij`, so one GEMM `[I, r]·[r, r]` does the whole strip. View row `k`
-/// belongs to tile row `a = k / (I / r)`.
-#[inline(always)]
-pub fn bat_merge_rows(
-    w: &mut [f32],
-    row0: usize,
-    i: usize,
-    b: &[f32],
-    r: usize,
-    rd: Rounding,
-    delta: &mut Vec<f32>,
-    round: bool,
-) {
-    for (s, strip) in w.chunks_exact_mut(r * i).enumerate() {
-        bat_merge_view(strip, 0, i / r, &b[(row0 / r + s) * r * r..][..r * r], r, rd, delta);
-        if round {
-            rd.weight.round(strip);
-        }
-    }
-}
-
-/// [`bat_merge_rows`] on the view rows `k0..k0 + w.len() / r` of one strip (`per_a = I / r` view
-/// rows to a tile row), with the strip's block `bi`, not rounded to D at the end. Each view row is
-/// computed on its own, so a strip may be done whole or in parts: the same bytes.
+/// are the rows of the tiles `W_ij`, so one GEMM `[I, r]·[r, r]` does the whole strip (or any run
+/// of its view rows). View row `k` belongs to tile row `a = k / per_a`, `per_a = I / r`.
 #[inline(always)]
 fn bat_merge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], r: usize, rd: Rounding, delta: &mut Vec<f32>) {
-    let n = w.len() / r;
-    delta.resize(n * r, 0.0);
-    gemm(delta, w, bi, n, r);
-    for (k, (drow, wrow)) in delta.chunks_exact_mut(r).zip(w.chunks_exact_mut(r)).enumerate() {
-        let brow = &bi[((k0 + k) / per_a) * r..][..r];
-        for (d, bv) in drow.iter_mut().zip(brow) {
-            *d = plus_zero(*d) + bv;
-        }
+    delta.resize(w.len(), 0.0);
+    bat_delta_view(delta, w, k0, per_a, bi, r);
+    for (drow, wrow) in delta.chunks_exact_mut(r).zip(w.chunks_exact_mut(r)) {
         if !rd.once {
             rd.weight.round(drow);
         }
@@ -610,29 +593,19 @@ fn bat_merge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], r: usize, 
     }
 }
 
-/// BAT unmerge on whole strips: `W_ij = R_D((W'_ij − B_i)·inv_i)`, `inv` the `(I + B_i)⁻¹`.
+/// `delta = W_ij·B_i + B_i` on the view rows `k0..` of one strip, as [`bat_merge_view`] reads them.
 #[inline(always)]
-pub fn bat_unmerge_rows(
-    w: &mut [f32],
-    row0: usize,
-    i: usize,
-    b: &[f32],
-    inv: &[f32],
-    r: usize,
-    rd: Rounding,
-    diff: &mut Vec<f32>,
-    round: bool,
-) {
-    for (s, strip) in w.chunks_exact_mut(r * i).enumerate() {
-        let blk = (row0 / r + s) * r * r;
-        bat_unmerge_view(strip, 0, i / r, &b[blk..][..r * r], &inv[blk..][..r * r], r, diff);
-        if round {
-            rd.weight.round(strip);
+fn bat_delta_view(delta: &mut [f32], w: &[f32], k0: usize, per_a: usize, bi: &[f32], r: usize) {
+    gemm(delta, w, bi, w.len() / r, r);
+    for (k, drow) in delta.chunks_exact_mut(r).enumerate() {
+        for (d, bv) in drow.iter_mut().zip(&bi[((k0 + k) / per_a) * r..][..r]) {
+            *d = plus_zero(*d) + bv;
         }
     }
 }
 
-/// [`bat_unmerge_rows`] on the view rows `k0..` of one strip, as [`bat_merge_view`].
+/// BAT unmerge on the view rows `k0..` of one strip, as [`bat_merge_view`]:
+/// `W_ij = (W'_ij − B_i)·inv_i`, `inv` the `(I + B_i)⁻¹`, not yet rounded to D.
 #[inline(always)]
 fn bat_unmerge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], invi: &[f32], r: usize, diff: &mut Vec<f32>) {
     let n = w.len() / r;
@@ -651,16 +624,9 @@ fn bat_unmerge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], invi: &[
 /// `get_delta_weight` returns; the LoRA conversion approximates it).
 pub fn bat_delta(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) -> Vec<f32> {
     check_bat(w, o, i, b, r);
-    let per_a = i / r;
     let mut delta = vec![0f32; o * i];
     delta.par_chunks_mut(r * i).zip(w.par_chunks(r * i)).enumerate().for_each(|(s, (d, strip))| {
-        let bi = &b[s * r * r..][..r * r];
-        gemm(d, strip, bi, i, r);
-        for (k, drow) in d.chunks_exact_mut(r).enumerate() {
-            for (x, bv) in drow.iter_mut().zip(&bi[(k / per_a) * r..][..r]) {
-                *x = plus_zero(*x) + bv;
-            }
-        }
+        bat_delta_view(d, strip, 0, i / r, &b[s * r * r..][..r * r], r);
     });
     delta
 }
@@ -675,18 +641,22 @@ pub fn add_periodic(w: &mut [f32], o: usize, i: usize, et: &[f32], r: usize, sig
 /// Whole-tensor BAT merge on f32 values.
 pub fn bat_merge(w: &mut [f32], o: usize, i: usize, b: &[f32], r: usize, rd: Rounding) {
     check_bat(w, o, i, b, r);
-    w.par_chunks_mut(r * i)
-        .enumerate()
-        .for_each_init(Vec::new, |scratch, (s, strip)| bat_merge_rows(strip, s * r, i, b, r, rd, scratch, true));
+    apply_strips(w, i, &Prepared::BatMerge { b: b.to_vec(), r, rounding: rd });
 }
 
 /// Whole-tensor BAT unmerge on f32 values.
 pub fn bat_unmerge(w: &mut [f32], o: usize, i: usize, b: &[f32], inv: &[f32], r: usize, rd: Rounding) {
     check_bat(w, o, i, b, r);
     assert_eq!(inv.len(), b.len());
-    w.par_chunks_mut(r * i)
-        .enumerate()
-        .for_each_init(Vec::new, |scratch, (s, strip)| bat_unmerge_rows(strip, s * r, i, b, inv, r, rd, scratch, true));
+    apply_strips(w, i, &Prepared::BatUnmerge { b: b.to_vec(), inv: inv.to_vec(), r, rounding: rd });
+}
+
+/// A BAT op on a whole weight of `i` columns, a strip per task, rounded to D.
+fn apply_strips(w: &mut [f32], i: usize, op: &Prepared) {
+    let r = op.row_multiple();
+    w.par_chunks_mut(r * i).enumerate().for_each_init(Vec::new, |scratch, (s, strip)| {
+        op.apply_view(strip, s, 0, i / r, scratch, true);
+    });
 }
 
 fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
