@@ -324,30 +324,17 @@ fn values(n: usize, scale: f32, seed: u64) -> Vec<f32> {
     ops::Xorshift(seed | 1).values(n, scale)
 }
 
-/// The rows `row0..row0 + rows` of an `[o, i]` weight through `chain`: the CPU's bytes and the
-/// emulated GPU's, with the kernels it launched.
-#[allow(clippy::too_many_arguments)]
-fn both(
-    launch: Launch,
-    d: Float,
-    o: usize,
-    i: usize,
-    row0: usize,
-    rows: usize,
-    chain: &[Prepared],
-    small_grid: bool,
-    fused: Fused,
-    gemm: StripGemm,
-) -> Result<(Vec<u8>, Vec<u8>, Vec<Kernel>)> {
-    let w = values(o * i, 0.5, (o * 31 + i) as u64);
+/// The bytes of a deterministic `[o, i]` weight of dtype `d`.
+fn weight(d: Float, o: usize, i: usize) -> Vec<u8> {
     let mut all = vec![0u8; o * i * d.size()];
-    d.encode(&w, &mut all);
-    both_on(launch, d, &all, i, row0, rows, chain, small_grid, fused, gemm)
+    d.encode(&values(o * i, 0.5, (o * 31 + i) as u64), &mut all);
+    all
 }
 
-/// [`both`] on the given bytes of a weight with `i` columns.
+/// The rows `row0..row0 + rows` of the weight `all` (`i` columns) through `chain`: the CPU's bytes
+/// and the emulated GPU's, with the kernels it launched.
 #[allow(clippy::too_many_arguments)]
-fn both_on(
+fn both(
     launch: Launch,
     d: Float,
     all: &[u8],
@@ -435,7 +422,8 @@ fn default_and_mini_shape(launch: Launch, o: usize, i: usize, r: usize, mini: us
             for (row0, rows) in [(0, o), (o / 5 + 1, o / 2)] {
                 for (small, fused) in [false, true].into_iter().flat_map(|s| LAUNCHES.map(|f| (s, f))) {
                     let (cpu, gpu, launched) =
-                        both(launch, d, o, i, row0, rows, chain, small, fused, StripGemm::InOrder).unwrap();
+                        both(launch, d, &weight(d, o, i), i, row0, rows, chain, small, fused, StripGemm::InOrder)
+                            .unwrap();
                     let what = format!(
                         "{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}, {fused:?}",
                         row0 + rows
@@ -490,7 +478,7 @@ fn bat_shape(launch: Launch, o: usize, i: usize, r: usize, gemm: StripGemm) {
             for (row0, rows) in [(0, o), (2 * r, 3 * r)] {
                 for small in [false, true] {
                     let (cpu, gpu, launched) =
-                        both(launch, d, o, i, row0, rows, chain, small, DEFAULT_LAUNCH, gemm).unwrap();
+                        both(launch, d, &weight(d, o, i), i, row0, rows, chain, small, DEFAULT_LAUNCH, gemm).unwrap();
                     let what = format!(
                         "{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}, {gemm:?}",
                         row0 + rows
@@ -564,8 +552,7 @@ fn nan_weights_come_out_as_the_cpus_quieted_nans() {
     let def = values(r * o, 0.05, 7);
     let mini_block = values(r * mini, 0.05, 11);
     for d in [Float::F32, Float::F16, Float::BF16] {
-        let mut all = vec![0u8; o * i * d.size()];
-        d.encode(&values(o * i, 0.5, 3), &mut all);
+        let mut all = weight(d, o, i);
         for (put, k) in (0..o * i).step_by(7).enumerate() {
             let at = k * d.size();
             match d {
@@ -582,7 +569,7 @@ fn nan_weights_come_out_as_the_cpus_quieted_nans() {
         ];
         for (what, chain) in &chains {
             for fused in LAUNCHES {
-                let (cpu, gpu, _) = both_on(launch, d, &all, i, 0, o, chain, false, fused, StripGemm::InOrder).unwrap();
+                let (cpu, gpu, _) = both(launch, d, &all, i, 0, o, chain, false, fused, StripGemm::InOrder).unwrap();
                 let what = format!("{what}, {d}, {fused:?}");
                 assert_agree(d, &cpu, &gpu, true, &what);
                 // the CPU's rule itself: every NaN weight is that NaN, quieted
@@ -606,8 +593,19 @@ fn the_one_pass_add_covers_rows_beyond_the_grids_65535() {
     let (o, i, r) = (70_000, 3, 2);
     let block = values(r * o, 0.05, 13);
     let chain = [periodic(&block, r, o, o, 1.0, Rounding::peft(Float::BF16))];
-    let (cpu, gpu, _) =
-        both(launch, Float::BF16, o, i, 0, o, &chain, false, DEFAULT_LAUNCH, StripGemm::InOrder).unwrap();
+    let (cpu, gpu, _) = both(
+        launch,
+        Float::BF16,
+        &weight(Float::BF16, o, i),
+        i,
+        0,
+        o,
+        &chain,
+        false,
+        DEFAULT_LAUNCH,
+        StripGemm::InOrder,
+    )
+    .unwrap();
     assert_agree(Float::BF16, &cpu, &gpu, true, "70000 rows");
 }
 
