@@ -139,13 +139,12 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
                     layers.push(json!({"module": b.module, "rank": k, "shape": [o, i]}));
                     continue;
                 }
-                let blk = a.file.read_f32(&b.entry)?;
                 let (k, a_mat, b_mat, rel) = match c.variant {
                     Variant::Default | Variant::Mini => {
                         let cols = if c.variant == Variant::Mini { c.mini_r } else { o };
                         let r = c.r;
                         // lora_B [O, r] = Eᵀ (tiled for mini); lora_A [r, I] sums the inputs of each residue
-                        let lora_b = expand_transposed(&blk, r, cols, o);
+                        let lora_b = expand_transposed(&a.file.read_f32(&b.entry)?, r, cols, o);
                         let mut lora_a = vec![0f32; r * i];
                         for col in 0..i {
                             lora_a[(col % r) * i + col] = 1.0;
@@ -153,9 +152,9 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
                         (r, lora_a, lora_b, 0.0)
                     }
                     Variant::Bat => {
-                        let (lr, norm2) = low_ranks.next().expect("one for each block");
-                        err_num += lr.rel_error.powi(2) * norm2;
-                        err_den += norm2;
+                        let lr = low_ranks.next().expect("one for each block");
+                        err_num += lr.rel_error.powi(2) * lr.norm2;
+                        err_den += lr.norm2;
                         (lr.k, lr.a, lr.b, lr.rel_error)
                     }
                 };
@@ -369,21 +368,17 @@ fn find_base(args: &ConvertArgs, a: &Adapter) -> Result<Model> {
     )))
 }
 
-/// `(O, I)` of a block's base tensor, checked against the variant's rules.
 /// Memory that BAT -> LoRA may give to the layers it works on at once: about 16 bytes a weight
 /// value each (the weight and its delta in f32, the delta again in f64 for the SVD).
 const SVD_MEMORY: u64 = 2 << 30;
 
 /// BAT -> LoRA: the truncated SVD of every block's delta, in the order of the blocks (targeted,
-/// then untargeted), each with the delta's squared norm. The SVDs of tall-skinny products keep
+/// then untargeted). The SVDs of tall-skinny products keep
 /// about one core busy, so several layers run at a time: as many as there are worker threads,
 /// within [`SVD_MEMORY`]. A bar of layers on a terminal; Ctrl-C stops at the next layer.
-fn bat_low_ranks(a: &Adapter, base: &Model, rule: RankRule, quiet: bool) -> Result<Vec<(lowrank::LowRank, f64)>> {
+fn bat_low_ranks(a: &Adapter, base: &Model, rule: RankRule, quiet: bool) -> Result<Vec<lowrank::LowRank>> {
     let blocks: Vec<&Block> = a.blocks.iter().chain(&a.untargeted).collect();
-    let mut shapes = vec![];
-    for b in &blocks {
-        shapes.push(layer_geometry(a, b, Some(base))?);
-    }
+    let shapes = blocks.iter().map(|b| layer_geometry(a, b, Some(base))).collect::<Result<Vec<_>>>()?;
     let largest = shapes.iter().map(|(o, i)| (o * i) as u64).max().unwrap_or(1).max(1);
     let at_once = ((SVD_MEMORY / (16 * largest)) as usize).clamp(1, rayon::current_num_threads().max(1));
     let progress = if quiet {
@@ -397,7 +392,7 @@ fn bat_low_ranks(a: &Adapter, base: &Model, rule: RankRule, quiet: bool) -> Resu
         );
         pb
     };
-    let one = |n: usize| -> Result<(lowrank::LowRank, f64)> {
+    let one = |n: usize| -> Result<lowrank::LowRank> {
         crate::execute::check_interrupt()?;
         let (b, (o, i)) = (blocks[n], shapes[n]);
         progress.set_message(b.module.clone());
@@ -408,11 +403,11 @@ fn bat_low_ranks(a: &Adapter, base: &Model, rule: RankRule, quiet: bool) -> Resu
         let lr =
             lowrank::truncate(&delta, o, i, rule).map_err(|e| input(format!("layer {}: [{o}, {i}]: {e}", b.module)))?;
         progress.inc(1);
-        Ok((lr, delta.iter().map(|v| (*v as f64).powi(2)).sum()))
+        Ok(lr)
     };
     // workers take the next layer as they finish one; results in the blocks' order
     let next = std::sync::atomic::AtomicUsize::new(0);
-    type Done = Vec<(usize, (lowrank::LowRank, f64))>;
+    type Done = Vec<(usize, lowrank::LowRank)>;
     let results: Vec<std::result::Result<Done, (usize, anyhow::Error)>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..at_once)
             .map(|_| {
@@ -455,6 +450,7 @@ fn bat_low_ranks(a: &Adapter, base: &Model, rule: RankRule, quiet: bool) -> Resu
     Ok(all.into_iter().map(|(_, x)| x).collect())
 }
 
+/// `(O, I)` of a block's base tensor, checked against the variant's rules.
 fn layer_geometry(a: &Adapter, b: &Block, base: Option<&Model>) -> Result<(usize, usize)> {
     let base = base.expect("callers find the base first");
     let g = a.check_layer(b, base).map_err(|p| input(format!("{}: {p}", a.dir.display())))?;

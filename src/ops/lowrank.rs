@@ -22,6 +22,8 @@ pub struct LowRank {
     pub k: usize,
     /// `‖Δ − B·A‖_F / ‖Δ‖_F`, computed from the factors as stored (f32).
     pub rel_error: f64,
+    /// `‖Δ‖²_F`.
+    pub norm2: f64,
 }
 
 /// Extra columns of the sketch beyond the rank asked for.
@@ -61,8 +63,8 @@ pub fn truncate(delta: &[f32], o: usize, i: usize, rule: RankRule) -> Result<Low
             }
         };
         match k {
-            Some(k) => return Ok(factors(dt.as_ref(), &u, &s, &v, k.min(s.len()))),
-            None if 2 * sketch >= full => return Ok(factors(dt.as_ref(), &u, &s, &v, s.len())),
+            Some(k) => return Ok(factors(dt.as_ref(), total, &u, &s, &v, k.min(s.len()))),
+            None if 2 * sketch >= full => return Ok(factors(dt.as_ref(), total, &u, &s, &v, s.len())),
             None => sketch = (sketch * 2).min(full),
         }
     }
@@ -103,8 +105,8 @@ fn randomized(d: MatRef<'_, f64>, l: usize) -> Result<Svd3, String> {
     Ok((u, s, svd.V().to_owned()))
 }
 
-/// The factors of rank `k` from the SVD of `Δ` (`dt` is `Δᵀ`), with their error.
-fn factors(dt: MatRef<'_, f64>, u: &Mat<f64>, s: &[f64], v: &Mat<f64>, k: usize) -> LowRank {
+/// The factors of rank `k` from the SVD of `Δ` (`dt` is `Δᵀ`, `norm2` is `‖Δ‖²_F`), with their error.
+fn factors(dt: MatRef<'_, f64>, norm2: f64, u: &Mat<f64>, s: &[f64], v: &Mat<f64>, k: usize) -> LowRank {
     let (i, o) = (dt.nrows(), dt.ncols());
     let mut b = vec![0f32; o * k];
     let mut a = vec![0f32; k * i];
@@ -128,9 +130,8 @@ fn factors(dt: MatRef<'_, f64>, u: &Mat<f64>, s: &[f64], v: &Mat<f64>, k: usize)
         let n = 256.min(o - x0);
         num += (dt.subcols(x0, n) - &at * bt.subcols(x0, n)).squared_norm_l2();
     }
-    let den = dt.squared_norm_l2();
-    let rel_error = if den == 0.0 { 0.0 } else { (num / den).sqrt() };
-    LowRank { a, b, k, rel_error }
+    let rel_error = if norm2 == 0.0 { 0.0 } else { (num / norm2).sqrt() };
+    LowRank { a, b, k, rel_error, norm2 }
 }
 
 #[cfg(test)]
