@@ -26,10 +26,12 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// Whether the f32 bits b are a NaN's (on bits, so that no compiler option can change it).
+__device__ __forceinline__ bool nan_bits(u32 b) { return (b & 0x7fffffffu) > 0x7f800000u; }
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 __device__ __forceinline__ u16 f32_to_bf16(float x) {
     u32 b = __float_as_uint(x);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (u16)((b >> 16) | 0x40u);
+    if (nan_bits(b)) return (u16)((b >> 16) | 0x40u);
     return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 #ifdef BONE_TOOL_HOST_EMULATION
@@ -48,14 +50,14 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
 }
 __device__ __forceinline__ u16 f32_to_f16(float x) {
     u32 b = __float_as_uint(x);
-    if ((b & 0x7fffffffu) > 0x7f800000u) return (u16)(((b >> 16) & 0x8000u) | 0x7e00u | ((b >> 13) & 0x3ffu));
+    if (nan_bits(b)) return (u16)(((b >> 16) & 0x8000u) | 0x7e00u | ((b >> 13) & 0x3ffu));
     return f16_cvt_rn(x);
 }
 // w + t for a weight w: a NaN weight gives that NaN, quieted, as on the CPU (ops::add_to_weight:
 // x86's add, and torch's W + delta); a GPU's add gives its canonical NaN instead.
 __device__ __forceinline__ float add_to_weight(float w, float t) {
     u32 b = __float_as_uint(w);
-    return (b & 0x7fffffffu) > 0x7f800000u ? __uint_as_float(b | 0x400000u) : w + t;
+    return nan_bits(b) ? __uint_as_float(b | 0x400000u) : w + t;
 }
 #ifdef BONE_TOOL_HOST_EMULATION
 #define ASSUME_ALIGNED(p, a) emu_check(((unsigned long long)(p) & ((a) - 1)) == 0, "a wide access at an address that is no multiple of its width")
