@@ -4,10 +4,6 @@
 //! decoded to f32; after each op every value is rounded exactly as PEFT 0.18.1 rounds it (see the
 //! spec's "Dtype policy"), so that a chain of ops reproduces PEFT's bytes.
 
-// The row kernels take the strip, its position, the geometry, the block and the rounding: flat
-// arguments keep them inlinable into the AVX2-compiled strip loop.
-#![allow(clippy::too_many_arguments)]
-
 pub mod dtype;
 pub mod lowrank;
 
@@ -133,6 +129,7 @@ pub fn row_unit(ops: &[Prepared]) -> usize {
 ///
 /// With `check_finite`, returns the index (within these rows) of the first value that is finite in
 /// `src` but not in `dst`, found while each strip is still in cache.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_chain(
     src: &[u8],
     dst: &mut [u8],
@@ -152,7 +149,7 @@ pub fn apply_chain(
     let first_bad = std::sync::atomic::AtomicUsize::new(usize::MAX);
     dst.par_chunks_mut(step).zip(src.par_chunks(step)).enumerate().for_each(|(s, (out, inp))| {
         let bad =
-            STRIP.with_borrow_mut(|(w, scratch)| strip(inp, out, w, scratch, d, row0 + s * h, i, ops, check_finite));
+            STRIP.with_borrow_mut(|bufs| Strip { inp, out, d, row0: row0 + s * h, i, ops, check_finite }.run(bufs));
         if let Some(k) = bad {
             first_bad.fetch_min(s * h * i + k, std::sync::atomic::Ordering::Relaxed);
         }
@@ -161,152 +158,122 @@ pub fn apply_chain(
 }
 
 thread_local! {
-    /// Each worker's f32 strip and GEMM scratch, reused from tensor to tensor.
-    static STRIP: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Each worker's buffers, reused from tensor to tensor.
+    static STRIP: std::cell::RefCell<Buffers> = const { std::cell::RefCell::new(Buffers { w: Vec::new(), scratch: Vec::new() }) };
 }
 
-/// One strip: decode, every op, encode, and with `check_finite` the first value that became
-/// infinite or NaN. Compiled twice: for AVX2 where the processor has it (the same operations in
-/// wider registers, so the same results) and for the baseline.
-#[allow(clippy::too_many_arguments)]
-fn strip(
-    inp: &[u8],
-    out: &mut [u8],
-    w: &mut Vec<f32>,
-    scratch: &mut Vec<f32>,
+/// A worker's f32 buffers: the decoded strip (or part) and the GEMM's scratch.
+struct Buffers {
+    w: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+/// Rows of a weight to put through a chain: their bytes in and out, of dtype `d`; the first row's
+/// index `row0` in a weight of `i` columns; the ops; and whether to look for new inf/NaN.
+struct Strip<'a> {
+    inp: &'a [u8],
+    out: &'a mut [u8],
     d: Float,
     row0: usize,
     i: usize,
-    ops: &[Prepared],
+    ops: &'a [Prepared],
     check_finite: bool,
-) -> Option<usize> {
+}
+
+impl Strip<'_> {
+    /// Decode, every op, encode, and with `check_finite` the index of the first value that became
+    /// infinite or NaN. Compiled twice: for AVX2 where the processor has it (the same operations in
+    /// wider registers, so the same results) and for the baseline.
+    fn run(self, bufs: &mut Buffers) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the processor supports AVX2, checked just above.
+            return unsafe { self.run_avx2(bufs) };
+        }
+        self.body(bufs)
+    }
+
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the processor supports AVX2, checked just above.
-        return unsafe { strip_avx2(inp, out, w, scratch, d, row0, i, ops, check_finite) };
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(self, bufs: &mut Buffers) -> Option<usize> {
+        self.body(bufs)
     }
-    strip_body(inp, out, w, scratch, d, row0, i, ops, check_finite)
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn strip_avx2(
-    inp: &[u8],
-    out: &mut [u8],
-    w: &mut Vec<f32>,
-    scratch: &mut Vec<f32>,
-    d: Float,
-    row0: usize,
-    i: usize,
-    ops: &[Prepared],
-    check_finite: bool,
-) -> Option<usize> {
-    strip_body(inp, out, w, scratch, d, row0, i, ops, check_finite)
-}
+    /// The chain's fastest way: one pass for a single default/mini add, parts in L2 for BAT ops of
+    /// one r, else [`Strip::passes`].
+    #[inline(always)]
+    fn body(mut self, bufs: &mut Buffers) -> Option<usize> {
+        match self.ops {
+            [Prepared::Periodic { et, r, sign, .. }] => {
+                if let Some(found) = periodic_fused(&mut self, et, *r, *sign) {
+                    return found;
+                }
+            }
+            [first, ..] if self.ops.iter().all(|op| op.is_bat() && op.row_multiple() == first.row_multiple()) => {
+                return self.bat_in_parts(bufs);
+            }
+            _ => {}
+        }
+        self.passes(bufs)
+    }
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn strip_body(
-    inp: &[u8],
-    out: &mut [u8],
-    w: &mut Vec<f32>,
-    scratch: &mut Vec<f32>,
-    d: Float,
-    row0: usize,
-    i: usize,
-    ops: &[Prepared],
-    check_finite: bool,
-) -> Option<usize> {
-    match ops {
-        [Prepared::Periodic { et, r, sign, .. }] => {
-            if let Some(found) = periodic_fused(inp, out, d, row0, i, et, *r, *sign, check_finite) {
-                return found;
+    /// A chain of BAT merges and unmerges with one r (one adapter, the usual case, or stacked
+    /// ones), each strip in parts of whole view rows: decode, each op's GEMM and its `± B_i` (and
+    /// the rounding between ops), encode and the check for new inf/NaN, while the part is in cache.
+    /// The same operations as [`Strip::passes`] (the same bytes).
+    #[inline(always)]
+    fn bat_in_parts(self, Buffers { w, scratch }: &mut Buffers) -> Option<usize> {
+        let Strip { inp, out, d, row0, i, ops, check_finite } = self;
+        let r = ops[0].row_multiple();
+        let (per_a, rows) = (i / r, (BAT_PART_ELEMS / r).max(1));
+        let strip_bytes = r * i * d.size();
+        let mut first = None;
+        for (s, (src, dst)) in inp.chunks_exact(strip_bytes).zip(out.chunks_exact_mut(strip_bytes)).enumerate() {
+            for (p, (a, b)) in src.chunks(rows * r * d.size()).zip(dst.chunks_mut(rows * r * d.size())).enumerate() {
+                w.resize(a.len() / d.size(), 0.0);
+                d.decode_serial(a, w);
+                for (k, op) in ops.iter().enumerate() {
+                    // rounded between ops, as the passes round each op's result (the last by encoding)
+                    op.apply_view(w, row0 / r + s, p * rows, per_a, scratch, k + 1 < ops.len());
+                }
+                d.encode_serial(w, b);
+                if check_finite && first.is_none() {
+                    first = d.first_new_non_finite_serial(a, b).map(|k| s * r * i + p * rows * r + k);
+                }
             }
         }
-        [first, ..] if ops.iter().all(|op| op.is_bat() && op.row_multiple() == first.row_multiple()) => {
-            return bat_in_parts(inp, out, w, scratch, d, row0, i, ops, check_finite);
-        }
-        _ => {}
+        first
     }
-    strip_passes(inp, out, w, scratch, d, row0, i, ops, check_finite)
+
+    /// [`Strip::body`] as separate passes over the strip: decode, each op, encode, check.
+    #[inline(always)]
+    fn passes(self, Buffers { w, scratch }: &mut Buffers) -> Option<usize> {
+        let Strip { inp, out, d, row0, i, ops, check_finite } = self;
+        w.resize(inp.len() / d.size(), 0.0);
+        d.decode_serial(inp, w);
+        for (k, op) in ops.iter().enumerate() {
+            op.apply_rows(w, row0, i, scratch, k + 1 < ops.len());
+        }
+        d.encode_serial(w, out);
+        // while the strip is in cache, in this function's wider registers
+        if check_finite {
+            d.first_new_non_finite_serial(inp, out)
+        } else {
+            None
+        }
+    }
 }
 
-/// Values of a BAT strip that [`bat_in_parts`] decodes, multiplies and encodes at a time: with the
-/// GEMM's result, 128 KB of f32, which stay in the core's L2 cache. (A whole strip is 1.4 MB of f32
-/// at r = 64 on a 5632-column weight, and went to L3 and back in each of five passes.)
+/// Values of a BAT strip that [`Strip::bat_in_parts`] decodes, multiplies and encodes at a time:
+/// with the GEMM's result, 128 KB of f32, which stay in the core's L2 cache. (A whole strip is 1.4
+/// MB of f32 at r = 64 on a 5632-column weight, and went to L3 and back in each of five passes.)
 const BAT_PART_ELEMS: usize = 1 << 14;
-
-/// A chain of BAT merges and unmerges with one r (one adapter, the usual case, or stacked ones),
-/// each strip in parts of whole view rows: decode, each op's GEMM and its `± B_i` (and the rounding
-/// between ops), encode and the check for new inf/NaN, while the part is in cache. The same
-/// operations as [`strip_passes`] (the same bytes).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn bat_in_parts(
-    inp: &[u8],
-    out: &mut [u8],
-    w: &mut Vec<f32>,
-    scratch: &mut Vec<f32>,
-    d: Float,
-    row0: usize,
-    i: usize,
-    ops: &[Prepared],
-    check_finite: bool,
-) -> Option<usize> {
-    let r = ops[0].row_multiple();
-    let (per_a, rows) = (i / r, (BAT_PART_ELEMS / r).max(1));
-    let strip_bytes = r * i * d.size();
-    let mut first = None;
-    for (s, (src, dst)) in inp.chunks_exact(strip_bytes).zip(out.chunks_exact_mut(strip_bytes)).enumerate() {
-        for (p, (a, b)) in src.chunks(rows * r * d.size()).zip(dst.chunks_mut(rows * r * d.size())).enumerate() {
-            w.resize(a.len() / d.size(), 0.0);
-            d.decode_serial(a, w);
-            for (k, op) in ops.iter().enumerate() {
-                // rounded between ops, as the passes round each op's result (the last by encoding)
-                op.apply_view(w, row0 / r + s, p * rows, per_a, scratch, k + 1 < ops.len());
-            }
-            d.encode_serial(w, b);
-            if check_finite && first.is_none() {
-                first = d.first_new_non_finite_serial(a, b).map(|k| s * r * i + p * rows * r + k);
-            }
-        }
-    }
-    first
-}
-
-/// [`strip_body`] as separate passes over the strip: decode, each op, encode, check.
-#[inline(always)]
-fn strip_passes(
-    inp: &[u8],
-    out: &mut [u8],
-    w: &mut Vec<f32>,
-    scratch: &mut Vec<f32>,
-    d: Float,
-    row0: usize,
-    i: usize,
-    ops: &[Prepared],
-    check_finite: bool,
-) -> Option<usize> {
-    w.resize(inp.len() / d.size(), 0.0);
-    d.decode_serial(inp, w);
-    for (k, op) in ops.iter().enumerate() {
-        op.apply_rows(w, row0, i, scratch, k + 1 < ops.len());
-    }
-    d.encode_serial(w, out);
-    // while the strip is in cache, in this function's wider registers
-    if check_finite {
-        d.first_new_non_finite_serial(inp, out)
-    } else {
-        None
-    }
-}
 
 /// The row loop of the one-pass kernels: each row of 16-bit words `src` into `dst` through
 /// `$kernel` (an `unsafe fn(&[u16], &mut [u16], &[f32]) -> bool` with target features the caller
 /// has checked for), a tile's length at a time, the tile filled for the row by `$fill`. Evaluates to
 /// whether any part made a new inf or NaN. A macro, so that the kernel is called where
-/// `strip_avx2` has been inlined (AVX2) and can be inlined there; through a closure it was a call
+/// `Strip::run_avx2` has been inlined (AVX2) and can be inlined there; through a closure it was a call
 /// for every part.
 #[cfg(target_arch = "x86_64")]
 macro_rules! each_part {
@@ -326,21 +293,12 @@ macro_rules! each_part {
 
 /// A chain that is one default/mini op on a bf16 or f32 weight (the usual single adapter), in one
 /// pass: each value is decoded, has `sign·E` added in f32 and is rounded to D, in registers, with
-/// the same operations as the separate passes of [`strip_passes`] (the same bytes). Returns
+/// the same operations as the separate passes of [`Strip::passes`] (the same bytes). Returns
 /// `Some(first new non-finite)`, or None where the bytes are not aligned as words (then the passes
 /// run).
 #[inline(always)]
-fn periodic_fused(
-    inp: &[u8],
-    out: &mut [u8],
-    d: Float,
-    row0: usize,
-    i: usize,
-    et: &[f32],
-    r: usize,
-    sign: f32,
-    check_finite: bool,
-) -> Option<Option<usize>> {
+fn periodic_fused(strip: &mut Strip, et: &[f32], r: usize, sign: f32) -> Option<Option<usize>> {
+    let (inp, out, d, row0, i) = (strip.inp, &mut *strip.out, strip.d, strip.row0, strip.i);
     if i == 0 {
         return Some(None);
     }
@@ -405,7 +363,7 @@ fn periodic_fused(
             }
         }
     }
-    Some(if check_finite && newly { d.first_new_non_finite_serial(inp, out) } else { None })
+    Some(if strip.check_finite && newly { d.first_new_non_finite_serial(inp, out) } else { None })
 }
 
 /// Whether the processor has AVX2: the one-pass bf16 add's intrinsics need it.
@@ -550,6 +508,7 @@ pub fn lcm(a: usize, b: usize) -> usize {
 
 /// Default and mini on rows `row0..`: `W'[o,c] = R_D(W[o,c] ± E[c mod r, o mod cols])`.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn periodic_rows(w: &mut [f32], row0: usize, i: usize, et: &[f32], r: usize, sign: f32, rd: Rounding, round: bool) {
     // The row's pattern E[c mod r] tiled to a length of at least 64, so the inner loop vectorises.
     let reps = 64usize.div_ceil(r);
@@ -1260,6 +1219,15 @@ mod tests {
         assert_eq!(once, vec![1.0 + 2f32.powi(-7)], "single rounding keeps it");
     }
 
+    /// A whole weight's rows as one strip, checked for new inf/NaN.
+    fn strip<'a>(inp: &'a [u8], out: &'a mut [u8], d: Float, i: usize, ops: &'a [Prepared]) -> Strip<'a> {
+        Strip { inp, out, d, row0: 0, i, ops, check_finite: true }
+    }
+
+    fn buffers() -> Buffers {
+        Buffers { w: vec![], scratch: vec![] }
+    }
+
     #[test]
     fn bat_in_parts_gives_the_bytes_of_the_separate_passes() {
         // a single BAT merge or unmerge runs each strip in parts of view rows; it must equal the
@@ -1306,9 +1274,8 @@ mod tests {
                         padded[shift..].copy_from_slice(&src);
                         let inp = &padded[shift..];
                         let (mut parts, mut passes) = (vec![0u8; inp.len() + shift], vec![0u8; inp.len()]);
-                        let (mut w1, mut s1, mut w2, mut s2) = (vec![], vec![], vec![], vec![]);
-                        let a = strip_body(inp, &mut parts[shift..], &mut w1, &mut s1, d, 0, i, &ops, true);
-                        let p = strip_passes(inp, &mut passes, &mut w2, &mut s2, d, 0, i, &ops, true);
+                        let a = strip(inp, &mut parts[shift..], d, i, &ops).body(&mut buffers());
+                        let p = strip(inp, &mut passes, d, i, &ops).passes(&mut buffers());
                         let what = format!("{d:?} r={r} i={i} {name}");
                         assert!(parts[shift..] == passes[..], "{what} shift={shift}");
                         assert_eq!(a, p, "{what}: first new non-finite");
@@ -1373,9 +1340,8 @@ mod tests {
                     padded[shift..].copy_from_slice(&src);
                     let inp = &padded[shift..];
                     let (mut fused, mut passes) = (vec![0u8; inp.len() + shift], vec![0u8; inp.len()]);
-                    let (mut w1, mut s1, mut w2, mut s2) = (vec![], vec![], vec![], vec![]);
-                    let a = strip_body(inp, &mut fused[shift..], &mut w1, &mut s1, d, 0, i, &ops, true);
-                    let b = strip_passes(inp, &mut passes, &mut w2, &mut s2, d, 0, i, &ops, true);
+                    let a = strip(inp, &mut fused[shift..], d, i, &ops).body(&mut buffers());
+                    let b = strip(inp, &mut passes, d, i, &ops).passes(&mut buffers());
                     assert_eq!(&fused[shift..], &passes[..], "{d:?} o={o} i={i} r={r} shift={shift}");
                     assert_eq!(a, b, "{d:?}: first new non-finite");
                     assert!(a.is_some(), "{d:?}: the overflow is found");
