@@ -712,6 +712,45 @@ fn targeted_modules_without_a_block_get_peft_s_zero_block_with_a_warning() {
 }
 
 #[test]
+fn layers_transformers_never_loads_get_no_initial_block() {
+    // DeepSeek-V3 and GLM-4.5 store a multi-token-prediction layer after their num_hidden_layers
+    // decoder layers, Qwen3-Next one under `mtp.`; transformers does not load them, so PEFT has no
+    // layer there to give an initial block, and bone-tool copies them untouched, without the
+    // missing-block warning. A -0 in each shows that no W + 0 ran over them.
+    let e = Env::new();
+    let b = e.copy("bases/llama-f32", "base");
+    let mut bt = load(&b.join("model.safetensors"));
+    let mut extra = bt["model.layers.1.self_attn.q_proj.weight"].clone();
+    extra.data[..4].copy_from_slice(&[0, 0, 0, 0x80]);
+    let after = "model.layers.2.self_attn.q_proj.weight"; // config.json: num_hidden_layers 2
+    let mtp = "mtp.layers.0.self_attn.q_proj.weight";
+    bt.insert(after.to_string(), extra.clone());
+    bt.insert(mtp.to_string(), extra.clone());
+    save(&b.join("model.safetensors"), &bt);
+    let a = fixtures().join("cases/bone-default-f32/adapter");
+    let o = run(&merge_args(s(&b), s(&a), s(&e.path("out"))));
+    ok(&o);
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    let (merged, peft) = (load(&e.path("out")), load(&fixtures().join("cases/bone-default-f32/merged")));
+    assert_eq!(merged[after].data, extra.data);
+    assert_eq!(merged[mtp].data, extra.data);
+    assert!(peft.iter().all(|(k, v)| merged[k].data == v.data), "the decoder layers are PEFT's merge");
+    // with a third decoder layer in config.json, PEFT would build one there: warned, and W + 0
+    let cfg = b.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["num_hidden_layers"] = 3.into();
+    std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
+    let o = run(&merge_args(s(&b), s(&a), s(&e.path("out2"))));
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("\"model.layers.2.self_attn.q_proj\"") && err.contains("no block"), "{err}");
+    assert!(!err.contains("mtp."), "{err}");
+    let merged = load(&e.path("out2"));
+    assert_eq!(&merged[after].data[..4], &[0u8; 4], "-0 + 0 is +0");
+    assert_eq!(merged[mtp].data, extra.data);
+}
+
+#[test]
 fn quantized_bases_are_refused_with_what_to_do_instead() {
     let e = Env::new();
     let a = fixtures().join("cases/bone-default-f32/adapter");

@@ -262,7 +262,8 @@ impl Adapter {
     /// targets but that have no block in the file. PEFT builds its layer there all the same, warns
     /// "Found missing adapter keys", and merges the layer's initial block: zeros
     /// ([`Adapter::zero_blocks`]), or random values when `init_weights` is false. Either way the
-    /// adapter was likely made for another model or config.
+    /// adapter was likely made for another model or config. Modules that transformers does not load
+    /// ([`Model::never_loaded`], multi-token-prediction layers) have no PEFT layer: not listed.
     pub fn modules_without_blocks(&self, base: &Model) -> Vec<String> {
         let have: std::collections::HashSet<&str> =
             self.blocks.iter().chain(&self.untargeted).map(|b| b.module.as_str()).collect();
@@ -270,7 +271,7 @@ impl Adapter {
         let mut missing: Vec<String> = base
             .tensor_names()
             .filter_map(|name| Some((name.strip_suffix(".weight")?, base.tensor(name)?.1)))
-            .filter(|(module, e)| e.shape.len() == 2 && !have.contains(module))
+            .filter(|(module, e)| e.shape.len() == 2 && !have.contains(module) && !base.never_loaded(module))
             .filter(|(module, _)| self.targets_base_module(module, &mut regexes) == Some(true))
             .map(|(module, _)| module.to_string())
             .collect();

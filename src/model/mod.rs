@@ -238,6 +238,24 @@ impl Model {
         self.shards.iter().flat_map(|s| s.tensors.iter()).map(|t| t.len_bytes()).sum()
     }
 
+    /// Whether transformers leaves the module `module` (a tensor name without `.weight`) out when
+    /// it loads this model, so that PEFT never wraps it: a multi-token-prediction layer stored
+    /// after config.json's `num_hidden_layers` decoder layers (DeepSeek-V3's `model.layers.61`,
+    /// GLM-4.5's `model.layers.92`), or Qwen3-Next's and Qwen3.5's `mtp.*` (each family's
+    /// `_keys_to_ignore_on_load_unexpected`).
+    pub fn never_loaded(&self, module: &str) -> bool {
+        if module.starts_with("mtp.") {
+            return true;
+        }
+        let layers = self.config.as_ref().and_then(|c| c.get("num_hidden_layers")?.as_u64());
+        let index = module
+            .strip_prefix("model.")
+            .unwrap_or(module)
+            .strip_prefix("layers.")
+            .and_then(|rest| rest.split('.').next()?.parse::<u64>().ok());
+        matches!((layers, index), (Some(layers), Some(n)) if n >= layers)
+    }
+
     /// `config.json`'s `tie_word_embeddings`, when the file says.
     pub fn ties_embeddings(&self) -> Option<bool> {
         self.config.as_ref()?.get("tie_word_embeddings")?.as_bool()
