@@ -142,9 +142,6 @@ impl Plan {
     }
 }
 
-/// Weight files of other formats are not copied: they would still hold the unmerged weights.
-const STALE_WEIGHTS: &[&str] = &[".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".safetensors"];
-
 /// Build the plan for `adapters` applied to (or removed from) `base`, in the order given.
 pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Options) -> Result<Plan> {
     let mut warnings: Vec<String> = adapters.iter().flat_map(|a| a.warnings.iter().cloned()).collect();
@@ -531,7 +528,12 @@ fn side_files(
                 .push(format!("not copied: folder {} (only the files of the model folder are copied)", path.display()));
             continue;
         }
-        if STALE_WEIGHTS.iter().any(|ext| name.ends_with(ext)) || name.ends_with(".bin.index.json") {
+        // weight files of other formats (the ones `--base` refuses), other safetensors files and
+        // pickles' indexes would still hold the unmerged weights
+        let stale = crate::model::other_format(&name).is_some()
+            || name.to_ascii_lowercase().ends_with(".safetensors")
+            || name.ends_with(".bin.index.json");
+        if stale {
             warnings.push(format!(
                 "not copied: {} (weights in another format would still hold the unmerged values)",
                 path.display()

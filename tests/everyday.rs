@@ -647,3 +647,33 @@ fn a_base_saved_without_its_model_wrapper_takes_a_prefix_and_keeps_the_layer_rul
     assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
     assert!(x.iter().all(|(k, t)| y[k].data == t.data), "PEFT's merged bytes");
 }
+
+/// Weight files of other formats in the base's folder still hold the unmerged weights: a merge
+/// leaves them out, with a warning naming each, whatever the case of their extension, and copies the
+/// other side files.
+#[test]
+fn weights_of_other_formats_beside_the_base_are_not_copied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    copy_dir(&fixtures().join("bases/llama-f32"), &base);
+    let stale = [
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "model-Q4_K_M.GGUF",
+        "consolidated.safetensors",
+        "flax.msgpack",
+    ];
+    for f in stale.iter().chain(&["notes.txt"]) {
+        std::fs::write(base.join(f), b"x").unwrap();
+    }
+    let out = tmp.path().join("out");
+    let o = merge_with(&base, &fixtures().join("cases/bone-default-f32/adapter"), &out, &[]);
+    ok(&o);
+    let err = stderr(&o);
+    for f in stale {
+        assert!(!out.join(f).exists(), "{f} copied");
+        assert!(err.lines().any(|l| l.starts_with("warning: not copied:") && l.contains(f)), "{f}: {err}");
+    }
+    assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"x");
+    assert!(!err.contains("notes.txt"), "{err}");
+}

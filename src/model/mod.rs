@@ -294,7 +294,8 @@ pub fn check_link(path: &Path) -> Result<()> {
 }
 
 /// What a weights file of another format is, and what to do instead; None for anything else.
-fn other_format(name: &str) -> Option<String> {
+/// `--base` refuses these files, and a merge does not copy them from the model folder.
+pub(crate) fn other_format(name: &str) -> Option<String> {
     let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase())?;
     let (what, instead) = match ext.as_str() {
         "gguf" => ("a GGUF file (llama.cpp)", "merge into the Hugging Face model, then convert it (convert_hf_to_gguf.py)"),
