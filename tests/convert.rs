@@ -150,10 +150,11 @@ fn bat_to_lora_reports_the_error_an_independent_computation_finds() {
         let (mut num_all, mut den_all) = (0f64, 0f64);
         for layer in report["layers"].as_array().unwrap() {
             let module = layer["module"].as_str().unwrap();
-            let w = &base[&format!("{module}.weight")];
+            let w = &base[&stored_tensor(&base, module)];
             let (o, i) = (w.shape[0], w.shape[1]);
             let wv = values(w);
-            let key = bat.keys().find(|k| k.contains(&format!("{module}."))).unwrap();
+            let key =
+                &format!("base_model.model.{module}.{}_block", if case.starts_with("miss") { "miss" } else { "bone" });
             let b = values(&bat[key]);
             let r = bat[key].shape[2];
             let a_key = format!("base_model.model.{module}.lora_A.weight");

@@ -213,7 +213,7 @@ fn unmerge_matches_peft_on_every_fixture() {
         for a in c.adapters.iter().rev() {
             for (k, t) in load(&fixtures().join(a).join("adapter_model.safetensors")) {
                 if let Some(m) = k.strip_suffix(".base_layer.weight") {
-                    peft.insert(format!("{}.weight", m.trim_start_matches("base_model.model.")), t);
+                    peft.insert(stored_tensor(&peft, m.trim_start_matches("base_model.model.")), t);
                 }
             }
         }
@@ -320,6 +320,7 @@ fn inspect_json_describes_every_fixture_adapter() {
                 serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
             // independent reading of the adapter file
             let tensors = load(&dir.join("adapter_model.safetensors"));
+            let base = load(&fixtures().join(&c.base));
             let blocks: Vec<(&String, &T)> =
                 tensors.iter().filter(|(k, _)| k.ends_with(".bone_block") || k.ends_with(".miss_block")).collect();
             assert_eq!(j["peft_type"], cfg["peft_type"], "{a}");
@@ -346,6 +347,12 @@ fn inspect_json_describes_every_fixture_adapter() {
                 .sum();
             assert_eq!(j["num_parameters"], numel, "{a}");
             let layers = j["layers"].as_array().unwrap();
+            // the vision-language fixtures store their tensors under transformers' saved names
+            let renamed = layers.iter().any(|l| {
+                l["targeted"] == true && l["base_tensor"] != format!("{}.weight", l["module"].as_str().unwrap())
+            });
+            assert_eq!(renamed, c.base.contains("qwen2vl") || c.base.contains("llava"), "{a}");
+            assert_eq!(j["base_renames"].as_array().unwrap().is_empty(), !renamed, "{a}: {}", j["base_renames"]);
             assert_eq!(layers.len(), blocks.len());
             assert_eq!(j["num_layers"], blocks.len() - untargeted.len(), "{a}");
             assert_eq!(j["num_untargeted"], untargeted.len(), "{a}");
@@ -358,6 +365,8 @@ fn inspect_json_describes_every_fixture_adapter() {
                 assert_eq!(l["targeted"], targeted, "{a}: {key}");
                 if targeted {
                     assert_eq!(l["ok"], true);
+                    let t = l["base_tensor"].as_str().unwrap();
+                    assert!(base.contains_key(t), "{a}: {key}: the base has no {t}");
                 }
             }
             // the base weights PEFT saved beside blocks (`<module>.base_layer.weight`) are loaded
@@ -369,7 +378,10 @@ fn inspect_json_describes_every_fixture_adapter() {
             let mts: Vec<String> = tensors
                 .keys()
                 .filter(|k| !k.contains("_block") && !unloaded_base(k))
-                .map(|k| k.trim_start_matches("base_model.model.").replace(".base_layer.", "."))
+                .map(|k| {
+                    let target = k.trim_start_matches("base_model.model.").replace(".base_layer.", ".");
+                    stored_tensor(&base, target.strip_suffix(".weight").unwrap_or(&target))
+                })
                 .collect();
             assert_eq!(j["modules_to_save"], serde_json::json!(mts), "{a}");
             let ignored: Vec<&String> = tensors.keys().filter(|k| unloaded_base(k)).collect();

@@ -55,7 +55,7 @@ fn merged_default_and_mini_weights_equal_the_adapter_forward() {
             c["untargeted"][0].as_array().unwrap().iter().map(|m| m.as_str().unwrap()).collect();
         for (key, blk) in blocks.iter().filter(|(k, _)| k.ends_with("_block")) {
             let module = key.trim_start_matches("base_model.model.").rsplit_once('.').unwrap().0;
-            let name = format!("{module}.weight");
+            let name = stored_tensor(&w_all, module);
             let (w, m) = (&w_all[&name], &m_all[&name]);
             if untargeted.contains(&module) {
                 assert!(w.data == m.data, "{}: {name} is not targeted, yet changed", c["name"]);

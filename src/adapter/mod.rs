@@ -28,15 +28,24 @@ pub fn peft_path(path_in_file: &str) -> &str {
 pub struct Block {
     /// The key in `adapter_model.safetensors`.
     pub key: String,
-    /// The module path in the base model (`model.layers.0.self_attn.q_proj`).
+    /// The module path (`model.layers.0.self_attn.q_proj`): the key without `--adapter-prefix`
+    /// and the block suffix.
     pub module: String,
     pub entry: TensorEntry,
+    /// The base tensor the block changes: `<module>.weight`, or that tensor's name in the base's
+    /// checkpoint where transformers renames it on loading ([`Adapter::locate`]).
+    tensor: String,
 }
 
 impl Block {
+    pub fn new(key: String, module: String, entry: TensorEntry) -> Block {
+        let tensor = format!("{module}.weight");
+        Block { key, module, entry, tensor }
+    }
+
     /// The base tensor the block changes.
     pub fn target(&self) -> String {
-        format!("{}.weight", self.module)
+        self.tensor.clone()
     }
 }
 
@@ -73,6 +82,8 @@ pub struct Adapter {
     pub replacements: Vec<Replacement>,
     pub ignored: Vec<Ignored>,
     pub warnings: Vec<String>,
+    /// The renames [`Adapter::locate`] used to find the base tensors: (module prefix, stored prefix).
+    renames: Vec<(&'static str, &'static str)>,
 }
 
 /// The shape of one adapted layer, once checked against its base tensor.
@@ -152,9 +163,17 @@ impl Adapter {
             replacements: vec![],
             ignored: vec![],
             warnings,
+            renames: vec![],
         };
         adapter.classify()?;
         Ok(adapter)
+    }
+
+    /// [`Adapter::open`], with each block's base tensor found in `base` ([`Adapter::locate`]).
+    pub fn open_for(path: &Path, prefix: &str, base: &Model) -> Result<Adapter> {
+        let mut a = Adapter::open(path, prefix)?;
+        a.locate(base);
+        Ok(a)
     }
 
     /// Sort the file's tensors into blocks, replacements and ignored keys, and check each block's
@@ -169,7 +188,7 @@ impl Adapter {
             let key = entry.name.clone();
             if let Some(path) = key.strip_suffix(pt.block_suffix()) {
                 let module = path.strip_prefix(prefix).unwrap_or(path).to_string();
-                let block = Block { key, module, entry };
+                let block = Block::new(key, module, entry);
                 self.check_block_shape(&block)?;
                 self.blocks.push(block);
             } else if key.ends_with(other.block_suffix()) {
@@ -252,10 +271,49 @@ impl Adapter {
         self.config.peft_targets_with(peft_path(path_in_file), regexes)
     }
 
-    /// Whether PEFT targets the base module `module` (a base tensor's name without `.weight`),
-    /// the module that a block keyed `<prefix><module>` would change.
+    /// Find each block's and replacement's base tensor under the name the base stores it by
+    /// ([`Model::stored_name`]): a vision-language model's checkpoint names its tensors otherwise
+    /// than the modules PEFT wraps (`language_model.model.layers.0…` for
+    /// `model.language_model.layers.0…`). A tensor found under neither name keeps its own, for the
+    /// checks to report.
+    pub fn locate(&mut self, base: &Model) {
+        let mut used = vec![];
+        let mut find = |name: &mut String| {
+            if let Some((stored, Some(rename))) = base.stored_name(name) {
+                *name = stored;
+                if !used.contains(&rename) {
+                    used.push(rename);
+                }
+            }
+        };
+        for b in self.blocks.iter_mut().chain(&mut self.untargeted) {
+            find(&mut b.tensor);
+        }
+        for r in &mut self.replacements {
+            find(&mut r.target);
+        }
+        self.renames = used;
+    }
+
+    /// The renames [`Adapter::locate`] found the base's tensors by: (module prefix, stored prefix).
+    pub fn renames(&self) -> &[(&'static str, &'static str)] {
+        &self.renames
+    }
+
+    /// The module path of the base module stored as `stored` (a tensor name without `.weight`):
+    /// [`Adapter::locate`]'s renames undone.
+    fn peft_module(&self, stored: &str) -> String {
+        let dotted = format!("{stored}.");
+        self.renames
+            .iter()
+            .find_map(|(module, prefix)| dotted.strip_prefix(prefix).map(|rest| format!("{module}{rest}")))
+            .map_or_else(|| stored.to_string(), |m| m.trim_end_matches('.').to_string())
+    }
+
+    /// Whether PEFT targets the base module stored as `module` (a base tensor's name without
+    /// `.weight`), the module that a block keyed `<prefix><module>` would change.
     pub fn targets_base_module(&self, module: &str, regexes: &mut Regexes) -> Option<bool> {
-        self.targets(&format!("{}{module}", self.prefix), regexes)
+        self.targets(&format!("{}{}", self.prefix, self.peft_module(module)), regexes)
     }
 
     /// The base's modules (tensor names without `.weight`, sorted) that adapter_config.json
@@ -266,7 +324,7 @@ impl Adapter {
     /// ([`Model::never_loaded`], multi-token-prediction layers) have no PEFT layer: not listed.
     pub fn modules_without_blocks(&self, base: &Model) -> Vec<String> {
         let have: std::collections::HashSet<&str> =
-            self.blocks.iter().chain(&self.untargeted).map(|b| b.module.as_str()).collect();
+            self.blocks.iter().chain(&self.untargeted).filter_map(|b| b.tensor.strip_suffix(".weight")).collect();
         let mut regexes = Regexes::default();
         let mut missing: Vec<String> = base
             .tensor_names()
@@ -298,7 +356,9 @@ impl Adapter {
                     Variant::Bat => vec![o / c.r, c.r, c.r],
                 };
                 let key = format!("(PEFT's initial block of {module}: zeros)");
-                Some(Block { entry: TensorEntry::zeros(key.clone(), shape), key, module: module.clone() })
+                let mut block = Block::new(key.clone(), self.peft_module(module), TensorEntry::zeros(key, shape));
+                block.tensor = format!("{module}.weight");
+                Some(block)
             })
             .collect()
     }

@@ -88,8 +88,8 @@ fn run_opening(
                 return Err(input(format!("outputs {} and {} overlap", job.out.display(), other.out.display())));
             }
         }
-        let adapters =
-            job.adapters.iter().map(|p| Adapter::open(p, &opts.prefix.adapter_prefix)).collect::<Result<Vec<_>>>()?;
+        let adapters = job.adapters.iter().map(|p| Adapter::open_for(p, &opts.prefix.adapter_prefix, &base));
+        let adapters = adapters.collect::<Result<Vec<_>>>()?;
         all_adapters.push(adapters);
     }
     let options = Options {

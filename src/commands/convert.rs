@@ -41,7 +41,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     if args.rank == Some(0) {
         return Err(input("--rank 0: expected a positive rank"));
     }
-    let a = Adapter::open(args.adapter.path(), &args.prefix.adapter_prefix)?;
+    let mut a = Adapter::open(args.adapter.path(), &args.prefix.adapter_prefix)?;
     super::apply::refuse_overlap(&args.out, None, &[args.adapter.path().to_path_buf()])?;
     let c = &a.config;
     let mut warnings = a.warnings.clone();
@@ -56,6 +56,10 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     }
     let needs_base = args.to == ConvertTo::Lora || (args.to == ConvertTo::Bone && c.variant == Variant::Mini);
     let base = if needs_base { Some(find_base(args, &a)?) } else { None };
+    if let Some(b) = &base {
+        a.locate(b);
+    }
+    let c = &a.config;
     if args.to == ConvertTo::Lora && c.variant == Variant::Bat && args.rank.is_none() && args.energy.is_none() {
         return Err(input(
             "BAT -> LoRA is an approximation (the delta depends on the base weight): choose its rank with --rank N or --energy F",

@@ -8,8 +8,11 @@ use serde_json::{json, Value};
 use std::collections::BTreeSet;
 
 pub fn adapter(args: &InspectAdapterArgs) -> Result<()> {
-    let a = Adapter::open(args.adapter.path(), &args.prefix.adapter_prefix)?;
+    let mut a = Adapter::open(args.adapter.path(), &args.prefix.adapter_prefix)?;
     let base = args.base.as_ref().map(|p| Model::open(p)).transpose()?;
+    if let Some(b) = &base {
+        a.locate(b);
+    }
     let report = report(&a, base.as_ref());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -110,6 +113,9 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
         "warnings": warnings,
         "base": base.map(|b| b.path.display().to_string()),
         "modules_without_blocks": missing,
+        "base_renames": base.map(|_| {
+            a.renames().iter().map(|(m, s)| json!({"module_prefix": m, "stored_prefix": s})).collect::<Vec<_>>()
+        }),
         "compatible": if base.is_some() { json!(problems.is_empty()) } else { Value::Null },
         "problems": problems,
     })
@@ -171,10 +177,26 @@ pub fn render(r: &Value) -> String {
             format!("DOES NOT FIT: {} problems", r["problems"].as_array().map_or(0, Vec::len))
         };
         line("checked on", format!("{b}: {verdict}"));
+        let renames: Vec<String> = r["base_renames"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| format!("{}… as {}…", str_or(&x["module_prefix"], ""), str_or(&x["stored_prefix"], "")))
+            .collect();
+        if !renames.is_empty() {
+            line("base names", format!("the base stores {} (transformers' saved layout)", renames.join(", ")));
+        }
     }
     s.push('\n');
     let with_base = !r["base"].is_null();
-    s.push_str(&format!("{:<44} {:<12} {:<6}{}\n", "module", "block", "dtype", if with_base { " base" } else { "" }));
+    let width = layers.iter().filter_map(|l| l["module"].as_str()).map(str::len).max().unwrap_or(0).max(44);
+    s.push_str(&format!(
+        "{:<width$} {:<12} {:<6}{}\n",
+        "module",
+        "block",
+        "dtype",
+        if with_base { " base" } else { "" }
+    ));
     for l in &layers {
         let shape = compact(&l["block_shape"]);
         let base_col = if l["targeted"] == false {
@@ -191,7 +213,7 @@ pub fn render(r: &Value) -> String {
             String::new()
         };
         s.push_str(&format!(
-            "{:<44} {:<12} {:<6}{base_col}\n",
+            "{:<width$} {:<12} {:<6}{base_col}\n",
             str_or(&l["module"], ""),
             shape,
             str_or(&l["dtype"], "")

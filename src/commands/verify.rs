@@ -26,8 +26,8 @@ pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
     };
     let input = Model::open(input_path)?;
     let expected = Model::open(expected_path)?;
-    let adapters =
-        args.adapters.iter().map(|p| Adapter::open(p, &args.prefix.adapter_prefix)).collect::<Result<Vec<_>>>()?;
+    let adapters = args.adapters.iter().map(|p| Adapter::open_for(p, &args.prefix.adapter_prefix, &input));
+    let adapters = adapters.collect::<Result<Vec<_>>>()?;
     let options = Options {
         rounding_once: args.rounding == RoundingArg::Once,
         autocast_adapter_dtype: !args.no_autocast_adapter_dtype,

@@ -191,7 +191,7 @@ impl Model {
         }
         let mut model =
             Model { path: path.to_path_buf(), folder, shards, index, index_name, config, tensors, head_alias: None };
-        if model.ties() && !model.tensors.contains_key(HEAD) {
+        if model.ties() && !model.stores_head() {
             model.head_alias = model.embed_name().map(str::to_string);
         }
         Ok(model)
@@ -211,6 +211,21 @@ impl Model {
         self.tensor(name).is_some()
     }
 
+    /// The name under which this checkpoint stores the tensor that a model loaded from it calls
+    /// `name`: `name` itself, or where transformers renames keys on loading (a vision-language
+    /// model's [`CHECKPOINT_RENAMES`], either way round), the renamed key that the checkpoint has,
+    /// with the rename as (module prefix, stored prefix). None when neither is stored.
+    pub fn stored_name(&self, name: &str) -> Option<(String, Option<(&'static str, &'static str)>)> {
+        if self.has(name) {
+            return Some((name.to_string(), None));
+        }
+        let both_ways = CHECKPOINT_RENAMES.iter().flat_map(|&(m, s)| [(m, s), (s, m)]);
+        both_ways.into_iter().find_map(|(module, stored)| {
+            let candidate = format!("{stored}{}", name.strip_prefix(module)?);
+            self.has(&candidate).then_some((candidate, Some((module, stored))))
+        })
+    }
+
     /// The input embedding (`…embed_tokens.weight`), the shortest such name when there are several.
     pub fn embed_name(&self) -> Option<&str> {
         self.tensors
@@ -225,8 +240,16 @@ impl Model {
     pub fn ties(&self) -> bool {
         match self.ties_embeddings() {
             Some(t) => t,
-            None => !self.tensors.contains_key(HEAD) && self.embed_name().is_some(),
+            None => !self.stores_head() && self.embed_name().is_some(),
         }
+    }
+
+    /// Whether the checkpoint stores an output layer: `lm_head.weight`, or a vision-language
+    /// model's renamed one (`language_model.lm_head.weight`, [`CHECKPOINT_RENAMES`]).
+    fn stores_head(&self) -> bool {
+        let renamed = CHECKPOINT_RENAMES.iter().filter(|(module, _)| format!("{module}weight") == HEAD);
+        self.tensors.contains_key(HEAD)
+            || renamed.into_iter().any(|(_, s)| self.tensors.contains_key(&format!("{s}weight")))
     }
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
@@ -261,6 +284,30 @@ impl Model {
         self.config.as_ref()?.get("tie_word_embeddings")?.as_bool()
     }
 }
+
+/// How transformers (4.52 and later) renames a vision-language model's checkpoint keys when it
+/// loads them (each model class's `_checkpoint_conversion_mapping`), and back when it saves: module
+/// paths, which PEFT's adapter keys follow, on the left; the keys of checkpoints saved by older
+/// versions, as most on the Hub are (and as 4.57 still saves them), on the right. LLaVA and its
+/// kin, PaliGemma, Gemma 3, Mistral 3, InternVL, Aya Vision and Mllama keep the language model
+/// under `language_model.model.`; Qwen2-VL and Qwen2.5-VL under `model.`; Emu3 under
+/// `text_model.model.`. [`Model::stored_name`] also tries each the other way round (an adapter
+/// made before 4.52 on a checkpoint saved in the new layout; Gemma3n's text model).
+pub const CHECKPOINT_RENAMES: &[(&str, &str)] = &[
+    ("model.language_model.", "language_model.model."),
+    ("model.language_model.", "model."),
+    ("model.text_model.", "text_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("lm_head.", "text_model.lm_head."),
+    ("model.visual.", "visual."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.vision_model.", "vision_model."),
+    ("model.image_tower.", "image_tower."),
+    ("model.video_tower.", "video_tower."),
+    ("model.vqmodel.", "vqmodel."),
+    ("model.vision_embed_tokens.", "vision_embed_tokens."),
+];
 
 /// A weights file that is a symbolic link must point inside its folder, or, in a Hugging Face cache
 /// snapshot (`models--*/snapshots/<rev>/`), into that repository's `blobs/`.

@@ -187,3 +187,22 @@ pub fn leftovers(dir: &Path, needle: &str) -> Vec<String> {
 pub fn manifest() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap()).unwrap()
 }
+
+/// The tensor of a checkpoint (`tensors`) that the module path `module` names, found independently
+/// of bone-tool: `<module>.weight`, or where the vision-language fixtures (saved by transformers
+/// 4.57, which renames keys on loading and back on saving) store it: LLaVA's
+/// `language_model.model.`, `vision_tower.`, `multi_modal_projector.` and `language_model.lm_head`,
+/// Qwen2.5-VL's `model.` and `visual.`.
+pub fn stored_tensor(tensors: &BTreeMap<String, T>, module: &str) -> String {
+    let name = format!("{module}.weight");
+    let renames = [
+        ("model.language_model.", "language_model.model."),
+        ("model.language_model.", "model."),
+        ("model.vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.visual.", "visual."),
+        ("lm_head.", "language_model.lm_head."),
+    ];
+    let candidates = renames.iter().filter_map(|(m, s)| name.strip_prefix(m).map(|rest| format!("{s}{rest}")));
+    std::iter::once(name.clone()).chain(candidates).find(|n| tensors.contains_key(n)).unwrap_or(name)
+}
