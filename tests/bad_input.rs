@@ -712,6 +712,40 @@ fn targeted_modules_without_a_block_get_peft_s_zero_block_with_a_warning() {
 }
 
 #[test]
+fn a_vision_language_model_s_module_without_a_block_is_found_by_its_module_path() {
+    // The Qwen2.5-VL checkpoint stores the language model under `model.`, PEFT wraps it as
+    // `model.language_model.`: a regex target that names the latter must still find the module
+    // whose block was taken out, which gets PEFT's zero block (-0 becomes +0), and the warning
+    // names it both ways. Checked with PEFT 0.18.1 on this input: the same bytes.
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-qwen2vl-bf16/adapter", "a");
+    let f = a.join("adapter_model.safetensors");
+    let mut t = load(&f);
+    assert!(t.remove("base_model.model.model.language_model.layers.1.self_attn.q_proj.bone_block").is_some());
+    save(&f, &t);
+    let cfg = a.join("adapter_config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["target_modules"] = r".*(language_model|visual).*\.(q_proj|v_proj|gate_proj|down_proj)".into();
+    std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
+    let b = e.copy("bases/qwen2vl-bf16", "base");
+    let stored = "model.layers.1.self_attn.q_proj.weight";
+    let mut bt = load(&b.join("model.safetensors"));
+    bt.get_mut(stored).unwrap().data[..2].copy_from_slice(&[0, 0x80]); // bf16 -0
+    save(&b.join("model.safetensors"), &bt);
+    let o = run(&merge_args(s(&b), s(&a), s(&e.path("out"))));
+    ok(&o);
+    let err = stderr(&o);
+    let named = "\"model.language_model.layers.1.self_attn.q_proj\" (stored as \"model.layers.1.self_attn.q_proj\")";
+    assert!(err.contains(named) && err.contains("zeros"), "{err}");
+    let (merged, peft) = (load(&e.path("out")), load(&fixtures().join("cases/bone-default-qwen2vl-bf16/merged")));
+    let mut want = bt[stored].data.clone();
+    want[..2].copy_from_slice(&[0, 0]); // W + 0: +0, every other value as it was
+    assert_eq!(merged[stored].data, want);
+    assert_ne!(peft[stored].data, want, "the block would have changed it");
+    assert!(merged.iter().filter(|(k, _)| *k != stored).all(|(k, v)| peft[k].data == v.data));
+}
+
+#[test]
 fn layers_transformers_never_loads_get_no_initial_block() {
     // DeepSeek-V3 and GLM-4.5 store a multi-token-prediction layer after their num_hidden_layers
     // decoder layers, Qwen3-Next one under `mtp.`; transformers does not load them, so PEFT has no

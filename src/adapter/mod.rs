@@ -365,7 +365,10 @@ impl Adapter {
 
     /// The warning about the `missing` modules ([`Adapter::modules_without_blocks`]), if any.
     pub fn missing_blocks_warning(&self, missing: &[String]) -> Option<String> {
-        let first = missing.first()?;
+        let stored = missing.first()?;
+        let module = self.peft_module(stored);
+        let first =
+            if module == *stored { format!("{stored:?}") } else { format!("{module:?} (stored as {stored:?})") };
         let random = self.config.init_weights == serde_json::Value::Bool(false);
         let (initial, ours) = match (random, missing.len()) {
             (true, 1) => ("random values, as init_weights is false: PEFT's merge adds noise", "leaves it unchanged"),
@@ -374,11 +377,11 @@ impl Adapter {
         };
         let what = match missing.len() {
             1 => format!(
-                "targets {first:?} of the base, but the adapter has no block for it: PEFT warns of a missing \
+                "targets {first} of the base, but the adapter has no block for it: PEFT warns of a missing \
                  adapter key and applies its initial block there ({initial}); bone-tool {ours}"
             ),
             n => format!(
-                "targets {n} modules of the base that the adapter has no block for, e.g. {first:?}: PEFT warns \
+                "targets {n} modules of the base that the adapter has no block for, e.g. {first}: PEFT warns \
                  of missing adapter keys and applies its initial blocks there ({initial}); bone-tool {ours}"
             ),
         };
