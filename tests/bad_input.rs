@@ -713,36 +713,56 @@ fn targeted_modules_without_a_block_get_peft_s_zero_block_with_a_warning() {
 
 #[test]
 fn a_vision_language_model_s_module_without_a_block_is_found_by_its_module_path() {
-    // The Qwen2.5-VL checkpoint stores the language model under `model.`, PEFT wraps it as
-    // `model.language_model.`: a regex target that names the latter must still find the module
-    // whose block was taken out, which gets PEFT's zero block (-0 becomes +0), and the warning
-    // names it both ways. Checked with PEFT 0.18.1 on this input: the same bytes.
+    // The Qwen2.5-VL checkpoint stores the language model under `model.` and the vision blocks
+    // under `visual.`; PEFT wraps them as `model.language_model.` and `model.visual.`. A regex
+    // target that names the latter must still find the modules whose blocks were taken out (the
+    // vision tower's all of them, so no block shows its rename), which get PEFT's zero block (-0
+    // becomes +0), and the warning names them both ways. Checked with PEFT 0.18.1 on this input:
+    // the same bytes.
     let e = Env::new();
     let a = e.copy("cases/bone-default-qwen2vl-bf16/adapter", "a");
     let f = a.join("adapter_model.safetensors");
     let mut t = load(&f);
-    assert!(t.remove("base_model.model.model.language_model.layers.1.self_attn.q_proj.bone_block").is_some());
+    let dropped = ["model.layers.1.self_attn.q_proj", "visual.blocks.0.mlp.down_proj", "visual.blocks.0.mlp.gate_proj"];
+    for module in
+        ["language_model.layers.1.self_attn.q_proj", "visual.blocks.0.mlp.down_proj", "visual.blocks.0.mlp.gate_proj"]
+    {
+        assert!(t.remove(&format!("base_model.model.model.{module}.bone_block")).is_some(), "{module}");
+    }
     save(&f, &t);
     let cfg = a.join("adapter_config.json");
     let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    c["target_modules"] = r".*(language_model|visual).*\.(q_proj|v_proj|gate_proj|down_proj)".into();
+    c["target_modules"] = r".*(language_model|model\.visual).*\.(q_proj|v_proj|gate_proj|down_proj)".into();
     std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
     let b = e.copy("bases/qwen2vl-bf16", "base");
-    let stored = "model.layers.1.self_attn.q_proj.weight";
     let mut bt = load(&b.join("model.safetensors"));
-    bt.get_mut(stored).unwrap().data[..2].copy_from_slice(&[0, 0x80]); // bf16 -0
+    for m in dropped {
+        bt.get_mut(&format!("{m}.weight")).unwrap().data[..2].copy_from_slice(&[0, 0x80]);
+        // bf16 -0
+    }
     save(&b.join("model.safetensors"), &bt);
     let o = run(&merge_args(s(&b), s(&a), s(&e.path("out"))));
     ok(&o);
     let err = stderr(&o);
     let named = "\"model.language_model.layers.1.self_attn.q_proj\" (stored as \"model.layers.1.self_attn.q_proj\")";
-    assert!(err.contains(named) && err.contains("zeros"), "{err}");
+    assert!(err.contains("targets 3 modules") && err.contains(named) && err.contains("zeros"), "{err}");
     let (merged, peft) = (load(&e.path("out")), load(&fixtures().join("cases/bone-default-qwen2vl-bf16/merged")));
-    let mut want = bt[stored].data.clone();
-    want[..2].copy_from_slice(&[0, 0]); // W + 0: +0, every other value as it was
-    assert_eq!(merged[stored].data, want);
-    assert_ne!(peft[stored].data, want, "the block would have changed it");
-    assert!(merged.iter().filter(|(k, _)| *k != stored).all(|(k, v)| peft[k].data == v.data));
+    for m in dropped {
+        let name = format!("{m}.weight");
+        let mut want = bt[&name].data.clone();
+        want[..2].copy_from_slice(&[0, 0]); // W + 0: +0, every other value as it was
+        assert_eq!(merged[&name].data, want, "{name}");
+        assert_ne!(peft[&name].data, want, "{name}: the block would have changed it");
+    }
+    let kept = |k: &str| !dropped.iter().any(|m| k == format!("{m}.weight"));
+    assert!(merged.iter().filter(|(k, _)| kept(k)).all(|(k, v)| peft[k].data == v.data));
+    // inspect --base lists them by the base's names, and the renames the layout implies
+    let o = run(&["inspect", "adapter", s(&a), "--base", s(&b), "--json"]);
+    ok(&o);
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["modules_without_blocks"], serde_json::json!(dropped));
+    let renames = j["base_renames"].to_string();
+    assert!(renames.contains("\"model.visual.\"") && renames.contains("\"model.language_model.\""), "{renames}");
 }
 
 #[test]

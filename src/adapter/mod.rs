@@ -292,10 +292,25 @@ impl Adapter {
         for r in &mut self.replacements {
             find(&mut r.target);
         }
+        // A rename that a block needed tells the checkpoint's layout, and the adapter's: the other
+        // renames of that direction that the base's names call for hold as well, for the modules
+        // without a block (a vision tower whose only block was taken out)
+        for forward in [true, false] {
+            if !used.iter().any(|u| crate::model::CHECKPOINT_RENAMES.contains(u) == forward) {
+                continue;
+            }
+            for &(m, s) in crate::model::CHECKPOINT_RENAMES {
+                let (module, stored) = if forward { (m, s) } else { (s, m) };
+                if base.has_prefix(stored) && !base.has_prefix(module) && !used.contains(&(module, stored)) {
+                    used.push((module, stored));
+                }
+            }
+        }
         self.renames = used;
     }
 
-    /// The renames [`Adapter::locate`] found the base's tensors by: (module prefix, stored prefix).
+    /// The renames [`Adapter::locate`] found the base's tensors by, and those that the base's
+    /// layout implies with them: (module prefix, stored prefix).
     pub fn renames(&self) -> &[(&'static str, &'static str)] {
         &self.renames
     }

@@ -244,6 +244,11 @@ impl Model {
         }
     }
 
+    /// Whether some tensor's name starts with `prefix`.
+    pub fn has_prefix(&self, prefix: &str) -> bool {
+        self.tensors.keys().any(|n| n.starts_with(prefix))
+    }
+
     /// Whether the checkpoint stores an output layer: `lm_head.weight`, or a vision-language
     /// model's renamed one (`language_model.lm_head.weight`, [`CHECKPOINT_RENAMES`]).
     fn stores_head(&self) -> bool {
