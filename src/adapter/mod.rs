@@ -82,7 +82,7 @@ pub struct Adapter {
     pub replacements: Vec<Replacement>,
     pub ignored: Vec<Ignored>,
     pub warnings: Vec<String>,
-    /// The renames [`Adapter::locate`] used to find the base tensors: (module prefix, stored prefix).
+    /// The renames between module paths and the base's names ([`Adapter::renames`]).
     renames: Vec<(&'static str, &'static str)>,
 }
 
