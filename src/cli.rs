@@ -387,7 +387,9 @@ impl AdapterArg {
 #[derive(Args, Debug, Clone)]
 pub struct PrefixArg {
     /// The prefix of the adapter's tensor keys before the module path; stripped to find the base
-    /// tensor (adapters saved without PeftModel may have "" or "model.")
+    /// tensor (adapters saved without PeftModel may have "" or "model."). A vision-language
+    /// checkpoint's own names (`language_model.model.…` for `model.language_model.…`) are found
+    /// without it
     #[arg(long, value_name = "PREFIX", default_value = crate::adapter::DEFAULT_PREFIX)]
     pub adapter_prefix: String,
 }
