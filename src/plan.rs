@@ -269,7 +269,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             if head_job == Some(&t.name) {
                 let ops = ops_by_tensor.remove(HEAD).unwrap_or_default();
                 jobs.push(TensorJob {
-                    name: HEAD.into(),
+                    name: base.head_name(),
                     input: si,
                     src: t.clone(),
                     ops,
@@ -418,6 +418,10 @@ fn new_config(base: &Model, out: Option<Float>, untied: bool) -> Option<serde_js
     }
     if untied {
         config.as_object_mut()?.insert("tie_word_embeddings".into(), false.into());
+        // a vision-language model is tied by its text_config's flag (transformers' get_text_config)
+        if let Some(text) = config.get_mut("text_config").and_then(|t| t.as_object_mut()) {
+            text.insert("tie_word_embeddings".into(), false.into());
+        }
         changed = true;
     }
     changed.then_some(config)
@@ -491,7 +495,8 @@ fn untie(base: &Model, ops: &std::collections::HashMap<String, Vec<Op>>, keep_ti
              --keep-tied to write both tensors untied"
         )));
     }
-    let other = if *first == HEAD { embed } else { HEAD };
+    let head = base.head_name();
+    let other = if *first == HEAD { embed } else { head.as_str() };
     Ok(Some(format!(
         "the base ties lm_head to {embed:?} ({why}) and the adapter changes {first:?}: the output unties them \
          (both tensors written, {other:?} with the base's values; config.json tie_word_embeddings false)"

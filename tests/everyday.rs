@@ -418,6 +418,50 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
 }
 
 #[test]
+fn a_tied_vision_language_model_is_untied_in_its_own_layout() {
+    // A tied LLaVA (Gemma 3 and PaliGemma are tied) stores no lm_head, and transformers ties it by
+    // text_config.tie_word_embeddings. An adapter on lm_head unties it: the head is written as
+    // `language_model.lm_head.weight`, beside `language_model.model.embed_tokens.weight` as the
+    // checkpoint names it, and text_config's flag is cleared too, else transformers would tie
+    // the merged head back to the embedding when it loads the model.
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("tied");
+    copy_dir(&fixtures().join("bases/llava-bf16"), &base);
+    let f = base.join("model.safetensors");
+    let mut t = load(&f);
+    let head = t.remove("language_model.lm_head.weight").unwrap();
+    t.insert("language_model.model.embed_tokens.weight".into(), head);
+    save(&f, &t);
+    let mut c = config(&base);
+    c["text_config"]["tie_word_embeddings"] = true.into();
+    std::fs::write(base.join("config.json"), serde_json::to_string_pretty(&c).unwrap()).unwrap();
+    let case = fixtures().join("cases/miss-bat-llava-bf16");
+    let bare = tmp.path().join("bare"); // without lm_head.base_layer.weight: the head starts from the embedding
+    copy_dir(&case.join("adapter"), &bare);
+    let mut a = load(&bare.join("adapter_model.safetensors"));
+    assert!(a.remove("base_model.model.lm_head.base_layer.weight").is_some());
+    save(&bare.join("adapter_model.safetensors"), &a);
+    for (k, adapter) in [case.join("adapter"), bare].iter().enumerate() {
+        let out = tmp.path().join(format!("out{k}"));
+        let o = merge_with(&base, adapter, &out, &[]);
+        ok(&o);
+        assert!(stderr(&o).contains("unties them"), "{}", stderr(&o));
+        let (ours, peft, before) = (load(&out), load(&case.join("merged")), load(&base));
+        assert_eq!(ours.len(), peft.len(), "the head is written once, under the checkpoint's name");
+        assert!(ours["language_model.lm_head.weight"].data == peft["language_model.lm_head.weight"].data);
+        let embed = "language_model.model.embed_tokens.weight";
+        assert!(ours[embed].data == before[embed].data, "the embedding keeps the base's values");
+        assert!(peft.iter().filter(|(k, _)| *k != embed).all(|(k, t)| ours[k].data == t.data));
+        let c = config(&out);
+        assert_eq!(
+            (&c["tie_word_embeddings"], &c["text_config"]["tie_word_embeddings"]),
+            (&false.into(), &false.into())
+        );
+        ok(&run(&["verify", "--base", s(&base), "--adapter", s(adapter), "--merged", s(&out)]));
+    }
+}
+
+#[test]
 fn each_writes_one_merged_model_per_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let names = ["bone-bat-bf16", "miss-mini-bf16", "bone-default-lm-head-bf16"];

@@ -244,6 +244,20 @@ impl Model {
         }
     }
 
+    /// The name this checkpoint's layout gives an output layer that it does not store (a tied
+    /// model's, once untied): `language_model.lm_head.weight` beside a vision-language model's
+    /// `language_model.model.embed_tokens.weight` ([`CHECKPOINT_RENAMES`]), else `lm_head.weight`.
+    pub fn head_name(&self) -> String {
+        let embed = self.embed_name().unwrap_or_default();
+        let renamed = CHECKPOINT_RENAMES.iter().filter(|(module, _)| format!("{module}weight") == HEAD);
+        renamed
+            .into_iter()
+            .find_map(|(_, s)| {
+                embed.starts_with(&format!("{}model.", s.strip_suffix("lm_head.")?)).then(|| format!("{s}weight"))
+            })
+            .unwrap_or_else(|| HEAD.to_string())
+    }
+
     /// Whether some tensor's name starts with `prefix`.
     pub fn has_prefix(&self, prefix: &str) -> bool {
         self.tensors.keys().any(|n| n.starts_with(prefix))
@@ -284,9 +298,11 @@ impl Model {
         matches!((layers, index), (Some(layers), Some(n)) if n >= layers)
     }
 
-    /// `config.json`'s `tie_word_embeddings`, when the file says.
+    /// `config.json`'s `tie_word_embeddings`, when the file says; for a vision-language model
+    /// saying nothing at the top, its `text_config`'s (which transformers ties by).
     pub fn ties_embeddings(&self) -> Option<bool> {
-        self.config.as_ref()?.get("tie_word_embeddings")?.as_bool()
+        let c = self.config.as_ref()?;
+        c.get("tie_word_embeddings").or_else(|| c.get("text_config")?.get("tie_word_embeddings"))?.as_bool()
     }
 }
 
