@@ -462,6 +462,43 @@ fn a_tied_vision_language_model_is_untied_in_its_own_layout() {
 }
 
 #[test]
+fn an_old_style_vision_language_adapter_finds_a_new_layout_checkpoint() {
+    // The other way round: an adapter saved before transformers 4.52 names Qwen2.5-VL's modules
+    // as its checkpoints did (`model.layers.…`, `visual.…`), and a checkpoint saved in the new
+    // layout names them `model.language_model.…`, `model.visual.…`. The merge is the same, under
+    // the checkpoint's names.
+    let tmp = tempfile::tempdir().unwrap();
+    let new_layout = |k: &str| -> String {
+        match k.strip_prefix("model.") {
+            Some(rest) => format!("model.language_model.{rest}"),
+            None => k.strip_prefix("visual.").map_or(k.to_string(), |rest| format!("model.visual.{rest}")),
+        }
+    };
+    let base = tmp.path().join("base");
+    copy_dir(&fixtures().join("bases/qwen2vl-bf16"), &base);
+    let f = base.join("model.safetensors");
+    let t: BTreeMap<String, T> = load(&f).into_iter().map(|(k, v)| (new_layout(&k), v)).collect();
+    save(&f, &t);
+    let adapter = tmp.path().join("old-style");
+    copy_dir(&fixtures().join("cases/bone-default-qwen2vl-bf16/adapter"), &adapter);
+    let f = adapter.join("adapter_model.safetensors");
+    let old = |k: &str| k.replace(".model.language_model.", ".model.").replace(".model.visual.", ".visual.");
+    let t: BTreeMap<String, T> = load(&f).into_iter().map(|(k, v)| (old(&k), v)).collect();
+    assert!(t.keys().all(|k| !k.contains("language_model")), "{:?}", t.keys());
+    save(&f, &t);
+    let out = tmp.path().join("out");
+    ok(&merge_with(&base, &adapter, &out, &[]));
+    let peft = load(&fixtures().join("cases/bone-default-qwen2vl-bf16/merged"));
+    let ours = load(&out);
+    assert_eq!(ours.len(), peft.len());
+    assert!(peft.iter().all(|(k, t)| ours[&new_layout(k)].data == t.data));
+    let o = run(&["inspect", "adapter", s(&adapter), "--base", s(&base), "--json"]);
+    ok(&o);
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["modules_without_blocks"], serde_json::json!([]), "{j}");
+}
+
+#[test]
 fn each_writes_one_merged_model_per_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let names = ["bone-bat-bf16", "miss-mini-bf16", "bone-default-lm-head-bf16"];
