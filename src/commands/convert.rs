@@ -43,18 +43,17 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     }
     let mut a = Adapter::open(args.adapter.path(), &args.prefix.adapter_prefix)?;
     super::apply::refuse_overlap(&args.out, None, &[args.adapter.path().to_path_buf()])?;
-    let c = &a.config;
     let mut warnings = a.warnings.clone();
     for ig in &a.ignored {
         warnings.push(format!("dropped {:?}: {}", ig.key, ig.reason));
     }
-    let from = c.peft_type;
+    let from = a.config.peft_type;
     match (args.to, from) {
         (ConvertTo::Miss, PeftType::Miss) => return Err(input(format!("{}: already a MiSS adapter", a.dir.display()))),
         (ConvertTo::Bone, PeftType::Bone) => return Err(input(format!("{}: already a Bone adapter", a.dir.display()))),
         _ => {}
     }
-    let needs_base = args.to == ConvertTo::Lora || (args.to == ConvertTo::Bone && c.variant == Variant::Mini);
+    let needs_base = args.to == ConvertTo::Lora || (args.to == ConvertTo::Bone && a.config.variant == Variant::Mini);
     let base = if needs_base { Some(find_base(args, &a)?) } else { None };
     if let Some(b) = &base {
         a.locate(b);

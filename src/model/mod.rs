@@ -249,11 +249,9 @@ impl Model {
     /// `language_model.model.embed_tokens.weight` ([`CHECKPOINT_RENAMES`]), else `lm_head.weight`.
     pub fn head_name(&self) -> String {
         let embed = self.embed_name().unwrap_or_default();
-        let renamed = CHECKPOINT_RENAMES.iter().filter(|(module, _)| format!("{module}weight") == HEAD);
-        renamed
-            .into_iter()
-            .find_map(|(_, s)| {
-                embed.starts_with(&format!("{}model.", s.strip_suffix("lm_head.")?)).then(|| format!("{s}weight"))
+        renamed_heads()
+            .find(|h| {
+                h.strip_suffix("lm_head.weight").is_some_and(|outer| embed.starts_with(&format!("{outer}model.")))
             })
             .unwrap_or_else(|| HEAD.to_string())
     }
@@ -266,9 +264,7 @@ impl Model {
     /// Whether the checkpoint stores an output layer: `lm_head.weight`, or a vision-language
     /// model's renamed one (`language_model.lm_head.weight`, [`CHECKPOINT_RENAMES`]).
     fn stores_head(&self) -> bool {
-        let renamed = CHECKPOINT_RENAMES.iter().filter(|(module, _)| format!("{module}weight") == HEAD);
-        self.tensors.contains_key(HEAD)
-            || renamed.into_iter().any(|(_, s)| self.tensors.contains_key(&format!("{s}weight")))
+        self.tensors.contains_key(HEAD) || renamed_heads().any(|h| self.tensors.contains_key(&h))
     }
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
@@ -329,6 +325,12 @@ pub const CHECKPOINT_RENAMES: &[(&str, &str)] = &[
     ("model.vqmodel.", "vqmodel."),
     ("model.vision_embed_tokens.", "vision_embed_tokens."),
 ];
+
+/// The names a vision-language checkpoint may store the output layer under
+/// (`language_model.lm_head.weight`, …): [`CHECKPOINT_RENAMES`] of `lm_head`.
+fn renamed_heads() -> impl Iterator<Item = String> {
+    CHECKPOINT_RENAMES.iter().filter(|(module, _)| format!("{module}weight") == HEAD).map(|(_, s)| format!("{s}weight"))
+}
 
 /// A weights file that is a symbolic link must point inside its folder, or, in a Hugging Face cache
 /// snapshot (`models--*/snapshots/<rev>/`), into that repository's `blobs/`.
