@@ -296,10 +296,9 @@ fn conv1d_layers_of_gpt2_are_refused() {
     let w = f32_tensor(vec![8, 8], &[0.5; 64]);
     save(&base.join("model.safetensors"), &[("h.0.attn.c_proj.weight".to_string(), w)].into_iter().collect());
     let a = e.copy("cases/bone-default-f32/adapter", "a");
-    let cfg = a.join("adapter_config.json");
-    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    (c["r"], c["target_modules"]) = (4.into(), serde_json::json!(["c_proj"]));
-    std::fs::write(&cfg, c.to_string()).unwrap();
+    edit_json(&a.join("adapter_config.json"), |c| {
+        (c["r"], c["target_modules"]) = (4.into(), serde_json::json!(["c_proj"]));
+    });
     let block = f32_tensor(vec![4, 8], &[0.01; 32]);
     let key = "base_model.model.h.0.attn.c_proj.bone_block".to_string();
     save(&a.join("adapter_model.safetensors"), &[(key, block)].into_iter().collect());
@@ -689,9 +688,7 @@ fn targeted_modules_without_a_block_get_peft_s_zero_block_with_a_warning() {
     assert!(t.remove("base_model.model.model.layers.0.mlp.up_proj.bone_block").is_some());
     save(&f, &t);
     let cfg = a.join("adapter_config.json");
-    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    c["init_weights"] = false.into();
-    std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
+    edit_json(&cfg, |c| c["init_weights"] = false.into());
     let o = run(&merge_args(s(&b), s(&a), s(&e.path("out2"))));
     ok(&o);
     let err = stderr(&o);
@@ -703,9 +700,10 @@ fn targeted_modules_without_a_block_get_peft_s_zero_block_with_a_warning() {
     assert_eq!(out2[&weight].data, bt[&weight].data);
     assert_eq!(out2["model.layers.0.mlp.up_proj.weight"].data, bt["model.layers.0.mlp.up_proj.weight"].data);
     // modules the config does not target need no block: narrowed to what the file holds, no warning
-    c["target_modules"] = serde_json::json!(["k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]);
-    c["layers_to_transform"] = serde_json::json!([0]);
-    std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
+    edit_json(&cfg, |c| {
+        c["target_modules"] = serde_json::json!(["k_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]);
+        c["layers_to_transform"] = serde_json::json!([0]);
+    });
     let o = run(&merge_args(s(&base_f32()), s(&a), s(&e.path("out3"))));
     ok(&o);
     assert!(!stderr(&o).contains("no block"), "{}", stderr(&o));
@@ -730,10 +728,9 @@ fn a_vision_language_model_s_module_without_a_block_is_found_by_its_module_path(
         assert!(t.remove(&format!("base_model.model.model.{module}.bone_block")).is_some(), "{module}");
     }
     save(&f, &t);
-    let cfg = a.join("adapter_config.json");
-    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    c["target_modules"] = r".*(language_model|model\.visual).*\.(q_proj|v_proj|gate_proj|down_proj)".into();
-    std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
+    edit_json(&a.join("adapter_config.json"), |c| {
+        c["target_modules"] = r".*(language_model|model\.visual).*\.(q_proj|v_proj|gate_proj|down_proj)".into();
+    });
     let b = e.copy("bases/qwen2vl-bf16", "base");
     let mut bt = load(&b.join("model.safetensors"));
     for m in dropped {
@@ -790,10 +787,7 @@ fn layers_transformers_never_loads_get_no_initial_block() {
     assert_eq!(merged[mtp].data, extra.data);
     assert!(peft.iter().all(|(k, v)| merged[k].data == v.data), "the decoder layers are PEFT's merge");
     // with a third decoder layer in config.json, PEFT would build one there: warned, and W + 0
-    let cfg = b.join("config.json");
-    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    c["num_hidden_layers"] = 3.into();
-    std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
+    edit_json(&b.join("config.json"), |c| c["num_hidden_layers"] = 3.into());
     let o = run(&merge_args(s(&b), s(&a), s(&e.path("out2"))));
     ok(&o);
     let err = stderr(&o);
@@ -815,10 +809,9 @@ fn quantized_bases_are_refused_with_what_to_do_instead() {
         let mut t = load(&f);
         edit(&mut t);
         save(&f, &t);
-        let cfg = b.join("config.json");
-        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-        c["quantization_config"] = serde_json::json!({"quant_method": method, "bits": 4});
-        std::fs::write(&cfg, serde_json::to_string(&c).unwrap()).unwrap();
+        edit_json(&b.join("config.json"), |c| {
+            c["quantization_config"] = serde_json::json!({"quant_method": method, "bits": 4});
+        });
         b
     };
     // GPTQ keeps the layer as qweight/qzeros/scales: no "<module>.weight" at all

@@ -302,7 +302,7 @@ fn reshard_check(case: &std::path::Path, out: &std::path::Path, max: u64, size: 
     assert!(peft.iter().all(|(k, t)| ours[k].data == t.data));
 }
 
-/// The lm_head case's adapter without the lm_head.base_layer.weight PEFT saved beside it.
+/// A case's adapter (on lm_head) without the lm_head.base_layer.weight PEFT saved beside it.
 fn bare_adapter(case: &std::path::Path, tmp: &std::path::Path) -> std::path::PathBuf {
     let bare = tmp.join("bare");
     if !bare.exists() {
@@ -432,15 +432,9 @@ fn a_tied_vision_language_model_is_untied_in_its_own_layout() {
     let head = t.remove("language_model.lm_head.weight").unwrap();
     t.insert("language_model.model.embed_tokens.weight".into(), head);
     save(&f, &t);
-    let mut c = config(&base);
-    c["text_config"]["tie_word_embeddings"] = true.into();
-    std::fs::write(base.join("config.json"), serde_json::to_string_pretty(&c).unwrap()).unwrap();
+    edit_json(&base.join("config.json"), |c| c["text_config"]["tie_word_embeddings"] = true.into());
     let case = fixtures().join("cases/miss-bat-llava-bf16");
-    let bare = tmp.path().join("bare"); // without lm_head.base_layer.weight: the head starts from the embedding
-    copy_dir(&case.join("adapter"), &bare);
-    let mut a = load(&bare.join("adapter_model.safetensors"));
-    assert!(a.remove("base_model.model.lm_head.base_layer.weight").is_some());
-    save(&bare.join("adapter_model.safetensors"), &a);
+    let bare = bare_adapter(&case, tmp.path()); // the head then starts from the embedding
     for (k, adapter) in [case.join("adapter"), bare].iter().enumerate() {
         let out = tmp.path().join(format!("out{k}"));
         let o = merge_with(&base, adapter, &out, &[]);

@@ -1219,13 +1219,28 @@ mod tests {
         assert_eq!(once, vec![1.0 + 2f32.powi(-7)], "single rounding keeps it");
     }
 
-    /// A whole weight's rows as one strip, checked for new inf/NaN.
-    fn strip<'a>(inp: &'a [u8], out: &'a mut [u8], d: Float, i: usize, ops: &'a [Prepared]) -> Strip<'a> {
-        Strip { inp, out, d, row0: 0, i, ops, check_finite: true }
-    }
-
-    fn buffers() -> Buffers {
-        Buffers { w: vec![], scratch: vec![] }
+    /// A whole weight's bytes `src` (`i` columns), moved `shift` bytes off its alignment, through
+    /// `ops` as one strip, checked for new inf/NaN: [`Strip::body`]'s way must give the bytes and
+    /// the first new non-finite of [`Strip::passes`]; returns that index.
+    fn body_against_passes(
+        src: &[u8],
+        shift: usize,
+        d: Float,
+        i: usize,
+        ops: &[Prepared],
+        what: &str,
+    ) -> Option<usize> {
+        let mut padded = vec![0u8; src.len() + shift];
+        padded[shift..].copy_from_slice(src);
+        let inp = &padded[shift..];
+        let (mut body, mut passes) = (vec![0u8; inp.len() + shift], vec![0u8; inp.len()]);
+        let strip = |out| Strip { inp, out, d, row0: 0, i, ops, check_finite: true };
+        let buffers = || Buffers { w: vec![], scratch: vec![] };
+        let a = strip(&mut body[shift..]).body(&mut buffers());
+        let p = strip(&mut passes).passes(&mut buffers());
+        assert!(body[shift..] == passes[..], "{what} shift={shift}");
+        assert_eq!(a, p, "{what} shift={shift}: first new non-finite");
+        a
     }
 
     #[test]
@@ -1270,15 +1285,8 @@ mod tests {
                 ];
                 for (name, ops, overflows) in chains {
                     for shift in [0, 1] {
-                        let mut padded = vec![0u8; src.len() + shift];
-                        padded[shift..].copy_from_slice(&src);
-                        let inp = &padded[shift..];
-                        let (mut parts, mut passes) = (vec![0u8; inp.len() + shift], vec![0u8; inp.len()]);
-                        let a = strip(inp, &mut parts[shift..], d, i, &ops).body(&mut buffers());
-                        let p = strip(inp, &mut passes, d, i, &ops).passes(&mut buffers());
                         let what = format!("{d:?} r={r} i={i} {name}");
-                        assert!(parts[shift..] == passes[..], "{what} shift={shift}");
-                        assert_eq!(a, p, "{what}: first new non-finite");
+                        let a = body_against_passes(&src, shift, d, i, &ops, &what);
                         if overflows {
                             assert!(a.is_some_and(|k| k >= rows * r), "{what}: the overflow in a later part");
                         }
@@ -1336,14 +1344,7 @@ mod tests {
                 d.encode_serial(&w, &mut src);
                 // shifted by a byte, the words are unaligned and the passes run instead
                 for shift in [0, 1] {
-                    let mut padded = vec![0u8; src.len() + shift];
-                    padded[shift..].copy_from_slice(&src);
-                    let inp = &padded[shift..];
-                    let (mut fused, mut passes) = (vec![0u8; inp.len() + shift], vec![0u8; inp.len()]);
-                    let a = strip(inp, &mut fused[shift..], d, i, &ops).body(&mut buffers());
-                    let b = strip(inp, &mut passes, d, i, &ops).passes(&mut buffers());
-                    assert_eq!(&fused[shift..], &passes[..], "{d:?} o={o} i={i} r={r} shift={shift}");
-                    assert_eq!(a, b, "{d:?}: first new non-finite");
+                    let a = body_against_passes(&src, shift, d, i, &ops, &format!("{d:?} o={o} i={i} r={r}"));
                     assert!(a.is_some(), "{d:?}: the overflow is found");
                 }
             }

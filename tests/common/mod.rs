@@ -188,6 +188,13 @@ pub fn manifest() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap()).unwrap()
 }
 
+/// Read the JSON file `path`, let `edit` change it, and write it back.
+pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_string(&v).unwrap()).unwrap();
+}
+
 /// The tensor of a checkpoint (`tensors`) that the module path `module` names, found independently
 /// of bone-tool: `<module>.weight`, or where the vision-language fixtures (saved by transformers
 /// 4.57, which renames keys on loading and back on saving) store it: LLaVA's
