@@ -314,16 +314,24 @@ fn bare_adapter(case: &std::path::Path, tmp: &std::path::Path) -> std::path::Pat
     bare
 }
 
+/// A copy of the fixture base `fixture` in `dir/tied` with the output layer `head`'s values as its
+/// (only) embedding `embed` and no head stored, as transformers saves a tied model (config.json is
+/// the caller's to mark tied).
+fn tied_copy(dir: &std::path::Path, fixture: &str, head: &str, embed: &str) -> std::path::PathBuf {
+    let base = dir.join("tied");
+    copy_dir(&fixtures().join(fixture), &base);
+    let f = base.join("model.safetensors");
+    let mut t = load(&f);
+    let values = t.remove(head).unwrap();
+    t.insert(embed.into(), values);
+    save(&f, &t);
+    base
+}
+
 /// The tied base: llama-bf16 with lm_head's values as its (only) embedding, no lm_head stored,
 /// tie_word_embeddings true, as transformers saves a tied model.
 fn tied_base(dir: &std::path::Path) -> std::path::PathBuf {
-    let base = dir.join("tied");
-    copy_dir(&fixtures().join("bases/llama-bf16"), &base);
-    let f = base.join("model.safetensors");
-    let mut t = load(&f);
-    let head = t.remove("lm_head.weight").unwrap();
-    t.insert("model.embed_tokens.weight".into(), head);
-    save(&f, &t);
+    let base = tied_copy(dir, "bases/llama-bf16", "lm_head.weight", "model.embed_tokens.weight");
     let cfg = base.join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(&cfg, text.replace("\"tie_word_embeddings\": false", "\"tie_word_embeddings\": true")).unwrap();
@@ -425,13 +433,8 @@ fn a_tied_vision_language_model_is_untied_in_its_own_layout() {
     // checkpoint names it, and text_config's flag is cleared too, else transformers would tie
     // the merged head back to the embedding when it loads the model.
     let tmp = tempfile::tempdir().unwrap();
-    let base = tmp.path().join("tied");
-    copy_dir(&fixtures().join("bases/llava-bf16"), &base);
-    let f = base.join("model.safetensors");
-    let mut t = load(&f);
-    let head = t.remove("language_model.lm_head.weight").unwrap();
-    t.insert("language_model.model.embed_tokens.weight".into(), head);
-    save(&f, &t);
+    let (head, embed) = ("language_model.lm_head.weight", "language_model.model.embed_tokens.weight");
+    let base = tied_copy(tmp.path(), "bases/llava-bf16", head, embed);
     edit_json(&base.join("config.json"), |c| c["text_config"]["tie_word_embeddings"] = true.into());
     let case = fixtures().join("cases/miss-bat-llava-bf16");
     let bare = bare_adapter(&case, tmp.path()); // the head then starts from the embedding
@@ -442,8 +445,7 @@ fn a_tied_vision_language_model_is_untied_in_its_own_layout() {
         assert!(stderr(&o).contains("unties them"), "{}", stderr(&o));
         let (ours, peft, before) = (load(&out), load(&case.join("merged")), load(&base));
         assert_eq!(ours.len(), peft.len(), "the head is written once, under the checkpoint's name");
-        assert!(ours["language_model.lm_head.weight"].data == peft["language_model.lm_head.weight"].data);
-        let embed = "language_model.model.embed_tokens.weight";
+        assert!(ours[head].data == peft[head].data);
         assert!(ours[embed].data == before[embed].data, "the embedding keeps the base's values");
         assert!(peft.iter().filter(|(k, _)| *k != embed).all(|(k, t)| ours[k].data == t.data));
         let c = config(&out);
