@@ -149,31 +149,35 @@ fn corrupt_headers() {
     let base = base_f32();
     let args = merge_args(s(&base), s(&a), s(&out));
     let key = "base_model.model.model.layers.0.self_attn.q_proj.bone_block";
-    let cases: Vec<(String, Vec<u8>, &str)> = vec![
-        ("this is not json".to_string(), vec![], "not valid safetensors JSON"),
+    let cases: Vec<(String, Vec<u8>, String)> = vec![
+        ("this is not json".to_string(), vec![], "not valid safetensors JSON".to_string()),
         (
             format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[0,16]}}}}"#),
             vec![0; 8],
-            "does not match its shape",
+            format!(r#"tensor "{key}" (F32 [2]) needs 8 bytes, but its data_offsets [0, 16] span 16 bytes"#),
         ),
         (
             format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}}}"#),
             vec![0; 12],
-            "does not end at the end of the file",
+            "does not end at the end of the file".to_string(),
         ),
         (
             format!(
                 r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}},"b":{{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}}}"#
             ),
             vec![0; 12],
-            "overlap",
+            "overlap".to_string(),
         ),
-        (format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}}}"#), vec![0; 16], "overlap"),
+        (
+            format!(r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}}}"#),
+            vec![0; 16],
+            "overlap".to_string(),
+        ),
         // shapes whose product overflows
         (
             format!(r#"{{"{key}":{{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}}}"#),
             vec![0; 8],
-            "overflows",
+            "overflows".to_string(),
         ),
         // the same name twice with different data: one of them leaves a gap
         (
@@ -181,12 +185,12 @@ fn corrupt_headers() {
                 r#"{{"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[0,8]}},"{key}":{{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}}}"#
             ),
             vec![0; 16],
-            "gap",
+            "gap".to_string(),
         ),
     ];
     for (header, data, needle) in cases {
         handmade(&f, &header, &data);
-        fails(&args, Some(&out), &[&a], &["adapter_model.safetensors", needle]);
+        fails(&args, Some(&out), &[&a], &["adapter_model.safetensors", &needle]);
     }
     // a header that is not UTF-8
     let mut bytes = 8u64.to_le_bytes().to_vec();

@@ -63,7 +63,7 @@ impl SafetensorsFile {
         // SAFETY: the file is opened read-only and only read through this map while it lives; a
         // concurrent writer could change bytes under us, as with every mmap-based reader.
         let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| header_error(path, len, e))?;
+        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| header_error(path, len, &map, e))?;
         let data_start = 8 + n as u64;
         let mut tensors: Vec<TensorEntry> = meta
             .offset_keys()
@@ -203,7 +203,7 @@ impl SafetensorsFile {
 }
 
 /// Turn the crate's error into one line that says what is wrong with which file.
-fn header_error(path: &Path, len: u64, e: SafeTensorError) -> anyhow::Error {
+fn header_error(path: &Path, len: u64, bytes: &[u8], e: SafeTensorError) -> anyhow::Error {
     let p = path.display();
     let what = match e {
         SafeTensorError::HeaderTooSmall => {
@@ -220,15 +220,49 @@ fn header_error(path: &Path, len: u64, e: SafeTensorError) -> anyhow::Error {
         SafeTensorError::InvalidOffset(name) => {
             format!("tensor {name:?} has data offsets that overlap, leave a gap or run backwards")
         }
-        SafeTensorError::TensorInvalidInfo => "a tensor's byte range does not match its shape and dtype".to_string(),
+        SafeTensorError::TensorInvalidInfo => bad_byte_range(bytes)
+            .unwrap_or_else(|| "a tensor's byte range does not match its shape and dtype".to_string()),
         SafeTensorError::MetadataIncompleteBuffer => {
             format!("the tensors' data does not end at the end of the file ({len} bytes): truncated, or extra bytes")
         }
-        SafeTensorError::ValidationOverflow => "a tensor's shape overflows when multiplied out".to_string(),
+        SafeTensorError::ValidationOverflow => {
+            bad_byte_range(bytes).unwrap_or_else(|| "a tensor's shape overflows when multiplied out".to_string())
+        }
         SafeTensorError::MisalignedSlice => "a tensor of sub-byte elements does not fill whole bytes".to_string(),
         other => format!("invalid safetensors file: {other:?}"),
     };
     input(format!("{p}: {what}"))
+}
+
+/// Which tensor's data offsets disagree with its shape and dtype, and by how much, read from the
+/// header again: the crate's `TensorInvalidInfo` names none.
+fn bad_byte_range(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Info {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data_offsets: (usize, usize),
+    }
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    header.into_iter().filter(|(name, _)| name != "__metadata__").find_map(|(name, v)| {
+        let info: Info = serde_json::from_value(v).ok()?;
+        let bits = info.shape.iter().try_fold(info.dtype.bitsize(), |a, &d| a.checked_mul(d));
+        let (s, e) = info.data_offsets;
+        let span = e.checked_sub(s);
+        let want = bits.map(|b| b.div_ceil(8));
+        (span != want || bits.is_some_and(|b| b % 8 != 0)).then(|| {
+            let want = want
+                .map_or("more bytes than a size can hold (the shape overflows)".to_string(), |w| format!("{w} bytes"));
+            format!(
+                "tensor {name:?} ({:?} {:?}) needs {want}, but its data_offsets [{s}, {e}] span {}",
+                info.dtype,
+                info.shape,
+                span.map_or("backwards".to_string(), |b| format!("{b} bytes"))
+            )
+        })
+    })
 }
 
 /// The header of a file holding `tensors` in this order, contiguous, with Hugging Face's
@@ -282,5 +316,23 @@ mod tests {
         // a smaller buffer grows
         let bytes = f.read_range(start, 100, back, home).unwrap();
         assert_eq!(bytes.bytes(), &data[..]);
+    }
+
+    #[test]
+    fn a_tensor_whose_bytes_disagree_with_its_shape_is_named_with_both_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        // a well-formed header for two tensors, then w's shape edited to claim more than its bytes
+        let good = build_header(&[("a".into(), Dtype::F32, vec![2]), ("w".into(), Dtype::BF16, vec![3, 4])]).unwrap();
+        let json = std::str::from_utf8(&good[8..]).unwrap().replace("[3,4]", "[3,5]");
+        let file = [&(json.len() as u64).to_le_bytes()[..], json.as_bytes(), &[0u8; 8 + 24]].concat();
+        std::fs::write(&path, file).unwrap();
+        let err = SafetensorsFile::open(&path).expect_err("the crate rejects it").to_string();
+        assert!(err.starts_with(&format!("{}: ", path.display())), "{err}");
+        assert!(
+            err.contains(r#"tensor "w" (BF16 [3, 5]) needs 30 bytes, but its data_offsets [8, 32] span 24 bytes"#),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "one line: {err}");
     }
 }
