@@ -144,7 +144,7 @@ pub struct ConvertArgs {
 
     /// The base model: gives in_features for LoRA's A, out_features for expanding mini blocks, and
     /// the weights BAT's delta depends on. Without it, adapter_config.json's
-    /// base_model_name_or_path is tried when it is a local folder
+    /// base_model_name_or_path is tried when it is a local folder or in the local Hugging Face cache
     #[arg(long, value_name = "MODEL")]
     pub base: Option<PathBuf>,
 
@@ -209,12 +209,14 @@ impl DtypeArg {
 #[derive(Args, Debug)]
 pub struct MergeArgs {
     /// The base model: a folder with model.safetensors or model.safetensors.index.json and its
-    /// shards, or one .safetensors file
+    /// shards, or one .safetensors file. A Hub id (`org/name`, `org/name@REVISION`) names its
+    /// snapshot in the local Hugging Face cache
     #[arg(long, value_name = "MODEL")]
     pub base: PathBuf,
 
-    /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors). Repeat to stack
-    /// adapters: they are merged in the order given
+    /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), or its Hub id when
+    /// it is in the local Hugging Face cache. Repeat to stack adapters: they are merged in the
+    /// order given
     #[arg(long = "adapter", value_name = "ADAPTER", required_unless_present = "each", conflicts_with = "each")]
     pub adapters: Vec<PathBuf>,
 
@@ -381,6 +383,10 @@ pub struct AdapterArg {
 impl AdapterArg {
     pub fn path(&self) -> &std::path::Path {
         self.positional.as_deref().or(self.flag.as_deref()).expect("clap requires ADAPTER or --adapter")
+    }
+
+    pub fn path_mut(&mut self) -> &mut PathBuf {
+        self.positional.as_mut().or(self.flag.as_mut()).expect("clap requires ADAPTER or --adapter")
     }
 }
 

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod error;
 pub mod execute;
+pub mod hub;
 pub mod model;
 pub mod ops;
 pub mod plan;

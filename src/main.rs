@@ -3,7 +3,7 @@ use bone_tool::error::{exit_code, one_line};
 use clap::Parser;
 
 fn main() {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     bone_tool::report::set_color(cli.color);
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
@@ -14,7 +14,7 @@ fn main() {
     // Parallelism lives in bone-tool's own loops; faer's small solves run single-threaded inside them.
     faer::set_global_parallelism(faer::Par::Seq);
     let _ = ctrlc::set_handler(bone_tool::execute::request_interrupt);
-    if let Err(e) = bone_tool::commands::run(&cli) {
+    if let Err(e) = bone_tool::commands::run(&mut cli) {
         // `bone-tool man | head`: a reader that stops early is not an error.
         let broken_pipe = e
             .chain()

@@ -414,9 +414,9 @@ fn hub_ids_get_a_download_hint() {
         &merge_args("meta-llama/Llama-3.2-1B", s(&a), s(&out)),
         Some(&out),
         &[],
-        &["meta-llama/Llama-3.2-1B: no such file or folder", "huggingface-cli download meta-llama/Llama-3.2-1B"],
+        &["meta-llama/Llama-3.2-1B: no such file or folder", "hf download meta-llama/Llama-3.2-1B"],
     );
-    assert!(line.contains("--local-dir"), "{line}");
+    assert!(line.contains("not in the local Hugging Face cache"), "{line}");
     fails(
         &merge_args(s(&base_f32()), "someone/bone-adapter", s(&out)),
         Some(&out),

@@ -754,3 +754,101 @@ fn weights_of_other_formats_beside_the_base_are_not_copied() {
     assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"x");
     assert!(!err.contains("notes.txt"), "{err}");
 }
+
+/// Put a folder into a Hugging Face cache as huggingface_hub does: each file once in `blobs/`, the
+/// snapshot `snapshots/<hash>/` of links to them, and (when `main`) `refs/main` naming the hash.
+fn into_hub_cache(
+    cache: &std::path::Path,
+    id: &str,
+    from: &std::path::Path,
+    hash: &str,
+    main: bool,
+) -> std::path::PathBuf {
+    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let snap = repo.join("snapshots").join(hash);
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        let blob = format!("{hash}-{name}");
+        std::fs::copy(from.join(&name), repo.join("blobs").join(&blob)).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join(&name)).unwrap();
+    }
+    if main {
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), hash).unwrap();
+    }
+    snap
+}
+
+#[test]
+fn hub_ids_are_found_in_the_local_hugging_face_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let case = fixtures().join("cases/bone-bat-bf16");
+    let base_snap = into_hub_cache(&cache, "org/base", &fixtures().join("bases/llama-bf16"), "aaaa1111", true);
+    // an adapter fetched by commit, so no refs/main: its only snapshot is taken
+    let adapter_snap = into_hub_cache(&cache, "someone/bat", &case.join("adapter"), "bbbb2222", false);
+    let with_cache = |args: &[&str]| bin().env("HF_HUB_CACHE", &cache).args(args).output().unwrap();
+
+    let local = tmp.path().join("local");
+    merge(&fixtures().join("bases/llama-bf16"), &case.join("adapter"), &local);
+    let out = tmp.path().join("out");
+    let o = with_cache(&["merge", "--base", "org/base", "--adapter", "someone/bat", "--out", s(&out)]);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains(&format!("base org/base: the Hugging Face cache's {}", base_snap.display())), "{err}");
+    assert!(
+        err.contains(&format!("adapter someone/bat: the Hugging Face cache's {}", adapter_snap.display())),
+        "{err}"
+    );
+    assert_eq!(digest_relative(&out), digest_relative(&local), "the same files as from local folders");
+    for e in std::fs::read_dir(&out).unwrap() {
+        assert!(!e.unwrap().file_type().unwrap().is_symlink(), "the output holds files, not links into the cache");
+    }
+
+    // a revision by commit prefix; -q says nothing; an unknown revision lists the snapshots
+    let again = tmp.path().join("again");
+    let o = with_cache(&["-q", "merge", "--base", "org/base@aaaa111", "--adapter", "someone/bat", "--out", s(&again)]);
+    ok(&o);
+    assert_eq!(stderr(&o), "");
+    assert_eq!(digest_relative(&again), digest_relative(&local));
+    let gone = tmp.path().join("gone");
+    let o = with_cache(&["merge", "--base", "org/base@v2", "--adapter", "someone/bat", "--out", s(&gone)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no revision \"v2\"") && stderr(&o).contains("aaaa1111"), "{}", stderr(&o));
+    // an id the cache lacks: the usual error, with where bone-tool looked
+    let o = with_cache(&["merge", "--base", "org/other", "--adapter", "someone/bat", "--out", s(&gone)]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(err.contains(&format!("not in the local Hugging Face cache {}", cache.display())), "{err}");
+    assert!(!gone.exists());
+    // --each names each output after the id's last part, not the snapshot's hash
+    let pattern = tmp.path().join("each/{name}");
+    ok(&with_cache(&["-q", "merge", "--base", "org/base", "--each", "someone/bat", "--out-pattern", s(&pattern)]));
+    assert_eq!(digest_relative(&tmp.path().join("each/bat")), digest_relative(&local));
+
+    // convert finds the base that adapter_config.json names by its Hub id
+    let cfg = adapter_snap.join("adapter_config.json");
+    let blob = std::fs::canonicalize(&cfg).unwrap();
+    edit_json(&blob, |c| c["base_model_name_or_path"] = "org/base".into());
+    let lora = tmp.path().join("lora");
+    let o = with_cache(&["convert", "someone/bat", "--to", "lora", "--rank", "4", "--out", s(&lora)]);
+    ok(&o);
+    assert!(stderr(&o).contains("base (the adapter's base_model_name_or_path) org/base: the Hugging Face cache's"));
+    let lora_local = tmp.path().join("lora-local");
+    let base = fixtures().join("bases/llama-bf16");
+    ok(&run(&[
+        "convert",
+        s(&adapter_snap),
+        "--to",
+        "lora",
+        "--rank",
+        "4",
+        "--out",
+        s(&lora_local),
+        "--base",
+        s(&base),
+    ]));
+    assert_eq!(digest_relative(&lora), digest_relative(&lora_local));
+}

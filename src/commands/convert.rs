@@ -54,7 +54,7 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
         _ => {}
     }
     let needs_base = args.to == ConvertTo::Lora || (args.to == ConvertTo::Bone && a.config.variant == Variant::Mini);
-    let base = if needs_base { Some(find_base(args, &a)?) } else { None };
+    let base = if needs_base { Some(find_base(args, &a, quiet)?) } else { None };
     if let Some(b) = &base {
         a.locate(b);
     }
@@ -348,15 +348,16 @@ fn dry_run(
     Ok(())
 }
 
-/// The base model: --base, else base_model_name_or_path when it names a local folder.
-fn find_base(args: &ConvertArgs, a: &Adapter) -> Result<Model> {
+/// The base model: --base, else base_model_name_or_path when it names a local folder or a model
+/// in the local Hugging Face cache.
+fn find_base(args: &ConvertArgs, a: &Adapter, quiet: bool) -> Result<Model> {
     if let Some(b) = &args.base {
         return Model::open(b);
     }
     if let Some(p) = &a.config.base_model_name_or_path {
-        let path = Path::new(p);
+        let path = crate::hub::resolve(Path::new(p), "base (the adapter's base_model_name_or_path)", quiet)?;
         if path.is_dir() {
-            return Model::open(path);
+            return Model::open(&path);
         }
     }
     let why = match (args.to, a.config.variant) {
@@ -365,7 +366,8 @@ fn find_base(args: &ConvertArgs, a: &Adapter) -> Result<Model> {
         _ => "expanding a mini block needs each layer's out_features",
     };
     Err(input(format!(
-        "{}: {why}: pass --base MODEL (base_model_name_or_path {:?} is not a local folder)",
+        "{}: {why}: pass --base MODEL (base_model_name_or_path {:?} is neither a local folder nor in the local \
+         Hugging Face cache)",
         a.dir.display(),
         a.config.base_model_name_or_path.as_deref().unwrap_or("")
     )))

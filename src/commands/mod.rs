@@ -8,13 +8,56 @@ pub mod verify;
 use crate::cli::{Cli, Command, InspectCommand};
 use crate::error::Result;
 use crate::plan::Direction;
+use std::path::PathBuf;
 
-pub fn run(cli: &Cli) -> Result<()> {
+/// Replace every input given as a Hugging Face Hub id (`org/name[@revision]`, not a path that
+/// exists) by its snapshot folder in the local cache, when the cache has it.
+fn find_hub_ids(command: &mut Command, quiet: bool) -> Result<()> {
+    let mut inputs: Vec<(&str, &mut PathBuf)> = Vec::new();
+    match command {
+        Command::Merge(a) => {
+            inputs.push(("base", &mut a.base));
+            // --each's adapters are found once their outputs are named after them (below)
+            inputs.extend(a.adapters.iter_mut().map(|p| ("adapter", p)));
+        }
+        Command::Unmerge(a) => {
+            inputs.push(("merged model", &mut a.merged));
+            inputs.extend(a.adapters.iter_mut().map(|p| ("adapter", p)));
+        }
+        Command::Inspect(InspectCommand::Adapter(a)) => {
+            inputs.push(("adapter", a.adapter.path_mut()));
+            inputs.extend(a.base.iter_mut().map(|p| ("base", p)));
+        }
+        Command::Verify(a) => {
+            inputs.push(("base", &mut a.base));
+            inputs.push(("merged model", &mut a.merged));
+            inputs.extend(a.adapters.iter_mut().map(|p| ("adapter", p)));
+        }
+        Command::Convert(a) => {
+            inputs.push(("adapter", a.adapter.path_mut()));
+            inputs.extend(a.base.iter_mut().map(|p| ("base", p)));
+        }
+        Command::Completions { .. } | Command::Man => {}
+    }
+    for (what, path) in inputs {
+        *path = crate::hub::resolve(path, what, quiet)?;
+    }
+    Ok(())
+}
+
+pub fn run(cli: &mut Cli) -> Result<()> {
+    find_hub_ids(&mut cli.command, cli.quiet)?;
     match &cli.command {
         Command::Merge(a) => {
             let jobs = match (&a.out, &a.out_pattern) {
                 (Some(out), _) => vec![apply::Job { adapters: a.adapters.clone(), out: out.clone() }],
-                (None, Some(pattern)) => apply::each(&a.each, pattern)?,
+                (None, Some(pattern)) => {
+                    let mut jobs = apply::each(&a.each, pattern)?;
+                    for path in jobs.iter_mut().flat_map(|j| j.adapters.iter_mut()) {
+                        *path = crate::hub::resolve(path, "adapter", cli.quiet)?;
+                    }
+                    jobs
+                }
                 (None, None) => unreachable!("clap requires --out or --each with --out-pattern"),
             };
             apply::run(Direction::Merge, &a.base, &jobs, &a.opts, cli.quiet)

@@ -420,19 +420,21 @@ fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
     }
 }
 
-/// For a path that does not exist but reads like a Hugging Face Hub id (`org/name`), a hint that
-/// bone-tool reads local folders only; else nothing.
+/// For a path that does not exist but reads like a Hugging Face Hub id (`org/name[@revision]`),
+/// which [`crate::hub::resolve`] did not find in the local cache: a hint to download it there;
+/// else nothing.
 pub fn hub_id_hint(path: &Path) -> String {
-    let s = path.to_string_lossy();
-    let parts: Vec<&str> = s.split('/').collect();
-    let looks_like_id = parts.len() == 2
-        && parts.iter().all(|p| !p.is_empty() && *p != "." && *p != "..")
-        && !s.starts_with('~')
-        && !path.exists();
-    if looks_like_id {
-        format!(" (bone-tool reads local folders; for a Hub model, download it first: huggingface-cli download {s} --local-dir DIR)")
-    } else {
-        String::new()
+    match crate::hub::parse_id(path) {
+        Some((id, rev)) if id.contains('/') => {
+            let cache = crate::hub::cache_dir()
+                .map_or_else(|| "(no HOME or HF_HOME set)".to_string(), |c| c.display().to_string());
+            let rev = rev.map_or(String::new(), |r| format!(" --revision {r}"));
+            format!(
+                " (not in the local Hugging Face cache {cache} either; bone-tool does not download: \
+                 `hf download {id}{rev}` or `huggingface-cli download {id}{rev}` puts it there)"
+            )
+        }
+        _ => String::new(),
     }
 }
 
@@ -501,8 +503,8 @@ mod tests {
 
     #[test]
     fn hub_id_hint_only_for_missing_org_name_paths() {
-        assert!(hub_id_hint(Path::new("meta-llama/Llama-3.2-1B"))
-            .contains("huggingface-cli download meta-llama/Llama-3.2-1B --local-dir"));
+        assert!(hub_id_hint(Path::new("meta-llama/Llama-3.2-1B")).contains("`hf download meta-llama/Llama-3.2-1B`"));
+        assert!(hub_id_hint(Path::new("org/m@v2")).contains("`huggingface-cli download org/m --revision v2`"));
         // cargo runs unit tests in the package root, where src/model exists: an existing folder gets
         // no hint, nor do an absolute path, one part, three parts, ./ and ~
         assert!(Path::new("src/model").is_dir());

@@ -16,8 +16,12 @@ pub fn fixtures() -> PathBuf {
     root().join("fixtures")
 }
 
+/// The binary, with the Hugging Face cache pointed at a folder that does not exist, so that a
+/// developer's own cache never changes what a test sees (a test that wants one sets its own).
 pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bone-tool"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bone-tool"));
+    c.env("HF_HUB_CACHE", root().join("target/no-such-hf-cache"));
+    c
 }
 
 /// Run bone-tool with these arguments.
