@@ -35,9 +35,10 @@ __device__ __forceinline__ u16 f32_to_bf16(float x) {
     return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 #ifdef BONE_TOOL_HOST_EMULATION
-// The tests compile these kernels as C++ for the host (see cuda_on_host.rs): GCC's _Float16 rounds to nearest even too.
-__device__ __forceinline__ float f16_cvt(u16 h) { _Float16 f; __builtin_memcpy(&f, &h, 2); return (float)f; }
-__device__ __forceinline__ u16 f16_cvt_rn(float x) { _Float16 f = (_Float16)x; u16 h; __builtin_memcpy(&h, &f, 2); return h; }
+// The tests compile these kernels as C++ for the host (see cuda_on_host.rs): GCC's _Float16 (or
+// aarch64's __fp16, EMU_HALF there) rounds to nearest even too.
+__device__ __forceinline__ float f16_cvt(u16 h) { EMU_HALF f; __builtin_memcpy(&f, &h, 2); return (float)f; }
+__device__ __forceinline__ u16 f16_cvt_rn(float x) { EMU_HALF f = (EMU_HALF)x; u16 h; __builtin_memcpy(&h, &f, 2); return h; }
 #else
 __device__ __forceinline__ float f16_cvt(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 f16_cvt_rn(float x) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h; }

@@ -25,6 +25,11 @@ const SHIM: &str = r#"
 #include <cstring>
 #include <utility>
 #define BONE_TOOL_HOST_EMULATION 1
+#if defined(__aarch64__)
+#define EMU_HALF __fp16 // GCC's C++ has no _Float16 on aarch64 before GCC 13
+#else
+#define EMU_HALF _Float16
+#endif
 #define __global__ __attribute__((visibility("hidden")))
 #define __device__
 #define __forceinline__ inline
@@ -133,7 +138,14 @@ fn kernels() -> &'static std::result::Result<Launch, Option<String>> {
         // SAFETY: a library we just built, whose only initialisers are its static zero values.
         let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         if handle.is_null() {
-            return Err(Some("dlopen failed on the compiled kernels".into()));
+            // SAFETY: dlerror returns null or a C string valid until the next dl call.
+            let why = unsafe { libc::dlerror() };
+            let why = if why.is_null() {
+                String::new()
+            } else {
+                unsafe { std::ffi::CStr::from_ptr(why) }.to_string_lossy().into_owned()
+            };
+            return Err(Some(format!("dlopen failed on the kernels compiled by {cxx}: {why}")));
         }
         // SAFETY: a valid handle; emu_launch has the signature of `Launch`.
         let sym = unsafe { libc::dlsym(handle, c"emu_launch".as_ptr()) };

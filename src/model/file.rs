@@ -139,6 +139,7 @@ impl SafetensorsFile {
         let _ = map.advise(memmap2::Advice::Sequential);
         // Fault every page in here, on the reader's thread (which mostly waits for the compute
         // stage), rather than one fault at a time in the compute stage (Linux 5.14+; else ignored).
+        #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::PopulateRead);
         Ok(TensorBytes::Mapped { map, off, len })
     }

@@ -199,24 +199,36 @@ impl ShardWriter {
         let Some(every) = self.flush_behind else { return };
         let in_file = self.written - self.w.buffer().len() as u64;
         if in_file - self.kicked >= every {
-            use std::os::unix::io::AsRawFd;
-            // SAFETY: an open file descriptor; the call only starts writeback of that range.
-            // Its failure is not an error: the fsync at the end writes what it did not.
-            unsafe {
-                libc::sync_file_range(
-                    self.w.get_ref().as_raw_fd(),
-                    self.kicked as libc::off64_t,
-                    (in_file - self.kicked) as libc::off64_t,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
+            // Linux only: elsewhere the fsync at the end writes the whole file
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::unix::io::AsRawFd;
+                // SAFETY: an open file descriptor; the call only starts writeback of that range.
+                // Its failure is not an error: the fsync at the end writes what it did not.
+                unsafe {
+                    libc::sync_file_range(
+                        self.w.get_ref().as_raw_fd(),
+                        self.kicked as libc::off64_t,
+                        (in_file - self.kicked) as libc::off64_t,
+                        libc::SYNC_FILE_RANGE_WRITE,
+                    );
+                }
             }
             self.kicked = in_file;
         }
     }
 
+    /// Copy `len` bytes at `at` of `src` to the end of this file, through memory: copy_file_range
+    /// is Linux's. The source is read at explicit offsets, as on Linux.
+    #[cfg(not(target_os = "linux"))]
+    pub fn copy_from(&mut self, src: &File, at: u64, len: u64) -> Result<()> {
+        self.copy_through_memory(src, at, at + len)
+    }
+
     /// Copy `len` bytes at `at` of `src` to the end of this file, inside the kernel where it can
     /// (copy_file_range; the buffer is flushed first). The source is read at explicit offsets and
     /// its file position is never used, so several writers may copy from one input at once.
+    #[cfg(target_os = "linux")]
     pub fn copy_from(&mut self, src: &File, at: u64, len: u64) -> Result<()> {
         use std::os::unix::io::AsRawFd;
         self.w.flush().map_err(|e| self.write_error(e))?;

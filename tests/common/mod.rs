@@ -18,8 +18,20 @@ pub fn fixtures() -> PathBuf {
 
 /// The binary, with the Hugging Face cache pointed at a folder that does not exist, so that a
 /// developer's own cache never changes what a test sees (a test that wants one sets its own).
+/// Through `BONE_TOOL_TEST_RUNNER` when set (an emulator and its arguments, as
+/// `scripts/cross-check.sh` sets for a binary built for another processor).
 pub fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_bone-tool"));
+    let exe = env!("CARGO_BIN_EXE_bone-tool");
+    let runner = std::env::var("BONE_TOOL_TEST_RUNNER").unwrap_or_default();
+    let mut runner = runner.split_whitespace();
+    let mut c = match runner.next() {
+        Some(emulator) => {
+            let mut c = Command::new(emulator);
+            c.args(runner).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     c.env("HF_HUB_CACHE", root().join("target/no-such-hf-cache"));
     c
 }
