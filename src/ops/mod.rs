@@ -355,10 +355,10 @@ fn periodic_fused(strip: &mut Strip, et: &[f32], r: usize, sign: f32) -> Option<
             if !f16c() {
                 return None;
             }
-            let (src, dst) = (dtype::as_words::<u16>(inp)?, dtype::as_words_mut::<u16>(out)?);
             // f16c() found F16C and AVX2 on this processor
             #[cfg(target_arch = "x86_64")]
             {
+                let (src, dst) = (dtype::as_words::<u16>(inp)?, dtype::as_words_mut::<u16>(out)?);
                 newly = each_part!(src, dst, i, &mut tile, fill, f16_add_f16c);
             }
         }
@@ -652,20 +652,42 @@ pub fn sum_block(r: usize) -> usize {
 }
 
 /// `dst[I, r] = lhs[I, r] · rhs[r, r]`, all row-major, single-threaded (callers parallelise).
-/// Below [`FUSED_FROM_R`], [`gemm_in_order`]; from it, faer's GEMM, which gives exactly
-/// [`gemm_in_order`]'s bytes where [`gemm_is_in_order`] but for the sign of zero: faer gives -0
-/// where all of an element's products are -0 (on some shapes; a sum from +0 never gives -0), so
-/// callers add +0 to every value in their next pass ([`plus_zero`]).
+/// Below [`FUSED_FROM_R`], [`gemm_in_order`]; from it, faer's GEMM where it gives exactly
+/// [`gemm_in_order`]'s bytes on this processor ([`faer_is_in_order`]: processors with FMA on x86)
+/// but for the sign of zero: faer gives -0 where all of an element's products are -0 (on some
+/// shapes; a sum from +0 never gives -0), so callers add +0 to every value in their next pass
+/// ([`plus_zero`]). Where faer sums in another order (measured on aarch64, whose faer kernels
+/// split each element's sum) and the processor fuses multiply-adds in hardware,
+/// [`gemm_in_order`] itself, so that BAT's bytes are PEFT's there too; only a processor without
+/// FMA keeps faer's order, since a software fused multiply-add costs up to 50 times more.
 fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
-    if r < FUSED_FROM_R {
+    if r < FUSED_FROM_R || (hardware_fma() && !faer_is_in_order(r)) {
         return gemm_in_order(dst, lhs, rhs, i, r);
     }
+    gemm_faer(dst, lhs, rhs, i, r);
+}
+
+/// faer's GEMM, in torch's blocks of k ([`sum_as_torch`]).
+fn gemm_faer(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
     let lhs = MatRef::from_row_major_slice(lhs, i, r);
     let rhs = MatRef::from_row_major_slice(rhs, r, r);
     sum_as_torch(dst, i, r, |dst, ks| {
         let (lhs, rhs) = (lhs.subcols(ks.start, ks.len()), rhs.subrows(ks.start, ks.len()));
         matmul(MatMut::from_row_major_slice_mut(dst, i, r), Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
     });
+}
+
+/// Whether the processor has a fused multiply-add instruction (`f32::mul_add` is then one
+/// instruction, not a library call): x86-64 with FMA, and every aarch64.
+fn hardware_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        cfg!(target_arch = "aarch64")
+    }
 }
 
 /// `sum(dst, ks)` writes into `dst` ([I, r]) every element's sum over k in `ks`: over all of k, or
@@ -758,30 +780,55 @@ fn gemm_in_order_body(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, ks: s
 }
 
 /// Whether [`gemm`] gives exactly [`gemm_in_order`]'s bytes (once -0 is made +0) for blocks of `r`
-/// on this machine: below [`FUSED_FROM_R`] it is that function; from it faer's GEMM does where the
-/// processor has FMA (measured on the AVX-512 build machine: faer's kernels sum each element's
-/// products in order up to k = 512, and from r = 385 [`gemm`] asks them for blocks of k of at most
-/// 384; at k = 1024 they sum in blocks of their own, where 94% of the values differ in the last
-/// bit, so that a change of [`sum_block`] could make this false). Then BAT's bytes are the same on
-/// the CPU and on a GPU, so that the pipeline may compute BAT on the CPU while the GPU starts.
-/// Checked once per r in a process, on 16 rows of random values (a different order changes most
-/// of them): r = 64 takes well under a millisecond, r = 512 about 10 ms.
+/// on this machine: below [`FUSED_FROM_R`] it is that function; from it, where faer's GEMM does
+/// ([`faer_is_in_order`]) or where [`gemm`] uses [`gemm_in_order`] instead (a processor with FMA).
+/// Then BAT's bytes are the same on the CPU and on a GPU, so that the pipeline may compute BAT on
+/// the CPU while the GPU starts.
 pub fn gemm_is_in_order(r: usize) -> bool {
-    if r < FUSED_FROM_R {
-        return true;
+    r < FUSED_FROM_R || hardware_fma() || faer_is_in_order(r)
+}
+
+/// Whether faer's GEMM ([`gemm_faer`]) gives exactly [`gemm_in_order`]'s bytes for blocks of `r`
+/// (measured on the AVX-512 build machine: faer's kernels sum each element's products in order up
+/// to k = 512, and from r = 385 [`gemm_faer`] asks them for blocks of k of at most 384; at k = 1024
+/// they sum in blocks of their own, where 94% of the values differ in the last bit, so that a
+/// change of [`sum_block`] could make this false; on aarch64 they split the sums at every r tried).
+/// Checked once per r in a process, on 16 rows of random values (a different order changes most
+/// of them): r = 64 takes well under a millisecond, r = 512 about 10 ms. Later calls read an
+/// atomic for r below 4096.
+pub fn faer_is_in_order(r: usize) -> bool {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    const UNKNOWN: u8 = 0;
+    const YES: u8 = 1;
+    const NO: u8 = 2;
+    static SMALL: [AtomicU8; 4096] = [const { AtomicU8::new(UNKNOWN) }; 4096];
+    static LARGE: std::sync::Mutex<Vec<(usize, bool)>> = std::sync::Mutex::new(Vec::new());
+    let measure = || {
+        let i = 16;
+        let mut g = Xorshift(0x9E37_79B9_7F4A_7C15u64 ^ r as u64);
+        let (lhs, rhs) = (g.values(i * r, 1.0), g.values(r * r, 0.1));
+        let (mut faer, mut ours) = (vec![0f32; i * r], vec![0f32; i * r]);
+        gemm_faer(&mut faer, &lhs, &rhs, i, r);
+        gemm_in_order(&mut ours, &lhs, &rhs, i, r);
+        faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits())
+    };
+    if let Some(slot) = SMALL.get(r) {
+        return match slot.load(Ordering::Relaxed) {
+            YES => true,
+            NO => false,
+            _ => {
+                // two threads may both measure it: they find the same
+                let yes = measure();
+                slot.store(if yes { YES } else { NO }, Ordering::Relaxed);
+                yes
+            }
+        };
     }
-    static KNOWN: std::sync::Mutex<Vec<(usize, bool)>> = std::sync::Mutex::new(Vec::new());
-    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    let mut known = LARGE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(&(_, yes)) = known.iter().find(|(k, _)| *k == r) {
         return yes;
     }
-    let i = 16;
-    let mut g = Xorshift(0x9E37_79B9_7F4A_7C15u64 ^ r as u64);
-    let (lhs, rhs) = (g.values(i * r, 1.0), g.values(r * r, 0.1));
-    let (mut faer, mut ours) = (vec![0f32; i * r], vec![0f32; i * r]);
-    gemm(&mut faer, &lhs, &rhs, i, r);
-    gemm_in_order(&mut ours, &lhs, &rhs, i, r);
-    let yes = faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits());
+    let yes = measure();
     known.push((r, yes));
     yes
 }
@@ -1035,20 +1082,13 @@ mod tests {
 
     #[test]
     fn the_cpu_gemm_sums_each_element_in_order_with_one_rounding_a_product() {
-        // What lets a GPU give the CPU's BAT bytes (see gemm_is_in_order): faer's products summed
-        // in order by fused multiply-adds, on this machine's shapes: view rows from 1 to a 7b
-        // weight's 11008, r from 1 to 1200 (from 385 in torch's blocks), signed zeros included.
+        // What makes BAT PEFT's bytes, and lets a GPU give the CPU's (see gemm_is_in_order): the
+        // CPU's products summed in order by fused multiply-adds, on this machine's shapes: view rows
+        // from 1 to a 7b weight's 11008, r from 1 to 1200 (from 385 in torch's blocks), signed
+        // zeros included. On x86 with FMA faer's own GEMM does that; elsewhere with FMA (aarch64),
+        // where faer sums otherwise, gemm sums in order itself.
         let mut g = Lcg(5);
-        let fma = cfg!(target_arch = "aarch64") || {
-            #[cfg(target_arch = "x86_64")]
-            {
-                std::arch::is_x86_feature_detected!("fma")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                false
-            }
-        };
+        let fma = hardware_fma();
         for (i, r) in [
             (1, 1),
             (3, 1),
@@ -1079,16 +1119,27 @@ mod tests {
             let same = faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits());
             // (below FUSED_FROM_R the CPU's GEMM is the in-order sum itself)
             let expect = fma || r < FUSED_FROM_R;
-            assert_eq!(same, expect, "[{i}, {r}]·[{r}, {r}]: faer and the in-order sum");
+            assert_eq!(same, expect, "[{i}, {r}]·[{r}, {r}]: the CPU's GEMM and the in-order sum");
             assert_eq!(gemm_is_in_order(r), expect, "r {r}: the run-time check");
+            if r >= FUSED_FROM_R {
+                // faer's own GEMM: in order on x86 with FMA
+                gemm_faer(&mut faer, &lhs, &rhs, i, r);
+                let same = faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits());
+                if cfg!(target_arch = "x86_64") && fma {
+                    assert!(same, "[{i}, {r}]·[{r}, {r}]: faer and the in-order sum");
+                }
+                if !same {
+                    assert!(!faer_is_in_order(r), "r {r}: the check finds faer's order");
+                }
+            }
         }
         // the check answers what it finds: at r = 1024 faer sums in blocks of k
         let r = 1024;
         let (lhs, rhs) = (g.vec(16 * r, 1.0), g.vec(r * r, 0.1));
         let (mut faer, mut ours) = (vec![0f32; 16 * r], vec![0f32; 16 * r]);
-        gemm(&mut faer, &lhs, &rhs, 16, r);
+        gemm_faer(&mut faer, &lhs, &rhs, 16, r);
         gemm_in_order(&mut ours, &lhs, &rhs, 16, r);
-        assert_eq!(gemm_is_in_order(r), faer == ours);
+        assert_eq!(faer_is_in_order(r), faer == ours);
         // the in-order sum itself, against f64 for a small case: one rounding per product
         let (lhs, rhs) = ([0.5f32, 0.25, 3.0], [1.0f32, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
         let mut out = [0f32; 3];
