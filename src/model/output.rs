@@ -88,6 +88,15 @@ impl OutputDir {
     }
 }
 
+/// Whether a process with this id runs (on any Unix: signal 0 checks without sending; EPERM means
+/// it runs as another user). Linux's /proc is not there on macOS.
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
+    let sent = unsafe { libc::kill(pid, 0) };
+    sent == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 /// Remove the temporary folders that runs killed before they finished left beside `out`
 /// (`<name>.tmp-<pid>-*` whose pid is gone), and put back an old output that a `--force` run killed
 /// between its two renames had moved aside (`<name>.old-*` while `<name>` is missing). Says so.
@@ -99,7 +108,7 @@ fn clear_leftovers(parent: &Path, name: &str, out: &Path) {
         if let Some(rest) = file.strip_prefix(&format!("{name}.tmp-")).filter(|_| path.is_dir()) {
             let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
             let alive = match owner {
-                Some(pid) => Path::new(&format!("/proc/{pid}")).exists(),
+                Some(pid) => process_exists(pid),
                 // not named by this version: leave it unless it is old
                 None => e
                     .metadata()
@@ -323,6 +332,16 @@ impl ShardWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_process_exists_and_a_reaped_one_does_not() {
+        assert!(process_exists(std::process::id()));
+        assert!(process_exists(1), "init runs, as another user or not");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!process_exists(pid), "reaped");
+    }
 
     /// Starting writeback behind the writes changes nothing in the file, whether the bytes come
     /// through the buffer or are copied file to file, and it keeps up with what has been written.
