@@ -76,9 +76,10 @@ pub fn snapshot(cache: &Path, id: &str, rev: Option<&str>) -> Result<Option<Path
             format!("{id}: the Hugging Face cache has {} but no snapshot in it", repo.display())
         } else {
             format!(
-                "{id}: the Hugging Face cache ({}) has no revision {r:?} of it: pass {id}@REVISION with one of its \
-                 snapshots: {}",
+                "{id}: the Hugging Face cache ({}) has no revision {r:?} of it: pass {id}@REVISION or the folder \
+                 {}/REVISION, REVISION one of its snapshots: {}",
                 repo.display(),
+                snapshots.display(),
                 listed()
             )
         }));
@@ -96,11 +97,17 @@ pub fn snapshot(cache: &Path, id: &str, rev: Option<&str>) -> Result<Option<Path
     Ok(Some(folder))
 }
 
-/// `arg` itself, or, when it is a Hub id found in the local cache, that snapshot's folder (saying
-/// so on stderr unless `quiet`). An id that the cache lacks is returned as given, for the usual
-/// "no such folder" error and its hint.
+/// `arg` itself, or, when it is a Hub id found in the local cache or a cache's repository folder
+/// (`…/models--org--name`), that snapshot's folder (saying so on stderr unless `quiet`). An id
+/// that the cache lacks is returned as given, for the usual "no such folder" error and its hint.
 pub fn resolve(arg: &Path, what: &str, quiet: bool) -> Result<PathBuf> {
-    let (Some((id, rev)), Some(cache)) = (parse_id(arg), cache_dir()) else { return Ok(arg.to_path_buf()) };
+    let (cache, id, rev) = match (parse_id(arg), cache_dir()) {
+        (Some((id, rev)), Some(cache)) => (cache, id, rev),
+        _ => match repo_folder(arg) {
+            Some((cache, id)) => (cache, id, None),
+            None => return Ok(arg.to_path_buf()),
+        },
+    };
     match snapshot(&cache, &id, rev.as_deref())? {
         Some(folder) => {
             if !quiet {
@@ -110,6 +117,18 @@ pub fn resolve(arg: &Path, what: &str, quiet: bool) -> Result<PathBuf> {
         }
         None => Ok(arg.to_path_buf()),
     }
+}
+
+/// For a cache's repository folder (`<cache>/models--org--name`, holding `snapshots/`): the cache
+/// and the id.
+fn repo_folder(arg: &Path) -> Option<(PathBuf, String)> {
+    let name = arg.file_name()?.to_str()?;
+    let id = name.strip_prefix("models--")?.replace("--", "/");
+    if !arg.join("snapshots").is_dir() {
+        return None;
+    }
+    let cache = arg.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    Some((if cache.as_os_str().is_empty() { PathBuf::from(".") } else { cache }, id))
 }
 
 #[cfg(test)]

@@ -807,6 +807,15 @@ fn hub_ids_are_found_in_the_local_hugging_face_cache() {
         assert!(!e.unwrap().file_type().unwrap().is_symlink(), "the output holds files, not links into the cache");
     }
 
+    // the cache's repository folders themselves stand for their snapshots too
+    let by_folder = tmp.path().join("by-folder");
+    let base_repo = cache.join("models--org--base");
+    let adapter_repo = cache.join("models--someone--bat");
+    let o = with_cache(&["merge", "--base", s(&base_repo), "--adapter", s(&adapter_repo), "--out", s(&by_folder)]);
+    ok(&o);
+    assert!(stderr(&o).contains(&format!("the Hugging Face cache's {}", base_snap.display())), "{}", stderr(&o));
+    assert_eq!(digest_relative(&by_folder), digest_relative(&local));
+
     // a revision by commit prefix; -q says nothing; an unknown revision lists the snapshots
     let again = tmp.path().join("again");
     let o = with_cache(&["-q", "merge", "--base", "org/base@aaaa111", "--adapter", "someone/bat", "--out", s(&again)]);
