@@ -11,7 +11,8 @@ use crate::plan::Direction;
 use std::path::PathBuf;
 
 /// Replace every input given as a Hugging Face Hub id (`org/name[@revision]`, not a path that
-/// exists) by its snapshot folder in the local cache, when the cache has it.
+/// exists) by its snapshot folder in the local cache, when the cache has it, and every cache
+/// repository folder (`models--org--name`) by its snapshot ([`crate::hub::resolve`]).
 fn find_hub_ids(command: &mut Command, quiet: bool) -> Result<()> {
     let mut inputs: Vec<(&str, &mut PathBuf)> = Vec::new();
     match command {
