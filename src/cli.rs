@@ -17,6 +17,8 @@ const EXAMPLES: &str = "\
 Examples:
   bone-tool merge --base ./Llama-3.2-1B --adapter ./my-bone-adapter --out ./Llama-3.2-1B-merged
   bone-tool merge --base ./model --adapter ./first --adapter ./second --out ./merged
+  bone-tool merge --base meta-llama/Llama-3.2-1B --adapter ./my-bone-adapter --out ./merged
+  bone-tool merge --adapter ./my-bone-adapter --out ./merged   (the base the adapter records)
   bone-tool unmerge --merged ./Llama-3.2-1B-merged --adapter ./my-bone-adapter --out ./restored
   bone-tool inspect adapter ./my-bone-adapter --base ./Llama-3.2-1B
   bone-tool verify --base ./Llama-3.2-1B --adapter ./my-bone-adapter --merged ./Llama-3.2-1B-merged
@@ -51,7 +53,9 @@ pub enum Command {
         after_help = "Examples:\n  bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged\n  \
                             bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged --dtype bf16 --max-shard-size 2GB\n  \
                             bone-tool merge --base ./base-model --each ./runs/* --out-pattern ./merged/{name}\n  \
-                            bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged --dry-run"
+                            bone-tool merge --base ./base-model --adapter ./bone-adapter --out ./merged --dry-run\n  \
+                            bone-tool merge --base Qwen/Qwen2.5-0.5B --adapter ./bone-adapter --out ./merged\n  \
+                            bone-tool merge --adapter ./bone-adapter --out ./merged"
     )]
     Merge(MergeArgs),
     /// Remove merged adapters from a model again (last adapter first), writing a new model folder
@@ -210,9 +214,11 @@ impl DtypeArg {
 pub struct MergeArgs {
     /// The base model: a folder with model.safetensors or model.safetensors.index.json and its
     /// shards, or one .safetensors file. A Hub id (`org/name`, `org/name@REVISION`) names its
-    /// snapshot in the local Hugging Face cache
+    /// snapshot in the local Hugging Face cache. Without --base, the base the adapters record
+    /// (adapter_config.json's base_model_name_or_path), as PEFT's AutoPeftModel loads it: a local
+    /// folder or a model in the local Hugging Face cache
     #[arg(long, value_name = "MODEL")]
-    pub base: PathBuf,
+    pub base: Option<PathBuf>,
 
     /// A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), or its Hub id when
     /// it is in the local Hugging Face cache. Repeat to stack adapters: they are merged in the

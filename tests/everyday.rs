@@ -837,10 +837,16 @@ fn hub_ids_are_found_in_the_local_hugging_face_cache() {
     ok(&with_cache(&["-q", "merge", "--base", "org/base", "--each", "someone/bat", "--out-pattern", s(&pattern)]));
     assert_eq!(digest_relative(&tmp.path().join("each/bat")), digest_relative(&local));
 
+    // merge without --base finds the base the adapter records, by its Hub id
+    let recorded = tmp.path().join("recorded");
+    let adapter_config = std::fs::canonicalize(adapter_snap.join("adapter_config.json")).unwrap();
+    edit_json(&adapter_config, |c| c["base_model_name_or_path"] = "org/base".into());
+    let o = with_cache(&["merge", "--adapter", "someone/bat", "--out", s(&recorded)]);
+    ok(&o);
+    assert!(stderr(&o).contains("base (the adapter's base_model_name_or_path) org/base: the Hugging Face cache's"));
+    assert_eq!(digest_relative(&recorded), digest_relative(&local));
+
     // convert finds the base that adapter_config.json names by its Hub id
-    let cfg = adapter_snap.join("adapter_config.json");
-    let blob = std::fs::canonicalize(&cfg).unwrap();
-    edit_json(&blob, |c| c["base_model_name_or_path"] = "org/base".into());
     let lora = tmp.path().join("lora");
     let o = with_cache(&["convert", "someone/bat", "--to", "lora", "--rank", "4", "--out", s(&lora)]);
     ok(&o);
@@ -860,4 +866,40 @@ fn hub_ids_are_found_in_the_local_hugging_face_cache() {
         s(&base),
     ]));
     assert_eq!(digest_relative(&lora), digest_relative(&lora_local));
+}
+
+#[test]
+fn merge_without_base_uses_the_base_the_adapters_record() {
+    // the fixtures record their base as a path relative to the package root, where the tests run
+    let tmp = tempfile::tempdir().unwrap();
+    let case = fixtures().join("cases/bone-bat-bf16");
+    let text = std::fs::read_to_string(case.join("adapter/adapter_config.json")).unwrap();
+    let recorded = serde_json::from_str::<serde_json::Value>(&text).unwrap()["base_model_name_or_path"].clone();
+    assert_eq!(recorded, "fixtures/bases/llama-bf16", "as generate.py writes it");
+    let out = tmp.path().join("out");
+    let o = run(&["merge", "--adapter", "fixtures/cases/bone-bat-bf16/adapter", "--out", s(&out)]);
+    ok(&o);
+    assert!(stderr(&o).contains("base (the adapter's base_model_name_or_path): fixtures/bases/llama-bf16"));
+    let peft = std::fs::read(case.join("merged/model.safetensors")).unwrap();
+    assert!(std::fs::read(out.join("model.safetensors")).unwrap() == peft, "PEFT's merge, byte for byte");
+
+    // adapters that record different bases, none, or one that is not there: exit 2, nothing written
+    let other = fixtures().join("cases/bone-default-f32/adapter");
+    let o = run(&["merge", "--adapter", s(&case.join("adapter")), "--adapter", s(&other), "--out", s(&out), "--force"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("the adapters record different bases"), "{}", stderr(&o));
+    let bare = tmp.path().join("bare");
+    copy_dir(&case.join("adapter"), &bare);
+    edit_json(&bare.join("adapter_config.json"), |c| {
+        c.as_object_mut().unwrap().remove("base_model_name_or_path");
+    });
+    let gone = tmp.path().join("gone");
+    let o = run(&["merge", "--adapter", s(&bare), "--out", s(&gone)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("records no base_model_name_or_path: pass --base MODEL"), "{}", stderr(&o));
+    edit_json(&bare.join("adapter_config.json"), |c| c["base_model_name_or_path"] = "/trainer/models/llama".into());
+    let o = run(&["merge", "--adapter", s(&bare), "--out", s(&gone)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains(r#""/trainer/models/llama" is not a folder: pass --base MODEL"#), "{}", stderr(&o));
+    assert!(!gone.exists());
 }

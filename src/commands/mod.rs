@@ -5,10 +5,54 @@ pub mod convert;
 pub mod inspect;
 pub mod verify;
 
+use crate::adapter::Adapter;
 use crate::cli::{Cli, Command, InspectCommand};
+use crate::error::input;
 use crate::error::Result;
 use crate::plan::Direction;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// merge without --base: the base the adapters record (base_model_name_or_path), found as PEFT's
+/// AutoPeftModel finds it: a local folder (relative to the working folder) or a model in the
+/// local Hugging Face cache. Every adapter must record the same one.
+fn base_the_adapters_name(adapters: &[&Path], prefix: &str, quiet: bool) -> Result<PathBuf> {
+    let mut named: Vec<(String, PathBuf)> = Vec::new();
+    for path in adapters {
+        let a = Adapter::open(path, prefix)?;
+        let Some(base) = a.config.base_model_name_or_path.clone().filter(|b| !b.is_empty()) else {
+            return Err(input(format!(
+                "{}: no --base given, and its adapter_config.json records no base_model_name_or_path: pass --base MODEL",
+                a.dir.display()
+            )));
+        };
+        named.push((base, a.dir));
+    }
+    let (first, first_dir) = named.first().cloned().expect("clap requires an adapter");
+    if let Some((other, dir)) = named.iter().find(|(b, _)| *b != first) {
+        return Err(input(format!(
+            "no --base given, and the adapters record different bases: {} {first:?}, {} {other:?}: pass --base MODEL",
+            first_dir.display(),
+            dir.display()
+        )));
+    }
+    let what = "base (the adapter's base_model_name_or_path)";
+    let found = crate::hub::resolve(Path::new(&first), what, quiet)?;
+    if !found.exists() {
+        return Err(input(format!(
+            "{}: no --base given, and its base_model_name_or_path {first:?} is not a folder{}{}: pass --base MODEL",
+            first_dir.display(),
+            match std::env::current_dir() {
+                Ok(cwd) if Path::new(&first).is_relative() => format!(" in {}", cwd.display()),
+                _ => String::new(),
+            },
+            crate::model::hub_id_hint(Path::new(&first))
+        )));
+    }
+    if found == Path::new(&first) && !quiet {
+        eprintln!("{what}: {first}");
+    }
+    Ok(found)
+}
 
 /// Replace every input given as a Hugging Face Hub id (`org/name[@revision]`, not a path that
 /// exists) by its snapshot folder in the local cache, when the cache has it, and every cache
@@ -17,7 +61,7 @@ fn find_hub_ids(command: &mut Command, quiet: bool) -> Result<()> {
     let mut inputs: Vec<(&str, &mut PathBuf)> = Vec::new();
     match command {
         Command::Merge(a) => {
-            inputs.push(("base", &mut a.base));
+            inputs.extend(a.base.iter_mut().map(|p| ("base", p)));
             // --each's adapters are found once their outputs are named after them (below)
             inputs.extend(a.adapters.iter_mut().map(|p| ("adapter", p)));
         }
@@ -61,7 +105,14 @@ pub fn run(cli: &mut Cli) -> Result<()> {
                 }
                 (None, None) => unreachable!("clap requires --out or --each with --out-pattern"),
             };
-            apply::run(Direction::Merge, &a.base, &jobs, &a.opts, cli.quiet)
+            let base = match &a.base {
+                Some(b) => b.clone(),
+                None => {
+                    let adapters: Vec<&Path> = jobs.iter().flat_map(|j| &j.adapters).map(PathBuf::as_path).collect();
+                    base_the_adapters_name(&adapters, &a.opts.prefix.adapter_prefix, cli.quiet)?
+                }
+            };
+            apply::run(Direction::Merge, &base, &jobs, &a.opts, cli.quiet)
         }
         Command::Unmerge(a) => {
             let jobs = vec![apply::Job { adapters: a.adapters.clone(), out: a.out.clone() }];
