@@ -845,6 +845,9 @@ fn hub_ids_are_found_in_the_local_hugging_face_cache() {
     ok(&o);
     assert!(stderr(&o).contains("base (the adapter's base_model_name_or_path) org/base: the Hugging Face cache's"));
     assert_eq!(digest_relative(&recorded), digest_relative(&local));
+    let o = with_cache(&["inspect", "adapter", "someone/bat"]);
+    let cached = format!("org/base (in the local Hugging Face cache, {}: merge finds it", base_snap.display());
+    assert!(stdout(&o).contains(&cached), "{}", stdout(&o));
 
     // convert finds the base that adapter_config.json names by its Hub id
     let lora = tmp.path().join("lora");
@@ -880,6 +883,12 @@ fn merge_without_base_uses_the_base_the_adapters_record() {
     let o = run(&["merge", "--adapter", "fixtures/cases/bone-bat-bf16/adapter", "--out", s(&out)]);
     ok(&o);
     assert!(stderr(&o).contains("base (the adapter's base_model_name_or_path): fixtures/bases/llama-bf16"));
+    // inspect says so beforehand
+    let o = run(&["inspect", "adapter", "fixtures/cases/bone-bat-bf16/adapter"]);
+    assert!(stdout(&o).contains("fixtures/bases/llama-bf16 (a folder here: merge finds it without --base)"));
+    let o = run(&["inspect", "adapter", "fixtures/cases/bone-bat-bf16/adapter", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["base_model_found"], "fixtures/bases/llama-bf16");
     let peft = std::fs::read(case.join("merged/model.safetensors")).unwrap();
     assert!(std::fs::read(out.join("model.safetensors")).unwrap() == peft, "PEFT's merge, byte for byte");
 
@@ -901,5 +910,10 @@ fn merge_without_base_uses_the_base_the_adapters_record() {
     let o = run(&["merge", "--adapter", s(&bare), "--out", s(&gone)]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains(r#""/trainer/models/llama" is not a folder: pass --base MODEL"#), "{}", stderr(&o));
+    let o = run(&["inspect", "adapter", s(&bare), "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["base_model_found"], serde_json::Value::Null);
+    let o = run(&["inspect", "adapter", s(&bare)]);
+    assert!(stdout(&o).contains("(not here, nor in the local Hugging Face cache: merge needs --base)"));
     assert!(!gone.exists());
 }

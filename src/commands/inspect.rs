@@ -107,6 +107,11 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
         "ignored_keys": a.ignored.iter().map(|i| json!({"key": i.key, "reason": i.reason})).collect::<Vec<_>>(),
         "peft_version": c.peft_version,
         "base_model_name_or_path": c.base_model_name_or_path,
+        // where merge without --base finds it: a folder here or a snapshot in the local cache
+        "base_model_found": c.base_model_name_or_path.as_deref().and_then(|n| {
+            let p = crate::hub::resolve(std::path::Path::new(n), "", true).ok()?;
+            p.exists().then(|| p.display().to_string())
+        }),
         "task_type": c.task_type,
         "bias": c.bias,
         "layers": layers,
@@ -169,7 +174,16 @@ pub fn render(r: &Value) -> String {
     if !reps.is_empty() {
         line("replaces", reps.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "));
     }
-    line("made for", str_or(&r["base_model_name_or_path"], "(not recorded)"));
+    let made_for = str_or(&r["base_model_name_or_path"], "(not recorded)");
+    let found = match r["base_model_found"].as_str() {
+        Some(p) if p == made_for => " (a folder here: merge finds it without --base)".to_string(),
+        Some(p) => format!(" (in the local Hugging Face cache, {p}: merge finds it without --base)"),
+        None if r["base_model_name_or_path"].is_string() => {
+            " (not here, nor in the local Hugging Face cache: merge needs --base)".to_string()
+        }
+        None => String::new(),
+    };
+    line("made for", format!("{made_for}{found}"));
     if let Some(b) = r["base"].as_str() {
         let verdict = if r["compatible"] == Value::Bool(true) {
             "fits: every layer can be merged".to_string()
