@@ -133,21 +133,8 @@ fn with_nans(base: &Path, dir: &Path) {
         let mut tensors = vec![];
         for (name, v) in st.tensors() {
             let mut data = v.data().to_vec();
-            if v.shape().len() == 2 {
-                let words: Vec<Vec<u8>> = match v.dtype() {
-                    Dtype::F32 => {
-                        [0x7fc0_0001u32, 0x7f80_0001, 0xffc1_2345, 0xffa0_0000].map(|w| w.to_le_bytes().to_vec()).into()
-                    }
-                    Dtype::F16 => [0x7e01u16, 0x7c01, 0xfe03, 0xfd00].map(|w| w.to_le_bytes().to_vec()).into(),
-                    Dtype::BF16 => [0x7fc1u16, 0x7f81, 0xffc3, 0xffa0].map(|w| w.to_le_bytes().to_vec()).into(),
-                    _ => vec![],
-                };
-                if !words.is_empty() {
-                    let size = words[0].len();
-                    for (n, k) in (0..data.len() / size).step_by(7).enumerate() {
-                        data[k * size..][..size].copy_from_slice(&words[n % words.len()]);
-                    }
-                }
+            if let Some(d) = Float::from_dtype(v.dtype()).filter(|_| v.shape().len() == 2) {
+                d.put_test_nans(&mut data);
             }
             tensors.push((name, v.dtype(), v.shape().to_vec(), data));
         }

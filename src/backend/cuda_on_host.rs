@@ -558,21 +558,11 @@ fn nan_weights_come_out_as_the_cpus_quieted_nans() {
     // add at every width and the separate decode, add and encode kernels of a chain.
     let Some(launch) = launcher() else { return };
     let (o, i, r, mini) = (10, 52, 4, 5);
-    let nans: [u32; 4] = [0x7fc0_0001, 0x7f80_0001, 0xffc1_2345, 0xffa0_0000];
-    let nans16: [u16; 4] = [0x7e01, 0x7c01, 0xfe03, 0xfd00];
-    let nans_b16: [u16; 4] = [0x7fc1, 0x7f81, 0xffc3, 0xffa0];
     let def = values(r * o, 0.05, 7);
     let mini_block = values(r * mini, 0.05, 11);
     for d in [Float::F32, Float::F16, Float::BF16] {
         let mut all = weight(d, o, i);
-        for (put, k) in (0..o * i).step_by(7).enumerate() {
-            let at = k * d.size();
-            match d {
-                Float::F32 => all[at..at + 4].copy_from_slice(&nans[put % 4].to_le_bytes()),
-                Float::F16 => all[at..at + 2].copy_from_slice(&nans16[put % 4].to_le_bytes()),
-                Float::BF16 => all[at..at + 2].copy_from_slice(&nans_b16[put % 4].to_le_bytes()),
-            }
-        }
+        d.put_test_nans(&mut all);
         let rd = Rounding::peft(d);
         let chains: Vec<(&str, Vec<Prepared>)> = vec![
             ("default merge", vec![periodic(&def, r, o, o, 1.0, rd)]),

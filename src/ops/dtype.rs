@@ -341,6 +341,23 @@ impl Float {
         self.disagreement(&a, &b).map(|k| (k, a[k], b[k]))
     }
 
+    /// Writes NaNs of every kind into every 7th of the encoded values `bytes`: quiet and
+    /// signalling, with payloads, of either sign, in turn. For the checks that a merge or unmerge
+    /// of NaN weights gives each NaN back quieted, as the CPU (x86's add and F16C, torch) does,
+    /// on the GPU too, where its own arithmetic would give its canonical NaN (the host emulation's
+    /// test and `examples/gpu_check.rs`).
+    #[doc(hidden)]
+    pub fn put_test_nans(self, bytes: &mut [u8]) {
+        let words: [Vec<u8>; 4] = match self {
+            Float::F32 => [0x7fc0_0001u32, 0x7f80_0001, 0xffc1_2345, 0xffa0_0000].map(|w| w.to_le_bytes().to_vec()),
+            Float::F16 => [0x7e01u16, 0x7c01, 0xfe03, 0xfd00].map(|w| w.to_le_bytes().to_vec()),
+            Float::BF16 => [0x7fc1u16, 0x7f81, 0xffc3, 0xffa0].map(|w| w.to_le_bytes().to_vec()),
+        };
+        for (n, value) in bytes.chunks_exact_mut(self.size()).step_by(7).enumerate() {
+            value.copy_from_slice(&words[n % 4]);
+        }
+    }
+
     /// The largest |value| among encoded values, NaN left out (infinity counts): the largest of
     /// their magnitude bits, which order as the values do. A plain integer maximum the compiler
     /// vectorises, and a second pass that leaves NaN out only where it found one; for `verify`'s
