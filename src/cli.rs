@@ -89,9 +89,10 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
-    /// The base model (with --reverse: the unmerged model to check)
-    #[arg(long, value_name = "MODEL")]
-    pub base: PathBuf,
+    /// The base model (with --reverse: the unmerged model to check). Without it (and without
+    /// --reverse), the base the adapters record, as merge finds it
+    #[arg(long, value_name = "MODEL", required_if_eq("reverse", "true"))]
+    pub base: Option<PathBuf>,
 
     /// The adapters, in the order they were merged
     #[arg(long = "adapter", value_name = "ADAPTER", required = true)]

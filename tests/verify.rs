@@ -308,3 +308,23 @@ fn peft_merges_made_with_mkls_avx2_code_verify_as_its_notes_say() {
     }
     assert_eq!(seen, ["bone-bat-f32", "bone-bat-no-autocast-f16"]);
 }
+
+#[test]
+fn without_base_the_base_the_adapter_records_is_checked_against() {
+    // the fixture records fixtures/bases/llama-bf16, relative to the package root where tests run
+    let case = "fixtures/cases/bone-bat-bf16";
+    let (adapter, merged) = (format!("{case}/adapter"), format!("{case}/merged"));
+    let o = run(&["verify", "--adapter", &adapter, "--merged", &merged, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("base (the adapter's base_model_name_or_path): fixtures/bases/llama-bf16"));
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!((j["ok"].clone(), j["equal"].clone(), j["differs"].clone()), (true.into(), 29.into(), 0.into()));
+    // against another base's merge it fails: the recorded base is really the one used
+    let other = "fixtures/cases/bone-default-lm-head-bf16/merged";
+    let o = run(&["verify", "--adapter", &adapter, "--merged", other]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    // --reverse checks an unmerged folder, which only --base names
+    let o = run(&["verify", "--reverse", "--adapter", &adapter, "--merged", &merged]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--base <MODEL>"), "{}", stderr(&o));
+}

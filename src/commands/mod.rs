@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::plan::Direction;
 use std::path::{Path, PathBuf};
 
-/// merge without --base: the base the adapters record (base_model_name_or_path), found as PEFT's
+/// merge or verify without --base: the base the adapters record (base_model_name_or_path), found as PEFT's
 /// AutoPeftModel finds it: a local folder (relative to the working folder) or a model in the
 /// local Hugging Face cache. Every adapter must record the same one.
 fn base_the_adapters_name(adapters: &[&Path], prefix: &str, quiet: bool) -> Result<PathBuf> {
@@ -74,7 +74,7 @@ fn find_hub_ids(command: &mut Command, quiet: bool) -> Result<()> {
             inputs.extend(a.base.iter_mut().map(|p| ("base", p)));
         }
         Command::Verify(a) => {
-            inputs.push(("base", &mut a.base));
+            inputs.extend(a.base.iter_mut().map(|p| ("base", p)));
             inputs.push(("merged model", &mut a.merged));
             inputs.extend(a.adapters.iter_mut().map(|p| ("adapter", p)));
         }
@@ -120,7 +120,16 @@ pub fn run(cli: &mut Cli) -> Result<()> {
         }
         Command::Inspect(InspectCommand::Adapter(a)) => inspect::adapter(a),
         Command::Convert(a) => convert::run(a, cli.quiet),
-        Command::Verify(a) => verify::run(a, cli.quiet),
+        Command::Verify(a) => {
+            let base = match &a.base {
+                Some(b) => b.clone(),
+                None => {
+                    let adapters: Vec<&Path> = a.adapters.iter().map(PathBuf::as_path).collect();
+                    base_the_adapters_name(&adapters, &a.prefix.adapter_prefix, cli.quiet)?
+                }
+            };
+            verify::run(a, &base, cli.quiet)
+        }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(*shell, &mut cmd, "bone-tool", &mut std::io::stdout());

@@ -17,12 +17,13 @@ use serde_json::json;
 #[error("{0}")]
 pub struct Mismatch(pub String);
 
-pub fn run(args: &VerifyArgs, quiet: bool) -> Result<()> {
+/// `base`: --base, or the base the adapters record (found by the caller).
+pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()> {
     // merge: base --adapters--> expected merged; reverse: merged --unmerge--> expected base
     let (input_path, expected_path, direction) = if args.reverse {
-        (&args.merged, &args.base, Direction::Unmerge)
+        (args.merged.as_path(), base, Direction::Unmerge)
     } else {
-        (&args.base, &args.merged, Direction::Merge)
+        (base, args.merged.as_path(), Direction::Merge)
     };
     let input = Model::open(input_path)?;
     let expected = Model::open(expected_path)?;
