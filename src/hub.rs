@@ -25,7 +25,10 @@ pub fn parse_id(arg: &Path) -> Option<(String, Option<String>)> {
     }
     let s = arg.to_str()?;
     let (id, rev) = match s.split_once('@') {
-        Some((id, rev)) if !rev.is_empty() && !rev.contains("..") => (id, Some(rev.to_string())),
+        // a revision stays inside the repository's refs/ and snapshots/
+        Some((id, rev)) if !rev.is_empty() && !rev.contains("..") && !rev.starts_with('/') => {
+            (id, Some(rev.to_string()))
+        }
         Some(_) => return None,
         None => (s, None),
     };
@@ -142,7 +145,20 @@ mod tests {
         }
         let (id, rev) = parse_id(Path::new("org/m@v1.0")).unwrap();
         assert_eq!((id.as_str(), rev.as_deref()), ("org/m", Some("v1.0")));
-        for not in ["./model", "/abs/model", "~/model", "a/b/c", "org/", "../x", "org/a--b", "x@", "a b", "src"] {
+        for not in [
+            "./model",
+            "/abs/model",
+            "~/model",
+            "a/b/c",
+            "org/",
+            "../x",
+            "org/a--b",
+            "x@",
+            "a b",
+            "src",
+            "o/m@/etc/x",
+            "o/m@../x",
+        ] {
             assert!(parse_id(Path::new(not)).is_none(), "{not}");
         }
     }
