@@ -109,10 +109,22 @@ fn kill_9_at_random_moments_never_leaves_a_partial_output() {
 #[test]
 fn sigterm_at_random_moments_removes_the_partial_output_and_exits_130() {
     let r = Rounds::new();
+    // Signals go at fractions of how long a whole run takes on this machine now (the handler is
+    // set within its first milliseconds): fixed delays had all but two runs finish first on a
+    // fast moment, one time in six.
+    let whole = (0..3)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            ok(&r.command(0).output().unwrap());
+            t.elapsed()
+        })
+        .min()
+        .unwrap();
     let mut interrupted = 0;
-    for round in 0..12u64 {
+    let mut round = 0u64;
+    while round < 12 || (interrupted < 3 && round < 48) {
         let child = r.command(round).stderr(std::process::Stdio::piped()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(3 + (round * 11) % 50));
+        std::thread::sleep(whole.mul_f64(0.1 + 0.7 * ((round * 5) % 12) as f64 / 12.0));
         // SAFETY: a plain kill(2) of our own child, which has not been waited for yet.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         let o = child.wait_with_output().unwrap();
@@ -129,8 +141,9 @@ fn sigterm_at_random_moments_removes_the_partial_output_and_exits_130() {
         // nothing half-written beside --out
         assert_eq!(leftovers(&r.work, ".tmp-"), Vec::<String>::new(), "round {round}");
         r.assert_absent_or_complete(round);
+        round += 1;
     }
-    eprintln!("{interrupted} of 12 runs interrupted");
+    eprintln!("{interrupted} of {round} runs interrupted (a whole run took {whole:?})");
     assert!(interrupted >= 3, "the loop must interrupt some runs ({interrupted} interrupted)");
 }
 
