@@ -122,6 +122,17 @@ pub fn resolve(arg: &Path, what: &str, quiet: bool) -> Result<PathBuf> {
     }
 }
 
+/// Where the base an adapter records (`base_model_name_or_path`) is: a folder here, or its
+/// snapshot in the local cache (the cache's note on stderr unless `quiet`); None when neither. For
+/// merge and verify without --base, convert, and inspect.
+pub fn recorded_base(name: &str, quiet: bool) -> Result<Option<PathBuf>> {
+    let found = resolve(Path::new(name), RECORDED_BASE, quiet)?;
+    Ok(found.exists().then_some(found))
+}
+
+/// How the notes name a base found through an adapter's `base_model_name_or_path`.
+pub const RECORDED_BASE: &str = "base (the adapter's base_model_name_or_path)";
+
 /// For a cache's repository folder (`<cache>/models--org--name`, holding `snapshots/`): the cache
 /// and the id.
 fn repo_folder(arg: &Path) -> Option<(PathBuf, String)> {

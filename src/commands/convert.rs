@@ -15,7 +15,6 @@ use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use safetensors::Dtype;
 use serde_json::{json, Map, Value};
-use std::path::Path;
 
 /// A tensor of the output adapter.
 struct OutTensor {
@@ -355,8 +354,7 @@ fn find_base(args: &ConvertArgs, a: &Adapter, quiet: bool) -> Result<Model> {
         return Model::open(b);
     }
     if let Some(p) = &a.config.base_model_name_or_path {
-        let path = crate::hub::resolve(Path::new(p), "base (the adapter's base_model_name_or_path)", quiet)?;
-        if path.is_dir() {
+        if let Some(path) = crate::hub::recorded_base(p, quiet)? {
             return Model::open(&path);
         }
     }

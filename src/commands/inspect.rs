@@ -109,8 +109,7 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
         "base_model_name_or_path": c.base_model_name_or_path,
         // where merge without --base finds it: a folder here or a snapshot in the local cache
         "base_model_found": c.base_model_name_or_path.as_deref().and_then(|n| {
-            let p = crate::hub::resolve(std::path::Path::new(n), "", true).ok()?;
-            p.exists().then(|| p.display().to_string())
+            Some(crate::hub::recorded_base(n, true).ok()??.display().to_string())
         }),
         "task_type": c.task_type,
         "bias": c.bias,

@@ -35,9 +35,7 @@ fn base_the_adapters_name(adapters: &[&Path], prefix: &str, quiet: bool) -> Resu
             dir.display()
         )));
     }
-    let what = "base (the adapter's base_model_name_or_path)";
-    let found = crate::hub::resolve(Path::new(&first), what, quiet)?;
-    if !found.exists() {
+    let Some(found) = crate::hub::recorded_base(&first, quiet)? else {
         return Err(input(format!(
             "{}: no --base given, and its base_model_name_or_path {first:?} is not a folder{}{}: pass --base MODEL",
             first_dir.display(),
@@ -47,9 +45,9 @@ fn base_the_adapters_name(adapters: &[&Path], prefix: &str, quiet: bool) -> Resu
             },
             crate::model::hub_id_hint(Path::new(&first))
         )));
-    }
+    };
     if found == Path::new(&first) && !quiet {
-        eprintln!("{what}: {first}");
+        eprintln!("{}: {first}", crate::hub::RECORDED_BASE);
     }
     Ok(found)
 }
