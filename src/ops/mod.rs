@@ -736,8 +736,8 @@ pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usi
 /// `dst` = the sums over k in `ks` (in order, from +0, fused) of [`gemm_in_order`]'s products.
 fn in_order_fused(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, ks: std::ops::Range<usize>) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the processor has FMA, checked just above.
+    if hardware_fma() {
+        // SAFETY: the processor has FMA (on x86-64, hardware_fma's own check), just above.
         unsafe { gemm_in_order_fma(dst, lhs, rhs, r, ks) };
         return;
     }
