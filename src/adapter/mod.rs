@@ -113,10 +113,7 @@ impl Adapter {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let inside = adapters_inside(&dir);
-                let cache = crate::model::hub_cache_hint(&dir);
-                let hint = if !cache.is_empty() {
-                    cache
-                } else if !inside.is_empty() {
+                let hint = if !inside.is_empty() {
                     let shown: Vec<String> = inside.iter().take(4).map(|p| p.display().to_string()).collect();
                     let more = if inside.len() > 4 { format!(" and {} more", inside.len() - 4) } else { String::new() };
                     let (which, pass) = if inside.len() > 1 {

@@ -108,7 +108,7 @@ impl Model {
                 if found.len() > 3 { ", …" } else { "" }
             )));
         }
-        Err(input(format!("{d}: no {SINGLE_NAME} or {INDEX_NAME} in this folder{}", hub_cache_hint(&folder))))
+        Err(input(format!("{d}: no {SINGLE_NAME} or {INDEX_NAME} in this folder")))
     }
 
     fn open_index(index_path: &Path, folder: &Path, index_name: &str) -> Result<Model> {
@@ -438,31 +438,6 @@ pub fn hub_id_hint(path: &Path) -> String {
     }
 }
 
-/// For a Hugging Face cache repository folder (`models--org--name`, holding `snapshots/<revision>/`
-/// with the files), a hint naming the snapshot to pass: the one `refs/main` names, else those
-/// there are; else nothing.
-pub fn hub_cache_hint(folder: &Path) -> String {
-    let snapshots = folder.join("snapshots");
-    let Ok(entries) = std::fs::read_dir(&snapshots) else { return String::new() };
-    let main = std::fs::read_to_string(folder.join("refs/main")).ok().map(|r| snapshots.join(r.trim()));
-    if let Some(main) = main.filter(|m| m.is_dir()) {
-        return format!(
-            " (a Hugging Face cache folder: pass its snapshot {}, the revision refs/main names)",
-            main.display()
-        );
-    }
-    let mut revs: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
-    revs.sort();
-    match revs.len() {
-        0 => String::new(),
-        1 => format!(" (a Hugging Face cache folder: pass its snapshot {})", revs[0].display()),
-        n => format!(
-            " (a Hugging Face cache folder: pass one of its {n} snapshots, e.g. {})",
-            revs.iter().take(3).map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-        ),
-    }
-}
-
 /// A short reason for an I/O error, the way a user reads it.
 pub fn io_reason(e: &std::io::Error) -> String {
     match e.kind() {
@@ -474,32 +449,8 @@ pub fn io_reason(e: &std::io::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{hub_cache_hint, hub_id_hint};
+    use super::hub_id_hint;
     use std::path::Path;
-
-    #[test]
-    fn hub_cache_hint_names_the_snapshot_to_pass() {
-        let tmp = tempfile::tempdir().unwrap();
-        let repo = tmp.path().join("models--org--name");
-        std::fs::create_dir_all(&repo).unwrap();
-        assert_eq!(hub_cache_hint(&repo), "", "no snapshots/ yet");
-        std::fs::create_dir_all(repo.join("snapshots")).unwrap();
-        assert_eq!(hub_cache_hint(&repo), "", "no snapshot in it");
-        std::fs::create_dir_all(repo.join("snapshots/bbb")).unwrap();
-        let one = hub_cache_hint(&repo);
-        assert!(one.ends_with(&format!("pass its snapshot {})", repo.join("snapshots/bbb").display())), "{one}");
-        std::fs::create_dir_all(repo.join("snapshots/aaa")).unwrap();
-        let two = hub_cache_hint(&repo);
-        let both = format!("{}, {}", repo.join("snapshots/aaa").display(), repo.join("snapshots/bbb").display());
-        assert!(two.contains(&format!("one of its 2 snapshots, e.g. {both})")), "{two}");
-        // refs/main names the revision to use; a stale ref (no such snapshot) falls back to the list
-        std::fs::create_dir_all(repo.join("refs")).unwrap();
-        std::fs::write(repo.join("refs/main"), "ccc").unwrap();
-        assert_eq!(hub_cache_hint(&repo), two);
-        std::fs::write(repo.join("refs/main"), "bbb\n").unwrap();
-        let main = hub_cache_hint(&repo);
-        assert!(main.contains(&format!("{}, the revision refs/main names", repo.join("snapshots/bbb").display())));
-    }
 
     #[test]
     fn hub_id_hint_only_for_missing_org_name_paths() {
