@@ -275,11 +275,10 @@ fn missing_base_tensor_suggests_a_prefix_that_works() {
 fn block_for_a_layer_the_base_lacks() {
     let e = Env::new();
     let a = e.copy("cases/bone-default-f32/adapter", "a");
-    let f = a.join("adapter_model.safetensors");
-    let mut t = load(&f);
-    let v = t["base_model.model.model.layers.0.self_attn.q_proj.bone_block"].clone();
-    t.insert("base_model.model.model.layers.9.self_attn.q_proj.bone_block".into(), v);
-    save(&f, &t);
+    edit_tensors(&a.join("adapter_model.safetensors"), |t| {
+        let v = t["base_model.model.model.layers.0.self_attn.q_proj.bone_block"].clone();
+        t.insert("base_model.model.model.layers.9.self_attn.q_proj.bone_block".into(), v);
+    });
     let out = e.path("out");
     fails(
         &merge_args(s(&base_f32()), s(&a), s(&out)),
@@ -338,17 +337,17 @@ fn singular_block_on_unmerge() {
     let e = Env::new();
     let a = e.copy("cases/bone-bat-f32/adapter", "a");
     let f = a.join("adapter_model.safetensors");
-    let mut t = load(&f);
-    let key = "base_model.model.model.layers.1.mlp.up_proj.bone_block";
-    let mut vals = values(&t[key]).into_iter().map(|v| v as f32).collect::<Vec<_>>();
-    // block 3 becomes -I: I + B_3 = 0
-    for x in 0..8 {
-        for y in 0..8 {
-            vals[3 * 64 + x * 8 + y] = if x == y { -1.0 } else { 0.0 };
+    edit_tensors(&f, |t| {
+        let key = "base_model.model.model.layers.1.mlp.up_proj.bone_block";
+        let mut vals = values(&t[key]).into_iter().map(|v| v as f32).collect::<Vec<_>>();
+        // block 3 becomes -I: I + B_3 = 0
+        for x in 0..8 {
+            for y in 0..8 {
+                vals[3 * 64 + x * 8 + y] = if x == y { -1.0 } else { 0.0 };
+            }
         }
-    }
-    t.insert(key.into(), f32_tensor(t[key].shape.clone(), &vals));
-    save(&f, &t);
+        t.insert(key.into(), f32_tensor(t[key].shape.clone(), &vals));
+    });
     let merged = fixtures().join("cases/bone-bat-f32/merged");
     let out = e.path("out");
     fails(
@@ -467,11 +466,10 @@ fn tied_embeddings_stay_tied_only_when_asked() {
 fn foreign_keys_are_ignored_with_a_warning() {
     let e = Env::new();
     let a = e.copy("cases/bone-default-f32/adapter", "a");
-    let f = a.join("adapter_model.safetensors");
-    let mut t = load(&f);
-    let v = t["base_model.model.model.layers.0.self_attn.q_proj.bone_block"].clone();
-    t.insert("base_model.model.model.layers.0.self_attn.q_proj.bone_block.other".into(), v);
-    save(&f, &t);
+    edit_tensors(&a.join("adapter_model.safetensors"), |t| {
+        let v = t["base_model.model.model.layers.0.self_attn.q_proj.bone_block"].clone();
+        t.insert("base_model.model.model.layers.0.self_attn.q_proj.bone_block.other".into(), v);
+    });
     let out = e.path("out");
     let o = run(&merge_args(s(&base_f32()), s(&a), s(&out)));
     ok(&o);
@@ -485,14 +483,13 @@ fn foreign_keys_are_ignored_with_a_warning() {
 fn a_merge_that_overflows_stops_unless_allowed() {
     let e = Env::new();
     let a = e.copy("cases/bone-default-f16-blocks-f16/adapter", "a");
-    let f = a.join("adapter_model.safetensors");
-    let mut t = load(&f);
-    let key = "base_model.model.model.layers.1.self_attn.v_proj.bone_block";
-    let shape = t[key].shape.clone();
-    let n: usize = shape.iter().product();
-    // 70000 is beyond f16's largest finite value (65504): the merged weight becomes inf
-    t.insert(key.into(), f32_tensor(shape, &vec![70000.0; n]));
-    save(&f, &t);
+    edit_tensors(&a.join("adapter_model.safetensors"), |t| {
+        let key = "base_model.model.model.layers.1.self_attn.v_proj.bone_block";
+        let shape = t[key].shape.clone();
+        let n: usize = shape.iter().product();
+        // 70000 is beyond f16's largest finite value (65504): the merged weight becomes inf
+        t.insert(key.into(), f32_tensor(shape, &vec![70000.0; n]));
+    });
     let base = fixtures().join("bases/llama-f16");
     let out = e.path("out");
     fails(
@@ -566,13 +563,12 @@ fn huge_headers_and_shards_listed_twice_are_refused() {
 fn a_dtype_that_cannot_hold_a_value_stops_unless_allowed() {
     let e = Env::new();
     let b = e.copy("bases/llama-f32", "base");
-    let f = b.join("model.safetensors");
-    let mut t = load(&f);
     let key = "model.norm.weight";
-    let mut vals = values(&t[key]).iter().map(|v| *v as f32).collect::<Vec<_>>();
-    vals[5] = 1e5; // beyond f16's largest finite value (65504), fine in bf16
-    t.insert(key.into(), f32_tensor(t[key].shape.clone(), &vals));
-    save(&f, &t);
+    edit_tensors(&b.join("model.safetensors"), |t| {
+        let mut vals = values(&t[key]).iter().map(|v| *v as f32).collect::<Vec<_>>();
+        vals[5] = 1e5; // beyond f16's largest finite value (65504), fine in bf16
+        t.insert(key.into(), f32_tensor(t[key].shape.clone(), &vals));
+    });
     let a = fixtures().join("cases/bone-default-f32/adapter");
     let out = e.path("out");
     let mut args = merge_args(s(&b), s(&a), s(&out));
@@ -642,11 +638,10 @@ fn targeted_modules_without_a_block_get_peft_s_zero_block_with_a_warning() {
     // sweep, where an f16 weight's -0 became +0 in W + 0, as here)
     let e = Env::new();
     let a = e.copy("cases/bone-default-f32/adapter", "a");
-    let f = a.join("adapter_model.safetensors");
-    let mut t = load(&f);
     let dropped = "model.layers.1.self_attn.q_proj";
-    assert!(t.remove(&format!("base_model.model.{dropped}.bone_block")).is_some());
-    save(&f, &t);
+    edit_tensors(&a.join("adapter_model.safetensors"), |t| {
+        assert!(t.remove(&format!("base_model.model.{dropped}.bone_block")).is_some());
+    });
     let weight = format!("{dropped}.weight");
     // a private base whose dropped module holds a -0 and a +0
     let b = e.copy("bases/llama-f32", "base");
@@ -689,8 +684,9 @@ fn targeted_modules_without_a_block_get_peft_s_zero_block_with_a_warning() {
     assert_eq!(j(&[])["modules_without_blocks"], serde_json::Value::Null);
 
     // two missing, and init_weights false: PEFT's initial blocks are random
-    assert!(t.remove("base_model.model.model.layers.0.mlp.up_proj.bone_block").is_some());
-    save(&f, &t);
+    edit_tensors(&a.join("adapter_model.safetensors"), |t| {
+        assert!(t.remove("base_model.model.model.layers.0.mlp.up_proj.bone_block").is_some());
+    });
     let cfg = a.join("adapter_config.json");
     edit_json(&cfg, |c| c["init_weights"] = false.into());
     let o = run(&merge_args(s(&b), s(&a), s(&e.path("out2"))));
@@ -723,15 +719,16 @@ fn a_vision_language_model_s_module_without_a_block_is_found_by_its_module_path(
     // the same bytes.
     let e = Env::new();
     let a = e.copy("cases/bone-default-qwen2vl-bf16/adapter", "a");
-    let f = a.join("adapter_model.safetensors");
-    let mut t = load(&f);
     let dropped = ["model.layers.1.self_attn.q_proj", "visual.blocks.0.mlp.down_proj", "visual.blocks.0.mlp.gate_proj"];
-    for module in
-        ["language_model.layers.1.self_attn.q_proj", "visual.blocks.0.mlp.down_proj", "visual.blocks.0.mlp.gate_proj"]
-    {
-        assert!(t.remove(&format!("base_model.model.model.{module}.bone_block")).is_some(), "{module}");
-    }
-    save(&f, &t);
+    edit_tensors(&a.join("adapter_model.safetensors"), |t| {
+        for module in [
+            "language_model.layers.1.self_attn.q_proj",
+            "visual.blocks.0.mlp.down_proj",
+            "visual.blocks.0.mlp.gate_proj",
+        ] {
+            assert!(t.remove(&format!("base_model.model.model.{module}.bone_block")).is_some(), "{module}");
+        }
+    });
     edit_json(&a.join("adapter_config.json"), |c| {
         c["target_modules"] = r".*(language_model|model\.visual).*\.(q_proj|v_proj|gate_proj|down_proj)".into();
     });
@@ -809,10 +806,7 @@ fn quantized_bases_are_refused_with_what_to_do_instead() {
     let layer = "model.layers.0.self_attn.q_proj";
     let quantize = |name: &str, method: &str, edit: &dyn Fn(&mut BTreeMap<String, T>)| -> PathBuf {
         let b = e.copy("bases/llama-f32", name);
-        let f = b.join("model.safetensors");
-        let mut t = load(&f);
-        edit(&mut t);
-        save(&f, &t);
+        edit_tensors(&b.join("model.safetensors"), edit);
         edit_json(&b.join("config.json"), |c| {
             c["quantization_config"] = serde_json::json!({"quant_method": method, "bits": 4});
         });

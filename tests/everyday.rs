@@ -307,9 +307,9 @@ fn bare_adapter(case: &std::path::Path, tmp: &std::path::Path) -> std::path::Pat
     let bare = tmp.join("bare");
     if !bare.exists() {
         copy_dir(&case.join("adapter"), &bare);
-        let mut t = load(&bare.join("adapter_model.safetensors"));
-        assert!(t.remove("base_model.model.lm_head.base_layer.weight").is_some());
-        save(&bare.join("adapter_model.safetensors"), &t);
+        edit_tensors(&bare.join("adapter_model.safetensors"), |t| {
+            assert!(t.remove("base_model.model.lm_head.base_layer.weight").is_some());
+        });
     }
     bare
 }
@@ -320,11 +320,10 @@ fn bare_adapter(case: &std::path::Path, tmp: &std::path::Path) -> std::path::Pat
 fn tied_copy(dir: &std::path::Path, fixture: &str, head: &str, embed: &str) -> std::path::PathBuf {
     let base = dir.join("tied");
     copy_dir(&fixtures().join(fixture), &base);
-    let f = base.join("model.safetensors");
-    let mut t = load(&f);
-    let values = t.remove(head).unwrap();
-    t.insert(embed.into(), values);
-    save(&f, &t);
+    edit_tensors(&base.join("model.safetensors"), |t| {
+        let values = t.remove(head).unwrap();
+        t.insert(embed.into(), values);
+    });
     base
 }
 

@@ -211,6 +211,13 @@ pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(path, serde_json::to_string(&v).unwrap()).unwrap();
 }
 
+/// Load a safetensors file, `edit` its tensors, and save it back (tests that alter an input).
+pub fn edit_tensors(path: &Path, edit: impl FnOnce(&mut BTreeMap<String, T>)) {
+    let mut t = load(path);
+    edit(&mut t);
+    save(path, &t);
+}
+
 /// The tensor of a checkpoint (`tensors`) that the module path `module` names, found independently
 /// of bone-tool: `<module>.weight`, or where the vision-language fixtures (saved by transformers
 /// 4.57, which renames keys on loading and back on saving) store it: LLaVA's
