@@ -141,8 +141,9 @@ fn repo_folder(arg: &Path) -> Option<(PathBuf, String)> {
     if !arg.join("snapshots").is_dir() {
         return None;
     }
-    let cache = arg.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    Some((if cache.as_os_str().is_empty() { PathBuf::from(".") } else { cache }, id))
+    // (a bare `models--org--name` has the parent "": the working folder)
+    let cache = arg.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    Some((cache.to_path_buf(), id))
 }
 
 #[cfg(test)]

@@ -12,10 +12,19 @@ use crate::error::Result;
 use crate::plan::Direction;
 use std::path::{Path, PathBuf};
 
-/// merge or verify without --base: the base the adapters record (base_model_name_or_path), found as PEFT's
-/// AutoPeftModel finds it: a local folder (relative to the working folder) or a model in the
-/// local Hugging Face cache. Every adapter must record the same one.
-fn base_the_adapters_name(adapters: &[&Path], prefix: &str, quiet: bool) -> Result<PathBuf> {
+/// The base of merge or verify: --base when given, else the base the adapters record
+/// (base_model_name_or_path), found as PEFT's AutoPeftModel finds it: a local folder (relative to
+/// the working folder) or a model in the local Hugging Face cache. Every adapter must record the
+/// same one.
+fn base_or_recorded<'a>(
+    base: Option<&Path>,
+    adapters: impl IntoIterator<Item = &'a PathBuf>,
+    prefix: &str,
+    quiet: bool,
+) -> Result<PathBuf> {
+    if let Some(b) = base {
+        return Ok(b.to_path_buf());
+    }
     let mut named: Vec<(String, PathBuf)> = Vec::new();
     for path in adapters {
         let a = Adapter::open(path, prefix)?;
@@ -103,13 +112,8 @@ pub fn run(cli: &mut Cli) -> Result<()> {
                 }
                 (None, None) => unreachable!("clap requires --out or --each with --out-pattern"),
             };
-            let base = match &a.base {
-                Some(b) => b.clone(),
-                None => {
-                    let adapters: Vec<&Path> = jobs.iter().flat_map(|j| &j.adapters).map(PathBuf::as_path).collect();
-                    base_the_adapters_name(&adapters, &a.opts.prefix.adapter_prefix, cli.quiet)?
-                }
-            };
+            let adapters = jobs.iter().flat_map(|j| &j.adapters);
+            let base = base_or_recorded(a.base.as_deref(), adapters, &a.opts.prefix.adapter_prefix, cli.quiet)?;
             apply::run(Direction::Merge, &base, &jobs, &a.opts, cli.quiet)
         }
         Command::Unmerge(a) => {
@@ -119,13 +123,7 @@ pub fn run(cli: &mut Cli) -> Result<()> {
         Command::Inspect(InspectCommand::Adapter(a)) => inspect::adapter(a),
         Command::Convert(a) => convert::run(a, cli.quiet),
         Command::Verify(a) => {
-            let base = match &a.base {
-                Some(b) => b.clone(),
-                None => {
-                    let adapters: Vec<&Path> = a.adapters.iter().map(PathBuf::as_path).collect();
-                    base_the_adapters_name(&adapters, &a.prefix.adapter_prefix, cli.quiet)?
-                }
-            };
+            let base = base_or_recorded(a.base.as_deref(), &a.adapters, &a.prefix.adapter_prefix, cli.quiet)?;
             verify::run(a, &base, cli.quiet)
         }
         Command::Completions { shell } => {
