@@ -788,6 +788,12 @@ pub fn gemm_is_in_order(r: usize) -> bool {
     r < FUSED_FROM_R || hardware_fma() || faer_is_in_order(r)
 }
 
+/// Whether the GEMM results `got` are exactly the in-order sums `in_order` once -0 is made +0
+/// ([`plus_zero`]; see [`gemm`]).
+fn same_sums(got: &[f32], in_order: &[f32]) -> bool {
+    got.iter().zip(in_order).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits())
+}
+
 /// Whether faer's GEMM ([`gemm_faer`]) gives exactly [`gemm_in_order`]'s bytes for blocks of `r`
 /// (measured on the AVX-512 build machine: faer's kernels sum each element's products in order up
 /// to k = 512, and from r = 385 [`gemm_faer`] asks them for blocks of k of at most 384; at k = 1024
@@ -810,7 +816,7 @@ pub fn faer_is_in_order(r: usize) -> bool {
         let (mut faer, mut ours) = (vec![0f32; i * r], vec![0f32; i * r]);
         gemm_faer(&mut faer, &lhs, &rhs, i, r);
         gemm_in_order(&mut ours, &lhs, &rhs, i, r);
-        faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits())
+        same_sums(&faer, &ours)
     };
     if let Some(slot) = SMALL.get(r) {
         return match slot.load(Ordering::Relaxed) {
@@ -1116,7 +1122,7 @@ mod tests {
             let (mut faer, mut ours) = (vec![0f32; i * r], vec![7f32; i * r]);
             gemm(&mut faer, &lhs, &rhs, i, r);
             gemm_in_order(&mut ours, &lhs, &rhs, i, r);
-            let same = faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits());
+            let same = same_sums(&faer, &ours);
             // (below FUSED_FROM_R the CPU's GEMM is the in-order sum itself)
             let expect = fma || r < FUSED_FROM_R;
             assert_eq!(same, expect, "[{i}, {r}]·[{r}, {r}]: the CPU's GEMM and the in-order sum");
@@ -1124,7 +1130,7 @@ mod tests {
             if r >= FUSED_FROM_R {
                 // faer's own GEMM: in order on x86 with FMA
                 gemm_faer(&mut faer, &lhs, &rhs, i, r);
-                let same = faer.iter().zip(&ours).all(|(a, b)| plus_zero(*a).to_bits() == b.to_bits());
+                let same = same_sums(&faer, &ours);
                 if cfg!(target_arch = "x86_64") && fma {
                     assert!(same, "[{i}, {r}]·[{r}, {r}]: faer and the in-order sum");
                 }
