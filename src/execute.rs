@@ -146,36 +146,7 @@ pub struct Timings {
     pub process: Option<ProcessUsage>,
 }
 
-/// `getrusage(RUSAGE_SELF)`: CPU seconds in user and in system mode, page faults, context switches.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct ProcessUsage {
-    pub user: f64,
-    pub system: f64,
-    pub minor_faults: i64,
-    pub major_faults: i64,
-    pub voluntary_switches: i64,
-    pub involuntary_switches: i64,
-}
-
-impl ProcessUsage {
-    /// This process's usage so far; None where the system will not say.
-    pub fn now() -> Option<ProcessUsage> {
-        // SAFETY: getrusage writes a whole rusage into the zeroed value given.
-        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
-            return None;
-        }
-        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
-        Some(ProcessUsage {
-            user: secs(u.ru_utime),
-            system: secs(u.ru_stime),
-            minor_faults: u.ru_minflt as i64,
-            major_faults: u.ru_majflt as i64,
-            voluntary_switches: u.ru_nvcsw as i64,
-            involuntary_switches: u.ru_nivcsw as i64,
-        })
-    }
-}
+pub use crate::sys::ProcessUsage;
 
 /// Seconds a stage spent blocked: the reader handing a piece on, the compute stage waiting for the
 /// next piece or handing one on, the writers waiting for the next piece.

@@ -14,7 +14,8 @@ pub fn cache_dir() -> Option<PathBuf> {
         .or_else(|| var("HUGGINGFACE_HUB_CACHE"))
         .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
         .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface/hub")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache/huggingface/hub")))
+        // `~` as Python expands it: USERPROFILE on Windows, HOME elsewhere
+        .or_else(|| var(if cfg!(windows) { "USERPROFILE" } else { "HOME" }).map(|h| h.join(".cache/huggingface/hub")))
 }
 
 /// A Hub id and the revision asked for, when `arg` reads like one and is not a path that exists:
@@ -26,7 +27,7 @@ pub fn parse_id(arg: &Path) -> Option<(String, Option<String>)> {
     let s = arg.to_str()?;
     let (id, rev) = match s.split_once('@') {
         // a revision stays inside the repository's refs/ and snapshots/
-        Some((id, rev)) if !rev.is_empty() && !rev.contains("..") && !rev.starts_with('/') => {
+        Some((id, rev)) if !rev.is_empty() && !rev.contains("..") && !rev.starts_with('/') && !rev.contains('\\') => {
             (id, Some(rev.to_string()))
         }
         Some(_) => return None,
@@ -170,6 +171,8 @@ mod tests {
             "src",
             "o/m@/etc/x",
             "o/m@../x",
+            "o/m@\\x",
+            "o/m@refs\\main",
         ] {
             assert!(parse_id(Path::new(not)).is_none(), "{not}");
         }

@@ -15,6 +15,7 @@ pub mod model;
 pub mod ops;
 pub mod plan;
 pub mod report;
+pub mod sys;
 
 /// The value of environment variable `name` parsed as a `T`, for the `BONE_TOOL_*` settings that
 /// tests and benchmarks turn; None when it is not set or does not parse (the default then holds).

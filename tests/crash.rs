@@ -107,6 +107,7 @@ fn kill_9_at_random_moments_never_leaves_a_partial_output() {
 }
 
 #[test]
+#[cfg(unix)] // Windows has no SIGTERM; ctrlc's handler there takes the console's Ctrl-C and Ctrl-Break
 fn sigterm_at_random_moments_removes_the_partial_output_and_exits_130() {
     let r = Rounds::new();
     // Signals go at fractions of how long a whole run takes on this machine now (the handler is
@@ -148,6 +149,7 @@ fn sigterm_at_random_moments_removes_the_partial_output_and_exits_130() {
 }
 
 #[test]
+#[cfg(unix)] // the same handler as SIGTERM's
 fn ctrl_c_stops_a_bat_to_lora_conversion_at_the_next_layer() {
     // BAT -> LoRA takes an SVD a layer, seconds to minutes in all: Ctrl-C (SIGINT) must stop it
     // there, exit 130 and write nothing, not finish the conversion first
@@ -218,6 +220,7 @@ fn leftovers_are_cleared_and_a_moved_aside_output_restored() {
 }
 
 #[test]
+#[cfg(target_os = "linux")] // a small tmpfs
 fn an_output_that_cannot_fit_is_refused_before_writing() {
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("small");

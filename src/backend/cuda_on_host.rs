@@ -14,7 +14,6 @@ use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::cublas::{sys as blas_sys, StridedBatchedConfig};
 use cudarc::driver::LaunchConfig;
 use std::ffi::{c_char, c_int, CString};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::OnceLock;
 
 /// Stands in for the CUDA headers: thread coordinates as globals, the bit casts, no qualifiers.
@@ -118,7 +117,7 @@ fn kernels() -> &'static std::result::Result<Launch, Option<String>> {
             .collect();
         let source = format!("{SHIM}{}{}", cuda::KERNELS, DRIVER.replace("DISPATCH", &dispatch.join("\n    ")));
         let dir = tempfile::tempdir().map_err(|e| Some(e.to_string()))?;
-        let (cpp, lib) = (dir.path().join("kernels.cpp"), dir.path().join("libkernels.so"));
+        let (cpp, lib) = (dir.path().join("kernels.cpp"), dir.path().join(libloading::library_filename("kernels")));
         std::fs::write(&cpp, source).map_err(|e| Some(e.to_string()))?;
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let out = std::process::Command::new(&cxx)
@@ -134,26 +133,15 @@ fn kernels() -> &'static std::result::Result<Launch, Option<String>> {
         if !out.status.success() {
             return Err(Some(format!("{cxx} cannot compile the kernels:\n{}", String::from_utf8_lossy(&out.stderr))));
         }
-        let path = CString::new(lib.as_os_str().as_bytes()).expect("no NUL in a temporary path");
         // SAFETY: a library we just built, whose only initialisers are its static zero values.
-        let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if handle.is_null() {
-            // SAFETY: dlerror returns null or a C string valid until the next dl call.
-            let why = unsafe { libc::dlerror() };
-            let why = if why.is_null() {
-                String::new()
-            } else {
-                unsafe { std::ffi::CStr::from_ptr(why) }.to_string_lossy().into_owned()
-            };
-            return Err(Some(format!("dlopen failed on the kernels compiled by {cxx}: {why}")));
-        }
-        // SAFETY: a valid handle; emu_launch has the signature of `Launch`.
-        let sym = unsafe { libc::dlsym(handle, c"emu_launch".as_ptr()) };
-        if sym.is_null() {
-            return Err(Some("emu_launch is missing from the compiled kernels".into()));
-        }
-        Ok(unsafe { std::mem::transmute::<*mut libc::c_void, Launch>(sym) })
-        // the folder goes; the mapped library stays until the process ends
+        let loaded = unsafe { libloading::Library::new(&lib) }
+            .map_err(|e| Some(format!("cannot load the kernels compiled by {cxx}: {e}")))?;
+        // SAFETY: emu_launch has the signature of `Launch`.
+        let launch = *unsafe { loaded.get::<Launch>(b"emu_launch\0") }
+            .map_err(|e| Some(format!("emu_launch is missing from the compiled kernels: {e}")))?;
+        // the library stays loaded until the process ends; the folder goes
+        std::mem::forget(loaded);
+        Ok(launch)
     })
 }
 

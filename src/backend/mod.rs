@@ -229,8 +229,10 @@ impl Device {
 
     /// True when this machine shows an NVIDIA device to this process: /dev/nvidiactl, or WSL's
     /// /dev/dxg. Without either no GPU can open; finding that out costs a `stat`, not a `dlopen`.
+    /// Windows has no such node: there the driver is always asked (on a thread).
     fn device_node() -> bool {
-        cfg!(feature = "cuda") && ["/dev/nvidiactl", "/dev/dxg"].iter().any(|p| std::path::Path::new(p).exists())
+        cfg!(feature = "cuda")
+            && (cfg!(windows) || ["/dev/nvidiactl", "/dev/dxg"].iter().any(|p| std::path::Path::new(p).exists()))
     }
 
     /// True when this machine has no NVIDIA driver at all.

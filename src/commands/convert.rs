@@ -223,6 +223,9 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     }
     let (file, _) = w.finish()?;
     file.sync_all().context("cannot sync the adapter file")?;
+    // closed before its folder is renamed into place: Windows refuses to rename a folder that holds
+    // an open file
+    drop(file);
     // Sorted, as PEFT's save_pretrained writes it.
     let mut config = config;
     config.sort_keys();

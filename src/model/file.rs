@@ -10,7 +10,6 @@ use safetensors::tensor::{Metadata, SafeTensorError};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// One tensor of a file, as its header declares it.
@@ -91,8 +90,7 @@ impl SafetensorsFile {
 
     /// Read `buf.len()` bytes at absolute offset `at`.
     pub fn read_at(&self, at: u64, buf: &mut [u8]) -> Result<()> {
-        self.file
-            .read_exact_at(buf, at)
+        crate::sys::read_exact_at(&self.file, buf, at)
             .with_context(|| format!("{}: cannot read {} bytes at offset {at}", self.path.display(), buf.len()))
     }
 
@@ -136,6 +134,7 @@ impl SafetensorsFile {
         // SAFETY: read-only mapping of a file opened read-only; see `open`.
         let map = unsafe { memmap2::MmapOptions::new().offset(aligned).len(off + len).map(&self.file) }
             .with_context(|| format!("cannot map {} bytes of {}", len, self.path.display()))?;
+        #[cfg(unix)]
         let _ = map.advise(memmap2::Advice::Sequential);
         // Fault every page in here, on the reader's thread (which mostly waits for the compute
         // stage), rather than one fault at a time in the compute stage (Linux 5.14+; else ignored).

@@ -35,7 +35,7 @@ impl OutputDir {
         std::fs::create_dir_all(&parent)
             .map_err(|e| input(format!("cannot create {}: {}", parent.display(), io_reason(&e))))?;
         clear_leftovers(&parent, &name, out);
-        if let Some(avail) = free_bytes(&parent) {
+        if let Some(avail) = crate::sys::free_bytes(&parent) {
             // a little room for directory entries and the side files' rounding to blocks
             if needed.saturating_add(1 << 20) > avail {
                 return Err(input(format!(
@@ -88,15 +88,6 @@ impl OutputDir {
     }
 }
 
-/// Whether a process with this id runs (on any Unix: signal 0 checks without sending; EPERM means
-/// it runs as another user). Linux's /proc is not there on macOS.
-fn process_exists(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
-    // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
-    let sent = unsafe { libc::kill(pid, 0) };
-    sent == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
 /// Remove the temporary folders that runs killed before they finished left beside `out`
 /// (`<name>.tmp-<pid>-*` whose pid is gone), and put back an old output that a `--force` run killed
 /// between its two renames had moved aside (`<name>.old-*` while `<name>` is missing). Says so.
@@ -108,7 +99,7 @@ fn clear_leftovers(parent: &Path, name: &str, out: &Path) {
         if let Some(rest) = file.strip_prefix(&format!("{name}.tmp-")).filter(|_| path.is_dir()) {
             let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
             let alive = match owner {
-                Some(pid) => process_exists(pid),
+                Some(pid) => crate::sys::process_exists(pid),
                 // not named by this version: leave it unless it is old
                 None => e
                     .metadata()
@@ -132,18 +123,6 @@ fn clear_leftovers(parent: &Path, name: &str, out: &Path) {
     }
 }
 
-/// Bytes available to this user on the filesystem holding `dir`.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid NUL-terminated path and a statvfs struct to fill.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
 impl Drop for OutputDir {
     fn drop(&mut self) {
         if !self.committed {
@@ -152,7 +131,12 @@ impl Drop for OutputDir {
     }
 }
 
+/// Make a folder's entries (new names, renames) durable. Windows cannot open a folder as a file,
+/// and NTFS journals its entries itself: nothing to do there.
 fn sync_dir(dir: &Path) -> Result<()> {
+    if cfg!(windows) {
+        return Ok(());
+    }
     File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))
 }
 
@@ -282,11 +266,10 @@ impl ShardWriter {
     }
 
     fn copy_through_memory(&mut self, src: &File, mut at: u64, end: u64) -> Result<()> {
-        use std::os::unix::fs::FileExt;
         let mut buf = vec![0u8; (end - at).min(8 << 20) as usize];
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
-            src.read_exact_at(&mut buf[..n], at).context("cannot read an input file")?;
+            crate::sys::read_exact_at(src, &mut buf[..n], at).context("cannot read an input file")?;
             self.write(&buf[..n])?;
             at += n as u64;
         }
@@ -296,7 +279,7 @@ impl ShardWriter {
     fn write_error(&self, e: std::io::Error) -> anyhow::Error {
         let folder = crate::model::folder_of(&self.path);
         let folder = folder.display();
-        if e.raw_os_error() == Some(libc::ENOSPC) {
+        if crate::sys::disk_full(&e) {
             anyhow::anyhow!(
                 "the disk holding {folder} is full after {} of the {} bytes of {}",
                 self.written,
@@ -332,16 +315,6 @@ impl ShardWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_running_process_exists_and_a_reaped_one_does_not() {
-        assert!(process_exists(std::process::id()));
-        assert!(process_exists(1), "init runs, as another user or not");
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        child.wait().unwrap();
-        assert!(!process_exists(pid), "reaped");
-    }
 
     /// Starting writeback behind the writes changes nothing in the file, whether the bytes come
     /// through the buffer or are copied file to file, and it keeps up with what has been written.
