@@ -40,7 +40,7 @@ if [[ $systems == *aarch64* ]]; then
   # the emulated GPU kernels are compiled for the processor that runs them
   export CXX=aarch64-linux-gnu-g++
   cargo test --release --target aarch64-unknown-linux-gnu --no-fail-fast 2>&1 |
-    tee /dev/stderr | grep "test result" |
+    tee -a /dev/stderr | grep "test result" |
     awk '{p += $4; f += $6} END {print "aarch64: passed", p, "failed", f; exit (f > 0)}' || failed=1
 fi
 if [[ $systems == *windows* ]]; then
@@ -54,7 +54,7 @@ if [[ $systems == *windows* ]]; then
   # Wine starts a Linux compiler with Windows paths, which it cannot open: the emulated GPU kernels
   # say NOT CHECKED there (they run in the aarch64 and x86-64 Linux suites)
   CXX=bone-tool-no-compiler cargo test --release --target x86_64-pc-windows-gnu --no-fail-fast 2>&1 |
-    tee /dev/stderr | grep "test result" |
+    tee -a /dev/stderr | grep "test result" |
     awk '{p += $4; f += $6} END {print "windows: passed", p, "failed", f; exit (f > 0)}' || failed=1
 fi
 exit $failed
