@@ -561,6 +561,30 @@ fn huge_headers_and_shards_listed_twice_are_refused() {
 }
 
 #[test]
+fn index_entries_naming_files_outside_the_model_folder_are_refused() {
+    let e = Env::new();
+    let b = e.copy("bases/llama-bf16-sharded", "base");
+    let adapter = fixtures().join("cases/miss-default-sharded-bf16/adapter");
+    let out = e.path("out");
+    let idx = b.join("model.safetensors.index.json");
+    let original = std::fs::read_to_string(&idx).unwrap();
+    // each would be read from (and written to) a path beside or above the folder; `C:x` on Windows
+    // is a file in drive C's working folder
+    let mut outside = vec!["../model-00001-of-00003.safetensors", "sub/x.safetensors", "..", ""];
+    if cfg!(windows) {
+        outside.push("C:model-00001-of-00003.safetensors");
+    }
+    for name in outside {
+        let mut index: serde_json::Value = serde_json::from_str(&original).unwrap();
+        let first = index["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
+        index["weight_map"][&first] = name.into();
+        std::fs::write(&idx, serde_json::to_string_pretty(&index).unwrap()).unwrap();
+        let shown = serde_json::Value::from(name).to_string();
+        fails(&merge_args(s(&b), s(&adapter), s(&out)), Some(&out), &[&b], &[&shown, "is not a plain file name"]);
+    }
+}
+
+#[test]
 fn a_dtype_that_cannot_hold_a_value_stops_unless_allowed() {
     let e = Env::new();
     let b = e.copy("bases/llama-f32", "base");

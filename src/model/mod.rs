@@ -124,7 +124,7 @@ impl Model {
         for (tensor, file) in map {
             let file =
                 file.as_str().ok_or_else(|| input(format!("{ip}: weight_map[{tensor:?}] is not a file name")))?;
-            if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." || file == "." {
+            if !plain_file_name(file) {
                 return Err(input(format!(
                     "{ip}: weight_map[{tensor:?}] = {file:?} is not a plain file name in the model folder"
                 )));
@@ -447,9 +447,18 @@ pub fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
+/// A name that, joined to a folder, names a file in that folder: one normal component, with no
+/// separator of either system (on Windows `C:x` names a file on drive C's working folder).
+fn plain_file_name(name: &str) -> bool {
+    use std::path::Component;
+    let mut parts = Path::new(name).components();
+    matches!((parts.next(), parts.next()), (Some(Component::Normal(n)), None) if n == name)
+        && !name.contains(['/', '\\'])
+}
+
 #[cfg(test)]
 mod tests {
-    use super::hub_id_hint;
+    use super::{hub_id_hint, plain_file_name};
     use std::path::Path;
 
     #[test]
@@ -462,5 +471,18 @@ mod tests {
         for p in ["src/model", "/abs/path", "model", "a/b/c", "./model", "../model", "~/m", "org/"] {
             assert_eq!(hub_id_hint(Path::new(p)), "", "{p}");
         }
+    }
+
+    #[test]
+    fn shard_names_stay_in_their_folder() {
+        for ok in ["model-00001-of-00002.safetensors", "a b.safetensors", "x..y"] {
+            assert!(plain_file_name(ok), "{ok}");
+        }
+        for not in ["", ".", "..", "../x", "sub/x", "/abs", "a\\b", "..\\x", "x/"] {
+            assert!(!plain_file_name(not), "{not}");
+        }
+        // a drive prefix makes it a path on Windows; elsewhere `C:x` is a file name
+        assert_eq!(plain_file_name("C:x.safetensors"), !cfg!(windows));
+        assert!(!plain_file_name("\\\\?\\C:\\x"));
     }
 }
