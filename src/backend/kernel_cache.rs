@@ -11,15 +11,15 @@ use anyhow::Result;
 use std::path::{Path, PathBuf};
 
 /// Where the cache lives: `$BONE_TOOL_CACHE_DIR`, else `$XDG_CACHE_HOME/bone-tool`, else
-/// `~/.cache/bone-tool`. None (compile every time) with `BONE_TOOL_NO_KERNEL_CACHE` set.
+/// `~/.cache/bone-tool` (on Windows `%LOCALAPPDATA%\bone-tool`). None (compile every time) with
+/// `BONE_TOOL_NO_KERNEL_CACHE` set.
 pub fn dir() -> Option<PathBuf> {
     if std::env::var_os("BONE_TOOL_NO_KERNEL_CACHE").is_some() {
         return None;
     }
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    var("BONE_TOOL_CACHE_DIR")
-        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("bone-tool")))
-        .or_else(|| var("HOME").map(|h| h.join(".cache").join("bone-tool")))
+    let user = || if cfg!(windows) { var("LOCALAPPDATA") } else { var("HOME").map(|h| h.join(".cache")) };
+    var("BONE_TOOL_CACHE_DIR").or_else(|| var("XDG_CACHE_HOME").or_else(user).map(|d| d.join("bone-tool")))
 }
 
 /// FNV-1a, 64 bits: a stable name for a source text (not a defence against anyone).
