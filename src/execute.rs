@@ -11,7 +11,6 @@ use crate::adapter::Adapter;
 use crate::backend::{has_gemm, same_bytes_on_every_device, Device, Opening, Ticket};
 use crate::error::{input, Interrupted, Result};
 use crate::model::output::ShardWriter;
-use crate::model::HEAD;
 use crate::model::{Model, SafetensorsFile, TensorBytes, TensorEntry};
 use crate::ops::dtype::Float;
 use crate::ops::{self, expand_transposed, Prepared};
@@ -518,8 +517,10 @@ fn read_all<'a>(
         let Some(&first) = names.first() else {
             return Ok(true);
         };
-        // An lm_head that only some outputs untie comes first; otherwise every output is at the same tensor.
-        let name = if names.contains(&HEAD) { HEAD } else { first };
+        // An output layer that only some outputs untie (written under the checkpoint's name for it)
+        // comes first; otherwise every output is at the same tensor.
+        let head = base.head_name();
+        let name = if names.contains(&head.as_str()) { head.as_str() } else { first };
         let mut sources = vec![];
         for (k, job) in next.iter().enumerate() {
             if let Some(job) = job.filter(|j| j.name == name) {

@@ -5,7 +5,7 @@
 use crate::adapter::{Adapter, Variant};
 use crate::error::{input, Result};
 use crate::model::file::build_header;
-use crate::model::{file_name, Model, TensorEntry, HEAD};
+use crate::model::{file_name, Model, TensorEntry};
 use crate::ops::dtype::Float;
 use crate::ops::{self, Rounding};
 use std::path::PathBuf;
@@ -267,7 +267,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
                 out_dtype: out_dtype(t.dtype),
             });
             if head_job == Some(&t.name) {
-                let ops = ops_by_tensor.remove(HEAD).unwrap_or_default();
+                let ops = ops_by_tensor.remove(base.head()).unwrap_or_default();
                 jobs.push(TensorJob {
                     name: base.head_name(),
                     input: si,
@@ -480,25 +480,27 @@ fn untie(base: &Model, ops: &std::collections::HashMap<String, Vec<Op>>, keep_ti
     let Some(embed) = base.embed_name() else {
         return Ok(None);
     };
-    let touched: Vec<&str> = [HEAD, embed].into_iter().filter(|n| ops.contains_key(*n)).collect();
+    let head = base.head();
+    let touched: Vec<&str> = [head, embed].into_iter().filter(|n| ops.contains_key(*n)).collect();
     let Some(first) = touched.first() else {
         return Ok(None);
     };
     let why = match base.ties_embeddings() {
-        Some(true) => "config.json has tie_word_embeddings true",
-        _ => "the base stores no lm_head.weight",
+        Some(true) => "config.json has tie_word_embeddings true".to_string(),
+        _ => format!("the base stores no {head}"),
     };
+    let module = head.strip_suffix(".weight").unwrap_or(head);
     if keep_tied {
         return Err(input(format!(
-            "the base ties lm_head to {embed:?} ({why}) and the adapter changes {first:?}: with --keep-tied this is \
+            "the base ties {module} to {embed:?} ({why}) and the adapter changes {first:?}: with --keep-tied this is \
              refused, since changing one side of a tied pair changes the other when the model is loaded; leave out \
              --keep-tied to write both tensors untied"
         )));
     }
-    let head = base.head_name();
-    let other = if *first == HEAD { embed } else { head.as_str() };
+    let stored_head = base.head_name();
+    let other = if *first == head { embed } else { stored_head.as_str() };
     Ok(Some(format!(
-        "the base ties lm_head to {embed:?} ({why}) and the adapter changes {first:?}: the output unties them \
+        "the base ties {module} to {embed:?} ({why}) and the adapter changes {first:?}: the output unties them \
          (both tensors written, {other:?} with the base's values; config.json tie_word_embeddings false)"
     )))
 }

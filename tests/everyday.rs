@@ -343,6 +343,61 @@ fn tied_base(dir: &std::path::Path) -> std::path::PathBuf {
     base
 }
 
+/// Other families name their tied pair otherwise: GPT-2 and MPT `transformer.wte`, Bloom and Falcon
+/// `transformer.word_embeddings` (with `lm_head`), GPT-NeoX `gpt_neox.embed_in` with `embed_out`.
+/// The same model under those names (PEFT's lm_head case, its tensors renamed) merges to PEFT's
+/// bytes under the same names.
+#[test]
+fn tied_output_layers_are_found_under_each_familys_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = fixtures().join("cases/bone-default-lm-head-bf16");
+    let peft = load(&case.join("merged"));
+    for (k, (embed, head)) in [
+        ("transformer.wte.weight", "lm_head"),
+        ("transformer.word_embeddings.weight", "lm_head"),
+        ("gpt_neox.embed_in.weight", "embed_out"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tmp.path().join(k.to_string());
+        let base = tied_base(&dir);
+        edit_tensors(&base.join("model.safetensors"), |t| {
+            let values = t.remove("model.embed_tokens.weight").unwrap();
+            t.insert(embed.into(), values);
+        });
+        let adapter = dir.join("adapter");
+        copy_dir(&case.join("adapter"), &adapter);
+        edit_tensors(&adapter.join("adapter_model.safetensors"), |t| {
+            for key in ["bone_block", "base_layer.weight"] {
+                let values = t.remove(&format!("base_model.model.lm_head.{key}")).unwrap();
+                t.insert(format!("base_model.model.{head}.{key}"), values);
+            }
+        });
+        edit_json(&adapter.join("adapter_config.json"), |c| {
+            for m in c["target_modules"].as_array_mut().unwrap() {
+                if m == "lm_head" {
+                    *m = head.into();
+                }
+            }
+        });
+        let out = dir.join("out");
+        let o = merge_with(&base, &adapter, &out, &[]);
+        ok(&o);
+        let err = stderr(&o);
+        assert!(err.contains(&format!("ties {head} to \"{embed}\"")) && err.contains("unties them"), "{err}");
+        let (ours, before) = (load(&out), load(&base));
+        assert!(ours[&format!("{head}.weight")].data == peft["lm_head.weight"].data, "{head}: PEFT's merged head");
+        assert!(ours[embed].data == before[embed].data, "{embed} keeps the base's values");
+        assert_eq!(ours.len(), peft.len(), "{:?}", ours.keys().collect::<Vec<_>>());
+        for (name, t) in peft.iter().filter(|(n, _)| !n.contains("lm_head") && !n.contains("embed_tokens")) {
+            assert!(ours[name].data == t.data, "{name}");
+        }
+        assert_eq!(config(&out)["tie_word_embeddings"], false);
+        ok(&run(&["verify", "--base", s(&base), "--adapter", s(&adapter), "--merged", s(&out)]));
+    }
+}
+
 #[test]
 fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     let tmp = tempfile::tempdir().unwrap();

@@ -12,8 +12,15 @@ use std::path::{Path, PathBuf};
 
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 pub const SINGLE_NAME: &str = "model.safetensors";
-/// The output embedding that transformers ties to the input embedding.
+/// The output embedding that transformers ties to the input embedding (most models' name; see
+/// [`Model::head`]).
 pub const HEAD: &str = "lm_head.weight";
+/// GPT-NeoX's output embedding, tied to its `gpt_neox.embed_in.weight`.
+const NEOX_HEAD: &str = "embed_out.weight";
+/// How the input embedding's name ends: `model.embed_tokens` (Llama, Qwen, Gemma, OPT's
+/// `model.decoder.embed_tokens`, …), `transformer.wte` (GPT-2, MPT), `transformer.word_embeddings`
+/// (Bloom, Falcon), `gpt_neox.embed_in` (GPT-NeoX): each family's `get_input_embeddings()`.
+const INPUT_EMBEDDINGS: [&str; 4] = ["embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight"];
 
 /// A model opened for reading: its shards' headers, validated, and where each tensor lives.
 #[derive(Debug)]
@@ -30,8 +37,9 @@ pub struct Model {
     /// The parsed `config.json`, when present.
     pub config: Option<serde_json::Value>,
     tensors: HashMap<String, (usize, usize)>,
-    /// A tied model that stores only its input embedding: the name of that tensor, which
-    /// `lm_head.weight` reads as (transformers does the same when it loads the model).
+    /// A tied model that stores only its input embedding: the name of that tensor, which the
+    /// output layer ([`Model::head`], `lm_head.weight`) reads as (transformers does the same when
+    /// it loads the model).
     pub head_alias: Option<String>,
 }
 
@@ -200,8 +208,8 @@ impl Model {
     /// The shard holding `name` and its entry (`lm_head.weight` of a tied model that stores only the
     /// input embedding: that tensor).
     pub fn tensor(&self, name: &str) -> Option<(usize, &TensorEntry)> {
-        let name = match (&self.head_alias, name) {
-            (Some(embed), HEAD) => embed.as_str(),
+        let name = match &self.head_alias {
+            Some(embed) if name == self.head() => embed.as_str(),
             _ => name,
         };
         self.tensors.get(name).map(|&(s, t)| (s, &self.shards[s].tensors[t]))
@@ -226,13 +234,26 @@ impl Model {
         })
     }
 
-    /// The input embedding (`…embed_tokens.weight`), the shortest such name when there are several.
+    /// The input embedding (`…embed_tokens.weight`, `…wte.weight`, …: [`INPUT_EMBEDDINGS`]), the
+    /// shortest such name when there are several.
     pub fn embed_name(&self) -> Option<&str> {
         self.tensors
             .keys()
-            .filter(|n| n.ends_with("embed_tokens.weight"))
+            .filter(|n| {
+                INPUT_EMBEDDINGS.iter().any(|e| n.strip_suffix(e).is_some_and(|p| p.is_empty() || p.ends_with('.')))
+            })
             .min_by_key(|n| (n.len(), n.as_str()))
             .map(String::as_str)
+    }
+
+    /// The output layer's weight as PEFT's module paths name it, the one a tied model reads from
+    /// its input embedding: `embed_out.weight` beside GPT-NeoX's `gpt_neox.embed_in.weight`, else
+    /// `lm_head.weight`.
+    pub fn head(&self) -> &'static str {
+        match self.embed_name() {
+            Some(e) if e.ends_with("embed_in.weight") => NEOX_HEAD,
+            _ => HEAD,
+        }
     }
 
     /// Whether transformers ties `lm_head` to the input embedding when it loads this model:
@@ -253,7 +274,7 @@ impl Model {
             .find(|h| {
                 h.strip_suffix("lm_head.weight").is_some_and(|outer| embed.starts_with(&format!("{outer}model.")))
             })
-            .unwrap_or_else(|| HEAD.to_string())
+            .unwrap_or_else(|| self.head().to_string())
     }
 
     /// Whether some tensor's name starts with `prefix`.
@@ -264,7 +285,7 @@ impl Model {
     /// Whether the checkpoint stores an output layer: `lm_head.weight`, or a vision-language
     /// model's renamed one (`language_model.lm_head.weight`, [`CHECKPOINT_RENAMES`]).
     fn stores_head(&self) -> bool {
-        self.tensors.contains_key(HEAD) || renamed_heads().any(|h| self.tensors.contains_key(&h))
+        self.tensors.contains_key(self.head()) || renamed_heads().any(|h| self.tensors.contains_key(&h))
     }
 
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
