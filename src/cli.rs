@@ -297,7 +297,8 @@ pub struct ApplyOptions {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_shard_size: Option<u64>,
 
-    /// When the base ties lm_head to embed_tokens and an adapter changes one of them, refuse
+    /// When the base ties its output layer to its input embedding (lm_head to embed_tokens, wte or
+    /// word_embeddings; GPT-NeoX's embed_out to embed_in) and an adapter changes one of them, refuse
     /// (default: write both tensors and set tie_word_embeddings false, with a warning)
     #[arg(long, conflicts_with = "untie")]
     pub keep_tied: bool,
