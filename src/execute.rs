@@ -510,6 +510,7 @@ fn read_all<'a>(
     let flat: Vec<Vec<&'a TensorJob>> =
         plans.iter().map(|p| p.shards.iter().flat_map(|s| s.jobs.iter()).collect()).collect();
     let mut at = vec![0usize; flat.len()];
+    let head = base.head_name();
     loop {
         check_interrupt()?;
         let next: Vec<Option<&TensorJob>> = flat.iter().zip(&at).map(|(f, &i)| f.get(i).copied()).collect();
@@ -519,7 +520,6 @@ fn read_all<'a>(
         };
         // An output layer that only some outputs untie (written under the checkpoint's name for it)
         // comes first; otherwise every output is at the same tensor.
-        let head = base.head_name();
         let name = if names.contains(&head.as_str()) { head.as_str() } else { first };
         let mut sources = vec![];
         for (k, job) in next.iter().enumerate() {

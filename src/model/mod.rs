@@ -41,6 +41,8 @@ pub struct Model {
     /// output layer ([`Model::head`], `lm_head.weight`) reads as (transformers does the same when
     /// it loads the model).
     pub head_alias: Option<String>,
+    /// [`Model::head`], found once.
+    head: &'static str,
 }
 
 impl Model {
@@ -197,8 +199,20 @@ impl Model {
                 }
             }
         }
-        let mut model =
-            Model { path: path.to_path_buf(), folder, shards, index, index_name, config, tensors, head_alias: None };
+        let mut model = Model {
+            path: path.to_path_buf(),
+            folder,
+            shards,
+            index,
+            index_name,
+            config,
+            tensors,
+            head_alias: None,
+            head: HEAD,
+        };
+        if model.embed_name().is_some_and(|e| e.ends_with("embed_in.weight")) {
+            model.head = NEOX_HEAD;
+        }
         if model.ties() && !model.stores_head() {
             model.head_alias = model.embed_name().map(str::to_string);
         }
@@ -250,10 +264,7 @@ impl Model {
     /// its input embedding: `embed_out.weight` beside GPT-NeoX's `gpt_neox.embed_in.weight`, else
     /// `lm_head.weight`.
     pub fn head(&self) -> &'static str {
-        match self.embed_name() {
-            Some(e) if e.ends_with("embed_in.weight") => NEOX_HEAD,
-            _ => HEAD,
-        }
+        self.head
     }
 
     /// Whether transformers ties `lm_head` to the input embedding when it loads this model:
