@@ -544,18 +544,17 @@ fn huge_headers_and_shards_listed_twice_are_refused() {
     // the same shard under two names in the index: its tensors would be stored twice
     let b = e.copy("bases/llama-bf16-sharded", "base");
     std::fs::copy(b.join("model-00001-of-00003.safetensors"), b.join("copy.safetensors")).unwrap();
-    let idx = b.join("model.safetensors.index.json");
-    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&idx).unwrap()).unwrap();
-    let first = index["weight_map"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .find(|(_, v)| *v == "model-00001-of-00003.safetensors")
-        .unwrap()
-        .0
-        .clone();
-    index["weight_map"][&first] = "copy.safetensors".into();
-    std::fs::write(&idx, serde_json::to_string_pretty(&index).unwrap()).unwrap();
+    edit_json(&b.join("model.safetensors.index.json"), |index| {
+        let first = index["weight_map"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .find(|(_, v)| *v == "model-00001-of-00003.safetensors")
+            .unwrap()
+            .0
+            .clone();
+        index["weight_map"][&first] = "copy.safetensors".into();
+    });
     let adapter = fixtures().join("cases/miss-default-sharded-bf16/adapter");
     fails(&merge_args(s(&b), s(&adapter), s(&out)), Some(&out), &[&b], &["stored twice", "copy.safetensors"]);
 }
@@ -567,7 +566,6 @@ fn index_entries_naming_files_outside_the_model_folder_are_refused() {
     let adapter = fixtures().join("cases/miss-default-sharded-bf16/adapter");
     let out = e.path("out");
     let idx = b.join("model.safetensors.index.json");
-    let original = std::fs::read_to_string(&idx).unwrap();
     // each would be read from (and written to) a path beside or above the folder; `C:x` on Windows
     // is a file in drive C's working folder
     let mut outside = vec!["../model-00001-of-00003.safetensors", "sub/x.safetensors", "..", ""];
@@ -575,10 +573,11 @@ fn index_entries_naming_files_outside_the_model_folder_are_refused() {
         outside.push("C:model-00001-of-00003.safetensors");
     }
     for name in outside {
-        let mut index: serde_json::Value = serde_json::from_str(&original).unwrap();
-        let first = index["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
-        index["weight_map"][&first] = name.into();
-        std::fs::write(&idx, serde_json::to_string_pretty(&index).unwrap()).unwrap();
+        // (the same entry each time: its key keeps its place)
+        edit_json(&idx, |index| {
+            let first = index["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
+            index["weight_map"][&first] = name.into();
+        });
         let shown = serde_json::Value::from(name).to_string();
         fails(&merge_args(s(&b), s(&adapter), s(&out)), Some(&out), &[&b], &[&shown, "is not a plain file name"]);
     }
