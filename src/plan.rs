@@ -157,6 +157,8 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         }
     }
     let mut ops_by_tensor: std::collections::HashMap<String, Vec<Op>> = Default::default();
+    // The tensors some op changes the values of: not a saved base layer, not a zero block.
+    let mut changes: std::collections::HashSet<String> = Default::default();
     let mut problems: Vec<String> = vec![];
 
     // Adapters are merged in the order given and unmerged last-in first-out.
@@ -179,6 +181,9 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
                 continue;
             }
             let replace = Op::Replace { adapter: ai, src: rep.entry.clone() };
+            if !rep.base_layer {
+                changes.insert(rep.target.clone());
+            }
             match direction {
                 Direction::Merge => ops_by_tensor.entry(rep.target.clone()).or_default().push(replace),
                 Direction::Unmerge if rep.base_layer => {
@@ -233,7 +238,21 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
                     }
                 }
             };
+            if !zero {
+                changes.insert(b.target());
+            }
             ops_by_tensor.entry(b.target()).or_default().push(op);
+        }
+    }
+    // PEFT changes a tied output layer through the one weight it shares with the embedding. An
+    // adapter that changes the head's values unties the pair ([`untie`]); ops that only give the
+    // head its saved base layer back or add PEFT's zero blocks go to the embedding, as in PEFT,
+    // and the model stays tied.
+    if let Some(embed) = &base.head_alias {
+        if !changes.contains(base.head()) && !ops_by_tensor.contains_key(embed) {
+            if let Some(ops) = ops_by_tensor.remove(base.head()) {
+                ops_by_tensor.insert(embed.clone(), ops);
+            }
         }
     }
     if let Some(first) = problems.first() {
@@ -241,7 +260,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             if problems.len() > 1 { format!(" (and {} more problems)", problems.len() - 1) } else { String::new() };
         return Err(input(format!("{first}{more}")));
     }
-    let untied = untie(base, &ops_by_tensor, opts.keep_tied)?;
+    let untied = untie(base, &ops_by_tensor, &changes, opts.keep_tied)?;
     if let Some(w) = &untied {
         warnings.push(w.clone());
     }
@@ -469,11 +488,16 @@ fn check_invertible(a: &Adapter, b: &crate::adapter::Block) -> Result<()> {
     }
 }
 
-/// When the base ties `lm_head` to the input embedding and the adapters change either side, the
-/// output unties them: both tensors are written (the unchanged side with the base's values) and
-/// config.json says `tie_word_embeddings: false`. Returns the warning to give, or, with
-/// `keep_tied`, refuses.
-fn untie(base: &Model, ops: &std::collections::HashMap<String, Vec<Op>>, keep_tied: bool) -> Result<Option<String>> {
+/// When the base ties `lm_head` to the input embedding and the adapters change either side (the
+/// values: `changes`; ops left on the head, which has none of its own), the output unties them:
+/// both tensors are written (the unchanged side with the base's values) and config.json says
+/// `tie_word_embeddings: false`. Returns the warning to give, or, with `keep_tied`, refuses.
+fn untie(
+    base: &Model,
+    ops: &std::collections::HashMap<String, Vec<Op>>,
+    changes: &std::collections::HashSet<String>,
+    keep_tied: bool,
+) -> Result<Option<String>> {
     if !base.ties() {
         return Ok(None);
     }
@@ -481,7 +505,8 @@ fn untie(base: &Model, ops: &std::collections::HashMap<String, Vec<Op>>, keep_ti
         return Ok(None);
     };
     let head = base.head();
-    let touched: Vec<&str> = [head, embed].into_iter().filter(|n| ops.contains_key(*n)).collect();
+    let touched: Vec<&str> =
+        [head, embed].into_iter().filter(|n| ops.contains_key(*n) && (*n == head || changes.contains(*n))).collect();
     let Some(first) = touched.first() else {
         return Ok(None);
     };

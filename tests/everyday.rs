@@ -485,6 +485,68 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     assert!(!load(&other).contains_key("lm_head.weight"));
 }
 
+/// An adapter whose config targets a tied lm_head but whose file has no block for it (PEFT's
+/// "missing adapter keys"): PEFT puts its layer on the weight the head shares with the embedding
+/// all the same, loads the saved base layer into it when the file has one, and merges the
+/// layer's initial block, zeros, which turn -0 into +0 and change nothing else. So the model stays
+/// tied, the embedding gets what PEFT's shared weight gets, and bone-tool warns of the block.
+#[test]
+fn a_tied_head_without_its_block_stays_tied_and_is_warned_of() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tied_base(tmp.path());
+    let embed = "model.embed_tokens.weight";
+    edit_tensors(&base.join("model.safetensors"), |t| {
+        let e = t.get_mut(embed).unwrap();
+        e.data[..4].copy_from_slice(&[0x00, 0x80, 0x00, 0x80]); // two bf16 -0s
+    });
+    let before = load(&base);
+    let case = fixtures().join("cases/bone-default-lm-head-bf16");
+    let saved =
+        load(&case.join("adapter/adapter_model.safetensors"))["base_model.model.lm_head.base_layer.weight"].clone();
+    assert!(saved.data[..4] != [0x00, 0x80, 0x00, 0x80], "the saved base layer differs from the edited embedding");
+    let peft = load(&case.join("merged"));
+    // -0 + 0 = +0 (bf16, little-endian)
+    let plus_zero = |data: &[u8]| -> Vec<u8> {
+        data.chunks_exact(2).flat_map(|v| if v == [0x00, 0x80] { [0x00, 0x00] } else { [v[0], v[1]] }).collect()
+    };
+    let with_layer = tmp.path().join("with-layer");
+    copy_dir(&case.join("adapter"), &with_layer);
+    edit_tensors(&with_layer.join("adapter_model.safetensors"), |t| {
+        assert!(t.remove("base_model.model.lm_head.bone_block").is_some());
+    });
+    let zeros_only = tmp.path().join("zeros-only");
+    copy_dir(&with_layer, &zeros_only);
+    edit_tensors(&zeros_only.join("adapter_model.safetensors"), |t| {
+        assert!(t.remove("base_model.model.lm_head.base_layer.weight").is_some());
+    });
+    for (adapter, shared) in [(&with_layer, &saved.data), (&zeros_only, &before[embed].data)] {
+        let name = adapter.file_name().unwrap().to_str().unwrap();
+        let out = tmp.path().join(format!("out-{name}"));
+        let o = merge_with(&base, adapter, &out, &[]);
+        ok(&o);
+        let err = stderr(&o);
+        assert!(err.contains("targets \"lm_head\"") && err.contains("no block for it"), "{name}: {err}");
+        assert!(!err.contains("unties"), "{name}: {err}");
+        let ours = load(&out);
+        assert!(!ours.contains_key("lm_head.weight"), "{name}: still tied, no head stored");
+        assert_eq!(config(&out)["tie_word_embeddings"], true, "{name}");
+        assert!(ours[embed].data == plus_zero(shared), "{name}: the embedding is PEFT's shared weight");
+        for (k, t) in &peft {
+            if k != embed && k != "lm_head.weight" {
+                assert!(ours[k].data == t.data, "{name}: {k}");
+            }
+        }
+        ok(&run(&["verify", "--base", s(&base), "--adapter", s(adapter), "--merged", s(&out)]));
+        // unmerge: the saved base layer restores the weight; else the zero block comes off again
+        let back = tmp.path().join(format!("back-{name}"));
+        ok(&run(&["-q", "unmerge", "--merged", s(&out), "--adapter", s(adapter), "--out", s(&back)]));
+        let restored = load(&back);
+        assert!(!restored.contains_key("lm_head.weight"), "{name}: unmerged, still tied");
+        let expected = if adapter == &with_layer { saved.data.clone() } else { plus_zero(shared) };
+        assert!(restored[embed].data == expected, "{name}: unmerged embedding");
+    }
+}
+
 #[test]
 fn a_tied_vision_language_model_is_untied_in_its_own_layout() {
     // A tied LLaVA (Gemma 3 and PaliGemma are tied) stores no lm_head, and transformers ties it by

@@ -338,8 +338,11 @@ impl Adapter {
         let have: std::collections::HashSet<&str> =
             self.blocks.iter().chain(&self.untargeted).filter_map(|b| b.tensor.strip_suffix(".weight")).collect();
         let mut regexes = Regexes::default();
+        // (a tied model's output layer is a module too, though the checkpoint stores only the embedding)
+        let tied_head = base.head_alias.is_some().then(|| base.head());
         let mut missing: Vec<String> = base
             .tensor_names()
+            .chain(tied_head)
             .filter_map(|name| Some((name.strip_suffix(".weight")?, base.tensor(name)?.1)))
             .filter(|(module, e)| e.shape.len() == 2 && !have.contains(module) && !base.never_loaded(module))
             .filter(|(module, _)| self.targets_base_module(module, &mut regexes) == Some(true))
