@@ -116,6 +116,8 @@ pub struct Plan {
     /// config.json to write in place of the base's (when the dtype changed or embeddings were untied).
     pub config: Option<serde_json::Value>,
     pub warnings: Vec<String>,
+    /// The warning that the output unties the base's tied embeddings (also in `warnings`).
+    pub untied: Option<String>,
     /// Tensors whose values change (by an adapter).
     pub changed: usize,
     /// Tensors written with the base's bytes (or their cast).
@@ -308,7 +310,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         Some(folder) => side_files(folder, base, &shards, config.is_some(), &mut warnings)?,
         None => vec![],
     };
-    Ok(Plan { direction, shards, index, side_files, config, warnings, changed, copied, cast })
+    Ok(Plan { direction, shards, index, side_files, config, warnings, untied, changed, copied, cast })
 }
 
 /// The output files: the base's own (each tensor where it was), or, with a maximum size,

@@ -483,6 +483,15 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     ok(&merge_with(&base, &fixtures().join("cases/bone-bat-bf16/adapter"), &other, &["-q"]));
     assert_eq!(config(&other)["tie_word_embeddings"], true);
     assert!(!load(&other).contains_key("lm_head.weight"));
+    // inspect --base tells which: merge's warning, and unties_embeddings
+    for (adapter, unties) in [(case.join("adapter"), true), (fixtures().join("cases/bone-bat-bf16/adapter"), false)] {
+        let o = run(&["inspect", "adapter", s(&adapter), "--base", s(&base), "--json"]);
+        ok(&o);
+        let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(r["unties_embeddings"], unties, "{}", adapter.display());
+        let warned = r["warnings"].as_array().unwrap().iter().any(|w| w.as_str().unwrap().contains("unties them"));
+        assert_eq!(warned, unties, "{r}");
+    }
 }
 
 /// An adapter whose config targets a tied lm_head but whose file has no block for it (PEFT's
@@ -537,6 +546,10 @@ fn a_tied_head_without_its_block_stays_tied_and_is_warned_of() {
             }
         }
         ok(&run(&["verify", "--base", s(&base), "--adapter", s(adapter), "--merged", s(&out)]));
+        let o = run(&["inspect", "adapter", s(adapter), "--base", s(&base), "--json"]);
+        let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(r["modules_without_blocks"], serde_json::json!(["lm_head"]), "{name}");
+        assert_eq!(r["unties_embeddings"], false, "{name}");
         // unmerge: the saved base layer restores the weight; else the zero block comes off again
         let back = tmp.path().join(format!("back-{name}"));
         ok(&run(&["-q", "unmerge", "--merged", s(&out), "--adapter", s(adapter), "--out", s(&back)]));

@@ -88,6 +88,16 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
     let missing = base.map(|b| a.modules_without_blocks(b));
     let mut warnings = a.warnings.clone();
     warnings.extend(missing.as_deref().and_then(|m| a.missing_blocks_warning(m)));
+    // what merge does to a tied base, in merge's words
+    let untied = match base {
+        Some(b) if problems.is_empty() => {
+            crate::plan::build(b, std::slice::from_ref(a), crate::plan::Direction::Merge, Default::default())
+                .ok()
+                .map(|plan| plan.untied)
+        }
+        _ => None,
+    };
+    warnings.extend(untied.clone().flatten());
     json!({
         "adapter": a.dir.display().to_string(),
         "peft_type": c.peft_type.name(),
@@ -117,6 +127,8 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
         "warnings": warnings,
         "base": base.map(|b| b.path.display().to_string()),
         "modules_without_blocks": missing,
+        // merging into this base unties its tied embeddings (null: no base, or it does not fit)
+        "unties_embeddings": untied.map(|w| w.is_some()),
         "base_renames": base.map(|_| {
             a.renames().iter().map(|(m, s)| json!({"module_prefix": m, "stored_prefix": s})).collect::<Vec<_>>()
         }),
