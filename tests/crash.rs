@@ -179,7 +179,7 @@ fn ctrl_c_stops_a_bat_to_lora_conversion_at_the_next_layer() {
     std::thread::sleep(Duration::from_millis(300));
     if let Some(status) = child.try_wait().unwrap() {
         // a machine fast enough to convert all four layers in 300 ms checks nothing here
-        eprintln!("NOT CHECKED: the conversion ended ({status}) before the signal could stop it");
+        not_checked(&format!("the conversion ended ({status}) before the signal could stop it"));
         return;
     }
     // SAFETY: a plain kill(2) of our own child, which has not been waited for yet.
@@ -231,7 +231,7 @@ fn an_output_that_cannot_fit_is_refused_before_writing() {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !mounted {
-        eprintln!("cannot mount a small tmpfs here (not root?): full-disk refusal not checked");
+        not_checked("full-disk refusal: cannot mount a small tmpfs here (not root?)");
         return;
     }
     let out = mnt.join("out");

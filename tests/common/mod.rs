@@ -36,6 +36,14 @@ pub fn bin() -> Command {
     c
 }
 
+/// Say in the test output that a check did not run here, and why. Straight to stderr: the test
+/// harness captures `eprintln!` and shows it only for failing tests, so a skipped check would pass
+/// silently.
+pub fn not_checked(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "NOT CHECKED: {why}");
+}
+
 /// Run bone-tool with these arguments.
 pub fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("bone-tool runs")
