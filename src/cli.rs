@@ -299,7 +299,9 @@ pub struct ApplyOptions {
 
     /// When the base ties its output layer to its input embedding (lm_head to embed_tokens, wte or
     /// word_embeddings; GPT-NeoX's embed_out to embed_in) and an adapter changes one of them, refuse
-    /// (default: write both tensors and set tie_word_embeddings false, with a warning)
+    /// (default: write both tensors and set tie_word_embeddings false, with a warning). Unmerge
+    /// takes a still-tied model's head blocks out of the shared weight (merged there in place, as
+    /// PEFT does) and keeps the tie
     #[arg(long, conflicts_with = "untie")]
     pub keep_tied: bool,
 

@@ -247,11 +247,14 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         }
     }
     // PEFT changes a tied output layer through the one weight it shares with the embedding. An
-    // adapter that changes the head's values unties the pair ([`untie`]); ops that only give the
-    // head its saved base layer back or add PEFT's zero blocks go to the embedding, as in PEFT,
-    // and the model stays tied.
+    // adapter that changes the head's values unties the pair when merged ([`untie`]); ops that
+    // only give the head its saved base layer back or add PEFT's zero blocks go to the embedding,
+    // as in PEFT, and the model stays tied. Unmerging, a model that is still tied had the adapter
+    // merged into that shared weight (PEFT's in-place merge; bone-tool's merge unties), so it
+    // comes out of it: both sides get the base back, and the model stays tied.
     if let Some(embed) = &base.head_alias {
-        if !changes.contains(base.head()) && !ops_by_tensor.contains_key(embed) {
+        let shared = direction == Direction::Unmerge || !changes.contains(base.head());
+        if shared && !ops_by_tensor.contains_key(embed) {
             if let Some(ops) = ops_by_tensor.remove(base.head()) {
                 ops_by_tensor.insert(embed.clone(), ops);
             }

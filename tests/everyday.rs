@@ -560,6 +560,43 @@ fn a_tied_head_without_its_block_stays_tied_and_is_warned_of() {
     }
 }
 
+/// A tied model that PEFT merged in place: the head's block went into the weight the head shares
+/// with the embedding, so both sides carry it. Unmerge takes it out of that shared weight, as
+/// PEFT's unmerge does (before, it untied the pair and left the embedding merged), and the model
+/// stays tied; with the adapter's saved base layer, that layer comes back.
+#[test]
+fn unmerging_a_tied_model_merged_in_place_keeps_it_tied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let embed = "model.embed_tokens.weight";
+    let case = fixtures().join("cases/bone-default-lm-head-bf16");
+    // PEFT's merge into the tied base (whose embedding is llama-bf16's lm_head): the case's merged
+    // head, stored as the embedding
+    let tied_merged =
+        tied_copy(&tmp.path().join("m"), "cases/bone-default-lm-head-bf16/merged", "lm_head.weight", embed);
+    let bare = bare_adapter(&case, tmp.path());
+    // the head unmerged untied (the case's merged model stores lm_head): what the shared weight gets
+    let untied = tmp.path().join("untied");
+    ok(&run(&["-q", "unmerge", "--merged", s(&case.join("merged")), "--adapter", s(&bare), "--out", s(&untied)]));
+    let untied = load(&untied);
+    let saved =
+        load(&case.join("adapter/adapter_model.safetensors"))["base_model.model.lm_head.base_layer.weight"].clone();
+    assert!(untied["lm_head.weight"].data != saved.data, "the saved layer differs from the computed unmerge");
+    for (adapter, shared) in [(&bare, &untied["lm_head.weight"]), (&case.join("adapter"), &saved)] {
+        let out = tmp.path().join(format!("out-{}", adapter.file_name().unwrap().to_str().unwrap()));
+        let o = run(&["unmerge", "--merged", s(&tied_merged), "--adapter", s(adapter), "--out", s(&out)]);
+        ok(&o);
+        assert!(!stderr(&o).contains("unties"), "{}", stderr(&o));
+        let ours = load(&out);
+        assert!(!ours.contains_key("lm_head.weight"), "still tied, no head stored");
+        assert!(ours[embed].data == shared.data, "{}: the shared weight", adapter.display());
+        for (k, t) in &untied {
+            if k != embed && k != "lm_head.weight" {
+                assert!(ours[k].data == t.data, "{k}");
+            }
+        }
+    }
+}
+
 #[test]
 fn a_tied_vision_language_model_is_untied_in_its_own_layout() {
     // A tied LLaVA (Gemma 3 and PaliGemma are tied) stores no lm_head, and transformers ties it by
