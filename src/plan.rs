@@ -26,6 +26,9 @@ pub struct Options {
     pub max_shard_size: Option<u64>,
     /// Refuse to change one side of tied embeddings instead of untying them.
     pub keep_tied: bool,
+    /// Merge a tied head's blocks into the weight it shares with the embedding and keep the tie,
+    /// as PEFT's in-place merge does (verify of such a merge), instead of untying.
+    pub shared_tied_head: bool,
     /// BAT merge rounds `W + Δ` once instead of PEFT's double rounding.
     pub rounding_once: bool,
     /// PEFT's `autocast_adapter_dtype`. True (PEFT's default): blocks are held in f32 while
@@ -40,6 +43,7 @@ impl Default for Options {
             out_dtype: None,
             max_shard_size: None,
             keep_tied: false,
+            shared_tied_head: false,
             rounding_once: false,
             autocast_adapter_dtype: true,
         }
@@ -253,7 +257,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     // merged into that shared weight (PEFT's in-place merge; bone-tool's merge unties), so it
     // comes out of it: both sides get the base back, and the model stays tied.
     if let Some(embed) = &base.head_alias {
-        let shared = direction == Direction::Unmerge || !changes.contains(base.head());
+        let shared = opts.shared_tied_head || direction == Direction::Unmerge || !changes.contains(base.head());
         if shared && !ops_by_tensor.contains_key(embed) {
             if let Some(ops) = ops_by_tensor.remove(base.head()) {
                 ops_by_tensor.insert(embed.clone(), ops);

@@ -595,6 +595,18 @@ fn unmerging_a_tied_model_merged_in_place_keeps_it_tied() {
             }
         }
     }
+    // verify recomputes the tied merge in place too, and says so; the untied merge stays an error
+    let base = tied_base(tmp.path());
+    for adapter in [&bare, &case.join("adapter")] {
+        let o = run(&["verify", "--base", s(&base), "--adapter", s(adapter), "--merged", s(&tied_merged)]);
+        ok(&o);
+        assert!(stderr(&o).contains("merged in place"), "{}", stderr(&o));
+    }
+    let mut broken = load(&tied_merged.join("model.safetensors"));
+    broken.get_mut(embed).unwrap().data = load(&base)[embed].data.clone(); // the head's blocks left out
+    save(&tied_merged.join("model.safetensors"), &broken);
+    let o = run(&["verify", "--base", s(&base), "--adapter", s(&bare), "--merged", s(&tied_merged)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
 
 #[test]

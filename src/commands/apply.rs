@@ -98,6 +98,7 @@ fn run_opening(
         out_dtype: opts.dtype.float(),
         max_shard_size: opts.max_shard_size,
         keep_tied: opts.keep_tied,
+        shared_tied_head: false,
     };
     let plans = all_adapters.iter().map(|a| plan::build(&base, a, direction, options)).collect::<Result<Vec<_>>>()?;
     for w in plans.iter().flat_map(|p| &p.warnings) {

@@ -34,7 +34,20 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         autocast_adapter_dtype: !args.no_autocast_adapter_dtype,
         ..Options::default()
     };
-    let plan = plan::build(&input, &adapters, direction, options)?;
+    let mut plan = plan::build(&input, &adapters, direction, options)?;
+    if plan.untied.is_some() && expected.head_alias.is_some() {
+        // A merged model that is still tied was merged in place, into the weight both sides share
+        // (PEFT's merge_and_unload): recompute it so.
+        plan = plan::build(&input, &adapters, direction, Options { shared_tied_head: true, ..options })?;
+        plan.warnings.push(format!(
+            "{}: still tied, so the adapters were merged in place into the weight {} shares with {:?} (as PEFT's \
+             merge_and_unload does), which the model also reads as its input embedding; checked as such \
+             (bone-tool merge unties the pair instead, leaving the input embedding as it was)",
+            expected_path.display(),
+            input.head().trim_end_matches(".weight"),
+            input.head_alias.as_deref().unwrap_or_default()
+        ));
+    }
     let (device, note) = Device::select_for(args.device, &plan.needs())?;
     let device = Opening::ready(device);
     let mut warnings = plan.warnings.clone();
