@@ -462,6 +462,28 @@ fn tied_embeddings_stay_tied_only_when_asked() {
     fails(&args, Some(&out), &[&b], &["ties lm_head", "lm_head.weight", "--keep-tied"]);
 }
 
+/// T5 ties lm_head to `shared` and scales the decoder's output by d_model^-0.5 only while tied, so
+/// untying it would change the model: an adapter on its lm_head is refused, saying so.
+#[test]
+fn a_t5_style_tied_head_is_refused_with_the_reason() {
+    let e = Env::new();
+    let b = e.copy("bases/llama-bf16", "base");
+    edit_tensors(&b.join("model.safetensors"), |t| {
+        let head = t.remove("lm_head.weight").unwrap();
+        t.remove("model.embed_tokens.weight").unwrap();
+        t.insert("shared.weight".into(), head);
+    });
+    edit_json(&b.join("config.json"), |c| c["tie_word_embeddings"] = true.into());
+    let a = fixtures().join("cases/bone-default-lm-head-bf16/adapter");
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&b), s(&a), s(&out)),
+        Some(&out),
+        &[&b],
+        &["\"lm_head.weight\"", "\"shared.weight\"", "d_model^-0.5"],
+    );
+}
+
 #[test]
 fn foreign_keys_are_ignored_with_a_warning() {
     let e = Env::new();

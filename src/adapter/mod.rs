@@ -554,6 +554,15 @@ fn missing_target(key: &str, target: &str, base: &Model) -> String {
             return msg;
         }
     }
+    if target == base.head() && base.has("shared.weight") && base.ties_embeddings() != Some(false) {
+        // T5's layout: lm_head, encoder.embed_tokens and decoder.embed_tokens all read `shared`
+        msg.push_str(
+            ": it ties lm_head to \"shared.weight\" (T5's layout), which bone-tool does not untie: a tied T5 scales \
+             the decoder's output by d_model^-0.5 before lm_head and an untied one does not, so an untied merged head \
+             would change the model's outputs; leave lm_head out of the adapter's targets",
+        );
+        return msg;
+    }
     if let Some(method) = quantized(base) {
         // GPTQ/AWQ keep a layer as "<module>.qweight", compressed-tensors as "<module>.weight_packed"
         let module = target.strip_suffix(".weight").unwrap_or(target);
