@@ -166,6 +166,9 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     // The tensors some op changes the values of: not a saved base layer, not a zero block.
     let mut changes: std::collections::HashSet<String> = Default::default();
     let mut problems: Vec<String> = vec![];
+    // Unmerging: the tensors a later adapter's saved base layer restored, and that adapter.
+    let mut restored_by: std::collections::HashMap<String, usize> = Default::default();
+    let mut warned_restored: std::collections::HashSet<String> = Default::default();
 
     // Adapters are merged in the order given and unmerged last-in first-out.
     let order: Vec<usize> = match direction {
@@ -246,8 +249,22 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             };
             if !zero {
                 changes.insert(b.target());
+                if let Some(&later) = restored_by.get(&b.target()) {
+                    if warned_restored.insert(b.target()) {
+                        warnings.push(format!(
+                            "{at}: its block on {:?} is taken out of the base layer that {} saved (restored first, \
+                             as the later adapter): right when that adapter was trained on a model with this one \
+                             merged; if both were trained on the same base, that saved layer alone is the base",
+                            b.target(),
+                            adapters[later].dir.display()
+                        ));
+                    }
+                }
             }
             ops_by_tensor.entry(b.target()).or_default().push(op);
+        }
+        for t in restored {
+            restored_by.entry(t).or_insert(ai);
         }
     }
     // PEFT changes a tied output layer through the one weight it shares with the embedding. An

@@ -609,6 +609,51 @@ fn unmerging_a_tied_model_merged_in_place_keeps_it_tied() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
 
+/// Unmerging a stack where the later adapter restores lm_head from its saved base layer and the
+/// earlier one has a block there but no saved layer: the earlier block comes out of the restored
+/// layer (right when the later adapter was trained on the earlier one's merge), with a warning
+/// that names both, since for adapters trained on the same base the saved layer alone is the base.
+#[test]
+fn a_block_unmerged_from_a_later_adapters_saved_layer_is_warned_of() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = fixtures().join("cases/bone-default-lm-head-bf16");
+    let (earlier, later) = (bare_adapter(&case, tmp.path()), case.join("adapter"));
+    let (merged, out) = (case.join("merged"), tmp.path().join("out"));
+    let o =
+        run(&["unmerge", "--merged", s(&merged), "--adapter", s(&earlier), "--adapter", s(&later), "--out", s(&out)]);
+    ok(&o);
+    let err = stderr(&o);
+    let warned: Vec<&str> = err.lines().filter(|l| l.contains("saved (restored first")).collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(
+        warned[0].contains(s(&earlier)) && warned[0].contains(s(&later)) && warned[0].contains("\"lm_head.weight\"")
+    );
+    // lm_head: the earlier block unmerged from the later adapter's saved layer
+    let saved = load(&later.join("adapter_model.safetensors"))["base_model.model.lm_head.base_layer.weight"].clone();
+    let restored = tmp.path().join("restored");
+    copy_dir(&case.join("merged"), &restored);
+    edit_tensors(&restored.join("model.safetensors"), |t| {
+        t.get_mut("lm_head.weight").unwrap().data = saved.data.clone();
+    });
+    let alone = tmp.path().join("alone");
+    ok(&run(&["-q", "unmerge", "--merged", s(&restored), "--adapter", s(&earlier), "--out", s(&alone)]));
+    assert!(load(&out)["lm_head.weight"].data == load(&alone)["lm_head.weight"].data);
+    // the other order (the saved layer restored last) is not ambiguous: no warning
+    let o = run(&[
+        "unmerge",
+        "--merged",
+        s(&case.join("merged")),
+        "--adapter",
+        s(&later),
+        "--adapter",
+        s(&earlier),
+        "--out",
+        s(&tmp.path().join("other")),
+    ]);
+    ok(&o);
+    assert!(!stderr(&o).contains("restored first"), "{}", stderr(&o));
+}
+
 #[test]
 fn a_tied_vision_language_model_is_untied_in_its_own_layout() {
     // A tied LLaVA (Gemma 3 and PaliGemma are tied) stores no lm_head, and transformers ties it by
