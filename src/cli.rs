@@ -9,9 +9,9 @@ const ABOUT: &str = "Merge, unmerge and inspect PEFT Bone / MiSS adapters: strea
 const LONG_ABOUT: &str = "\
 bone-tool folds PEFT Bone / BAT / MiSS adapters (DiSHA, arXiv 2409.15371) into a base model's
 safetensors weights and takes them back out, shard by shard, without loading the model into RAM.
-Results are byte-identical to PEFT 0.18.1's merge_and_unload on f16/bf16 models and on every
-default/mini adapter. Output is written to a temporary folder beside --out and renamed into place
-only when complete.";
+Merges are byte-identical to PEFT 0.18.1's merge_and_unload for every variant and dtype (BAT as
+PEFT computes it on an AVX-512 processor: PEFT's own BAT bytes vary by processor). Output is
+written to a temporary folder beside --out and renamed into place only when complete.";
 
 const EXAMPLES: &str = "\
 Examples:
