@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # bone-tool against PEFT 0.18.1 at full size: the synthetic model of bench/run.sh (examples/synth.rs,
 # a TinyLlama-shaped 2.2 GB model at 1b, r = 64 on all seven linear kinds) merged with its Bone
-# default and BAT adapters, and that merge unmerged, by PEFT (fixtures/at_scale.py, as users do:
-# from_pretrained, merge_and_unload, save_pretrained) and by bone-tool, side by side in one run,
-# each next to `cp -r` of the base. Every tensor of bone-tool's output is compared with PEFT's bit
-# for bit. Prints a markdown table; exits 1 if a merge is not PEFT's bytes.
+# default and BAT adapters, each alone and then both stacked (JOBS="default bat stacked" picks
+# them), and that merge unmerged, by PEFT (fixtures/at_scale.py, as users do: from_pretrained,
+# merge_and_unload, save_pretrained) and by bone-tool, side by side in one run, each next to
+# `cp -r` of the base.
+# Every tensor of bone-tool's output is compared with PEFT's bit for bit; `bone-tool verify` must
+# accept PEFT's merge. Prints a markdown table; exits 1 if a merge is not PEFT's bytes or verify
+# fails.
 #   scripts/peft-at-scale.sh [SHAPE] [DTYPE] [R]   SHAPE: 1b (default), 3b, 7b or tiny; DTYPE: bf16
 #                                                  (default), f16 or f32; R: 64 (default)
 # Needs about 7x the model's size of free disk under AT_SCALE_DIR (default /tmp/bone-at-scale) and,
@@ -51,16 +54,25 @@ compare() {
 
 run "cp -r base" cp -r "$dir/base" "$work/copy"
 rm -rf "$work/copy"
-for v in default bat; do
-  run "PEFT merge $v" "$python" fixtures/at_scale.py merge "$dir/base" "$dir/$v" "$work/peft-merged"
-  run "bone-tool merge $v" "$bin" merge --base "$dir/base" --adapter "$dir/$v" --out "$work/ours-merged" --quiet
+# job LABEL ADAPTER...: merge, compare, verify PEFT's merge, unmerge PEFT's merge, compare
+job() {
+  local v="$1"; shift
+  local each=()
+  for a in "$@"; do each+=(--adapter "$a"); done
+  run "PEFT merge $v" "$python" fixtures/at_scale.py merge "$dir/base" "$work/peft-merged" "$@"
+  run "bone-tool merge $v" "$bin" merge --base "$dir/base" "${each[@]}" --out "$work/ours-merged" --quiet
   compare "merge $v" "$work/ours-merged" "$work/peft-merged"
   rm -rf "$work/ours-merged"
-  run "PEFT unmerge $v" "$python" fixtures/at_scale.py unmerge "$dir/base" "$work/peft-merged" "$dir/$v" "$work/peft-unmerged"
-  run "bone-tool unmerge $v" "$bin" unmerge --merged "$work/peft-merged" --adapter "$dir/$v" --out "$work/ours-unmerged" --quiet
-  compare "unmerge $v" "$work/ours-unmerged" "$work/peft-unmerged" "$work/peft-merged" "$dir/$v"
+  run "bone-tool verify $v" "$bin" verify --base "$dir/base" "${each[@]}" --merged "$work/peft-merged" --quiet
+  run "PEFT unmerge $v" "$python" fixtures/at_scale.py unmerge "$dir/base" "$work/peft-merged" "$work/peft-unmerged" "$@"
+  run "bone-tool unmerge $v" "$bin" unmerge --merged "$work/peft-merged" "${each[@]}" --out "$work/ours-unmerged" --quiet
+  compare "unmerge $v" "$work/ours-unmerged" "$work/peft-unmerged" "$work/peft-merged" "$@"
   rm -rf "$work/peft-merged" "$work/peft-unmerged" "$work/ours-unmerged"
-done
+}
+jobs=" ${JOBS:-default bat stacked} "
+[[ "$jobs" != *" default "* ]] || job default "$dir/default"
+[[ "$jobs" != *" bat "* ]] || job bat "$dir/bat"
+[[ "$jobs" != *" stacked "* ]] || job "default+bat" "$dir/default" "$dir/bat"
 
 echo "$shape ($dtype, $(awk "BEGIN {printf \"%.2f\", $size / 1e9}") GB), r = $r, $(nproc) cores, one run each, $(date -u +%F):"
 echo
