@@ -541,6 +541,15 @@ fn untie(
         _ => format!("the base stores no {head}"),
     };
     let module = head.strip_suffix(".weight").unwrap_or(head);
+    if base.is_bare_backbone() {
+        return Err(input(format!(
+            "{}: the base ties {module} to {embed:?} ({why}) and the adapter changes {first:?}, which would untie them, \
+             but the base is a bare backbone (saved without an outer module such as \"model.\"), beside whose tensors \
+             transformers refuses an output layer; merge into the model saved with its head (…ForCausalLM), or leave \
+             {module} out of the adapter's targets",
+            base.path.display()
+        )));
+    }
     if keep_tied {
         return Err(input(format!(
             "the base ties {module} to {embed:?} ({why}) and the adapter changes {first:?}: with --keep-tied this is \

@@ -484,6 +484,40 @@ fn a_t5_style_tied_head_is_refused_with_the_reason() {
     );
 }
 
+/// A base saved as the bare backbone (LlamaModel: `embed_tokens.weight`, `layers.0.…`, no
+/// `lm_head`) has no output layer: an adapter on lm_head is refused, saying so, whether the base
+/// is untied (no tensor to merge into) or tied (untying would put an output layer beside the
+/// backbone's tensors, which transformers refuses to load).
+#[test]
+fn an_adapter_on_lm_head_does_not_fit_a_bare_backbone() {
+    let e = Env::new();
+    let b = e.copy("bases/llama-bf16", "base");
+    edit_tensors(&b.join("model.safetensors"), |t| {
+        t.remove("lm_head.weight").unwrap();
+        *t = std::mem::take(t)
+            .into_iter()
+            .map(|(k, v)| (k.strip_prefix("model.").map(str::to_string).unwrap_or(k), v))
+            .collect();
+    });
+    let a = e.copy("cases/bone-default-lm-head-bf16/adapter", "a");
+    edit_tensors(&a.join("adapter_model.safetensors"), |t| t.retain(|k, _| k.contains("lm_head")));
+    edit_json(&a.join("adapter_config.json"), |c| c["target_modules"] = serde_json::json!(["lm_head"]));
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&b), s(&a), s(&out)),
+        Some(&out),
+        &[&b, &a],
+        &["\"lm_head.weight\"", "bare backbone", "ForCausalLM"],
+    );
+    edit_json(&b.join("config.json"), |c| c["tie_word_embeddings"] = true.into());
+    fails(
+        &merge_args(s(&b), s(&a), s(&out)),
+        Some(&out),
+        &[&b, &a],
+        &["ties lm_head to \"embed_tokens.weight\"", "bare backbone", "transformers refuses an output layer"],
+    );
+}
+
 #[test]
 fn foreign_keys_are_ignored_with_a_warning() {
     let e = Env::new();

@@ -929,12 +929,13 @@ fn bare_file_names_in_the_working_folder_work() {
 }
 
 #[test]
-fn a_base_saved_without_its_model_wrapper_takes_a_prefix_and_keeps_the_layer_rule() {
+fn a_base_saved_without_its_model_wrapper_is_found_and_keeps_the_layer_rule() {
     // A base saved as LlamaModel names its tensors "layers.0.…", not "model.layers.0.…"; the
     // adapter was made on LlamaForCausalLM with layers_to_transform [0]. --adapter-prefix
     // "base_model.model.model." finds the base tensors, while PEFT's rule still looks for the layer
     // in PEFT's own name, "model.layers.0.mlp.down_proj" (in "layers.0.mlp.down_proj" its
-    // pattern finds no layer, and nothing would be targeted).
+    // pattern finds no layer, and nothing would be targeted). Without the flag bone-tool reads the
+    // keys so by itself, as transformers loads such a checkpoint under "model.", and says so.
     let tmp = tempfile::tempdir().unwrap();
     let case = fixtures().join("cases/bone-bat-sharded-f32");
     let unwrap = |t: BTreeMap<String, T>| -> BTreeMap<String, T> {
@@ -952,6 +953,64 @@ fn a_base_saved_without_its_model_wrapper_takes_a_prefix_and_keeps_the_layer_rul
     let (x, y) = (load(&out), unwrap(load(&case.join("merged"))));
     assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
     assert!(x.iter().all(|(k, t)| y[k].data == t.data), "PEFT's merged bytes");
+
+    let found = tmp.path().join("found");
+    let o = merge_with(&base, &case.join("adapter"), &found, &[]);
+    ok(&o);
+    let err = stderr(&o);
+    let warned = err.lines().filter(|l| l.starts_with("warning:")).collect::<Vec<_>>().join("\n");
+    assert!(
+        warned.lines().count() == 1
+            && warned.contains("without the outer module \"model.\"")
+            && warned.contains("--adapter-prefix \"base_model.model.model.\""),
+        "{warned}"
+    );
+    assert_eq!(digest_relative(&found), digest_relative(&out), "the same folder as with the flag");
+    // unmerge, verify and inspect find it too
+    let restored = tmp.path().join("restored");
+    let adapter = case.join("adapter");
+    ok(&run(&["-q", "unmerge", "--merged", s(&found), "--adapter", s(&adapter), "--out", s(&restored)]));
+    let flagged = tmp.path().join("restored-flag");
+    let prefix = ["--adapter-prefix", "base_model.model.model."];
+    ok(&run(&[&["-q", "unmerge", "--merged", s(&found), "--adapter", s(&adapter), "--out", s(&flagged)][..], &prefix]
+        .concat()));
+    assert_eq!(digest_relative(&restored), digest_relative(&flagged));
+    ok(&run(&["verify", "--base", s(&base), "--adapter", s(&adapter), "--merged", s(&found)]));
+    let o = run(&["inspect", "adapter", s(&adapter), "--base", s(&base), "--json"]);
+    ok(&o);
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["compatible"], true, "{j}");
+    // a base that stores its tensors under "model." is no bare backbone: an adapter whose keys
+    // lie under another outer module still fails there (bad_input.rs)
+}
+
+/// LLaVA's checkpoint stores no tensor under `model.` (`language_model.model.…`, `vision_tower.…`)
+/// while the adapter's keys all lie under `model.` once its lm_head block is gone; some of them
+/// (`model.vision_tower.…`) even name a stored tensor without `model.`. It is no bare backbone:
+/// its blocks are found by the vision-language renames, and the merge is PEFT's for every tensor
+/// but the head.
+#[test]
+fn a_vision_language_checkpoint_is_not_taken_for_a_bare_backbone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = fixtures().join("cases/miss-bat-llava-bf16");
+    let a = tmp.path().join("adapter");
+    copy_dir(&case.join("adapter"), &a);
+    edit_tensors(&a.join("adapter_model.safetensors"), |t| t.retain(|k, _| !k.contains("lm_head")));
+    edit_json(&a.join("adapter_config.json"), |c| {
+        c["target_modules"] = serde_json::json!(["linear_1", "q_proj", "v_proj"]);
+    });
+    let keys = load(&a.join("adapter_model.safetensors"));
+    assert!(keys.keys().any(|k| k.starts_with("base_model.model.model.vision_tower.")), "{:?}", keys.keys());
+    assert!(keys.keys().all(|k| k.starts_with("base_model.model.model.")), "{:?}", keys.keys());
+    let out = tmp.path().join("out");
+    let o = merge_with(&fixtures().join("bases/llava-bf16"), &a, &out, &[]);
+    ok(&o);
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    let (x, y) = (load(&out), load(&case.join("merged")));
+    assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+    let head = stored_tensor(&x, "lm_head");
+    assert!(x.iter().filter(|(k, _)| **k != head).all(|(k, t)| y[k].data == t.data), "PEFT's merged bytes");
+    assert_ne!(x[&head].data, y[&head].data, "the head's block was left out");
 }
 
 /// Weight files of other formats in the base's folder still hold the unmerged weights: a merge

@@ -4,7 +4,7 @@
 pub mod config;
 
 use crate::error::{input, Result};
-use crate::model::{io_reason, Model, SafetensorsFile, TensorEntry};
+use crate::model::{io_reason, Model, SafetensorsFile, TensorEntry, BACKBONES};
 use crate::ops::dtype::Float;
 pub use config::{AdapterConfig, PeftType, Regexes, Variant};
 use std::path::{Path, PathBuf};
@@ -166,11 +166,59 @@ impl Adapter {
         Ok(adapter)
     }
 
-    /// [`Adapter::open`], with each block's base tensor found in `base` ([`Adapter::locate`]).
+    /// [`Adapter::open`], with each block's base tensor found in `base` ([`Adapter::for_base`]).
     pub fn open_for(path: &Path, prefix: &str, base: &Model) -> Result<Adapter> {
-        let mut a = Adapter::open(path, prefix)?;
+        Adapter::open(path, prefix)?.for_base(base)
+    }
+
+    /// The adapter, each block's base tensor found in `base` ([`Adapter::locate`]). A base saved
+    /// as the bare backbone (LlamaModel's `layers.0.…`, Bloom's `h.0.…`, OPT's `decoder.…`, as
+    /// facebook/opt-* and bigscience/bloom-* are on the Hub) stores no tensor under the outer
+    /// module that the task model wraps it in (`model.`, `transformer.`, `gpt_neox.`: its
+    /// `base_model_prefix`), and transformers loads such a checkpoint under that module. Where
+    /// every key of the adapter lies under one such module, the default prefix would find no
+    /// tensor, and without the module some block's tensor is found, the keys are read as
+    /// `--adapter-prefix base_model.model.<module>.` would read them, with a warning.
+    pub fn for_base(self, base: &Model) -> Result<Adapter> {
+        let mut a = match self.backbone_prefix(base) {
+            Some(prefix) => {
+                let mut a = Adapter::open(&self.dir, &prefix)?;
+                a.warnings.push(format!(
+                    "{}: the base stores its tensors without the outer module {:?} (a checkpoint of the bare \
+                     backbone, which transformers loads under {:?}): the adapter's keys are read as with \
+                     --adapter-prefix {prefix:?}, and the output keeps the base's names",
+                    a.dir.display(),
+                    &prefix[DEFAULT_PREFIX.len()..],
+                    prefix[DEFAULT_PREFIX.len()..].trim_end_matches('.'),
+                ));
+                a
+            }
+            None => self,
+        };
         a.locate(base);
         Ok(a)
+    }
+
+    /// [`DEFAULT_PREFIX`] and the outer module the adapter's keys all lie under, where `base` is
+    /// a bare backbone that stores their tensors without it ([`Adapter::for_base`]): no block's
+    /// tensor is found under its own name (nor a vision-language model's renames), and every
+    /// block's is found without the module.
+    fn backbone_prefix(&self, base: &Model) -> Option<String> {
+        if self.prefix != DEFAULT_PREFIX || BACKBONES.iter().any(|p| base.has_prefix(p)) {
+            return None;
+        }
+        let blocks: Vec<&Block> = self.blocks.iter().chain(&self.untargeted).collect();
+        if blocks.is_empty() || blocks.iter().any(|b| base.stored_name(&b.tensor).is_some()) {
+            return None;
+        }
+        let modules: Vec<&str> = blocks
+            .iter()
+            .map(|b| b.module.as_str())
+            .chain(self.replacements.iter().map(|r| r.target.as_str()))
+            .collect();
+        let outer = BACKBONES.iter().find(|p| modules.iter().all(|m| m.starts_with(*p)))?;
+        let found = blocks.iter().all(|b| base.has(&format!("{}.weight", &b.module[outer.len()..])));
+        found.then(|| format!("{DEFAULT_PREFIX}{outer}"))
     }
 
     /// Sort the file's tensors into blocks, replacements and ignored keys, and check each block's
@@ -560,6 +608,13 @@ fn missing_target(key: &str, target: &str, base: &Model) -> String {
             ": it ties lm_head to \"shared.weight\" (T5's layout), which bone-tool does not untie: a tied T5 scales \
              the decoder's output by d_model^-0.5 before lm_head and an untied one does not, so an untied merged head \
              would change the model's outputs; leave lm_head out of the adapter's targets",
+        );
+        return msg;
+    }
+    if target == base.head() && base.is_bare_backbone() {
+        msg.push_str(
+            ": the base is a bare backbone (saved without an outer module such as \"model.\", as the model without its \
+             head saves it), which has no output layer; merge into the model saved with its head (…ForCausalLM)",
         );
         return msg;
     }

@@ -42,10 +42,6 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     }
     let mut a = Adapter::open(args.adapter.path(), &args.prefix.adapter_prefix)?;
     super::apply::refuse_overlap(&args.out, None, &[args.adapter.path().to_path_buf()])?;
-    let mut warnings = a.warnings.clone();
-    for ig in &a.ignored {
-        warnings.push(format!("dropped {:?}: {}", ig.key, ig.reason));
-    }
     let from = a.config.peft_type;
     match (args.to, from) {
         (ConvertTo::Miss, PeftType::Miss) => return Err(input(format!("{}: already a MiSS adapter", a.dir.display()))),
@@ -54,8 +50,12 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     }
     let needs_base = args.to == ConvertTo::Lora || (args.to == ConvertTo::Bone && a.config.variant == Variant::Mini);
     let base = if needs_base { Some(find_base(args, &a, quiet)?) } else { None };
-    if let Some(b) = &base {
-        a.locate(b);
+    if let Some(b) = base.as_ref() {
+        a = a.for_base(b)?;
+    }
+    let mut warnings = a.warnings.clone();
+    for ig in &a.ignored {
+        warnings.push(format!("dropped {:?}: {}", ig.key, ig.reason));
     }
     let c = &a.config;
     if args.to == ConvertTo::Lora && c.variant == Variant::Bat && args.rank.is_none() && args.energy.is_none() {

@@ -11,7 +11,7 @@ pub fn adapter(args: &InspectAdapterArgs) -> Result<()> {
     let mut a = Adapter::open(args.adapter.path(), &args.prefix.adapter_prefix)?;
     let base = args.base.as_ref().map(|p| Model::open(p)).transpose()?;
     if let Some(b) = &base {
-        a.locate(b);
+        a = a.for_base(b)?;
     }
     let report = report(&a, base.as_ref());
     if args.json {

@@ -288,6 +288,18 @@ impl Model {
             .unwrap_or_else(|| self.head().to_string())
     }
 
+    /// Whether the checkpoint is a bare backbone, saved from the model without its head
+    /// (LlamaModel, BloomModel, OPTModel): its input embedding lies under none of the outer
+    /// modules a task model wraps the backbone in ([`BACKBONES`]) nor a vision-language
+    /// checkpoint's ([`CHECKPOINT_RENAMES`]): `embed_tokens.weight`, `decoder.embed_tokens.weight`,
+    /// `word_embeddings.weight`. transformers loads it under its task model's outer module and
+    /// refuses such a checkpoint with an output layer beside it.
+    pub fn is_bare_backbone(&self) -> bool {
+        self.embed_name().is_some_and(|e| {
+            !BACKBONES.iter().chain(CHECKPOINT_RENAMES.iter().map(|(_, stored)| stored)).any(|p| e.starts_with(p))
+        })
+    }
+
     /// Whether some tensor's name starts with `prefix`.
     pub fn has_prefix(&self, prefix: &str) -> bool {
         self.tensors.keys().any(|n| n.starts_with(prefix))
@@ -342,6 +354,12 @@ impl Model {
 /// under `language_model.model.`; Qwen2-VL and Qwen2.5-VL under `model.`; Emu3 under
 /// `text_model.model.`. [`Model::stored_name`] also tries each the other way round (an adapter
 /// made before 4.52 on a checkpoint saved in the new layout; Gemma3n's text model).
+/// The outer modules that transformers' task models (…ForCausalLM) wrap their backbone in, their
+/// `base_model_prefix`: `model.` (Llama, Qwen, Mistral, Gemma, OPT, …), `transformer.` (Bloom,
+/// Falcon, GPT-J, GPT-2, MPT), `gpt_neox.` ([`Model::is_bare_backbone`],
+/// [`crate::adapter::Adapter::for_base`]).
+pub const BACKBONES: [&str; 3] = ["model.", "transformer.", "gpt_neox."];
+
 pub const CHECKPOINT_RENAMES: &[(&str, &str)] = &[
     ("model.language_model.", "language_model.model."),
     ("model.language_model.", "model."),
