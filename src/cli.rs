@@ -405,7 +405,9 @@ pub struct PrefixArg {
     /// The prefix of the adapter's tensor keys before the module path; stripped to find the base
     /// tensor (adapters saved without PeftModel may have "" or "model."). A vision-language
     /// checkpoint's own names (`language_model.model.…` for `model.language_model.…`) are found
-    /// without it
+    /// without it, and so is a base saved as the bare backbone (`layers.0.…` for
+    /// `model.layers.0.…`: the keys are then read as with "base_model.model.model.", with a
+    /// warning)
     #[arg(long, value_name = "PREFIX", default_value = crate::adapter::DEFAULT_PREFIX)]
     pub adapter_prefix: String,
 }
