@@ -176,8 +176,8 @@ impl Adapter {
     /// facebook/opt-* and bigscience/bloom-* are on the Hub) stores no tensor under the outer
     /// module that the task model wraps it in (`model.`, `transformer.`, `gpt_neox.`: its
     /// `base_model_prefix`), and transformers loads such a checkpoint under that module. Where
-    /// every key of the adapter lies under one such module, the default prefix would find no
-    /// tensor, and without the module some block's tensor is found, the keys are read as
+    /// every key of the adapter lies under one such module, the default prefix finds no block's
+    /// tensor, and without the module every block's is found, the keys are read as
     /// `--adapter-prefix base_model.model.<module>.` would read them, with a warning.
     pub fn for_base(self, base: &Model) -> Result<Adapter> {
         let mut a = match self.backbone_prefix(base) {

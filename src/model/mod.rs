@@ -346,6 +346,12 @@ impl Model {
     }
 }
 
+/// The outer modules that transformers' task models (…ForCausalLM) wrap their backbone in, their
+/// `base_model_prefix`: `model.` (Llama, Qwen, Mistral, Gemma, OPT, …), `transformer.` (Bloom,
+/// Falcon, GPT-J, GPT-2, MPT), `gpt_neox.` ([`Model::is_bare_backbone`],
+/// [`crate::adapter::Adapter::for_base`]).
+pub const BACKBONES: [&str; 3] = ["model.", "transformer.", "gpt_neox."];
+
 /// How transformers (4.52 and later) renames a vision-language model's checkpoint keys when it
 /// loads them (each model class's `_checkpoint_conversion_mapping`), and back when it saves: module
 /// paths, which PEFT's adapter keys follow, on the left; the keys of checkpoints saved by older
@@ -354,12 +360,6 @@ impl Model {
 /// under `language_model.model.`; Qwen2-VL and Qwen2.5-VL under `model.`; Emu3 under
 /// `text_model.model.`. [`Model::stored_name`] also tries each the other way round (an adapter
 /// made before 4.52 on a checkpoint saved in the new layout; Gemma3n's text model).
-/// The outer modules that transformers' task models (…ForCausalLM) wrap their backbone in, their
-/// `base_model_prefix`: `model.` (Llama, Qwen, Mistral, Gemma, OPT, …), `transformer.` (Bloom,
-/// Falcon, GPT-J, GPT-2, MPT), `gpt_neox.` ([`Model::is_bare_backbone`],
-/// [`crate::adapter::Adapter::for_base`]).
-pub const BACKBONES: [&str; 3] = ["model.", "transformer.", "gpt_neox."];
-
 pub const CHECKPOINT_RENAMES: &[(&str, &str)] = &[
     ("model.language_model.", "language_model.model."),
     ("model.language_model.", "model."),
