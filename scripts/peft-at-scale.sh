@@ -9,7 +9,9 @@
 # accept PEFT's merge. Prints a markdown table; exits 1 if a merge is not PEFT's bytes or verify
 # fails.
 #   scripts/peft-at-scale.sh [SHAPE] [DTYPE] [R]   SHAPE: 1b (default), 3b, 7b or tiny; DTYPE: bf16
-#                                                  (default), f16 or f32; R: 64 (default)
+#                                                  (default), f16 or f32; R: 64 (default); an R that
+#                                                  leaves tail columns (48 at 1b) fits only the
+#                                                  default adapter: JOBS=default
 # Needs about 7x the model's size of free disk under AT_SCALE_DIR (default /tmp/bone-at-scale) and,
 # for PEFT, about 2.5x its size of memory; installs PEFT into fixtures/.venv on first use.
 set -euo pipefail
