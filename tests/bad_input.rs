@@ -494,10 +494,7 @@ fn an_adapter_on_lm_head_does_not_fit_a_bare_backbone() {
     let b = e.copy("bases/llama-bf16", "base");
     edit_tensors(&b.join("model.safetensors"), |t| {
         t.remove("lm_head.weight").unwrap();
-        *t = std::mem::take(t)
-            .into_iter()
-            .map(|(k, v)| (k.strip_prefix("model.").map(str::to_string).unwrap_or(k), v))
-            .collect();
+        *t = bare_backbone(std::mem::take(t));
     });
     let a = e.copy("cases/bone-default-lm-head-bf16/adapter", "a");
     edit_tensors(&a.join("adapter_model.safetensors"), |t| t.retain(|k, _| k.contains("lm_head")));

@@ -219,6 +219,12 @@ pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(path, serde_json::to_string(&v).unwrap()).unwrap();
 }
 
+/// The tensors as a checkpoint of the bare backbone names them (LlamaModel's `layers.0.…` for
+/// LlamaForCausalLM's `model.layers.0.…`): without the outer `model.`.
+pub fn bare_backbone(t: BTreeMap<String, T>) -> BTreeMap<String, T> {
+    t.into_iter().map(|(k, v)| (k.strip_prefix("model.").map(str::to_string).unwrap_or(k), v)).collect()
+}
+
 /// Load a safetensors file, `edit` its tensors, and save it back (tests that alter an input).
 pub fn edit_tensors(path: &Path, edit: impl FnOnce(&mut BTreeMap<String, T>)) {
     let mut t = load(path);
