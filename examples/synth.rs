@@ -1,10 +1,12 @@
 //! Synthetic Llama-shaped checkpoints for benchmarks: a base model sharded like Hugging Face
-//! does (~1 GB files plus an index), a Bone default adapter and a BAT adapter with r = 64 on all
-//! seven linear kinds. Values are random normal (seeded; no NaN or Inf).
+//! does (~1 GB files plus an index), a Bone default adapter, a BAT adapter and a MiSS mini
+//! adapter (mini_r = 16 unless --mini-r says otherwise) with r = 64 on all seven linear kinds.
+//! Values are random normal (seeded; no NaN or Inf; each adapter's values do not depend on the
+//! ones written after it, so adding one leaves the others as they were).
 //!
 //!   cargo run --release --example synth -- --shape 1b --out /tmp/synth-1b
 //!
-//! writes /tmp/synth-1b/{base,default,bat}.
+//! writes /tmp/synth-1b/{base,default,bat,mini}.
 
 use bone_tool::model::file::build_header;
 use rayon::prelude::*;
@@ -123,6 +125,7 @@ fn main() {
         d => panic!("dtype {d}"),
     };
     let r: usize = get("--r", "64").parse().unwrap();
+    let mini_r: usize = get("--mini-r", "16").parse().unwrap();
     let max_shard: usize = get("--max-shard-bytes", "1000000000").parse().unwrap();
     let esize = dtype.bitsize() / 8;
 
@@ -187,26 +190,39 @@ fn main() {
     });
     std::fs::write(base.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
 
-    // Adapters: Bone default and BAT, r on all seven linear kinds, f32 blocks.
-    for (variant, init) in [("default", serde_json::json!(true)), ("bat", serde_json::json!("bat"))] {
+    // Adapters: Bone default and BAT, MiSS mini; r on all seven linear kinds, f32 blocks.
+    let variants = [
+        ("default", "BONE", serde_json::json!(true)),
+        ("bat", "BONE", serde_json::json!("bat")),
+        ("mini", "MISS", serde_json::json!("mini")),
+    ];
+    for (variant, peft_type, init) in variants {
         let dir = out.join(variant);
         std::fs::create_dir_all(&dir).unwrap();
         let mut blocks: Vec<Spec> = vec![];
         for l in 0..s.layers {
             for kind in LINEAR {
                 let (o, _) = linear_shape(&s, kind);
-                let shape = if variant == "bat" { vec![o / r, r, r] } else { vec![r, o] };
+                let shape = match variant {
+                    "bat" => vec![o / r, r, r],
+                    "mini" => vec![r, mini_r],
+                    _ => vec![r, o],
+                };
                 // BAT blocks stay small so that I + B is well conditioned (unmerge is exact-ish).
                 let std = if variant == "bat" { 0.2 / r as f32 } else { 0.01 };
-                blocks.push((format!("base_model.model.{}.bone_block", module(l, kind)), shape, std));
+                let key = if peft_type == "MISS" { "miss_block" } else { "bone_block" };
+                blocks.push((format!("base_model.model.{}.{key}", module(l, kind)), shape, std));
             }
         }
         blocks.sort_by(|a, b| a.0.cmp(&b.0));
         write_file(&dir.join("adapter_model.safetensors"), &blocks, Dtype::F32, &mut seed);
-        let cfg = serde_json::json!({
-            "peft_type": "BONE", "r": r, "init_weights": init, "target_modules": LINEAR,
+        let mut cfg = serde_json::json!({
+            "peft_type": peft_type, "r": r, "init_weights": init, "target_modules": LINEAR,
             "base_model_name_or_path": "synthetic", "bias": "none", "task_type": "CAUSAL_LM",
         });
+        if variant == "mini" {
+            cfg["mini_r"] = mini_r.into();
+        }
         std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
         eprintln!("wrote {}", dir.display());
     }

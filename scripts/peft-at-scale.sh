@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bone-tool against PEFT 0.18.1 at full size: the synthetic model of bench/run.sh (examples/synth.rs,
 # a TinyLlama-shaped 2.2 GB model at 1b, r = 64 on all seven linear kinds) merged with its Bone
-# default and BAT adapters, each alone and then both stacked (JOBS="default bat stacked" picks
-# them), and that merge unmerged, by PEFT (fixtures/at_scale.py, as users do: from_pretrained,
+# default and BAT adapters and its MiSS mini adapter (mini_r = 16), each alone, and Bone default
+# and BAT stacked (JOBS="default bat mini stacked" picks them), and that merge unmerged, by PEFT (fixtures/at_scale.py, as users do: from_pretrained,
 # merge_and_unload, save_pretrained) and by bone-tool, side by side in one run, each next to
 # `cp -r` of the base.
 # Every tensor of bone-tool's output is compared with PEFT's bit for bit; `bone-tool verify` must
@@ -22,7 +22,7 @@ dir="${AT_SCALE_DIR:-/tmp/bone-at-scale}/$shape-$dtype-r$r"
 cargo build --release --quiet --bins --example synth
 bin="$root/target/release/bone-tool"
 python="$(bash fixtures/venv.sh)"
-if [ ! -f "$dir/base/config.json" ]; then
+if [ ! -f "$dir/base/config.json" ] || [ ! -f "$dir/mini/adapter_config.json" ]; then
   echo "generating the $shape $dtype model in $dir ..." >&2
   target/release/examples/synth --shape "$shape" --dtype "$dtype" --r "$r" --out "$dir" 2>/dev/null
 fi
@@ -71,9 +71,10 @@ job() {
   compare "unmerge $v" "$work/ours-unmerged" "$work/peft-unmerged" "$work/peft-merged" "$@"
   rm -rf "$work/peft-merged" "$work/peft-unmerged" "$work/ours-unmerged"
 }
-jobs=" ${JOBS:-default bat stacked} "
+jobs=" ${JOBS:-default bat mini stacked} "
 [[ "$jobs" != *" default "* ]] || job default "$dir/default"
 [[ "$jobs" != *" bat "* ]] || job bat "$dir/bat"
+[[ "$jobs" != *" mini "* ]] || job mini "$dir/mini"
 [[ "$jobs" != *" stacked "* ]] || job "default+bat" "$dir/default" "$dir/bat"
 
 echo "$shape ($dtype, $(awk "BEGIN {printf \"%.2f\", $size / 1e9}") GB), r = $r, $(nproc) cores, one run each, $(date -u +%F):"
