@@ -404,6 +404,12 @@ fn inspect_json_describes_every_fixture_adapter() {
                 let w = warnings.pop().unwrap();
                 assert!(w.contains(&format!("targets {} modules", without_blocks.len())), "{w}");
                 assert!(w.contains(&format!("{first:?}")) && w.contains("initial blocks"), "{w}");
+                // and says why, where that is "all-linear"
+                assert_eq!(
+                    w.contains("\"all-linear\" takes every linear layer"),
+                    cfg["target_modules"] == "all-linear",
+                    "{w}"
+                );
             }
             if untargeted.is_empty() {
                 assert!(warnings.is_empty(), "{a}: {warnings:?}");

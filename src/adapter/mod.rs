@@ -288,11 +288,13 @@ impl Adapter {
                 (false, _) => format!("{n} of its {found} blocks"),
             };
             let on = if n == 1 { "is on a module" } else { "are on modules" };
-            let what = format!(
-                "{count} {on} that adapter_config.json does not target (target_modules, \
-                 layers_to_transform, exclude_modules), e.g. {:?}",
-                first.module
-            );
+            let rules = if self.config.all_linear() {
+                "\"all-linear\" takes every linear layer but the output layer; exclude_modules"
+            } else {
+                "target_modules, layers_to_transform, exclude_modules"
+            };
+            let what =
+                format!("{count} {on} that adapter_config.json does not target ({rules}), e.g. {:?}", first.module);
             if self.blocks.is_empty() && self.replacements.is_empty() {
                 return Err(input(format!(
                     "{wp}: {what}: PEFT loads none of them, so there is nothing to apply; \
@@ -448,7 +450,13 @@ impl Adapter {
                  of missing adapter keys and applies its initial blocks there ({initial}); bone-tool {ours}"
             ),
         };
-        Some(format!("{}: adapter_config.json {what}. Was the adapter made for this base?", self.dir.display()))
+        let question = if self.config.all_linear() {
+            "\"all-linear\" takes every linear layer of the base: list the modules the blocks are for in \
+             target_modules to leave the others alone"
+        } else {
+            "Was the adapter made for this base?"
+        };
+        Some(format!("{}: adapter_config.json {what}. {question}", self.dir.display()))
     }
 
     fn check_block_shape(&self, b: &Block) -> Result<()> {
