@@ -207,16 +207,20 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         }
         // A module the config targets but the file has no block for gets PEFT's initial block,
         // zeros, which change nothing but -0 (W + 0 is +0); where that block would not fit the
-        // layer (BAT or mini sizes that do not divide), PEFT could not build the layer, and the
-        // module is left alone.
+        // layer (BAT or mini sizes that do not divide), PEFT cannot build the layer and refuses
+        // the whole adapter: bone-tool leaves the module alone and says so.
         let zeros = a.zero_blocks(base, &missing);
+        let mut unbuilt: Vec<String> = vec![];
         for (b, zero) in a.blocks.iter().map(|b| (b, false)).chain(zeros.iter().map(|b| (b, true))) {
             if restored.contains(&b.target()) {
                 continue;
             }
             let g = match a.check_layer(b, base) {
                 Ok(g) => g,
-                Err(_) if zero => continue,
+                Err(p) if zero => {
+                    unbuilt.push(p);
+                    continue;
+                }
                 Err(p) => {
                     problems.push(format!("{at}: {p}"));
                     continue;
@@ -265,6 +269,18 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         }
         for t in restored {
             restored_by.entry(t).or_insert(ai);
+        }
+        if let Some(first) = unbuilt.first() {
+            let w = format!(
+                "{at}: PEFT cannot build its layer on {} of the modules without a block ({first}), and refuses to \
+                 load this adapter; bone-tool leaves {} as {}",
+                unbuilt.len(),
+                if unbuilt.len() == 1 { "it" } else { "them" },
+                if unbuilt.len() == 1 { "it is" } else { "they are" },
+            );
+            if !warnings.contains(&w) {
+                warnings.push(w);
+            }
         }
     }
     // PEFT changes a tied output layer through the one weight it shares with the embedding. An

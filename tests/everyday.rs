@@ -494,6 +494,35 @@ fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     }
 }
 
+/// A config set to "all-linear" by hand on a MiSS mini adapter (blocks on k_proj and v_proj,
+/// mini_r = 24): PEFT would put its layer on every linear layer, but gate_proj and up_proj have
+/// 80 outputs, no multiple of 24, where PEFT cannot build a mini layer and refuses the adapter
+/// (PEFT 0.18.1: "mini_r is divided along the out_features dimension"). bone-tool merges the
+/// blocks as PEFT merges them under the original config, gives the layers that fit PEFT's zero
+/// block, leaves those four alone, and says so.
+#[test]
+fn layers_peft_cannot_build_are_left_alone_and_warned_of() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = fixtures().join("cases/miss-mini-f32");
+    let adapter = tmp.path().join("adapter");
+    copy_dir(&case.join("adapter"), &adapter);
+    edit_json(&adapter.join("adapter_config.json"), |c| c["target_modules"] = "all-linear".into());
+    let base = fixtures().join("bases/llama-f32");
+    let out = tmp.path().join("out");
+    let o = merge_with(&base, &adapter, &out, &[]);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("targets 10 modules of the base that the adapter has no block for"), "{err}");
+    assert!(err.contains("PEFT cannot build its layer on 4 of the modules without a block"), "{err}");
+    assert!(err.contains("out_features 80 is not a multiple of mini_r 24") && err.contains("refuses"), "{err}");
+    let (ours, peft, before) = (load(&out), load(&case.join("merged")), load(&base));
+    for (k, t) in &ours {
+        // PEFT's merge under the original config (k_proj, v_proj); elsewhere the base's values
+        let expected = if k.contains("k_proj") || k.contains("v_proj") { &peft[k] } else { &before[k] };
+        assert_eq!(values(t), values(expected), "{k}");
+    }
+}
+
 /// An adapter whose config targets a tied lm_head but whose file has no block for it (PEFT's
 /// "missing adapter keys"): PEFT puts its layer on the weight the head shares with the embedding
 /// all the same, loads the saved base layer into it when the file has one, and merges the
