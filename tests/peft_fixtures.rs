@@ -453,4 +453,14 @@ fn inspect_text_is_readable() {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
     assert!(!stdout(&run(&["inspect", "adapter", dir.to_str().unwrap()])).contains("excludes"));
+    // "all-linear" with what PEFT makes of it
+    let all_linear = fixtures().join("cases/bone-default-all-linear-bf16/adapter");
+    let o = run(&["inspect", "adapter", all_linear.to_str().unwrap()]);
+    ok(&o);
+    let text = stdout(&o);
+    for needle in
+        ["targets       all-linear (as PEFT resolves it: every linear layer but the output layer)", "1 more blocks"]
+    {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
 }

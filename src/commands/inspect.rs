@@ -173,7 +173,12 @@ pub fn render(r: &Value) -> String {
     if let Some(a) = targets.as_array_mut() {
         a.sort_by_key(|v| v.to_string());
     }
-    line("targets", compact(&targets));
+    let resolved = if targets.as_str().is_some_and(|t| t.eq_ignore_ascii_case("all-linear")) {
+        " (as PEFT resolves it: every linear layer but the output layer)"
+    } else {
+        ""
+    };
+    line("targets", format!("{}{resolved}", compact(&targets)));
     if !r["layers_to_transform"].is_null() {
         line("layer subset", compact(&r["layers_to_transform"]));
     }
