@@ -515,6 +515,34 @@ fn an_adapter_on_lm_head_does_not_fit_a_bare_backbone() {
     );
 }
 
+/// A config without target_modules (written by hand; PEFT saves the modules it chose) on a model
+/// type PEFT has no default targets for: PEFT refuses it ("Please specify `target_modules` in
+/// `peft_config`"), and so does bone-tool, naming the file and the model type; and a string
+/// target_modules beside layers_to_transform, which PEFT's config refuses.
+#[test]
+fn configs_peft_refuses_to_load_are_refused() {
+    let e = Env::new();
+    let a = e.copy("cases/miss-bat-llava-bf16/adapter", "a");
+    edit_json(&a.join("adapter_config.json"), |c| c["target_modules"] = serde_json::Value::Null);
+    let base = fixtures().join("bases/llava-bf16");
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["adapter_config.json", "names no target_modules", "model_type \"llava\"", "PEFT", "refuses"],
+    );
+    edit_json(&a.join("adapter_config.json"), |c| {
+        (c["target_modules"], c["layers_to_transform"]) = (".*q_proj".into(), serde_json::json!([0]));
+    });
+    fails(
+        &merge_args(s(&base), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["adapter_config.json", "layers_to_transform is [0]", "\".*q_proj\"", "PEFT refuses"],
+    );
+}
+
 #[test]
 fn foreign_keys_are_ignored_with_a_warning() {
     let e = Env::new();

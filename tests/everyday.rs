@@ -602,6 +602,7 @@ fn unmerging_a_tied_model_merged_in_place_keeps_it_tied() {
     // head, stored as the embedding
     let tied_merged =
         tied_copy(&tmp.path().join("m"), "cases/bone-default-lm-head-bf16/merged", "lm_head.weight", embed);
+    edit_json(&tied_merged.join("config.json"), |c| c["tie_word_embeddings"] = true.into());
     let bare = bare_adapter(&case, tmp.path());
     // the head unmerged untied (the case's merged model stores lm_head): what the shared weight gets
     let untied = tmp.path().join("untied");

@@ -86,6 +86,51 @@ const COMMON_KEYS: &[&str] = &[
 ];
 const MISS_KEYS: &[&str] = &["mini_r", "miss_dropout"];
 
+/// PEFT 0.18.1's target modules by `model_type` for a config without `target_modules`
+/// (`TRANSFORMERS_MODELS_TO_BONE_TARGET_MODULES_MAPPING`, the same for MiSS; a copy of LoRA's);
+/// a model type not listed makes PEFT refuse the config.
+/// `fixtures/peft-default-targets.json` holds PEFT's own table, which a test compares.
+const PEFT_DEFAULT_TARGETS: &[(&str, &[&str])] = &[
+    ("t5", &["q", "v"]),
+    ("mt5", &["q", "v"]),
+    ("bart", &["q_proj", "v_proj"]),
+    ("gpt2", &["c_attn"]),
+    ("bloom", &["query_key_value"]),
+    ("blip-2", &["q", "v", "q_proj", "v_proj"]),
+    ("opt", &["q_proj", "v_proj"]),
+    ("gptj", &["q_proj", "v_proj"]),
+    ("gpt_neox", &["query_key_value"]),
+    ("gpt_neo", &["q_proj", "v_proj"]),
+    ("bert", &["query", "value"]),
+    ("roberta", &["query", "value"]),
+    ("xlm-roberta", &["query", "value"]),
+    ("electra", &["query", "value"]),
+    ("deberta-v2", &["query_proj", "value_proj"]),
+    ("deberta", &["in_proj"]),
+    ("layoutlm", &["query", "value"]),
+    ("llama", &["q_proj", "v_proj"]),
+    ("llama4", &["q_proj", "v_proj"]),
+    ("chatglm", &["query_key_value"]),
+    ("gpt_bigcode", &["c_attn"]),
+    ("mpt", &["Wqkv"]),
+    ("RefinedWebModel", &["query_key_value"]),
+    ("RefinedWeb", &["query_key_value"]),
+    ("falcon", &["query_key_value"]),
+    ("btlm", &["c_proj", "c_attn"]),
+    ("codegen", &["qkv_proj"]),
+    ("mistral", &["q_proj", "v_proj"]),
+    ("mixtral", &["q_proj", "v_proj"]),
+    ("stablelm", &["q_proj", "v_proj"]),
+    ("phi", &["q_proj", "v_proj", "fc1", "fc2"]),
+    ("gemma", &["q_proj", "v_proj"]),
+    ("gemma2", &["q_proj", "v_proj"]),
+    ("gemma3_text", &["q_proj", "v_proj"]),
+    ("qwen2", &["q_proj", "v_proj"]),
+    ("qwen3", &["q_proj", "v_proj"]),
+    ("rwkv", &["key", "value", "receptance", "output"]),
+    ("rwkv7", &["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"]),
+];
+
 /// The last part of the module paths that "all-linear" leaves out: the output layer, which PEFT
 /// finds as `get_output_embeddings()` (`lm_head`; GPT-NeoX's `embed_out`), and the embeddings,
 /// which are no `nn.Linear` though their weights are 2-D like one (the input embeddings of the
@@ -236,6 +281,36 @@ impl AdapterConfig {
         self.target_modules.as_str().is_some_and(|s| s.eq_ignore_ascii_case("all-linear"))
     }
 
+    /// A config without `target_modules` (null or absent), written by hand (PEFT saves the
+    /// modules it chose): PEFT takes its default for the base's `model_type`
+    /// ([`PEFT_DEFAULT_TARGETS`]) and refuses the config for a model type it has none for. Sets
+    /// that default and returns a warning saying so; None when the config names its targets or
+    /// `model_type` is unknown (no config.json), where every block stays targeted; an error where
+    /// PEFT refuses. `path` names the config file in messages.
+    pub fn default_targets(&mut self, model_type: Option<&str>, path: &Path) -> Result<Option<String>> {
+        if !self.target_modules.is_null() {
+            return Ok(None);
+        }
+        let Some(model_type) = model_type else { return Ok(None) };
+        let p = path.display();
+        let Some((_, list)) = PEFT_DEFAULT_TARGETS.iter().find(|(t, _)| *t == model_type) else {
+            return Err(input(format!(
+                "{p}: names no target_modules, and PEFT has no default for the base's model_type {model_type:?}, so \
+                 it refuses this config (\"Please specify `target_modules` in `peft_config`\"): list the target \
+                 modules"
+            )));
+        };
+        let list: Vec<Value> = list.iter().map(|m| Value::from(*m)).collect();
+        self.target_modules = Value::Array(list.clone());
+        if let Some(raw) = self.raw.as_object_mut() {
+            raw.insert("target_modules".into(), Value::Array(list));
+        }
+        Ok(Some(format!(
+            "{p}: names no target_modules: PEFT takes its default for model_type {model_type:?}, {}",
+            self.target_modules
+        )))
+    }
+
     /// [`AdapterConfig::peft_targets`] with the config's regexes compiled once in `regexes`, for
     /// asking about every module of an adapter (compiled for each module, they took 30 ms for the
     /// 154 blocks of a 1b adapter with every rule in play; compiled once, under 10 ms).
@@ -384,6 +459,38 @@ mod tests {
             yes >= 120 && n - yes >= 120 && regex >= 90 && all_linear[0] >= 5 && all_linear[1] >= 10,
             "{yes} {regex}"
         );
+    }
+
+    /// The defaults by model type are PEFT's own (fixtures/peft-default-targets.json, written by
+    /// fixtures/generate.py from PEFT 0.18.1), for Bone and MiSS alike, and only a config without
+    /// target_modules takes them.
+    #[test]
+    fn a_config_without_targets_takes_peft_s_default_for_the_model_type() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft-default-targets.json");
+        let peft: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        for peft_type in ["BONE", "MISS"] {
+            let table = peft[peft_type].as_object().unwrap();
+            assert_eq!(table.len(), PEFT_DEFAULT_TARGETS.len(), "{peft_type}");
+            for (model_type, list) in PEFT_DEFAULT_TARGETS {
+                assert_eq!(table[*model_type], serde_json::json!(list), "{peft_type} {model_type}");
+            }
+        }
+        let file = Path::new("adapter_config.json");
+        for text in [r#"{"peft_type":"MISS"}"#, r#"{"peft_type":"BONE","target_modules":null}"#] {
+            let (mut c, _) = parse(text).unwrap();
+            assert_eq!(c.peft_targets("model.layers.0.self_attn.k_proj"), None, "undecided without the model type");
+            assert_eq!(c.default_targets(None, file).unwrap(), None);
+            let w = c.default_targets(Some("llama"), file).unwrap().unwrap();
+            assert!(w.contains("names no target_modules") && w.contains("\"llama\""), "{w}");
+            assert_eq!(c.peft_targets("model.layers.0.self_attn.k_proj"), Some(false));
+            assert_eq!(c.peft_targets("model.layers.0.self_attn.v_proj"), Some(true));
+            let (mut c, _) = parse(text).unwrap();
+            let e = c.default_targets(Some("llava"), file).unwrap_err().to_string();
+            assert!(e.contains("adapter_config.json") && e.contains("\"llava\"") && e.contains("refuses"), "{e}");
+        }
+        let (mut c, _) = parse(r#"{"peft_type":"BONE","target_modules":["k_proj"]}"#).unwrap();
+        assert_eq!(c.default_targets(Some("llama"), file).unwrap(), None, "it names its targets");
+        assert_eq!(c.peft_targets("model.layers.0.self_attn.k_proj"), Some(true));
     }
 
     #[test]

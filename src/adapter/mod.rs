@@ -99,6 +99,12 @@ pub struct Geometry {
 impl Adapter {
     /// Open an adapter folder (or the path of its config or weights file).
     pub fn open(path: &Path, prefix: &str) -> Result<Adapter> {
+        Adapter::open_with(path, prefix, None)
+    }
+
+    /// [`Adapter::open`], a config without target_modules given PEFT's default for the base's
+    /// `model_type` ([`AdapterConfig::default_targets`]).
+    fn open_with(path: &Path, prefix: &str, model_type: Option<&str>) -> Result<Adapter> {
         let dir = crate::model::dir_of(path);
         let d = dir.display();
         if !dir.is_dir() {
@@ -136,7 +142,8 @@ impl Adapter {
             Err(e) => return Err(input(format!("{}: {}", cfg_path.display(), io_reason(&e)))),
         };
         let mut warnings = vec![];
-        let config = AdapterConfig::parse(&cfg_path, &text, &mut warnings)?;
+        let mut config = AdapterConfig::parse(&cfg_path, &text, &mut warnings)?;
+        warnings.extend(config.default_targets(model_type, &cfg_path)?);
         let weights = dir.join(WEIGHTS_NAME);
         if !weights.is_file() {
             if dir.join("adapter_model.bin").is_file() {
@@ -179,10 +186,15 @@ impl Adapter {
     /// every key of the adapter lies under one such module, the default prefix finds no block's
     /// tensor, and without the module every block's is found, the keys are read as
     /// `--adapter-prefix base_model.model.<module>.` would read them, with a warning.
+    ///
+    /// A config without target_modules gets PEFT's default for the base's `model_type`
+    /// ([`AdapterConfig::default_targets`]).
     pub fn for_base(self, base: &Model) -> Result<Adapter> {
+        let model_type = base.config.as_ref().and_then(|c| c.get("model_type")).and_then(serde_json::Value::as_str);
+        let defaults = self.config.target_modules.is_null() && model_type.is_some();
         let mut a = match self.backbone_prefix(base) {
             Some(prefix) => {
-                let mut a = Adapter::open(&self.dir, &prefix)?;
+                let mut a = Adapter::open_with(&self.dir, &prefix, model_type)?;
                 a.warnings.push(format!(
                     "{}: the base stores its tensors without the outer module {:?} (a checkpoint of the bare \
                      backbone, which transformers loads under {:?}): the adapter's keys are read as with \
@@ -193,6 +205,7 @@ impl Adapter {
                 ));
                 a
             }
+            None if defaults => Adapter::open_with(&self.dir, &self.prefix, model_type)?,
             None => self,
         };
         a.locate(base);
