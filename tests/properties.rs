@@ -19,12 +19,13 @@ fn config(adapter: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap()
 }
 
-/// Unit roundoff of a dtype.
+/// Unit roundoff of a dtype, 2^-p for p significant bits (the implicit one included): f32 24,
+/// f16 11, bf16 8.
 fn unit_roundoff(d: safetensors::Dtype) -> f64 {
     match d {
         safetensors::Dtype::F32 => 2f64.powi(-24),
         safetensors::Dtype::F16 => 2f64.powi(-11),
-        safetensors::Dtype::BF16 => 2f64.powi(-9),
+        safetensors::Dtype::BF16 => 2f64.powi(-8),
         other => panic!("{other:?}"),
     }
 }
