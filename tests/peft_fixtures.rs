@@ -405,6 +405,18 @@ fn inspect_json_describes_every_fixture_adapter() {
                 let w = warnings.remove(0);
                 assert!(w.contains("names no target_modules") && w.contains("model_type \"llama\""), "{w}");
             }
+            if cfg["target_modules"].as_array().is_some_and(|t| t.len() >= 20) && !cfg["layers_to_transform"].is_null()
+            {
+                // the list PEFT makes of it, said first
+                let w = warnings.remove(0);
+                assert!(
+                    w.contains(&format!(
+                        "lists {} modules, which PEFT shortens",
+                        cfg["target_modules"].as_array().unwrap().len()
+                    )),
+                    "{w}"
+                );
+            }
             if let Some(first) = without_blocks.first() {
                 let w = warnings.pop().unwrap();
                 assert!(w.contains(&format!("targets {} modules", without_blocks.len())), "{w}");

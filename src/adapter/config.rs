@@ -131,6 +131,42 @@ const PEFT_DEFAULT_TARGETS: &[(&str, &[&str])] = &[
     ("rwkv7", &["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"]),
 ];
 
+/// From how many distinct entries PEFT shortens a target_modules list
+/// (`MIN_TARGET_MODULES_FOR_OPTIMIZATION`; [`AdapterConfig::shorten_targets`]).
+const MIN_TARGETS_SHORTENED: usize = 20;
+
+/// PEFT 0.18.1's `_find_minimal_target_modules`: for each target (in the order of their suffix
+/// lists, shortest suffix first), its shortest suffix that no other module's path ends in, unless
+/// a suffix already chosen covers it; the targets themselves if that leaves none.
+fn minimal_suffixes(targets: &std::collections::BTreeSet<String>, others: &[String]) -> Vec<String> {
+    use std::collections::HashSet;
+    // the suffixes of a dotted path, the last part first, the whole path last
+    fn suffixes(s: &str) -> Vec<String> {
+        let parts: Vec<&str> = s.split('.').collect();
+        (0..parts.len()).rev().map(|i| parts[i..].join(".")).collect()
+    }
+    let other_suffixes: HashSet<String> = others.iter().flat_map(|o| suffixes(o)).collect();
+    let mut items: Vec<(&String, Vec<String>)> = targets.iter().map(|t| (t, suffixes(t))).collect();
+    items.sort_by(|a, b| a.1.cmp(&b.1));
+    let mut required: Vec<String> = vec![];
+    for (item, sufs) in items {
+        for suffix in sufs {
+            if required.contains(&suffix) || other_suffixes.contains(&suffix) {
+                continue;
+            }
+            if !required.iter().any(|r| item.ends_with(&format!(".{r}"))) {
+                required.push(suffix);
+                break;
+            }
+        }
+    }
+    if required.is_empty() {
+        return targets.iter().cloned().collect();
+    }
+    required.sort();
+    required
+}
+
 /// The last part of the module paths that "all-linear" leaves out: the output layer, which PEFT
 /// finds as `get_output_embeddings()` (`lm_head`; GPT-NeoX's `embed_out`), and the embeddings,
 /// which are no `nn.Linear` though their weights are 2-D like one (the input embeddings of the
@@ -281,6 +317,50 @@ impl AdapterConfig {
         self.target_modules.as_str().is_some_and(|s| s.eq_ignore_ascii_case("all-linear"))
     }
 
+    /// Whether `layers_to_transform` picks layers (PEFT: not null, and not an empty list).
+    fn uses_layer_indexes(&self) -> bool {
+        match &self.layers_to_transform {
+            Value::Null => false,
+            Value::Array(a) => !a.is_empty(),
+            _ => true,
+        }
+    }
+
+    /// PEFT shortens a `target_modules` list of 20 or more (distinct) entries to the shortest
+    /// suffixes that tell the modules it names from the model's other modules
+    /// (`_find_minimal_target_modules`, run by `inject_adapter` on every load), which match as
+    /// suffixes: an entry that was a module's whole path then no longer matches exactly, so
+    /// `layers_to_transform` applies to it too. PEFT saves the shortened list, so only a config
+    /// written by hand holds such a list. Done here only where `layers_to_transform` picks layers
+    /// (elsewhere the shorter list targets the same modules). `others(targets)`: the paths of the
+    /// model's modules that the list does not name. Returns a warning where the list changes.
+    pub fn shorten_targets(&mut self, others: impl FnOnce(&[String]) -> Vec<String>, path: &Path) -> Option<String> {
+        use std::collections::BTreeSet;
+        let targets: BTreeSet<String> =
+            self.target_modules.as_array()?.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<_>>()?;
+        if targets.len() < MIN_TARGETS_SHORTENED || !self.uses_layer_indexes() {
+            return None;
+        }
+        let others = others(&targets.iter().cloned().collect::<Vec<_>>());
+        let shorter = minimal_suffixes(&targets, &others);
+        if shorter.len() >= targets.len() {
+            return None;
+        }
+        let list: Vec<Value> = shorter.iter().map(|m| Value::from(m.as_str())).collect();
+        self.target_modules = Value::Array(list.clone());
+        if let Some(raw) = self.raw.as_object_mut() {
+            raw.insert("target_modules".into(), Value::Array(list));
+        }
+        Some(format!(
+            "{}: target_modules lists {} modules, which PEFT shortens to the suffixes that tell them from the \
+             model's other modules, {}, before it matches them: layers_to_transform then also applies to the \
+             modules it named by their whole paths",
+            path.display(),
+            targets.len(),
+            self.target_modules
+        ))
+    }
+
     /// A config without `target_modules` (null or absent), written by hand (PEFT saves the
     /// modules it chose): PEFT takes its default for the base's `model_type`
     /// ([`PEFT_DEFAULT_TARGETS`]) and refuses the config for a model type it has none for. Sets
@@ -394,6 +474,7 @@ impl Regexes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn parse(text: &str) -> Result<(AdapterConfig, Vec<String>)> {
         let mut w = vec![];
@@ -491,6 +572,38 @@ mod tests {
         let (mut c, _) = parse(r#"{"peft_type":"BONE","target_modules":["k_proj"]}"#).unwrap();
         assert_eq!(c.default_targets(Some("llama"), file).unwrap(), None, "it names its targets");
         assert_eq!(c.peft_targets("model.layers.0.self_attn.k_proj"), Some(true));
+    }
+
+    /// `_find_minimal_target_modules`'s own example (PEFT 0.18.1's docstring), and a path whose
+    /// shorter suffixes all name other modules too.
+    #[test]
+    fn long_target_lists_are_shortened_as_peft_shortens_them() {
+        let set = |v: Vec<String>| v.into_iter().collect::<std::collections::BTreeSet<String>>();
+        let mut targets: Vec<String> = (0..100).map(|i| format!("model.decoder.layers.{i}.self_attn.q_proj")).collect();
+        targets.extend((0..100).map(|i| format!("model.decoder.layers.{i}.self_attn.v_proj")));
+        let others: Vec<String> = (0..100).map(|i| format!("model.encoder.layers.{i}.self_attn.k_proj")).collect();
+        assert_eq!(minimal_suffixes(&set(targets), &others), ["q_proj", "v_proj"]);
+        let targets = set(vec!["a.b.q".into(), "lm_head".into(), "c.b.q".into()]);
+        let others = vec!["x.b.q".to_string(), "a.x".to_string()];
+        assert_eq!(minimal_suffixes(&targets, &others), ["a.b.q", "c.b.q", "lm_head"]);
+
+        // in a config: only a list of 20 or more beside layers_to_transform
+        let paths: Vec<String> = (0..20).map(|i| format!("model.layers.{i}.self_attn.q_proj")).collect();
+        let others = |_: &[String]| vec!["model.layers.0.mlp.up_proj".to_string(), "lm_head".to_string()];
+        let file = Path::new("adapter_config.json");
+        let text = |layers: &str, n: usize| {
+            format!(r#"{{"peft_type":"BONE","target_modules":{},"layers_to_transform":{layers}}}"#, json!(paths[..n]))
+        };
+        let (mut c, _) = parse(&text("[1]", 20)).unwrap();
+        assert_eq!(c.peft_targets("model.layers.0.self_attn.q_proj"), Some(true), "a whole path, before");
+        let w = c.shorten_targets(others, file).unwrap();
+        assert!(w.contains("lists 20 modules, which PEFT shortens") && w.contains(r#"["q_proj"]"#), "{w}");
+        assert_eq!(c.peft_targets("model.layers.0.self_attn.q_proj"), Some(false), "layer 0 is not in [1]");
+        assert_eq!(c.peft_targets("model.layers.1.self_attn.q_proj"), Some(true));
+        for (layers, n) in [("[1]", 19), ("null", 20), ("[]", 20)] {
+            let (mut c, _) = parse(&text(layers, n)).unwrap();
+            assert_eq!(c.shorten_targets(others, file), None, "{layers} {n}");
+        }
     }
 
     #[test]

@@ -96,15 +96,50 @@ pub struct Geometry {
     pub block: Float,
 }
 
+/// The base's `model_type` (config.json).
+fn model_type(base: &Model) -> Option<&str> {
+    base.config.as_ref().and_then(|c| c.get("model_type")).and_then(serde_json::Value::as_str)
+}
+
+/// The module paths of `base` that none of `targets` (PEFT's names) names, whole or as a suffix:
+/// every parent path of a stored tensor, and a tied model's output layer, with the outer module
+/// that `prefix` puts back for a bare backbone. A target's stored name counts as the target (a
+/// vision-language checkpoint's renames, [`Model::stored_name`]); the others keep their stored
+/// names, whose renamed first parts do not change the suffixes that
+/// [`AdapterConfig::shorten_targets`] compares.
+fn other_modules(base: &Model, prefix: &str, targets: &[String]) -> Vec<String> {
+    let outer = prefix.strip_prefix(DEFAULT_PREFIX).unwrap_or("");
+    let stored: std::collections::HashSet<String> = targets
+        .iter()
+        .filter_map(|t| base.stored_name(&format!("{}.weight", t.strip_prefix(outer)?)))
+        .filter_map(|(name, _)| Some(format!("{outer}{}", name.strip_suffix(".weight")?)))
+        .collect();
+    let tied_head = base.head_alias.is_some().then(|| base.head());
+    let mut paths = std::collections::BTreeSet::new();
+    for name in base.tensor_names().chain(tied_head) {
+        let mut path = name;
+        while let Some((parent, _)) = path.rsplit_once('.') {
+            paths.insert(format!("{outer}{parent}"));
+            path = parent;
+        }
+    }
+    paths
+        .into_iter()
+        .filter(|m| !stored.contains(m) && !targets.iter().any(|t| m == t || m.ends_with(&format!(".{t}"))))
+        .collect()
+}
+
 impl Adapter {
     /// Open an adapter folder (or the path of its config or weights file).
     pub fn open(path: &Path, prefix: &str) -> Result<Adapter> {
         Adapter::open_with(path, prefix, None)
     }
 
-    /// [`Adapter::open`], a config without target_modules given PEFT's default for the base's
-    /// `model_type` ([`AdapterConfig::default_targets`]).
-    fn open_with(path: &Path, prefix: &str, model_type: Option<&str>) -> Result<Adapter> {
+    /// [`Adapter::open`], its config resolved against `base` as PEFT resolves it when it loads
+    /// the adapter: no target_modules → PEFT's default for the base's `model_type`
+    /// ([`AdapterConfig::default_targets`]); a long list beside layers_to_transform → PEFT's
+    /// shortened list ([`AdapterConfig::shorten_targets`]).
+    fn open_with(path: &Path, prefix: &str, base: Option<&Model>) -> Result<Adapter> {
         let dir = crate::model::dir_of(path);
         let d = dir.display();
         if !dir.is_dir() {
@@ -143,7 +178,10 @@ impl Adapter {
         };
         let mut warnings = vec![];
         let mut config = AdapterConfig::parse(&cfg_path, &text, &mut warnings)?;
-        warnings.extend(config.default_targets(model_type, &cfg_path)?);
+        if let Some(base) = base {
+            warnings.extend(config.default_targets(model_type(base), &cfg_path)?);
+            warnings.extend(config.shorten_targets(|t| other_modules(base, prefix, t), &cfg_path));
+        }
         let weights = dir.join(WEIGHTS_NAME);
         if !weights.is_file() {
             if dir.join("adapter_model.bin").is_file() {
@@ -190,11 +228,15 @@ impl Adapter {
     /// A config without target_modules gets PEFT's default for the base's `model_type`
     /// ([`AdapterConfig::default_targets`]).
     pub fn for_base(self, base: &Model) -> Result<Adapter> {
-        let model_type = base.config.as_ref().and_then(|c| c.get("model_type")).and_then(serde_json::Value::as_str);
-        let defaults = self.config.target_modules.is_null() && model_type.is_some();
+        let resolve = {
+            let mut c = self.config.clone();
+            c.default_targets(model_type(base), &self.dir).is_err()
+                || c.target_modules != self.config.target_modules
+                || c.shorten_targets(|t| other_modules(base, &self.prefix, t), &self.dir).is_some()
+        };
         let mut a = match self.backbone_prefix(base) {
             Some(prefix) => {
-                let mut a = Adapter::open_with(&self.dir, &prefix, model_type)?;
+                let mut a = Adapter::open_with(&self.dir, &prefix, Some(base))?;
                 a.warnings.push(format!(
                     "{}: the base stores its tensors without the outer module {:?} (a checkpoint of the bare \
                      backbone, which transformers loads under {:?}): the adapter's keys are read as with \
@@ -205,7 +247,7 @@ impl Adapter {
                 ));
                 a
             }
-            None if defaults => Adapter::open_with(&self.dir, &self.prefix, model_type)?,
+            None if resolve => Adapter::open_with(&self.dir, &self.prefix, Some(base))?,
             None => self,
         };
         a.locate(base);
