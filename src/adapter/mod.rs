@@ -96,9 +96,15 @@ pub struct Geometry {
     pub block: Float,
 }
 
-/// The base's `model_type` (config.json).
-fn model_type(base: &Model) -> Option<&str> {
-    base.config.as_ref().and_then(|c| c.get("model_type")).and_then(serde_json::Value::as_str)
+/// `config` resolved against `base` as PEFT resolves it when it loads the adapter: no
+/// target_modules → PEFT's default for the base's `model_type` ([`AdapterConfig::default_targets`],
+/// an error for a type PEFT has none for); a long list beside layers_to_transform → PEFT's
+/// shortened list ([`AdapterConfig::shorten_targets`]). Returns a warning for each change.
+fn resolve(config: &mut AdapterConfig, base: &Model, prefix: &str, path: &Path) -> Result<Vec<String>> {
+    let model_type = base.config.as_ref().and_then(|c| c.get("model_type")).and_then(serde_json::Value::as_str);
+    let mut warnings: Vec<String> = config.default_targets(model_type, path)?.into_iter().collect();
+    warnings.extend(config.shorten_targets(|t| other_modules(base, prefix, t), path));
+    Ok(warnings)
 }
 
 /// The module paths of `base` that none of `targets` (PEFT's names) names, whole or as a suffix:
@@ -135,10 +141,7 @@ impl Adapter {
         Adapter::open_with(path, prefix, None)
     }
 
-    /// [`Adapter::open`], its config resolved against `base` as PEFT resolves it when it loads
-    /// the adapter: no target_modules → PEFT's default for the base's `model_type`
-    /// ([`AdapterConfig::default_targets`]); a long list beside layers_to_transform → PEFT's
-    /// shortened list ([`AdapterConfig::shorten_targets`]).
+    /// [`Adapter::open`], its config resolved against `base` as PEFT resolves it ([`resolve`]).
     fn open_with(path: &Path, prefix: &str, base: Option<&Model>) -> Result<Adapter> {
         let dir = crate::model::dir_of(path);
         let d = dir.display();
@@ -179,8 +182,7 @@ impl Adapter {
         let mut warnings = vec![];
         let mut config = AdapterConfig::parse(&cfg_path, &text, &mut warnings)?;
         if let Some(base) = base {
-            warnings.extend(config.default_targets(model_type(base), &cfg_path)?);
-            warnings.extend(config.shorten_targets(|t| other_modules(base, prefix, t), &cfg_path));
+            warnings.extend(resolve(&mut config, base, prefix, &cfg_path)?);
         }
         let weights = dir.join(WEIGHTS_NAME);
         if !weights.is_file() {
@@ -225,15 +227,10 @@ impl Adapter {
     /// tensor, and without the module every block's is found, the keys are read as
     /// `--adapter-prefix base_model.model.<module>.` would read them, with a warning.
     ///
-    /// A config without target_modules gets PEFT's default for the base's `model_type`
-    /// ([`AdapterConfig::default_targets`]).
+    /// The config is resolved against the base as PEFT resolves it ([`resolve`]); where that
+    /// changes it, the adapter is opened again with the resolved config.
     pub fn for_base(self, base: &Model) -> Result<Adapter> {
-        let resolve = {
-            let mut c = self.config.clone();
-            c.default_targets(model_type(base), &self.dir).is_err()
-                || c.target_modules != self.config.target_modules
-                || c.shorten_targets(|t| other_modules(base, &self.prefix, t), &self.dir).is_some()
-        };
+        let changes = resolve(&mut self.config.clone(), base, &self.prefix, &self.dir).map_or(true, |w| !w.is_empty());
         let mut a = match self.backbone_prefix(base) {
             Some(prefix) => {
                 let mut a = Adapter::open_with(&self.dir, &prefix, Some(base))?;
@@ -247,7 +244,7 @@ impl Adapter {
                 ));
                 a
             }
-            None if resolve => Adapter::open_with(&self.dir, &self.prefix, Some(base))?,
+            None if changes => Adapter::open_with(&self.dir, &self.prefix, Some(base))?,
             None => self,
         };
         a.locate(base);
