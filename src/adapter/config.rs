@@ -3,6 +3,7 @@
 use crate::error::{input, Result};
 use regex::Regex;
 use serde_json::Value;
+use std::collections::BTreeSet;
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,7 +139,7 @@ const MIN_TARGETS_SHORTENED: usize = 20;
 /// PEFT 0.18.1's `_find_minimal_target_modules`: for each target (in the order of their suffix
 /// lists, shortest suffix first), its shortest suffix that no other module's path ends in, unless
 /// a suffix already chosen covers it; the targets themselves if that leaves none.
-fn minimal_suffixes(targets: &std::collections::BTreeSet<String>, others: &[String]) -> Vec<String> {
+fn minimal_suffixes(targets: &BTreeSet<String>, others: &[String]) -> Vec<String> {
     use std::collections::HashSet;
     // the suffixes of a dotted path, the last part first, the whole path last
     fn suffixes(s: &str) -> Vec<String> {
@@ -185,6 +186,11 @@ const NOT_ALL_LINEAR: &[&str] = &[
     "position_embeddings",
     "token_type_embeddings",
 ];
+
+/// Whether a target_modules value is "all-linear" (PEFT compares it lowercased).
+pub fn is_all_linear(target_modules: &Value) -> bool {
+    target_modules.as_str().is_some_and(|s| s.eq_ignore_ascii_case("all-linear"))
+}
 
 /// Whether PEFT's "all-linear" takes the module `module` (a path in the base model that holds a
 /// 2-D weight): `_maybe_include_all_linear_layers` replaces "all-linear" with the full path of
@@ -314,7 +320,16 @@ impl AdapterConfig {
 
     /// Whether target_modules is "all-linear" (which PEFT resolves against the model).
     pub fn all_linear(&self) -> bool {
-        self.target_modules.as_str().is_some_and(|s| s.eq_ignore_ascii_case("all-linear"))
+        is_all_linear(&self.target_modules)
+    }
+
+    /// Replace target_modules with `list`, as PEFT rewrites its config when it loads it: the field
+    /// and the file as read ([`AdapterConfig::raw`], which [`AdapterConfig::peft_targets`] reads).
+    fn set_targets<'a>(&mut self, list: impl Iterator<Item = &'a str>) {
+        self.target_modules = Value::Array(list.map(Value::from).collect());
+        if let Some(raw) = self.raw.as_object_mut() {
+            raw.insert("target_modules".into(), self.target_modules.clone());
+        }
     }
 
     /// Whether `layers_to_transform` picks layers (PEFT: not null, and not an empty list).
@@ -334,23 +349,22 @@ impl AdapterConfig {
     /// written by hand holds such a list. Done here only where `layers_to_transform` picks layers
     /// (elsewhere the shorter list targets the same modules). `others(targets)`: the paths of the
     /// model's modules that the list does not name. Returns a warning where the list changes.
-    pub fn shorten_targets(&mut self, others: impl FnOnce(&[String]) -> Vec<String>, path: &Path) -> Option<String> {
-        use std::collections::BTreeSet;
+    pub fn shorten_targets(
+        &mut self,
+        others: impl FnOnce(&BTreeSet<String>) -> Vec<String>,
+        path: &Path,
+    ) -> Option<String> {
         let targets: BTreeSet<String> =
             self.target_modules.as_array()?.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<_>>()?;
         if targets.len() < MIN_TARGETS_SHORTENED || !self.uses_layer_indexes() {
             return None;
         }
-        let others = others(&targets.iter().cloned().collect::<Vec<_>>());
+        let others = others(&targets);
         let shorter = minimal_suffixes(&targets, &others);
         if shorter.len() >= targets.len() {
             return None;
         }
-        let list: Vec<Value> = shorter.iter().map(|m| Value::from(m.as_str())).collect();
-        self.target_modules = Value::Array(list.clone());
-        if let Some(raw) = self.raw.as_object_mut() {
-            raw.insert("target_modules".into(), Value::Array(list));
-        }
+        self.set_targets(shorter.iter().map(String::as_str));
         Some(format!(
             "{}: target_modules lists {} modules, which PEFT shortens to the suffixes that tell them from the \
              model's other modules, {}, before it matches them: layers_to_transform then also applies to the \
@@ -380,11 +394,7 @@ impl AdapterConfig {
                  modules"
             )));
         };
-        let list: Vec<Value> = list.iter().map(|m| Value::from(*m)).collect();
-        self.target_modules = Value::Array(list.clone());
-        if let Some(raw) = self.raw.as_object_mut() {
-            raw.insert("target_modules".into(), Value::Array(list));
-        }
+        self.set_targets(list.iter().copied());
         Ok(Some(format!(
             "{p}: names no target_modules: PEFT takes its default for model_type {model_type:?}, {}",
             self.target_modules
@@ -553,7 +563,7 @@ mod tests {
             let table = peft[peft_type].as_object().unwrap();
             assert_eq!(table.len(), PEFT_DEFAULT_TARGETS.len(), "{peft_type}");
             for (model_type, list) in PEFT_DEFAULT_TARGETS {
-                assert_eq!(table[*model_type], serde_json::json!(list), "{peft_type} {model_type}");
+                assert_eq!(table[*model_type], json!(list), "{peft_type} {model_type}");
             }
         }
         let file = Path::new("adapter_config.json");
@@ -578,7 +588,7 @@ mod tests {
     /// shorter suffixes all name other modules too.
     #[test]
     fn long_target_lists_are_shortened_as_peft_shortens_them() {
-        let set = |v: Vec<String>| v.into_iter().collect::<std::collections::BTreeSet<String>>();
+        let set = |v: Vec<String>| v.into_iter().collect::<BTreeSet<String>>();
         let mut targets: Vec<String> = (0..100).map(|i| format!("model.decoder.layers.{i}.self_attn.q_proj")).collect();
         targets.extend((0..100).map(|i| format!("model.decoder.layers.{i}.self_attn.v_proj")));
         let others: Vec<String> = (0..100).map(|i| format!("model.encoder.layers.{i}.self_attn.k_proj")).collect();
@@ -589,7 +599,7 @@ mod tests {
 
         // in a config: only a list of 20 or more beside layers_to_transform
         let paths: Vec<String> = (0..20).map(|i| format!("model.layers.{i}.self_attn.q_proj")).collect();
-        let others = |_: &[String]| vec!["model.layers.0.mlp.up_proj".to_string(), "lm_head".to_string()];
+        let others = |_: &BTreeSet<String>| vec!["model.layers.0.mlp.up_proj".to_string(), "lm_head".to_string()];
         let file = Path::new("adapter_config.json");
         let text = |layers: &str, n: usize| {
             format!(r#"{{"peft_type":"BONE","target_modules":{},"layers_to_transform":{layers}}}"#, json!(paths[..n]))

@@ -113,7 +113,7 @@ fn resolve(config: &mut AdapterConfig, base: &Model, prefix: &str, path: &Path) 
 /// vision-language checkpoint's renames, [`Model::stored_name`]); the others keep their stored
 /// names, whose renamed first parts do not change the suffixes that
 /// [`AdapterConfig::shorten_targets`] compares.
-fn other_modules(base: &Model, prefix: &str, targets: &[String]) -> Vec<String> {
+fn other_modules(base: &Model, prefix: &str, targets: &std::collections::BTreeSet<String>) -> Vec<String> {
     let outer = prefix.strip_prefix(DEFAULT_PREFIX).unwrap_or("");
     let stored: std::collections::HashSet<String> = targets
         .iter()

@@ -173,7 +173,7 @@ pub fn render(r: &Value) -> String {
     if let Some(a) = targets.as_array_mut() {
         a.sort_by_key(|v| v.to_string());
     }
-    let resolved = if targets.as_str().is_some_and(|t| t.eq_ignore_ascii_case("all-linear")) {
+    let resolved = if crate::adapter::config::is_all_linear(&targets) {
         " (as PEFT resolves it: every linear layer but the output layer)"
     } else {
         ""
