@@ -57,6 +57,8 @@ pub struct AdapterConfig {
     pub mini_r: usize,
     pub init_weights: Value,
     pub target_modules: Value,
+    /// The config's list, and the classifier heads PEFT adds for the task type
+    /// ([`task_modules_to_save`]).
     pub modules_to_save: Vec<String>,
     pub layers_to_transform: Value,
     pub base_model_name_or_path: Option<String>,
@@ -187,6 +189,19 @@ const NOT_ALL_LINEAR: &[&str] = &[
     "token_type_embeddings",
 ];
 
+/// The modules PEFT adds to `modules_to_save` for a task type before it puts the adapter on the
+/// model (`PeftModelForSequenceClassification` and `…ForTokenClassification`: the classifier
+/// heads `classifier` and `score`; `…ForQuestionAnswering`: `qa_outputs`), so that no block goes
+/// on them, whatever target_modules says ("all-linear" included). PEFT saves the longer list, so
+/// only a config written by hand lacks them.
+fn task_modules_to_save(task_type: Option<&str>) -> &'static [&'static str] {
+    match task_type {
+        Some("SEQ_CLS" | "TOKEN_CLS") => &["classifier", "score"],
+        Some("QUESTION_ANS") => &["qa_outputs"],
+        _ => &[],
+    }
+}
+
 /// Whether a target_modules value is "all-linear" (PEFT compares it lowercased).
 pub fn is_all_linear(target_modules: &Value) -> bool {
     target_modules.as_str().is_some_and(|s| s.eq_ignore_ascii_case("all-linear"))
@@ -274,6 +289,12 @@ impl AdapterConfig {
             }
         }
         let string = |key: &str| obj.get(key).and_then(Value::as_str).map(str::to_string);
+        let mut modules_to_save = modules_to_save;
+        for m in task_modules_to_save(string("task_type").as_deref()) {
+            if !modules_to_save.iter().any(|s| s == m) {
+                modules_to_save.push(m.to_string());
+            }
+        }
         for key in obj.keys() {
             let known = COMMON_KEYS.contains(&key.as_str())
                 || (peft_type == PeftType::Miss && MISS_KEYS.contains(&key.as_str()));
@@ -582,6 +603,40 @@ mod tests {
         let (mut c, _) = parse(r#"{"peft_type":"BONE","target_modules":["k_proj"]}"#).unwrap();
         assert_eq!(c.default_targets(Some("llama"), file).unwrap(), None, "it names its targets");
         assert_eq!(c.peft_targets("model.layers.0.self_attn.k_proj"), Some(true));
+    }
+
+    /// The classifier heads each task type adds to modules_to_save are PEFT's own
+    /// (fixtures/peft-task-modules.json: a config's modules_to_save after each task's PeftModel
+    /// class wrapped a model with it, written by fixtures/generate.py from PEFT 0.18.1), and no
+    /// block goes on them, "all-linear" included, while the same config without the task type
+    /// targets them.
+    #[test]
+    fn a_task_type_keeps_the_blocks_off_its_classifier_heads_as_peft_does() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft-task-modules.json");
+        let peft: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let peft = peft.as_object().unwrap();
+        assert!(peft.len() >= 6, "{peft:?}");
+        for (task, modules) in peft {
+            assert_eq!(json!(task_modules_to_save(Some(task))), *modules, "{task}");
+        }
+        assert!(task_modules_to_save(None).is_empty());
+        for task in ["SEQ_CLS", "QUESTION_ANS"] {
+            let heads = task_modules_to_save(Some(task));
+            for targets in [r#""all-linear""#, r#"["q_proj","score","classifier","qa_outputs"]"#] {
+                let with = format!(r#"{{"peft_type":"BONE","task_type":"{task}","target_modules":{targets}}}"#);
+                let without = format!(r#"{{"peft_type":"BONE","target_modules":{targets}}}"#);
+                let (with, _) = parse(&with).unwrap();
+                let (without, _) = parse(&without).unwrap();
+                for head in heads {
+                    assert_eq!(with.peft_targets(head), Some(false), "{task} {targets} {head}");
+                    assert_eq!(without.peft_targets(head), Some(true), "{targets} {head}");
+                }
+                assert_eq!(with.peft_targets("model.layers.0.self_attn.q_proj"), Some(true), "{task} {targets}");
+            }
+        }
+        // listed already: not twice
+        let (c, _) = parse(r#"{"peft_type":"BONE","task_type":"SEQ_CLS","modules_to_save":["score"]}"#).unwrap();
+        assert_eq!(c.modules_to_save, ["score", "classifier"]);
     }
 
     /// `_find_minimal_target_modules`'s own example (PEFT 0.18.1's docstring), and a path whose
