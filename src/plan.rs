@@ -122,6 +122,9 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// The warning that the output unties the base's tied embeddings (also in `warnings`).
     pub untied: Option<String>,
+    /// The warning that the output is a classifier, not the base's causal LM
+    /// ([`Adapter::new_head_class`]; also in `warnings`).
+    pub task_model: Option<String>,
     /// Tensors whose values change (by an adapter).
     pub changed: usize,
     /// Tensors written with the base's bytes (or their cast).
@@ -169,6 +172,10 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     // Unmerging: the tensors a later adapter's saved base layer restored, and that adapter.
     let mut restored_by: std::collections::HashMap<String, usize> = Default::default();
     let mut warned_restored: std::collections::HashSet<String> = Default::default();
+    // A classifier trained on a causal LM's backbone ([`Adapter::new_head_class`]): the class the
+    // output becomes and the adapter that says so, and the head's tensors, which the base lacks.
+    let mut task_model: Option<(String, usize)> = None;
+    let mut new_heads: Vec<(String, TensorEntry)> = vec![];
 
     // Adapters are merged in the order given and unmerged last-in first-out.
     let order: Vec<usize> = match direction {
@@ -186,8 +193,31 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         let mut restored = std::collections::HashSet::new();
         for rep in &a.replacements {
             if let Err(p) = a.check_replacement(rep, base) {
-                problems.push(format!("{at}: {p}"));
-                continue;
+                let class = if direction == Direction::Merge { a.new_head_class(rep, base) } else { None };
+                let Some(class) = class else {
+                    problems.push(format!("{at}: {p}"));
+                    continue;
+                };
+                if let Some((earlier, by)) = task_model.as_ref().filter(|(c, _)| *c != class) {
+                    problems.push(format!(
+                        "{at}: {:?} makes the model a {class}, but {} made it a {earlier}",
+                        rep.key,
+                        adapters[*by].dir.display()
+                    ));
+                    continue;
+                }
+                if Float::from_dtype(rep.entry.dtype).is_none() {
+                    problems.push(format!(
+                        "{at}: {:?} has dtype {:?}, expected F32, BF16 or F16",
+                        rep.key, rep.entry.dtype
+                    ));
+                    continue;
+                }
+                task_model.get_or_insert((class, ai));
+                match new_heads.iter_mut().find(|(n, _)| *n == rep.target) {
+                    Some((_, entry)) => *entry = rep.entry.clone(),
+                    None => new_heads.push((rep.target.clone(), rep.entry.clone())),
+                }
             }
             let replace = Op::Replace { adapter: ai, src: rep.entry.clone() };
             if !rep.base_layer {
@@ -289,7 +319,39 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     // as in PEFT, and the model stays tied. Unmerging, a model that is still tied had the adapter
     // merged into that shared weight (PEFT's in-place merge; bone-tool's merge unties), so it
     // comes out of it: both sides get the base back, and the model stays tied.
-    if let Some(embed) = &base.head_alias {
+    // The classifier has no output layer: the base's is left out (nothing may change it), and a
+    // tied one is no tie any more.
+    let mut dropped: Vec<String> = vec![];
+    let mut task_warning = None;
+    if let Some((class, by)) = &task_model {
+        let head = base.head();
+        let module = head.strip_suffix(".weight").unwrap_or(head);
+        for name in [head.to_string(), format!("{module}.bias")] {
+            if ops_by_tensor.contains_key(&name) && !new_heads.iter().any(|(n, _)| *n == name) {
+                problems.push(format!(
+                    "{}: the adapters change {name:?}, but the merge is a {class} ({} holds its classifier head), \
+                     which has no output layer",
+                    adapters[*by].dir.display(),
+                    adapters[*by].dir.display()
+                ));
+            }
+            if base.tensor_names().any(|t| t == name) {
+                dropped.push(name);
+            }
+        }
+        let labels = new_heads.iter().find(|(n, _)| n.ends_with(".weight")).and_then(|(_, e)| e.shape.first().copied());
+        task_warning = Some(format!(
+            "{}: a {} adapter with a classifier head ({}) that the base does not have: the output is a {class}, as \
+             PEFT's merge of it saves it: the adapter's head{}, {}config.json's architectures and labels set",
+            adapters[*by].dir.display(),
+            adapters[*by].config.task_type.as_deref().unwrap_or_default(),
+            new_heads.iter().map(|(n, _)| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+            labels.map(|n| format!(" ({n} labels)")).unwrap_or_default(),
+            if dropped.is_empty() { String::new() } else { format!("no {:?}, ", dropped.join(", ")) },
+        ));
+    }
+    warnings.extend(task_warning.clone());
+    if let Some(embed) = base.head_alias.as_ref().filter(|_| task_model.is_none()) {
         let shared = opts.shared_tied_head || direction == Direction::Unmerge || !changes.contains(base.head());
         if shared && !ops_by_tensor.contains_key(embed) {
             if let Some(ops) = ops_by_tensor.remove(base.head()) {
@@ -302,7 +364,10 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             if problems.len() > 1 { format!(" (and {} more problems)", problems.len() - 1) } else { String::new() };
         return Err(input(format!("{first}{more}")));
     }
-    let untied = untie(base, &ops_by_tensor, &changes, opts.keep_tied)?;
+    let untied = match task_model {
+        Some(_) => None,
+        None => untie(base, &ops_by_tensor, &changes, opts.keep_tied)?,
+    };
     if let Some(w) = &untied {
         warnings.push(w.clone());
     }
@@ -318,7 +383,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     };
     let head_job = untied.is_some().then_some(base.head_alias.as_ref()).flatten();
     for (si, shard) in base.shards.iter().enumerate() {
-        for t in &shard.tensors {
+        for t in shard.tensors.iter().filter(|t| !dropped.contains(&t.name)) {
             let ops = ops_by_tensor.remove(&t.name).unwrap_or_default();
             jobs.push(TensorJob {
                 name: t.name.clone(),
@@ -339,18 +404,49 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             }
         }
     }
+    // a new classifier head last, in the base's float dtype, as transformers saves it
+    let head_dtype = base_float_dtype(base);
+    for (name, entry) in new_heads.iter() {
+        let dtype = head_dtype.unwrap_or(entry.dtype);
+        let bytes = match Float::from_dtype(dtype) {
+            Some(f) if dtype != entry.dtype => (entry.numel() * f.size()) as u64,
+            _ => entry.len_bytes(),
+        };
+        let src = TensorEntry { name: name.clone(), dtype, shape: entry.shape.clone(), start: 0, end: bytes };
+        jobs.push(TensorJob {
+            name: name.clone(),
+            input: base.shards.len() - 1,
+            ops: ops_by_tensor.remove(name).unwrap_or_default(),
+            out_dtype: out_dtype(dtype),
+            src,
+        });
+    }
     debug_assert!(ops_by_tensor.is_empty(), "every target was checked to exist");
     let changed = jobs.iter().filter(|j| !j.ops.is_empty()).count();
     let cast = jobs.iter().filter(|j| j.out_dtype != j.src.dtype).count();
     let copied = jobs.len() - changed;
 
     let (shards, index) = layout(base, jobs, opts.max_shard_size)?;
-    let config = new_config(base, opts.out_dtype, untied.is_some());
+    let labels = new_heads.iter().find(|(n, _)| n.ends_with(".weight")).and_then(|(_, e)| e.shape.first().copied());
+    let task = task_model.as_ref().map(|(class, _)| (class.as_str(), labels));
+    let config = new_config(base, opts.out_dtype, untied.is_some(), task);
     let side_files = match &base.folder {
         Some(folder) => side_files(folder, base, &shards, config.is_some(), &mut warnings)?,
         None => vec![],
     };
-    Ok(Plan { direction, shards, index, side_files, config, warnings, untied, changed, copied, cast })
+    Ok(Plan {
+        direction,
+        shards,
+        index,
+        side_files,
+        config,
+        warnings,
+        untied,
+        task_model: task_warning,
+        changed,
+        copied,
+        cast,
+    })
 }
 
 /// The output files: the base's own (each tensor where it was), or, with a maximum size,
@@ -423,6 +519,11 @@ fn layout(base: &Model, jobs: Vec<TensorJob>, max_shard_size: Option<u64>) -> Re
         let meta = obj.entry("metadata").or_insert_with(|| serde_json::json!({}));
         if let Some(m) = meta.as_object_mut() {
             m.insert("total_size".into(), total.into());
+            // (transformers 4.56+ writes it; a task model's head changes it)
+            if m.contains_key("total_parameters") {
+                let params: usize = shards.iter().flat_map(|s| &s.jobs).map(|j| j.src.numel()).sum();
+                m.insert("total_parameters".into(), params.into());
+            }
         }
         obj.insert("weight_map".into(), serde_json::Value::Object(weight_map));
         (name, out)
@@ -447,9 +548,36 @@ fn shard_prefix(base: &Model) -> String {
 
 /// config.json for the output, when it must differ from the base's: `torch_dtype` / `dtype` set to
 /// --dtype (in nested configs too), `tie_word_embeddings` false once untied.
-fn new_config(base: &Model, out: Option<Float>, untied: bool) -> Option<serde_json::Value> {
+fn new_config(
+    base: &Model,
+    out: Option<Float>,
+    untied: bool,
+    task: Option<(&str, Option<usize>)>,
+) -> Option<serde_json::Value> {
     let mut config = base.config.clone()?;
     let mut changed = false;
+    if let Some((class, labels)) = task {
+        // as transformers saves a task model: its class, and labels LABEL_0… unless the base's
+        // has as many (two, the default, it leaves out)
+        let obj = config.as_object_mut()?;
+        obj.insert("architectures".into(), serde_json::json!([class]));
+        if let Some(n) = labels {
+            let have = obj.get("id2label").and_then(|m| m.as_object()).map(|m| m.len());
+            if have != Some(n) {
+                obj.remove("id2label");
+                obj.remove("label2id");
+                if n != 2 {
+                    let id2label: serde_json::Map<String, serde_json::Value> =
+                        (0..n).map(|k| (k.to_string(), format!("LABEL_{k}").into())).collect();
+                    let label2id: serde_json::Map<String, serde_json::Value> =
+                        (0..n).map(|k| (format!("LABEL_{k}"), k.into())).collect();
+                    obj.insert("id2label".into(), id2label.into());
+                    obj.insert("label2id".into(), label2id.into());
+                }
+            }
+        }
+        changed = true;
+    }
     if let Some(out) = out {
         let name = match out {
             Float::F32 => "float32",
@@ -486,6 +614,14 @@ fn new_config(base: &Model, out: Option<Float>, untied: bool) -> Option<serde_js
         changed = true;
     }
     changed.then_some(config)
+}
+
+/// The dtype of the base's weights: its input embedding's, else its first float tensor's.
+fn base_float_dtype(base: &Model) -> Option<safetensors::Dtype> {
+    let embed = base.embed_name().and_then(|e| base.tensor(e)).map(|(_, t)| t.dtype);
+    let first =
+        || base.shards.iter().flat_map(|s| &s.tensors).map(|t| t.dtype).find(|d| Float::from_dtype(*d).is_some());
+    embed.filter(|d| Float::from_dtype(*d).is_some()).or_else(first)
 }
 
 /// Bits of significand: what "more precise" means between float dtypes.

@@ -398,6 +398,64 @@ fn tied_output_layers_are_found_under_each_familys_names() {
     }
 }
 
+/// A classifier trained on a tied causal LM (AutoModelForSequenceClassification on a checkpoint
+/// that ties lm_head to embed_tokens) has no output layer: the merge writes no lm_head, even where
+/// the adapter also replaces the embedding, and the tie stays as config.json has it. The PEFT case
+/// is the same classifier made from the untied llama-bf16, whose decoder layers the tied copy
+/// shares; only the embedding differs between the two bases.
+#[test]
+fn a_classifier_on_a_tied_causal_lm_merges_without_an_output_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tied_base(tmp.path());
+    let case = fixtures().join("cases/miss-bat-seqcls-from-causal-bf16");
+    let adapter = tmp.path().join("adapter");
+    copy_dir(&case.join("adapter"), &adapter);
+    let mut t = load(&adapter.join("adapter_model.safetensors"));
+    let mut embed = load(&base)["model.embed_tokens.weight"].clone();
+    embed.data[0] ^= 0x01; // differs from the tied weights in one bit
+    t.insert("base_model.model.model.embed_tokens.weight".into(), embed.clone());
+    save(&adapter.join("adapter_model.safetensors"), &t);
+    let out = tmp.path().join("out");
+    let o = merge_with(&base, &adapter, &out, &[]);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("the output is a LlamaForSequenceClassification") && !err.contains("untie"), "{err}");
+    let (ours, peft) = (load(&out), load(&case.join("merged")));
+    assert!(!ours.contains_key("lm_head.weight"), "{:?}", ours.keys().collect::<Vec<_>>());
+    assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>());
+    assert!(ours["model.embed_tokens.weight"].data == embed.data, "the embedding is the adapter's");
+    for (name, t) in peft.iter().filter(|(n, _)| *n != "model.embed_tokens.weight") {
+        assert!(ours[name].data == t.data, "{name}: PEFT's");
+    }
+    let (cfg, peft_cfg) = (config(&out), config(&case.join("merged")));
+    assert_eq!(cfg["architectures"], peft_cfg["architectures"]);
+    assert_eq!(cfg["id2label"], peft_cfg["id2label"]);
+    assert_eq!(cfg["tie_word_embeddings"], true, "a classifier has no output layer to untie");
+    ok(&run(&["verify", "--base", s(&base), "--adapter", s(&adapter), "--merged", s(&out)]));
+    // a sharded base: the head goes into the last shard, the index maps it and not lm_head, and
+    // counts the parameters written
+    let sharded = tmp.path().join("sharded");
+    ok(&merge_with(&fixtures().join("bases/llama-bf16-sharded"), &case.join("adapter"), &sharded, &[]));
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sharded.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let files: Vec<String> = index["weight_map"].as_object().unwrap().values().map(|f| f.to_string()).collect();
+    assert_eq!(index["weight_map"]["score.weight"].to_string(), *files.iter().max().unwrap());
+    assert!(index["weight_map"].get("lm_head.weight").is_none());
+    let written = load(&sharded);
+    let params: usize = written.values().map(|t| t.shape.iter().product::<usize>()).sum();
+    assert_eq!(index["metadata"]["total_parameters"], params);
+    assert_eq!(written.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>());
+    // a base whose config.json names no class: which task model is unknown, so it is refused
+    edit_json(&base.join("config.json"), |c| {
+        c.as_object_mut().unwrap().remove("architectures");
+    });
+    let o = merge_with(&base, &adapter, &tmp.path().join("refused"), &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("\"score.weight\"") && err.contains("ForCausalLM class in \"architectures\""), "{err}");
+    assert!(!tmp.path().join("refused").exists());
+}
+
 #[test]
 fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     let tmp = tempfile::tempdir().unwrap();

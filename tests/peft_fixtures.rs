@@ -180,8 +180,19 @@ fn merge_matches_peft_on_every_fixture() {
         let out = tmp.path().join(format!("{}-merged", c.name));
         apply("merge", &fixtures().join(&c.base), c, &out);
         let expect = if c.exact_merge { Expect::Bytes } else { Expect::Close };
-        for f in compare(&load(&out), &load(&fixtures().join("cases").join(&c.name).join("merged")), expect) {
+        let peft = fixtures().join("cases").join(&c.name).join("merged");
+        for f in compare(&load(&out), &load(&peft), expect) {
             failures.push(format!("{}: {f}", c.name));
+        }
+        // what config.json says of the model's class, labels and tie, as transformers saved it
+        let config = |dir: &Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+        };
+        let (ours, peft) = (config(&out), config(&peft));
+        for key in ["architectures", "id2label", "label2id", "tie_word_embeddings", "model_type"] {
+            if ours[key] != peft[key] {
+                failures.push(format!("{}: config.json {key}: {} where PEFT's has {}", c.name, ours[key], peft[key]));
+            }
         }
     }
     assert!(failures.is_empty(), "merge differs from PEFT:\n{}", failures.join("\n"));
@@ -400,6 +411,26 @@ fn inspect_json_describes_every_fixture_adapter() {
             assert_eq!(j["compatible"], true);
             let mut warnings: Vec<&str> =
                 j["warnings"].as_array().unwrap().iter().map(|w| w.as_str().unwrap()).collect();
+            // a classifier trained on the causal LM: PEFT's merge saved another class, which
+            // inspect names, with the head it adds
+            let config = |dir: &Path| -> serde_json::Value {
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+            };
+            let peft_class = config(&fixtures().join("cases").join(&c.name).join("merged"))["architectures"][0].clone();
+            let made = warnings.iter().position(|w| w.contains("the output is a"));
+            if peft_class != config(&fixtures().join(&c.base))["architectures"][0] {
+                let class = peft_class.as_str().unwrap();
+                let w = warnings.remove(made.unwrap_or_else(|| panic!("{a}: no warning that the merge is a {class}")));
+                assert!(w.contains(&format!("the output is a {class}")), "{w}");
+                let added: Vec<&serde_json::Value> =
+                    j["replacements"].as_array().unwrap().iter().filter(|r| r["new_in"] == class).collect();
+                assert!(!added.is_empty(), "{a}: {}", j["replacements"]);
+                for r in added {
+                    assert!(!base.contains_key(r["target"].as_str().unwrap()), "{a}: {r}");
+                }
+            } else {
+                assert_eq!(made, None, "{a}: {warnings:?}");
+            }
             if cfg["target_modules"].is_null() {
                 // PEFT's default for the base's model type, said first
                 let w = warnings.remove(0);

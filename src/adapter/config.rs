@@ -202,6 +202,17 @@ fn task_modules_to_save(task_type: Option<&str>) -> &'static [&'static str] {
     }
 }
 
+/// The transformers class suffix of the task model PEFT's task class wraps for a task type whose
+/// classifier head (`score` or `classifier`, [`task_modules_to_save`]) sits on a language model's
+/// backbone: `LlamaForCausalLM`'s backbone under a new `score` is `LlamaForSequenceClassification`.
+pub fn task_class_suffix(task_type: Option<&str>) -> Option<&'static str> {
+    match task_type {
+        Some("SEQ_CLS") => Some("ForSequenceClassification"),
+        Some("TOKEN_CLS") => Some("ForTokenClassification"),
+        _ => None,
+    }
+}
+
 /// Whether a target_modules value is "all-linear" (PEFT compares it lowercased).
 pub fn is_all_linear(target_modules: &Value) -> bool {
     target_modules.as_str().is_some_and(|s| s.eq_ignore_ascii_case("all-linear"))

@@ -601,6 +601,28 @@ impl Adapter {
     /// Check a replacement tensor against the base: the target exists and has the same shape.
     pub fn check_replacement(&self, rep: &Replacement, base: &Model) -> Result<(), String> {
         let Some((_, w)) = base.tensor(&rep.target) else {
+            let task = self.config.task_type.as_deref();
+            let head = rep.target.rsplit_once('.').is_some_and(|(m, _)| matches!(m, "score" | "classifier"));
+            if let (true, Some(suffix)) = (head, config::task_class_suffix(task)) {
+                let why = match base.architecture().and_then(|a| a.strip_suffix("ForCausalLM")) {
+                    // (a merge takes it as new: only an unmerge gets here)
+                    Some(family) => format!(
+                        "a merge into this {family}ForCausalLM adds it, making a {family}{suffix}; an unmerge takes \
+                         the merged {family}{suffix}, which has it"
+                    ),
+                    None => format!(
+                        "a merge adds it, making the task model as PEFT's merge does, only to a base whose config.json \
+                         names its …ForCausalLM class in \"architectures\" (this one's: {})",
+                        base.architecture().map_or("none".to_string(), |a| format!("{a:?}"))
+                    ),
+                };
+                return Err(format!(
+                    "adapter tensor {:?}: the base has no tensor {:?}, the classifier head of this {} adapter: {why}",
+                    rep.key,
+                    rep.target,
+                    task.unwrap_or_default(),
+                ));
+            }
             return Err(missing_target(&rep.key, &rep.target, base));
         };
         if w.shape != rep.entry.shape {
@@ -619,6 +641,25 @@ impl Adapter {
             return Err(format!("{:?} has dtype {:?}, expected F32, BF16 or F16", rep.key, rep.entry.dtype));
         }
         Ok(())
+    }
+
+    /// The task model a merge makes where `rep` is the classifier head (`score` or `classifier`,
+    /// weight or bias) of an adapter trained for sequence or token classification (task_type
+    /// SEQ_CLS or TOKEN_CLS, the head kept in modules_to_save) on the backbone of a causal LM
+    /// whose checkpoint has no such head: as PEFT's merge of it is saved, the class named after
+    /// the base's (`LlamaForCausalLM` → `LlamaForSequenceClassification`), with the adapter's
+    /// head and no output layer. None otherwise.
+    pub fn new_head_class(&self, rep: &Replacement, base: &Model) -> Option<String> {
+        if rep.base_layer || base.has(&rep.target) {
+            return None;
+        }
+        let suffix = config::task_class_suffix(self.config.task_type.as_deref())?;
+        let (module, _) = rep.target.rsplit_once('.')?;
+        if !matches!(module, "score" | "classifier") {
+            return None;
+        }
+        let family = base.architecture()?.strip_suffix("ForCausalLM")?;
+        Some(format!("{family}{suffix}"))
     }
 
     /// Elements in all blocks.

@@ -339,6 +339,8 @@ fn plan_summary(plan: &plan::Plan, base: &Model, adapters: &[Adapter], out: &Pat
             })
         })
         .collect();
+    let written: std::collections::HashSet<&str> =
+        plan.shards.iter().flat_map(|s| s.jobs.iter().map(|j| j.name.as_str())).collect();
     let files: Vec<_> = plan
         .shards
         .iter()
@@ -351,7 +353,17 @@ fn plan_summary(plan: &plan::Plan, base: &Model, adapters: &[Adapter], out: &Pat
         "files": files,
         "index": plan.index.as_ref().map(|(n, _)| n.clone()),
         "side_files": plan.side_files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
-        "config_json": plan.config.as_ref().map(|_| "rewritten (torch_dtype / tie_word_embeddings)"),
+        "config_json": plan.config.as_ref().map(|new| {
+            // the keys it changes, adds or drops (torch_dtype, tie_word_embeddings, a task model's
+            // architectures and labels)
+            let empty = serde_json::Map::new();
+            let old = base.config.as_ref().and_then(|c| c.as_object()).unwrap_or(&empty);
+            let new = new.as_object().unwrap_or(&empty);
+            let keys: std::collections::BTreeSet<&String> =
+                old.keys().chain(new.keys()).filter(|k| old.get(*k) != new.get(*k)).collect();
+            format!("rewritten ({})", keys.into_iter().map(String::as_str).collect::<Vec<_>>().join(", "))
+        }),
+        "dropped": base.tensor_names().filter(|n| !written.contains(n)).collect::<Vec<_>>(),
         "tensors_changed": plan.changed,
         "tensors_copied": plan.copied,
         "tensors_cast": plan.cast,
@@ -410,8 +422,11 @@ fn render_plan(p: &serde_json::Value) -> String {
     if let Some(i) = p["index"].as_str() {
         s.push_str(&format!("write  {i}\n"));
     }
-    if p["config_json"].is_string() {
-        s.push_str("write  config.json (torch_dtype / tie_word_embeddings updated)\n");
+    for d in p["dropped"].as_array().into_iter().flatten() {
+        s.push_str(&format!("drop   {} (the merged model has no such layer)\n", d.as_str().unwrap_or("")));
+    }
+    if let Some(c) = p["config_json"].as_str() {
+        s.push_str(&format!("write  config.json, {c}\n"));
     }
     for f in p["side_files"].as_array().into_iter().flatten() {
         s.push_str(&format!("copy   {}\n", f.as_str().unwrap_or("")));

@@ -76,8 +76,14 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
             let mut v = json!({"key": r.key, "target": r.target, "shape": r.entry.shape, "dtype": format!("{:?}", r.entry.dtype)});
             if let Some(base) = base {
                 if let Err(p) = a.check_replacement(r, base) {
-                    v["problem"] = json!(p);
-                    problems.push(p);
+                    match a.new_head_class(r, base) {
+                        // the classifier head of a task model made from the causal LM
+                        Some(class) => v["new_in"] = json!(class),
+                        None => {
+                            v["problem"] = json!(p);
+                            problems.push(p);
+                        }
+                    }
                 }
             }
             v
@@ -89,15 +95,15 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
     let mut warnings = a.warnings.clone();
     warnings.extend(missing.as_deref().and_then(|m| a.missing_blocks_warning(m)));
     // what merge does to a tied base, in merge's words
-    let untied = match base {
+    let plan = match base {
         Some(b) if problems.is_empty() => {
-            crate::plan::build(b, std::slice::from_ref(a), crate::plan::Direction::Merge, Default::default())
-                .ok()
-                .map(|plan| plan.untied)
+            crate::plan::build(b, std::slice::from_ref(a), crate::plan::Direction::Merge, Default::default()).ok()
         }
         _ => None,
     };
+    let untied = plan.as_ref().map(|p| p.untied.clone());
     warnings.extend(untied.clone().flatten());
+    warnings.extend(plan.as_ref().and_then(|p| p.task_model.clone()));
     json!({
         "adapter": a.dir.display().to_string(),
         "peft_type": c.peft_type.name(),
@@ -186,9 +192,14 @@ pub fn render(r: &Value) -> String {
     if !(excluded.is_null() || excluded.as_array().is_some_and(Vec::is_empty) || excluded == "") {
         line("excludes", compact(excluded));
     }
-    let reps = r["modules_to_save"].as_array().cloned().unwrap_or_default();
-    if !reps.is_empty() {
-        line("replaces", reps.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "));
+    let all = r["replacements"].as_array().cloned().unwrap_or_default();
+    let (added, replaced): (Vec<&Value>, Vec<&Value>) = all.iter().partition(|v| v["new_in"].is_string());
+    let targets_of = |list: &[&Value]| list.iter().filter_map(|v| v["target"].as_str()).collect::<Vec<_>>().join(", ");
+    if !replaced.is_empty() {
+        line("replaces", targets_of(&replaced));
+    }
+    if let Some(class) = added.first().and_then(|v| v["new_in"].as_str()) {
+        line("adds", format!("{} (the merge is a {class})", targets_of(&added)));
     }
     let made_for = str_or(&r["base_model_name_or_path"], "(not recorded)");
     let found = match r["base_model_found"].as_str() {

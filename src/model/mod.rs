@@ -338,6 +338,11 @@ impl Model {
         matches!((layers, index), (Some(layers), Some(n)) if n >= layers)
     }
 
+    /// The transformers class config.json names (`architectures`, its first entry).
+    pub fn architecture(&self) -> Option<&str> {
+        self.config.as_ref()?.get("architectures")?.get(0)?.as_str()
+    }
+
     /// `config.json`'s `tie_word_embeddings`, when the file says; for a vision-language model
     /// saying nothing at the top, its `text_config`'s (which transformers ties by).
     pub fn ties_embeddings(&self) -> Option<bool> {
