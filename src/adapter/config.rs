@@ -190,13 +190,24 @@ const NOT_ALL_LINEAR: &[&str] = &[
 ];
 
 /// The modules PEFT adds to `modules_to_save` for a task type before it puts the adapter on the
-/// model (`PeftModelForSequenceClassification` and `…ForTokenClassification`: the classifier
-/// heads `classifier` and `score`; `…ForQuestionAnswering`: `qa_outputs`), so that no block goes
-/// on them, whatever target_modules says ("all-linear" included). PEFT saves the longer list, so
-/// only a config written by hand lacks them.
+/// model (`PeftModelForSequenceClassification`: the classifier heads `classifier` and `score`), so
+/// that no block goes on them, whatever target_modules says ("all-linear" included). PEFT saves
+/// the longer list, so only a config written by hand lacks them.
 fn task_modules_to_save(task_type: Option<&str>) -> &'static [&'static str] {
     match task_type {
-        Some("SEQ_CLS" | "TOKEN_CLS") => &["classifier", "score"],
+        Some("SEQ_CLS") => &["classifier", "score"],
+        _ => &[],
+    }
+}
+
+/// The heads PEFT adds to `modules_to_save` only after it put the adapter on the model
+/// (`PeftModelForTokenClassification`: `classifier` and `score`; `…ForQuestionAnswering`:
+/// `qa_outputs`): a config that targets one of them (and does not list it in modules_to_save, as
+/// the configs PEFT saves do) gets a block there, and then PEFT refuses to keep that layer in
+/// modules_to_save ([`AdapterConfig::targets_task_head`]).
+fn task_heads_added_after(task_type: Option<&str>) -> &'static [&'static str] {
+    match task_type {
+        Some("TOKEN_CLS") => &["classifier", "score"],
         Some("QUESTION_ANS") => &["qa_outputs"],
         _ => &[],
     }
@@ -348,6 +359,14 @@ impl AdapterConfig {
     /// integer.
     pub fn peft_targets(&self, module: &str) -> Option<bool> {
         self.peft_targets_with(module, &mut Regexes::default())
+    }
+
+    /// Whether PEFT refuses this config because it targets the task's head `module` (a module path)
+    /// before the task class puts that head in modules_to_save ([`task_heads_added_after`]): PEFT
+    /// raises "modules_to_save cannot be applied to modules of type …Linear" (or earlier, where
+    /// the head's shape does not fit the block).
+    pub fn targets_task_head(&self, module: &str) -> bool {
+        task_heads_added_after(self.task_type.as_deref()).contains(&module) && self.peft_targets(module) == Some(true)
     }
 
     /// Whether target_modules is "all-linear" (which PEFT resolves against the model).
@@ -617,34 +636,51 @@ mod tests {
     }
 
     /// The classifier heads each task type adds to modules_to_save are PEFT's own
-    /// (fixtures/peft-task-modules.json: a config's modules_to_save after each task's PeftModel
-    /// class wrapped a model with it, written by fixtures/generate.py from PEFT 0.18.1), and no
-    /// block goes on them, "all-linear" included, while the same config without the task type
-    /// targets them.
+    /// (fixtures/peft-task-modules.json, written by fixtures/generate.py from PEFT 0.18.1: the
+    /// config's list when the adapter is placed, and once the task's PeftModel class is built).
+    /// Those added before the placing take no block, "all-linear" included, while the same config
+    /// without the task type targets them; one added after it that the config targets makes PEFT
+    /// refuse the config.
     #[test]
     fn a_task_type_keeps_the_blocks_off_its_classifier_heads_as_peft_does() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft-task-modules.json");
         let peft: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let peft = peft.as_object().unwrap();
         assert!(peft.len() >= 6, "{peft:?}");
-        for (task, modules) in peft {
-            assert_eq!(json!(task_modules_to_save(Some(task))), *modules, "{task}");
+        for (task, lists) in peft {
+            assert_eq!(json!(task_modules_to_save(Some(task))), lists["placed"], "{task}");
+            let after: Vec<&Value> = lists["after"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|m| !lists["placed"].as_array().unwrap().contains(m))
+                .collect();
+            assert_eq!(json!(task_heads_added_after(Some(task))), json!(after), "{task}");
         }
-        assert!(task_modules_to_save(None).is_empty());
-        for task in ["SEQ_CLS", "QUESTION_ANS"] {
-            let heads = task_modules_to_save(Some(task));
-            for targets in [r#""all-linear""#, r#"["q_proj","score","classifier","qa_outputs"]"#] {
-                let with = format!(r#"{{"peft_type":"BONE","task_type":"{task}","target_modules":{targets}}}"#);
-                let without = format!(r#"{{"peft_type":"BONE","target_modules":{targets}}}"#);
-                let (with, _) = parse(&with).unwrap();
-                let (without, _) = parse(&without).unwrap();
-                for head in heads {
-                    assert_eq!(with.peft_targets(head), Some(false), "{task} {targets} {head}");
-                    assert_eq!(without.peft_targets(head), Some(true), "{targets} {head}");
-                }
-                assert_eq!(with.peft_targets("model.layers.0.self_attn.q_proj"), Some(true), "{task} {targets}");
+        assert!(task_modules_to_save(None).is_empty() && task_heads_added_after(None).is_empty());
+        let config = |task: &str, targets: &str, save: &str| {
+            let task = if task.is_empty() { String::new() } else { format!(r#","task_type":"{task}""#) };
+            let text = format!(r#"{{"peft_type":"BONE","target_modules":{targets},"modules_to_save":{save}{task}}}"#);
+            parse(&text).unwrap().0
+        };
+        for targets in [r#""all-linear""#, r#"["q_proj","score","classifier","qa_outputs"]"#] {
+            for head in ["score", "classifier", "qa_outputs"] {
+                assert_eq!(config("", targets, "null").peft_targets(head), Some(true), "{targets} {head}");
+            }
+            let seq = config("SEQ_CLS", targets, "null");
+            for head in ["score", "classifier"] {
+                assert_eq!(seq.peft_targets(head), Some(false), "{targets} {head}");
+                assert!(!seq.targets_task_head(head));
+            }
+            assert_eq!(seq.peft_targets("model.layers.0.self_attn.q_proj"), Some(true), "{targets}");
+            for (task, head) in [("TOKEN_CLS", "score"), ("TOKEN_CLS", "classifier"), ("QUESTION_ANS", "qa_outputs")] {
+                assert!(config(task, targets, "null").targets_task_head(head), "{task} {targets} {head}");
+                // as PEFT saves such a config: the heads listed, so not targeted
+                let saved = config(task, targets, &format!(r#"["{head}"]"#));
+                assert!(!saved.targets_task_head(head) && saved.peft_targets(head) == Some(false), "{task} {head}");
             }
         }
+        assert!(!config("TOKEN_CLS", r#"["q_proj"]"#, "null").targets_task_head("score"));
         // listed already: not twice
         let (c, _) = parse(r#"{"peft_type":"BONE","task_type":"SEQ_CLS","modules_to_save":["score"]}"#).unwrap();
         assert_eq!(c.modules_to_save, ["score", "classifier"]);

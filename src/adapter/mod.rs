@@ -600,6 +600,15 @@ impl Adapter {
 
     /// Check a replacement tensor against the base: the target exists and has the same shape.
     pub fn check_replacement(&self, rep: &Replacement, base: &Model) -> Result<(), String> {
+        if let Some((module, _)) = rep.target.rsplit_once('.').filter(|(m, _)| self.config.targets_task_head(m)) {
+            return Err(format!(
+                "{:?}: the config targets the {} head {module:?}, which PEFT puts in modules_to_save only after it \
+                 placed the adapter, and then refuses (\"modules_to_save cannot be applied to modules of type …Linear\"); \
+                 list {module:?} in modules_to_save, as the configs PEFT saves do",
+                rep.key,
+                self.config.task_type.as_deref().unwrap_or_default()
+            ));
+        }
         let Some((_, w)) = base.tensor(&rep.target) else {
             let task = self.config.task_type.as_deref();
             let head = rep.target.rsplit_once('.').is_some_and(|(m, _)| matches!(m, "score" | "classifier"));
@@ -655,7 +664,7 @@ impl Adapter {
         }
         let suffix = config::task_class_suffix(self.config.task_type.as_deref())?;
         let (module, _) = rep.target.rsplit_once('.')?;
-        if !matches!(module, "score" | "classifier") {
+        if !matches!(module, "score" | "classifier") || self.config.targets_task_head(module) {
             return None;
         }
         let family = base.architecture()?.strip_suffix("ForCausalLM")?;
