@@ -621,8 +621,11 @@ impl Adapter {
                     ),
                     None => format!(
                         "a merge adds it, making the task model as PEFT's merge does, only to a base whose config.json \
-                         names its …ForCausalLM class in \"architectures\" (this one's: {})",
-                        base.architecture().map_or("none".to_string(), |a| format!("{a:?}"))
+                         names its …ForCausalLM class in \"architectures\" (this one's: {}); else save the task model \
+                         once with transformers (AutoModelFor{}.from_pretrained(base, num_labels=N).save_pretrained(dir)) \
+                         and merge into that",
+                        base.architecture().map_or("none".to_string(), |a| format!("{a:?}")),
+                        suffix.trim_start_matches("For"),
                     ),
                 };
                 return Err(format!(
