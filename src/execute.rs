@@ -522,8 +522,11 @@ fn read_all<'a>(
         // comes first; otherwise every output is at the same tensor.
         let name = if names.contains(&head.as_str()) { head.as_str() } else { first };
         let mut sources = vec![];
+        // (outputs whose tensor of that name has another shape, a vocabulary one resized, take it
+        // on a later turn: the pieces of one turn are the same bytes of each output)
+        let lead = next.iter().flatten().find(|j| j.name == name).map(|j| (&j.src.shape, j.src.dtype));
         for (k, job) in next.iter().enumerate() {
-            if let Some(job) = job.filter(|j| j.name == name) {
+            if let Some(job) = job.filter(|j| j.name == name && Some((&j.src.shape, j.src.dtype)) == lead) {
                 sources.push(source(k, job, &base.shards[job.input], adapters[k], warnings)?);
                 at[k] += 1;
             }

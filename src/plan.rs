@@ -176,6 +176,10 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     // output becomes and the adapter that says so, and the head's tensors, which the base lacks.
     let mut task_model: Option<(String, usize)> = None;
     let mut new_heads: Vec<(String, TensorEntry)> = vec![];
+    // A vocabulary resized before training ([`Adapter::resized_vocab`]): the rows and the adapter
+    // that says so, and the copies of the embedding and output layer with those rows.
+    let mut vocab: Option<(usize, usize)> = None;
+    let mut resized: std::collections::HashMap<String, TensorEntry> = Default::default();
 
     // Adapters are merged in the order given and unmerged last-in first-out.
     let order: Vec<usize> = match direction {
@@ -192,7 +196,19 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         // Unmerging, a saved base layer is the exact original: it replaces, and the block is not undone.
         let mut restored = std::collections::HashSet::new();
         for rep in &a.replacements {
-            if let Err(p) = a.check_replacement(rep, base) {
+            let rows = a.resized_vocab(rep, base).filter(|_| direction == Direction::Merge);
+            if let (Some(rows), Err(_)) = (rows, a.check_replacement(rep, base)) {
+                if let Some((earlier, by)) = vocab.filter(|(r, _)| *r != rows) {
+                    problems.push(format!(
+                        "{at}: {:?} has {rows} rows, but {} resized the vocabulary to {earlier}",
+                        rep.key,
+                        adapters[by].dir.display()
+                    ));
+                    continue;
+                }
+                vocab.get_or_insert((rows, ai));
+                resized.insert(rep.target.clone(), rep.entry.clone());
+            } else if let Err(p) = a.check_replacement(rep, base) {
                 let class = if direction == Direction::Merge { a.new_head_class(rep, base) } else { None };
                 let Some(class) = class else {
                     problems.push(format!("{at}: {p}"));
@@ -319,6 +335,34 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     // as in PEFT, and the model stays tied. Unmerging, a model that is still tied had the adapter
     // merged into that shared weight (PEFT's in-place merge; bone-tool's merge unties), so it
     // comes out of it: both sides get the base back, and the model stays tied.
+    // A resized vocabulary: every stored tensor of vocabulary rows must come from the adapters (the
+    // rows resize_token_embeddings adds are random), and a tied pair is not taken apart.
+    if let Some((rows, by)) = vocab {
+        let at = adapters[by].dir.display();
+        let stored = base.vocab_tensors();
+        let old = stored.first().and_then(|n| base.tensor(n)).map_or(0, |(_, t)| t.shape[0]);
+        if base.head_alias.is_some() {
+            problems.push(format!(
+                "{at}: its copy of {:?} has {rows} rows where the base has {old} (a vocabulary resized before \
+                 training), but the base ties its output layer to it: bone-tool does not resize a tied pair; save the \
+                 base resized with transformers (model.resize_token_embeddings({rows})) and merge into that",
+                stored[0]
+            ));
+        }
+        for name in stored.iter().filter(|n| !resized.contains_key(*n)) {
+            problems.push(format!(
+                "{at}: it resizes the vocabulary to {rows} rows (its copies of {}) but has no copy of {name:?}, whose new \
+                 rows resize_token_embeddings({rows}) fills at random in PEFT's merge: save the base resized with \
+                 transformers and merge into that",
+                resized.keys().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", "),
+            ));
+        }
+        warnings.push(format!(
+            "{at}: its copies of {} have {rows} rows where the base has {old} (tokens added: PEFT loads it onto the base \
+             after resize_token_embeddings({rows})): the output takes them, and config.json's vocab_size {rows}",
+            stored.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(" and "),
+        ));
+    }
     // The classifier has no output layer: the base's is left out (nothing may change it), and a
     // tied one is no tie any more.
     let mut dropped: Vec<String> = vec![];
@@ -385,13 +429,22 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     for (si, shard) in base.shards.iter().enumerate() {
         for t in shard.tensors.iter().filter(|t| !dropped.contains(&t.name)) {
             let ops = ops_by_tensor.remove(&t.name).unwrap_or_default();
-            jobs.push(TensorJob {
-                name: t.name.clone(),
-                input: si,
-                src: t.clone(),
-                ops,
-                out_dtype: out_dtype(t.dtype),
-            });
+            // a resized vocabulary: the adapter's shape, in the base's dtype (its bytes come from the
+            // replacement)
+            let src = match resized.get(&t.name) {
+                Some(entry) => {
+                    let bytes = (entry.numel() * t.dtype.bitsize() / 8) as u64;
+                    TensorEntry {
+                        name: t.name.clone(),
+                        dtype: t.dtype,
+                        shape: entry.shape.clone(),
+                        start: 0,
+                        end: bytes,
+                    }
+                }
+                None => t.clone(),
+            };
+            jobs.push(TensorJob { name: t.name.clone(), input: si, src, ops, out_dtype: out_dtype(t.dtype) });
             if head_job == Some(&t.name) {
                 let ops = ops_by_tensor.remove(base.head()).unwrap_or_default();
                 jobs.push(TensorJob {
@@ -429,7 +482,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     let (shards, index) = layout(base, jobs, opts.max_shard_size)?;
     let labels = new_heads.iter().find(|(n, _)| n.ends_with(".weight")).and_then(|(_, e)| e.shape.first().copied());
     let task = task_model.as_ref().map(|(class, _)| (class.as_str(), labels));
-    let config = new_config(base, opts.out_dtype, untied.is_some(), task);
+    let config = new_config(base, opts.out_dtype, untied.is_some(), task, vocab.map(|(rows, _)| rows));
     let side_files = match &base.folder {
         Some(folder) => side_files(folder, base, &shards, config.is_some(), &mut warnings)?,
         None => vec![],
@@ -553,9 +606,20 @@ fn new_config(
     out: Option<Float>,
     untied: bool,
     task: Option<(&str, Option<usize>)>,
+    vocab: Option<usize>,
 ) -> Option<serde_json::Value> {
     let mut config = base.config.clone()?;
     let mut changed = false;
+    if let Some(rows) = vocab {
+        // (a vision-language model keeps it in text_config)
+        let obj = config.as_object_mut()?;
+        if !obj.contains_key("vocab_size") && obj.get("text_config").is_some_and(|t| t.is_object()) {
+            obj["text_config"]["vocab_size"] = rows.into();
+        } else {
+            obj.insert("vocab_size".into(), rows.into());
+        }
+        changed = true;
+    }
     if let Some((class, labels)) = task {
         // as transformers saves a task model: its class, and labels LABEL_0… unless the base's
         // has as many (two, the default, it leaves out)

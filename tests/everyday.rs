@@ -456,6 +456,52 @@ fn a_classifier_on_a_tied_causal_lm_merges_without_an_output_layer() {
     assert!(!tmp.path().join("refused").exists());
 }
 
+/// An adapter trained after resize_token_embeddings (tokens added) holds copies of the embedding
+/// and the output layer with more rows: the merge takes them (PEFT's case), next to other outputs
+/// of one --each run that keep the base's rows; where a copy of either is missing (PEFT's merge
+/// would hold resize_token_embeddings' random rows) or the base ties them, it is refused.
+#[test]
+fn a_resized_vocabulary_is_merged_from_the_adapters_copies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("bases/llama-bf16");
+    let case = fixtures().join("cases/bone-default-resized-vocab-bf16");
+    // --each: the resized output and one at the base's size, the base read once
+    let (resized, other) = (tmp.path().join("in/resized"), tmp.path().join("in/other"));
+    copy_dir(&case.join("adapter"), &resized);
+    copy_dir(&fixtures().join("cases/bone-bat-bf16/adapter"), &other);
+    let pattern = tmp.path().join("each/{name}");
+    ok(&run(&["merge", "--base", s(&base), "--each", s(&resized), s(&other), "--out-pattern", s(&pattern)]));
+    let peft = load(&case.join("merged"));
+    let ours = load(&tmp.path().join("each/resized"));
+    assert_eq!(ours.keys().collect::<Vec<_>>(), peft.keys().collect::<Vec<_>>());
+    for (name, t) in &peft {
+        assert!(ours[name].data == t.data && ours[name].shape == t.shape, "{name}: PEFT's");
+    }
+    assert_eq!(ours["lm_head.weight"].shape, [100, 48]);
+    assert_eq!(config(&tmp.path().join("each/resized"))["vocab_size"], 100);
+    let bat = load(&tmp.path().join("each/other"));
+    for (name, t) in &load(&fixtures().join("cases/bone-bat-bf16/merged")) {
+        assert!(bat[name].data == t.data && bat[name].shape == t.shape, "{name}: the other output, PEFT's");
+    }
+    assert_eq!(config(&tmp.path().join("each/other"))["vocab_size"], 96);
+    // without the copy of lm_head: its new rows would be random in PEFT's merge
+    let half = tmp.path().join("half");
+    copy_dir(&case.join("adapter"), &half);
+    edit_tensors(&half.join("adapter_model.safetensors"), |t| {
+        t.retain(|k, _| !k.starts_with("base_model.model.lm_head."));
+    });
+    let o = merge_with(&base, &half, &tmp.path().join("refused"), &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("100 rows") && err.contains("no copy of \"lm_head.weight\""), "{err}");
+    // a tied base: refused, with the way round
+    let tied = tied_base(tmp.path());
+    let o = merge_with(&tied, &half, &tmp.path().join("refused"), &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ties its output layer") && stderr(&o).contains("resize_token_embeddings(100)"));
+    assert!(!tmp.path().join("refused").exists());
+}
+
 #[test]
 fn tied_embeddings_are_untied_when_an_adapter_changes_one_side() {
     let tmp = tempfile::tempdir().unwrap();

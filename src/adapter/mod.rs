@@ -281,6 +281,8 @@ impl Adapter {
         let pt = self.config.peft_type;
         let other = if pt == PeftType::Bone { PeftType::Miss } else { PeftType::Bone };
         let wp = self.file.path.display().to_string();
+        // ignored without a warning: what PEFT itself saves and does not merge
+        let mut expected: Vec<Ignored> = vec![];
         for entry in self.file.tensors.clone() {
             let key = entry.name.clone();
             if let Some(path) = key.strip_suffix(pt.block_suffix()) {
@@ -301,9 +303,23 @@ impl Adapter {
                 });
             } else if key.contains("bone_") || key.contains("miss_") {
                 self.ignored.push(Ignored { key, reason: "a Bone/MiSS tensor that is not a block".into() });
+            } else if key.contains(".original_module.") {
+                // PEFT saves a ModulesToSaveWrapper's whole state for the embedding layers when the
+                // vocabulary was resized (save_embedding_layers): its original module is the base
+                // as trained on, which the merge discards for the copy
+                let reason = "the base layer inside PEFT's modules_to_save wrapper (saved with a resized vocabulary): \
+                              the merge takes the trained copy";
+                expected.push(Ignored { key, reason: reason.into() });
+            } else if key.contains(".modules_to_save.")
+                && self.file.get(&key.replace(".modules_to_save.", ".")).is_some()
+            {
+                let reason =
+                    "the trained copy inside PEFT's modules_to_save wrapper (saved with a resized vocabulary), \
+                              the same as the module's own key";
+                expected.push(Ignored { key, reason: reason.into() });
             } else {
                 let stripped = key.strip_prefix(prefix).unwrap_or(&key);
-                let target = stripped.replace(".base_layer.", ".");
+                let target = stripped.replace(".base_layer.", ".").replace(".modules_to_save.", ".");
                 let base_layer = stripped != target;
                 self.replacements.push(Replacement { key, target, entry, base_layer });
             }
@@ -332,6 +348,7 @@ impl Adapter {
         for ig in &self.ignored {
             self.warnings.push(format!("{wp}: ignored {:?}: {}", ig.key, ig.reason));
         }
+        self.ignored.append(&mut expected);
         if let Some(first) = self.untargeted.first() {
             let n = self.untargeted.len();
             let count = match (n == found, n) {
@@ -672,6 +689,19 @@ impl Adapter {
         }
         let family = base.architecture()?.strip_suffix("ForCausalLM")?;
         Some(format!("{family}{suffix}"))
+    }
+
+    /// The number of rows the vocabulary is resized to where `rep` is a copy of the base's input
+    /// embedding or stored output layer (modules_to_save) with other rows and the same columns:
+    /// an adapter trained on the base after `resize_token_embeddings(N)` (tokens added), which
+    /// PEFT loads only onto the base resized the same way, and whose merge holds the adapter's
+    /// copies. None otherwise.
+    pub fn resized_vocab(&self, rep: &Replacement, base: &Model) -> Option<usize> {
+        let (_, w) = base.tensor(&rep.target)?;
+        let vocab = Some(rep.target.as_str()) == base.embed_name() || base.vocab_tensors().contains(&rep.target);
+        let (new, old) = (&rep.entry.shape, &w.shape);
+        let resized = !new.is_empty() && new.len() == old.len() && new[1..] == old[1..] && new[0] != old[0];
+        (vocab && resized && !rep.base_layer).then(|| new[0])
     }
 
     /// Elements in all blocks.

@@ -76,10 +76,12 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
             let mut v = json!({"key": r.key, "target": r.target, "shape": r.entry.shape, "dtype": format!("{:?}", r.entry.dtype)});
             if let Some(base) = base {
                 if let Err(p) = a.check_replacement(r, base) {
-                    match a.new_head_class(r, base) {
+                    match (a.resized_vocab(r, base), a.new_head_class(r, base)) {
+                        // a vocabulary resized before training (merge checks the rest)
+                        (Some(rows), _) => v["resizes_to"] = json!(rows),
                         // the classifier head of a task model made from the causal LM
-                        Some(class) => v["new_in"] = json!(class),
-                        None => {
+                        (None, Some(class)) => v["new_in"] = json!(class),
+                        (None, None) => {
                             v["problem"] = json!(p);
                             problems.push(p);
                         }
@@ -196,7 +198,9 @@ pub fn render(r: &Value) -> String {
     let (added, replaced): (Vec<&Value>, Vec<&Value>) = all.iter().partition(|v| v["new_in"].is_string());
     let targets_of = |list: &[&Value]| list.iter().filter_map(|v| v["target"].as_str()).collect::<Vec<_>>().join(", ");
     if !replaced.is_empty() {
-        line("replaces", targets_of(&replaced));
+        let rows = replaced.iter().find_map(|v| v["resizes_to"].as_u64());
+        let resized = rows.map(|n| format!(" (the vocabulary resized to {n} rows)")).unwrap_or_default();
+        line("replaces", format!("{}{resized}", targets_of(&replaced)));
     }
     if let Some(class) = added.first().and_then(|v| v["new_in"].as_str()) {
         line("adds", format!("{} (the merge is a {class})", targets_of(&added)));

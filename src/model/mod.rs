@@ -338,6 +338,15 @@ impl Model {
         matches!((layers, index), (Some(layers), Some(n)) if n >= layers)
     }
 
+    /// The stored tensors whose rows are the vocabulary: the input embedding, and an untied output
+    /// layer's weight and bias.
+    pub fn vocab_tensors(&self) -> Vec<String> {
+        let module = self.head().strip_suffix(".weight").unwrap_or(self.head());
+        let head = [self.head().to_string(), format!("{module}.bias")];
+        let stored = head.into_iter().filter(|n| self.tensors.contains_key(n));
+        self.embed_name().map(str::to_string).into_iter().chain(stored).collect()
+    }
+
     /// The transformers class config.json names (`architectures`, its first entry).
     pub fn architecture(&self) -> Option<&str> {
         self.config.as_ref()?.get("architectures")?.get(0)?.as_str()
