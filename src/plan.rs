@@ -179,7 +179,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     // A vocabulary resized before training ([`Adapter::resized_vocab`]): the rows and the adapter
     // that says so, and the copies of the embedding and output layer with those rows.
     let mut vocab: Option<(usize, usize)> = None;
-    let mut resized: std::collections::HashMap<String, TensorEntry> = Default::default();
+    let mut resized: std::collections::HashMap<String, (usize, TensorEntry)> = Default::default();
 
     // Adapters are merged in the order given and unmerged last-in first-out.
     let order: Vec<usize> = match direction {
@@ -207,7 +207,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
                     continue;
                 }
                 vocab.get_or_insert((rows, ai));
-                resized.insert(rep.target.clone(), rep.entry.clone());
+                resized.insert(rep.target.clone(), (ai, rep.entry.clone()));
             } else if let Err(p) = a.check_replacement(rep, base) {
                 let class = if direction == Direction::Merge { a.new_head_class(rep, base) } else { None };
                 let Some(class) = class else {
@@ -329,38 +329,55 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             }
         }
     }
-    // PEFT changes a tied output layer through the one weight it shares with the embedding. An
-    // adapter that changes the head's values unties the pair when merged ([`untie`]); ops that
-    // only give the head its saved base layer back or add PEFT's zero blocks go to the embedding,
-    // as in PEFT, and the model stays tied. Unmerging, a model that is still tied had the adapter
-    // merged into that shared weight (PEFT's in-place merge; bone-tool's merge unties), so it
-    // comes out of it: both sides get the base back, and the model stays tied.
     // A resized vocabulary: every stored tensor of vocabulary rows must come from the adapters (the
-    // rows resize_token_embeddings adds are random), and a tied pair is not taken apart.
+    // rows resize_token_embeddings adds are random). A tied pair stays tied, as PEFT saves it: the
+    // embedding takes its copy, and the head's copy (which PEFT saves too, the same weight) must
+    // be the same bytes; nothing else may change either side.
+    let mut keep_tie = false;
     if let Some((rows, by)) = vocab {
         let at = adapters[by].dir.display();
-        let stored = base.vocab_tensors();
+        // (a classifier has no output layer: only the embedding)
+        let classifier = task_model.is_some();
+        let stored: Vec<String> =
+            base.vocab_tensors().into_iter().filter(|n| !classifier || Some(n.as_str()) == base.embed_name()).collect();
         let old = stored.first().and_then(|n| base.tensor(n)).map_or(0, |(_, t)| t.shape[0]);
-        if base.head_alias.is_some() {
-            problems.push(format!(
-                "{at}: its copy of {:?} has {rows} rows where the base has {old} (a vocabulary resized before \
-                 training), but the base ties its output layer to it: bone-tool does not resize a tied pair; save the \
-                 base resized with transformers (model.resize_token_embeddings({rows})) and merge into that",
-                stored[0]
-            ));
+        if let (Some(embed), Some(_), false) = (stored.first(), &base.head_alias, classifier) {
+            keep_tie = true;
+            let head = base.head();
+            if let (Some((ea, e)), Some((ha, h))) = (resized.get(embed), resized.get(head)) {
+                if !same_values(&adapters[*ea].file, e, &adapters[*ha].file, h)? {
+                    problems.push(format!(
+                        "{at}: its copies of {embed:?} and {head:?} differ, but the base ties them: PEFT's merge of a \
+                         tied model resized to {rows} rows keeps one weight; save the base resized with transformers \
+                         (model.resize_token_embeddings({rows})) and merge into that"
+                    ));
+                }
+            }
+            for name in [embed.as_str(), head] {
+                if ops_by_tensor.get(name).is_some_and(|ops| ops.iter().any(|op| !matches!(op, Op::Replace { .. }))) {
+                    problems.push(format!(
+                        "{at}: the adapters change {name:?}, one side of the tied pair it resizes to {rows} rows: \
+                         bone-tool does not resize and untie a pair at once"
+                    ));
+                }
+            }
+            ops_by_tensor.remove(head);
+            resized.remove(head);
         }
         for name in stored.iter().filter(|n| !resized.contains_key(*n)) {
+            let copies: Vec<String> = resized.keys().map(|k| format!("{k:?}")).collect();
             problems.push(format!(
                 "{at}: it resizes the vocabulary to {rows} rows (its copies of {}) but has no copy of {name:?}, whose new \
                  rows resize_token_embeddings({rows}) fills at random in PEFT's merge: save the base resized with \
                  transformers and merge into that",
-                resized.keys().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", "),
+                copies.join(", "),
             ));
         }
         warnings.push(format!(
             "{at}: its copies of {} have {rows} rows where the base has {old} (tokens added: PEFT loads it onto the base \
-             after resize_token_embeddings({rows})): the output takes them, and config.json's vocab_size {rows}",
+             after resize_token_embeddings({rows})): the output takes them{}, and config.json's vocab_size {rows}",
             stored.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(" and "),
+            if keep_tie { ", still tied to the output layer" } else { "" },
         ));
     }
     // The classifier has no output layer: the base's is left out (nothing may change it), and a
@@ -395,6 +412,12 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         ));
     }
     warnings.extend(task_warning.clone());
+    // PEFT changes a tied output layer through the one weight it shares with the embedding. An
+    // adapter that changes the head's values unties the pair when merged ([`untie`]); ops that
+    // only give the head its saved base layer back or add PEFT's zero blocks go to the embedding,
+    // as in PEFT, and the model stays tied. Unmerging, a model that is still tied had the adapter
+    // merged into that shared weight (PEFT's in-place merge; bone-tool's merge unties), so it
+    // comes out of it: both sides get the base back, and the model stays tied.
     if let Some(embed) = base.head_alias.as_ref().filter(|_| task_model.is_none()) {
         let shared = opts.shared_tied_head || direction == Direction::Unmerge || !changes.contains(base.head());
         if shared && !ops_by_tensor.contains_key(embed) {
@@ -409,8 +432,8 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         return Err(input(format!("{first}{more}")));
     }
     let untied = match task_model {
-        Some(_) => None,
-        None => untie(base, &ops_by_tensor, &changes, opts.keep_tied)?,
+        None if !keep_tie => untie(base, &ops_by_tensor, &changes, opts.keep_tied)?,
+        _ => None,
     };
     if let Some(w) = &untied {
         warnings.push(w.clone());
@@ -432,7 +455,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             // a resized vocabulary: the adapter's shape, in the base's dtype (its bytes come from the
             // replacement)
             let src = match resized.get(&t.name) {
-                Some(entry) => {
+                Some((_, entry)) => {
                     let bytes = (entry.numel() * t.dtype.bitsize() / 8) as u64;
                     TensorEntry {
                         name: t.name.clone(),
@@ -678,6 +701,29 @@ fn new_config(
         changed = true;
     }
     changed.then_some(config)
+}
+
+/// Whether two tensors (of adapter files) hold the same values: the same dtype, shape and bytes,
+/// compared a slice at a time.
+fn same_values(
+    fa: &crate::model::SafetensorsFile,
+    a: &TensorEntry,
+    fb: &crate::model::SafetensorsFile,
+    b: &TensorEntry,
+) -> Result<bool> {
+    if (a.dtype, &a.shape) != (b.dtype, &b.shape) {
+        return Ok(false);
+    }
+    const SLICE: u64 = 64 << 20;
+    let mut off = 0;
+    while off < a.len_bytes() {
+        let n = (a.len_bytes() - off).min(SLICE) as usize;
+        if fa.map_range(a.start + off, n)?.bytes() != fb.map_range(b.start + off, n)?.bytes() {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+    Ok(true)
 }
 
 /// The dtype of the base's weights: its input embedding's, else its first float tensor's.

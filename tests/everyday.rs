@@ -494,11 +494,41 @@ fn a_resized_vocabulary_is_merged_from_the_adapters_copies() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(err.contains("100 rows") && err.contains("no copy of \"lm_head.weight\""), "{err}");
-    // a tied base: refused, with the way round
+    assert!(!tmp.path().join("refused").exists());
+    // a tied base stays tied, as PEFT saves it: the embedding takes the copy, and a copy of the
+    // head (PEFT saves the one shared weight under both names) must be the same values
     let tied = tied_base(tmp.path());
-    let o = merge_with(&tied, &half, &tmp.path().join("refused"), &[]);
+    let same = tmp.path().join("same");
+    copy_dir(&case.join("adapter"), &same);
+    edit_tensors(&same.join("adapter_model.safetensors"), |t| {
+        let embed = t["base_model.model.model.embed_tokens.weight"].clone();
+        t.retain(|k, _| !k.contains(".modules_to_save.") && !k.contains(".original_module."));
+        t.insert("base_model.model.lm_head.weight".into(), embed);
+    });
+    for adapter in [&half, &same] {
+        let out = tmp.path().join("tied-out");
+        let o = merge_with(&tied, adapter, &out, &["--force"]);
+        ok(&o);
+        assert!(stderr(&o).contains("still tied") && !stderr(&o).contains("untie"), "{}", stderr(&o));
+        let ours = load(&out);
+        assert!(!ours.contains_key("lm_head.weight"), "{:?}", ours.keys().collect::<Vec<_>>());
+        let embed = &peft["model.embed_tokens.weight"];
+        assert!(ours["model.embed_tokens.weight"].data == embed.data, "the adapter's copy");
+        for (name, t) in peft.iter().filter(|(n, _)| !n.contains("embed_tokens") && !n.contains("lm_head")) {
+            assert!(ours[name].data == t.data, "{name}: PEFT's");
+        }
+        assert_eq!(
+            (config(&out)["tie_word_embeddings"].clone(), config(&out)["vocab_size"].clone()),
+            (true.into(), 100.into())
+        );
+        ok(&run(&["verify", "--base", s(&tied), "--adapter", s(adapter), "--merged", s(&out)]));
+    }
+    // copies that differ (modules_to_save on both sides of a tied pair): refused, with the way round
+    let o = merge_with(&tied, &case.join("adapter"), &tmp.path().join("refused"), &[]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("ties its output layer") && stderr(&o).contains("resize_token_embeddings(100)"));
+    assert!(
+        stderr(&o).contains("differ, but the base ties them") && stderr(&o).contains("resize_token_embeddings(100)")
+    );
     assert!(!tmp.path().join("refused").exists());
 }
 
