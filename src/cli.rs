@@ -125,6 +125,11 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub no_autocast_adapter_dtype: bool,
 
+    /// The --dtype the merge was written with (`keep`: each tensor its own): the recomputed merge
+    /// is rounded to it before comparing
+    #[arg(long, value_enum, default_value_t = DtypeArg::Keep)]
+    pub dtype: DtypeArg,
+
     /// As for merge
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,

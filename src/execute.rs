@@ -727,11 +727,12 @@ fn compare_all<'scope>(
     for job in plan.shards.iter().flat_map(|s| s.jobs.iter()) {
         let mut check = TensorCheck::new(&job.name, "equal");
         // the scale of a changed float tensor, for max_rel
-        let mut scale = (!job.ops.is_empty()).then_some(0f32).filter(|_| job.weight_float().is_some());
+        let mut scale = (!job.ops.is_empty()).then_some(0f32).filter(|_| Float::from_dtype(job.out_dtype).is_some());
         let other = expected.tensor(&job.name);
         match other {
             None => check.status = "missing".into(),
-            Some((_, e)) if e.dtype != job.src.dtype => check.status = "dtype_changed".into(),
+            // (what is written: with --dtype, the cast)
+            Some((_, e)) if e.dtype != job.out_dtype => check.status = "dtype_changed".into(),
             Some((_, e)) if e.shape != job.src.shape => check.status = "shape_changed".into(),
             _ => {}
         }
@@ -784,7 +785,7 @@ fn compare_all<'scope>(
 /// Fold one piece's comparison into the tensor's; `scale`: the largest |value| of theirs so far, to
 /// be updated (changed float tensors).
 fn compare_bytes(job: &TensorJob, ours: &[u8], theirs: &[u8], check: &mut TensorCheck, scale: Option<&mut f32>) {
-    let Some(d) = job.weight_float() else {
+    let Some(d) = Float::from_dtype(job.out_dtype) else {
         if ours != theirs {
             check.status = "differs".into();
         }

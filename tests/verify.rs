@@ -328,3 +328,34 @@ fn without_base_the_base_the_adapter_records_is_checked_against() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--base <MODEL>"), "{}", stderr(&o));
 }
+
+/// A model merged with --dtype verifies with the same --dtype (the recomputed merge rounded to
+/// it), and without it fails with a note that says so; a value changed in it still fails.
+#[test]
+fn a_merge_written_with_dtype_verifies_with_the_same_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = fixtures().join("cases/bone-bat-f32");
+    let (base, adapter) = (fixtures().join("bases/llama-f32"), case.join("adapter"));
+    let out = tmp.path().join("bf16");
+    ok(&merge_with(&base, &adapter, &out, &["--dtype", "bf16"]));
+    let (code, j) = verify(&base, &adapter, &out, &["--dtype", "bf16"]);
+    assert_eq!(code, Some(0), "{j}");
+    assert_eq!(j["equal"].as_u64().unwrap() as usize, j["tensors"].as_array().unwrap().len());
+    let (code, j) = verify(&base, &adapter, &out, &[]);
+    assert_eq!(code, Some(1), "{j}");
+    let hint = j["hint"].as_str().unwrap_or_default();
+    assert!(hint.contains("stored as BF16") && hint.contains("--dtype bf16"), "{j}");
+    // one value of a changed tensor off by one unit: found, with the same --dtype
+    edit_tensors(&out.join("model.safetensors"), |t| {
+        t.get_mut("model.layers.0.self_attn.q_proj.weight").unwrap().data[0] ^= 0x01;
+    });
+    let (code, j) = verify(&base, &adapter, &out, &["--dtype", "bf16"]);
+    assert_eq!(code, Some(0), "one unit off is within one ulp: {j}");
+    assert_eq!(j["within_1_ulp"], 1, "{j}");
+    edit_tensors(&out.join("model.safetensors"), |t| {
+        t.get_mut("model.layers.0.self_attn.q_proj.weight").unwrap().data[1] ^= 0x40;
+    });
+    let (code, j) = verify(&base, &adapter, &out, &["--dtype", "bf16"]);
+    assert_eq!(code, Some(1), "{j}");
+    assert!(j["hint"].is_null(), "{j}");
+}

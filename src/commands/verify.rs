@@ -32,6 +32,7 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
     let options = Options {
         rounding_once: args.rounding == RoundingArg::Once,
         autocast_adapter_dtype: !args.no_autocast_adapter_dtype,
+        out_dtype: args.dtype.float(),
         ..Options::default()
     };
     let mut plan = plan::build(&input, &adapters, direction, options)?;
@@ -113,8 +114,27 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         (c.status == "differs" && few && c.max_rel? <= bound).then_some(d)
     };
     let dtypes: Option<Vec<Float>> = bad.iter().map(|c| peft_like(c)).collect();
+    // a model written with another --dtype: every float tensor in one dtype that the plan's are not
+    let written: std::collections::BTreeSet<safetensors::Dtype> = bad
+        .iter()
+        .filter(|c| c.status == "dtype_changed")
+        .filter_map(|c| expected.tensor(&c.name).map(|(_, e)| e.dtype))
+        .collect();
+    let recast = match (bad.iter().all(|c| c.status == "dtype_changed"), written.iter().next()) {
+        (true, Some(&d)) if written.len() == 1 && Float::from_dtype(d).is_some() => Float::from_dtype(d),
+        _ => None,
+    };
     let hint = match dtypes {
-        _ if ok || args.tolerance.is_some() => None,
+        _ if ok => None,
+        _ if recast.is_some() => recast.map(|d| {
+            format!(
+                "every tensor that does not match is stored as {d} in {}, where the recomputed merge keeps each \
+                 tensor's own dtype: was it written with `--dtype {}`? Pass the same --dtype to verify",
+                expected_path.display(),
+                d.to_string().to_lowercase()
+            )
+        }),
+        _ if args.tolerance.is_some() => None,
         None => None,
         Some(d) if d.iter().all(|&d| d == Float::F32) => Some(format!(
             "every tensor that differs is f32 BAT and within 1e-5 of its largest value: PEFT's own f32 \
