@@ -127,6 +127,10 @@ pub struct Plan {
     pub task_model: Option<String>,
     /// Tensors whose values change (by an adapter).
     pub changed: usize,
+    /// Tensors the base does not have (a classifier's head, [`Adapter::new_head_class`]).
+    pub added: usize,
+    /// Tensors of the base left out (a classifier's output layer).
+    pub dropped: usize,
     /// Tensors written with the base's bytes (or their cast).
     pub copied: usize,
     /// Tensors rounded to --dtype.
@@ -498,9 +502,10 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         });
     }
     debug_assert!(ops_by_tensor.is_empty(), "every target was checked to exist");
-    let changed = jobs.iter().filter(|j| !j.ops.is_empty()).count();
+    let added = new_heads.len();
+    let changed = jobs.iter().filter(|j| !j.ops.is_empty()).count() - added;
     let cast = jobs.iter().filter(|j| j.out_dtype != j.src.dtype).count();
-    let copied = jobs.len() - changed;
+    let copied = jobs.len() - changed - added;
 
     let (shards, index) = layout(base, jobs, opts.max_shard_size)?;
     let labels = new_heads.iter().find(|(n, _)| n.ends_with(".weight")).and_then(|(_, e)| e.shape.first().copied());
@@ -520,6 +525,8 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         untied,
         task_model: task_warning,
         changed,
+        added,
+        dropped: dropped.len(),
         copied,
         cast,
     })

@@ -183,6 +183,8 @@ fn run_opening(
                     "out": job.out.display().to_string(),
                     "tensors_changed": plan.changed,
                     "tensors_copied": plan.copied,
+                    "tensors_added": plan.added,
+                    "tensors_dropped": plan.dropped,
                     "tensors_cast": plan.cast,
                     "files": plan.shards.iter().map(|s| s.file_name.clone()).collect::<Vec<_>>(),
                     "bytes_written": plan.total_bytes(),
@@ -216,7 +218,12 @@ fn run_opening(
         let dtype = opts.dtype.float().map(|f| f.name()).unwrap_or("");
         for (plan, job) in plans.iter().zip(jobs) {
             let n = job.adapters.len();
-            let cast = if plan.cast > 0 { format!(", {} cast to {dtype}", plan.cast) } else { String::new() };
+            let mut cast = if plan.cast > 0 { format!(", {} cast to {dtype}", plan.cast) } else { String::new() };
+            for (n, what) in [(plan.added, "added"), (plan.dropped, "dropped")] {
+                if n > 0 {
+                    cast.push_str(&format!(", {n} {what}"));
+                }
+            }
             let device = if several { String::new() } else { format!(" on {device_name}") };
             let time = if several { String::new() } else { format!(" in {seconds:.1}s") };
             eprintln!(
@@ -366,6 +373,8 @@ fn plan_summary(plan: &plan::Plan, base: &Model, adapters: &[Adapter], out: &Pat
         "dropped": base.tensor_names().filter(|n| !written.contains(n)).collect::<Vec<_>>(),
         "tensors_changed": plan.changed,
         "tensors_copied": plan.copied,
+        "tensors_added": plan.added,
+        "tensors_dropped": plan.dropped,
         "tensors_cast": plan.cast,
         "bytes": plan.total_bytes(),
         "bytes_read": base.data_bytes(),
@@ -445,10 +454,11 @@ fn render_plan(p: &serde_json::Value) -> String {
          written (--dry-run)\n",
         p["tensors_changed"],
         p["tensors_copied"],
-        match p["tensors_cast"].as_u64() {
-            Some(n) if n > 0 => format!(" ({n} cast to another dtype)"),
-            _ => String::new(),
-        },
+        ["tensors_cast", "tensors_added", "tensors_dropped"]
+            .into_iter()
+            .zip([" cast to another dtype", " added", " dropped"])
+            .filter_map(|(k, what)| p[k].as_u64().filter(|&n| n > 0).map(|n| format!(", {n}{what}")))
+            .collect::<String>(),
         HumanBytes(p["bytes"].as_u64().unwrap_or(0)),
         p["out"].as_str().unwrap_or(""),
         HumanBytes(p["estimated_peak_memory_bytes"].as_u64().unwrap_or(0)),
