@@ -200,8 +200,9 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         // Unmerging, a saved base layer is the exact original: it replaces, and the block is not undone.
         let mut restored = std::collections::HashSet::new();
         for rep in &a.replacements {
-            let rows = a.resized_vocab(rep, base).filter(|_| direction == Direction::Merge);
-            if let (Some(rows), Err(_)) = (rows, a.check_replacement(rep, base)) {
+            let merging = direction == Direction::Merge;
+            let checked = a.check_replacement(rep, base);
+            if let (Err(_), Some(rows)) = (&checked, a.resized_vocab(rep, base).filter(|_| merging)) {
                 if let Some((earlier, by)) = vocab.filter(|(r, _)| *r != rows) {
                     problems.push(format!(
                         "{at}: {:?} has {rows} rows, but {} resized the vocabulary to {earlier}",
@@ -212,8 +213,8 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
                 }
                 vocab.get_or_insert((rows, ai));
                 resized.insert(rep.target.clone(), (ai, rep.entry.clone()));
-            } else if let Err(p) = a.check_replacement(rep, base) {
-                let class = if direction == Direction::Merge { a.new_head_class(rep, base) } else { None };
+            } else if let Err(p) = checked {
+                let class = if merging { a.new_head_class(rep, base) } else { None };
                 let Some(class) = class else {
                     problems.push(format!("{at}: {p}"));
                     continue;
@@ -333,88 +334,25 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             }
         }
     }
-    // A resized vocabulary: every stored tensor of vocabulary rows must come from the adapters (the
-    // rows resize_token_embeddings adds are random). A tied pair stays tied, as PEFT saves it: the
-    // embedding takes its copy, and the head's copy (which PEFT saves too, the same weight) must
-    // be the same bytes; nothing else may change either side.
-    let mut keep_tie = false;
-    if let Some((rows, by)) = vocab {
-        let at = adapters[by].dir.display();
-        // (a classifier has no output layer: only the embedding)
-        let classifier = task_model.is_some();
-        let stored: Vec<String> =
-            base.vocab_tensors().into_iter().filter(|n| !classifier || Some(n.as_str()) == base.embed_name()).collect();
-        let old = stored.first().and_then(|n| base.tensor(n)).map_or(0, |(_, t)| t.shape[0]);
-        if let (Some(embed), Some(_), false) = (stored.first(), &base.head_alias, classifier) {
-            keep_tie = true;
-            let head = base.head();
-            if let (Some((ea, e)), Some((ha, h))) = (resized.get(embed), resized.get(head)) {
-                if !same_values(&adapters[*ea].file, e, &adapters[*ha].file, h)? {
-                    problems.push(format!(
-                        "{at}: its copies of {embed:?} and {head:?} differ, but the base ties them: PEFT's merge of a \
-                         tied model resized to {rows} rows keeps one weight; save the base resized with transformers \
-                         (model.resize_token_embeddings({rows})) and merge into that"
-                    ));
-                }
-            }
-            for name in [embed.as_str(), head] {
-                if ops_by_tensor.get(name).is_some_and(|ops| ops.iter().any(|op| !matches!(op, Op::Replace { .. }))) {
-                    problems.push(format!(
-                        "{at}: the adapters change {name:?}, one side of the tied pair it resizes to {rows} rows: \
-                         bone-tool does not resize and untie a pair at once"
-                    ));
-                }
-            }
-            ops_by_tensor.remove(head);
-            resized.remove(head);
+    let keep_tie = match vocab {
+        Some((rows, by)) => {
+            let task = task_model.is_some();
+            let (keep, warning) =
+                settle_vocab(base, adapters, rows, by, task, &mut resized, &mut ops_by_tensor, &mut problems)?;
+            warnings.push(warning);
+            keep
         }
-        for name in stored.iter().filter(|n| !resized.contains_key(*n)) {
-            let copies: Vec<String> = resized.keys().map(|k| format!("{k:?}")).collect();
-            problems.push(format!(
-                "{at}: it resizes the vocabulary to {rows} rows (its copies of {}) but has no copy of {name:?}, whose new \
-                 rows resize_token_embeddings({rows}) fills at random in PEFT's merge: save the base resized with \
-                 transformers and merge into that",
-                copies.join(", "),
-            ));
+        None => false,
+    };
+    let labels = new_heads.iter().find(|(n, _)| n.ends_with(".weight")).and_then(|(_, e)| e.shape.first().copied());
+    let (dropped, task_warning) = match &task_model {
+        Some((class, by)) => {
+            let (dropped, warning) =
+                settle_task(base, &adapters[*by], class, &new_heads, labels, &ops_by_tensor, &mut problems);
+            (dropped, Some(warning))
         }
-        warnings.push(format!(
-            "{at}: its copies of {} have {rows} rows where the base has {old} (tokens added: PEFT loads it onto the base \
-             after resize_token_embeddings({rows})): the output takes them{}, and config.json's vocab_size {rows}",
-            stored.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(" and "),
-            if keep_tie { ", still tied to the output layer" } else { "" },
-        ));
-    }
-    // The classifier has no output layer: the base's is left out (nothing may change it), and a
-    // tied one is no tie any more.
-    let mut dropped: Vec<String> = vec![];
-    let mut task_warning = None;
-    if let Some((class, by)) = &task_model {
-        let head = base.head();
-        let module = head.strip_suffix(".weight").unwrap_or(head);
-        for name in [head.to_string(), format!("{module}.bias")] {
-            if ops_by_tensor.contains_key(&name) && !new_heads.iter().any(|(n, _)| *n == name) {
-                problems.push(format!(
-                    "{}: the adapters change {name:?}, but the merge is a {class} ({} holds its classifier head), \
-                     which has no output layer",
-                    adapters[*by].dir.display(),
-                    adapters[*by].dir.display()
-                ));
-            }
-            if base.tensor_names().any(|t| t == name) {
-                dropped.push(name);
-            }
-        }
-        let labels = new_heads.iter().find(|(n, _)| n.ends_with(".weight")).and_then(|(_, e)| e.shape.first().copied());
-        task_warning = Some(format!(
-            "{}: a {} adapter with a classifier head ({}) that the base does not have: the output is a {class}, as \
-             PEFT's merge of it saves it: the adapter's head{}, {}config.json's architectures and labels set",
-            adapters[*by].dir.display(),
-            adapters[*by].config.task_type.as_deref().unwrap_or_default(),
-            new_heads.iter().map(|(n, _)| format!("{n:?}")).collect::<Vec<_>>().join(", "),
-            labels.map(|n| format!(" ({n} labels)")).unwrap_or_default(),
-            if dropped.is_empty() { String::new() } else { format!("no {:?}, ", dropped.join(", ")) },
-        ));
-    }
+        None => (vec![], None),
+    };
     warnings.extend(task_warning.clone());
     // PEFT changes a tied output layer through the one weight it shares with the embedding. An
     // adapter that changes the head's values unties the pair when merged ([`untie`]); ops that
@@ -508,7 +446,6 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     let copied = jobs.len() - changed - added;
 
     let (shards, index) = layout(base, jobs, opts.max_shard_size)?;
-    let labels = new_heads.iter().find(|(n, _)| n.ends_with(".weight")).and_then(|(_, e)| e.shape.first().copied());
     let task = task_model.as_ref().map(|(class, _)| (class.as_str(), labels));
     let config = new_config(base, opts.out_dtype, untied.is_some(), task, vocab.map(|(rows, _)| rows));
     let side_files = match &base.folder {
@@ -708,6 +645,108 @@ fn new_config(
         changed = true;
     }
     changed.then_some(config)
+}
+
+/// A vocabulary resized to `rows` before training ([`Adapter::resized_vocab`], said first by
+/// `adapters[by]`): every stored tensor of vocabulary rows must come from the adapters' copies in
+/// `resized` (the rows resize_token_embeddings adds are random). A tied pair stays tied, as PEFT
+/// saves it: the embedding takes its copy, and the head's copy (which PEFT saves too, the same
+/// weight) must be the same bytes; nothing else may change either side; the head's copy and ops
+/// go. A classifier (`task`) has no output layer: only the embedding counts. Returns whether the
+/// pair stays tied, and the warning to give.
+#[allow(clippy::too_many_arguments)]
+fn settle_vocab(
+    base: &Model,
+    adapters: &[Adapter],
+    rows: usize,
+    by: usize,
+    task: bool,
+    resized: &mut std::collections::HashMap<String, (usize, TensorEntry)>,
+    ops_by_tensor: &mut std::collections::HashMap<String, Vec<Op>>,
+    problems: &mut Vec<String>,
+) -> Result<(bool, String)> {
+    let at = adapters[by].dir.display();
+    let stored: Vec<String> =
+        base.vocab_tensors().into_iter().filter(|n| !task || Some(n.as_str()) == base.embed_name()).collect();
+    let old = stored.first().and_then(|n| base.tensor(n)).map_or(0, |(_, t)| t.shape[0]);
+    let mut keep_tie = false;
+    if let (Some(embed), Some(_), false) = (stored.first(), &base.head_alias, task) {
+        keep_tie = true;
+        let head = base.head();
+        if let (Some((ea, e)), Some((ha, h))) = (resized.get(embed), resized.get(head)) {
+            if !same_values(&adapters[*ea].file, e, &adapters[*ha].file, h)? {
+                problems.push(format!(
+                    "{at}: its copies of {embed:?} and {head:?} differ, but the base ties them: PEFT's merge of a \
+                     tied model resized to {rows} rows keeps one weight; save the base resized with transformers \
+                     (model.resize_token_embeddings({rows})) and merge into that"
+                ));
+            }
+        }
+        for name in [embed.as_str(), head] {
+            if ops_by_tensor.get(name).is_some_and(|ops| ops.iter().any(|op| !matches!(op, Op::Replace { .. }))) {
+                problems.push(format!(
+                    "{at}: the adapters change {name:?}, one side of the tied pair it resizes to {rows} rows: \
+                     bone-tool does not resize and untie a pair at once"
+                ));
+            }
+        }
+        ops_by_tensor.remove(head);
+        resized.remove(head);
+    }
+    for name in stored.iter().filter(|n| !resized.contains_key(*n)) {
+        let copies: Vec<String> = resized.keys().map(|k| format!("{k:?}")).collect();
+        problems.push(format!(
+            "{at}: it resizes the vocabulary to {rows} rows (its copies of {}) but has no copy of {name:?}, whose new \
+             rows resize_token_embeddings({rows}) fills at random in PEFT's merge: save the base resized with \
+             transformers and merge into that",
+            copies.join(", "),
+        ));
+    }
+    let warning = format!(
+        "{at}: its copies of {} have {rows} rows where the base has {old} (tokens added: PEFT loads it onto the base \
+         after resize_token_embeddings({rows})): the output takes them{}, and config.json's vocab_size {rows}",
+        stored.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(" and "),
+        if keep_tie { ", still tied to the output layer" } else { "" },
+    );
+    Ok((keep_tie, warning))
+}
+
+/// A merge that makes the task model `class` (the classifier head `new_heads` from `adapter`,
+/// [`Adapter::new_head_class`]): it has no output layer, so the base's is left out, and nothing may
+/// change it. Returns the tensors left out and the warning to give.
+fn settle_task(
+    base: &Model,
+    adapter: &Adapter,
+    class: &str,
+    new_heads: &[(String, TensorEntry)],
+    labels: Option<usize>,
+    ops_by_tensor: &std::collections::HashMap<String, Vec<Op>>,
+    problems: &mut Vec<String>,
+) -> (Vec<String>, String) {
+    let at = adapter.dir.display();
+    let head = base.head();
+    let module = head.strip_suffix(".weight").unwrap_or(head);
+    let mut dropped = vec![];
+    for name in [head.to_string(), format!("{module}.bias")] {
+        if ops_by_tensor.contains_key(&name) && !new_heads.iter().any(|(n, _)| *n == name) {
+            problems.push(format!(
+                "the adapters change {name:?}, but the merge is a {class} ({at} holds its classifier head), which has \
+                 no output layer"
+            ));
+        }
+        if base.tensor_names().any(|t| t == name) {
+            dropped.push(name);
+        }
+    }
+    let warning = format!(
+        "{at}: a {} adapter with a classifier head ({}) that the base does not have: the output is a {class}, as \
+         PEFT's merge of it saves it: the adapter's head{}, {}config.json's architectures and labels set",
+        adapter.config.task_type.as_deref().unwrap_or_default(),
+        new_heads.iter().map(|(n, _)| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+        labels.map(|n| format!(" ({n} labels)")).unwrap_or_default(),
+        if dropped.is_empty() { String::new() } else { format!("no {:?}, ", dropped.join(", ")) },
+    );
+    (dropped, warning)
 }
 
 /// Whether two tensors (of adapter files) hold the same values: the same dtype, shape and bytes,
