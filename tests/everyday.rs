@@ -434,6 +434,12 @@ fn a_classifier_on_a_tied_causal_lm_merges_without_an_output_layer() {
     assert_eq!(cfg["id2label"], peft_cfg["id2label"]);
     assert_eq!(cfg["tie_word_embeddings"], true, "a classifier has no output layer to untie");
     ok(&run(&["verify", "--base", s(&base), "--adapter", s(&adapter), "--merged", s(&out)]));
+    // inspect says what the adapter was trained as and what the merge makes
+    let o = run(&["inspect", "adapter", s(&case.join("adapter")), "--base", s(&fixtures().join("bases/llama-bf16"))]);
+    ok(&o);
+    let text = stdout(&o);
+    assert!(text.contains("task          SEQ_CLS (sequence classification)"), "{text}");
+    assert!(text.contains("adds          score.weight (the merge is a LlamaForSequenceClassification)"), "{text}");
     // a sharded base: the head goes into the last shard, the index maps it and not lm_head, and
     // counts the parameters written
     let sharded = tmp.path().join("sharded");

@@ -155,6 +155,17 @@ pub fn render(r: &Value) -> String {
     line("peft type", format!("{}{version}", str_or(&r["peft_type"], "")));
     let mini = r["mini_r"].as_u64().map(|m| format!(", mini_r {m}")).unwrap_or_default();
     line("variant", format!("{} (init_weights {}), r {}{mini}", str_or(&r["variant"], ""), r["init_weights"], r["r"]));
+    // what it was trained as, where that is not the language model itself
+    let task = match r["task_type"].as_str() {
+        Some("SEQ_CLS") => Some("sequence classification"),
+        Some("TOKEN_CLS") => Some("token classification"),
+        Some("QUESTION_ANS") => Some("question answering"),
+        Some("FEATURE_EXTRACTION") => Some("feature extraction"),
+        _ => None,
+    };
+    if let (Some(t), Some(what)) = (r["task_type"].as_str(), task) {
+        line("task", format!("{t} ({what})"));
+    }
     let layers = r["layers"].as_array().cloned().unwrap_or_default();
     let kinds: BTreeSet<String> = layers
         .iter()
