@@ -449,7 +449,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     let task = task_model.as_ref().map(|(class, _)| (class.as_str(), labels));
     let config = new_config(base, opts.out_dtype, untied.is_some(), task, vocab.map(|(rows, _)| rows));
     let side_files = match &base.folder {
-        Some(folder) => side_files(folder, base, &shards, config.is_some(), &mut warnings)?,
+        Some(folder) => side_files(folder, base, &shards, config.is_some(), task.is_some(), &mut warnings)?,
         None => vec![],
     };
     Ok(Plan {
@@ -878,6 +878,7 @@ fn side_files(
     base: &Model,
     shards: &[OutShard],
     new_config: bool,
+    task_model: bool,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<PathBuf>> {
     let mut out = vec![];
@@ -895,6 +896,10 @@ fn side_files(
             continue;
         }
         if name.contains(".tmp-") || (new_config && name == "config.json") {
+            continue;
+        }
+        // a classifier generates nothing: transformers saves it without one
+        if task_model && name == "generation_config.json" {
             continue;
         }
         let ft = e.file_type().map_err(|err| input(format!("{}: {err}", path.display())))?;

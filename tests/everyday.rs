@@ -433,6 +433,9 @@ fn a_classifier_on_a_tied_causal_lm_merges_without_an_output_layer() {
     assert_eq!(cfg["architectures"], peft_cfg["architectures"]);
     assert_eq!(cfg["id2label"], peft_cfg["id2label"]);
     assert_eq!(cfg["tie_word_embeddings"], true, "a classifier has no output layer to untie");
+    // the tokenizer's files come along, the generation config does not (as transformers saves it)
+    assert!(out.join("tokenizer_config.json").exists() && !out.join("generation_config.json").exists());
+    assert!(base.join("generation_config.json").exists());
     ok(&run(&["verify", "--base", s(&base), "--adapter", s(&adapter), "--merged", s(&out)]));
     // inspect says what the adapter was trained as and what the merge makes
     let o = run(&["inspect", "adapter", s(&case.join("adapter")), "--base", s(&fixtures().join("bases/llama-bf16"))]);
