@@ -628,8 +628,7 @@ impl Adapter {
         }
         let Some((_, w)) = base.tensor(&rep.target) else {
             let task = self.config.task_type.as_deref();
-            let head = rep.target.rsplit_once('.').is_some_and(|(m, _)| matches!(m, "score" | "classifier"));
-            if let (true, Some(suffix)) = (head, config::task_class_suffix(task)) {
+            if let (Some(_), Some(suffix)) = (classifier_head(&rep.target), config::task_class_suffix(task)) {
                 let why = match base.architecture().and_then(|a| a.strip_suffix("ForCausalLM")) {
                     // (a merge takes it as new: only an unmerge gets here)
                     Some(family) => format!(
@@ -683,8 +682,7 @@ impl Adapter {
             return None;
         }
         let suffix = config::task_class_suffix(self.config.task_type.as_deref())?;
-        let (module, _) = rep.target.rsplit_once('.')?;
-        if !matches!(module, "score" | "classifier") || self.config.targets_task_head(module) {
+        if self.config.targets_task_head(classifier_head(&rep.target)?) {
             return None;
         }
         let family = base.architecture()?.strip_suffix("ForCausalLM")?;
@@ -711,6 +709,14 @@ impl Adapter {
     pub fn num_parameters(&self) -> usize {
         self.blocks.iter().map(|b| b.entry.numel()).sum()
     }
+}
+
+/// The classifier head a tensor name belongs to: `score` or `classifier` at the top of the model
+/// (`score.weight`, `classifier.bias`), where transformers' sequence and token classifiers built
+/// on a language model's backbone keep it.
+fn classifier_head(target: &str) -> Option<&str> {
+    let (module, _) = target.rsplit_once('.')?;
+    matches!(module, "score" | "classifier").then_some(module)
 }
 
 /// The model types whose transformers classes use GPT-2's `Conv1D` (a weight stored [in, out]) for
