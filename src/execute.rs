@@ -606,8 +606,10 @@ struct Source<'a> {
     job: &'a TensorJob,
     file: &'a SafetensorsFile,
     entry: &'a TensorEntry,
-    /// A replacement of another dtype, already cast to the base tensor's.
-    converted: Option<Arc<Vec<u8>>>,
+    /// A replacement of another float dtype than the base tensor's: its dtype, each piece's rows
+    /// read in it and cast to the base tensor's (a piece at a time: a replaced embedding can be
+    /// gigabytes).
+    convert_from: Option<Float>,
     /// None: the bytes pass as they are.
     chain: Option<Arc<Vec<Prepared>>>,
 }
@@ -623,18 +625,20 @@ fn source<'a>(
 ) -> Result<Source<'a>> {
     let last_replace = job.ops.iter().rposition(|op| matches!(op, Op::Replace { .. }));
     let chain_ops = &job.ops[last_replace.map_or(0, |k| k + 1)..];
-    let mut converted = None;
+    let mut convert_from = None;
     let (file, entry) = match last_replace.map(|k| &job.ops[k]) {
         Some(Op::Replace { adapter, src }) if src.dtype != job.src.dtype => {
-            let raw = adapters[*adapter].file.read_tensor(src)?;
-            converted = Some(Arc::new(convert(&raw, src, &job.src)?));
+            let (Some(from), Some(_)) = (Float::from_dtype(src.dtype), Float::from_dtype(job.src.dtype)) else {
+                return Err(input(format!("cannot cast {:?} from {:?} to {:?}", src.name, src.dtype, job.src.dtype)));
+            };
+            convert_from = Some(from);
             (&adapters[*adapter].file, src)
         }
         Some(Op::Replace { adapter, src }) => (&adapters[*adapter].file, src),
         _ => (base, &job.src),
     };
-    if chain_ops.is_empty() && converted.is_none() && job.cast_to().is_none() {
-        return Ok(Source { output, job, file, entry, converted, chain: None });
+    if chain_ops.is_empty() && convert_from.is_none() && job.cast_to().is_none() {
+        return Ok(Source { output, job, file, entry, convert_from, chain: None });
     }
     if !chain_ops.is_empty() {
         job.weight_float().ok_or_else(|| {
@@ -646,7 +650,7 @@ fn source<'a>(
     }
     let o = job.src.shape.first().copied().unwrap_or(1);
     let chain = chain_ops.iter().map(|op| prepare(op, &job.name, o, adapters, warnings)).collect::<Result<Vec<_>>>()?;
-    Ok(Source { output, job, file, entry, converted, chain: Some(Arc::new(chain)) })
+    Ok(Source { output, job, file, entry, convert_from, chain: Some(Arc::new(chain)) })
 }
 
 /// The rows and columns a tensor is cut by: [shape[0], the rest] (a scalar is one row).
@@ -695,9 +699,15 @@ fn tensor_pieces<'a>(
             let piece = match &s.chain {
                 None => Piece::Copy { file: s.file, start: s.entry.start + off as u64, len: len as u64, last },
                 Some(chain) => {
-                    let src = match &s.converted {
-                        Some(all) => TensorBytes::Shared { data: Arc::clone(all), off, len },
-                        None => reads.get(s.file, s.entry.start + off as u64, len)?,
+                    let src = match (s.convert_from, Float::from_dtype(job.src.dtype)) {
+                        (Some(from), Some(to)) => {
+                            // the same rows of the replacement, in its own dtype, cast
+                            let (at, bytes) = (row0 * cols * from.size(), n * cols * from.size());
+                            let raw = reads.get(s.file, s.entry.start + at as u64, bytes)?;
+                            let data = Arc::new(cast(raw.bytes(), from, to));
+                            TensorBytes::Shared { data, off: 0, len }
+                        }
+                        _ => reads.get(s.file, s.entry.start + off as u64, len)?,
                     };
                     Piece::Rows { job: s.job, chain: Arc::clone(chain), row0, src, last }
                 }
@@ -1011,6 +1021,11 @@ impl<'a> Flight<'a> {
             }
         }
         let Some(to) = cast else {
+            if !chained {
+                // nothing to compute (a replacement the reader cast to the weight's dtype): its bytes
+                self.out.clear();
+                self.out.extend_from_slice(src);
+            }
             return Ok((self.output, Piece::Bytes { data: self.out, len: n, last: self.last }, Some(self.stage)));
         };
         let values: &[u8] = if chained { &self.stage[..n] } else { src };
@@ -1037,16 +1052,12 @@ impl<'a> Flight<'a> {
 }
 
 /// A replacement stored in another float dtype than the base tensor: cast it (round to nearest even).
-fn convert(raw: &[u8], from: &TensorEntry, to: &TensorEntry) -> Result<Vec<u8>> {
-    let (f, t) = (Float::from_dtype(from.dtype), Float::from_dtype(to.dtype));
-    let (Some(f), Some(t)) = (f, t) else {
-        return Err(input(format!("cannot cast {:?} from {:?} to {:?}", from.name, from.dtype, to.dtype)));
-    };
-    let mut vals = vec![0f32; from.numel()];
-    f.decode(raw, &mut vals);
-    let mut out = vec![0u8; vals.len() * t.size()];
-    t.encode(&vals, &mut out);
-    Ok(out)
+fn cast(raw: &[u8], from: Float, to: Float) -> Vec<u8> {
+    let mut vals = vec![0f32; raw.len() / from.size()];
+    from.decode(raw, &mut vals);
+    let mut out = vec![0u8; vals.len() * to.size()];
+    to.encode(&vals, &mut out);
+    out
 }
 
 /// Load an op's blocks (and invert them for BAT unmerge).

@@ -1385,3 +1385,59 @@ fn merge_without_base_uses_the_base_the_adapters_record() {
     assert!(stdout(&o).contains("(not here, nor in the local Hugging Face cache: merge needs --base)"));
     assert!(!gone.exists());
 }
+
+/// A replacement stored in another float dtype than the base tensor (modules_to_save trained with
+/// the model in f32, merged into the bf16 checkpoint) is cast to it, round to nearest even as
+/// torch's `.to()`, a piece at a time (small pieces here: many of them), and the resized
+/// vocabulary's copies the same way.
+#[test]
+fn a_replacement_in_another_dtype_is_cast_piece_by_piece() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (case, key) in [
+        ("miss-default-sharded-bf16", "base_model.model.lm_head.weight"),
+        ("bone-default-resized-vocab-bf16", "base_model.model.model.embed_tokens.weight"),
+    ] {
+        let case = fixtures().join("cases").join(case);
+        let adapter = tmp.path().join(format!("{}-f32", case.file_name().unwrap().to_str().unwrap()));
+        copy_dir(&case.join("adapter"), &adapter);
+        // the copy in f32, each value moved off the bf16 grid (ties and both directions)
+        let mut copy = None;
+        edit_tensors(&adapter.join("adapter_model.safetensors"), |t| {
+            let vals: Vec<f32> = values(&t[key])
+                .iter()
+                .enumerate()
+                .map(|(k, v)| *v as f32 * (1.0 + [0.0, 1.0 / 512.0, -3.0 / 1024.0, 5e-4][k % 4]))
+                .collect();
+            let f32_copy = f32_tensor(t[key].shape.clone(), &vals);
+            copy = Some(f32_copy.clone());
+            t.insert(key.into(), f32_copy);
+        });
+        let base = fixtures().join(
+            manifest()["cases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| case.ends_with(c["name"].as_str().unwrap()))
+                .unwrap()["base"]
+                .as_str()
+                .unwrap(),
+        );
+        // (pieces of 4 KB: before the fix, the copy's pieces were written from buffers recycled
+        // from earlier tensors, silently; of 64 bytes and the default size: a panic)
+        for piece_bytes in ["64", "4096", ""] {
+            let out = tmp.path().join("out");
+            let mut command = bin();
+            command.args(["merge", "--base", s(&base), "--adapter", s(&adapter), "--out", s(&out), "--force"]);
+            if !piece_bytes.is_empty() {
+                command.env("BONE_TOOL_PIECE_BYTES", piece_bytes);
+            }
+            ok(&command.output().unwrap());
+            let target = key.trim_start_matches("base_model.model.");
+            let ours = &load(&out)[target];
+            assert_eq!(ours.dtype, safetensors::Dtype::BF16);
+            let want = cast(copy.as_ref().unwrap(), safetensors::Dtype::BF16);
+            assert!(ours.shape == want.shape && ours.data == want.data, "{target} ({piece_bytes})");
+            ok(&run(&["verify", "--base", s(&base), "--adapter", s(&adapter), "--merged", s(&out)]));
+        }
+    }
+}
