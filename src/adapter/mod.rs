@@ -655,7 +655,8 @@ impl Adapter {
         };
         if w.shape != rep.entry.shape {
             return Err(format!(
-                "{:?} would replace {:?} of shape {:?} with shape {:?} (a resized vocabulary?): bone-tool keeps the base's shapes",
+                "{:?} would replace {:?} of shape {:?} with shape {:?}: bone-tool keeps the base's shapes but for a vocabulary \
+                 resized before training (rows of the input embedding and output layer, merging)",
                 rep.key, rep.target, w.shape, rep.entry.shape
             ));
         }
