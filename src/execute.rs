@@ -704,8 +704,10 @@ fn tensor_pieces<'a>(
                             // the same rows of the replacement, in its own dtype, cast
                             let (at, bytes) = (row0 * cols * from.size(), n * cols * from.size());
                             let raw = reads.get(s.file, s.entry.start + at as u64, bytes)?;
-                            let data = Arc::new(cast(raw.bytes(), from, to));
-                            TensorBytes::Shared { data, off: 0, len }
+                            let mut data = vec![0u8; len];
+                            // (an overflow to inf is PEFT's too: its layer casts the copy as it loads it)
+                            from.cast(to, raw.bytes(), &mut data);
+                            TensorBytes::Shared { data: Arc::new(data), off: 0, len }
                         }
                         _ => reads.get(s.file, s.entry.start + off as u64, len)?,
                     };
@@ -1049,15 +1051,6 @@ impl<'a> Flight<'a> {
         }
         Ok((self.output, Piece::Bytes { data: self.out, len: m, last: self.last }, Some(self.stage)))
     }
-}
-
-/// A replacement stored in another float dtype than the base tensor: cast it (round to nearest even).
-fn cast(raw: &[u8], from: Float, to: Float) -> Vec<u8> {
-    let mut vals = vec![0f32; raw.len() / from.size()];
-    from.decode(raw, &mut vals);
-    let mut out = vec![0u8; vals.len() * to.size()];
-    to.encode(&vals, &mut out);
-    out
 }
 
 /// Load an op's blocks (and invert them for BAT unmerge).

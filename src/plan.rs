@@ -130,7 +130,7 @@ pub struct Plan {
     /// Tensors the base does not have (a classifier's head, [`Adapter::new_head_class`]).
     pub added: usize,
     /// Tensors of the base left out (a classifier's output layer).
-    pub dropped: usize,
+    pub dropped: Vec<String>,
     /// Tensors written with the base's bytes (or their cast).
     pub copied: usize,
     /// Tensors rounded to --dtype.
@@ -397,16 +397,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             // a resized vocabulary: the adapter's shape, in the base's dtype (its bytes come from the
             // replacement)
             let src = match resized.get(&t.name) {
-                Some((_, entry)) => {
-                    let bytes = (entry.numel() * t.dtype.bitsize() / 8) as u64;
-                    TensorEntry {
-                        name: t.name.clone(),
-                        dtype: t.dtype,
-                        shape: entry.shape.clone(),
-                        start: 0,
-                        end: bytes,
-                    }
-                }
+                Some((_, entry)) => replaced_as(&t.name, entry, t.dtype),
                 None => t.clone(),
             };
             jobs.push(TensorJob { name: t.name.clone(), input: si, src, ops, out_dtype: out_dtype(t.dtype) });
@@ -426,11 +417,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
     let head_dtype = base_float_dtype(base);
     for (name, entry) in new_heads.iter() {
         let dtype = head_dtype.unwrap_or(entry.dtype);
-        let bytes = match Float::from_dtype(dtype) {
-            Some(f) if dtype != entry.dtype => (entry.numel() * f.size()) as u64,
-            _ => entry.len_bytes(),
-        };
-        let src = TensorEntry { name: name.clone(), dtype, shape: entry.shape.clone(), start: 0, end: bytes };
+        let src = replaced_as(name, entry, dtype);
         jobs.push(TensorJob {
             name: name.clone(),
             input: base.shards.len() - 1,
@@ -463,7 +450,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         task_model: task_warning,
         changed,
         added,
-        dropped: dropped.len(),
+        dropped,
         copied,
         cast,
     })
@@ -567,7 +554,9 @@ fn shard_prefix(base: &Model) -> String {
 }
 
 /// config.json for the output, when it must differ from the base's: `torch_dtype` / `dtype` set to
-/// --dtype (in nested configs too), `tie_word_embeddings` false once untied.
+/// --dtype (in nested configs too), `tie_word_embeddings` false once untied, a task model's
+/// `architectures` and labels (`task`: its class and number of labels), a resized vocabulary's
+/// `vocab_size` (`vocab`: its rows).
 fn new_config(
     base: &Model,
     out: Option<Float>,
@@ -724,17 +713,15 @@ fn settle_task(
     problems: &mut Vec<String>,
 ) -> (Vec<String>, String) {
     let at = adapter.dir.display();
-    let head = base.head();
-    let module = head.strip_suffix(".weight").unwrap_or(head);
     let mut dropped = vec![];
-    for name in [head.to_string(), format!("{module}.bias")] {
+    for name in base.head_tensors() {
         if ops_by_tensor.contains_key(&name) && !new_heads.iter().any(|(n, _)| *n == name) {
             problems.push(format!(
                 "the adapters change {name:?}, but the merge is a {class} ({at} holds its classifier head), which has \
                  no output layer"
             ));
         }
-        if base.tensor_names().any(|t| t == name) {
+        if base.stores(&name) {
             dropped.push(name);
         }
     }
@@ -770,6 +757,14 @@ fn same_values(
         off += n as u64;
     }
     Ok(true)
+}
+
+/// The entry of an output tensor `name` whose bytes all come from the replacement `entry` (a
+/// resized vocabulary's copy, a new classifier head): its shape, in `dtype`. In no file: the
+/// reader takes the replacement's bytes, cast to `dtype` where it is stored otherwise.
+fn replaced_as(name: &str, entry: &TensorEntry, dtype: safetensors::Dtype) -> TensorEntry {
+    let end = (entry.numel() * dtype.bitsize() / 8) as u64;
+    TensorEntry { name: name.to_string(), dtype, shape: entry.shape.clone(), start: 0, end }
 }
 
 /// The dtype of the base's weights: its input embedding's, else its first float tensor's.

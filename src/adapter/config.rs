@@ -214,7 +214,7 @@ fn task_heads_added_after(task_type: Option<&str>) -> &'static [&'static str] {
 }
 
 /// The transformers class suffix of the task model PEFT's task class wraps for a task type whose
-/// classifier head (`score` or `classifier`, [`task_modules_to_save`]) sits on a language model's
+/// classifier head (`score` or `classifier`, kept in modules_to_save) sits on a language model's
 /// backbone: `LlamaForCausalLM`'s backbone under a new `score` is `LlamaForSequenceClassification`.
 pub fn task_class_suffix(task_type: Option<&str>) -> Option<&'static str> {
     match task_type {

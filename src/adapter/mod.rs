@@ -699,8 +699,7 @@ impl Adapter {
         let (_, w) = base.tensor(&rep.target)?;
         // (a tied model's head: its copy, which PEFT saves beside the embedding's)
         let tied_head = base.head_alias.is_some() && rep.target == base.head();
-        let vocab =
-            Some(rep.target.as_str()) == base.embed_name() || base.vocab_tensors().contains(&rep.target) || tied_head;
+        let vocab = base.vocab_tensors().contains(&rep.target) || tied_head;
         let (new, old) = (&rep.entry.shape, &w.shape);
         let resized = !new.is_empty() && new.len() == old.len() && new[1..] == old[1..] && new[0] != old[0];
         (vocab && resized && !rep.base_layer).then(|| new[0])

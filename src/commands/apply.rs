@@ -184,7 +184,7 @@ fn run_opening(
                     "tensors_changed": plan.changed,
                     "tensors_copied": plan.copied,
                     "tensors_added": plan.added,
-                    "tensors_dropped": plan.dropped,
+                    "tensors_dropped": plan.dropped.len(),
                     "tensors_cast": plan.cast,
                     "files": plan.shards.iter().map(|s| s.file_name.clone()).collect::<Vec<_>>(),
                     "bytes_written": plan.total_bytes(),
@@ -219,7 +219,7 @@ fn run_opening(
         for (plan, job) in plans.iter().zip(jobs) {
             let n = job.adapters.len();
             let mut cast = if plan.cast > 0 { format!(", {} cast to {dtype}", plan.cast) } else { String::new() };
-            for (n, what) in [(plan.added, "added"), (plan.dropped, "dropped")] {
+            for (n, what) in [(plan.added, "added"), (plan.dropped.len(), "dropped")] {
                 if n > 0 {
                     cast.push_str(&format!(", {n} {what}"));
                 }
@@ -346,8 +346,6 @@ fn plan_summary(plan: &plan::Plan, base: &Model, adapters: &[Adapter], out: &Pat
             })
         })
         .collect();
-    let written: std::collections::HashSet<&str> =
-        plan.shards.iter().flat_map(|s| s.jobs.iter().map(|j| j.name.as_str())).collect();
     let files: Vec<_> = plan
         .shards
         .iter()
@@ -370,11 +368,11 @@ fn plan_summary(plan: &plan::Plan, base: &Model, adapters: &[Adapter], out: &Pat
                 old.keys().chain(new.keys()).filter(|k| old.get(*k) != new.get(*k)).collect();
             format!("rewritten ({})", keys.into_iter().map(String::as_str).collect::<Vec<_>>().join(", "))
         }),
-        "dropped": base.tensor_names().filter(|n| !written.contains(n)).collect::<Vec<_>>(),
+        "dropped": plan.dropped,
         "tensors_changed": plan.changed,
         "tensors_copied": plan.copied,
         "tensors_added": plan.added,
-        "tensors_dropped": plan.dropped,
+        "tensors_dropped": plan.dropped.len(),
         "tensors_cast": plan.cast,
         "bytes": plan.total_bytes(),
         "bytes_read": base.data_bytes(),

@@ -338,12 +338,22 @@ impl Model {
         matches!((layers, index), (Some(layers), Some(n)) if n >= layers)
     }
 
+    /// The output layer's weight and bias, by the names PEFT's modules give them (stored or not).
+    pub fn head_tensors(&self) -> [String; 2] {
+        let module = self.head().strip_suffix(".weight").unwrap_or(self.head());
+        [self.head().to_string(), format!("{module}.bias")]
+    }
+
+    /// Whether the checkpoint stores the tensor `name` under that name (no tied head read from
+    /// its embedding, no vision-language rename).
+    pub fn stores(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
     /// The stored tensors whose rows are the vocabulary: the input embedding, and an untied output
     /// layer's weight and bias.
     pub fn vocab_tensors(&self) -> Vec<String> {
-        let module = self.head().strip_suffix(".weight").unwrap_or(self.head());
-        let head = [self.head().to_string(), format!("{module}.bias")];
-        let stored = head.into_iter().filter(|n| self.tensors.contains_key(n));
+        let stored = self.head_tensors().into_iter().filter(|n| self.stores(n));
         self.embed_name().map(str::to_string).into_iter().chain(stored).collect()
     }
 
