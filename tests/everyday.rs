@@ -1441,3 +1441,56 @@ fn a_replacement_in_another_dtype_is_cast_piece_by_piece() {
         }
     }
 }
+
+/// PEFT's Bone/MiSS trains the biases with `bias: "all"` (or `"bone_only"`/`"MiSS_only"`) but saves
+/// only the blocks, so the adapter holds no trained bias and PEFT's merge keeps the base's: the
+/// merge is the same bytes as with `"none"`, and says why. A tensor of a targeted module saved
+/// without `.base_layer.` (`q_proj.weight`, as hand-made files hold) is not loaded by PEFT, which
+/// wraps that module and loads only `q_proj.base_layer.weight` (checked against PEFT 0.18.1 with
+/// OPT's biases; the sweep's SWEEP_STRAY): ignored with a warning; the same tensor of a module
+/// PEFT does not wrap replaces the base's, as PEFT loads it. With "all-linear" the wrapped modules
+/// are the Linear layers (a norm is not one).
+#[test]
+fn biases_and_tensors_of_targeted_modules_load_as_peft_loads_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("bases/llama-bf16");
+    let before = load(&base.join("model.safetensors"));
+    for case in ["bone-bat-bf16", "bone-default-all-linear-bf16"] {
+        let dir = tmp.path().join(case);
+        let case = fixtures().join("cases").join(case);
+        let plain = dir.join("plain");
+        merge(&base, &case.join("adapter"), &plain);
+        let adapter = dir.join("adapter");
+        copy_dir(&case.join("adapter"), &adapter);
+        edit_json(&adapter.join("adapter_config.json"), |c| c["bias"] = "all".into());
+        let out = dir.join("bias-all");
+        let o = merge_with(&base, &adapter, &out, &[]);
+        ok(&o);
+        let err = stderr(&o);
+        assert!(err.contains("bias \"all\"") && err.contains("no trained bias"), "{err}");
+        assert_eq!(digest_relative(&out), digest_relative(&plain));
+
+        // a targeted module's weight without .base_layer.: not loaded; an untargeted one's: loaded
+        let q = "model.layers.0.self_attn.q_proj.weight";
+        let norm = "model.layers.0.input_layernorm.weight";
+        let (mut q_t, mut norm_t) = (before[q].clone(), before[norm].clone());
+        q_t.data.iter_mut().for_each(|b| *b = 0x3f);
+        norm_t.data.iter_mut().for_each(|b| *b = 0x3f);
+        edit_tensors(&adapter.join("adapter_model.safetensors"), |t| {
+            t.insert(format!("base_model.model.{q}"), q_t);
+            t.insert(format!("base_model.model.{norm}"), norm_t.clone());
+        });
+        let out = dir.join("stray");
+        let o = merge_with(&base, &adapter, &out, &[]);
+        ok(&o);
+        let err = stderr(&o);
+        assert!(err.contains(&format!("ignored \"base_model.model.{q}\"")), "{err}");
+        assert!(err.contains("q_proj.base_layer.weight") && !err.contains("input_layernorm.base_layer"), "{err}");
+        let (ours, theirs) = (load(&out.join("model.safetensors")), load(&plain.join("model.safetensors")));
+        assert!(ours[q].data == theirs[q].data, "q_proj: the merge without the stray key");
+        assert!(ours[norm].data == norm_t.data, "the untargeted module takes the saved tensor");
+        for (name, t) in theirs.iter().filter(|(n, _)| *n != norm) {
+            assert!(ours[name].data == t.data, "{name}");
+        }
+    }
+}

@@ -100,6 +100,16 @@ pub struct Geometry {
 /// target_modules → PEFT's default for the base's `model_type` ([`AdapterConfig::default_targets`],
 /// an error for a type PEFT has none for); a long list beside layers_to_transform → PEFT's
 /// shortened list ([`AdapterConfig::shorten_targets`]). Returns a warning for each change.
+/// Why a tensor of a module PEFT wraps (`<module>.<tensor>`, saved without `.base_layer.`) is
+/// not loaded: the wrapped module's own tensors lie under `<module>.base_layer.`.
+fn wrapped_reason(target: &str) -> String {
+    let (module, tensor) = target.rsplit_once('.').unwrap_or((target, "weight"));
+    format!(
+        "a tensor of {module:?}, a module adapter_config.json targets, saved without \".base_layer.\": \
+         PEFT wraps that module and loads only \"{module}.base_layer.{tensor}\", so it does not load this"
+    )
+}
+
 fn resolve(config: &mut AdapterConfig, base: &Model, prefix: &str, path: &Path) -> Result<Vec<String>> {
     let model_type = base.config.as_ref().and_then(|c| c.get("model_type")).and_then(serde_json::Value::as_str);
     let mut warnings: Vec<String> = config.default_targets(model_type, path)?.into_iter().collect();
@@ -248,7 +258,33 @@ impl Adapter {
             None => self,
         };
         a.locate(base);
+        a.ignore_wrapped_all_linear(base);
         Ok(a)
+    }
+
+    /// With "all-linear" PEFT wraps the Linear layers the config targets, which only the base
+    /// tells (a 2-D weight): a tensor of one saved
+    /// without `.base_layer.` is not loaded, as for named targets ([`Adapter::classify`]).
+    fn ignore_wrapped_all_linear(&mut self, base: &Model) {
+        if !self.config.all_linear() {
+            return;
+        }
+        let mut regexes = Regexes::default();
+        let wp = self.file.path.display().to_string();
+        for r in std::mem::take(&mut self.replacements) {
+            let in_file = r.key.rsplit_once('.').map_or(r.key.as_str(), |(m, _)| m);
+            let weight = r.target.rsplit_once('.').map(|(m, _)| format!("{m}.weight"));
+            let linear = weight.and_then(|w| base.tensor(&w).map(|(_, e)| e.shape.len() == 2)) == Some(true);
+            if !r.base_layer && linear && self.targets(in_file, &mut regexes) == Some(true) {
+                let module_path = in_file.strip_prefix(self.prefix.as_str()).unwrap_or(in_file);
+                let tensor = r.target.rsplit_once('.').map_or(r.target.as_str(), |(_, t)| t);
+                let reason = wrapped_reason(&format!("{module_path}.{tensor}"));
+                self.warnings.push(format!("{wp}: ignored {:?}: {reason}", r.key));
+                self.ignored.push(Ignored { key: r.key, reason });
+            } else {
+                self.replacements.push(r);
+            }
+        }
     }
 
     /// [`DEFAULT_PREFIX`] and the outer module the adapter's keys all lie under, where `base` is
@@ -331,22 +367,39 @@ impl Adapter {
         });
         (self.blocks, self.untargeted) = (blocks, untargeted);
         // A module's saved base weight (`<module>.base_layer.weight`) is loaded only into the layer
-        // PEFT wraps that module in: not for a module the config does not target.
+        // PEFT wraps that module in: not for a module the config does not target. And the other
+        // way round: a targeted module's own tensors lie under `.base_layer.` once PEFT has wrapped
+        // it, so a key without it (`<module>.bias`, as hand-made files hold) loads into nothing.
         for r in std::mem::take(&mut self.replacements) {
             let module = r.target.rsplit_once('.').map_or(r.target.as_str(), |(m, _)| m);
             let in_file = r.key.replace(".base_layer.", ".");
             let in_file = in_file.rsplit_once('.').map_or(in_file.as_str(), |(m, _)| m);
-            if r.base_layer && self.targets(in_file, &mut regexes) == Some(false) {
+            let targeted = self.targets(in_file, &mut regexes);
+            if r.base_layer && targeted == Some(false) {
                 let reason = format!(
                     "the base weight of {module:?}, a module adapter_config.json does not target: PEFT does not load it"
                 );
                 self.ignored.push(Ignored { key: r.key, reason });
+            } else if !r.base_layer && !self.config.all_linear() && targeted == Some(true) {
+                // ("all-linear" wraps the Linear layers, which only the base tells: Adapter::for_base)
+                self.ignored.push(Ignored { key: r.key, reason: wrapped_reason(&r.target) });
             } else {
                 self.replacements.push(r);
             }
         }
         for ig in &self.ignored {
             self.warnings.push(format!("{wp}: ignored {:?}: {}", ig.key, ig.reason));
+        }
+        // PEFT trains biases with bias "all" or "<type>_only", but saves only the blocks (and
+        // modules_to_save): the trained biases are lost, and its merge keeps the base's
+        if self.config.bias != "none" && !self.replacements.iter().any(|r| r.target.ends_with(".bias")) {
+            self.warnings.push(format!(
+                "{}: bias {:?}: PEFT trains the biases with it but saves none of them (only the {:?} tensors), \
+                 so this adapter holds no trained bias; the merge keeps the base's biases, as PEFT's does",
+                self.dir.join(CONFIG_NAME).display(),
+                self.config.bias,
+                &pt.block_suffix()[1..]
+            ));
         }
         self.ignored.append(&mut expected);
         if let Some(first) = self.untargeted.first() {

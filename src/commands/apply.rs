@@ -227,10 +227,10 @@ fn run_opening(
             let device = if several { String::new() } else { format!(" on {device_name}") };
             let time = if several { String::new() } else { format!(" in {seconds:.1}s") };
             eprintln!(
-                "{verb} {n} adapter{} → {}{device}: {} tensors changed, {} copied{cast}, {}{time}",
+                "{verb} {n} adapter{} → {}{device}: {} changed, {} copied{cast}, {}{time}",
                 if n == 1 { "" } else { "s" },
                 job.out.display(),
-                plan.changed,
+                tensors(plan.changed),
                 plan.copied,
                 HumanBytes(plan.total_bytes()),
             );
@@ -448,9 +448,9 @@ fn render_plan(p: &serde_json::Value) -> String {
         ""
     };
     s.push_str(&format!(
-        "plan: {} tensors changed, {} copied{}, {} to {}{exists}; memory about {}, time about {:.0}s; nothing \
+        "plan: {} changed, {} copied{}, {} to {}{exists}; memory about {}, time about {:.0}s; nothing \
          written (--dry-run)\n",
-        p["tensors_changed"],
+        tensors(p["tensors_changed"].as_u64().unwrap_or(0) as usize),
         p["tensors_copied"],
         ["tensors_cast", "tensors_added", "tensors_dropped"]
             .into_iter()
@@ -522,4 +522,9 @@ fn absolute(p: &Path) -> PathBuf {
         out.push(n);
     }
     out
+}
+
+/// `1 tensor`, `14 tensors`.
+fn tensors(n: usize) -> String {
+    format!("{n} tensor{}", if n == 1 { "" } else { "s" })
 }
