@@ -983,3 +983,30 @@ fn bases_in_other_formats_are_refused_with_what_to_do() {
         &["3 .safetensors files", "model-00001-of-00003.safetensors", "no model.safetensors.index.json"],
     );
 }
+
+/// An adapter saved under DeepSpeed ZeRO-3 without gathering its weights: a 40-byte file with no
+/// tensors (transformers 4.x's Trainer), or blocks of shape [0] (save_pretrained on each process).
+/// The error says so and how to save it again, rather than "holds no blocks" or a shape rule.
+#[test]
+fn adapter_saved_without_its_weights() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-bat-f32/adapter", "a");
+    let file = a.join("adapter_model.safetensors");
+    save(&file, &BTreeMap::new());
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 40, "the size such a file has");
+    let out = e.path("out");
+    let ways = ["stage3_gather_16bit_weights_on_model_save", "GatheredParameters"];
+    let needles = [&["holds no tensors at all", "ZeRO-3"][..], &ways].concat();
+    fails(&merge_args(s(&base_f32()), s(&a), s(&out)), Some(&out), &[&a], &needles);
+    fails(&["inspect", "adapter", s(&a)], None, &[&a], &needles);
+
+    let b = e.copy("cases/bone-bat-f32/adapter", "b");
+    let file = b.join("adapter_model.safetensors");
+    let mut t = load(&file);
+    for v in t.values_mut() {
+        *v = f32_tensor(vec![0], &[]);
+    }
+    save(&file, &t);
+    let needles = [&["is empty (shape [0])", "ZeRO-3"][..], &ways].concat();
+    fails(&merge_args(s(&base_f32()), s(&b), s(&out)), Some(&out), &[&b], &needles);
+}

@@ -100,6 +100,12 @@ pub struct Geometry {
 /// target_modules → PEFT's default for the base's `model_type` ([`AdapterConfig::default_targets`],
 /// an error for a type PEFT has none for); a long list beside layers_to_transform → PEFT's
 /// shortened list ([`AdapterConfig::shorten_targets`]). Returns a warning for each change.
+/// The way out of an adapter saved without its weights.
+const UNGATHERED: &str = ": the adapter was probably saved without its weights, as DeepSpeed ZeRO-3 \
+    saves it unless they are gathered first; save it again with \"stage3_gather_16bit_weights_on_model_save\": \
+    true in the DeepSpeed config or save_pretrained inside deepspeed.zero.GatheredParameters \
+    (transformers 5 gathers an adapter itself)";
+
 /// Why a tensor of a module PEFT wraps (`<module>.<tensor>`, saved without `.base_layer.`) is
 /// not loaded: the wrapped module's own tensors lie under `<module>.base_layer.`.
 fn wrapped_reason(target: &str) -> String {
@@ -319,6 +325,12 @@ impl Adapter {
         let wp = self.file.path.display().to_string();
         // ignored without a warning: what PEFT itself saves and does not merge
         let mut expected: Vec<Ignored> = vec![];
+        if self.file.tensors.is_empty() {
+            return Err(input(format!("{wp}: holds no tensors at all{UNGATHERED}")));
+        }
+        if let Some(empty) = self.file.tensors.iter().find(|t| t.shape.contains(&0)) {
+            return Err(input(format!("{wp}: tensor {:?} is empty (shape {:?}){UNGATHERED}", empty.name, empty.shape)));
+        }
         for entry in self.file.tensors.clone() {
             let key = entry.name.clone();
             if let Some(path) = key.strip_suffix(pt.block_suffix()) {
