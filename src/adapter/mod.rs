@@ -96,10 +96,6 @@ pub struct Geometry {
     pub block: Float,
 }
 
-/// `config` resolved against `base` as PEFT resolves it when it loads the adapter: no
-/// target_modules → PEFT's default for the base's `model_type` ([`AdapterConfig::default_targets`],
-/// an error for a type PEFT has none for); a long list beside layers_to_transform → PEFT's
-/// shortened list ([`AdapterConfig::shorten_targets`]). Returns a warning for each change.
 /// The way out of an adapter saved without its weights.
 const UNGATHERED: &str = ": the adapter was probably saved without its weights, as DeepSpeed ZeRO-3 \
     saves it unless they are gathered first; save it again with \"stage3_gather_16bit_weights_on_model_save\": \
@@ -116,6 +112,10 @@ fn wrapped_reason(target: &str) -> String {
     )
 }
 
+/// `config` resolved against `base` as PEFT resolves it when it loads the adapter: no
+/// target_modules → PEFT's default for the base's `model_type` ([`AdapterConfig::default_targets`],
+/// an error for a type PEFT has none for); a long list beside layers_to_transform → PEFT's
+/// shortened list ([`AdapterConfig::shorten_targets`]). Returns a warning for each change.
 fn resolve(config: &mut AdapterConfig, base: &Model, prefix: &str, path: &Path) -> Result<Vec<String>> {
     let model_type = base.config.as_ref().and_then(|c| c.get("model_type")).and_then(serde_json::Value::as_str);
     let mut warnings: Vec<String> = config.default_targets(model_type, path)?.into_iter().collect();
@@ -269,8 +269,8 @@ impl Adapter {
     }
 
     /// With "all-linear" PEFT wraps the Linear layers the config targets, which only the base
-    /// tells (a 2-D weight): a tensor of one saved
-    /// without `.base_layer.` is not loaded, as for named targets ([`Adapter::classify`]).
+    /// tells (a 2-D weight): a tensor of one saved without `.base_layer.` is not loaded, as for
+    /// named targets ([`Adapter::classify`]).
     fn ignore_wrapped_all_linear(&mut self, base: &Model) {
         if !self.config.all_linear() {
             return;
