@@ -653,7 +653,7 @@ fn source<'a>(
     Ok(Source { output, job, file, entry, convert_from, chain: Some(Arc::new(chain)) })
 }
 
-/// The rows and columns a tensor is cut by: [shape[0], the rest] (a scalar is one row).
+/// The rows and columns a tensor is cut by: `[shape[0], the rest]` (a scalar is one row).
 fn row_view(t: &TensorEntry) -> (usize, usize) {
     let rows = t.shape.first().copied().unwrap_or(1);
     (rows, t.numel().checked_div(rows).unwrap_or(0))

@@ -4,6 +4,10 @@
 //! Dependencies point one way: [`cli`] → [`commands`] → [`plan`] and [`execute`] → the readers
 //! ([`model`], [`adapter`]) and the math ([`ops`]).
 
+// The library is the binary's insides, read with `cargo doc --document-private-items`: its public
+// items may link to private ones.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod adapter;
 pub mod backend;
 pub mod cli;
