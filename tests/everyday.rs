@@ -1494,3 +1494,27 @@ fn biases_and_tensors_of_targeted_modules_load_as_peft_loads_them() {
         }
     }
 }
+
+/// Blocks saved without PeftModel's `base_model.model.` (as a state dict taken from the bare model
+/// holds them) are read as the module paths they name, as transformers' `load_adapter` reads them,
+/// with a warning that `PeftModel.from_pretrained` would not load them (checked: it merges its
+/// initial blocks, leaving the weights unchanged).
+#[test]
+fn blocks_without_peft_prefix_are_applied_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("bases/llama-bf16");
+    let case = fixtures().join("cases/bone-bat-bf16");
+    let adapter = tmp.path().join("adapter");
+    copy_dir(&case.join("adapter"), &adapter);
+    edit_tensors(&adapter.join("adapter_model.safetensors"), |t| {
+        *t = std::mem::take(t).into_iter().map(|(k, v)| (k.replace("base_model.model.", ""), v)).collect();
+    });
+    let out = tmp.path().join("out");
+    let o = merge_with(&base, &adapter, &out, &[]);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("14 of its 14 blocks lack PeftModel's prefix") && err.contains("load_adapter"), "{err}");
+    let plain = tmp.path().join("plain");
+    merge(&base, &case.join("adapter"), &plain);
+    assert_eq!(digest_relative(&out), digest_relative(&plain));
+}

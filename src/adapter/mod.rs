@@ -373,6 +373,15 @@ impl Adapter {
             }
         }
         let found = self.blocks.len();
+        let bare = self.blocks.iter().filter(|b| !b.key.starts_with(prefix)).count();
+        if prefix == DEFAULT_PREFIX && bare > 0 {
+            self.warnings.push(format!(
+                "{wp}: {bare} of its {found} blocks lack PeftModel's prefix {DEFAULT_PREFIX:?} (e.g. {:?}; not a file \
+                 PEFT's save_pretrained wrote): read as the module paths they name, as transformers' load_adapter \
+                 reads them; PeftModel.from_pretrained would not load them and would merge its initial blocks instead",
+                self.blocks.iter().find(|b| !b.key.starts_with(prefix)).map_or("", |b| b.key.as_str())
+            ));
+        }
         let mut regexes = Regexes::default();
         let (blocks, untargeted) = std::mem::take(&mut self.blocks).into_iter().partition(|b| {
             self.targets(b.key.strip_suffix(pt.block_suffix()).unwrap_or(&b.key), &mut regexes) != Some(false)
