@@ -317,6 +317,34 @@ fn conv1d_layers_of_gpt2_are_refused() {
     ok(&run(&merge_args(s(&base), s(&a), s(&out))));
 }
 
+/// A block on an embedding (its weight [vocab, hidden] is 2-D like a Linear one): PEFT 0.18.1
+/// refuses such an adapter ("Target module Embedding(96, 48) is not supported"), and bone-tool too,
+/// rather than adding a block PEFT never trained. The lm_head block of bone-default-lm-head-bf16
+/// moved onto embed_tokens, whose shape is the same.
+#[test]
+fn blocks_on_embeddings_are_refused() {
+    let e = Env::new();
+    let a = e.copy("cases/bone-default-lm-head-bf16/adapter", "a");
+    edit_tensors(&a.join("adapter_model.safetensors"), |t| {
+        *t = std::mem::take(t).into_iter().map(|(k, v)| (k.replace("lm_head", "model.embed_tokens"), v)).collect();
+    });
+    edit_json(&a.join("adapter_config.json"), |c| {
+        for m in c["target_modules"].as_array_mut().unwrap() {
+            if m == "lm_head" {
+                *m = "embed_tokens".into();
+            }
+        }
+    });
+    let base = fixtures().join("bases/llama-bf16");
+    let out = e.path("out");
+    fails(
+        &merge_args(s(&base), s(&a), s(&out)),
+        Some(&out),
+        &[&a],
+        &["\"model.embed_tokens.weight\" is an embedding", "nn.Linear layers only"],
+    );
+}
+
 #[test]
 fn missing_shard_named_in_the_index() {
     let e = Env::new();

@@ -170,14 +170,11 @@ fn minimal_suffixes(targets: &BTreeSet<String>, others: &[String]) -> Vec<String
     required
 }
 
-/// The last part of the module paths that "all-linear" leaves out: the output layer, which PEFT
-/// finds as `get_output_embeddings()` (`lm_head`; GPT-NeoX's `embed_out`), and the embeddings,
-/// which are no `nn.Linear` though their weights are 2-D like one (the input embeddings of the
-/// families bone-tool knows, the learned position embeddings of GPT-2, OPT and the vision towers,
-/// BERT-style token types).
-const NOT_ALL_LINEAR: &[&str] = &[
-    "lm_head",
-    "embed_out",
+/// The last part of the module paths of the embeddings, which are no `nn.Linear` though their
+/// weights are 2-D like one: the input embeddings of the families bone-tool knows, the learned
+/// position embeddings of GPT-2, OPT and the vision towers, BERT-style token types. PEFT puts no
+/// Bone/MiSS layer on them ("only `torch.nn.Linear` is supported") and "all-linear" leaves them out.
+pub const EMBEDDING_LAYERS: &[&str] = &[
     "embed_tokens",
     "wte",
     "word_embeddings",
@@ -188,6 +185,10 @@ const NOT_ALL_LINEAR: &[&str] = &[
     "position_embeddings",
     "token_type_embeddings",
 ];
+
+/// The output layer, which "all-linear" leaves out too: PEFT finds it as
+/// `get_output_embeddings()` (`lm_head`; GPT-NeoX's `embed_out`).
+const OUTPUT_LAYERS: &[&str] = &["lm_head", "embed_out"];
 
 /// The modules PEFT adds to `modules_to_save` for a task type before it puts the adapter on the
 /// model (`PeftModelForSequenceClassification`: the classifier heads `classifier` and `score`), so
@@ -232,10 +233,11 @@ pub fn is_all_linear(target_modules: &Value) -> bool {
 /// Whether PEFT's "all-linear" takes the module `module` (a path in the base model that holds a
 /// 2-D weight): `_maybe_include_all_linear_layers` replaces "all-linear" with the full path of
 /// every `nn.Linear` (and GPT-2's `Conv1D`) but the output layer, which then match exactly.
-/// bone-tool sees names, not module types: [`NOT_ALL_LINEAR`] are the 2-D weights that are not
-/// Linear, or the head.
+/// bone-tool sees names, not module types: [`EMBEDDING_LAYERS`] are the 2-D weights that are not
+/// Linear, [`OUTPUT_LAYERS`] the head.
 fn all_linear_takes(module: &str) -> bool {
-    !NOT_ALL_LINEAR.contains(&module.rsplit('.').next().unwrap_or(module))
+    let last = module.rsplit('.').next().unwrap_or(module);
+    !OUTPUT_LAYERS.contains(&last) && !EMBEDDING_LAYERS.contains(&last)
 }
 
 impl AdapterConfig {

@@ -656,6 +656,13 @@ impl Adapter {
                  apply to nn.Linear layers only (PEFT refuses to put them on Conv1D too), so this adapter was not made for this base"
             ));
         }
+        let layer = target.strip_suffix(".weight").and_then(|m| m.rsplit('.').next()).unwrap_or("");
+        if config::EMBEDDING_LAYERS.contains(&layer) {
+            return Err(format!(
+                "{target:?} is an embedding (nn.Embedding, by its name), not a Linear layer: Bone and MiSS apply to \
+                 nn.Linear layers only (PEFT refuses to put them on an embedding), so this adapter was not made for this base"
+            ));
+        }
         let (o, i) = (w.shape[0], w.shape[1]);
         let s = &b.entry.shape;
         let r = c.r;
