@@ -117,7 +117,8 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// As for merge
+    /// As for merge. Where only f16/bf16 BAT tensors differ, the other rounding is checked too
+    /// (PEFT 0.20 and later merge as `once`), and a note says which one matched
     #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
     pub rounding: RoundingArg,
 
@@ -274,9 +275,10 @@ pub struct ApplyOptions {
     #[arg(long)]
     pub force: bool,
 
-    /// How BAT merges round: `peft` rounds the delta to the weight dtype before adding it, as PEFT's
-    /// merge_and_unload() does (byte-identical output); `once` rounds W + delta once (more
-    /// accurate; byte-identical to merge_and_unload(safe_merge=True))
+    /// How BAT merges round: `peft` rounds the delta to the weight dtype before adding it, as PEFT
+    /// 0.18.1's merge_and_unload() does (byte-identical output; PEFT 0.17-0.19 too); `once` rounds
+    /// W + delta once (more accurate; byte-identical to merge_and_unload(safe_merge=True), and to
+    /// PEFT 0.20 and later's merge_and_unload() of MiSS adapters). f32 weights: the same either way
     #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
     pub rounding: RoundingArg,
 

@@ -359,3 +359,55 @@ fn a_merge_written_with_dtype_verifies_with_the_same_dtype() {
     assert_eq!(code, Some(1), "{j}");
     assert!(j["hint"].is_null(), "{j}");
 }
+
+/// PEFT 0.20 and later merge f16/bf16 BAT as W + delta rounded once (PEFT 0.18.1's
+/// merge_and_unload(safe_merge=True), the fixtures' merged-safe; checked against PEFT 0.21.2), where
+/// PEFT 0.18.1's merge_and_unload() rounds the delta first. verify accepts either, trying the
+/// other rounding where only f16/bf16 BAT tensors differ, and says which one matched; a tensor
+/// changed on top still fails.
+#[test]
+fn either_peft_rounding_of_bat_verifies_and_says_which() {
+    let case = fixtures().join("cases/miss-bat-bf16");
+    let base = fixtures().join("bases/llama-bf16");
+    let adapter = case.join("adapter");
+    for (merged, flag, rounding) in [
+        ("merged-safe", "peft", "once"),
+        ("merged", "once", "peft"),
+        ("merged-safe", "once", "once"),
+        ("merged", "peft", "peft"),
+    ] {
+        let (code, r) = verify(&base, &adapter, &case.join(merged), &["--rounding", flag]);
+        assert_eq!(code, Some(0), "{merged} with --rounding {flag}: {r}");
+        assert_eq!(r["rounding"], rounding, "{merged} with --rounding {flag}");
+        let hint = r["hint"].as_str().unwrap_or("");
+        assert_eq!(flag != rounding, !hint.is_empty(), "{merged} with --rounding {flag}: {hint}");
+        if rounding == "once" && flag != rounding {
+            assert!(hint.contains("PEFT 0.20 and later") && hint.contains("safe_merge=True"), "{hint}");
+        }
+    }
+    // the text output says it in a note
+    let o = run(&[
+        "verify",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--merged",
+        case.join("merged-safe").to_str().unwrap(),
+    ]);
+    ok(&o);
+    assert!(stderr(&o).contains("note:") && stderr(&o).contains("--rounding once"), "{}", stderr(&o));
+
+    // one value of a BAT tensor changed on top of the rounded-once merge: neither rounding matches
+    let tmp = tempfile::tempdir().unwrap();
+    let tampered = tmp.path().join("m");
+    copy_dir(&case.join("merged-safe"), &tampered);
+    let file = tampered.join("model.safetensors");
+    let mut t = load(&file);
+    let w = t.get_mut("model.layers.0.self_attn.q_proj.weight").unwrap();
+    w.data[0] ^= 0x40;
+    save(&file, &t);
+    let (code, r) = verify(&base, &adapter, &tampered, &[]);
+    assert_eq!(code, Some(1), "{r}");
+    assert_eq!(r["rounding"], "peft");
+}

@@ -35,68 +35,36 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         out_dtype: args.dtype.float(),
         ..Options::default()
     };
-    let mut plan = plan::build(&input, &adapters, direction, options)?;
-    if plan.untied.is_some() && expected.head_alias.is_some() {
-        // A merged model that is still tied was merged in place, into the weight both sides share
-        // (PEFT's merge_and_unload): recompute it so.
-        plan = plan::build(&input, &adapters, direction, Options { shared_tied_head: true, ..options })?;
-        plan.warnings.push(format!(
-            "{}: still tied, so the adapters were merged in place into the weight {} shares with {:?} (as PEFT's \
-             merge_and_unload does), which the model also reads as its input embedding; checked as such \
-             (bone-tool merge unties the pair instead, leaving the input embedding as it was)",
-            expected_path.display(),
-            input.head().trim_end_matches(".weight"),
-            input.head_alias.as_deref().unwrap_or_default()
-        ));
-    }
-    let (device, note) = Device::select_for(args.device, &plan.needs())?;
-    let device = Opening::ready(device);
-    let mut warnings = plan.warnings.clone();
-    warnings.extend(note);
-    let progress = if quiet || args.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::with_draw_target(Some(input.data_bytes()), ProgressDrawTarget::stderr())
-    };
-    let run_opts = RunOptions {
-        fsync: false,
-        allow_non_finite: true,
-        cpu_while_opening: false,
-        adds_on_cpu: false,
-        release_early: false,
-    };
     let started = std::time::Instant::now();
-    let output = execute::Output { plan: &plan, adapters: &adapters, sink: Sink::Compare(&expected) };
-    let report = execute::run_into(vec![output], &input, &device, run_opts, &progress)?;
-    let (late, mut checks, timings) =
-        (report.warnings, report.checks.into_iter().next().unwrap_or_default(), report.timings);
-    let seconds = started.elapsed().as_secs_f64();
-    progress.finish_and_clear();
-    warnings.extend(late);
-
-    if let Some(tolerance) = args.tolerance {
-        for c in checks.iter_mut().filter(|c| c.status == "differs") {
-            if c.max_rel.is_some_and(|rel| rel <= tolerance) {
-                c.status = "within_tolerance".into();
+    let mut run = recompute(args, &input, &expected, &adapters, direction, options, quiet)?;
+    let mut bad = mismatches(&run.checks);
+    // Differences in f16/bf16 BAT tensors alone: PEFT 0.18.1 rounds the delta before adding it,
+    // PEFT 0.20 and later round W + delta once (as safe_merge=True does), so check the other
+    // rounding too, and say which one matched.
+    let mut other_rounding = false;
+    if !bad.is_empty() && direction == Direction::Merge {
+        let bat = bat_tensors(&run.plan);
+        let half_bat =
+            |c: &TensorCheck| c.status == "differs" && bat.get(c.name.as_str()).is_some_and(|t| t.0 != Float::F32);
+        if run.checks.iter().filter(|c| !is_ok(c)).all(half_bat) {
+            let other = Options { rounding_once: !options.rounding_once, ..options };
+            let again = recompute(args, &input, &expected, &adapters, direction, other, quiet)?;
+            let again_bad = mismatches(&again.checks);
+            if again_bad.is_empty() {
+                (run, bad, other_rounding) = (again, again_bad, true);
             }
         }
     }
+    let rounding_once = options.rounding_once != other_rounding;
+    let seconds = started.elapsed().as_secs_f64();
+    let Recomputed { plan, checks, warnings, timings } = run;
     let count = |s: &str| checks.iter().filter(|c| c.status == s).count();
-    let bad: Vec<_> =
-        checks.iter().filter(|c| !matches!(c.status.as_str(), "equal" | "within_1_ulp" | "within_tolerance")).collect();
+    let bad: Vec<&TensorCheck> = bad.iter().map(|&i| &checks[i]).collect();
     let ok = bad.is_empty();
     // differences that PEFT itself makes, in BAT tensors: on another processor (its sums run in
     // another order) or in its unmerge (an f32 inverse)
     // each BAT tensor: its dtype, its number of values, and how many BAT adapters act on it
-    let bat: std::collections::HashMap<&str, (Float, usize, usize)> = plan
-        .shards
-        .iter()
-        .flat_map(|s| &s.jobs)
-        .filter_map(|j| {
-            let n = j.ops.iter().filter(|op| matches!(op, plan::Op::Bat { .. })).count();
-            Some((j.name.as_str(), (j.weight_float()?, j.src.numel(), n))).filter(|_| n > 0)
-        })
-        .collect();
+    let bat = bat_tensors(&plan);
     // whether a tensor differs only as PEFT's own BAT results do: in f32 within the spec's 1e-5 of
     // its largest value; in f16/bf16 PEFT rounds the delta before adding it, so a delta summed in
     // another order can round the other way, by one unit of the delta, which can be as large as the
@@ -125,6 +93,17 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         _ => None,
     };
     let hint = match dtypes {
+        _ if other_rounding && rounding_once => Some(format!(
+            "{} is the merge whose BAT tensors are W + delta rounded once (--rounding once), as PEFT 0.20 and later \
+             write it with merge_and_unload() and PEFT 0.18.1 with merge_and_unload(safe_merge=True); PEFT 0.18.1's \
+             merge_and_unload() rounds the delta first (--rounding peft, the default)",
+            expected_path.display()
+        )),
+        _ if other_rounding => Some(format!(
+            "{} is the merge whose BAT tensors round the delta before adding it (--rounding peft, the default), as \
+             PEFT 0.18.1's merge_and_unload() writes it, not W + delta rounded once (--rounding once)",
+            expected_path.display()
+        )),
         _ if ok => None,
         _ if recast.is_some() => recast.map(|d| {
             format!(
@@ -154,6 +133,7 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         let report = json!({
             "ok": ok,
             "direction": if args.reverse { "unmerge" } else { "merge" },
+            "rounding": if rounding_once { "once" } else { "peft" },
             "checked": expected_path.display().to_string(),
             "equal": count("equal"),
             "within_1_ulp": count("within_1_ulp"),
@@ -210,4 +190,92 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
             checks.len()
         ))))
     }
+}
+
+/// A recomputed merge or unmerge compared with the given model.
+struct Recomputed {
+    plan: plan::Plan,
+    checks: Vec<TensorCheck>,
+    warnings: Vec<String>,
+    timings: execute::Timings,
+}
+
+/// Recompute the merge (or unmerge) of `adapters` into `input` with `options`, tensor by tensor,
+/// and compare it with `expected`; --tolerance marks the differences it accepts.
+fn recompute(
+    args: &VerifyArgs,
+    input: &Model,
+    expected: &Model,
+    adapters: &[Adapter],
+    direction: Direction,
+    options: Options,
+    quiet: bool,
+) -> Result<Recomputed> {
+    let expected_path = expected.path.as_path();
+    let mut plan = plan::build(input, adapters, direction, options)?;
+    if plan.untied.is_some() && expected.head_alias.is_some() {
+        // A merged model that is still tied was merged in place, into the weight both sides share
+        // (PEFT's merge_and_unload): recompute it so.
+        plan = plan::build(input, adapters, direction, Options { shared_tied_head: true, ..options })?;
+        plan.warnings.push(format!(
+            "{}: still tied, so the adapters were merged in place into the weight {} shares with {:?} (as PEFT's \
+             merge_and_unload does), which the model also reads as its input embedding; checked as such \
+             (bone-tool merge unties the pair instead, leaving the input embedding as it was)",
+            expected_path.display(),
+            input.head().trim_end_matches(".weight"),
+            input.head_alias.as_deref().unwrap_or_default()
+        ));
+    }
+    let (device, note) = Device::select_for(args.device, &plan.needs())?;
+    let device = Opening::ready(device);
+    let mut warnings = plan.warnings.clone();
+    warnings.extend(note);
+    let progress = if quiet || args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::with_draw_target(Some(input.data_bytes()), ProgressDrawTarget::stderr())
+    };
+    let run_opts = RunOptions {
+        fsync: false,
+        allow_non_finite: true,
+        cpu_while_opening: false,
+        adds_on_cpu: false,
+        release_early: false,
+    };
+    let output = execute::Output { plan: &plan, adapters, sink: Sink::Compare(expected) };
+    let report = execute::run_into(vec![output], input, &device, run_opts, &progress)?;
+    let (late, mut checks, timings) =
+        (report.warnings, report.checks.into_iter().next().unwrap_or_default(), report.timings);
+    progress.finish_and_clear();
+    warnings.extend(late);
+    if let Some(tolerance) = args.tolerance {
+        for c in checks.iter_mut().filter(|c| c.status == "differs") {
+            if c.max_rel.is_some_and(|rel| rel <= tolerance) {
+                c.status = "within_tolerance".into();
+            }
+        }
+    }
+    Ok(Recomputed { plan, checks, warnings, timings })
+}
+
+/// Whether a tensor passes: equal, within one ulp, or within --tolerance.
+fn is_ok(c: &TensorCheck) -> bool {
+    matches!(c.status.as_str(), "equal" | "within_1_ulp" | "within_tolerance")
+}
+
+/// The positions of the tensors that do not pass.
+fn mismatches(checks: &[TensorCheck]) -> Vec<usize> {
+    (0..checks.len()).filter(|&i| !is_ok(&checks[i])).collect()
+}
+
+/// Each BAT tensor of the plan: its dtype, its number of values, and how many BAT adapters act on it.
+fn bat_tensors(plan: &plan::Plan) -> std::collections::HashMap<&str, (Float, usize, usize)> {
+    plan.shards
+        .iter()
+        .flat_map(|s| &s.jobs)
+        .filter_map(|j| {
+            let n = j.ops.iter().filter(|op| matches!(op, plan::Op::Bat { .. })).count();
+            Some((j.name.as_str(), (j.weight_float()?, j.src.numel(), n))).filter(|_| n > 0)
+        })
+        .collect()
 }
