@@ -262,6 +262,9 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         // the whole adapter: bone-tool leaves the module alone and says so.
         let zeros = a.zero_blocks(base, &missing);
         let mut unbuilt: Vec<String> = vec![];
+        // f16/bf16 BAT blocks of an adapter saved by PEFT 0.20 or later, which merges them rounding
+        // W + delta once where PEFT 0.18.1 (the default here) rounds the delta first
+        let mut newer_rounding = false;
         for (b, zero) in a.blocks.iter().map(|b| (b, false)).chain(zeros.iter().map(|b| (b, true))) {
             if restored.contains(&b.target()) {
                 continue;
@@ -277,6 +280,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
                     continue;
                 }
             };
+            newer_rounding |= peft_rounds_once(a, direction, opts, g.weight, zero);
             let adapter_float = if opts.autocast_adapter_dtype { Float::F32 } else { g.weight };
             let rounding = Rounding { weight: g.weight, adapter: adapter_float, once: opts.rounding_once };
             let c = &a.config;
@@ -320,6 +324,13 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
         }
         for t in restored {
             restored_by.entry(t).or_insert(ai);
+        }
+        if newer_rounding {
+            warnings.push(format!(
+                "{at}: saved by PEFT {}, whose merge_and_unload() rounds BAT's W + delta once in f16/bf16 weights; \
+                 this merge rounds the delta first, as PEFT 0.18.1 does: pass --rounding once for the newer PEFT's bytes",
+                a.config.peft_version.as_deref().unwrap_or_default()
+            ));
         }
         if let Some(first) = unbuilt.first() {
             let w = format!(
@@ -951,4 +962,20 @@ mod tests {
         );
         assert!(stacked.needs().gemm);
     }
+}
+
+/// Whether PEFT merges this BAT block otherwise than `opts` asks: one of an f16/bf16 weight, of an
+/// adapter saved by PEFT 0.20 or later (its `peft_version`), which merges BAT as W + delta rounded
+/// once, merged with PEFT 0.18.1's rounding (the delta rounded first).
+fn peft_rounds_once(a: &Adapter, direction: Direction, opts: Options, weight: Float, zero: bool) -> bool {
+    let newer = a.config.peft_version.as_deref().and_then(|v| {
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??))
+    });
+    a.config.variant == Variant::Bat
+        && direction == Direction::Merge
+        && !opts.rounding_once
+        && weight != Float::F32
+        && !zero
+        && newer.is_some_and(|v| v >= (0, 20))
 }

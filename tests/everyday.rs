@@ -1518,3 +1518,42 @@ fn blocks_without_peft_prefix_are_applied_with_a_warning() {
     merge(&base, &case.join("adapter"), &plain);
     assert_eq!(digest_relative(&out), digest_relative(&plain));
 }
+
+/// An f16/bf16 BAT adapter saved by PEFT 0.20 or later (its adapter_config.json's peft_version):
+/// that PEFT merges it as W + delta rounded once, so the default merge (PEFT 0.18.1's rounding)
+/// says to pass --rounding once, which gives the bytes PEFT 0.21.2 wrote for this fixture
+/// (scripts/peft-newer.sh: the same as merged-safe). Not for 0.19 or f32 weights.
+#[test]
+fn an_adapter_from_peft_0_20_on_is_told_about_its_rounding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("bases/llama-bf16");
+    let case = fixtures().join("cases/miss-bat-bf16");
+    for (version, warned) in [("0.21.2", true), ("0.20.0.dev0", true), ("0.19.1", false), ("0.18.1", false)] {
+        let adapter = tmp.path().join(format!("adapter-{version}"));
+        copy_dir(&case.join("adapter"), &adapter);
+        edit_json(&adapter.join("adapter_config.json"), |c| c["peft_version"] = version.into());
+        let out = tmp.path().join(format!("out-{version}"));
+        let o = merge_with(&base, &adapter, &out, &[]);
+        ok(&o);
+        let err = stderr(&o);
+        assert_eq!(err.contains("pass --rounding once"), warned, "{version}: {err}");
+        let same = |ours: &std::path::Path, peft: &str| {
+            let (ours, peft) =
+                (load(&ours.join("model.safetensors")), load(&case.join(peft).join("model.safetensors")));
+            peft.iter().all(|(k, t)| ours[k].data == t.data) && ours.len() == peft.len()
+        };
+        assert!(same(&out, "merged"), "{version}: the default is PEFT 0.18.1's merge");
+        let once = tmp.path().join(format!("once-{version}"));
+        let o = merge_with(&base, &adapter, &once, &["--rounding", "once"]);
+        ok(&o);
+        assert!(!stderr(&o).contains("--rounding once"), "{}", stderr(&o));
+        assert!(same(&once, "merged-safe"), "{version}: --rounding once is PEFT 0.21.2's merge");
+    }
+    // f32 weights round the same either way: no warning
+    let adapter = tmp.path().join("f32");
+    copy_dir(&fixtures().join("cases/miss-bat-f32/adapter"), &adapter);
+    edit_json(&adapter.join("adapter_config.json"), |c| c["peft_version"] = "0.21.2".into());
+    let o = merge_with(&fixtures().join("bases/llama-f32"), &adapter, &tmp.path().join("out-f32"), &[]);
+    ok(&o);
+    assert!(!stderr(&o).contains("--rounding once"), "{}", stderr(&o));
+}
