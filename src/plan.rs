@@ -931,6 +931,22 @@ fn side_files(
     Ok(out)
 }
 
+/// Whether PEFT merges this BAT block otherwise than `opts` asks: one of an f16/bf16 weight, of an
+/// adapter saved by PEFT 0.20 or later (its `peft_version`), which merges BAT as W + delta rounded
+/// once, merged with PEFT 0.18.1's rounding (the delta rounded first).
+fn peft_rounds_once(a: &Adapter, direction: Direction, opts: Options, weight: Float, zero: bool) -> bool {
+    let newer = a.config.peft_version.as_deref().and_then(|v| {
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??))
+    });
+    a.config.variant == Variant::Bat
+        && direction == Direction::Merge
+        && !opts.rounding_once
+        && weight != Float::F32
+        && !zero
+        && newer.is_some_and(|v| v >= (0, 20))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -962,20 +978,4 @@ mod tests {
         );
         assert!(stacked.needs().gemm);
     }
-}
-
-/// Whether PEFT merges this BAT block otherwise than `opts` asks: one of an f16/bf16 weight, of an
-/// adapter saved by PEFT 0.20 or later (its `peft_version`), which merges BAT as W + delta rounded
-/// once, merged with PEFT 0.18.1's rounding (the delta rounded first).
-fn peft_rounds_once(a: &Adapter, direction: Direction, opts: Options, weight: Float, zero: bool) -> bool {
-    let newer = a.config.peft_version.as_deref().and_then(|v| {
-        let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
-        Some((parts.next()??, parts.next()??))
-    });
-    a.config.variant == Variant::Bat
-        && direction == Direction::Merge
-        && !opts.rounding_once
-        && weight != Float::F32
-        && !zero
-        && newer.is_some_and(|v| v >= (0, 20))
 }
