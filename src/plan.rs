@@ -326,11 +326,7 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             restored_by.entry(t).or_insert(ai);
         }
         if newer_rounding {
-            warnings.push(format!(
-                "{at}: saved by PEFT {}, whose merge_and_unload() rounds BAT's W + delta once in f16/bf16 weights; \
-                 this merge rounds the delta first, as PEFT 0.18.1 does: pass --rounding once for the newer PEFT's bytes",
-                a.config.peft_version.as_deref().unwrap_or_default()
-            ));
+            warnings.push(newer_rounding_note(a));
         }
         if let Some(first) = unbuilt.first() {
             let w = format!(
@@ -932,19 +928,20 @@ fn side_files(
 }
 
 /// Whether PEFT merges this BAT block otherwise than `opts` asks: one of an f16/bf16 weight, of an
-/// adapter saved by PEFT 0.20 or later (its `peft_version`), which merges BAT as W + delta rounded
-/// once, merged with PEFT 0.18.1's rounding (the delta rounded first).
+/// adapter saved by PEFT 0.20 or later ([`Adapter::saved_rounding_bat_once`]), merged with PEFT
+/// 0.18.1's rounding (the delta rounded first).
 fn peft_rounds_once(a: &Adapter, direction: Direction, opts: Options, weight: Float, zero: bool) -> bool {
-    let newer = a.config.peft_version.as_deref().and_then(|v| {
-        let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
-        Some((parts.next()??, parts.next()??))
-    });
-    a.config.variant == Variant::Bat
-        && direction == Direction::Merge
-        && !opts.rounding_once
-        && weight != Float::F32
-        && !zero
-        && newer.is_some_and(|v| v >= (0, 20))
+    a.saved_rounding_bat_once() && direction == Direction::Merge && !opts.rounding_once && weight != Float::F32 && !zero
+}
+
+/// What to pass for the bytes of the PEFT that saved `a`, where it rounds BAT once.
+pub fn newer_rounding_note(a: &Adapter) -> String {
+    format!(
+        "{}: saved by PEFT {}, whose merge_and_unload() rounds BAT's W + delta once in f16/bf16 weights; bone-tool \
+         merge rounds the delta first, as PEFT 0.18.1 does, unless --rounding once: pass it for the newer PEFT's bytes",
+        a.dir.display(),
+        a.config.peft_version.as_deref().unwrap_or_default()
+    )
 }
 
 #[cfg(test)]

@@ -1536,7 +1536,10 @@ fn an_adapter_from_peft_0_20_on_is_told_about_its_rounding() {
         let o = merge_with(&base, &adapter, &out, &[]);
         ok(&o);
         let err = stderr(&o);
-        assert_eq!(err.contains("pass --rounding once"), warned, "{version}: {err}");
+        assert_eq!(err.contains("pass it for the newer PEFT's bytes"), warned, "{version}: {err}");
+        let o = run(&["inspect", "adapter", s(&adapter), "--json"]);
+        ok(&o);
+        assert_eq!(stdout(&o).contains("--rounding once"), warned, "{version}: inspect {}", stdout(&o));
         let same = |ours: &std::path::Path, peft: &str| {
             let (ours, peft) =
                 (load(&ours.join("model.safetensors")), load(&case.join(peft).join("model.safetensors")));

@@ -106,6 +106,9 @@ pub fn report(a: &Adapter, base: Option<&Model>) -> Value {
     let untied = plan.as_ref().map(|p| p.untied.clone());
     warnings.extend(untied.clone().flatten());
     warnings.extend(plan.as_ref().and_then(|p| p.task_model.clone()));
+    if a.saved_rounding_bat_once() {
+        warnings.push(crate::plan::newer_rounding_note(a));
+    }
     json!({
         "adapter": a.dir.display().to_string(),
         "peft_type": c.peft_type.name(),
