@@ -53,10 +53,9 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     if let Some(b) = base.as_ref() {
         a = a.for_base(b)?;
     }
+    // (the keys the adapter ignores are left out: its warnings name those PEFT would not load; the
+    // insides of PEFT's modules_to_save wrappers repeat the copies the output keeps)
     let mut warnings = a.warnings.clone();
-    for ig in &a.ignored {
-        warnings.push(format!("dropped {:?}: {}", ig.key, ig.reason));
-    }
     let c = &a.config;
     if args.to == ConvertTo::Lora && c.variant == Variant::Bat && args.rank.is_none() && args.energy.is_none() {
         return Err(input(
