@@ -63,7 +63,6 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
     let ok = bad.is_empty();
     // differences that PEFT itself makes, in BAT tensors: on another processor (its sums run in
     // another order) or in its unmerge (an f32 inverse)
-    // each BAT tensor: its dtype, its number of values, and how many BAT adapters act on it
     let bat = bat_tensors(&plan);
     // whether a tensor differs only as PEFT's own BAT results do: in f32 within the spec's 1e-5 of
     // its largest value; in f16/bf16 PEFT rounds the delta before adding it, so a delta summed in
