@@ -4,7 +4,9 @@
 # on, the f16/bf16 BAT cases those of --rounding once). PEFT alone (no dependencies) goes into
 # fixtures/.peft-VERSION (git-ignored), put before the PEFT 0.18.1 virtualenv's (fixtures/venv.sh)
 # on the path, whose torch and transformers it uses. Not part of CI.
-#   scripts/peft-newer.sh [VERSION]   (default 0.21.2)
+# With TRIALS [SEED], also that many random models and MiSS adapters drawn as the sweep draws them.
+#   scripts/peft-newer.sh [VERSION [TRIALS [SEED]]]   (default 0.21.2, no random trials)
+#   scripts/peft-newer.sh VERSION --targets           writes fixtures/peft-targets-VERSION.json
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 version="${1:-0.21.2}"
@@ -14,4 +16,4 @@ target="$root/fixtures/.peft-$version"
 if [ ! -d "$target/peft" ]; then
   "$python" -m pip install -q --no-deps --target "$target" "peft==$version"
 fi
-PYTHONPATH="$target" BONE_TOOL="$root/target/release/bone-tool" "$python" "$root/fixtures/newer_peft.py"
+PYTHONPATH="$target" BONE_TOOL="$root/target/release/bone-tool" "$python" "$root/fixtures/newer_peft.py" "${@:2}"

@@ -929,9 +929,15 @@ fn side_files(
 
 /// Whether PEFT merges this BAT block otherwise than `opts` asks: one of an f16/bf16 weight, of an
 /// adapter saved by PEFT 0.20 or later ([`Adapter::saved_rounding_bat_once`]), merged with PEFT
-/// 0.18.1's rounding (the delta rounded first).
+/// 0.18.1's rounding (the delta rounded first). Without autocast_adapter_dtype PEFT holds the
+/// blocks in the weight's dtype and rounds the delta to it, so 0.20 rounds twice as well.
 fn peft_rounds_once(a: &Adapter, direction: Direction, opts: Options, weight: Float, zero: bool) -> bool {
-    a.saved_rounding_bat_once() && direction == Direction::Merge && !opts.rounding_once && weight != Float::F32 && !zero
+    a.saved_rounding_bat_once()
+        && direction == Direction::Merge
+        && !opts.rounding_once
+        && opts.autocast_adapter_dtype
+        && weight != Float::F32
+        && !zero
 }
 
 /// What to pass for the bytes of the PEFT that saved `a`, where it rounds BAT once.

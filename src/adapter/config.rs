@@ -454,6 +454,13 @@ impl AdapterConfig {
         )))
     }
 
+    /// The version of PEFT that saved the adapter (`peft_version`: "0.21.2", "0.20.0.dev0"), as
+    /// (major, minor).
+    pub fn saved_by(&self) -> Option<(u32, u32)> {
+        let mut parts = self.peft_version.as_deref()?.split('.').map(|p| p.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??))
+    }
+
     /// [`AdapterConfig::peft_targets`] with the config's regexes compiled once in `regexes`, for
     /// asking about every module of an adapter (compiled for each module, they took 30 ms for the
     /// 154 blocks of a 1b adapter with every rule in play; compiled once, under 10 ms).
@@ -497,11 +504,22 @@ impl AdapterConfig {
             Some(v) => strings(v)?,
         };
         // PEFT: re.match(r".*\.[^.]*\.(\d+)\.", key), or the first of each pattern p's
-        // re.match(rf".*\.{p}\.(\d+)\.", key) that matches; group 1 is the layer index
+        // re.match(rf".*\.{p}\.(\d+)\.", key) that matches; group 1 is the layer index. The greedy
+        // `.*` takes the last number of the path: in a mixture of experts the expert's
+        // (`layers.1.experts.0.w1`). PEFT 0.20 takes the first (`.*?`), and 0.21 also lets a pattern
+        // begin the path (`(?:^|.*?\.){p}`): the rules of the PEFT that saved the adapter
+        // (its peft_version; 0.18.1's without one), under which it was trained
+        let (lazy, at_start) = match self.saved_by() {
+            Some(v) => (v >= (0, 20), v >= (0, 21)),
+            None => (false, false),
+        };
+        let any = if lazy { ".*?" } else { ".*" };
         let layer_regexes: Vec<String> = if patterns.is_empty() {
-            vec![r".*\.[^.]*\.(\d+)\.".to_string()]
+            vec![format!(r"{any}\.[^.]*\.(\d+)\.")]
+        } else if at_start {
+            patterns.iter().map(|p| format!(r"(?:^|{any}\.){p}\.(\d+)\.")).collect()
         } else {
-            patterns.iter().map(|p| format!(r".*\.{p}\.(\d+)\.")).collect()
+            patterns.iter().map(|p| format!(r"{any}\.{p}\.(\d+)\.")).collect()
         };
         for r in &layer_regexes {
             if let Some(c) = regexes.match_start(r)?.captures(module) {
@@ -587,6 +605,7 @@ mod tests {
         for row in &table {
             let mut cfg = row["config"].clone();
             cfg["peft_type"] = "BONE".into();
+            cfg["peft_version"] = "0.18.1".into();
             let (c, _) = parse(&cfg.to_string()).unwrap();
             let module = row["module"].as_str().unwrap();
             let peft = row["peft"].as_bool().unwrap_or_else(|| panic!("{cfg} {module}: PEFT says {}", row["peft"]));
@@ -603,6 +622,39 @@ mod tests {
             yes >= 120 && n - yes >= 120 && regex >= 90 && all_linear[0] >= 5 && all_linear[1] >= 10,
             "{yes} {regex}"
         );
+    }
+
+    /// An adapter saved by a newer PEFT is targeted by that PEFT's rules (its peft_version): from
+    /// 0.20 the layer index of layers_to_transform is a path's first number, not its last (an
+    /// expert's, in a mixture of experts), and from 0.21 a layers_pattern may begin the path.
+    /// fixtures/peft-targets-VERSION.json: generate.py's table decided by PEFT 0.20.0 and 0.21.2
+    /// themselves (scripts/peft-newer.sh VERSION --targets); each differs from 0.18.1's in 4 or 5
+    /// rows, and every row must be decided as it says.
+    #[test]
+    fn newer_peft_s_layer_rules_for_adapters_it_saved() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let old: Vec<Value> =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("peft-targets.json")).unwrap()).unwrap();
+        for version in ["0.20.0", "0.21.2"] {
+            let file: Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join(format!("peft-targets-{version}.json"))).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(file["peft_version"], version);
+            let table = file["table"].as_array().unwrap();
+            assert_eq!(table.len(), old.len());
+            let mut changed = 0;
+            for (row, before) in table.iter().zip(&old) {
+                assert_eq!((&row["config"], &row["module"]), (&before["config"], &before["module"]));
+                changed += usize::from(row["peft"] != before["peft"]);
+                let mut cfg = row["config"].clone();
+                (cfg["peft_type"], cfg["peft_version"]) = ("MISS".into(), version.into());
+                let (c, _) = parse(&cfg.to_string()).unwrap();
+                let module = row["module"].as_str().unwrap();
+                assert_eq!(c.peft_targets(module), row["peft"].as_bool(), "PEFT {version}: {cfg} {module}");
+            }
+            assert!(changed >= 4, "PEFT {version} decides {changed} rows otherwise than 0.18.1");
+        }
     }
 
     /// The defaults by model type are PEFT's own (fixtures/peft-default-targets.json, written by

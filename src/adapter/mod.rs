@@ -297,11 +297,7 @@ impl Adapter {
     /// blocks as W + delta rounded once, where PEFT 0.18.1 rounds the delta to the weight's dtype
     /// first (f16/bf16 weights only; bone-tool's `--rounding once`).
     pub fn saved_rounding_bat_once(&self) -> bool {
-        let version = self.config.peft_version.as_deref().and_then(|v| {
-            let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
-            Some((parts.next()??, parts.next()??))
-        });
-        self.config.variant == Variant::Bat && version.is_some_and(|v| v >= (0, 20))
+        self.config.variant == Variant::Bat && self.config.saved_by().is_some_and(|v| v >= (0, 20))
     }
 
     /// [`DEFAULT_PREFIX`] and the outer module the adapter's keys all lie under, where `base` is
