@@ -4,21 +4,21 @@
 mod common;
 use common::*;
 use std::path::Path;
+use std::process::Output;
 
-fn verify(base: &Path, adapter: &Path, merged: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
-    let mut args = vec![
-        "verify",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--merged",
-        merged.to_str().unwrap(),
-        "--json",
-    ];
+/// `bone-tool verify --base BASE --adapter ADAPTER --merged MERGED`, then `extra`.
+fn verify_run(base: &Path, adapter: &Path, merged: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["verify", "--base", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--merged"];
+    args.push(merged.to_str().unwrap());
     args.extend(extra);
     let o = run(&args);
     assert!(!stderr(&o).contains("panicked"));
+    o
+}
+
+/// [`verify_run`] with `--json`: the exit code and the report.
+fn verify(base: &Path, adapter: &Path, merged: &Path, extra: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let o = verify_run(base, adapter, merged, &[&["--json"], extra].concat());
     (o.status.code(), serde_json::from_str(&stdout(&o)).unwrap_or(serde_json::Value::Null))
 }
 
@@ -90,15 +90,7 @@ fn tampered_missing_and_extra_tensors_are_reported() {
     assert_eq!(status("stranger.weight").as_deref(), Some("extra"));
     assert_eq!(j["ok"], false);
     // the text report names them too, and the error line says how many
-    let o = run(&[
-        "verify",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--merged",
-        bad.to_str().unwrap(),
-    ]);
+    let o = verify_run(&base, &adapter, &bad, &[]);
     assert_eq!(o.status.code(), Some(1));
     let out = stdout(&o);
     assert!(out.contains(q) && out.contains("missing") && out.contains("stranger.weight"), "{out}");
@@ -386,15 +378,7 @@ fn either_peft_rounding_of_bat_verifies_and_says_which() {
         }
     }
     // the text output says it in a note
-    let o = run(&[
-        "verify",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--merged",
-        case.join("merged-safe").to_str().unwrap(),
-    ]);
+    let o = verify_run(&base, &adapter, &case.join("merged-safe"), &[]);
     ok(&o);
     assert!(stderr(&o).contains("note:") && stderr(&o).contains("--rounding once"), "{}", stderr(&o));
 
