@@ -67,6 +67,13 @@ pub struct Ignored {
     pub reason: String,
 }
 
+impl Ignored {
+    /// The warning that names it, in the adapter file `file`.
+    fn warning(&self, file: &str) -> String {
+        format!("{file}: ignored {:?}: {}", self.key, self.reason)
+    }
+}
+
 #[derive(Debug)]
 pub struct Adapter {
     pub dir: PathBuf,
@@ -282,11 +289,13 @@ impl Adapter {
             let weight = r.target.rsplit_once('.').map(|(m, _)| format!("{m}.weight"));
             let linear = weight.and_then(|w| base.tensor(&w).map(|(_, e)| e.shape.len() == 2)) == Some(true);
             if !r.base_layer && linear && self.targets(in_file, &mut regexes) == Some(true) {
-                let module_path = in_file.strip_prefix(self.prefix.as_str()).unwrap_or(in_file);
-                let tensor = r.target.rsplit_once('.').map_or(r.target.as_str(), |(_, t)| t);
-                let reason = wrapped_reason(&format!("{module_path}.{tensor}"));
-                self.warnings.push(format!("{wp}: ignored {:?}: {reason}", r.key));
-                self.ignored.push(Ignored { key: r.key, reason });
+                // (the key's own path: `target` may be the checkpoint's renamed one by now)
+                let ig = Ignored {
+                    reason: wrapped_reason(r.key.strip_prefix(self.prefix.as_str()).unwrap_or(&r.key)),
+                    key: r.key,
+                };
+                self.warnings.push(ig.warning(&wp));
+                self.ignored.push(ig);
             } else {
                 self.replacements.push(r);
             }
@@ -380,13 +389,13 @@ impl Adapter {
             }
         }
         let found = self.blocks.len();
-        let bare = self.blocks.iter().filter(|b| !b.key.starts_with(prefix)).count();
-        if prefix == DEFAULT_PREFIX && bare > 0 {
+        let bare: Vec<&str> = self.blocks.iter().map(|b| b.key.as_str()).filter(|k| !k.starts_with(prefix)).collect();
+        if let (Some(first), true) = (bare.first(), prefix == DEFAULT_PREFIX) {
             self.warnings.push(format!(
-                "{wp}: {bare} of its {found} blocks lack PeftModel's prefix {DEFAULT_PREFIX:?} (e.g. {:?}; not a file \
+                "{wp}: {} of its {found} blocks lack PeftModel's prefix {DEFAULT_PREFIX:?} (e.g. {first:?}; not a file \
                  PEFT's save_pretrained wrote): read as the module paths they name, as transformers' load_adapter \
                  reads them; PeftModel.from_pretrained would not load them and would merge its initial blocks instead",
-                self.blocks.iter().find(|b| !b.key.starts_with(prefix)).map_or("", |b| b.key.as_str())
+                bare.len()
             ));
         }
         let mut regexes = Regexes::default();
@@ -416,7 +425,7 @@ impl Adapter {
             }
         }
         for ig in &self.ignored {
-            self.warnings.push(format!("{wp}: ignored {:?}: {}", ig.key, ig.reason));
+            self.warnings.push(ig.warning(&wp));
         }
         // PEFT trains biases with bias "all" or "<type>_only", but saves only the blocks (and
         // modules_to_save): the trained biases are lost, and its merge keeps the base's
