@@ -501,17 +501,34 @@ impl Adapter {
         // A rename that a block needed tells the checkpoint's layout, and the adapter's: the other
         // renames of that direction that the base's names call for hold as well, for the modules
         // without a block (a vision tower whose only block was taken out)
-        for forward in [true, false] {
-            if !used.iter().any(|u| crate::model::CHECKPOINT_RENAMES.contains(u) == forward) {
-                continue;
-            }
-            for &(m, s) in crate::model::CHECKPOINT_RENAMES {
-                let (module, stored) = if forward { (m, s) } else { (s, m) };
-                if base.has_prefix(stored) && !base.has_prefix(module) && !used.contains(&(module, stored)) {
+        // transformers 5's renames for the base's architecture first: the others that the base's
+        // names call for
+        let transformers5 = base.transformers5_renames();
+        if used.iter().any(|u| transformers5.contains(u)) {
+            for &(module, stored) in transformers5 {
+                let stores = || base.tensor_names().any(|t| crate::model::rewrite(t, stored, module).is_some());
+                if !used.contains(&(module, stored)) && stores() {
                     used.push((module, stored));
                 }
             }
         }
+        // then the older ones, where no rename of that module prefix holds already
+        let renames = crate::model::CHECKPOINT_RENAMES;
+        for forward in [true, false] {
+            let this_way = |&(m, s): &(&str, &str)| renames.contains(&if forward { (m, s) } else { (s, m) });
+            if !used.iter().any(this_way) {
+                continue;
+            }
+            for &(m, s) in renames {
+                let (module, stored) = if forward { (m, s) } else { (s, m) };
+                let known = used.iter().any(|&(u, _)| u == module);
+                if base.has_prefix(stored) && !base.has_prefix(module) && !known {
+                    used.push((module, stored));
+                }
+            }
+        }
+        // the most particular stored prefix first, for peft_module
+        used.sort_by_key(|(_, stored)| std::cmp::Reverse(stored.len()));
         self.renames = used;
     }
 
@@ -524,11 +541,10 @@ impl Adapter {
     /// The module path of the base module stored as `stored` (a tensor name without `.weight`):
     /// [`Adapter::locate`]'s renames undone.
     fn peft_module(&self, stored: &str) -> String {
-        let dotted = format!("{stored}.");
         self.renames
             .iter()
-            .find_map(|(module, prefix)| dotted.strip_prefix(prefix).map(|rest| format!("{module}{rest}")))
-            .map_or_else(|| stored.to_string(), |m| m.trim_end_matches('.').to_string())
+            .find_map(|(module, prefix)| crate::model::rewrite(stored, prefix, module))
+            .unwrap_or_else(|| stored.to_string())
     }
 
     /// Whether PEFT targets the base module stored as `module` (a base tensor's name without

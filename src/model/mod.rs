@@ -237,15 +237,29 @@ impl Model {
     /// `name`: `name` itself, or where transformers renames keys on loading (a vision-language
     /// model's [`CHECKPOINT_RENAMES`], either way round), the renamed key that the checkpoint has,
     /// with the rename as (module prefix, stored prefix). None when neither is stored.
+    /// After those, transformers 5's renames for the base's architecture
+    /// ([`Model::transformers5_renames`]: an adapter trained under transformers 5).
     pub fn stored_name(&self, name: &str) -> Option<(String, Option<(&'static str, &'static str)>)> {
         if self.has(name) {
             return Some((name.to_string(), None));
         }
         let both_ways = CHECKPOINT_RENAMES.iter().flat_map(|&(m, s)| [(m, s), (s, m)]);
-        both_ways.into_iter().find_map(|(module, stored)| {
-            let candidate = format!("{stored}{}", name.strip_prefix(module)?);
+        both_ways.chain(self.transformers5_renames().iter().copied()).find_map(|(module, stored)| {
+            let candidate = rewrite(name, module, stored)?;
             self.has(&candidate).then_some((candidate, Some((module, stored))))
         })
+    }
+
+    /// The renames transformers 5 makes, beyond [`CHECKPOINT_RENAMES`], when it loads a checkpoint
+    /// of this model's architecture (config.json's `architectures`): (module prefix, stored prefix),
+    /// `*` for a layer number ([`rewrite`]). A CLIP or SigLIP vision tower loses its
+    /// `vision_model.` (LLaVA's `model.vision_tower.encoder.…` is stored as
+    /// `vision_tower.vision_model.encoder.…`), GPT-NeoX's `embed_out` is `lm_head`, Mixtral's
+    /// `block_sparse_moe` is `mlp`. Generated from transformers by
+    /// `fixtures/transformers5_renames.py` ([`TRANSFORMERS5_RENAMES`]).
+    pub fn transformers5_renames(&self) -> &'static [(&'static str, &'static str)] {
+        let table = transformers5_table();
+        self.architecture().and_then(|a| table.architectures.get(a)).map_or(&[], Vec::as_slice)
     }
 
     /// The input embedding (`…embed_tokens.weight`, `…wte.weight`, …: [`INPUT_EMBEDDINGS`]), the
@@ -400,6 +414,58 @@ pub const CHECKPOINT_RENAMES: &[(&str, &str)] = &[
     ("model.vision_embed_tokens.", "vision_embed_tokens."),
 ];
 
+/// transformers 5's renames per architecture ([`Model::transformers5_renames`]), written by
+/// `scripts/transformers5-renames.sh`.
+pub const TRANSFORMERS5_RENAMES: &str = include_str!("transformers5-renames.json");
+
+#[derive(serde::Deserialize)]
+struct Transformers5Table {
+    /// The transformers version the table was made with.
+    #[cfg_attr(not(test), allow(dead_code))]
+    transformers: &'static str,
+    architectures: HashMap<&'static str, Vec<(&'static str, &'static str)>>,
+}
+
+fn transformers5_table() -> &'static Transformers5Table {
+    static TABLE: std::sync::OnceLock<Transformers5Table> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        serde_json::from_str(TRANSFORMERS5_RENAMES).expect("src/model/transformers5-renames.json is valid (unit test)")
+    })
+}
+
+/// `name` (a dotted tensor or module name) with the prefix `from` replaced by `to`: dotted prefixes
+/// that end in `.`, where a segment `*` stands for a number (a layer's), carried over to the `*` of
+/// `to` in order. None when `name` does not begin with `from`. A `name` that is `from` without its
+/// dot gives `to` without its dot.
+pub fn rewrite(name: &str, from: &str, to: &str) -> Option<String> {
+    let from = from.strip_suffix('.').unwrap_or(from);
+    let to = to.strip_suffix('.').unwrap_or(to);
+    let parts: Vec<&str> = name.split('.').collect();
+    let pattern: Vec<&str> = if from.is_empty() { vec![] } else { from.split('.').collect() };
+    if parts.len() < pattern.len() {
+        return None;
+    }
+    let mut numbers = vec![];
+    for (p, n) in pattern.iter().zip(&parts) {
+        if *p == "*" {
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            numbers.push(*n);
+        } else if p != n {
+            return None;
+        }
+    }
+    let mut numbers = numbers.into_iter();
+    let head = if to.is_empty() { vec![] } else { to.split('.').collect() };
+    let mut out = Vec::with_capacity(head.len() + parts.len() - pattern.len());
+    for t in head {
+        out.push(if t == "*" { numbers.next()? } else { t });
+    }
+    out.extend(&parts[pattern.len()..]);
+    Some(out.join("."))
+}
+
 /// The names a vision-language checkpoint may store the output layer under
 /// (`language_model.lm_head.weight`, …): [`CHECKPOINT_RENAMES`] of `lm_head`.
 fn renamed_heads() -> impl Iterator<Item = String> {
@@ -532,8 +598,59 @@ fn plain_file_name(name: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{hub_id_hint, plain_file_name};
+    use super::{hub_id_hint, plain_file_name, rewrite, transformers5_table, CHECKPOINT_RENAMES};
     use std::path::Path;
+
+    #[test]
+    fn rewrite_swaps_prefixes_and_carries_layer_numbers() {
+        let r = |n, f, t| rewrite(n, f, t);
+        assert_eq!(r("lm_head.weight", "lm_head.", "embed_out.").as_deref(), Some("embed_out.weight"));
+        // whole segments only: a longer segment name is another module
+        assert_eq!(r("lm_head2.weight", "lm_head.", "embed_out."), None);
+        assert_eq!(
+            r("model.vision_tower.encoder.layers.3.fc1.weight", "model.vision_tower.", "vision_tower.vision_model."),
+            Some("vision_tower.vision_model.encoder.layers.3.fc1.weight".into())
+        );
+        // `*` takes a number, and gives it back where the other side has its `*`
+        let (m, s) = ("model.layers.*.mlp.", "model.layers.*.block_sparse_moe.");
+        assert_eq!(
+            r("model.layers.12.mlp.gate.weight", m, s).as_deref(),
+            Some("model.layers.12.block_sparse_moe.gate.weight")
+        );
+        assert_eq!(r("model.layers.12.block_sparse_moe.gate", s, m).as_deref(), Some("model.layers.12.mlp.gate"));
+        assert_eq!(r("model.layers.x.mlp.gate.weight", m, s), None);
+        assert_eq!(r("model.layers..mlp.gate.weight", m, s), None);
+        // a name that is the prefix itself (a module path read back)
+        assert_eq!(r("language_model.lm_head", "language_model.lm_head.", "lm_head.").as_deref(), Some("lm_head"));
+        assert_eq!(r("model", "model.language_model.", "model."), None);
+        // an empty side: everything, or nothing put before
+        assert_eq!(r("layers.0.q.weight", "", "llm.").as_deref(), Some("llm.layers.0.q.weight"));
+        assert_eq!(
+            r("model.language_model.layers.0.q.weight", "model.language_model.", "").as_deref(),
+            Some("layers.0.q.weight")
+        );
+    }
+
+    #[test]
+    fn transformers5_table_reads_and_holds_the_known_renames() {
+        let t = transformers5_table();
+        assert!(t.transformers.starts_with("5."), "{}", t.transformers);
+        let rules = |a: &str| t.architectures.get(a).cloned().unwrap_or_default();
+        // the renames bone-tool's fixtures check against PEFT on transformers 5
+        assert!(rules("LlavaForConditionalGeneration").contains(&("model.vision_tower.", "vision_tower.vision_model.")));
+        assert_eq!(rules("GPTNeoXForCausalLM"), [("lm_head.", "embed_out.")]);
+        assert!(rules("MixtralForCausalLM").contains(&("model.layers.*.mlp.", "model.layers.*.block_sparse_moe.")));
+        for (arch, rules) in &t.architectures {
+            for &(m, s) in rules {
+                // dotted prefixes, no rule that CHECKPOINT_RENAMES already makes, and as many
+                // layer numbers on both sides
+                // (never an empty side, which would read back every name)
+                assert!(m.len() > 1 && m.ends_with('.') && s.len() > 1 && s.ends_with('.'), "{arch}: {m} {s}");
+                assert!(!CHECKPOINT_RENAMES.iter().any(|&p| p == (m, s) || p == (s, m)), "{arch}: {m} {s}");
+                assert_eq!(m.matches('*').count(), s.matches('*').count(), "{arch}: {m} {s}");
+            }
+        }
+    }
 
     #[test]
     fn hub_id_hint_only_for_missing_org_name_paths() {

@@ -246,6 +246,10 @@ pub fn stored_tensor(tensors: &BTreeMap<String, T>, module: &str) -> String {
         ("model.multi_modal_projector.", "multi_modal_projector."),
         ("model.visual.", "visual."),
         ("lm_head.", "language_model.lm_head."),
+        // transformers 5 (fixtures/transformers5): LLaVA's CLIP tower without its `vision_model.`,
+        // GPT-NeoX's output layer
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("lm_head.", "embed_out."),
     ];
     let candidates = renames.iter().filter_map(|(m, s)| name.strip_prefix(m).map(|rest| format!("{s}{rest}")));
     std::iter::once(name.clone()).chain(candidates).find(|n| tensors.contains_key(n)).unwrap_or(name)
