@@ -7,6 +7,7 @@
 # With TRIALS [SEED], also that many random models and MiSS adapters drawn as the sweep draws them.
 #   scripts/peft-newer.sh [VERSION [TRIALS [SEED]]]   (default 0.21.2, no random trials)
 #   scripts/peft-newer.sh VERSION --targets           writes fixtures/peft-targets-VERSION.json
+#   TRANSFORMERS=5.24.0 scripts/peft-newer.sh ...     on that transformers instead of 4.57.6
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 version="${1:-0.21.2}"
@@ -16,4 +17,11 @@ target="$root/fixtures/.peft-$version"
 if [ ! -d "$target/peft" ]; then
   "$python" -m pip install -q --no-deps --target "$target" "peft==$version"
 fi
-PYTHONPATH="$target" BONE_TOOL="$root/target/release/bone-tool" "$python" "$root/fixtures/newer_peft.py" "${@:2}"
+path="$target"
+# TRANSFORMERS=5.24.0: that transformers too (with its dependencies), in fixtures/.tf-VERSION
+if [ -n "${TRANSFORMERS:-}" ]; then
+  tf="$root/fixtures/.tf-$TRANSFORMERS"
+  [ -d "$tf/transformers" ] || "$python" -m pip install -q --target "$tf" "transformers==$TRANSFORMERS"
+  path="$target:$tf"
+fi
+PYTHONPATH="$path" BONE_TOOL="$root/target/release/bone-tool" "$python" "$root/fixtures/newer_peft.py" "${@:2}"
