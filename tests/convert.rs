@@ -1,5 +1,7 @@
 //! `bone-tool convert` against PEFT: fixtures/generate.py converted adapters with bone-tool, had
-//! PEFT 0.18.1 load each result (`PeftConfig`/`PeftModel.from_pretrained`) and merge it. Here:
+//! PEFT 0.18.1 load each result (`PeftConfig`/`PeftModel.from_pretrained`) and merge it;
+//! fixtures/transformers5.py did the same with PEFT 0.21.2 on transformers 5 for adapters keyed by
+//! transformers 5's module paths (fixtures/transformers5/manifest.json). Here:
 //! - bone-tool still writes exactly those adapters (so PEFT's verdict holds for today's code);
 //! - for exact conversions, PEFT's merge of the converted adapter equals its merge of the
 //!   original, value for value (at most one ulp apart);
@@ -11,15 +13,25 @@ mod common;
 use common::*;
 use std::path::Path;
 
+/// The conversions of both manifests (PEFT 0.18.1's, and PEFT 0.21.2's on transformers 5), each
+/// with `source`: the folder of the adapter converted, relative to fixtures/.
 fn conversions() -> Vec<serde_json::Value> {
-    manifest()["conversions"].as_array().cloned().unwrap_or_default()
+    manifests()
+        .into_iter()
+        .flat_map(|(m, cases)| {
+            let convs = m["conversions"].as_array().cloned().unwrap_or_default();
+            convs.into_iter().map(move |mut c| {
+                c["source"] = format!("{cases}/{}/adapter", c["case"].as_str().unwrap()).into();
+                c
+            })
+        })
+        .collect()
 }
 
 fn convert(conv: &serde_json::Value, out: &Path, json: bool) -> serde_json::Value {
-    let case = conv["case"].as_str().unwrap();
     let mut args: Vec<String> = vec![
         "convert".into(),
-        fixtures().join("cases").join(case).join("adapter").display().to_string(),
+        fixtures().join(conv["source"].as_str().unwrap()).display().to_string(),
         "--to".into(),
         conv["to"].as_str().unwrap().into(),
         "--out".into(),
@@ -43,7 +55,9 @@ fn convert(conv: &serde_json::Value, out: &Path, json: bool) -> serde_json::Valu
 #[test]
 fn conversions_are_the_adapters_peft_loaded() {
     let convs = conversions();
-    assert!(convs.len() >= 7, "the manifest lists the conversions");
+    assert!(convs.len() >= 15, "the manifests list the conversions");
+    let tf5 = convs.iter().filter(|c| c["source"].as_str().unwrap().starts_with("transformers5/")).count();
+    assert!(tf5 >= 3, "fixtures/transformers5/manifest.json lists {tf5} conversions");
     let tmp = tempfile::tempdir().unwrap();
     for (n, conv) in convs.iter().enumerate() {
         let out = tmp.path().join(format!("c{n}"));
@@ -87,7 +101,7 @@ fn conversions_are_the_adapters_peft_loaded() {
 fn exact_conversions_merge_to_the_original_merge_in_peft() {
     let mut checked = 0;
     for conv in conversions().iter().filter(|c| c["exact"] == true) {
-        let original = load(&fixtures().join("cases").join(conv["case"].as_str().unwrap()).join("merged"));
+        let original = load(&fixtures().join(conv["source"].as_str().unwrap()).with_file_name("merged"));
         let converted = load(&fixtures().join(conv["merged"].as_str().unwrap()));
         assert_eq!(original.keys().collect::<Vec<_>>(), converted.keys().collect::<Vec<_>>());
         for (k, t) in &original {
@@ -96,7 +110,7 @@ fn exact_conversions_merge_to_the_original_merge_in_peft() {
         }
         checked += 1;
     }
-    assert!(checked >= 5, "{checked}");
+    assert!(checked >= 11, "{checked}");
 }
 
 #[test]
@@ -145,7 +159,7 @@ fn bat_to_lora_reports_the_error_an_independent_computation_finds() {
         let report = convert(conv, &out, true);
         let case = conv["case"].as_str().unwrap();
         let base = load(&fixtures().join(conv["base"].as_str().unwrap()));
-        let bat = load(&fixtures().join("cases").join(case).join("adapter/adapter_model.safetensors"));
+        let bat = load(&fixtures().join(conv["source"].as_str().unwrap()).join("adapter_model.safetensors"));
         let lora = load(&out.join("adapter_model.safetensors"));
         let (mut num_all, mut den_all) = (0f64, 0f64);
         for layer in report["layers"].as_array().unwrap() {
@@ -191,7 +205,7 @@ fn bat_to_lora_reports_the_error_an_independent_computation_finds() {
         let reported = report["total_rel_error"].as_f64().unwrap();
         assert!((total - reported).abs() <= 1e-4 * total, "{case}: total {reported} vs {total}");
     }
-    assert!(checked >= 20, "{checked}");
+    assert!(checked >= 45, "{checked}");
 }
 
 #[test]

@@ -55,11 +55,7 @@ fn lists(v: &serde_json::Value) -> Vec<Vec<String>> {
 }
 
 fn cases() -> Vec<Case> {
-    let transformers5: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("transformers5/manifest.json")).expect("fixtures/transformers5"),
-    )
-    .unwrap();
-    [(manifest(), "cases"), (transformers5, "transformers5/cases")]
+    manifests()
         .into_iter()
         .flat_map(|(m, folder)| {
             let once = m["rounding"] == "once";

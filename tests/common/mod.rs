@@ -212,6 +212,17 @@ pub fn manifest() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("manifest.json")).unwrap()).unwrap()
 }
 
+/// The manifest of the fixtures PEFT 0.21.2 made on transformers 5 (fixtures/transformers5.py).
+pub fn transformers5_manifest() -> serde_json::Value {
+    let path = fixtures().join("transformers5/manifest.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+/// Both manifests, each with the folder of its cases relative to fixtures/.
+pub fn manifests() -> [(serde_json::Value, &'static str); 2] {
+    [(manifest(), "cases"), (transformers5_manifest(), "transformers5/cases")]
+}
+
 /// Read the JSON file `path`, let `edit` change it, and write it back.
 pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
