@@ -339,6 +339,76 @@ fn merged_folder_keeps_the_base_layout_and_side_files() {
     }
 }
 
+/// transformers 5's renames for an architecture that no fixture has: HunYuanVL keeps its vision
+/// tower under `vit.`, its MLP's `fc1`/`fc2` as `dense_h_to_4h`/`dense_4h_to_h` and without
+/// `encoder.` (src/model/transformers5-renames.json). The transformers 5 LLaVA case, its base's
+/// tensors and its adapter's keys moved to that layout and its config naming HunYuanVL, must merge
+/// to PEFT's bytes under the moved names; named as a LLaVA, the same base is refused.
+#[test]
+fn transformers5_renames_of_another_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cases().into_iter().find(|c| c.name == "miss-default-llava-tf5-bf16").expect("the fixture case");
+    // a LLaVA checkpoint key (a module path of the adapter) as HunYuanVL stores (names) it
+    let stored = |k: &str| match k.strip_prefix("vision_tower.vision_model.") {
+        Some(rest) if rest.contains(".mlp.fc") => format!(
+            "vit.{}",
+            rest.strip_prefix("encoder.")
+                .unwrap()
+                .replace(".mlp.fc1.", ".mlp.dense_h_to_4h.")
+                .replace(".mlp.fc2.", ".mlp.dense_4h_to_h.")
+        ),
+        Some(rest) => format!("vit.{rest}"),
+        None => k.to_string(),
+    };
+    let module = |k: &str| k.replace("model.vision_tower.encoder.layers.", "model.vision_tower.layers.");
+    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
+    copy_dir(&fixtures().join(&c.base), &base);
+    copy_dir(&fixtures().join(&c.adapters[0]), &adapter);
+    let moved = |t: &mut BTreeMap<String, T>, f: &dyn Fn(&str) -> String| {
+        *t = std::mem::take(t).into_iter().map(|(k, v)| (f(&k), v)).collect();
+    };
+    edit_tensors(&base.join("model.safetensors"), |t| moved(t, &stored));
+    edit_tensors(&adapter.join("adapter_model.safetensors"), |t| {
+        let before = t.len();
+        moved(t, &|k: &str| if k.contains(".mlp.") { module(k) } else { k.to_string() });
+        assert!(t.keys().any(|k| k.contains("model.vision_tower.layers.0.mlp.fc2.")) && t.len() == before);
+    });
+    let llava = run(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        tmp.path().join("refused").to_str().unwrap(),
+    ]);
+    assert!(!llava.status.success() && stderr(&llava).contains("vision_tower"), "{}", stderr(&llava));
+    edit_json(&base.join("config.json"), |v| {
+        v["architectures"] = serde_json::json!(["HunYuanVLForConditionalGeneration"])
+    });
+    let out = tmp.path().join("merged");
+    ok(&run(&[
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    let mut peft = load(&c.dir.join("merged"));
+    moved(&mut peft, &stored);
+    assert!(peft.contains_key("vit.layers.0.mlp.dense_4h_to_h.weight"));
+    let (ours, base_tensors) = (load(&out), load(&base));
+    // the adapter changes the moved tensors: not a comparison that the base would pass
+    assert!(
+        base_tensors["vit.layers.0.mlp.dense_4h_to_h.weight"].data
+            != peft["vit.layers.0.mlp.dense_4h_to_h.weight"].data
+    );
+    let diff = compare(&ours, &peft, Expect::Bytes);
+    assert!(diff.is_empty(), "{}", diff.join("\n"));
+}
+
 #[test]
 fn inspect_json_describes_every_fixture_adapter() {
     for c in &cases() {

@@ -640,6 +640,9 @@ mod tests {
         assert!(rules("LlavaForConditionalGeneration").contains(&("model.vision_tower.", "vision_tower.vision_model.")));
         assert_eq!(rules("GPTNeoXForCausalLM"), [("lm_head.", "embed_out.")]);
         assert!(rules("MixtralForCausalLM").contains(&("model.layers.*.mlp.", "model.layers.*.block_sparse_moe.")));
+        // and one whose default config builds only repaired (tests/peft_fixtures.rs merges through it)
+        assert!(rules("HunYuanVLForConditionalGeneration")
+            .contains(&("model.vision_tower.layers.*.mlp.fc2.", "vit.layers.*.mlp.dense_4h_to_h.")));
         for (arch, rules) in &t.architectures {
             for &(m, s) in rules {
                 // dotted prefixes, no rule that CHECKPOINT_RENAMES already makes, and as many
