@@ -149,8 +149,15 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let bin = PathBuf::from(args.get(1).cloned().unwrap_or_else(|| "target/release/bone-tool".into()));
     let fixtures = PathBuf::from(args.get(2).cloned().unwrap_or_else(|| "fixtures".into()));
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("manifest.json")).unwrap()).unwrap();
+    let read = |path: PathBuf| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+            .unwrap()
+    };
+    // PEFT 0.18.1's cases, and PEFT 0.21.2's on transformers 5 (merged with --rounding once)
+    let manifests = [
+        (read(fixtures.join("manifest.json")), "cases"),
+        (read(fixtures.join("transformers5/manifest.json")), "transformers5/cases"),
+    ];
     let tmp = std::env::temp_dir().join(format!("bone-gpu-check-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).unwrap();
@@ -166,7 +173,11 @@ fn main() {
         "miss-mini-bf16",
         "bone-stacked-default-bf16",
     ];
-    for c in manifest["cases"].as_array().unwrap() {
+    let cases = manifests.iter().flat_map(|(m, folder)| {
+        let once = m["rounding"] == "once";
+        m["cases"].as_array().unwrap().iter().map(move |c| (c, *folder, once))
+    });
+    for (c, folder, once) in cases {
         let name = c["name"].as_str().unwrap();
         if !chosen(name) {
             continue;
@@ -174,13 +185,16 @@ fn main() {
         let adapters: Vec<PathBuf> =
             c["adapters"].as_array().unwrap().iter().map(|a| fixtures.join(a.as_str().unwrap())).collect();
         let extra: &[&str] = if c["autocast_adapter_dtype"] == false { &["--no-autocast-adapter-dtype"] } else { &[] };
+        let base = fixtures.join(c["base"].as_str().unwrap());
         for cmd in ["merge", "unmerge"] {
-            let model = if cmd == "merge" {
-                fixtures.join(c["base"].as_str().unwrap())
-            } else {
-                fixtures.join("cases").join(name).join("merged")
-            };
-            cpu_and_cuda(&bin, &tmp, name, cmd, &model, &adapters, extra, exact, &mut tally);
+            let model = if cmd == "merge" { base.clone() } else { fixtures.join(folder).join(name).join("merged") };
+            let extra = [extra, if once && cmd == "merge" { &["--rounding", "once"] } else { &[] }].concat();
+            cpu_and_cuda(&bin, &tmp, name, cmd, &model, &adapters, &extra, exact, &mut tally);
+        }
+        // f16/bf16 BAT also rounded once (`bat_merge_post`'s other path), as PEFT's safe merge
+        if !once && c["merged_safe"].is_string() {
+            let extra = [extra, &["--rounding", "once"]].concat();
+            cpu_and_cuda(&bin, &tmp, &format!("{name}-once"), "merge", &base, &adapters, &extra, exact, &mut tally);
         }
         if with_nan_weights.contains(&name) {
             let nan_base = tmp.join(format!("{name}-nan-base"));

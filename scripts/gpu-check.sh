@@ -12,7 +12,9 @@
 #             BONE_TOOL_GRID_ROWS), against a device-to-device copy; BAT's strip GEMMs by the
 #             in-order kernel and by cuBLAS, with how many values of each equal the CPU's in-order
 #             sum (the kernel must give all); the + B_i pass;
-#   check     examples/gpu_check: every fixture merged and unmerged on cuda (two lanes) and on cpu,
+#   check     examples/gpu_check: every fixture merged and unmerged on cuda (two lanes) and on cpu
+#             (both manifests; f16/bf16 BAT also merged with --rounding once, as the transformers 5
+#             cases are),
 #             compared: the same bytes, also for five default/mini cases on copies of their bases
 #             with NaN weights (each NaN must come out quieted, as on the CPU, not as the GPU's
 #             canonical NaN); then BAT cases with cuBLAS's GEMMs (BONE_TOOL_GEMM=cublas),

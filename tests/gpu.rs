@@ -1,4 +1,5 @@
-//! GPU against CPU on every fixture, when this machine has a usable GPU (`--device cuda`): the same
+//! GPU against CPU on every fixture (both manifests; f16/bf16 BAT also with `--rounding once`),
+//! when this machine has a usable GPU (`--device cuda`): the same
 //! bytes (BAT too: the GPU's GEMM kernel sums in the CPU's order); with `BONE_TOOL_GEMM=cublas`,
 //! every value within one unit in the last place (in f32 BAT, within 2^-18 of the tensor's largest
 //! value: `Float::disagreement`). Without a GPU the test says so on stderr: it then
@@ -33,42 +34,54 @@ fn cuda_matches_cpu_on_every_fixture_or_says_why_not() {
     let tmp = tempfile::tempdir().unwrap();
     let mut compared = 0;
     let exact = std::env::var("BONE_TOOL_GEMM").as_deref() != Ok("cublas");
-    for c in manifest()["cases"].as_array().unwrap() {
+    // PEFT 0.18.1's cases (the f16/bf16 BAT ones also merged with --rounding once, the GPU's other
+    // BAT rounding), and PEFT 0.21.2's on transformers 5 (merged with --rounding once)
+    let cases = manifests().into_iter().flat_map(|(m, folder)| {
+        let once = m["rounding"] == "once";
+        let cases = m["cases"].as_array().unwrap().clone();
+        cases.into_iter().flat_map(move |c| {
+            let also_once = !once && c["merged_safe"].is_string();
+            let runs = [("merge", once), ("unmerge", false)].into_iter().chain(also_once.then_some(("merge", true)));
+            runs.map(move |(cmd, once)| (c.clone(), folder, cmd, once)).collect::<Vec<_>>()
+        })
+    });
+    for (c, folder, cmd, once) in cases {
         let name = c["name"].as_str().unwrap();
-        for cmd in ["merge", "unmerge"] {
-            let model = if cmd == "merge" {
-                fixtures().join(c["base"].as_str().unwrap())
-            } else {
-                fixtures().join("cases").join(name).join("merged")
-            };
-            let mut outs = vec![];
-            for device in ["cpu", "cuda"] {
-                let out = tmp.path().join(format!("{name}-{cmd}-{device}"));
-                let mut args: Vec<String> = vec!["-q".into(), cmd.into()];
-                args.push(if cmd == "merge" { "--base" } else { "--merged" }.into());
-                args.push(model.display().to_string());
-                for a in c["adapters"].as_array().unwrap() {
-                    args.extend(["--adapter".into(), fixtures().join(a.as_str().unwrap()).display().to_string()]);
-                }
-                args.extend(["--out".into(), out.display().to_string(), "--device".into(), device.into()]);
-                if device == "cuda" {
-                    args.push("--all-on-gpu".into()); // else the CPU computes the adds while it starts
-                }
-                if c["autocast_adapter_dtype"] == false {
-                    args.push("--no-autocast-adapter-dtype".into());
-                }
-                ok(&run(&args.iter().map(String::as_str).collect::<Vec<_>>()));
-                outs.push(load(&out));
+        let model = if cmd == "merge" {
+            fixtures().join(c["base"].as_str().unwrap())
+        } else {
+            fixtures().join(folder).join(name).join("merged")
+        };
+        let mut outs = vec![];
+        for device in ["cpu", "cuda"] {
+            let out = tmp.path().join(format!("{name}-{cmd}-{device}{}", if once { "-once" } else { "" }));
+            let mut args: Vec<String> = vec!["-q".into(), cmd.into()];
+            args.push(if cmd == "merge" { "--base" } else { "--merged" }.into());
+            args.push(model.display().to_string());
+            for a in c["adapters"].as_array().unwrap() {
+                args.extend(["--adapter".into(), fixtures().join(a.as_str().unwrap()).display().to_string()]);
             }
-            for (t, cpu) in &outs[0] {
-                let gpu = &outs[1][t];
-                let f = Float::from_dtype(cpu.dtype).expect("every fixture tensor is a float");
-                if let Some((k, x, y)) = f.disagreement_in(&cpu.data, &gpu.data) {
-                    panic!("{name} {cmd} {t}: element {k}: CPU {x} vs GPU {y}");
-                }
-                assert!(!exact || cpu.data == gpu.data, "{name} {cmd} {t}: not the CPU's bytes");
-                compared += 1;
+            args.extend(["--out".into(), out.display().to_string(), "--device".into(), device.into()]);
+            if device == "cuda" {
+                args.push("--all-on-gpu".into()); // else the CPU computes the adds while it starts
             }
+            if c["autocast_adapter_dtype"] == false {
+                args.push("--no-autocast-adapter-dtype".into());
+            }
+            if once {
+                args.extend(["--rounding".into(), "once".into()]);
+            }
+            ok(&run(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+            outs.push(load(&out));
+        }
+        for (t, cpu) in &outs[0] {
+            let gpu = &outs[1][t];
+            let f = Float::from_dtype(cpu.dtype).expect("every fixture tensor is a float");
+            if let Some((k, x, y)) = f.disagreement_in(&cpu.data, &gpu.data) {
+                panic!("{name} {cmd} (once: {once}) {t}: element {k}: CPU {x} vs GPU {y}");
+            }
+            assert!(!exact || cpu.data == gpu.data, "{name} {cmd} (once: {once}) {t}: not the CPU's bytes");
+            compared += 1;
         }
     }
     assert!(compared > 500);
