@@ -10,9 +10,9 @@ const LONG_ABOUT: &str = "\
 bone-tool folds PEFT Bone / BAT / MiSS adapters (DiSHA, arXiv 2409.15371) into a base model's
 safetensors weights and takes them back out, shard by shard, without loading the model into RAM.
 Merges are byte-identical to PEFT 0.18.1's merge_and_unload for every variant and dtype (BAT as
-PEFT computes it on an AVX-512 processor: PEFT's own BAT bytes vary by processor; PEFT 0.20 and
-later round f16/bf16 BAT once: --rounding once). Output is written to a temporary folder beside
---out and renamed into place only when complete.";
+PEFT computes it on an Intel AVX-512 processor: PEFT's own BAT bytes vary by processor; PEFT
+0.20 and later round f16/bf16 BAT once: --rounding once). Output is written to a temporary
+folder beside --out and renamed into place only when complete.";
 
 const EXAMPLES: &str = "\
 Examples:
