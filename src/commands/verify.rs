@@ -116,8 +116,9 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         None => None,
         Some(d) if d.iter().all(|&d| d == Float::F32) => Some(format!(
             "every tensor that differs is f32 BAT and within 1e-5 of its largest value: PEFT's own f32 \
-             BAT sums depend on the processor it ran on, and its unmerge inverts in f32; `--tolerance \
-             1e-5` accepts them ({} of them)",
+             BAT sums depend on the processor it ran on (bone-tool sums as on an Intel one with AVX-512; \
+             an AMD one sums otherwise at r = 8 to 11 and from 193, see the README), and its unmerge \
+             inverts in f32; `--tolerance 1e-5` accepts them ({} of them)",
             bad.len()
         )),
         Some(_) => Some(format!(
