@@ -373,29 +373,13 @@ fn transformers5_renames_of_another_architecture() {
         moved(t, &|k: &str| if k.contains(".mlp.") { module(k) } else { k.to_string() });
         assert!(t.keys().any(|k| k.contains("model.vision_tower.layers.0.mlp.fc2.")) && t.len() == before);
     });
-    let llava = run(&[
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        tmp.path().join("refused").to_str().unwrap(),
-    ]);
+    let llava = merge_with(&base, &adapter, &tmp.path().join("refused"), &[]);
     assert!(!llava.status.success() && stderr(&llava).contains("vision_tower"), "{}", stderr(&llava));
     edit_json(&base.join("config.json"), |v| {
         v["architectures"] = serde_json::json!(["HunYuanVLForConditionalGeneration"])
     });
     let out = tmp.path().join("merged");
-    ok(&run(&[
-        "merge",
-        "--base",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]));
+    merge(&base, &adapter, &out);
     let mut peft = load(&c.dir.join("merged"));
     moved(&mut peft, &stored);
     assert!(peft.contains_key("vit.layers.0.mlp.dense_4h_to_h.weight"));
