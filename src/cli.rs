@@ -10,9 +10,9 @@ const LONG_ABOUT: &str = "\
 bone-tool folds PEFT Bone / BAT / MiSS adapters (DiSHA, arXiv 2409.15371) into a base model's
 safetensors weights and takes them back out, shard by shard, without loading the model into RAM.
 Merges are byte-identical to PEFT 0.18.1's merge_and_unload for every variant and dtype (BAT as
-PEFT computes it on an Intel AVX-512 processor: PEFT's own BAT bytes vary by processor; PEFT
-0.20 and later round f16/bf16 BAT once: --rounding once). Output is written to a temporary
-folder beside --out and renamed into place only when complete.";
+PEFT computes it on an Intel AVX-512 processor, or on an AMD one with --bat-sums amd: PEFT's own
+BAT bytes vary by processor; PEFT 0.20 and later round f16/bf16 BAT once: --rounding once).
+Output is written to a temporary folder beside --out and renamed into place only when complete.";
 
 const EXAMPLES: &str = "\
 Examples:
@@ -122,6 +122,11 @@ pub struct VerifyArgs {
     /// (PEFT 0.20 and later merge as `once`), and a note says which one matched
     #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
     pub rounding: RoundingArg,
+
+    /// As for merge. Where only BAT tensors differ, the other processor's sums are checked too,
+    /// and a note says which one matched
+    #[arg(long, value_enum, default_value_t = BatSumsArg::Intel, value_name = "PROCESSOR")]
+    pub bat_sums: BatSumsArg,
 
     /// As for merge
     #[arg(long)]
@@ -283,6 +288,15 @@ pub struct ApplyOptions {
     #[arg(long, value_enum, default_value_t = RoundingArg::Peft)]
     pub rounding: RoundingArg,
 
+    /// Whose f32 sums BAT's GEMMs reproduce. PEFT's torch hands them to Intel MKL, whose sums
+    /// depend on the processor, so PEFT's own BAT merges differ in the last bit from one processor
+    /// to another (f32 ones in up to 5% of the values, f16/bf16 ones rarely): `intel`, an Intel
+    /// processor with AVX-512; `amd`, an AMD one with AVX-512 (byte-identical but at r = 9 to 11,
+    /// where its MKL still sums a few elements otherwise). Default and mini merges are the same
+    /// either way
+    #[arg(long, value_enum, default_value_t = BatSumsArg::Intel, value_name = "PROCESSOR")]
+    pub bat_sums: BatSumsArg,
+
     /// Where the math runs: `auto` uses an NVIDIA GPU when one is usable (built with the `cuda`
     /// feature, driver and NVRTC present, and it gives the CPU's bytes on a self-check), else the
     /// CPU. Both give the same bytes (BAT: on a processor with FMA). A GPU starts beside
@@ -424,6 +438,23 @@ pub struct PrefixArg {
 pub enum RoundingArg {
     Peft,
     Once,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BatSumsArg {
+    /// As PEFT's torch sums on an Intel processor with AVX-512
+    Intel,
+    /// As on an AMD processor with AVX-512
+    Amd,
+}
+
+impl BatSumsArg {
+    pub fn sums(self) -> crate::ops::BatSums {
+        match self {
+            BatSumsArg::Intel => crate::ops::BatSums::Intel,
+            BatSumsArg::Amd => crate::ops::BatSums::Amd,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -7,7 +7,7 @@ use crate::error::{input, Result};
 use crate::model::file::build_header;
 use crate::model::{file_name, Model, TensorEntry};
 use crate::ops::dtype::Float;
-use crate::ops::{self, Rounding};
+use crate::ops::{self, BatSums, Rounding};
 use std::path::PathBuf;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub struct Options {
     pub shared_tied_head: bool,
     /// BAT merge rounds `W + Δ` once instead of PEFT's double rounding.
     pub rounding_once: bool,
+    /// How BAT's GEMMs sum (as PEFT's torch on which processor).
+    pub bat_sums: BatSums,
     /// PEFT's `autocast_adapter_dtype`. True (PEFT's default): blocks are held in f32 while
     /// merging, so their file values are used exactly. False: PEFT holds them in the weight's dtype,
     /// so their values are first rounded to it.
@@ -45,6 +47,7 @@ impl Default for Options {
             keep_tied: false,
             shared_tied_head: false,
             rounding_once: false,
+            bat_sums: BatSums::Intel,
             autocast_adapter_dtype: true,
         }
     }
@@ -282,7 +285,8 @@ pub fn build(base: &Model, adapters: &[Adapter], direction: Direction, opts: Opt
             };
             newer_rounding |= peft_rounds_once(a, direction, opts, g.weight, zero);
             let adapter_float = if opts.autocast_adapter_dtype { Float::F32 } else { g.weight };
-            let rounding = Rounding { weight: g.weight, adapter: adapter_float, once: opts.rounding_once };
+            let rounding =
+                Rounding { weight: g.weight, adapter: adapter_float, once: opts.rounding_once, sums: opts.bat_sums };
             let c = &a.config;
             let op = match c.variant {
                 Variant::Default | Variant::Mini => Op::Periodic {

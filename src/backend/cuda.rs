@@ -8,7 +8,7 @@
 
 use super::kernel_cache;
 use crate::ops::dtype::Float;
-use crate::ops::Prepared;
+use crate::ops::{BatSums, Prepared};
 use anyhow::{anyhow, Result};
 use cudarc::cublas::{sys as blas_sys, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::sys::CUevent_flags;
@@ -273,23 +273,22 @@ extern "C" __global__ void periodic_fused_x4(const unsigned char* in, unsigned c
 
 // BAT's strip GEMMs, summed as PEFT's torch and the CPU's GEMM sum them (ops::gemm_in_order; faer
 // gives the same bytes where ops::gemm_is_in_order): for every strip s of r rows, out_s[I, r] =
-// x_s[I, r] · m_s[r, r] (row-major), every element from +0 over k in order; from r = 8
-// (ops::FUSED_FROM_R) one fused multiply-add per product, below it each product rounded and then
-// added (__fmul_rn and __fadd_rn, which the compiler never fuses). From r = 385 torch cuts k into
-// blocks (ops::sum_block), sums each from +0 and adds the sums in order: the host launches the
-// kernel once a block, k from k0 to k1, the first storing its sums (add = 0) and each later one
-// adding them to out (add = 1), in stream order. As
+// x_s[I, r] · m_s[r, r] (row-major), every element from +0 over k in order; where fused (from
+// r = ops::BatSums::fused_from) one fused multiply-add per product, else each product rounded and
+// then added (__fmul_rn and __fadd_rn, which the compiler never fuses). For large r torch cuts k
+// into blocks (ops::BatSums::block), sums each from +0 and adds the sums in order: the host
+// launches the kernel once a block, k from k0 to k1, the first storing its sums (add = 0) and each
+// later one adding them to out (add = 1), in stream order. As
 // elements of the [rows, cols] matrix: out[o, c] = sum over k of x[o, c - c mod r + k] · m_s[k, c mod r],
 // s = o / r. A thread computes V consecutive columns of one r-chunk of a row: with V = 4 (r and k0
 // multiples of 4) the chunk and the blocks' rows are read 16 bytes at a time.
 template <u32 V> struct alignas(4 * V) Floats { float v[V]; };
 
 template <u32 V>
-__device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r, int k0, int k1, int add) {
+__device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r, int k0, int k1, int add, bool fused) {
     each_group(rows, cols, r, V, [&](u64 o, u64 k, u32 j) {
         const float* xs = x + (k - j);
         const float* ms = m + (u64)((u32)o / (u32)r) * r * r + j; // rows < 2^31 (the host checks)
-        const bool fused = r >= 8;
         float acc[V];
         for (u32 t = 0; t < V; t++) acc[t] = 0.0f;
         for (int q = k0; q < k1; q += V) {
@@ -309,9 +308,9 @@ __device__ __forceinline__ void strip_gemm_v(const float* __restrict__ m, const 
 // vec: 4 when r (then so are the columns) and k0 and k1 are multiples of 4, else 1. x and out
 // are different buffers (W and Tmp): x only read (read-only loads), out written (and read back by
 // the same thread where add).
-extern "C" __global__ void strip_gemm(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r, int vec, int k0, int k1, int add) {
-    if (vec == 4) strip_gemm_v<4>(m, x, out, rows, cols, r, k0, k1, add);
-    else strip_gemm_v<1>(m, x, out, rows, cols, r, k0, k1, add);
+extern "C" __global__ void strip_gemm(const float* __restrict__ m, const float* __restrict__ x, float* __restrict__ out, u64 rows, u64 cols, int r, int vec, int k0, int k1, int add, int fused) {
+    if (vec == 4) strip_gemm_v<4>(m, x, out, rows, cols, r, k0, k1, add, fused != 0);
+    else strip_gemm_v<1>(m, x, out, rows, cols, r, k0, k1, add, fused != 0);
 }
 
 extern "C" __global__ void round_all(float* w, u64 n, int dt) {
@@ -937,7 +936,8 @@ impl Cuda {
         let default_gemm = timed("gemm", 5, &mut || gemm(&default_blas))?;
         let in_order =
             |m: &CudaSlice<f32>, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, rows: usize, cols: usize, r: usize| {
-                for (cfg, args) in strip_gemm_launches(rows, cols, r, [addr(m, s), addr(x, s), addr(out, s)]) {
+                let bufs = [addr(m, s), addr(x, s), addr(out, s)];
+                for (cfg, args) in strip_gemm_launches(rows, cols, r, BatSums::Intel, bufs) {
                     // SAFETY: m holds the blocks, x and out the strips, of a [rows, cols] weight.
                     unsafe { launch_kernel(s, &g.k, Kernel::StripGemm, cfg, &args) }?;
                 }
@@ -953,7 +953,7 @@ impl Cuda {
             let (xs, ms) = (rand.values(cr * cc, 1.0), rand.values(cr * r, 0.1));
             let mut cpu = vec![0f32; cr * cc];
             for (k, (c, x)) in cpu.chunks_exact_mut(r * cc).zip(xs.chunks_exact(r * cc)).enumerate() {
-                crate::ops::gemm_in_order(c, x, &ms[k * r * r..][..r * r], cc, r);
+                crate::ops::gemm_in_order(c, x, &ms[k * r * r..][..r * r], cc, r, BatSums::Intel);
             }
             let dx = s.clone_htod(&xs).map_err(e("host to device copy"))?;
             let dm = s.clone_htod(&ms).map_err(e("host to device copy"))?;
@@ -1189,19 +1189,19 @@ pub(crate) fn program(
             Prepared::BatMerge { b, r, rounding } => {
                 let r = *r;
                 let blocks = x.upload(&b[(row0 / r) * r * r..((row0 + rows) / r) * r * r])?;
-                program_strips(x, gemm, blocks, W, Tmp, rows, i, r)?;
+                program_strips(x, gemm, blocks, W, Tmp, [rows, i, r], rounding.sums)?;
                 let bufs = [Arg::Mem(W), Arg::Mem(Tmp), Arg::Mem(blocks)];
                 let (cfg, args) = bat_merge_post_launch(d, rows, i, r, rounding.once, rnd == 1, bufs);
                 x.launch(Kernel::BatMergePost, cfg, &args)?;
             }
-            Prepared::BatUnmerge { b, inv, r, .. } => {
+            Prepared::BatUnmerge { b, inv, r, rounding } => {
                 let r = *r;
                 let range = (row0 / r) * r * r..((row0 + rows) / r) * r * r;
                 let blocks = x.upload(&b[range.clone()])?;
                 let inverses = x.upload(&inv[range])?;
                 let args = [Arg::Mem(W), Arg::Mem(Tmp), Arg::Mem(blocks), U64(rows64), U64(cols64), I32(r as i32)];
                 x.launch(Kernel::BatUnmergePre, grid_2d(rows, i), &args)?;
-                program_strips(x, gemm, inverses, Tmp, W, rows, i, r)?;
+                program_strips(x, gemm, inverses, Tmp, W, [rows, i, r], rounding.sums)?;
                 if rnd == 1 {
                     x.launch(Kernel::RoundAll, grid(n), &[Arg::Mem(W), U64(n64), I32(dt)])?;
                 }
@@ -1211,23 +1211,22 @@ pub(crate) fn program(
     x.launch(Kernel::Encode, grid(n), &[Arg::Mem(W), Arg::Mem(Out), U64(n64), I32(dt)])
 }
 
-/// For every strip of `r` rows: `to_s[I, r] = from_s[I, r] · m_s[r, r]` (row-major), with the
-/// in-order kernel or cuBLAS.
-#[allow(clippy::too_many_arguments)]
+/// For every strip of `r` rows of a [rows, i] weight: `to_s[I, r] = from_s[I, r] · m_s[r, r]`
+/// (row-major), with the in-order kernel (summed as `sums` says) or cuBLAS.
 pub(crate) fn program_strips(
     x: &mut impl Exec,
     gemm: StripGemm,
     m: Mem,
     from: Mem,
     to: Mem,
-    rows: usize,
-    i: usize,
-    r: usize,
+    [rows, i, r]: [usize; 3],
+    sums: BatSums,
 ) -> Result<()> {
     match gemm {
         StripGemm::Cublas => x.gemm(&strip_gemm_config(rows, i, r), m, from, to),
         StripGemm::InOrder => {
-            for (config, args) in strip_gemm_launches(rows, i, r, [Arg::Mem(m), Arg::Mem(from), Arg::Mem(to)]) {
+            let bufs = [Arg::Mem(m), Arg::Mem(from), Arg::Mem(to)];
+            for (config, args) in strip_gemm_launches(rows, i, r, sums, bufs) {
                 x.launch(Kernel::StripGemm, config, &args)?;
             }
             Ok(())
@@ -1262,16 +1261,18 @@ pub(crate) fn bat_merge_post_launch(
 }
 
 /// How `strip_gemm` is launched for a [rows, i] weight with blocks of r (`bufs`: the blocks, the
-/// strips, the result): once for each of torch's blocks of k ([`crate::ops::sum_block`]; one
-/// launch up to r = 384), in order on one stream, a thread per group of `vec` columns (4 with
-/// 16-byte loads when r and the blocks' length are multiples of 4, else 1), and their arguments.
+/// strips, the result), summed as `sums` says: once for each of torch's blocks of k
+/// ([`BatSums::block`]; one launch up to r = 384 on Intel), in order on one stream, a thread per
+/// group of `vec` columns (4 with 16-byte loads when r and the blocks' length are multiples of 4,
+/// else 1), and their arguments.
 pub(crate) fn strip_gemm_launches(
     rows: usize,
     i: usize,
     r: usize,
+    sums: BatSums,
     [m, x, out]: [Arg; 3],
-) -> impl Iterator<Item = (LaunchConfig, [Arg; 10])> {
-    let block = crate::ops::sum_block(r);
+) -> impl Iterator<Item = (LaunchConfig, [Arg; 11])> {
+    let block = sums.block(r);
     let v = if r % 4 == 0 && block % 4 == 0 { 4 } else { 1 };
     (0..r).step_by(block).map(move |k0| {
         let k1 = (k0 + block).min(r);
@@ -1286,6 +1287,7 @@ pub(crate) fn strip_gemm_launches(
             Arg::I32(k0 as i32),
             Arg::I32(k1 as i32),
             Arg::I32((k0 > 0).into()),
+            Arg::I32((r >= sums.fused_from()).into()),
         ];
         (grid_2d(rows, i / v), args)
     })

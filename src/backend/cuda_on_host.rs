@@ -9,7 +9,7 @@
 
 use super::cuda::{self, Arg, Exec, Fused, Kernel, Mem, StripGemm};
 use crate::ops::dtype::Float;
-use crate::ops::{self, Prepared, Rounding};
+use crate::ops::{self, BatSums, Prepared, Rounding};
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::cublas::{sys as blas_sys, StridedBatchedConfig};
 use cudarc::driver::LaunchConfig;
@@ -448,22 +448,25 @@ fn bat_chains_give_the_cpus_bytes_with_the_in_order_gemm_and_agree_with_cublas()
     let Some(launch) = launcher() else { return };
     // r = 8 and 64 (16-byte loads, products fused into the sums); r = 6 with rows of 300 columns
     // (two blocks of threads a row, one column a thread), r = 3 and r = 4 (16-byte loads): products
-    // rounded before they are added, as below r = 8 the CPU (and PEFT's torch) does
-    for (o, i, r) in [(48, 40, 8), (36, 300, 6), (320, 128, 64), (15, 12, 3), (24, 20, 4)] {
-        assert!(ops::gemm_is_in_order(r), "the CPU's GEMM sums in order here (see ops' tests)");
-        bat_shape(launch, o, i, r, StripGemm::InOrder);
+    // rounded before they are added, as below r = 8 the CPU (and PEFT's torch on an Intel
+    // processor) does; on an AMD processor up to r = 11 (r = 8: unfused there)
+    for sums in [BatSums::Intel, BatSums::Amd] {
+        for (o, i, r) in [(48, 40, 8), (36, 300, 6), (320, 128, 64), (15, 12, 3), (24, 20, 4), (66, 33, 11)] {
+            assert!(ops::gemm_is_in_order(r, sums), "the CPU's GEMM sums in order here (see ops' tests)");
+            bat_shape(launch, o, i, r, StripGemm::InOrder, sums);
+        }
     }
     for (o, i, r) in [(48, 40, 8), (36, 300, 6)] {
-        bat_shape(launch, o, i, r, StripGemm::Cublas);
+        bat_shape(launch, o, i, r, StripGemm::Cublas, BatSums::Intel);
     }
 }
 
-fn bat_shape(launch: Launch, o: usize, i: usize, r: usize, gemm: StripGemm) {
+fn bat_shape(launch: Launch, o: usize, i: usize, r: usize, gemm: StripGemm, sums: BatSums) {
     let b = values(o * r, 0.2, 3);
     let inv = ops::bat_inverses(&b, r).unwrap().inv;
     let def = values(r * o, 0.05, 5);
     for d in [Float::F32, Float::F16, Float::BF16] {
-        let rd = Rounding::peft(d);
+        let rd = Rounding { sums, ..Rounding::peft(d) };
         let once = Rounding { once: true, ..rd };
         let merge = |rounding| Prepared::BatMerge { b: b.clone(), r, rounding };
         let unmerge = Prepared::BatUnmerge { b: b.clone(), inv: inv.clone(), r, rounding: rd };
@@ -485,7 +488,7 @@ fn bat_shape(launch: Launch, o: usize, i: usize, r: usize, gemm: StripGemm) {
                     let (cpu, gpu, launched) =
                         both(launch, d, &weight(d, o, i), i, row0, rows, chain, small, DEFAULT_LAUNCH, gemm).unwrap();
                     let what = format!(
-                        "{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}, {gemm:?}",
+                        "{what}, {d}, [{o}, {i}] r {r}, rows {row0}..{}, small grid {small}, {gemm:?}, {sums:?}",
                         row0 + rows
                     );
                     // the emulated cuBLAS sums in f64: within a unit of the CPU's in-order sum
@@ -510,10 +513,10 @@ fn the_in_order_gemm_sums_zero_products_to_plus_zero_as_the_cpu_does() {
     let m: Vec<f32> = (0..(rows / r) * r * r).map(|k| if k < r * r { 1.0 } else { -1.0 }).collect();
     x.mem[2].words[..n].iter_mut().zip(&w).for_each(|(word, v)| *word = v.to_bits());
     let blocks = x.upload(&m).unwrap();
-    cuda::program_strips(&mut x, StripGemm::InOrder, blocks, Mem::W, Mem::Tmp, rows, i, r).unwrap();
+    cuda::program_strips(&mut x, StripGemm::InOrder, blocks, Mem::W, Mem::Tmp, [rows, i, r], BatSums::Intel).unwrap();
     let mut cpu = vec![0f32; n];
     for (s, (c, strip)) in cpu.chunks_exact_mut(r * i).zip(w.chunks_exact(r * i)).enumerate() {
-        ops::gemm_in_order(c, strip, &m[s * r * r..][..r * r], i, r);
+        ops::gemm_in_order(c, strip, &m[s * r * r..][..r * r], i, r, BatSums::Intel);
     }
     let gpu = x.mem[3].f32s();
     assert!(gpu.iter().chain(&cpu).all(|v| v.to_bits() == 0), "every sum +0: GPU {gpu:?}, CPU {cpu:?}");
@@ -521,25 +524,29 @@ fn the_in_order_gemm_sums_zero_products_to_plus_zero_as_the_cpu_does() {
 
 #[test]
 fn the_in_order_gemm_sums_in_torchs_blocks() {
-    // r = 392: 16-byte loads, halves of 196; r = 388: halves of 194, a column a thread; r = 384:
-    // one sum; r = 776: blocks of 384, 384 and 8 (16-byte loads); r = 778: 384, 384 and 10 (a
-    // column a thread). The CPU's in-order sum cuts at ops::sum_block (pinned against torch there).
+    // Intel: r = 392: 16-byte loads, halves of 196; r = 388: halves of 194, a column a thread;
+    // r = 384: one sum; r = 776: blocks of 384, 384 and 8 (16-byte loads); r = 778: 384, 384 and 10
+    // (a column a thread). AMD: r = 192: one sum; r = 200: halves of 100 (16-byte loads); r = 193:
+    // 96, 96 and 1; r = 400: 192, 192 and 16; r = 390: 192, 192 and 6 (a column a thread). The
+    // CPU's in-order sum cuts at ops::BatSums::block (pinned against torch there).
     let Some(launch) = launcher() else { return };
-    for r in [392, 388, 384, 776, 778] {
-        assert_eq!(ops::sum_block(r) < r, r != 384);
+    let intel = [392, 388, 384, 776, 778].map(|r| (BatSums::Intel, r, r != 384));
+    let amd = [192, 200, 193, 400, 390].map(|r| (BatSums::Amd, r, r != 192));
+    for (sums, r, blocks) in intel.into_iter().chain(amd) {
+        assert_eq!(sums.block(r) < r, blocks);
         let (rows, i) = (r, r);
         let n = rows * i;
-        let chain = [Prepared::BatMerge { b: vec![], r, rounding: Rounding::peft(Float::F32) }];
+        let chain = [Prepared::BatMerge { b: vec![], r, rounding: Rounding { sums, ..Rounding::peft(Float::F32) } }];
         let mut x = HostExec::new(launch, &vec![0u8; n * 4], &chain, n, false);
         let (w, m) = (values(n, 1.0, 11), values(r * r, 0.1, 12));
         x.mem[2].words[..n].iter_mut().zip(&w).for_each(|(word, v)| *word = v.to_bits());
         let blocks = x.upload(&m).unwrap();
-        cuda::program_strips(&mut x, StripGemm::InOrder, blocks, Mem::W, Mem::Tmp, rows, i, r).unwrap();
+        cuda::program_strips(&mut x, StripGemm::InOrder, blocks, Mem::W, Mem::Tmp, [rows, i, r], sums).unwrap();
         let mut cpu = vec![0f32; n];
-        ops::gemm_in_order(&mut cpu, &w, &m, i, r);
+        ops::gemm_in_order(&mut cpu, &w, &m, i, r, sums);
         let gpu = x.mem[3].f32s();
         let differ = gpu.iter().zip(&cpu).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-        assert_eq!(differ, 0, "r = {r}: {differ} of {n} values differ from the CPU's");
+        assert_eq!(differ, 0, "r = {r} {sums:?}: {differ} of {n} values differ from the CPU's");
     }
 }
 

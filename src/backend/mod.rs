@@ -181,8 +181,8 @@ pub fn has_gemm(chain: &[Prepared]) -> bool {
 pub fn same_bytes_on_every_device(chain: &[Prepared]) -> bool {
     chain.iter().all(|op| match op {
         Prepared::Periodic { .. } => true,
-        Prepared::BatMerge { r, .. } | Prepared::BatUnmerge { r, .. } => {
-            gpu_gemm_in_order() && ops::gemm_is_in_order(*r)
+        Prepared::BatMerge { r, rounding, .. } | Prepared::BatUnmerge { r, rounding, .. } => {
+            gpu_gemm_in_order() && ops::gemm_is_in_order(*r, rounding.sums)
         }
     })
 }
@@ -484,7 +484,10 @@ mod tests {
         assert!(same_bytes_on_every_device(&[bat(8), unmerge(1024)]));
         // where it does not (faer without FMA), BAT waits for the GPU, and so does a chain with it
         for r in [8, 64, 1024] {
-            assert_eq!(same_bytes_on_every_device(&[add.clone(), bat(r)]), ops::gemm_is_in_order(r));
+            assert_eq!(
+                same_bytes_on_every_device(&[add.clone(), bat(r)]),
+                ops::gemm_is_in_order(r, ops::BatSums::Intel)
+            );
         }
     }
 

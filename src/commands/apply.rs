@@ -94,6 +94,7 @@ fn run_opening(
     }
     let options = Options {
         rounding_once: opts.rounding == RoundingArg::Once,
+        bat_sums: opts.bat_sums.sums(),
         autocast_adapter_dtype: !opts.no_autocast_adapter_dtype,
         out_dtype: opts.dtype.float(),
         max_shard_size: opts.max_shard_size,

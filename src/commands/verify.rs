@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::execute::{self, RunOptions, Sink, TensorCheck};
 use crate::model::Model;
 use crate::ops::dtype::Float;
+use crate::ops::BatSums;
 use crate::plan::{self, Direction, Options};
 use indicatif::{ProgressBar, ProgressDrawTarget};
 use serde_json::json;
@@ -31,6 +32,7 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
     let adapters = adapters.collect::<Result<Vec<_>>>()?;
     let options = Options {
         rounding_once: args.rounding == RoundingArg::Once,
+        bat_sums: args.bat_sums.sums(),
         autocast_adapter_dtype: !args.no_autocast_adapter_dtype,
         out_dtype: args.dtype.float(),
         ..Options::default()
@@ -38,24 +40,47 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
     let started = std::time::Instant::now();
     let mut run = recompute(args, &input, &expected, &adapters, direction, options, quiet)?;
     let mut bad = mismatches(&run.checks);
-    // Differences in f16/bf16 BAT tensors alone: PEFT 0.18.1 rounds the delta before adding it,
-    // PEFT 0.20 and later round W + delta once (as safe_merge=True does), so check the other
-    // rounding too, and say which one matched.
-    let mut other_rounding = false;
+    // Differences in BAT tensors alone can be PEFT's own ways of merging: PEFT 0.18.1 rounds an
+    // f16/bf16 delta before adding it, PEFT 0.20 and later round W + delta once (as
+    // safe_merge=True does); and its GEMMs sum as the processor it ran on sums. So check the other
+    // rounding and the other processor's sums too, and say which matched.
+    let (mut other_rounding, mut other_sums) = (false, false);
     if !bad.is_empty() && direction == Direction::Merge {
         let bat = bat_tensors(&run.plan);
-        let half_bat =
-            |c: &TensorCheck| c.status == "differs" && bat.get(c.name.as_str()).is_some_and(|t| t.0 != Float::F32);
-        if run.checks.iter().filter(|c| !is_ok(c)).all(half_bat) {
-            let other = Options { rounding_once: !options.rounding_once, ..options };
-            let again = recompute(args, &input, &expected, &adapters, direction, other, quiet)?;
-            let again_bad = mismatches(&again.checks);
-            if again_bad.is_empty() {
-                (run, bad, other_rounding) = (again, again_bad, true);
+        let bat_dtype = |c: &TensorCheck| bat.get(c.name.as_str()).filter(|_| c.status == "differs").map(|t| t.0);
+        let dtypes: Option<Vec<Float>> = run.checks.iter().filter(|c| !is_ok(c)).map(bat_dtype).collect();
+        if let Some(dtypes) = dtypes {
+            // in f32 the delta needs no rounding: both roundings are the same bytes
+            let half = dtypes.iter().any(|&d| d != Float::F32);
+            let mut tries = vec![(half, false), (false, true), (half, true)];
+            tries.retain(|&t| t != (false, false));
+            tries.dedup();
+            // the first way that matches, unless a later one matches every value exactly
+            let mut found: Option<(Recomputed, (bool, bool))> = None;
+            for (rounding, sums) in tries {
+                let other = Options {
+                    rounding_once: options.rounding_once != rounding,
+                    bat_sums: if sums { other_processor(options.bat_sums) } else { options.bat_sums },
+                    ..options
+                };
+                let again = recompute(args, &input, &expected, &adapters, direction, other, quiet)?;
+                if mismatches(&again.checks).is_empty() {
+                    let exact = again.checks.iter().all(|c| c.status == "equal" || !bat.contains_key(c.name.as_str()));
+                    if exact || found.is_none() {
+                        found = Some((again, (rounding, sums)));
+                    }
+                    if exact {
+                        break;
+                    }
+                }
+            }
+            if let Some((again, ways)) = found {
+                (run, bad, (other_rounding, other_sums)) = (again, vec![], ways);
             }
         }
     }
     let rounding_once = options.rounding_once != other_rounding;
+    let bat_sums = if other_sums { other_processor(options.bat_sums) } else { options.bat_sums };
     let seconds = started.elapsed().as_secs_f64();
     let Recomputed { plan, checks, warnings, timings } = run;
     let count = |s: &str| checks.iter().filter(|c| c.status == s).count();
@@ -91,18 +116,31 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         (true, Some(&d)) if written.len() == 1 && Float::from_dtype(d).is_some() => Float::from_dtype(d),
         _ => None,
     };
-    let hint = match dtypes {
-        _ if other_rounding && rounding_once => Some(format!(
-            "{} is the merge whose BAT tensors are W + delta rounded once (--rounding once), as PEFT 0.20 and later \
-             write it with merge_and_unload() and PEFT 0.18.1 with merge_and_unload(safe_merge=True); PEFT 0.18.1's \
+    let rounding_note = match (other_rounding, rounding_once) {
+        (false, _) => None,
+        (true, true) => Some(
+            "its BAT tensors are W + delta rounded once (--rounding once), as PEFT 0.20 and later write them with \
+             merge_and_unload() and PEFT 0.18.1 with merge_and_unload(safe_merge=True); PEFT 0.18.1's \
              merge_and_unload() rounds the delta first (--rounding peft, the default)",
-            expected_path.display()
-        )),
-        _ if other_rounding => Some(format!(
-            "{} is the merge whose BAT tensors round the delta before adding it (--rounding peft, the default), as \
-             PEFT 0.18.1's merge_and_unload() writes it, not W + delta rounded once (--rounding once)",
-            expected_path.display()
-        )),
+        ),
+        (true, false) => Some(
+            "its BAT tensors round the delta before adding it (--rounding peft, the default), as PEFT 0.18.1's \
+             merge_and_unload() writes them, not W + delta rounded once (--rounding once)",
+        ),
+    };
+    let sums_note = other_sums.then_some(match bat_sums {
+        BatSums::Amd => {
+            "its BAT GEMMs sum as PEFT's torch sums on an AMD processor with AVX-512 (--bat-sums amd); \
+                         bone-tool sums as on an Intel one unless told (--bat-sums intel)"
+        }
+        BatSums::Intel => {
+            "its BAT GEMMs sum as PEFT's torch sums on an Intel processor with AVX-512 (--bat-sums \
+                           intel, the default), not as on an AMD one (--bat-sums amd)"
+        }
+    });
+    let matched = [rounding_note, sums_note].into_iter().flatten().collect::<Vec<_>>();
+    let hint = match dtypes {
+        _ if !matched.is_empty() => Some(format!("{} matches: {}", expected_path.display(), matched.join("; and "))),
         _ if ok => None,
         _ if recast.is_some() => recast.map(|d| {
             format!(
@@ -116,9 +154,11 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         None => None,
         Some(d) if d.iter().all(|&d| d == Float::F32) => Some(format!(
             "every tensor that differs is f32 BAT and within 1e-5 of its largest value: PEFT's own f32 \
-             BAT sums depend on the processor it ran on (bone-tool sums as on an Intel one with AVX-512; \
-             an AMD one sums otherwise at r = 8 to 11 and from 193, see the README), and its unmerge \
-             inverts in f32; `--tolerance 1e-5` accepts them ({} of them)",
+             BAT sums depend on the processor it ran on (bone-tool reproduces an Intel and an AMD processor \
+             with AVX-512, --bat-sums{}; one without AVX-512 sums otherwise, and so does an AMD one at \
+             r = 9 to 11, see the README), and its unmerge inverts in f32; `--tolerance 1e-5` accepts them \
+             ({} of them)",
+            if args.reverse { "" } else { ", and neither matched" },
             bad.len()
         )),
         Some(_) => Some(format!(
@@ -134,6 +174,7 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
             "ok": ok,
             "direction": if args.reverse { "unmerge" } else { "merge" },
             "rounding": if rounding_once { "once" } else { "peft" },
+            "bat_sums": match bat_sums { BatSums::Intel => "intel", BatSums::Amd => "amd" },
             "checked": expected_path.display().to_string(),
             "equal": count("equal"),
             "within_1_ulp": count("within_1_ulp"),
@@ -189,6 +230,14 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
             bad.len(),
             checks.len()
         ))))
+    }
+}
+
+/// The processor whose sums [`run`] tries when those asked for do not match.
+fn other_processor(sums: BatSums) -> BatSums {
+    match sums {
+        BatSums::Intel => BatSums::Amd,
+        BatSums::Amd => BatSums::Intel,
     }
 }
 

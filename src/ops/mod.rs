@@ -24,12 +24,14 @@ pub struct Rounding {
     pub adapter: Float,
     /// BAT merge: round `W + Δ` once instead of PEFT's `R_D(W + R_D(Δ))`.
     pub once: bool,
+    /// How BAT's GEMMs sum their products: as PEFT's torch does on which processor.
+    pub sums: BatSums,
 }
 
 impl Rounding {
     /// PEFT's rounding for weights of dtype `weight` with f32 blocks.
     pub fn peft(weight: Float) -> Rounding {
-        Rounding { weight, adapter: Float::F32, once: false }
+        Rounding { weight, adapter: Float::F32, once: false, sums: BatSums::Intel }
     }
 
     /// Round block values to the dtype PEFT holds them in.
@@ -92,7 +94,7 @@ impl Prepared {
             }
             Prepared::BatUnmerge { b, inv, r, rounding } => {
                 let blk = strip * r * r..(strip + 1) * r * r;
-                bat_unmerge_view(w, k0, per_a, &b[blk.clone()], &inv[blk], *r, scratch);
+                bat_unmerge_view(w, k0, per_a, &b[blk.clone()], &inv[blk], *r, rounding.sums, scratch);
                 rounding
             }
             Prepared::Periodic { .. } => unreachable!("view rows are BAT's"),
@@ -541,7 +543,7 @@ pub fn periodic_rows(w: &mut [f32], row0: usize, i: usize, et: &[f32], r: usize,
 #[inline(always)]
 fn bat_merge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], r: usize, rd: Rounding, delta: &mut Vec<f32>) {
     delta.resize(w.len(), 0.0);
-    bat_delta_view(delta, w, k0, per_a, bi, r);
+    bat_delta_view(delta, w, k0, per_a, bi, r, rd.sums);
     for (drow, wrow) in delta.chunks_exact_mut(r).zip(w.chunks_exact_mut(r)) {
         if !rd.once {
             rd.weight.round(drow);
@@ -554,8 +556,8 @@ fn bat_merge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], r: usize, 
 
 /// `delta = W_ij·B_i + B_i` on the view rows `k0..` of one strip, as [`bat_merge_view`] reads them.
 #[inline(always)]
-fn bat_delta_view(delta: &mut [f32], w: &[f32], k0: usize, per_a: usize, bi: &[f32], r: usize) {
-    gemm(delta, w, bi, w.len() / r, r);
+fn bat_delta_view(delta: &mut [f32], w: &[f32], k0: usize, per_a: usize, bi: &[f32], r: usize, sums: BatSums) {
+    gemm(delta, w, bi, w.len() / r, r, sums);
     for (k, drow) in delta.chunks_exact_mut(r).enumerate() {
         for (d, bv) in drow.iter_mut().zip(&bi[((k0 + k) / per_a) * r..][..r]) {
             *d = plus_zero(*d) + bv;
@@ -566,7 +568,17 @@ fn bat_delta_view(delta: &mut [f32], w: &[f32], k0: usize, per_a: usize, bi: &[f
 /// BAT unmerge on the view rows `k0..` of one strip, as [`bat_merge_view`]:
 /// `W_ij = (W'_ij − B_i)·inv_i`, `inv` the `(I + B_i)⁻¹`, not yet rounded to D.
 #[inline(always)]
-fn bat_unmerge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], invi: &[f32], r: usize, diff: &mut Vec<f32>) {
+#[allow(clippy::too_many_arguments)]
+fn bat_unmerge_view(
+    w: &mut [f32],
+    k0: usize,
+    per_a: usize,
+    bi: &[f32],
+    invi: &[f32],
+    r: usize,
+    sums: BatSums,
+    diff: &mut Vec<f32>,
+) {
     let n = w.len() / r;
     diff.resize(n * r, 0.0);
     for (k, (drow, wrow)) in diff.chunks_exact_mut(r).zip(w.chunks_exact(r)).enumerate() {
@@ -575,17 +587,17 @@ fn bat_unmerge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], invi: &[
             *d = x - bv;
         }
     }
-    gemm(w, diff, invi, n, r);
+    gemm(w, diff, invi, n, r, sums);
     w.iter_mut().for_each(|x| *x = plus_zero(*x));
 }
 
 /// The BAT delta `Δ_ij = W_ij·B_i + B_i` of a whole weight, in f32 without rounding (what PEFT's
-/// `get_delta_weight` returns; the LoRA conversion approximates it).
+/// `get_delta_weight` returns on an Intel processor; the LoRA conversion approximates it).
 pub fn bat_delta(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) -> Vec<f32> {
     check_bat(w, o, i, b, r);
     let mut delta = vec![0f32; o * i];
     delta.par_chunks_mut(r * i).zip(w.par_chunks(r * i)).enumerate().for_each(|(s, (d, strip))| {
-        bat_delta_view(d, strip, 0, i / r, &b[s * r * r..][..r * r], r);
+        bat_delta_view(d, strip, 0, i / r, &b[s * r * r..][..r * r], r, BatSums::Intel);
     });
     delta
 }
@@ -624,35 +636,67 @@ fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
     assert_eq!(b.len(), (o / r) * r * r);
 }
 
-/// The smallest r for which PEFT's GEMM fuses each product into its sum. PEFT's BAT multiplies the
-/// r×r tiles with torch's batched matmul; on the CPU, torch (2.15) computes an r×r·r×r product
-/// with fewer than 400 multiply-adds (r ≤ 7) in a plain loop: every product rounded to f32 and then
-/// added, k in order from +0. From r = 8 it calls Intel MKL (PyPI's x86-64 torch, on an AVX-512
-/// processor; MKL's AVX2 code sums otherwise at r = 8 and from 512, see the README), which sums k
-/// in order with one fused multiply-add (one rounding) per product, up to r = 384; beyond, in
-/// blocks of k ([`sum_block`]). Measured on every value of random products for r from 1 to 1024
-/// and at chosen r up to 8192, and pinned by the tests below. `scripts/peft-sweep.sh` found the
-/// difference as a bf16 BAT merge one ulp off PEFT at r = 3, where the two ways of summing put a
-/// delta on either side of a rounding tie.
-pub const FUSED_FROM_R: usize = 8;
+/// How PEFT's torch sums the f32 products of BAT's r×r GEMMs, which depends on the processor it
+/// runs on. PEFT's BAT multiplies the r×r tiles with torch's batched matmul; on the CPU, torch
+/// (2.15) computes a product with few multiply-adds in a plain loop, every product rounded to f32
+/// and then added, k in order from +0; larger ones it hands to Intel MKL (PyPI's x86-64 torch),
+/// whose kernels depend on the processor: they sum k in order with one fused multiply-add (one
+/// rounding) per product, in blocks of k ([`BatSums::block`]) whose sums are then added in order.
+/// Measured on every value of PEFT's own products (README, "How bone-tool matches PEFT").
+/// `scripts/peft-sweep.sh` found the first difference as a bf16 BAT merge one ulp off PEFT at
+/// r = 3, where the two ways of summing put a delta on either side of a rounding tie.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BatSums {
+    /// An Intel processor with AVX-512, where the fixtures were made: the plain loop below r = 8,
+    /// then MKL's fused sums; one block up to r = 384, two halves (ceil(r/2)) up to 768, blocks of
+    /// 384 beyond. (MKL's AVX2 code, on a processor without AVX-512, sums otherwise at r = 8 and
+    /// from 512.)
+    #[default]
+    Intel,
+    /// An AMD processor with AVX-512 (an EPYC, torch 2.15's MKL 2024.2): the plain loop up to
+    /// r = 11 (MKL's own at r = 9 to 11, which sums a few elements of the first two or three
+    /// columns otherwise still, about 5% of the values), fused from 12; one block up to r = 192,
+    /// blocks of floor(r/2) from 193 to 384 (the last one 1 long for an odd r), blocks of 192
+    /// beyond.
+    Amd,
+}
 
-/// How torch (MKL) cuts the k of an r×r·r×r product: into blocks of this length from k = 0 (the
-/// last one shorter), each summed in order from +0, and the block sums added in order,
-/// `((s₀ + s₁) + s₂) + …`. Up to r = 384 one block (r); from 385 to 768 two halves (ceil(r/2));
-/// beyond, blocks of 384. (Measured on every value of r = 385, 392, 400, 448, 512, 640, 768, 769,
-/// 776, 800, 832, 896, 960, 1024, 1152, 1200, 1536, 1544, 2048, 2304, 3072 and 4096, on PEFT's
-/// tile layout, and on the exact tiles of the tests below; PEFT's and bone-tool's merges of one
-/// r×r weight were the same bytes at r = 4608, 5000, 6144 and 8192.)
-pub fn sum_block(r: usize) -> usize {
-    match r {
-        0..=384 => r,
-        385..=768 => r.div_ceil(2),
-        _ => 384,
+impl BatSums {
+    /// The smallest r whose GEMM fuses each product into its sum; below it each product is
+    /// rounded and then added.
+    pub fn fused_from(self) -> usize {
+        match self {
+            BatSums::Intel => 8,
+            BatSums::Amd => 12,
+        }
+    }
+
+    /// How MKL cuts the k of an r×r·r×r product: into blocks of this length from k = 0 (the last
+    /// one shorter), each summed in order from +0, and the block sums added in order,
+    /// `((s₀ + s₁) + s₂) + …`. Intel: measured on every value of r = 385, 392, 400, 448, 512, 640,
+    /// 768, 769, 776, 800, 832, 896, 960, 1024, 1152, 1200, 1536, 1544, 2048, 2304, 3072 and 4096,
+    /// on PEFT's tile layout, and on the exact tiles of the tests below; PEFT's and bone-tool's
+    /// merges of one r×r weight were the same bytes at r = 4608, 5000, 6144 and 8192. AMD: at
+    /// r = 192, 193, 200, 224, 255, 256, 257, 320, 384, 385, 400 and 512, and the fixtures'
+    /// `bone-bat-wide-f32` (r = 200).
+    pub fn block(self, r: usize) -> usize {
+        match (self, r) {
+            (BatSums::Intel, 0..=384) => r,
+            (BatSums::Intel, 385..=768) => r.div_ceil(2),
+            (BatSums::Intel, _) => 384,
+            (BatSums::Amd, 0..=192) => r,
+            (BatSums::Amd, 193..=384) => r / 2,
+            (BatSums::Amd, _) => 192,
+        }
     }
 }
 
+/// The largest r that [`gemm_in_order`] sums unfused (every [`BatSums::fused_from`] is at most one
+/// more): its loop is compiled for each r up to it.
+const UNFUSED_MAX_R: usize = 11;
+
 /// `dst[I, r] = lhs[I, r] · rhs[r, r]`, all row-major, single-threaded (callers parallelise).
-/// Below [`FUSED_FROM_R`], [`gemm_in_order`]; from it, faer's GEMM where it gives exactly
+/// Below `sums`' [`BatSums::fused_from`], [`gemm_in_order`]; from it, faer's GEMM where it gives exactly
 /// [`gemm_in_order`]'s bytes on this processor ([`faer_is_in_order`]: processors with FMA on x86)
 /// but for the sign of zero: faer gives -0 where all of an element's products are -0 (on some
 /// shapes; a sum from +0 never gives -0), so callers add +0 to every value in their next pass
@@ -660,18 +704,18 @@ pub fn sum_block(r: usize) -> usize {
 /// split each element's sum) and the processor fuses multiply-adds in hardware,
 /// [`gemm_in_order`] itself, so that BAT's bytes are PEFT's there too; only a processor without
 /// FMA keeps faer's order, since a software fused multiply-add costs up to 50 times more.
-fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
-    if r < FUSED_FROM_R || (hardware_fma() && !faer_is_in_order(r)) {
-        return gemm_in_order(dst, lhs, rhs, i, r);
+fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize, sums: BatSums) {
+    if r < sums.fused_from() || (hardware_fma() && !faer_is_in_order(r, sums)) {
+        return gemm_in_order(dst, lhs, rhs, i, r, sums);
     }
-    gemm_faer(dst, lhs, rhs, i, r);
+    gemm_faer(dst, lhs, rhs, i, r, sums);
 }
 
 /// faer's GEMM, in torch's blocks of k ([`sum_as_torch`]).
-fn gemm_faer(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
+fn gemm_faer(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize, sums: BatSums) {
     let lhs = MatRef::from_row_major_slice(lhs, i, r);
     let rhs = MatRef::from_row_major_slice(rhs, r, r);
-    sum_as_torch(dst, i, r, |dst, ks| {
+    sum_as_torch(dst, i, r, sums, |dst, ks| {
         let (lhs, rhs) = (lhs.subcols(ks.start, ks.len()), rhs.subrows(ks.start, ks.len()));
         matmul(MatMut::from_row_major_slice_mut(dst, i, r), Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
     });
@@ -691,9 +735,15 @@ fn hardware_fma() -> bool {
 }
 
 /// `sum(dst, ks)` writes into `dst` ([I, r]) every element's sum over k in `ks`: over all of k, or
-/// over each block of [`sum_block`] on its own, the block sums then added in order as torch does.
-fn sum_as_torch(dst: &mut [f32], i: usize, r: usize, mut sum: impl FnMut(&mut [f32], std::ops::Range<usize>)) {
-    let b = sum_block(r);
+/// over each block of [`BatSums::block`] on its own, the block sums then added in order as torch does.
+fn sum_as_torch(
+    dst: &mut [f32],
+    i: usize,
+    r: usize,
+    sums: BatSums,
+    mut sum: impl FnMut(&mut [f32], std::ops::Range<usize>),
+) {
+    let b = sums.block(r);
     sum(dst, 0..b);
     if b == r {
         return;
@@ -713,11 +763,11 @@ fn plus_zero(x: f32) -> f32 {
 }
 
 /// [`gemm`] summed the way PEFT's torch and the GPU's `strip_gemm` kernel sum: every element from +0
-/// over k in order; from r = [`FUSED_FROM_R`] one fused multiply-add (one rounding) per product,
-/// below it each product rounded and then added; in the blocks of [`sum_block`].
-pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize) {
+/// over k in order; from r = [`BatSums::fused_from`] one fused multiply-add (one rounding) per
+/// product, below it each product rounded and then added; in the blocks of [`BatSums::block`].
+pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize, sums: BatSums) {
     assert!(dst.len() == i * r && lhs.len() == i * r && rhs.len() == r * r);
-    if r < FUSED_FROM_R {
+    if r < sums.fused_from() {
         // r known at compile time: the sums live in registers (twice the speed of a loop over r)
         match r {
             1 => gemm_unfused::<1>(dst, lhs, rhs),
@@ -726,11 +776,15 @@ pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usi
             4 => gemm_unfused::<4>(dst, lhs, rhs),
             5 => gemm_unfused::<5>(dst, lhs, rhs),
             6 => gemm_unfused::<6>(dst, lhs, rhs),
-            _ => gemm_unfused::<7>(dst, lhs, rhs),
+            7 => gemm_unfused::<7>(dst, lhs, rhs),
+            8 => gemm_unfused::<8>(dst, lhs, rhs),
+            9 => gemm_unfused::<9>(dst, lhs, rhs),
+            10 => gemm_unfused::<10>(dst, lhs, rhs),
+            _ => gemm_unfused::<UNFUSED_MAX_R>(dst, lhs, rhs),
         }
         return;
     }
-    sum_as_torch(dst, i, r, |dst, ks| in_order_fused(dst, lhs, rhs, r, ks));
+    sum_as_torch(dst, i, r, sums, |dst, ks| in_order_fused(dst, lhs, rhs, r, ks));
 }
 
 /// `dst` = the sums over k in `ks` (in order, from +0, fused) of [`gemm_in_order`]'s products.
@@ -744,7 +798,7 @@ fn in_order_fused(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, ks: std::
     gemm_in_order_body(dst, lhs, rhs, r, ks);
 }
 
-/// [`gemm_in_order`] below [`FUSED_FROM_R`], for blocks of `R`: each product rounded, then added.
+/// [`gemm_in_order`] below [`BatSums::fused_from`], for blocks of `R`: each product rounded, then added.
 fn gemm_unfused<const R: usize>(dst: &mut [f32], lhs: &[f32], rhs: &[f32]) {
     let m: [[f32; R]; R] = std::array::from_fn(|k| std::array::from_fn(|t| rhs[k * R + t]));
     for (out, x) in dst.chunks_exact_mut(R).zip(lhs.chunks_exact(R)) {
@@ -780,12 +834,12 @@ fn gemm_in_order_body(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, ks: s
 }
 
 /// Whether [`gemm`] gives exactly [`gemm_in_order`]'s bytes (once -0 is made +0) for blocks of `r`
-/// on this machine: below [`FUSED_FROM_R`] it is that function; from it, where faer's GEMM does
-/// ([`faer_is_in_order`]) or where [`gemm`] uses [`gemm_in_order`] instead (a processor with FMA).
-/// Then BAT's bytes are the same on the CPU and on a GPU, so that the pipeline may compute BAT on
-/// the CPU while the GPU starts.
-pub fn gemm_is_in_order(r: usize) -> bool {
-    r < FUSED_FROM_R || hardware_fma() || faer_is_in_order(r)
+/// on this machine: below [`BatSums::fused_from`] it is that function; from it, where faer's GEMM
+/// does ([`faer_is_in_order`]) or where [`gemm`] uses [`gemm_in_order`] instead (a processor with
+/// FMA). Then BAT's bytes are the same on the CPU and on a GPU, so that the pipeline may compute
+/// BAT on the CPU while the GPU starts.
+pub fn gemm_is_in_order(r: usize, sums: BatSums) -> bool {
+    r < sums.fused_from() || hardware_fma() || faer_is_in_order(r, sums)
 }
 
 /// Whether the GEMM results `got` are exactly the in-order sums `in_order` once -0 is made +0
@@ -798,27 +852,27 @@ fn same_sums(got: &[f32], in_order: &[f32]) -> bool {
 /// (measured on the AVX-512 build machine: faer's kernels sum each element's products in order up
 /// to k = 512, and from r = 385 [`gemm_faer`] asks them for blocks of k of at most 384; at k = 1024
 /// they sum in blocks of their own, where 94% of the values differ in the last bit, so that a
-/// change of [`sum_block`] could make this false; on aarch64 they split the sums at every r tried).
-/// Checked once per r in a process, on 16 rows of random values (a different order changes most
-/// of them): r = 64 takes well under a millisecond, r = 512 about 10 ms. Later calls read an
-/// atomic for r below 4096.
-pub fn faer_is_in_order(r: usize) -> bool {
+/// change of [`BatSums::block`] could make this false; on aarch64 they split the sums at every r
+/// tried). Checked once per r and `sums` in a process, on 16 rows of random values (a different
+/// order changes most of them): r = 64 takes well under a millisecond, r = 512 about 10 ms. Later
+/// calls read an atomic for r below 4096.
+pub fn faer_is_in_order(r: usize, sums: BatSums) -> bool {
     use std::sync::atomic::{AtomicU8, Ordering};
     const UNKNOWN: u8 = 0;
     const YES: u8 = 1;
     const NO: u8 = 2;
-    static SMALL: [AtomicU8; 4096] = [const { AtomicU8::new(UNKNOWN) }; 4096];
-    static LARGE: std::sync::Mutex<Vec<(usize, bool)>> = std::sync::Mutex::new(Vec::new());
+    static SMALL: [[AtomicU8; 4096]; 2] = [const { [const { AtomicU8::new(UNKNOWN) }; 4096] }; 2];
+    static LARGE: std::sync::Mutex<Vec<(usize, BatSums, bool)>> = std::sync::Mutex::new(Vec::new());
     let measure = || {
         let i = 16;
         let mut g = Xorshift(0x9E37_79B9_7F4A_7C15u64 ^ r as u64);
         let (lhs, rhs) = (g.values(i * r, 1.0), g.values(r * r, 0.1));
         let (mut faer, mut ours) = (vec![0f32; i * r], vec![0f32; i * r]);
-        gemm_faer(&mut faer, &lhs, &rhs, i, r);
-        gemm_in_order(&mut ours, &lhs, &rhs, i, r);
+        gemm_faer(&mut faer, &lhs, &rhs, i, r, sums);
+        gemm_in_order(&mut ours, &lhs, &rhs, i, r, sums);
         same_sums(&faer, &ours)
     };
-    if let Some(slot) = SMALL.get(r) {
+    if let Some(slot) = SMALL[sums as usize].get(r) {
         return match slot.load(Ordering::Relaxed) {
             YES => true,
             NO => false,
@@ -831,11 +885,11 @@ pub fn faer_is_in_order(r: usize) -> bool {
         };
     }
     let mut known = LARGE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(&(_, yes)) = known.iter().find(|(k, _)| *k == r) {
+    if let Some(&(_, _, yes)) = known.iter().find(|(k, s, _)| (*k, *s) == (r, sums)) {
         return yes;
     }
     let yes = measure();
-    known.push((r, yes));
+    known.push((r, sums, yes));
     yes
 }
 
@@ -1095,47 +1149,49 @@ mod tests {
         // where faer sums otherwise, gemm sums in order itself.
         let mut g = Lcg(5);
         let fma = hardware_fma();
-        for (i, r) in [
-            (1, 1),
-            (3, 1),
-            (5, 3),
-            (40, 8),
-            (7, 7),
-            (64, 16),
-            (11008, 64),
-            (300, 96),
-            (512, 128),
-            (32, 256),
-            (9, 392),
-            (4, 512),
-            (3, 640),
-            (2, 768),
-            (2, 800),
-            (1, 1024),
-            (1, 1200),
-        ] {
-            let mut lhs = g.vec(i * r, 1.0);
-            let rhs = g.vec(r * r, 0.2);
-            // signed zeros: a row of -0 (-0 or +0 products by rhs's signs), and scattered +0
-            lhs[..r].fill(-0.0);
-            lhs[r..].iter_mut().step_by(5).for_each(|x| *x = 0.0);
-            let (mut faer, mut ours) = (vec![0f32; i * r], vec![7f32; i * r]);
-            gemm(&mut faer, &lhs, &rhs, i, r);
-            gemm_in_order(&mut ours, &lhs, &rhs, i, r);
-            let same = same_sums(&faer, &ours);
-            // (below FUSED_FROM_R the CPU's GEMM is the in-order sum itself)
-            let expect = fma || r < FUSED_FROM_R;
-            assert_eq!(same, expect, "[{i}, {r}]·[{r}, {r}]: the CPU's GEMM and the in-order sum");
-            assert_eq!(gemm_is_in_order(r), expect, "r {r}: the run-time check");
-            if r >= FUSED_FROM_R {
-                // faer's own GEMM: in order on x86 with FMA
-                gemm_faer(&mut faer, &lhs, &rhs, i, r);
+        for sums in [BatSums::Intel, BatSums::Amd] {
+            for (i, r) in [
+                (1, 1),
+                (3, 1),
+                (5, 3),
+                (40, 8),
+                (7, 7),
+                (64, 16),
+                (11008, 64),
+                (300, 96),
+                (512, 128),
+                (32, 256),
+                (9, 392),
+                (4, 512),
+                (3, 640),
+                (2, 768),
+                (2, 800),
+                (1, 1024),
+                (1, 1200),
+            ] {
+                let mut lhs = g.vec(i * r, 1.0);
+                let rhs = g.vec(r * r, 0.2);
+                // signed zeros: a row of -0 (-0 or +0 products by rhs's signs), and scattered +0
+                lhs[..r].fill(-0.0);
+                lhs[r..].iter_mut().step_by(5).for_each(|x| *x = 0.0);
+                let (mut faer, mut ours) = (vec![0f32; i * r], vec![7f32; i * r]);
+                gemm(&mut faer, &lhs, &rhs, i, r, sums);
+                gemm_in_order(&mut ours, &lhs, &rhs, i, r, sums);
                 let same = same_sums(&faer, &ours);
-                if cfg!(target_arch = "x86_64") && fma {
-                    assert!(same, "[{i}, {r}]·[{r}, {r}]: faer and the in-order sum");
-                }
-                if !same {
-                    assert!(!faer_is_in_order(r), "r {r}: the check finds faer's order");
+                // (below fused_from the CPU's GEMM is the in-order sum itself)
+                let expect = fma || r < sums.fused_from();
+                assert_eq!(same, expect, "[{i}, {r}]·[{r}, {r}] {sums:?}: the CPU's GEMM and the in-order sum");
+                assert_eq!(gemm_is_in_order(r, sums), expect, "r {r} {sums:?}: the run-time check");
+                if r >= sums.fused_from() {
+                    // faer's own GEMM: in order on x86 with FMA
+                    gemm_faer(&mut faer, &lhs, &rhs, i, r, sums);
+                    let same = same_sums(&faer, &ours);
+                    if cfg!(target_arch = "x86_64") && fma {
+                        assert!(same, "[{i}, {r}]·[{r}, {r}] {sums:?}: faer and the in-order sum");
+                    }
+                    if !same {
+                        assert!(!faer_is_in_order(r, sums), "r {r} {sums:?}: the check finds faer's order");
+                    }
                 }
             }
         }
@@ -1143,13 +1199,13 @@ mod tests {
         let r = 1024;
         let (lhs, rhs) = (g.vec(16 * r, 1.0), g.vec(r * r, 0.1));
         let (mut faer, mut ours) = (vec![0f32; 16 * r], vec![0f32; 16 * r]);
-        gemm_faer(&mut faer, &lhs, &rhs, 16, r);
-        gemm_in_order(&mut ours, &lhs, &rhs, 16, r);
-        assert_eq!(faer_is_in_order(r), faer == ours);
+        gemm_faer(&mut faer, &lhs, &rhs, 16, r, BatSums::Intel);
+        gemm_in_order(&mut ours, &lhs, &rhs, 16, r, BatSums::Intel);
+        assert_eq!(faer_is_in_order(r, BatSums::Intel), faer == ours);
         // the in-order sum itself, against f64 for a small case: one rounding per product
         let (lhs, rhs) = ([0.5f32, 0.25, 3.0], [1.0f32, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
         let mut out = [0f32; 3];
-        gemm_in_order(&mut out, &lhs, &rhs, 1, 3);
+        gemm_in_order(&mut out, &lhs, &rhs, 1, 3, BatSums::Intel);
         assert_eq!(out, [0.5 + 2.0 + 192.0, 1.0 + 4.0 + 384.0, 2.0 + 8.0 + 768.0]);
     }
 
@@ -1158,21 +1214,28 @@ mod tests {
         // Row 0 of W is [1, 1 + 2^-12, 0...], column 0 of B_0 is [-1, 1 + 2^-12, 0...]. The second
         // product is 1 + 2^-11 + 2^-24: rounded on its own it loses the 2^-24 (a tie, to even), fused
         // into the sum it keeps it. torch 2.15 on the CPU (PEFT's BAT, `o @ B`, on these exact
-        // tiles) gives 2^-11 at r = 2 and 7 and 2^-11 + 2^-24 at r = 8.
-        for r in [2, 7, 8, 9] {
-            let mut w = vec![0f32; r * r];
-            (w[0], w[1]) = (1.0, 1.0 + 2f32.powi(-12));
-            let mut b = vec![0f32; r * r];
-            (b[0], b[r]) = (-1.0, 1.0 + 2f32.powi(-12));
-            let expect = if r < 8 { 2f32.powi(-11) } else { 2f32.powi(-11) + 2f32.powi(-24) };
-            let (mut cpu, mut in_order) = (vec![0f32; r * r], vec![0f32; r * r]);
-            gemm(&mut cpu, &w, &b, r, r);
-            gemm_in_order(&mut in_order, &w, &b, r, r);
-            assert_eq!((cpu[0], in_order[0]), (expect, expect), "r = {r}");
-            // and through the merge: Δ = that + B[0, 0] = -1 + it, the weight 1 + Δ in f32
-            let mut merged = w.clone();
-            bat_merge(&mut merged, r, r, &b, r, Rounding::peft(Float::F32));
-            assert_eq!(merged[0], 1.0 + (expect - 1.0), "r = {r}");
+        // tiles) gives 2^-11 at r = 2 and 7 and 2^-11 + 2^-24 at r = 8 on an Intel processor with
+        // AVX-512; on an AMD one 2^-11 up to r = 11 and 2^-11 + 2^-24 at 12 and 13.
+        for (sums, fused) in [
+            (BatSums::Intel, [false, false, true, true, true, true, true]),
+            (BatSums::Amd, [false, false, false, false, false, true, true]),
+        ] {
+            for (r, fused) in [2, 7, 8, 9, 11, 12, 13].into_iter().zip(fused) {
+                assert_eq!(r >= sums.fused_from(), fused);
+                let mut w = vec![0f32; r * r];
+                (w[0], w[1]) = (1.0, 1.0 + 2f32.powi(-12));
+                let mut b = vec![0f32; r * r];
+                (b[0], b[r]) = (-1.0, 1.0 + 2f32.powi(-12));
+                let expect = if fused { 2f32.powi(-11) + 2f32.powi(-24) } else { 2f32.powi(-11) };
+                let (mut cpu, mut in_order) = (vec![0f32; r * r], vec![0f32; r * r]);
+                gemm(&mut cpu, &w, &b, r, r, sums);
+                gemm_in_order(&mut in_order, &w, &b, r, r, sums);
+                assert_eq!((cpu[0], in_order[0]), (expect, expect), "r = {r} {sums:?}");
+                // and through the merge: Δ = that + B[0, 0] = -1 + it, the weight 1 + Δ in f32
+                let mut merged = w.clone();
+                bat_merge(&mut merged, r, r, &b, r, Rounding { sums, ..Rounding::peft(Float::F32) });
+                assert_eq!(merged[0], 1.0 + (expect - 1.0), "r = {r} {sums:?}");
+            }
         }
     }
 
@@ -1182,9 +1245,11 @@ mod tests {
         // In order, 1 + 2^-24 rounds back to 1 (a tie, to even) each time: 1. Summed in blocks,
         // the two small products of a block (at its start) make 2^-23 first, and each such block
         // adds one ulp of 1. torch 2.15 on these exact tiles (PEFT's `o @ B`) gives these ulps:
-        // none at r = 384, one at 386-768 (halves) and at 769 and 800 (blocks of 384: 384, 384,
-        // the rest), two at 1024, three at 1536.
-        for (r, ks, ulps) in [
+        // on an Intel processor with AVX-512 none at r = 384, one at 386-768 (halves) and at 769
+        // and 800 (blocks of 384: 384, 384, the rest), two at 1024, three at 1536; on an AMD one
+        // none at 192, one at 193 (blocks of floor(r/2) = 96: 96, 96, 1), 200, 256, 384, 385 and 400
+        // (blocks of 192), two at 512, three at 768.
+        let intel = [
             (384, vec![1, 2], 0),
             (386, vec![193, 194], 1),
             (392, vec![196, 197], 1),
@@ -1194,7 +1259,20 @@ mod tests {
             (800, vec![384, 385], 1),
             (1024, vec![384, 385, 768, 769], 2),
             (1536, vec![384, 385, 768, 769, 1152, 1153], 3),
-        ] {
+        ];
+        let amd = [
+            (192, vec![1, 2], 0),
+            (193, vec![96, 97], 1),
+            (200, vec![100, 101], 1),
+            (256, vec![128, 129], 1),
+            (384, vec![192, 193], 1),
+            (385, vec![192, 193], 1),
+            (400, vec![192, 193], 1),
+            (512, vec![192, 193, 384, 385], 2),
+            (768, vec![192, 193, 384, 385, 576, 577], 3),
+        ];
+        let cases = intel.into_iter().map(|c| (BatSums::Intel, c)).chain(amd.into_iter().map(|c| (BatSums::Amd, c)));
+        for (sums, (r, ks, ulps)) in cases {
             let mut w = vec![0f32; r]; // row 0 alone
             let mut b = vec![0f32; r * r];
             (w[0], b[0]) = (1.0, 1.0);
@@ -1203,22 +1281,24 @@ mod tests {
             }
             let expect = 1.0 + ulps as f32 * 2f32.powi(-23);
             let (mut cpu, mut in_order) = (vec![0f32; r], vec![0f32; r]);
-            gemm(&mut cpu, &w, &b, 1, r);
-            gemm_in_order(&mut in_order, &w, &b, 1, r);
-            assert_eq!((cpu[0], in_order[0]), (expect, expect), "r = {r}");
+            gemm(&mut cpu, &w, &b, 1, r, sums);
+            gemm_in_order(&mut in_order, &w, &b, 1, r, sums);
+            assert_eq!((cpu[0], in_order[0]), (expect, expect), "r = {r} {sums:?}");
         }
-        // the blocks' sums are added in order, ((s0 + s1) + s2) + s3: at r = 1536, s0 = 1 and
-        // s1 = s2 = s3 = 2^-24 (one small product each) give 1 + 2^-24 = 1 (a tie, to even) three
-        // times; a pairwise (1 + 2^-24) + (2^-24 + 2^-24) would give 1 + 2^-23
-        let r = 1536;
-        let (mut w, mut b) = (vec![0f32; r], vec![0f32; r * r]);
-        (w[0], b[0]) = (1.0, 1.0);
-        for k in [384, 768, 1152] {
-            (w[k], b[k * r]) = (1.0, 2f32.powi(-24));
+        // the blocks' sums are added in order, ((s0 + s1) + s2) + s3: at r = 1536 (Intel; 768 on
+        // the AMD processor, where torch gives the same), s0 = 1 and s1 = s2 = s3 = 2^-24 (one
+        // small product each) give 1 + 2^-24 = 1 (a tie, to even) three times; a pairwise
+        // (1 + 2^-24) + (2^-24 + 2^-24) would give 1 + 2^-23
+        for (sums, r, ks) in [(BatSums::Intel, 1536, [384, 768, 1152]), (BatSums::Amd, 768, [192, 384, 576])] {
+            let (mut w, mut b) = (vec![0f32; r], vec![0f32; r * r]);
+            (w[0], b[0]) = (1.0, 1.0);
+            for k in ks {
+                (w[k], b[k * r]) = (1.0, 2f32.powi(-24));
+            }
+            let mut out = vec![0f32; r];
+            gemm_in_order(&mut out, &w, &b, 1, r, sums);
+            assert_eq!(out[0], 1.0, "{sums:?}");
         }
-        let mut out = vec![0f32; r];
-        gemm_in_order(&mut out, &w, &b, 1, r);
-        assert_eq!(out[0], 1.0);
     }
 
     #[test]
@@ -1303,7 +1383,7 @@ mod tests {
     #[test]
     fn bat_in_parts_gives_the_bytes_of_the_separate_passes() {
         // a single BAT merge or unmerge runs each strip in parts of view rows; it must equal the
-        // strip done whole in passes: r below and above FUSED_FROM_R and beyond sum_block's 384,
+        // strip done whole in passes: r below and above 8 (fused_from) and beyond Intel's one block of 384,
         // several parts to a strip with a short last one, two strips, and a weight that overflows
         // in a later part (the first new inf's index); aligned or not
         let mut g = Lcg(12);
