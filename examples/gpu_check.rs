@@ -2,7 +2,9 @@
 //! `--device cpu`, every output tensor compared: the same bytes (BAT too: the GPU's GEMM kernel sums
 //! in the CPU's order). With `BONE_TOOL_GEMM=cublas`, whose GEMMs sum in their own order, at most
 //! one unit in the last place apart, or in f32 within 2^-18 of the tensor's largest value
-//! (`Float::disagreement` says why).
+//! (`Float::disagreement` says why). The f16/bf16 BAT cases are also merged with `--rounding
+//! once`, and those whose PEFT merge differs on an AMD processor (and the AMD-only wide case) with
+//! `--bat-sums amd`, the GEMM kernel's other ways of summing.
 //!
 //!   gpu_check BONE_TOOL_BINARY FIXTURES_DIR [CASE_SUBSTRING,...]
 //!
@@ -196,6 +198,23 @@ fn main() {
             let extra = [extra, &["--rounding", "once"]].concat();
             cpu_and_cuda(&bin, &tmp, &format!("{name}-once"), "merge", &base, &adapters, &extra, exact, &mut tally);
         }
+        // PEFT's BAT merges made on an AMD processor: the GEMM kernel's other sums (--bat-sums amd)
+        for (key, rounding) in [("merged_amd", &[][..]), ("merged_safe_amd", &["--rounding", "once"][..])] {
+            if c[key].is_string() {
+                let extra = [extra, rounding, &["--bat-sums", "amd"]].concat();
+                cpu_and_cuda(
+                    &bin,
+                    &tmp,
+                    &format!("{name}-{key}"),
+                    "merge",
+                    &base,
+                    &adapters,
+                    &extra,
+                    exact,
+                    &mut tally,
+                );
+            }
+        }
         if with_nan_weights.contains(&name) {
             let nan_base = tmp.join(format!("{name}-nan-base"));
             with_nans(&fixtures.join(c["base"].as_str().unwrap()), &nan_base);
@@ -204,6 +223,14 @@ fn main() {
                 cpu_and_cuda(&bin, &tmp, &what, cmd, &nan_base, &adapters, extra, true, &mut tally);
             }
         }
+    }
+    // the AMD-only wide case (r = 200: the AMD processor's blocks of k of 100)
+    for c in manifests[0].0["amd"].as_array().unwrap().iter().filter(|c| chosen(c["name"].as_str().unwrap())) {
+        let adapters: Vec<PathBuf> =
+            c["adapters"].as_array().unwrap().iter().map(|a| fixtures.join(a.as_str().unwrap())).collect();
+        let base = fixtures.join(c["base"].as_str().unwrap());
+        let what = format!("{}-amd", c["name"].as_str().unwrap());
+        cpu_and_cuda(&bin, &tmp, &what, "merge", &base, &adapters, &["--bat-sums", "amd"], exact, &mut tally);
     }
     let _ = std::fs::remove_dir_all(&tmp);
     if !tally.notes.is_empty() {

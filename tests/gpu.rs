@@ -1,5 +1,6 @@
-//! GPU against CPU on every fixture (both manifests; f16/bf16 BAT also with `--rounding once`),
-//! when this machine has a usable GPU (`--device cuda`): the same
+//! GPU against CPU on every fixture (both manifests; f16/bf16 BAT also with `--rounding once`; the
+//! BAT cases of PEFT's merges on an AMD processor also with `--bat-sums amd`), when this machine
+//! has a usable GPU (`--device cuda`): the same
 //! bytes (BAT too: the GPU's GEMM kernel sums in the CPU's order); with `BONE_TOOL_GEMM=cublas`,
 //! every value within one unit in the last place (in f32 BAT, within 2^-18 of the tensor's largest
 //! value: `Float::disagreement`). Without a GPU the test says so on stderr: it then
@@ -35,17 +36,26 @@ fn cuda_matches_cpu_on_every_fixture_or_says_why_not() {
     let mut compared = 0;
     let exact = std::env::var("BONE_TOOL_GEMM").as_deref() != Ok("cublas");
     // PEFT 0.18.1's cases (the f16/bf16 BAT ones also merged with --rounding once, the GPU's other
-    // BAT rounding), and PEFT 0.21.2's on transformers 5 (merged with --rounding once)
+    // BAT rounding; those PEFT merged otherwise on an AMD processor, and the AMD-only wide case,
+    // also with --bat-sums amd, the GEMM kernel's other sums), and PEFT 0.21.2's on transformers 5
+    // (merged with --rounding once)
     let cases = manifests().into_iter().flat_map(|(m, folder)| {
         let once = m["rounding"] == "once";
-        let cases = m["cases"].as_array().unwrap().clone();
-        cases.into_iter().flat_map(move |c| {
+        let cases = m["cases"].as_array().unwrap().clone().into_iter().map(|c| (c, false));
+        let amd_only = m["amd"].as_array().cloned().unwrap_or_default().into_iter().map(|c| (c, true));
+        cases.chain(amd_only).flat_map(move |(c, amd_only)| {
             let also_once = !once && c["merged_safe"].is_string();
-            let runs = [("merge", once), ("unmerge", false)].into_iter().chain(also_once.then_some(("merge", true)));
-            runs.map(move |(cmd, once)| (c.clone(), folder, cmd, once)).collect::<Vec<_>>()
+            let runs = [("merge", once, false), ("unmerge", false, false)]
+                .into_iter()
+                .filter(|_| !amd_only)
+                .chain(also_once.then_some(("merge", true, false)))
+                .chain(c["merged_amd"].is_string().then_some(("merge", false, true)))
+                .chain(c["merged_safe_amd"].is_string().then_some(("merge", true, true)));
+            runs.map(move |(cmd, once, amd)| (c.clone(), folder, cmd, once, amd)).collect::<Vec<_>>()
         })
     });
-    for (c, folder, cmd, once) in cases {
+    let mut amd_runs = 0;
+    for (c, folder, cmd, once, amd) in cases {
         let name = c["name"].as_str().unwrap();
         let model = if cmd == "merge" {
             fixtures().join(c["base"].as_str().unwrap())
@@ -54,7 +64,7 @@ fn cuda_matches_cpu_on_every_fixture_or_says_why_not() {
         };
         let mut outs = vec![];
         for device in ["cpu", "cuda"] {
-            let out = tmp.path().join(format!("{name}-{cmd}-{device}{}", if once { "-once" } else { "" }));
+            let out = tmp.path().join(format!("{name}-{cmd}-{device}-{once}-{amd}"));
             let mut args: Vec<String> = vec!["-q".into(), cmd.into()];
             args.push(if cmd == "merge" { "--base" } else { "--merged" }.into());
             args.push(model.display().to_string());
@@ -71,6 +81,9 @@ fn cuda_matches_cpu_on_every_fixture_or_says_why_not() {
             if once {
                 args.extend(["--rounding".into(), "once".into()]);
             }
+            if amd {
+                args.extend(["--bat-sums".into(), "amd".into()]);
+            }
             ok(&run(&args.iter().map(String::as_str).collect::<Vec<_>>()));
             outs.push(load(&out));
         }
@@ -78,11 +91,12 @@ fn cuda_matches_cpu_on_every_fixture_or_says_why_not() {
             let gpu = &outs[1][t];
             let f = Float::from_dtype(cpu.dtype).expect("every fixture tensor is a float");
             if let Some((k, x, y)) = f.disagreement_in(&cpu.data, &gpu.data) {
-                panic!("{name} {cmd} (once: {once}) {t}: element {k}: CPU {x} vs GPU {y}");
+                panic!("{name} {cmd} (once: {once}, amd: {amd}) {t}: element {k}: CPU {x} vs GPU {y}");
             }
-            assert!(!exact || cpu.data == gpu.data, "{name} {cmd} (once: {once}) {t}: not the CPU's bytes");
+            assert!(!exact || cpu.data == gpu.data, "{name} {cmd} (once: {once}, amd: {amd}) {t}: not the CPU's bytes");
             compared += 1;
         }
+        amd_runs += usize::from(amd);
     }
-    assert!(compared > 500);
+    assert!(compared > 500 && amd_runs == 5, "{compared} tensors, {amd_runs} runs with --bat-sums amd");
 }

@@ -37,6 +37,10 @@ struct Case {
     has_bat: bool,
     /// PEFT's `merge_and_unload(safe_merge=True)`, which rounds BAT's `W + Δ` once (f16/bf16 BAT).
     merged_safe: Option<String>,
+    /// PEFT's merge and safe merge made on an AMD processor with AVX-512, where they differ from
+    /// `merged` and `merged_safe` (fixtures/generate.py --amd).
+    merged_amd: Option<String>,
+    merged_safe_amd: Option<String>,
     /// For each adapter, the modules whose blocks are in its file but that PEFT, loading it,
     /// puts no layer on (its config does not target them), as PEFT itself listed them.
     untargeted: Vec<Vec<String>>,
@@ -83,6 +87,8 @@ fn cases() -> Vec<Case> {
                 autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
                 has_bat,
                 merged_safe: c["merged_safe"].as_str().map(str::to_string),
+                merged_amd: c["merged_amd"].as_str().map(str::to_string),
+                merged_safe_amd: c["merged_safe_amd"].as_str().map(str::to_string),
                 untargeted: lists(&c["untargeted"]),
                 without_blocks: lists(&c["without_blocks"]),
             }
@@ -236,6 +242,61 @@ fn rounding_once_matches_peft_safe_merge() {
         differ_from_default += compare(&default, &safe, Expect::Bytes).len();
     }
     assert!(differ_from_default > 0, "the two roundings differ somewhere, or this test shows nothing");
+}
+
+#[test]
+fn bat_sums_amd_matches_peft_on_an_amd_processor() {
+    // PEFT's merges made on an AMD processor with AVX-512 (fixtures/generate.py --amd), where torch
+    // sums f32 BAT GEMMs otherwise than on the Intel processor the other fixtures come from (r = 8:
+    // each product rounded and then added; r = 200, the wide case: k in two blocks of 100).
+    // `--bat-sums amd` gives their bytes; the default, Intel's sums, does not.
+    let tmp = tempfile::tempdir().unwrap();
+    let m = manifest();
+    let wide = m["amd"].as_array().expect("the manifest's AMD-only cases").iter().map(|c| Case {
+        name: c["name"].as_str().unwrap().to_string(),
+        dir: fixtures().join("cases").join(c["name"].as_str().unwrap()),
+        rounding_once: false,
+        base: c["base"].as_str().unwrap().to_string(),
+        adapters: c["adapters"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect(),
+        exact_merge: true,
+        autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
+        has_bat: true,
+        merged_safe: None,
+        merged_amd: c["merged_amd"].as_str().map(str::to_string),
+        merged_safe_amd: None,
+        untargeted: vec![],
+        without_blocks: vec![],
+    });
+    let mut checked = vec![];
+    for c in cases().into_iter().chain(wide) {
+        for (peft, once) in [(&c.merged_amd, false), (&c.merged_safe_amd, true)] {
+            let Some(peft) = peft else { continue };
+            let peft = load(&fixtures().join(peft));
+            let rounding: &[&str] = if once { &["--rounding", "once"] } else { &[] };
+            let out = tmp.path().join(format!("{}-{once}-amd", c.name));
+            apply_env(
+                "merge",
+                &fixtures().join(&c.base),
+                &c,
+                &out,
+                None,
+                false,
+                &[rounding, &["--bat-sums", "amd"]].concat(),
+            );
+            let bad = compare(&load(&out), &peft, Expect::Bytes);
+            assert!(
+                bad.is_empty(),
+                "{} (once: {once}): --bat-sums amd differs from PEFT's:\n{}",
+                c.name,
+                bad.join("\n")
+            );
+            let out = tmp.path().join(format!("{}-{once}-intel", c.name));
+            apply_env("merge", &fixtures().join(&c.base), &c, &out, None, false, rounding);
+            assert!(!compare(&load(&out), &peft, Expect::Bytes).is_empty(), "{}: Intel's sums give the same", c.name);
+            checked.push(c.name.clone());
+        }
+    }
+    assert!(checked.len() >= 5 && checked.iter().any(|n| n == "bone-bat-wide-f32"), "{checked:?}");
 }
 
 #[test]

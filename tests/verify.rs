@@ -395,3 +395,60 @@ fn either_peft_rounding_of_bat_verifies_and_says_which() {
     assert_eq!(code, Some(1), "{r}");
     assert_eq!(r["rounding"], "peft");
 }
+
+#[test]
+fn peft_merges_made_on_an_amd_processor_verify_and_say_so() {
+    // PEFT's merges from an AMD processor with AVX-512 (fixtures/generate.py --amd), whose f32 BAT
+    // sums differ from the Intel processor's that bone-tool follows by default: verify finds them
+    // different, checks the AMD processor's sums (and, for the f16/bf16 safe merges, the other
+    // rounding too), and says which matched; asked for the AMD sums it finds them at once and says
+    // nothing. And PEFT's f32 Intel merge checked with --bat-sums amd is found the other way round.
+    let verify_all = |c: &serde_json::Value, merged: &str, extra: &[&str]| {
+        let mut args = vec!["verify", "--json", "--base", c["base"].as_str().unwrap()];
+        for a in c["adapters"].as_array().unwrap() {
+            args.extend(["--adapter", a.as_str().unwrap()]);
+        }
+        args.extend(["--merged", merged]);
+        args.extend(extra);
+        let paths: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.starts_with("cases/") || a.starts_with("bases/") {
+                    fixtures().join(a).display().to_string()
+                } else {
+                    a.to_string()
+                }
+            })
+            .collect();
+        let o = run(&paths.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!stderr(&o).contains("panicked"));
+        (o.status.code(), serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap())
+    };
+    let m = manifest();
+    let mut seen = vec![];
+    for c in m["cases"].as_array().unwrap().iter().chain(m["amd"].as_array().unwrap()) {
+        for (key, once) in [("merged_amd", false), ("merged_safe_amd", true)] {
+            let Some(amd) = c[key].as_str() else { continue };
+            let name = c["name"].as_str().unwrap();
+            let (code, j) = verify_all(c, amd, &[]);
+            assert_eq!(code, Some(0), "{name} {key}: {j}");
+            assert_eq!(j["bat_sums"], "amd", "{name} {key}: {j}");
+            assert_eq!(j["rounding"], if once { "once" } else { "peft" }, "{name} {key}: {j}");
+            assert_eq!(j["equal"].as_u64().unwrap() as usize, j["tensors"].as_array().unwrap().len(), "{name}: {j}");
+            let hint = j["hint"].as_str().unwrap_or_default();
+            assert!(hint.contains("--bat-sums amd") && hint.contains(&amd.to_string()), "{name} {key}: {hint}");
+            assert_eq!(hint.contains("--rounding once"), once, "{name} {key}: {hint}");
+            let rounding: &[&str] = if once { &["--rounding", "once"] } else { &[] };
+            let (code, j) = verify_all(c, amd, &[rounding, &["--bat-sums", "amd"]].concat());
+            assert_eq!((code, &j["hint"]), (Some(0), &serde_json::Value::Null), "{name} {key}: {j}");
+            // (in f16/bf16 the two processors' merges are within one ulp, which verify accepts as is)
+            if let Some(intel) = c["merged"].as_str().filter(|_| !once) {
+                let (code, j) = verify_all(c, intel, &["--bat-sums", "amd"]);
+                assert_eq!((code, &j["bat_sums"]), (Some(0), &"intel".into()), "{name} {key}: {j}");
+                assert!(j["hint"].as_str().unwrap().contains("--bat-sums intel"), "{name} {key}: {j}");
+            }
+            seen.push(format!("{name} {key}"));
+        }
+    }
+    assert_eq!(seen.len(), 5, "{seen:?}");
+}
