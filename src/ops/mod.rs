@@ -654,8 +654,9 @@ pub enum BatSums {
     #[default]
     Intel,
     /// An AMD processor with AVX-512 (an EPYC, torch 2.15's MKL 2024.2): the plain loop up to
-    /// r = 11 (MKL's own at r = 9 to 11, which sums a few elements of the first two or three
-    /// columns otherwise still, about 5% of the values), fused from 12; one block up to r = 192,
+    /// r = 11 (MKL's own at r = 9 to 11, which sums the one to three elements of a row before its
+    /// first 16-byte boundary in the output otherwise still, in an order not identified: about 5%
+    /// of the products' values), fused from 12; one block up to r = 192,
     /// blocks of floor(r/2) from 193 to 384 (the last one 1 long for an odd r), blocks of 192
     /// beyond.
     Amd,
