@@ -172,8 +172,8 @@ pub fn has_gemm(chain: &[Prepared]) -> bool {
 /// True when a chain gives the same bytes on the CPU and on a GPU. The elementwise adds (default
 /// and mini) do: f32 with one rounding each, in the same order. BAT does where its GEMMs sum in
 /// the same order on both: the GPU's `strip_gemm` kernel sums each element's products in order
-/// (one fused multiply-add each from r = 8, as PEFT's torch does; a rounded product and a rounded
-/// add below), and so does the CPU's GEMM where [`ops::gemm_is_in_order`] finds it for that r
+/// (one fused multiply-add each from [`ops::BatSums::fused_from`], as PEFT's torch does; a rounded
+/// product and a rounded add below; in the op's blocks of k), and so does the CPU's GEMM where [`ops::gemm_is_in_order`] finds it for that r
 /// (always below r = 8, where it is the in-order loop; faer on processors with FMA, from r = 385
 /// in torch's blocks of at most 384); with
 /// `BONE_TOOL_GEMM=cublas`, cuBLAS sums in its own order. The pipeline computes these chains on
