@@ -45,6 +45,10 @@ pub enum Sink<'a> {
     Folder(&'a Path),
     /// Compared, piece by piece, with the same tensors of this model (nothing is written).
     Compare(&'a Model),
+    /// As `Compare`, but the run stops after the first tensor that is neither equal nor within one
+    /// ulp, whose check is then the last: whether a way of merging matches at all costs only up to
+    /// its first difference.
+    CompareUntilDifferent(&'a Model),
 }
 
 /// How one tensor compares with the model it is checked against.
@@ -305,7 +309,10 @@ pub fn run_into(
                             let to = Writing { plan, shards, dir, fsync, progress, announce, tensors_written };
                             write_all(to, from_compute, recycle, busy, scope).map(|_| vec![])
                         }
-                        Sink::Compare(expected) => compare_all(plan, expected, from_compute, recycle, progress),
+                        Sink::Compare(expected) => compare_all(plan, expected, from_compute, recycle, progress, false),
+                        Sink::CompareUntilDifferent(expected) => {
+                            compare_all(plan, expected, from_compute, recycle, progress, true)
+                        }
                     }),
                 ));
             }
@@ -726,12 +733,15 @@ fn tensor_pieces<'a>(
 }
 
 /// The compare stage: each tensor's pieces against the expected model's bytes at the same place.
+/// With `until_different`, it returns after the first tensor that is neither equal nor within one
+/// ulp (dropping `pieces`, which stops the stages before it).
 fn compare_all<'scope>(
     plan: &'scope Plan,
     expected: &'scope Model,
     pieces: Receiver<Piece<'scope>>,
     recycle: Sender<Vec<u8>>,
     progress: &'scope ProgressBar,
+    until_different: bool,
 ) -> Result<Vec<TensorCheck>> {
     let mut checks = vec![];
     let mut theirs = vec![];
@@ -782,7 +792,11 @@ fn compare_all<'scope>(
             check.scale = Some(s as f64);
             check.max_rel = Some(if s > 0.0 { check.max_abs / s as f64 } else { 0.0 });
         }
+        let different = !matches!(check.status.as_str(), "equal" | "within_1_ulp");
         checks.push(check);
+        if until_different && different {
+            return Ok(checks);
+        }
     }
     let ours: std::collections::HashSet<&str> =
         plan.shards.iter().flat_map(|s| s.jobs.iter()).map(|j| j.name.as_str()).collect();
@@ -1090,4 +1104,46 @@ fn prepare(op: &Op, tensor: &str, o: usize, adapters: &[Adapter], warnings: &mut
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Device, Opening};
+    use crate::plan::{self, Direction, Options};
+
+    #[test]
+    fn a_compare_until_different_stops_after_the_first_tensor_that_differs() {
+        // bone-bat-f32's merge compared with its own base: every tensor the adapter changes differs.
+        // Compare checks them all (and lists nothing extra); CompareUntilDifferent ends its checks
+        // at the first of them, in the plan's order, and stops the stages before it.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let base = Model::open(&root.join("bases/llama-f32")).unwrap();
+        let adapter = Adapter::open(&root.join("cases/bone-bat-f32/adapter"), crate::adapter::DEFAULT_PREFIX).unwrap();
+        let adapters = [adapter];
+        let plan = plan::build(&base, &adapters, Direction::Merge, Options::default()).unwrap();
+        let opts = RunOptions {
+            fsync: false,
+            cpu_while_opening: false,
+            adds_on_cpu: false,
+            release_early: false,
+            allow_non_finite: true,
+        };
+        let checks = |sink| {
+            let output = Output { plan: &plan, adapters: &adapters, sink };
+            let device = Opening::ready(Device::Cpu);
+            run_into(vec![output], &base, &device, opts, &ProgressBar::hidden()).unwrap().checks.remove(0)
+        };
+        let all = checks(Sink::Compare(&base));
+        let order: Vec<&str> = plan.shards.iter().flat_map(|s| &s.jobs).map(|j| j.name.as_str()).collect();
+        assert_eq!(all.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), order);
+        let first = all.iter().position(|c| c.status == "differs").expect("the merge changes tensors");
+        assert!(first + 1 < all.len() && all[first + 1..].iter().any(|c| c.status == "differs"));
+        let until = checks(Sink::CompareUntilDifferent(&base));
+        assert_eq!(until.len(), first + 1);
+        assert!(until
+            .iter()
+            .zip(&all)
+            .all(|(a, b)| (a.name.as_str(), a.status.as_str()) == (b.name.as_str(), b.status.as_str())));
+    }
 }

@@ -38,7 +38,7 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         ..Options::default()
     };
     let started = std::time::Instant::now();
-    let mut run = recompute(args, &input, &expected, &adapters, direction, options, quiet)?;
+    let mut run = recompute(args, &input, &expected, &adapters, direction, options, false, quiet)?;
     let mut bad = mismatches(&run.checks);
     // Differences in BAT tensors alone can be PEFT's own ways of merging: PEFT 0.18.1 rounds an
     // f16/bf16 delta before adding it, PEFT 0.20 and later round W + delta once (as
@@ -63,7 +63,8 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
                     bat_sums: if sums { other_processor(options.bat_sums) } else { options.bat_sums },
                     ..options
                 };
-                let again = recompute(args, &input, &expected, &adapters, direction, other, quiet)?;
+                // (stopping at its first difference: only the way that matches costs a whole pass)
+                let again = recompute(args, &input, &expected, &adapters, direction, other, true, quiet)?;
                 if mismatches(&again.checks).is_empty() {
                     let exact = again.checks.iter().all(|c| c.status == "equal" || !bat.contains_key(c.name.as_str()));
                     if exact || found.is_none() {
@@ -250,7 +251,10 @@ struct Recomputed {
 }
 
 /// Recompute the merge (or unmerge) of `adapters` into `input` with `options`, tensor by tensor,
-/// and compare it with `expected`; --tolerance marks the differences it accepts.
+/// and compare it with `expected`; --tolerance marks the differences it accepts. With
+/// `until_different` (and no --tolerance, which may accept a tensor that differs), the run stops
+/// after the first tensor that is neither equal nor within one ulp.
+#[allow(clippy::too_many_arguments)]
 fn recompute(
     args: &VerifyArgs,
     input: &Model,
@@ -258,6 +262,7 @@ fn recompute(
     adapters: &[Adapter],
     direction: Direction,
     options: Options,
+    until_different: bool,
     quiet: bool,
 ) -> Result<Recomputed> {
     let expected_path = expected.path.as_path();
@@ -291,7 +296,12 @@ fn recompute(
         adds_on_cpu: false,
         release_early: false,
     };
-    let output = execute::Output { plan: &plan, adapters, sink: Sink::Compare(expected) };
+    let sink = if until_different && args.tolerance.is_none() {
+        Sink::CompareUntilDifferent(expected)
+    } else {
+        Sink::Compare(expected)
+    };
+    let output = execute::Output { plan: &plan, adapters, sink };
     let report = execute::run_into(vec![output], input, &device, run_opts, &progress)?;
     let (late, mut checks, timings) =
         (report.warnings, report.checks.into_iter().next().unwrap_or_default(), report.timings);
