@@ -35,7 +35,7 @@ pub enum BatSums {
 impl BatSums {
     /// The smallest r whose GEMM fuses each product into its sum; below it each product is
     /// rounded and then added.
-    pub fn fused_from(self) -> usize {
+    pub const fn fused_from(self) -> usize {
         match self {
             BatSums::Intel => 8,
             BatSums::Amd => 12,
@@ -62,9 +62,9 @@ impl BatSums {
     }
 }
 
-/// The largest r that [`gemm_in_order`] sums unfused (every [`BatSums::fused_from`] is at most one
-/// more): its loop is compiled for each r up to it.
-const UNFUSED_MAX_R: usize = 11;
+/// The largest r that [`gemm_in_order`] sums unfused, below the largest [`BatSums::fused_from`]:
+/// its loop is compiled for each r up to it.
+const UNFUSED_MAX_R: usize = BatSums::Amd.fused_from() - 1;
 
 /// `dst[I, r] = lhs[I, r] · rhs[r, r]`, all row-major, single-threaded (callers parallelise).
 /// Below `sums`' [`BatSums::fused_from`], [`gemm_in_order`]; from it, faer's GEMM where it gives exactly
@@ -151,7 +151,10 @@ pub fn gemm_in_order(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usi
             8 => gemm_unfused::<8>(dst, lhs, rhs),
             9 => gemm_unfused::<9>(dst, lhs, rhs),
             10 => gemm_unfused::<10>(dst, lhs, rhs),
-            _ => gemm_unfused::<UNFUSED_MAX_R>(dst, lhs, rhs),
+            r => {
+                assert_eq!(r, UNFUSED_MAX_R, "every unfused r has its loop above");
+                gemm_unfused::<UNFUSED_MAX_R>(dst, lhs, rhs)
+            }
         }
         return;
     }
