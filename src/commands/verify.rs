@@ -60,7 +60,7 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
             for (rounding, sums) in tries {
                 let other = Options {
                     rounding_once: options.rounding_once != rounding,
-                    bat_sums: if sums { other_processor(options.bat_sums) } else { options.bat_sums },
+                    bat_sums: sums_tried(options.bat_sums, sums),
                     ..options
                 };
                 // (stopping at its first difference: only the way that matches costs a whole pass)
@@ -81,7 +81,7 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         }
     }
     let rounding_once = options.rounding_once != other_rounding;
-    let bat_sums = if other_sums { other_processor(options.bat_sums) } else { options.bat_sums };
+    let bat_sums = sums_tried(options.bat_sums, other_sums);
     let seconds = started.elapsed().as_secs_f64();
     let Recomputed { plan, checks, warnings, timings } = run;
     let count = |s: &str| checks.iter().filter(|c| c.status == s).count();
@@ -234,11 +234,12 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
     }
 }
 
-/// The processor whose sums [`run`] tries when those asked for do not match.
-fn other_processor(sums: BatSums) -> BatSums {
-    match sums {
-        BatSums::Intel => BatSums::Amd,
-        BatSums::Amd => BatSums::Intel,
+/// The sums [`run`] recomputes with: those asked for, or with `other` the other processor's.
+fn sums_tried(asked: BatSums, other: bool) -> BatSums {
+    match (asked, other) {
+        (sums, false) => sums,
+        (BatSums::Intel, true) => BatSums::Amd,
+        (BatSums::Amd, true) => BatSums::Intel,
     }
 }
 
