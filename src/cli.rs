@@ -174,9 +174,12 @@ pub struct ConvertArgs {
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     pub energy: Option<f64>,
 
-    /// The dtype of the written tensors (`keep`: the blocks' own)
-    #[arg(long, value_enum, default_value_t = DtypeArg::Keep)]
-    pub dtype: DtypeArg,
+    /// The dtype of the written tensors (`keep`: the blocks' own). Default: `keep`, but f32 for
+    /// the factors of BAT -> LoRA (new values from an SVD, stored as PEFT's convert_to_lora stores
+    /// them). A narrower dtype than the blocks' rounds them: the conversion is then no longer exact,
+    /// and says by how much
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
 
     /// Replace --out if it exists
     #[arg(long)]

@@ -3,7 +3,7 @@
 //! atomic output folder; the result is an adapter folder PEFT loads.
 
 use crate::adapter::{Adapter, Block, PeftType, Variant};
-use crate::cli::{ConvertArgs, ConvertTo, DtypeArg};
+use crate::cli::{ConvertArgs, ConvertTo};
 use crate::error::{input, Result};
 use crate::model::file::build_header;
 use crate::model::output::{OutputDir, ShardWriter};
@@ -75,14 +75,16 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
             (None, Some(e)) => RankRule::Energy(e),
             (None, None) => unreachable!("checked above"),
         };
-        bat_low_ranks(&a, base, rule, quiet)?
+        bat_low_ranks(&a, base, rule, |b| out_float(args, Variant::Bat, b), quiet)?
     } else {
         vec![]
     }
     .into_iter();
     // blocks on modules the config does not target too: a conversion keeps what the file holds
+    // values the chosen --dtype rounded (exact conversions), and its error
+    let mut rounded = 0usize;
     for b in a.blocks.iter().chain(&a.untargeted) {
-        let out_float = out_float(args.dtype, b)?;
+        let out_float = out_float(args, c.variant, b);
         match args.to {
             ConvertTo::Miss | ConvertTo::Bone => {
                 let key = if args.to == ConvertTo::Miss {
@@ -113,7 +115,9 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
                 let data = if Float::from_dtype(b.entry.dtype) == Some(out_float) && shape == b.entry.shape {
                     a.file.read_tensor(&b.entry)?
                 } else {
-                    encode(out_float, &values)
+                    let r = narrow(out_float, values, |_| 1.0).map_err(|e| input(format!("{}: {e}", b.key)))?;
+                    (rounded, err_num, err_den) = (rounded + r.changed, err_num + r.num, err_den + r.den);
+                    encode(out_float, &r.values)
                 };
                 tensors.push(OutTensor { name: key, dtype: out_float.dtype(), shape, data });
             }
@@ -150,7 +154,13 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
                         for col in 0..i {
                             lora_a[(col % r) * i + col] = 1.0;
                         }
-                        (r, lora_a, lora_b, 0.0)
+                        // A is exact; B·A repeats column j of B in the n_j inputs of residue j
+                        let n = |j: usize| (i / r + usize::from(j < i % r)) as f64;
+                        let nr =
+                            narrow(out_float, lora_b, |x| n(x % r)).map_err(|e| input(format!("{}: {e}", b.key)))?;
+                        (rounded, err_num, err_den) = (rounded + nr.changed, err_num + nr.num, err_den + nr.den);
+                        let rel = if nr.den == 0.0 { 0.0 } else { (nr.num / nr.den).sqrt() };
+                        (r, lora_a, nr.values, rel)
                     }
                     Variant::Bat => {
                         let lr = low_ranks.next().expect("one for each block");
@@ -207,6 +217,19 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
 
     tensors.sort_by(|x, y| x.name.cmp(&y.name));
     if args.dry_run {
+        let exact = !(args.to == ConvertTo::Lora && c.variant == Variant::Bat);
+        let own = |b: &Block| Float::from_dtype(b.entry.dtype).expect("checked when opened");
+        let narrows =
+            |b: &&Block| own(b) != out_float(args, c.variant, b) && out_float(args, c.variant, b) != Float::F32;
+        if let Some(b) = a.blocks.iter().chain(&a.untargeted).find(|b| exact && narrows(b)) {
+            warnings.push(format!(
+                "--dtype {} is narrower than the blocks' {} (e.g. {}): it will round them, and the converted \
+                 adapter will not be exact",
+                dtype_flag(args),
+                own(b),
+                b.key
+            ));
+        }
         for warn in &warnings {
             crate::report::warning(warn);
         }
@@ -240,6 +263,13 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
         ConvertTo::Lora => "LORA",
     };
     let total = if err_den > 0.0 { (err_num / err_den).sqrt() } else { 0.0 };
+    if rounded > 0 {
+        warnings.push(format!(
+            "--dtype {} rounded {rounded} of the adapter's block values: the converted adapter is not exact (relative \
+             error {total:.3e}, Frobenius, over all layers)",
+            dtype_flag(args)
+        ));
+    }
     for warn in &warnings {
         crate::report::warning(warn);
     }
@@ -250,7 +280,8 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
             "from": from.name(),
             "to": to,
             "variant": c.variant.name(),
-            "exact": !(args.to == ConvertTo::Lora && c.variant == Variant::Bat),
+            "exact": !(args.to == ConvertTo::Lora && c.variant == Variant::Bat) && rounded == 0,
+            "rounded_values": rounded,
             "layers": layers,
             "total_rel_error": total,
             "tensors": tensors.len(),
@@ -381,7 +412,13 @@ const SVD_MEMORY: u64 = 2 << 30;
 /// then untargeted). The SVDs of tall-skinny products keep
 /// about one core busy, so several layers run at a time: as many as there are worker threads,
 /// within [`SVD_MEMORY`]. A bar of layers on a terminal; Ctrl-C stops at the next layer.
-fn bat_low_ranks(a: &Adapter, base: &Model, rule: RankRule, quiet: bool) -> Result<Vec<lowrank::LowRank>> {
+fn bat_low_ranks(
+    a: &Adapter,
+    base: &Model,
+    rule: RankRule,
+    store: impl Fn(&Block) -> Float + Sync,
+    quiet: bool,
+) -> Result<Vec<lowrank::LowRank>> {
     let blocks: Vec<&Block> = a.blocks.iter().chain(&a.untargeted).collect();
     let shapes = blocks.iter().map(|b| layer_geometry(a, b, Some(base))).collect::<Result<Vec<_>>>()?;
     let largest = shapes.iter().map(|(o, i)| (o * i) as u64).max().unwrap_or(1).max(1);
@@ -405,8 +442,8 @@ fn bat_low_ranks(a: &Adapter, base: &Model, rule: RankRule, quiet: bool) -> Resu
         let w = base.shards[si].read_f32(w_entry)?;
         let delta = ops::bat_delta(&w, o, i, &a.file.read_f32(&b.entry)?, a.config.r);
         drop(w);
-        let lr =
-            lowrank::truncate(&delta, o, i, rule).map_err(|e| input(format!("layer {}: [{o}, {i}]: {e}", b.module)))?;
+        let lr = lowrank::truncate(&delta, o, i, rule, store(b))
+            .map_err(|e| input(format!("layer {}: [{o}, {i}]: {e}", b.module)))?;
         progress.inc(1);
         Ok(lr)
     };
@@ -462,8 +499,56 @@ fn layer_geometry(a: &Adapter, b: &Block, base: Option<&Model>) -> Result<(usize
     Ok((g.o, g.i))
 }
 
-fn out_float(d: DtypeArg, b: &Block) -> Result<Float> {
-    Ok(d.float().unwrap_or_else(|| Float::from_dtype(b.entry.dtype).expect("checked when opened")))
+/// The dtype a block's tensors are written in: --dtype's; without it the block's own, but f32 for
+/// the factors of BAT -> LoRA (new values, as PEFT's convert_to_lora stores them from a loaded
+/// adapter, whose blocks it upcasts).
+fn out_float(args: &ConvertArgs, variant: Variant, b: &Block) -> Float {
+    let own = || Float::from_dtype(b.entry.dtype).expect("checked when opened");
+    match args.dtype {
+        Some(d) => d.float().unwrap_or_else(own),
+        None if args.to == ConvertTo::Lora && variant == Variant::Bat => Float::F32,
+        None => own(),
+    }
+}
+
+/// `--dtype`'s value as the user spelled it.
+fn dtype_flag(args: &ConvertArgs) -> String {
+    args.dtype.map(|d| format!("{d:?}").to_lowercase()).unwrap_or_default()
+}
+
+/// Values rounded to the dtype they are written in, with what that cost.
+struct Narrowed {
+    values: Vec<f32>,
+    /// how many values rounding changed
+    changed: usize,
+    /// `Σ w·(x − x̃)²` and `Σ w·x²`, each value weighted by how often it counts (`weight(index)`)
+    num: f64,
+    den: f64,
+}
+
+/// `values` rounded to `f`; an error where a finite value overflows it (f16's range).
+fn narrow(f: Float, mut values: Vec<f32>, weight: impl Fn(usize) -> f64) -> std::result::Result<Narrowed, String> {
+    let before = values.clone();
+    f.round(&mut values);
+    let (mut changed, mut num, mut den) = (0, 0f64, 0f64);
+    for (n, (x, y)) in before.iter().zip(&values).enumerate() {
+        if x.is_finite() && !y.is_finite() {
+            return Err(format!(
+                "value {x} at element {n} does not fit in {f} (largest finite {}): choose another --dtype",
+                f.max_finite()
+            ));
+        }
+        if !x.is_finite() {
+            continue;
+        }
+        let w = weight(n);
+        den += w * (*x as f64).powi(2);
+        if x.to_bits() != y.to_bits() {
+            changed += 1;
+            num += w * (*x as f64 - *y as f64).powi(2);
+        }
+    }
+    Ok(Narrowed { values, changed, num, den })
 }
 
 fn encode(f: Float, v: &[f32]) -> Vec<u8> {

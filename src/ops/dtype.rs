@@ -54,6 +54,15 @@ impl Float {
         }
     }
 
+    /// The largest finite value of this type.
+    pub fn max_finite(self) -> f32 {
+        match self {
+            Float::F32 => f32::MAX,
+            Float::BF16 => half::bf16::MAX.to_f32(),
+            Float::F16 => half::f16::MAX.to_f32(),
+        }
+    }
+
     /// Round every value to this type's precision (the value stays an f32).
     #[inline(always)]
     pub fn round(self, xs: &mut [f32]) {

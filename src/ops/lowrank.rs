@@ -2,6 +2,7 @@
 //! `A = V_kᵀ` `[k, I]`. When the rank kept is small next to the layer, a randomized range finder
 //! (Gaussian sketch, two power iterations, f64) replaces the full SVD.
 
+use crate::ops::dtype::Float;
 use faer::{Mat, MatRef};
 
 /// How many singular values to keep.
@@ -20,7 +21,7 @@ pub struct LowRank {
     /// `[O, k]`, row-major.
     pub b: Vec<f32>,
     pub k: usize,
-    /// `‖Δ − B·A‖_F / ‖Δ‖_F`, computed from the factors as stored (f32).
+    /// `‖Δ − B·A‖_F / ‖Δ‖_F`, computed from the factors as stored (rounded to the stored dtype).
     pub rel_error: f64,
     /// `‖Δ‖²_F`.
     pub norm2: f64,
@@ -29,7 +30,9 @@ pub struct LowRank {
 /// Extra columns of the sketch beyond the rank asked for.
 const OVERSAMPLE: usize = 16;
 
-pub fn truncate(delta: &[f32], o: usize, i: usize, rule: RankRule) -> Result<LowRank, String> {
+/// The factors are rounded to `store`, the dtype they are written in, before their error is
+/// measured: the error reported is that of the adapter written.
+pub fn truncate(delta: &[f32], o: usize, i: usize, rule: RankRule, store: Float) -> Result<LowRank, String> {
     assert_eq!(delta.len(), o * i);
     let full = o.min(i);
     // Δᵀ, built column by column (faer's matrices are column-major): reading the row-major delta
@@ -63,8 +66,8 @@ pub fn truncate(delta: &[f32], o: usize, i: usize, rule: RankRule) -> Result<Low
             }
         };
         match k {
-            Some(k) => return Ok(factors(dt.as_ref(), total, &u, &s, &v, k.min(s.len()))),
-            None if 2 * sketch >= full => return Ok(factors(dt.as_ref(), total, &u, &s, &v, s.len())),
+            Some(k) => return factors(dt.as_ref(), total, &u, &s, &v, k.min(s.len()), store),
+            None if 2 * sketch >= full => return factors(dt.as_ref(), total, &u, &s, &v, s.len(), store),
             None => sketch = (sketch * 2).min(full),
         }
     }
@@ -105,8 +108,17 @@ fn randomized(d: MatRef<'_, f64>, l: usize) -> Result<Svd3, String> {
     Ok((u, s, svd.V().to_owned()))
 }
 
-/// The factors of rank `k` from the SVD of `Δ` (`dt` is `Δᵀ`, `norm2` is `‖Δ‖²_F`), with their error.
-fn factors(dt: MatRef<'_, f64>, norm2: f64, u: &Mat<f64>, s: &[f64], v: &Mat<f64>, k: usize) -> LowRank {
+/// The factors of rank `k` from the SVD of `Δ` (`dt` is `Δᵀ`, `norm2` is `‖Δ‖²_F`), rounded to
+/// `store`, with their error; an error where a factor does not fit in `store` (f16's range).
+fn factors(
+    dt: MatRef<'_, f64>,
+    norm2: f64,
+    u: &Mat<f64>,
+    s: &[f64],
+    v: &Mat<f64>,
+    k: usize,
+    store: Float,
+) -> Result<LowRank, String> {
     let (i, o) = (dt.nrows(), dt.ncols());
     let mut b = vec![0f32; o * k];
     let mut a = vec![0f32; k * i];
@@ -120,6 +132,14 @@ fn factors(dt: MatRef<'_, f64>, norm2: f64, u: &Mat<f64>, s: &[f64], v: &Mat<f64
             a[j * i + y] = v[(y, j)] as f32;
         }
     }
+    store.round(&mut a);
+    store.round(&mut b);
+    if let Some(x) = b.iter().find(|x| !x.is_finite()) {
+        return Err(format!(
+            "a LoRA factor ({x}: a singular value of {:.4e}) does not fit in {store}: choose --dtype f32 or bf16",
+            s[0]
+        ));
+    }
     // The error of the factors as stored, against the delta: an independent check of the SVD.
     // `(B·A)ᵀ = Aᵀ·Bᵀ` has `Δᵀ`'s layout, so the two are compared column by column (rows of Δ),
     // 256 at a time (a whole `[O, I]` product in f64 cost as much as the SVD, and its memory).
@@ -131,7 +151,7 @@ fn factors(dt: MatRef<'_, f64>, norm2: f64, u: &Mat<f64>, s: &[f64], v: &Mat<f64
         num += (dt.subcols(x0, n) - &at * bt.subcols(x0, n)).squared_norm_l2();
     }
     let rel_error = if norm2 == 0.0 { 0.0 } else { (num / norm2).sqrt() };
-    LowRank { a, b, k, rel_error, norm2 }
+    Ok(LowRank { a, b, k, rel_error, norm2 })
 }
 
 #[cfg(test)]
@@ -168,12 +188,12 @@ mod tests {
         let (o, i) = (300, 200);
         let d = low_rank(o, i);
         for k in [3, 8] {
-            let lr = truncate(&d, o, i, RankRule::Fixed(k)).unwrap();
+            let lr = truncate(&d, o, i, RankRule::Fixed(k), Float::F32).unwrap();
             assert_eq!((lr.k, lr.a.len(), lr.b.len()), (k, k * i, o * k));
             assert!(lr.rel_error < 1e-5, "k={k}: {}", lr.rel_error);
         }
         // rank 1 keeps energy 100 of 101.01: the error is sqrt(1.01 / 101.01) = 0.1
-        let lr = truncate(&d, o, i, RankRule::Fixed(1)).unwrap();
+        let lr = truncate(&d, o, i, RankRule::Fixed(1), Float::F32).unwrap();
         assert!((lr.rel_error - (1.01f64 / 101.01).sqrt()).abs() < 1e-3, "{}", lr.rel_error);
     }
 
@@ -183,19 +203,46 @@ mod tests {
         let d = low_rank(o, i);
         // cumulative energy fractions: 0.98999, 0.99990, 1.0
         for (t, k) in [(0.5, 1), (0.9899, 1), (0.9901, 2), (0.9998, 2), (0.99995, 3)] {
-            assert_eq!(truncate(&d, o, i, RankRule::Energy(t)).unwrap().k, k, "energy {t}");
+            assert_eq!(truncate(&d, o, i, RankRule::Energy(t), Float::F32).unwrap().k, k, "energy {t}");
         }
-        assert!(truncate(&d, o, i, RankRule::Energy(1.5)).is_err());
-        assert!(truncate(&d, o, i, RankRule::Energy(0.0)).is_err());
-        assert!(truncate(&d, o, i, RankRule::Fixed(91)).is_err());
+        assert!(truncate(&d, o, i, RankRule::Energy(1.5), Float::F32).is_err());
+        assert!(truncate(&d, o, i, RankRule::Energy(0.0), Float::F32).is_err());
+        assert!(truncate(&d, o, i, RankRule::Fixed(91), Float::F32).is_err());
     }
 
     #[test]
     fn randomized_and_exact_agree() {
         let (o, i) = (400, 300);
         let d = low_rank(o, i);
-        let a = truncate(&d, o, i, RankRule::Fixed(3)).unwrap(); // randomized (3 + 16 < 150)
-        let b = truncate(&d, o, i, RankRule::Fixed(200)).unwrap(); // exact
+        let a = truncate(&d, o, i, RankRule::Fixed(3), Float::F32).unwrap(); // randomized (3 + 16 < 150)
+        let b = truncate(&d, o, i, RankRule::Fixed(200), Float::F32).unwrap(); // exact
         assert!(a.rel_error < 1e-4 && b.rel_error < 1e-5, "{} {}", a.rel_error, b.rel_error);
+    }
+
+    #[test]
+    fn the_error_is_that_of_the_factors_as_stored() {
+        let (o, i) = (120, 90);
+        let d = low_rank(o, i);
+        let f32s = truncate(&d, o, i, RankRule::Fixed(3), Float::F32).unwrap();
+        let bf16s = truncate(&d, o, i, RankRule::Fixed(3), Float::BF16).unwrap();
+        // the factors are bf16 values, and their error, recomputed here from them, is bf16's
+        for x in bf16s.a.iter().chain(&bf16s.b) {
+            assert_eq!(half::bf16::from_f32(*x).to_f32(), *x);
+        }
+        let mut num = 0f64;
+        for x in 0..o {
+            for y in 0..i {
+                let approx: f64 = (0..3).map(|j| bf16s.b[x * 3 + j] as f64 * bf16s.a[j * i + y] as f64).sum();
+                num += (d[x * i + y] as f64 - approx).powi(2);
+            }
+        }
+        let rel = (num / bf16s.norm2).sqrt();
+        assert!((rel - bf16s.rel_error).abs() <= 1e-9 * rel, "{rel} {}", bf16s.rel_error);
+        assert!(bf16s.rel_error > 1e-4 && f32s.rel_error < 1e-5, "{} {}", bf16s.rel_error, f32s.rel_error);
+        // a factor beyond f16's range is an error, not an infinity in the adapter
+        let big: Vec<f32> = d.iter().map(|x| x * 1e5).collect();
+        let e = truncate(&big, o, i, RankRule::Fixed(3), Float::F16).unwrap_err();
+        assert!(e.contains("does not fit in F16"), "{e}");
+        assert!(truncate(&big, o, i, RankRule::Fixed(3), Float::BF16).is_ok());
     }
 }
