@@ -375,3 +375,25 @@ fn dtype_rounds_the_written_tensors_and_says_what_that_cost() {
     assert!(err.contains(&name) && err.contains("does not fit in F16") && err.contains("65504"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_rank_that_does_not_apply_is_said_to_be_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = fixtures().join("cases/miss-default-f32/adapter");
+    let written = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let mut args = vec!["convert", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend(["--base", "fixtures/bases/llama-f32"]);
+        args.extend(extra);
+        let o = bin().current_dir(root()).args(&args).output().unwrap();
+        ok(&o);
+        (std::fs::read(out.join("adapter_model.safetensors")).unwrap(), stderr(&o))
+    };
+    // a default adapter converts exactly at its own r (16), as PEFT's convert_to_lora does
+    let (plain, _) = written("lora", &["--to", "lora"]);
+    let (ranked, err) = written("lora-4", &["--to", "lora", "--rank", "4"]);
+    assert_eq!(plain, ranked);
+    assert!(err.contains("--rank 4 is ignored") && err.contains("r = 16"), "{err}");
+    let (_, err) = written("bone", &["--to", "bone", "--energy", "0.5"]);
+    assert!(err.contains("--energy 0.5 is ignored") && err.contains("converts to Bone"), "{err}");
+}

@@ -63,6 +63,21 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
         ));
     }
 
+    if let Some(flag) = args.rank.map(|n| format!("--rank {n}")).or(args.energy.map(|e| format!("--energy {e}"))) {
+        if args.to != ConvertTo::Lora || c.variant != Variant::Bat {
+            warnings.push(if args.to == ConvertTo::Lora {
+                format!(
+                    "{flag} is ignored: a {} adapter converts to LoRA exactly, at its r = {} (only BAT -> LoRA, an \
+                     SVD, takes a rank)",
+                    c.variant.name(),
+                    c.r
+                )
+            } else {
+                let to = if args.to == ConvertTo::Miss { "MiSS" } else { "Bone" };
+                format!("{flag} is ignored: it sets the rank of BAT -> LoRA, and this converts to {to}")
+            });
+        }
+    }
     let mut tensors: Vec<OutTensor> = vec![];
     let mut layers: Vec<Value> = vec![];
     let (mut err_num, mut err_den) = (0f64, 0f64);
