@@ -8,7 +8,7 @@
 //! own, the reader interleaving their tensors (`parallel_writers`).
 
 use crate::adapter::Adapter;
-use crate::backend::{has_gemm, same_bytes_on_every_device, Device, Opening, Ticket};
+use crate::backend::{cpu_only, has_gemm, same_bytes_on_every_device, Device, Opening, Ticket};
 use crate::error::{input, Interrupted, Result};
 use crate::model::output::ShardWriter;
 use crate::model::{Model, SafetensorsFile, TensorBytes, TensorEntry};
@@ -345,6 +345,7 @@ pub fn run_into(
                 match piece {
                     Piece::Rows { job, chain, row0, src, last } => {
                         let dev = match opened.get(device, false)? {
+                            _ if cpu_only(&chain) => &cpu,
                             Some(_) if opts.adds_on_cpu && !has_gemm(&chain) => &cpu,
                             Some(d) => d,
                             None if opts.cpu_while_opening && same_bytes_on_every_device(&chain) => &cpu,

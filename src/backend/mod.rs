@@ -182,7 +182,20 @@ pub fn same_bytes_on_every_device(chain: &[Prepared]) -> bool {
     chain.iter().all(|op| match op {
         Prepared::Periodic { .. } => true,
         Prepared::BatMerge { r, rounding, .. } | Prepared::BatUnmerge { r, rounding, .. } => {
-            gpu_gemm_in_order() && ops::gemm_is_in_order(*r, rounding.sums)
+            gpu_gemm_in_order() && ops::gemm_is_in_order(*r, rounding.sums) && !cpu_only(std::slice::from_ref(op))
+        }
+    })
+}
+
+/// True when only the CPU computes a chain as PEFT does: BAT with the AMD processor's sums at
+/// r = 9 to 11, where MKL sums the first elements of some rows otherwise
+/// ([`ops::BatSums::splits_heads`]), which the GPU's kernel does not model. The pipeline gives
+/// such chains to the CPU even where a GPU is open.
+pub fn cpu_only(chain: &[Prepared]) -> bool {
+    chain.iter().any(|op| match op {
+        Prepared::Periodic { .. } => false,
+        Prepared::BatMerge { r, rounding, .. } | Prepared::BatUnmerge { r, rounding, .. } => {
+            rounding.sums.splits_heads(*r)
         }
     })
 }

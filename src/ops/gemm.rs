@@ -25,8 +25,8 @@ pub enum BatSums {
     Intel,
     /// An AMD processor with AVX-512 (an EPYC, torch 2.15's MKL 2024.2): the plain loop up to
     /// r = 11 (MKL's own at r = 9 to 11, which sums the one to three elements of a row before its
-    /// first 16-byte boundary in the output otherwise still, in an order not identified: about 5%
-    /// of the products' values), fused from 12; one block up to r = 192,
+    /// first 16-byte boundary in the output otherwise still: [`heads_as_mkl`]), fused from 12;
+    /// one block up to r = 192,
     /// blocks of floor(r/2) from 193 to 384 (the last one 1 long for an odd r), blocks of 192
     /// beyond.
     Amd,
@@ -40,6 +40,12 @@ impl BatSums {
             BatSums::Intel => 8,
             BatSums::Amd => 12,
         }
+    }
+
+    /// Whether MKL sums the elements of a product's row before the row's first 16-byte boundary
+    /// otherwise than the rest ([`heads_as_mkl`]): on the AMD processor at r = 9 to 11.
+    pub const fn splits_heads(self, r: usize) -> bool {
+        matches!(self, BatSums::Amd) && r >= 9 && r < self.fused_from()
     }
 
     /// How MKL cuts the k of an r×r·r×r product: into blocks of this length from k = 0 (the last
@@ -123,6 +129,35 @@ fn sum_as_torch(
     for start in (b..r).step_by(b) {
         sum(&mut part, start..(start + b).min(r));
         dst.iter_mut().zip(&part).for_each(|(d, x)| *d += x);
+    }
+}
+
+/// Where [`BatSums::splits_heads`]: the elements of `dst` (`[n, r]` = `lhs[n, r]·rhs[r, r]`, as
+/// [`gemm`] computed them) that MKL on the AMD processor sums otherwise, summed again its way. In
+/// PEFT's product of the tiles (contiguous, from a 64-byte aligned address) a row whose first
+/// element `row_start(n)` (its index there) is not at a 16-byte boundary has one to three elements
+/// before the boundary; MKL sums each of those in chunks of four products, each chunk in order
+/// from its first product, the chunk sums added in order, then the last `r mod 4` products one by
+/// one, every product and sum rounded: `((((p₀+p₁)+p₂)+p₃) + (((p₄+p₅)+p₆)+p₇)) + p₈ …`. The rest
+/// of the row is the in-order sum of [`gemm`]. Measured on every value of PEFT's tile products on
+/// an AMD EPYC (merge `W·B` and unmerge `(W − B)·(I + B)⁻¹`, r = 9, 10 and 11, weights of 1×1 to
+/// 100×40 tiles, one and two threads): all of them.
+pub(super) fn heads_as_mkl(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, row_start: impl Fn(usize) -> usize) {
+    let whole = r - r % 4;
+    for (n, (out, x)) in dst.chunks_exact_mut(r).zip(lhs.chunks_exact(r)).enumerate() {
+        let head = (4 - row_start(n) % 4) % 4;
+        for (c, o) in out.iter_mut().enumerate().take(head) {
+            let p = |t: usize| x[t] * rhs[t * r + c]; // rounded: Rust never fuses
+            let chunk = |c0: usize| ((p(c0) + p(c0 + 1)) + p(c0 + 2)) + p(c0 + 3);
+            let mut acc = chunk(0);
+            for c0 in (4..whole).step_by(4) {
+                acc += chunk(c0);
+            }
+            for t in whole..r {
+                acc += p(t);
+            }
+            *o = acc;
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod dtype;
 mod gemm;
 pub mod lowrank;
 
+use gemm::heads_as_mkl;
 pub use gemm::{faer_is_in_order, gemm_in_order, gemm_is_in_order, BatSums};
 use gemm::{gemm, plus_zero};
 
@@ -92,12 +93,14 @@ impl Prepared {
     fn apply_view(&self, w: &mut [f32], strip: usize, k0: usize, per_a: usize, scratch: &mut Vec<f32>, round: bool) {
         let rd = match self {
             Prepared::BatMerge { b, r, rounding } => {
-                bat_merge_view(w, k0, per_a, &b[strip * r * r..][..r * r], *r, *rounding, scratch);
+                let at = View { strip, k0, per_a, blocks: b.len() / (r * r) };
+                bat_merge_view(w, at, &b[strip * r * r..][..r * r], *r, *rounding, scratch);
                 rounding
             }
             Prepared::BatUnmerge { b, inv, r, rounding } => {
                 let blk = strip * r * r..(strip + 1) * r * r;
-                bat_unmerge_view(w, k0, per_a, &b[blk.clone()], &inv[blk], *r, rounding.sums, scratch);
+                let at = View { strip, k0, per_a, blocks: b.len() / (r * r) };
+                bat_unmerge_view(w, at, &b[blk.clone()], &inv[blk], *r, rounding.sums, scratch);
                 rounding
             }
             Prepared::Periodic { .. } => unreachable!("view rows are BAT's"),
@@ -536,6 +539,27 @@ pub fn periodic_rows(w: &mut [f32], row0: usize, i: usize, et: &[f32], r: usize,
     }
 }
 
+/// Where a run of a strip's view rows sits: rows `k0..` of strip `strip` (rows `strip·r..` of the
+/// weight) of the weight's `blocks` strips, read as `[I, r]` with `per_a = I / r` view rows a tile
+/// row.
+#[derive(Clone, Copy)]
+struct View {
+    strip: usize,
+    k0: usize,
+    per_a: usize,
+    blocks: usize,
+}
+
+impl View {
+    /// Where view row `k0 + n` lands in PEFT's product of the tiles, `[I/r, O/r, r, r]` (torch's
+    /// batched matmul writes it contiguous): the index of its first element, row `a` of tile
+    /// `(strip, j)`, `((j·O/r + strip)·r + a)·r` ([`heads_as_mkl`] needs its alignment).
+    fn product_row(&self, n: usize, r: usize) -> usize {
+        let k = self.k0 + n;
+        ((k % self.per_a * self.blocks + self.strip) * r + k / self.per_a) * r
+    }
+}
+
 /// BAT merge on the view rows `k0..k0 + w.len() / r` of one strip, with the strip's block `bi`:
 /// for every output block row `i` and column block `j`, `W'_ij = W_ij + R_D(W_ij·B_i + B_i)` (or
 /// `W_ij + W_ij·B_i + B_i` with `rd.once`), not yet rounded to D ([`Prepared::apply_view`]).
@@ -544,9 +568,9 @@ pub fn periodic_rows(w: &mut [f32], row0: usize, i: usize, et: &[f32], r: usize,
 /// are the rows of the tiles `W_ij`, so one GEMM `[I, r]·[r, r]` does the whole strip (or any run
 /// of its view rows). View row `k` belongs to tile row `a = k / per_a`, `per_a = I / r`.
 #[inline(always)]
-fn bat_merge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], r: usize, rd: Rounding, delta: &mut Vec<f32>) {
+fn bat_merge_view(w: &mut [f32], at: View, bi: &[f32], r: usize, rd: Rounding, delta: &mut Vec<f32>) {
     delta.resize(w.len(), 0.0);
-    bat_delta_view(delta, w, k0, per_a, bi, r, rd.sums);
+    bat_delta_view(delta, w, at, bi, r, rd.sums);
     for (drow, wrow) in delta.chunks_exact_mut(r).zip(w.chunks_exact_mut(r)) {
         if !rd.once {
             rd.weight.round(drow);
@@ -559,10 +583,13 @@ fn bat_merge_view(w: &mut [f32], k0: usize, per_a: usize, bi: &[f32], r: usize, 
 
 /// `delta = W_ij·B_i + B_i` on the view rows `k0..` of one strip, as [`bat_merge_view`] reads them.
 #[inline(always)]
-fn bat_delta_view(delta: &mut [f32], w: &[f32], k0: usize, per_a: usize, bi: &[f32], r: usize, sums: BatSums) {
+fn bat_delta_view(delta: &mut [f32], w: &[f32], at: View, bi: &[f32], r: usize, sums: BatSums) {
     gemm(delta, w, bi, w.len() / r, r, sums);
+    if sums.splits_heads(r) {
+        heads_as_mkl(delta, w, bi, r, |n| at.product_row(n, r));
+    }
     for (k, drow) in delta.chunks_exact_mut(r).enumerate() {
-        for (d, bv) in drow.iter_mut().zip(&bi[((k0 + k) / per_a) * r..][..r]) {
+        for (d, bv) in drow.iter_mut().zip(&bi[((at.k0 + k) / at.per_a) * r..][..r]) {
             *d = plus_zero(*d) + bv;
         }
     }
@@ -572,25 +599,19 @@ fn bat_delta_view(delta: &mut [f32], w: &[f32], k0: usize, per_a: usize, bi: &[f
 /// `W_ij = (W'_ij − B_i)·inv_i`, `inv` the `(I + B_i)⁻¹`, not yet rounded to D.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn bat_unmerge_view(
-    w: &mut [f32],
-    k0: usize,
-    per_a: usize,
-    bi: &[f32],
-    invi: &[f32],
-    r: usize,
-    sums: BatSums,
-    diff: &mut Vec<f32>,
-) {
+fn bat_unmerge_view(w: &mut [f32], at: View, bi: &[f32], invi: &[f32], r: usize, sums: BatSums, diff: &mut Vec<f32>) {
     let n = w.len() / r;
     diff.resize(n * r, 0.0);
     for (k, (drow, wrow)) in diff.chunks_exact_mut(r).zip(w.chunks_exact(r)).enumerate() {
-        let brow = &bi[((k0 + k) / per_a) * r..][..r];
+        let brow = &bi[((at.k0 + k) / at.per_a) * r..][..r];
         for ((d, x), bv) in drow.iter_mut().zip(wrow).zip(brow) {
             *d = x - bv;
         }
     }
     gemm(w, diff, invi, n, r, sums);
+    if sums.splits_heads(r) {
+        heads_as_mkl(w, diff, invi, r, |n| at.product_row(n, r));
+    }
     w.iter_mut().for_each(|x| *x = plus_zero(*x));
 }
 
@@ -600,7 +621,8 @@ pub fn bat_delta(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) -> Vec<f32>
     check_bat(w, o, i, b, r);
     let mut delta = vec![0f32; o * i];
     delta.par_chunks_mut(r * i).zip(w.par_chunks(r * i)).enumerate().for_each(|(s, (d, strip))| {
-        bat_delta_view(d, strip, 0, i / r, &b[s * r * r..][..r * r], r, BatSums::Intel);
+        let at = View { strip: s, k0: 0, per_a: i / r, blocks: o / r };
+        bat_delta_view(d, strip, at, &b[s * r * r..][..r * r], r, BatSums::Intel);
     });
     delta
 }
