@@ -224,7 +224,8 @@ fn main() {
             }
         }
     }
-    // the AMD-only wide case (r = 200: the AMD processor's blocks of k of 100)
+    // the AMD-only cases (r = 200: the AMD processor's blocks of k of 100; r = 9 to 11: MKL's sums at
+    // the heads of rows, which only the CPU computes, also under --device cuda)
     for c in manifests[0].0["amd"].as_array().unwrap().iter().filter(|c| chosen(c["name"].as_str().unwrap())) {
         let adapters: Vec<PathBuf> =
             c["adapters"].as_array().unwrap().iter().map(|a| fixtures.join(a.as_str().unwrap())).collect();
