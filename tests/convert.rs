@@ -397,3 +397,21 @@ fn a_rank_that_does_not_apply_is_said_to_be_ignored() {
     let (_, err) = written("bone", &["--to", "bone", "--energy", "0.5"]);
     assert!(err.contains("--energy 0.5 is ignored") && err.contains("converts to Bone"), "{err}");
 }
+
+#[test]
+fn bat_factors_are_f32_unless_dtype_says_otherwise() {
+    // new values from an SVD: f32 by default, as PEFT's convert_to_lora stores them for an adapter
+    // it loaded (its bf16 blocks upcast); --dtype keep keeps the blocks' bf16
+    let tmp = tempfile::tempdir().unwrap();
+    let adapter = fixtures().join("cases/bone-bat-f16-blocks-bf16/adapter");
+    let base = fixtures().join("bases/llama-f16");
+    for (extra, want) in [(&[][..], safetensors::Dtype::F32), (&["--dtype", "keep"][..], safetensors::Dtype::BF16)] {
+        let out = tmp.path().join(format!("{want:?}"));
+        let mut args = vec!["-q", "convert", adapter.to_str().unwrap(), "--to", "lora", "--rank", "4"];
+        args.extend(["--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        args.extend(extra);
+        ok(&run(&args));
+        let lora = load(&out.join("adapter_model.safetensors"));
+        assert!(lora.len() >= 12 && lora.values().all(|t| t.dtype == want), "{extra:?}");
+    }
+}
