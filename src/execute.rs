@@ -1082,7 +1082,7 @@ fn prepare(op: &Op, tensor: &str, o: usize, adapters: &[Adapter], warnings: &mut
             let mut b = a.file.read_f32(block)?;
             rounding.load_block(&mut b);
             if *inverse {
-                let inv = ops::bat_inverses(&b, *r).map_err(|s| {
+                let inv = ops::bat_inverses_as_torch(&b, *r, rounding.sums).map_err(|s| {
                     input(format!(
                         "{}: {tensor:?}: block {}: I + B is singular (condition number {:.3e})",
                         a.dir.display(),

@@ -7,10 +7,11 @@
 //! - merges: byte for byte, every case (the manifest's `expect`; f32 BAT too since bone-tool sums
 //!   BAT's products as torch does: fused from r = 8, rounded one by one below), else every value
 //!   within 1e-5 relative (with a floor at 1% of the tensor's largest value);
-//! - unmerges: default/mini byte for byte; BAT uses (I + B)^-1, which PEFT takes from LAPACK in f32
-//!   and bone-tool computes in f64: f16/bf16 values within one ulp (or, where the result cancels to
-//!   almost nothing, within 1e-5 of the tensor's largest value), and at most 0.05% of all values
-//!   off at all; f32 within 1e-5 relative as above.
+//! - unmerges: default/mini byte for byte; BAT uses (I + B)^-1, which PEFT takes from LAPACK in f32:
+//!   at r = 8 bone-tool computes it as torch does (`ops::inverse_as_torch`), byte for byte; at
+//!   other r in f64: f16/bf16 values within one ulp (or, where the result cancels to almost
+//!   nothing, within 1e-5 of the tensor's largest value), and at most 0.05% of all values off at
+//!   all; f32 within 1e-5 relative as above.
 
 mod common;
 use common::*;
@@ -35,12 +36,17 @@ struct Case {
     exact_merge: bool,
     autocast: bool,
     has_bat: bool,
+    /// Every BAT adapter has r = 8, where bone-tool inverts `I + B` as PEFT's torch does in f32
+    /// (`ops::inverse_as_torch`): its BAT unmerges are PEFT's bytes too.
+    bat_r8: bool,
     /// PEFT's `merge_and_unload(safe_merge=True)`, which rounds BAT's `W + Δ` once (f16/bf16 BAT).
     merged_safe: Option<String>,
     /// PEFT's merge and safe merge made on an AMD processor with AVX-512, where they differ from
     /// `merged` and `merged_safe` (fixtures/generate.py --amd).
     merged_amd: Option<String>,
     merged_safe_amd: Option<String>,
+    /// PEFT's unmerge of `merged` on an AMD processor with AVX-512, where it differs from `unmerged`.
+    unmerged_amd: Option<String>,
     /// For each adapter, the modules whose blocks are in its file but that PEFT, loading it,
     /// puts no layer on (its config does not target them), as PEFT itself listed them.
     untargeted: Vec<Vec<String>>,
@@ -69,13 +75,17 @@ fn cases() -> Vec<Case> {
         .map(|(c, folder, rounding_once)| {
             let adapters: Vec<String> =
                 c["adapters"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
-            let has_bat = adapters.iter().any(|a| {
-                let cfg: serde_json::Value = serde_json::from_str(
-                    &std::fs::read_to_string(fixtures().join(a).join("adapter_config.json")).unwrap(),
-                )
-                .unwrap();
-                cfg["init_weights"] == "bat"
-            });
+            let bat_rs: Vec<u64> = adapters
+                .iter()
+                .filter_map(|a| {
+                    let cfg: serde_json::Value = serde_json::from_str(
+                        &std::fs::read_to_string(fixtures().join(a).join("adapter_config.json")).unwrap(),
+                    )
+                    .unwrap();
+                    (cfg["init_weights"] == "bat").then(|| cfg["r"].as_u64().unwrap())
+                })
+                .collect();
+            let has_bat = !bat_rs.is_empty();
             let name = c["name"].as_str().unwrap().to_string();
             Case {
                 dir: fixtures().join(folder).join(&name),
@@ -86,9 +96,11 @@ fn cases() -> Vec<Case> {
                 exact_merge: c["expect"] == "bytes",
                 autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
                 has_bat,
+                bat_r8: has_bat && bat_rs.iter().all(|&r| r == 8),
                 merged_safe: c["merged_safe"].as_str().map(str::to_string),
                 merged_amd: c["merged_amd"].as_str().map(str::to_string),
                 merged_safe_amd: c["merged_safe_amd"].as_str().map(str::to_string),
+                unmerged_amd: c["unmerged_amd"].as_str().map(str::to_string),
                 untargeted: lists(&c["untargeted"]),
                 without_blocks: lists(&c["without_blocks"]),
             }
@@ -262,9 +274,11 @@ fn bat_sums_amd_matches_peft_on_an_amd_processor() {
         exact_merge: true,
         autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
         has_bat: true,
+        bat_r8: false,
         merged_safe: None,
         merged_amd: c["merged_amd"].as_str().map(str::to_string),
         merged_safe_amd: None,
+        unmerged_amd: None,
         untargeted: vec![],
         without_blocks: vec![],
     });
@@ -301,6 +315,16 @@ fn bat_sums_amd_matches_peft_on_an_amd_processor() {
     assert!(checked.len() >= 8 && amd_only.iter().all(|a| checked.iter().any(|n| n == a)), "{checked:?}");
 }
 
+/// How an unmerge is held to PEFT's: bytes, but where BAT's `(I + B)⁻¹` is bone-tool's f64 one
+/// (r other than 8: PEFT's is LAPACK's in f32), f16/bf16 within one ulp and f32 close.
+fn unmerge_expect(c: &Case, is_f32: bool) -> Expect {
+    match (c.has_bat && !c.bat_r8, is_f32) {
+        (false, _) => Expect::Bytes,
+        (true, false) => Expect::WithinOneUlp,
+        (true, true) => Expect::Close,
+    }
+}
+
 #[test]
 fn unmerge_matches_peft_on_every_fixture() {
     let tmp = tempfile::tempdir().unwrap();
@@ -321,11 +345,7 @@ fn unmerge_matches_peft_on_every_fixture() {
             }
         }
         let is_f32 = peft.values().any(|t| t.dtype == safetensors::Dtype::F32);
-        let expect = match (c.has_bat, is_f32) {
-            (false, _) => Expect::Bytes,
-            (true, false) => Expect::WithinOneUlp,
-            (true, true) => Expect::Close,
-        };
+        let expect = unmerge_expect(c, is_f32);
         for f in compare(&load(&out), &peft, expect) {
             failures.push(format!("{}: {f}", c.name));
         }
@@ -657,4 +677,30 @@ fn inspect_text_is_readable() {
     {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
+}
+
+#[test]
+fn bat_sums_amd_unmerges_match_peft_on_an_amd_processor() {
+    // PEFT's unmerges of the committed merges made on an AMD processor with AVX-512
+    // (fixtures/generate.py --amd): with --bat-sums amd, bone-tool inverts I + B at r = 8 as torch
+    // does there (each a − l·u rounded twice, where the Intel processor fuses it) and sums the
+    // GEMM as MKL there does: PEFT's bytes; at r = 4, bone-tool's f64 inverse, held as above.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut checked = vec![];
+    for c in cases() {
+        let Some(peft) = &c.unmerged_amd else { continue };
+        let peft = load(&fixtures().join(peft));
+        let is_f32 = peft.values().any(|t| t.dtype == safetensors::Dtype::F32);
+        let out = tmp.path().join(format!("{}-amd", c.name));
+        apply_env("unmerge", &c.dir.join("merged"), &c, &out, None, false, &["--bat-sums", "amd"]);
+        let bad = compare(&load(&out), &peft, unmerge_expect(&c, is_f32));
+        assert!(bad.is_empty(), "{}: --bat-sums amd unmerge differs from PEFT's:\n{}", c.name, bad.join("\n"));
+        if c.bat_r8 {
+            let out = tmp.path().join(format!("{}-intel", c.name));
+            apply_env("unmerge", &c.dir.join("merged"), &c, &out, None, false, &[]);
+            assert!(!compare(&load(&out), &peft, Expect::Bytes).is_empty(), "{}: Intel's give the same", c.name);
+        }
+        checked.push((c.name.clone(), c.bat_r8));
+    }
+    assert!(checked.len() >= 7 && checked.iter().filter(|c| c.1).count() >= 6, "{checked:?}");
 }

@@ -48,6 +48,13 @@ impl BatSums {
         matches!(self, BatSums::Amd) && r >= 9 && r < self.fused_from()
     }
 
+    /// Whether bone-tool knows how PEFT's torch inverts an r×r `I + B_i` in f32 on this processor
+    /// ([`super::inverse_as_torch`]): at r = 8 (measured there, on both processors; MKL's LAPACK
+    /// works otherwise at the other r tried, and is not modelled).
+    pub const fn inverts_as_torch(self, r: usize) -> bool {
+        r == 8
+    }
+
     /// How MKL cuts the k of an r×r·r×r product: into blocks of this length from k = 0 (the last
     /// one shorter), each summed in order from +0, and the block sums added in order,
     /// `((s₀ + s₁) + s₂) + …`. Intel: measured on every value of r = 385, 392, 400, 448, 512, 640,

@@ -732,6 +732,88 @@ pub fn bat_inverses(b: &[f32], r: usize) -> Result<BatInverses, SingularBlock> {
     Ok(BatInverses { inv, cond })
 }
 
+/// [`bat_inverses`], but at the r where bone-tool knows how PEFT's torch inverts `I + B_i` in f32
+/// on the processor `sums` names ([`BatSums::inverts_as_torch`]), those f32 inverses
+/// ([`inverse_as_torch`]): PEFT's BAT unmerge, byte for byte. Elsewhere the f64 inverses, which
+/// are the more accurate (PEFT's differ from them in the last bits).
+pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatInverses, SingularBlock> {
+    let mut inv = bat_inverses(b, r)?;
+    if sums.inverts_as_torch(r) {
+        inv.inv.par_chunks_mut(r * r).zip(b.par_chunks(r * r)).for_each(|(out, bi)| {
+            let torch = inverse_as_torch(bi, r, r >= sums.fused_from());
+            // (the f64 check above passed: a finite f32 inverse; should it not be, keep f64's)
+            if torch.iter().all(|x| x.is_finite()) {
+                out.copy_from_slice(&torch);
+            }
+        });
+    }
+    Ok(inv)
+}
+
+/// `(I + B)⁻¹` in f32 as torch's `inverse` computes it on the CPU, through MKL's `getrf` and
+/// `getrs` (measured at r = 8 on every value: 2,000 random blocks on the AMD processor, and the
+/// Intel processor's BAT unmerges in the fixtures): `I + B` rounded to f32; an LU factorisation
+/// with partial pivoting, right-looking (for each column k: the first row of largest magnitude
+/// swapped up, the column below the pivot multiplied by the pivot's rounded reciprocal, then the
+/// trailing matrix updated `a_ij − l_ik·u_kj`); then `P·I` solved column-block-wise, forward with
+/// the unit lower factor (`x_i − l_ij·x_j`, j ascending) and backward with the upper one (row j
+/// divided by `u_jj`, then `x_i − u_ij·x_j` for the rows above, j descending). `fused`: each
+/// `a − l·u` one fused multiply-add (the Intel processor) or a rounded product, then a rounded
+/// subtraction (the AMD one).
+pub fn inverse_as_torch(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
+    let sub = |a: f32, l: f32, u: f32| if fused { (-l).mul_add(u, a) } else { a - l * u };
+    let mut a: Vec<f32> = (0..r * r).map(|n| bi[n] + if n / r == n % r { 1.0 } else { 0.0 }).collect();
+    let mut perm: Vec<usize> = (0..r).collect();
+    for k in 0..r {
+        let mut p = k;
+        for i in k + 1..r {
+            if a[i * r + k].abs() > a[p * r + k].abs() {
+                p = i;
+            }
+        }
+        if p != k {
+            for j in 0..r {
+                a.swap(k * r + j, p * r + j);
+            }
+            perm.swap(k, p);
+        }
+        let recip = 1.0 / a[k * r + k];
+        for i in k + 1..r {
+            a[i * r + k] *= recip;
+            let l = a[i * r + k];
+            for j in k + 1..r {
+                a[i * r + j] = sub(a[i * r + j], l, a[k * r + j]);
+            }
+        }
+    }
+    // P·I: row i is the unit vector of perm[i]
+    let mut x = vec![0f32; r * r];
+    for (i, &p) in perm.iter().enumerate() {
+        x[i * r + p] = 1.0;
+    }
+    for j in 0..r {
+        for i in j + 1..r {
+            let l = a[i * r + j];
+            for c in 0..r {
+                x[i * r + c] = sub(x[i * r + c], l, x[j * r + c]);
+            }
+        }
+    }
+    for j in (0..r).rev() {
+        let d = a[j * r + j];
+        for c in 0..r {
+            x[j * r + c] /= d;
+        }
+        for i in 0..j {
+            let u = a[i * r + j];
+            for c in 0..r {
+                x[i * r + c] = sub(x[i * r + c], u, x[j * r + c]);
+            }
+        }
+    }
+    x
+}
+
 /// The first block whose `I + B_i` is singular, found from an f64 LU factorisation alone (a third
 /// of the work of the inverses): a zero or non-finite pivot, or one negligible next to the largest.
 pub fn bat_singular(b: &[f32], r: usize) -> Option<SingularBlock> {
@@ -757,6 +839,37 @@ fn norm1(m: MatRef<'_, f64>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_inverse_as_torch_computes_it_is_an_inverse() {
+        // (its bytes are PEFT's: tests/peft_fixtures.rs, the BAT unmerges at r = 8)
+        let mut g = Xorshift(0x5EED_1234);
+        let b = g.values(8 * 8 * 20, 0.05);
+        let f64s = bat_inverses(&b, 8).unwrap().inv;
+        for fused in [true, false] {
+            for (n, bi) in b.chunks(64).enumerate() {
+                let inv = inverse_as_torch(bi, 8, fused);
+                for (k, (x, y)) in inv.iter().zip(&f64s[n * 64..][..64]).enumerate() {
+                    assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "block {n} element {k}: {x} vs {y}");
+                }
+            }
+        }
+        // and the two processors' arithmetic differs somewhere
+        let (a, c): (Vec<f32>, Vec<f32>) = (
+            b.chunks(64).flat_map(|bi| inverse_as_torch(bi, 8, true)).collect(),
+            b.chunks(64).flat_map(|bi| inverse_as_torch(bi, 8, false)).collect(),
+        );
+        assert!(a != c);
+        // a block that needs pivoting (a zero on the diagonal of I + B)
+        let mut swap = vec![0f32; 64];
+        for i in 0..8 {
+            swap[i * 8 + i] = -1.0;
+            swap[i * 8 + (i + 1) % 8] = 1.0;
+        }
+        let inv = inverse_as_torch(&swap, 8, true);
+        let want = bat_inverses(&swap, 8).unwrap().inv;
+        assert!(inv.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-6), "{inv:?}");
+    }
 
     /// A small deterministic generator (tests need no rand crate).
     pub(super) struct Lcg(pub(super) u64);
