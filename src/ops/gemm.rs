@@ -107,7 +107,7 @@ fn gemm_faer(dst: &mut [f32], lhs: &[f32], rhs: &[f32], i: usize, r: usize, sums
 
 /// Whether the processor has a fused multiply-add instruction (`f32::mul_add` is then one
 /// instruction, not a library call): x86-64 with FMA, and every aarch64.
-fn hardware_fma() -> bool {
+pub(super) fn hardware_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("fma")

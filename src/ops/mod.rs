@@ -761,6 +761,24 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 /// `a − l·u` one fused multiply-add (the Intel processor) or a rounded product, then a rounded
 /// subtraction (the AMD one).
 pub fn inverse_as_torch(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if fused && gemm::hardware_fma() {
+        // SAFETY: the processor has FMA (hardware_fma's check), just above.
+        return unsafe { inverse_as_torch_fma(bi, r) };
+    }
+    inverse_as_torch_body(bi, r, fused)
+}
+
+/// With the FMA instruction (`mul_add` is otherwise a call into the C library's `fmaf`, whose
+/// results some libraries round twice).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn inverse_as_torch_fma(bi: &[f32], r: usize) -> Vec<f32> {
+    inverse_as_torch_body(bi, r, true)
+}
+
+#[inline(always)]
+fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
     let sub = |a: f32, l: f32, u: f32| if fused { (-l).mul_add(u, a) } else { a - l * u };
     let mut a: Vec<f32> = (0..r * r).map(|n| bi[n] + if n / r == n % r { 1.0 } else { 0.0 }).collect();
     let mut perm: Vec<usize> = (0..r).collect();
