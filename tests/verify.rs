@@ -452,3 +452,39 @@ fn peft_merges_made_on_an_amd_processor_verify_and_say_so() {
     }
     assert_eq!(seen.len(), 8, "{seen:?}");
 }
+
+#[test]
+fn peft_unmerges_made_on_an_amd_processor_verify_and_say_so() {
+    // PEFT's unmerges of the committed merges on an AMD processor (fixtures/generate.py --amd):
+    // --reverse finds them different with the Intel processor's GEMMs and inverses, tries the AMD
+    // one's and says it matched; at r = 8 value for value
+    let mut seen = 0;
+    for c in manifest()["cases"].as_array().unwrap() {
+        let Some(amd) = c["unmerged_amd"].as_str() else { continue };
+        let adapters = c["adapters"].as_array().unwrap();
+        if adapters.len() != 1 || c["autocast_adapter_dtype"] == false {
+            continue;
+        }
+        let name = c["name"].as_str().unwrap();
+        let case = fixtures().join("cases").join(name);
+        let adapter = fixtures().join(adapters[0].as_str().unwrap());
+        let r8 = std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap().contains("\"r\": 8,");
+        if !r8 {
+            continue;
+        }
+        let (expected, merged) = (fixtures().join(amd), case.join("merged"));
+        let (code, j) = verify(&expected, &adapter, &merged, &["--reverse"]);
+        assert_eq!(code, Some(0), "{name}: {j}");
+        if name.ends_with("f32") {
+            // (in f16/bf16 the two processors' unmerges are within one ulp, which verify accepts as is)
+            assert_eq!(j["bat_sums"], "amd", "{name}: {j}");
+            assert!(j["hint"].as_str().unwrap().contains("--bat-sums amd"), "{name}: {j}");
+            seen += 1;
+        }
+        let (code, j) = verify(&expected, &adapter, &merged, &["--reverse", "--bat-sums", "amd"]);
+        assert_eq!((code, &j["hint"]), (Some(0), &serde_json::Value::Null), "{name}: {j}");
+        assert_eq!(j["equal"].as_u64().unwrap() as usize, j["tensors"].as_array().unwrap().len(), "{name}: {j}");
+        seen += 1;
+    }
+    assert!(seen >= 7, "{seen}");
+}

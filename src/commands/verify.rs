@@ -43,9 +43,10 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
     // Differences in BAT tensors alone can be PEFT's own ways of merging: PEFT 0.18.1 rounds an
     // f16/bf16 delta before adding it, PEFT 0.20 and later round W + delta once (as
     // safe_merge=True does); and its GEMMs sum as the processor it ran on sums. So check the other
-    // rounding and the other processor's sums too, and say which matched.
+    // rounding and the other processor's sums too, and say which matched. An unmerge has no
+    // rounding to choose, but its sums and its f32 inverse (r = 8) are the processor's too.
     let (mut other_rounding, mut other_sums) = (false, false);
-    if !bad.is_empty() && direction == Direction::Merge {
+    if !bad.is_empty() {
         let bat = bat_tensors(&run.plan);
         let bat_dtype = |c: &TensorCheck| bat.get(c.name.as_str()).filter(|_| c.status == "differs").map(|t| t.0);
         let dtypes: Option<Vec<Float>> = run.checks.iter().filter(|c| !is_ok(c)).map(bat_dtype).collect();
@@ -53,7 +54,7 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
             // in f32 the delta needs no rounding: both roundings are the same bytes
             let half = dtypes.iter().any(|&d| d != Float::F32);
             let mut tries = vec![(half, false), (false, true), (half, true)];
-            tries.retain(|&t| t != (false, false));
+            tries.retain(|&t| t != (false, false) && (direction == Direction::Merge || !t.0));
             tries.dedup();
             // the first way that matches, unless a later one matches every value exactly
             let mut found: Option<(Recomputed, (bool, bool))> = None;
@@ -131,12 +132,13 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
     };
     let sums_note = other_sums.then_some(match bat_sums {
         BatSums::Amd => {
-            "its BAT GEMMs sum as PEFT's torch sums on an AMD processor with AVX-512 (--bat-sums amd); \
-                         bone-tool sums as on an Intel one unless told (--bat-sums intel)"
+            "its BAT GEMMs (and an unmerge's inverses) are computed as PEFT's torch computes them on an AMD \
+             processor with AVX-512 (--bat-sums amd); bone-tool computes as on an Intel one unless told \
+             (--bat-sums intel)"
         }
         BatSums::Intel => {
-            "its BAT GEMMs sum as PEFT's torch sums on an Intel processor with AVX-512 (--bat-sums \
-                           intel, the default), not as on an AMD one (--bat-sums amd)"
+            "its BAT GEMMs (and an unmerge's inverses) are computed as PEFT's torch computes them on an \
+             Intel processor with AVX-512 (--bat-sums intel, the default), not as on an AMD one (--bat-sums amd)"
         }
     });
     let matched = [rounding_note, sums_note].into_iter().flatten().collect::<Vec<_>>();
