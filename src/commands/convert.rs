@@ -234,8 +234,10 @@ pub fn run(args: &ConvertArgs, quiet: bool) -> Result<()> {
     if args.dry_run {
         let exact = !(args.to == ConvertTo::Lora && c.variant == Variant::Bat);
         let own = |b: &Block| Float::from_dtype(b.entry.dtype).expect("checked when opened");
-        let narrows =
-            |b: &&Block| own(b) != out_float(args, c.variant, b) && out_float(args, c.variant, b) != Float::F32;
+        let narrows = |b: &&Block| {
+            let out = out_float(args, c.variant, b);
+            own(b) != out && out != Float::F32
+        };
         if let Some(b) = a.blocks.iter().chain(&a.untargeted).find(|b| exact && narrows(b)) {
             warnings.push(format!(
                 "--dtype {} is narrower than the blocks' {} (e.g. {}): it will round them, and the converted \

@@ -560,6 +560,17 @@ impl View {
     }
 }
 
+/// `dst = lhs·rhs` on the view rows `at`, summed as PEFT's torch sums them on the processor `sums`
+/// names: [`gemm`], and where MKL sums the heads of some rows otherwise, those again
+/// ([`heads_as_mkl`]). The GEMM of BAT's merge and of its unmerge.
+#[inline(always)]
+fn gemm_as_torch(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, sums: BatSums, at: View) {
+    gemm(dst, lhs, rhs, lhs.len() / r, r, sums);
+    if sums.splits_heads(r) {
+        heads_as_mkl(dst, lhs, rhs, r, |n| at.product_row(n, r));
+    }
+}
+
 /// BAT merge on the view rows `k0..k0 + w.len() / r` of one strip, with the strip's block `bi`:
 /// for every output block row `i` and column block `j`, `W'_ij = W_ij + R_D(W_ij·B_i + B_i)` (or
 /// `W_ij + W_ij·B_i + B_i` with `rd.once`), not yet rounded to D ([`Prepared::apply_view`]).
@@ -584,10 +595,7 @@ fn bat_merge_view(w: &mut [f32], at: View, bi: &[f32], r: usize, rd: Rounding, d
 /// `delta = W_ij·B_i + B_i` on the view rows `k0..` of one strip, as [`bat_merge_view`] reads them.
 #[inline(always)]
 fn bat_delta_view(delta: &mut [f32], w: &[f32], at: View, bi: &[f32], r: usize, sums: BatSums) {
-    gemm(delta, w, bi, w.len() / r, r, sums);
-    if sums.splits_heads(r) {
-        heads_as_mkl(delta, w, bi, r, |n| at.product_row(n, r));
-    }
+    gemm_as_torch(delta, w, bi, r, sums, at);
     for (k, drow) in delta.chunks_exact_mut(r).enumerate() {
         for (d, bv) in drow.iter_mut().zip(&bi[((at.k0 + k) / at.per_a) * r..][..r]) {
             *d = plus_zero(*d) + bv;
@@ -598,7 +606,6 @@ fn bat_delta_view(delta: &mut [f32], w: &[f32], at: View, bi: &[f32], r: usize, 
 /// BAT unmerge on the view rows `k0..` of one strip, as [`bat_merge_view`]:
 /// `W_ij = (W'_ij − B_i)·inv_i`, `inv` the `(I + B_i)⁻¹`, not yet rounded to D.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn bat_unmerge_view(w: &mut [f32], at: View, bi: &[f32], invi: &[f32], r: usize, sums: BatSums, diff: &mut Vec<f32>) {
     let n = w.len() / r;
     diff.resize(n * r, 0.0);
@@ -608,10 +615,7 @@ fn bat_unmerge_view(w: &mut [f32], at: View, bi: &[f32], invi: &[f32], r: usize,
             *d = x - bv;
         }
     }
-    gemm(w, diff, invi, n, r, sums);
-    if sums.splits_heads(r) {
-        heads_as_mkl(w, diff, invi, r, |n| at.product_row(n, r));
-    }
+    gemm_as_torch(w, diff, invi, r, sums, at);
     w.iter_mut().for_each(|x| *x = plus_zero(*x));
 }
 
