@@ -561,7 +561,7 @@ impl View {
 }
 
 /// `dst = lhs·rhs` on the view rows `at`, summed as PEFT's torch sums them on the processor `sums`
-/// names: [`gemm`], and where MKL sums the heads of some rows otherwise, those again
+/// names: [`gemm()`], and where MKL sums the heads of some rows otherwise, those again
 /// ([`heads_as_mkl`]). The GEMM of BAT's merge and of its unmerge.
 #[inline(always)]
 fn gemm_as_torch(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, sums: BatSums, at: View) {
