@@ -49,10 +49,15 @@ impl BatSums {
     }
 
     /// Whether bone-tool knows how PEFT's torch inverts an r×r `I + B_i` in f32 on this processor
-    /// ([`super::inverse_as_torch`]): at r = 8 (measured there, on both processors; MKL's LAPACK
-    /// works otherwise at the other r tried, and is not modelled).
+    /// ([`super::inverse_as_torch`]): at r = 8 (measured there on both processors) and, on the
+    /// Intel processor, at r = 9, 10, 12 and 16 too. MKL's LAPACK works otherwise at the other r
+    /// tried (2 to 7, 11, 13 to 15 and from 17 on the Intel processor; 3 to 5 and 9 to 32 on the
+    /// AMD one), not modelled.
     pub const fn inverts_as_torch(self, r: usize) -> bool {
-        r == 8
+        match self {
+            BatSums::Intel => matches!(r, 8 | 9 | 10 | 12 | 16),
+            BatSums::Amd => r == 8,
+        }
     }
 
     /// How MKL cuts the k of an r×r·r×r product: into blocks of this length from k = 0 (the last
