@@ -116,11 +116,24 @@ fn unmerge_after_merge_is_identity_in_f32() {
         uargs.extend(["--out".into(), back.display().to_string()]);
         ok(&run(&uargs.iter().map(String::as_str).collect::<Vec<_>>()));
         let (b, u, m) = (load(&base), load(&back), load(&merged));
+        // f32 noise: BAT's r-long sums and its f32 inverse (PEFT's own, at r = 8, 12 and 16: the
+        // same bytes) each part from exact by up to about r units of roundoff (2⁻²⁴)
+        let r = c["adapters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                let cfg = std::fs::read_to_string(fixtures().join(a.as_str().unwrap()).join("adapter_config.json"));
+                serde_json::from_str::<serde_json::Value>(&cfg.unwrap()).unwrap()["r"].as_u64().unwrap()
+            })
+            .max()
+            .unwrap();
+        let rel = 1e-6f64.max(4.0 * r as f64 * 2f64.powi(-24));
         for (t, orig) in &b {
             let (bv, uv, mv) = (values(orig), values(&u[t]), values(&m[t]));
             let scale = bv.iter().fold(0f64, |a, v| a.max(v.abs()));
             for k in 0..bv.len() {
-                let tol = 1e-6 * (bv[k].abs() + mv[k].abs() + 0.01 * scale);
+                let tol = rel * (bv[k].abs() + mv[k].abs() + 0.01 * scale);
                 assert!(
                     (uv[k] - bv[k]).abs() <= tol,
                     "{name}: {t}[{k}]: {} after merge+unmerge, base {}",
