@@ -7,6 +7,7 @@
 #   scripts/peft-sweep.sh [TRIALS] [SEED] [FIRST]   (FIRST: the first trial's number, to rerun one)
 # SWEEP_CLASSIFIER=1, SWEEP_RESIZE=1, SWEEP_STRAY=1 force those trials (fixtures/sweep.py).
 # SWEEP_HUGE=1 makes every model huge (one layer, hidden 392-1024: BAT's r beyond 384).
+# SWEEP_BAT_R=8 gives BAT adapters r = 8 wherever the model allows it (their unmerges held to bytes).
 # SWEEP_FOREIGN=1 runs PEFT with MKL's AVX2 code (MKL_ENABLE_INSTRUCTIONS=AVX2), as on a processor
 # without AVX-512: BAT merges are then held to the bounds of verify's notes (fixtures/sweep.py).
 set -euo pipefail
