@@ -899,6 +899,60 @@ fn an_old_style_vision_language_adapter_finds_a_new_layout_checkpoint() {
 }
 
 #[test]
+fn a_vision_language_adapter_that_tells_no_layout_targets_by_new_module_paths() {
+    // An adapter whose only block is on `lm_head` (named alike in both layouts) says nothing of
+    // the transformers it was made under; on Qwen2.5-VL's checkpoint in the older layout, PEFT
+    // under transformers 4.52 and later matches target_modules against `model.visual.…`, so
+    // bone-tool takes those paths: the vision tower's qkv, which a regex on its new path targets
+    // and which has no block, gets PEFT's zero block and the warning names it (the sweep's seed
+    // 24040, trial 277, found the warning naming the stored `visual.…` instead).
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("bases/qwen2vl-bf16");
+    let adapter = tmp.path().join("head-only");
+    copy_dir(&fixtures().join("cases/bone-default-qwen2vl-bf16/adapter"), &adapter);
+    let block = T {
+        dtype: safetensors::Dtype::F32,
+        shape: vec![8, 64],
+        data: (0..8 * 64).flat_map(|_| 0.01f32.to_le_bytes()).collect(),
+    };
+    save(
+        &adapter.join("adapter_model.safetensors"),
+        &BTreeMap::from([("base_model.model.lm_head.bone_block".to_string(), block)]),
+    );
+    edit_json(&adapter.join("adapter_config.json"), |c| {
+        c["target_modules"] = r"model\.visual\.blocks\.0\.attn\.qkv|lm_head".into()
+    });
+    let out = tmp.path().join("out");
+    let o = merge_with(&base, &adapter, &out, &[]);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(
+        err.contains(r#"targets "model.visual.blocks.0.attn.qkv" (stored as "visual.blocks.0.attn.qkv")"#)
+            && err.contains("no block for it"),
+        "{err}"
+    );
+    let o = run(&["inspect", "adapter", s(&adapter), "--base", s(&base), "--json"]);
+    ok(&o);
+    let j: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(j["modules_without_blocks"], serde_json::json!(["visual.blocks.0.attn.qkv"]), "{j}");
+    // an adapter whose blocks are found under the older names (made before 4.52) keeps them
+    let old = tmp.path().join("old-style");
+    copy_dir(&fixtures().join("cases/bone-default-qwen2vl-bf16/adapter"), &old);
+    let f = old.join("adapter_model.safetensors");
+    let t: BTreeMap<String, T> = load(&f)
+        .into_iter()
+        .map(|(k, v)| (k.replace(".model.language_model.", ".model.").replace(".model.visual.", ".visual."), v))
+        .collect();
+    save(&f, &t);
+    edit_json(&old.join("adapter_config.json"), |c| {
+        c["target_modules"] = r"model\.visual\.blocks\.0\.attn\.qkv|.*q_proj".into()
+    });
+    let o = merge_with(&base, &old, &tmp.path().join("old-out"), &[]);
+    ok(&o);
+    assert!(!stderr(&o).contains("no block for"), "{}", stderr(&o));
+}
+
+#[test]
 fn each_writes_one_merged_model_per_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let names = ["bone-bat-bf16", "miss-mini-bf16", "bone-default-lm-head-bf16"];

@@ -527,6 +527,23 @@ impl Adapter {
                 }
             }
         }
+        // No block told the layout (none needed a rename, and none is under a prefix that one
+        // would have renamed: blocks on `lm_head` alone, say) on a vision-language checkpoint in
+        // the older layout: take the module paths of transformers 4.52 and later, by which PEFT
+        // there targets the modules without a block
+        let vision_language = renames.iter().any(|&(m, s)| s != "model." && base.has_prefix(s) && !base.has_prefix(m));
+        if used.is_empty() && vision_language {
+            let applies = |&&(m, s): &&(&str, &str)| base.has_prefix(s) && !base.has_prefix(m);
+            let tensors = self.blocks.iter().chain(&self.untargeted).map(|b| &b.tensor);
+            let mut tensors = tensors.chain(self.replacements.iter().map(|r| &r.target));
+            if !tensors.any(|t| renames.iter().filter(applies).any(|&(_, s)| t.starts_with(s))) {
+                for &(module, stored) in renames.iter().filter(applies) {
+                    if !used.iter().any(|&(u, _)| u == module) {
+                        used.push((module, stored));
+                    }
+                }
+            }
+        }
         // the most particular stored prefix first, for peft_module
         used.sort_by_key(|(_, stored)| std::cmp::Reverse(stored.len()));
         self.renames = used;
