@@ -49,13 +49,12 @@ impl BatSums {
     }
 
     /// Whether bone-tool knows how PEFT's torch inverts an r×r `I + B_i` in f32 on this processor
-    /// ([`super::inverse_as_torch`]): at r = 8 (measured there on both processors) and, on the
-    /// Intel processor, at r = 9, 10, 12 and 16 too. MKL's LAPACK works otherwise at the other r
-    /// tried (2 to 7, 11, 13 to 15 and from 17 on the Intel processor; 3 to 5 and 9 to 32 on the
-    /// AMD one), not modelled.
+    /// ([`super::inverse_as_torch`]): up to r = 16 on the Intel processor (measured there at
+    /// every r), at r = 8 on the AMD one. From r = 17 MKL's LU works in panels otherwise, not
+    /// modelled (nor the AMD processor's other r).
     pub const fn inverts_as_torch(self, r: usize) -> bool {
         match self {
-            BatSums::Intel => matches!(r, 8 | 9 | 10 | 12 | 16),
+            BatSums::Intel => r >= 1 && r <= 16,
             BatSums::Amd => r == 8,
         }
     }

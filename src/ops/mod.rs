@@ -744,7 +744,7 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
     let mut inv = bat_inverses(b, r)?;
     if sums.inverts_as_torch(r) {
         inv.inv.par_chunks_mut(r * r).zip(b.par_chunks(r * r)).for_each(|(out, bi)| {
-            let torch = inverse_as_torch(bi, r, r >= sums.fused_from());
+            let torch = inverse_as_torch(bi, r, sums == BatSums::Intel);
             // (the f64 check above passed: a finite f32 inverse; should it not be, keep f64's)
             if torch.iter().all(|x| x.is_finite()) {
                 out.copy_from_slice(&torch);
@@ -755,21 +755,25 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 }
 
 /// `(I + B)⁻¹` in f32 as torch's `inverse` computes it on the CPU, through MKL's `getrf` and
-/// `getrs` (measured at r = 8 on every value: 2,000 random blocks on the AMD processor, and the
-/// Intel processor's BAT unmerges in the fixtures; at r = 9, 10, 12 and 16 on the Intel processor,
-/// 100 random blocks each, against torch's `lu_factor`, `lu_solve` and `inverse` apart): `I + B`
-/// rounded to f32; an LU factorisation with partial pivoting, right-looking (for each column k:
-/// the first row of largest magnitude swapped up, the column below the pivot multiplied by the
-/// pivot's rounded reciprocal, then the trailing matrix updated `a_ij − l_ik·u_kj`); then `P·I`
-/// solved, forward with the unit lower factor (`x_i − l_ij·x_j`, j ascending) and backward with
-/// the upper one (row j divided by `u_jj` at r = 8, multiplied by its rounded reciprocal at the
-/// other r, then `x_i − u_ij·x_j` for the rows above, j descending); from r = 9 to 15 backward in
-/// two blocks, rows 8.. first, then rows ..8 less their sums `Σ u_ij·x_j` over j ≥ 8 (each from +0,
-/// j ascending, as a GEMM sums) before their own triangle. `fused`: each `a − l·u` (and each
-/// product of those sums) one fused multiply-add (the Intel processor) or a rounded product, then
-/// a rounded subtraction (the AMD one). Where MKL works otherwise (r up to 7, 11, 13 to 15 from
-/// their second block, and from r = 17 its LU) this is not torch's inverse: see
-/// [`BatSums::inverts_as_torch`].
+/// `getrs`, for r up to 16 (measured on the Intel processor at every r from 1 to 16: 100 random
+/// blocks each, torch's `lu_factor` and `lu_solve` apart, and the fixtures' f32 BAT unmerges at
+/// r = 4, 8, 12 and 16; on the AMD processor at r = 8, 2,000 random blocks):
+/// - `I + B` rounded to f32; an LU factorisation with partial pivoting, right-looking: for each
+///   column k the first row of largest magnitude swapped up, the column below the pivot
+///   multiplied by the pivot's rounded reciprocal (up to r = 4 the last column's one multiplier
+///   divided by it), then the trailing matrix updated `a_ij − l_ik·u_kj`;
+/// - `P·I` solved forward with the unit lower factor: from r = 8 `x_i − l_ij·x_j`, j ascending;
+///   below, row 1 so and each further row's products summed apart, row 1's first, then row 0's,
+///   then the rest ascending, and added;
+/// - and backward with the upper one: below r = 8 each row `(y_i − Σ u_ij·x_j)` multiplied by
+///   `u_ii`'s rounded reciprocal (at r = 3 the last column divided by it), the sum's products
+///   taken from row r − 2, then r − 1, then upwards (row r − 2's own one product subtracted from
+///   y directly); from r = 8 [`backward_blocks`].
+///
+/// `fused`: each `a − l·u` and each product of a sum one fused multiply-add (the Intel processor)
+/// or a rounded product, then a rounded addition (the AMD processor, measured only at r = 8).
+/// From r = 17 MKL's LU works in panels of 16 columns with its own orders of summing (README), not
+/// modelled: see [`BatSums::inverts_as_torch`].
 pub fn inverse_as_torch(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if fused && gemm::hardware_fma() {
@@ -789,7 +793,9 @@ unsafe fn inverse_as_torch_fma(bi: &[f32], r: usize) -> Vec<f32> {
 
 #[inline(always)]
 fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
+    // a − l·u, and acc + l·u
     let sub = |a: f32, l: f32, u: f32| if fused { (-l).mul_add(u, a) } else { a - l * u };
+    let madd = |acc: f32, l: f32, u: f32| if fused { l.mul_add(u, acc) } else { acc + l * u };
     let mut a: Vec<f32> = (0..r * r).map(|n| bi[n] + if n / r == n % r { 1.0 } else { 0.0 }).collect();
     let mut perm: Vec<usize> = (0..r).collect();
     for k in 0..r {
@@ -805,9 +811,11 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
             }
             perm.swap(k, p);
         }
-        let recip = 1.0 / a[k * r + k];
+        let (d, recip) = (a[k * r + k], 1.0 / a[k * r + k]);
+        // up to r = 4 the last column's one multiplier is divided out
+        let divide = r <= 4 && k + 2 == r;
         for i in k + 1..r {
-            a[i * r + k] *= recip;
+            a[i * r + k] = if divide { a[i * r + k] / d } else { a[i * r + k] * recip };
             let l = a[i * r + k];
             for j in k + 1..r {
                 a[i * r + j] = sub(a[i * r + j], l, a[k * r + j]);
@@ -819,16 +827,55 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
     for (i, &p) in perm.iter().enumerate() {
         x[i * r + p] = 1.0;
     }
-    for j in 0..r {
-        for i in j + 1..r {
-            let l = a[i * r + j];
-            for c in 0..r {
-                x[i * r + c] = sub(x[i * r + c], l, x[j * r + c]);
-            }
+    // forward, with the unit lower factor
+    for i in 1..r {
+        for c in 0..r {
+            x[i * r + c] = if r >= 8 || i == 1 {
+                (0..i).fold(x[i * r + c], |v, j| sub(v, a[i * r + j], x[j * r + c]))
+            } else {
+                // below r = 8 the products summed apart (the second first), then added
+                let first = -(a[i * r + 1] * x[r + c]);
+                let acc = madd(first, -a[i * r], x[c]);
+                x[i * r + c] + (2..i).fold(acc, |acc, j| madd(acc, -a[i * r + j], x[j * r + c]))
+            };
         }
     }
-    // backward: the rows lo..hi against their own triangle of U
-    let triangle = |x: &mut [f32], lo: usize, hi: usize| {
+    // backward, with the upper one
+    if r < 8 {
+        for i in (0..r).rev() {
+            let recip = 1.0 / a[i * r + i];
+            for c in 0..r {
+                let y = x[i * r + c];
+                let v = if i + 1 == r {
+                    y
+                } else if i + 2 == r {
+                    sub(y, a[i * r + r - 1], x[(r - 1) * r + c])
+                } else {
+                    // the products summed apart (row r − 2's first, then r − 1's, then upwards)
+                    let first = -(a[i * r + r - 2] * x[(r - 2) * r + c]);
+                    let acc = madd(first, -a[i * r + r - 1], x[(r - 1) * r + c]);
+                    y + (i + 1..r - 2).rev().fold(acc, |acc, j| madd(acc, -a[i * r + j], x[j * r + c]))
+                };
+                // (at r = 3 the last column is divided)
+                x[i * r + c] = if r == 3 && c == 2 { v / a[i * r + i] } else { v * recip };
+            }
+        }
+    } else {
+        backward_blocks(&mut x, &a, 0, r, r, fused);
+    }
+    x
+}
+
+/// The backward solve of [`inverse_as_torch`] from r = 8 on the rows `lo..hi` of `x` (`[r, r]`)
+/// with the upper factor in `a`: a power-of-two count of rows column by column (row j scaled by
+/// `u_jj`, divided at r = 8 and multiplied by its rounded reciprocal otherwise, then `x_i −
+/// u_ij·x_j` for the rows above, j descending); any other in two blocks, the largest power of two
+/// on top: the bottom block first, then the top rows less their sums `Σ u_ij·x_j` over the bottom
+/// rows (each from +0, j ascending, as a GEMM sums), then the top block.
+fn backward_blocks(x: &mut [f32], a: &[f32], lo: usize, hi: usize, r: usize, fused: bool) {
+    let sub = |a: f32, l: f32, u: f32| if fused { (-l).mul_add(u, a) } else { a - l * u };
+    let m = hi - lo;
+    if m.is_power_of_two() {
         for j in (lo..hi).rev() {
             let d = a[j * r + j];
             if r == 8 {
@@ -844,27 +891,23 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
                 }
             }
         }
-    };
-    // from r = 9 to 15 in two blocks: rows 8.. first, then the first 8 less their sum of
-    // products with those (summed from +0, j ascending) before their own triangle
-    let split = if r > 8 && r < 16 { 8 } else { 0 };
-    triangle(&mut x, split, r);
-    if split > 0 {
-        for i in 0..split {
-            for c in 0..r {
-                let acc = (split..r).fold(0f32, |acc, j| {
-                    if fused {
-                        a[i * r + j].mul_add(x[j * r + c], acc)
-                    } else {
-                        acc + a[i * r + j] * x[j * r + c]
-                    }
-                });
-                x[i * r + c] -= acc;
-            }
-        }
-        triangle(&mut x, 0, split);
+        return;
     }
-    x
+    let top = 1 << (usize::BITS - 1 - m.leading_zeros());
+    backward_blocks(x, a, lo + top, hi, r, fused);
+    for i in lo..lo + top {
+        for c in 0..r {
+            let acc = (lo + top..hi).fold(0f32, |acc, j| {
+                if fused {
+                    a[i * r + j].mul_add(x[j * r + c], acc)
+                } else {
+                    acc + a[i * r + j] * x[j * r + c]
+                }
+            });
+            x[i * r + c] -= acc;
+        }
+    }
+    backward_blocks(x, a, lo, lo + top, r, fused);
 }
 
 /// The first block whose `I + B_i` is singular, found from an f64 LU factorisation alone (a third
@@ -925,20 +968,22 @@ mod tests {
     }
 
     #[test]
-    fn the_inverse_as_torch_in_two_blocks_is_an_inverse() {
-        // r = 9 to 15 solve backward in two blocks, r = 16 in one with reciprocals (their bytes
-        // are PEFT's: tests/peft_fixtures.rs, the BAT unmerges at r = 12 and 16); scale 0.5: rows
-        // swapped often
+    fn the_inverse_as_torch_at_every_r_it_models_is_an_inverse() {
+        // every way of summing (r below 8, 8, the blocks from 9 to 15, 16) is an inverse (their
+        // bytes are PEFT's: tests/peft_fixtures.rs, the BAT unmerges at r = 4, 8, 12 and 16);
+        // scale 0.5: rows swapped often
         let mut g = Xorshift(0x1A7E_5EED);
-        for r in [9, 10, 12, 13, 16] {
+        for r in 1..=16 {
             let b = g.values(r * r * 10, 0.5);
             let f64s = bat_inverses(&b, r).unwrap();
             for (n, bi) in b.chunks(r * r).enumerate() {
-                let inv = inverse_as_torch(bi, r, true);
-                // f32 against f64: within the inverse's condition number's worth of f32 rounding
-                let tol = 1e-6 * f64s.cond[n].max(1.0) as f32;
-                for (k, (x, y)) in inv.iter().zip(&f64s.inv[n * r * r..][..r * r]).enumerate() {
-                    assert!((x - y).abs() <= tol * y.abs().max(1.0), "r = {r} block {n} element {k}: {x} vs {y}");
+                for fused in [true, false] {
+                    let inv = inverse_as_torch(bi, r, fused);
+                    // f32 against f64: within the inverse's condition number's worth of f32 rounding
+                    let tol = 1e-6 * f64s.cond[n].max(1.0) as f32;
+                    for (k, (x, y)) in inv.iter().zip(&f64s.inv[n * r * r..][..r * r]).enumerate() {
+                        assert!((x - y).abs() <= tol * y.abs().max(1.0), "r = {r} block {n} {k}: {x} vs {y}");
+                    }
                 }
             }
         }
