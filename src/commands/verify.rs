@@ -44,7 +44,7 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
     // f16/bf16 delta before adding it, PEFT 0.20 and later round W + delta once (as
     // safe_merge=True does); and its GEMMs sum as the processor it ran on sums. So check the other
     // rounding and the other processor's sums too, and say which matched. An unmerge has no
-    // rounding to choose, but its sums and its f32 inverse (r = 8) are the processor's too.
+    // rounding to choose, but its sums and its f32 inverse (where known) are the processor's too.
     let (mut other_rounding, mut other_sums) = (false, false);
     if !bad.is_empty() {
         let bat = bat_tensors(&run.plan);
@@ -160,7 +160,7 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
              BAT sums depend on the processor it ran on (bone-tool reproduces an Intel and an AMD processor \
              with AVX-512, --bat-sums{}; one without AVX-512 sums otherwise, see the README); \
              `--tolerance 1e-5` accepts them ({} of them)",
-            if args.reverse { "PEFT's unmerge inverts I + B in f32 (bone-tool as it does at r = 8, else in f64), and " } else { "" },
+            if args.reverse { "PEFT's unmerge inverts I + B in f32 (bone-tool as it does up to r = 16 on an Intel processor and at r = 8 on an AMD one, else in f64), and " } else { "" },
             if args.reverse { "" } else { ", and neither matched" },
             bad.len()
         )),
