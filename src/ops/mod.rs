@@ -861,22 +861,44 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
             }
         }
     } else {
-        backward_blocks(&mut x, &a, 0, r, r, fused);
+        backward_blocks(&mut x, &a, r, fused);
     }
     x
 }
 
-/// The backward solve of [`inverse_as_torch`] from r = 8 on the rows `lo..hi` of `x` (`[r, r]`)
-/// with the upper factor in `a`: a power-of-two count of rows column by column (row j scaled by
-/// `u_jj`, divided at r = 8 and multiplied by its rounded reciprocal otherwise, then `x_i −
-/// u_ij·x_j` for the rows above, j descending); any other in two blocks, the largest power of two
-/// on top: the bottom block first, then the top rows less their sums `Σ u_ij·x_j` over the bottom
-/// rows (each from +0, j ascending, as a GEMM sums), then the top block.
-fn backward_blocks(x: &mut [f32], a: &[f32], lo: usize, hi: usize, r: usize, fused: bool) {
+/// The backward solve of [`inverse_as_torch`] from r = 8 on `x` (`[r, r]`) with the upper
+/// factor in `a`: the rows cut into blocks of powers of two, largest first (13 rows: 8, 4, 1),
+/// solved from the last block up, each block's rows first less their sums `Σ u_ij·x_j` over all
+/// the rows below it (each from +0, j ascending, as a GEMM sums), then column by column (row j
+/// scaled by `u_jj`, divided at r = 8 and multiplied by its rounded reciprocal otherwise, then
+/// `x_i − u_ij·x_j` for the block's rows above it, j descending). (MKL recurses: the largest
+/// power of two on top, the rest below, that first; unrolled.) Inlined into
+/// [`inverse_as_torch_fma`], so that `mul_add` is the FMA instruction there (not the C library's
+/// `fmaf`, which some round twice: Windows' MinGW).
+#[inline(always)]
+fn backward_blocks(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
     let sub = |a: f32, l: f32, u: f32| if fused { (-l).mul_add(u, a) } else { a - l * u };
-    let m = hi - lo;
-    if m.is_power_of_two() {
-        for j in (lo..hi).rev() {
+    let mut blocks = vec![];
+    let mut lo = 0;
+    while lo < r {
+        let top = 1 << (usize::BITS - 1 - (r - lo).leading_zeros());
+        blocks.push(lo..lo + top);
+        lo += top;
+    }
+    for rows in blocks.into_iter().rev() {
+        for i in rows.clone() {
+            for c in 0..r {
+                let acc = (rows.end..r).fold(0f32, |acc, j| {
+                    if fused {
+                        a[i * r + j].mul_add(x[j * r + c], acc)
+                    } else {
+                        acc + a[i * r + j] * x[j * r + c]
+                    }
+                });
+                x[i * r + c] -= acc;
+            }
+        }
+        for j in rows.clone().rev() {
             let d = a[j * r + j];
             if r == 8 {
                 x[j * r..][..r].iter_mut().for_each(|v| *v /= d);
@@ -884,30 +906,14 @@ fn backward_blocks(x: &mut [f32], a: &[f32], lo: usize, hi: usize, r: usize, fus
                 let recip = 1.0 / d;
                 x[j * r..][..r].iter_mut().for_each(|v| *v *= recip);
             }
-            for i in lo..j {
+            for i in rows.start..j {
                 let u = a[i * r + j];
                 for c in 0..r {
                     x[i * r + c] = sub(x[i * r + c], u, x[j * r + c]);
                 }
             }
         }
-        return;
     }
-    let top = 1 << (usize::BITS - 1 - m.leading_zeros());
-    backward_blocks(x, a, lo + top, hi, r, fused);
-    for i in lo..lo + top {
-        for c in 0..r {
-            let acc = (lo + top..hi).fold(0f32, |acc, j| {
-                if fused {
-                    a[i * r + j].mul_add(x[j * r + c], acc)
-                } else {
-                    acc + a[i * r + j] * x[j * r + c]
-                }
-            });
-            x[i * r + c] -= acc;
-        }
-    }
-    backward_blocks(x, a, lo, lo + top, r, fused);
 }
 
 /// The first block whose `I + B_i` is singular, found from an f64 LU factorisation alone (a third
