@@ -122,10 +122,7 @@ fn unmerge_after_merge_is_identity_in_f32() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|a| {
-                let cfg = std::fs::read_to_string(fixtures().join(a.as_str().unwrap()).join("adapter_config.json"));
-                serde_json::from_str::<serde_json::Value>(&cfg.unwrap()).unwrap()["r"].as_u64().unwrap()
-            })
+            .map(|a| config(&fixtures().join(a.as_str().unwrap()))["r"].as_u64().unwrap())
             .max()
             .unwrap();
         let rel = 1e-6f64.max(4.0 * r as f64 * 2f64.powi(-24));

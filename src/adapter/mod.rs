@@ -531,9 +531,9 @@ impl Adapter {
         // would have renamed: blocks on `lm_head` alone, say) on a vision-language checkpoint in
         // the older layout: take the module paths of transformers 4.52 and later, by which PEFT
         // there targets the modules without a block
-        let vision_language = renames.iter().any(|&(m, s)| s != "model." && base.has_prefix(s) && !base.has_prefix(m));
+        let applies = |&&(m, s): &&(&str, &str)| base.has_prefix(s) && !base.has_prefix(m);
+        let vision_language = renames.iter().filter(applies).any(|&(_, s)| s != "model.");
         if used.is_empty() && vision_language {
-            let applies = |&&(m, s): &&(&str, &str)| base.has_prefix(s) && !base.has_prefix(m);
             let tensors = self.blocks.iter().chain(&self.untargeted).map(|b| &b.tensor);
             let mut tensors = tensors.chain(self.replacements.iter().map(|r| &r.target));
             if !tensors.any(|t| renames.iter().filter(applies).any(|&(_, s)| t.starts_with(s))) {

@@ -791,11 +791,23 @@ unsafe fn inverse_as_torch_fma(bi: &[f32], r: usize) -> Vec<f32> {
     inverse_as_torch_body(bi, r, true)
 }
 
+/// `acc + l·u`: one fused multiply-add, or a rounded product then a rounded addition
+/// ([`inverse_as_torch`]'s `fused`). Inlined, so that `mul_add` is the FMA instruction in
+/// [`inverse_as_torch_fma`].
+#[inline(always)]
+fn madd(fused: bool, acc: f32, l: f32, u: f32) -> f32 {
+    if fused {
+        l.mul_add(u, acc)
+    } else {
+        acc + l * u
+    }
+}
+
 #[inline(always)]
 fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
     // a − l·u, and acc + l·u
-    let sub = |a: f32, l: f32, u: f32| if fused { (-l).mul_add(u, a) } else { a - l * u };
-    let madd = |acc: f32, l: f32, u: f32| if fused { l.mul_add(u, acc) } else { acc + l * u };
+    let sub = |a: f32, l: f32, u: f32| madd(fused, a, -l, u);
+    let madd = |acc: f32, l: f32, u: f32| madd(fused, acc, l, u);
     let mut a: Vec<f32> = (0..r * r).map(|n| bi[n] + if n / r == n % r { 1.0 } else { 0.0 }).collect();
     let mut perm: Vec<usize> = (0..r).collect();
     for k in 0..r {
@@ -877,7 +889,6 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
 /// `fmaf`, which some round twice: Windows' MinGW).
 #[inline(always)]
 fn backward_blocks(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
-    let sub = |a: f32, l: f32, u: f32| if fused { (-l).mul_add(u, a) } else { a - l * u };
     let mut blocks = vec![];
     let mut lo = 0;
     while lo < r {
@@ -888,13 +899,7 @@ fn backward_blocks(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
     for rows in blocks.into_iter().rev() {
         for i in rows.clone() {
             for c in 0..r {
-                let acc = (rows.end..r).fold(0f32, |acc, j| {
-                    if fused {
-                        a[i * r + j].mul_add(x[j * r + c], acc)
-                    } else {
-                        acc + a[i * r + j] * x[j * r + c]
-                    }
-                });
+                let acc = (rows.end..r).fold(0f32, |acc, j| madd(fused, acc, a[i * r + j], x[j * r + c]));
                 x[i * r + c] -= acc;
             }
         }
@@ -909,7 +914,7 @@ fn backward_blocks(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
             for i in rows.start..j {
                 let u = a[i * r + j];
                 for c in 0..r {
-                    x[i * r + c] = sub(x[i * r + c], u, x[j * r + c]);
+                    x[i * r + c] = madd(fused, x[i * r + c], -u, x[j * r + c]);
                 }
             }
         }
