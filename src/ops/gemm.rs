@@ -49,12 +49,13 @@ impl BatSums {
     }
 
     /// Whether bone-tool knows how PEFT's torch inverts an r×r `I + B_i` in f32 on this processor
-    /// ([`super::inverse_as_torch`]): up to r = 16 on the Intel processor (measured there at
-    /// every r), at r = 8 on the AMD one. From r = 17 MKL's LU works in panels otherwise, not
-    /// modelled (nor the AMD processor's other r).
+    /// ([`super::inverse_as_torch`]): up to r = 128 on the Intel processor (measured there at
+    /// every r), at r = 8 on the AMD one. Above 128 torch's bytes depend on its threads and on
+    /// how many blocks it inverts at once (`panels::LARGEST`), not modelled (nor the AMD
+    /// processor's other r).
     pub const fn inverts_as_torch(self, r: usize) -> bool {
         match self {
-            BatSums::Intel => r >= 1 && r <= 16,
+            BatSums::Intel => r >= 1 && r <= super::panels::LARGEST,
             BatSums::Amd => r == 8,
         }
     }

@@ -7,6 +7,7 @@
 pub mod dtype;
 mod gemm;
 pub mod lowrank;
+mod panels;
 
 use gemm::heads_as_mkl;
 pub use gemm::{faer_is_in_order, gemm_in_order, gemm_is_in_order, BatSums};
@@ -755,9 +756,10 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 }
 
 /// `(I + B)⁻¹` in f32 as torch's `inverse` computes it on the CPU, through MKL's `getrf` and
-/// `getrs`, for r up to 16 (measured on the Intel processor at every r from 1 to 16: 100 random
+/// `getrs`, for r up to 128 (measured on the Intel processor at every r from 1 to 16: 100 random
 /// blocks each, torch's `lu_factor` and `lu_solve` apart, and the fixtures' f32 BAT unmerges at
-/// r = 4, 8, 12 and 16; on the AMD processor at r = 8, 2,000 random blocks):
+/// r = 4, 8, 12 and 16; on the AMD processor at r = 8, 2,000 random blocks; from r = 17 to 128
+/// [`panels::inverse`], whose doc says how). Up to r = 16:
 /// - `I + B` rounded to f32; an LU factorisation with partial pivoting, right-looking: for each
 ///   column k the first row of largest magnitude swapped up, the column below the pivot
 ///   multiplied by the pivot's rounded reciprocal (up to r = 4 the last column's one multiplier
@@ -772,8 +774,8 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 ///
 /// `fused`: each `a − l·u` and each product of a sum one fused multiply-add (the Intel processor)
 /// or a rounded product, then a rounded addition (the AMD processor, measured only at r = 8).
-/// From r = 17 MKL's LU works in panels of 16 columns with its own orders of summing (README), not
-/// modelled: see [`BatSums::inverts_as_torch`].
+/// From r = 17 MKL's LU is recursive, on panels of 16 columns with their own orders of summing:
+/// [`panels::inverse`]; above 128 not modelled ([`BatSums::inverts_as_torch`]).
 pub fn inverse_as_torch(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if fused && gemm::hardware_fma() {
@@ -805,6 +807,9 @@ fn madd(fused: bool, acc: f32, l: f32, u: f32) -> f32 {
 
 #[inline(always)]
 fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
+    if r > 16 {
+        return panels::inverse(bi, r, fused);
+    }
     // a − l·u, and acc + l·u
     let sub = |a: f32, l: f32, u: f32| madd(fused, a, -l, u);
     let madd = |acc: f32, l: f32, u: f32| madd(fused, acc, l, u);
@@ -980,12 +985,13 @@ mod tests {
 
     #[test]
     fn the_inverse_as_torch_at_every_r_it_models_is_an_inverse() {
-        // every way of summing (r below 8, 8, the blocks from 9 to 15, 16) is an inverse (their
-        // bytes are PEFT's: tests/peft_fixtures.rs, the BAT unmerges at r = 4, 8, 12 and 16);
-        // scale 0.5: rows swapped often
+        // every way of summing (r below 8, 8, the blocks from 9 to 15, 16, the recursive LU's
+        // panels and blocks from 17) is an inverse (their bytes are PEFT's: tests/peft_fixtures.rs,
+        // the BAT unmerges at r = 4, 8, 12, 16, 24, 48 and 100); scale 0.5 (up to r = 16, then as
+        // well conditioned): rows swapped often
         let mut g = Xorshift(0x1A7E_5EED);
-        for r in 1..=16 {
-            let b = g.values(r * r * 10, 0.5);
+        for r in (1..=25).chain([31, 32, 33, 40, 47, 48, 49, 64, 65, 100, 128]) {
+            let b = g.values(r * r * 10, 2.0 / (r.max(16) as f32).sqrt());
             let f64s = bat_inverses(&b, r).unwrap();
             for (n, bi) in b.chunks(r * r).enumerate() {
                 for fused in [true, false] {

@@ -1,0 +1,27 @@
+//! `(I + B_i)⁻¹` of each r×r block of a raw little-endian f32 file, as bone-tool computes it for a
+//! BAT unmerge (`ops::bat_inverses_as_torch`), written raw to stdout: for
+//! `fixtures/check_inverses.py`, which holds them to torch's own `inverse`.
+//!
+//!     cargo run --release --example inverses -- R BLOCKS.f32 [intel|amd] > INVERSES.f32
+
+use bone_tool::ops::{bat_inverses_as_torch, BatSums};
+use std::io::Write;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(args.len() >= 3, "usage: inverses R BLOCKS.f32 [intel|amd]");
+    let r: usize = args[1].parse()?;
+    let sums = match args.get(3).map(String::as_str) {
+        None | Some("intel") => BatSums::Intel,
+        Some("amd") => BatSums::Amd,
+        Some(other) => anyhow::bail!("unknown processor {other:?}: intel or amd"),
+    };
+    let bytes = std::fs::read(&args[2])?;
+    let b: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    anyhow::ensure!(b.len() % (r * r) == 0, "{} values are not whole {r}×{r} blocks", b.len());
+    anyhow::ensure!(sums.inverts_as_torch(r), "bone-tool does not invert as torch at r = {r}");
+    let inv = bat_inverses_as_torch(&b, r, sums).map_err(|e| anyhow::anyhow!("block {} is singular", e.block))?;
+    let out: Vec<u8> = inv.inv.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::io::stdout().write_all(&out)?;
+    Ok(())
+}
