@@ -185,7 +185,7 @@ fn verify_s_note_allows_one_percent_off_for_each_stacked_bat_adapter() {
 #[test]
 fn tolerance_accepts_peft_f32_bat_unmerge_and_still_refuses_a_wrong_adapter() {
     // PEFT's unmerge of f32 BAT inverts I + B in f32; bone-tool does it as torch does on the Intel
-    // processor up to r = 16 and on the AMD one at r = 8 (the same bytes), and in f64 elsewhere:
+    // processor up to r = 128 and on the AMD one at r = 8 (the same bytes), and in f64 elsewhere:
     // PEFT's unmerge on the AMD processor at r = 4 (`unmerged-amd`) then differs in many values by
     // more than one ulp, all of them by far less than 1e-5 of the tensor's largest value
     for r in ["cases/bone-bat-f32", "cases/miss-bat-f32"] {

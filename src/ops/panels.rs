@@ -94,12 +94,17 @@ pub(super) fn inverse(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
         match step {
             Step::Panel { c, w } => panel(&mut a, r, c, w, &mut perm, fused),
             Step::Update { c, n1, n } => {
-                solve_down(&mut a, r, c, c + n1, c + n1..c + n, fused);
+                let cols = c + n1..c + n;
+                solve_down(&mut a, r, c, c + n1, cols.clone(), fused);
+                // the rows below less their products over the left part: a GEMM's sums
+                let mut g = vec![0f32; cols.len()];
                 for i in c + n1..r {
-                    for j in c + n1..c + n {
-                        let s = (c..c + n1).fold(0f32, |s, k| madd(fused, s, a[i * r + k], a[k * r + j]));
-                        a[i * r + j] -= s;
+                    let (above, rest) = a.split_at_mut(i * r);
+                    g.fill(0.0);
+                    for k in c..c + n1 {
+                        add_product(fused, &mut g, rest[k], &above[k * r + cols.start..][..cols.len()]);
                     }
+                    subtract(&mut rest[cols.clone()], &g);
                 }
             }
         }
@@ -114,19 +119,46 @@ pub(super) fn inverse(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
     x
 }
 
+/// `dst[c] + l·src[c]` for every c (one fused multiply-add each, or not: [`madd`]). Every
+/// column's element of a row takes the same steps, so the solves go a row at a time, `c`
+/// innermost: vector instructions, the same values.
+#[inline(always)]
+fn add_product(fused: bool, dst: &mut [f32], l: f32, src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = madd(fused, *d, l, *s);
+    }
+}
+
+#[inline(always)]
+fn subtract(dst: &mut [f32], sums: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(sums) {
+        *d -= s;
+    }
+}
+
 /// Rows `lo..hi` of columns `cols` of `a` solved with the unit lower factor in `a`'s rows and
-/// columns `lo..hi`, in [`blocks`] of those rows.
+/// columns `lo..hi`, in [`blocks`] of those rows: each row first less one sum over the blocks
+/// above its own (from +0, in order), then less its products within its block, in order.
 #[inline(always)]
 fn solve_down(a: &mut [f32], r: usize, lo: usize, hi: usize, cols: std::ops::Range<usize>, fused: bool) {
-    for j in cols {
-        for rows in blocks(hi - lo) {
-            let (b0, b1) = (lo + rows.start, lo + rows.end);
-            for i in b0..b1 {
-                let mut acc = a[i * r + j];
-                if b0 > lo {
-                    acc -= (lo..b0).fold(0f32, |s, k| madd(fused, s, a[i * r + k], a[k * r + j]));
+    let w = cols.len();
+    let mut g = vec![0f32; w];
+    for rows in blocks(hi - lo) {
+        let (b0, b1) = (lo + rows.start, lo + rows.end);
+        for i in b0..b1 {
+            let (above, rest) = a.split_at_mut(i * r);
+            // row i: its multipliers (columns below hi) and its values in cols
+            let (l, row) = rest[..r].split_at_mut(cols.start);
+            let row = &mut row[..w];
+            if b0 > lo {
+                g.fill(0.0);
+                for k in lo..b0 {
+                    add_product(fused, &mut g, l[k], &above[k * r + cols.start..][..w]);
                 }
-                a[i * r + j] = (b0..i).fold(acc, |acc, k| madd(fused, acc, -a[i * r + k], a[k * r + j]));
+                subtract(row, &g);
+            }
+            for k in b0..i {
+                add_product(fused, row, -l[k], &above[k * r + cols.start..][..w]);
             }
         }
     }
@@ -135,33 +167,48 @@ fn solve_down(a: &mut [f32], r: usize, lo: usize, hi: usize, cols: std::ops::Ran
 /// The forward solve of `P·I` (in `x`, `[r, r]`) with the unit lower factor in `a`.
 #[inline(always)]
 fn forward(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
+    let mut g = vec![0f32; r];
     for rows in blocks(r) {
         for i in rows.clone() {
-            for c in 0..r {
-                let mut acc = x[i * r + c];
-                if rows.start > 0 {
-                    acc -= (0..rows.start).fold(0f32, |s, k| madd(fused, s, a[i * r + k], x[k * r + c]));
+            let (above, rest) = x.split_at_mut(i * r);
+            let row = &mut rest[..r];
+            if rows.start > 0 {
+                g.fill(0.0);
+                for k in 0..rows.start {
+                    add_product(fused, &mut g, a[i * r + k], &above[k * r..][..r]);
                 }
-                x[i * r + c] = (rows.start..i).fold(acc, |acc, k| madd(fused, acc, -a[i * r + k], x[k * r + c]));
+                subtract(row, &g);
+            }
+            for k in rows.start..i {
+                add_product(fused, row, -a[i * r + k], &above[k * r..][..r]);
             }
         }
     }
 }
 
-/// The backward solve of `x` (`[r, r]`) with the upper factor in `a`.
+/// The backward solve of `x` (`[r, r]`) with the upper factor in `a`: the same blocks from the
+/// bottom, each row less one sum over the blocks below (from +0, ascending), then its products
+/// within its block from the right, then multiplied by the pivot's rounded reciprocal.
 #[inline(always)]
 fn backward(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
+    let mut g = vec![0f32; r];
     for rows in blocks(r).into_iter().rev() {
         for i in rows.clone().rev() {
             let recip = 1.0 / a[i * r + i];
-            for c in 0..r {
-                let mut acc = x[i * r + c];
-                if rows.end < r {
-                    acc -= (rows.end..r).fold(0f32, |s, k| madd(fused, s, a[i * r + k], x[k * r + c]));
+            let (head, below) = x.split_at_mut((i + 1) * r);
+            let row = &mut head[i * r..];
+            // row k of x is below[(k − i − 1)·r..]
+            if rows.end < r {
+                g.fill(0.0);
+                for k in rows.end..r {
+                    add_product(fused, &mut g, a[i * r + k], &below[(k - i - 1) * r..][..r]);
                 }
-                let v = (i + 1..rows.end).rev().fold(acc, |acc, k| madd(fused, acc, -a[i * r + k], x[k * r + c]));
-                x[i * r + c] = v * recip;
+                subtract(row, &g);
             }
+            for k in (i + 1..rows.end).rev() {
+                add_product(fused, row, -a[i * r + k], &below[(k - i - 1) * r..][..r]);
+            }
+            row.iter_mut().for_each(|v| *v *= recip);
         }
     }
 }
