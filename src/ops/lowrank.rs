@@ -50,10 +50,19 @@ pub fn truncate(delta: &[f32], o: usize, i: usize, rule: RankRule, store: Float)
     };
     let keep = |s: &[f64]| rank_kept(rule, s, total);
     loop {
-        let (u, s, v) = if 2 * sketch >= full { exact(d)? } else { randomized(d, sketch, &keep, total)? };
+        // a sketch of a quarter of the layer or more: the full SVD costs about as much as the
+        // power iterations and is the optimum
+        let whole = 4 * sketch >= full;
+        let (u, s, v) = if whole { exact(d)? } else { randomized(d, sketch, &keep, total)? };
         match keep(&s) {
-            Some(k) => return factors(dt.as_ref(), total, &u, &s, &v, k.min(s.len()), store),
-            None if 2 * sketch >= full => return factors(dt.as_ref(), total, &u, &s, &v, s.len(), store),
+            Some(k) if whole || k + OVERSAMPLE <= sketch => {
+                return factors(dt.as_ref(), total, &u, &s, &v, k.min(s.len()), store)
+            }
+            // an energy rule met with fewer than OVERSAMPLE columns to spare: the last singular
+            // vectors kept are poorly found (a flat spectrum at rank 76 of 200: 0.5% more error
+            // than the optimum); again with the sketch the rank asks for
+            Some(k) => sketch = (k + OVERSAMPLE).min(full),
+            None if whole => return factors(dt.as_ref(), total, &u, &s, &v, s.len(), store),
             None => sketch = (sketch * 2).min(full),
         }
     }
@@ -301,8 +310,44 @@ mod tests {
         let total: f64 = s.iter().map(|v| v * v).sum();
         for k in [4, 16, 40] {
             let optimum = (s[k..].iter().map(|v| v * v).sum::<f64>() / total).sqrt();
-            let lr = truncate(&d, o, i, RankRule::Fixed(k), Float::F32).unwrap(); // randomized (k + 16 < 150)
+            let lr = truncate(&d, o, i, RankRule::Fixed(k), Float::F32).unwrap(); // randomized (4·(k + 16) < 300)
             assert!(lr.rel_error <= optimum * 1.001, "k={k}: {} against the optimum {optimum}", lr.rel_error);
+        }
+    }
+
+    /// Gaussian entries (a flat spectrum), `[o, i]`.
+    fn gaussian(o: usize, i: usize, mut x: u64) -> Vec<f32> {
+        (0..o * i)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = |s: u32| ((x >> s) & 0xFFFF) as f32 / 65536.0 - 0.5;
+                u(16) + u(32) + u(48)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_energy_rule_is_near_the_optimum_on_a_flat_spectrum() {
+        // PEFT's convert_to_lora keeps the optimum (a full SVD's). An energy that asks for a rank
+        // near the first sketch's 80 columns (64 + 16) left too few to spare: 0.5% more error
+        // than PEFT's at rank 76 of a 200×200 layer (the fixture miss-bat-r100-f32 under PEFT
+        // 0.21.2), so the sketch grows to the rank plus 16; a layer that small takes the full SVD
+        for (n, k_want) in [(200, 76), (700, 70)] {
+            let d = gaussian(n, n, n as u64);
+            let dt = Mat::<f64>::from_fn(n, n, |y, c| d[c * n + y] as f64);
+            let (_, s, _) = exact(dt.transpose()).unwrap();
+            let total: f64 = s.iter().map(|v| v * v).sum();
+            // the energy of the first k_want singular values, a hair less
+            let t = s[..k_want].iter().map(|v| v * v).sum::<f64>() / total * (1.0 - 1e-9);
+            let lr = truncate(&d, n, n, RankRule::Energy(t), Float::F32).unwrap();
+            // The full SVD's rank and error; randomized estimates run low, and the rank may come
+            // out higher (here two: with the first sketch's 10 to spare it came out five higher),
+            // and on a spectrum this flat its error is 0.5% over the optimum at that rank
+            let exact_svd = 4 * (k_want + 16) >= n;
+            let (most, slack) = if exact_svd { (k_want, 1.001) } else { (k_want + 2, 1.01) };
+            assert!(lr.k >= k_want && lr.k <= most, "n={n}: rank {} for {k_want}", lr.k);
+            let optimum = (s[lr.k..].iter().map(|v| v * v).sum::<f64>() / total).sqrt();
+            assert!(lr.rel_error <= optimum * slack, "n={n}: {} against the optimum {optimum}", lr.rel_error);
         }
     }
 }
