@@ -297,14 +297,7 @@ mod tests {
         // Gaussian entries: singular values that fall slowly (no gap after the rank kept), where
         // two power iterations keep ~1% more error than the optimum
         let (o, i) = (400, 300);
-        let mut x = 12345u64;
-        let d: Vec<f32> = (0..o * i)
-            .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                let u = |s: u32| ((x >> s) & 0xFFFF) as f32 / 65536.0 - 0.5;
-                u(16) + u(32) + u(48)
-            })
-            .collect();
+        let d = gaussian(o, i, 12345);
         let dt = Mat::<f64>::from_fn(i, o, |y, c| d[c * i + y] as f64);
         let (_, s, _) = exact(dt.transpose()).unwrap();
         let total: f64 = s.iter().map(|v| v * v).sum();

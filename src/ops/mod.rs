@@ -805,6 +805,39 @@ fn madd(fused: bool, acc: f32, l: f32, u: f32) -> f32 {
     }
 }
 
+/// `I + B` of one r×r block (row-major), rounded to f32 as torch's `eye(r) + B` is.
+fn identity_plus(bi: &[f32], r: usize) -> Vec<f32> {
+    (0..r * r).map(|n| bi[n] + if n / r == n % r { 1.0 } else { 0.0 }).collect()
+}
+
+/// Partial pivoting at column k of the r×r `a`: the first row from k down of largest magnitude
+/// in that column swapped (whole) with row k, and in `perm`.
+#[inline(always)]
+fn pivot(a: &mut [f32], r: usize, k: usize, perm: &mut [usize]) {
+    let mut p = k;
+    for i in k + 1..r {
+        if a[i * r + k].abs() > a[p * r + k].abs() {
+            p = i;
+        }
+    }
+    if p != k {
+        for j in 0..r {
+            a.swap(k * r + j, p * r + j);
+        }
+        perm.swap(k, p);
+    }
+}
+
+/// `P·I` for the LU's row order `perm`: row i is the unit vector of `perm[i]`.
+fn permuted_identity(perm: &[usize]) -> Vec<f32> {
+    let r = perm.len();
+    let mut x = vec![0f32; r * r];
+    for (i, &p) in perm.iter().enumerate() {
+        x[i * r + p] = 1.0;
+    }
+    x
+}
+
 #[inline(always)]
 fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
     if r > 16 {
@@ -813,21 +846,10 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
     // a − l·u, and acc + l·u
     let sub = |a: f32, l: f32, u: f32| madd(fused, a, -l, u);
     let madd = |acc: f32, l: f32, u: f32| madd(fused, acc, l, u);
-    let mut a: Vec<f32> = (0..r * r).map(|n| bi[n] + if n / r == n % r { 1.0 } else { 0.0 }).collect();
+    let mut a = identity_plus(bi, r);
     let mut perm: Vec<usize> = (0..r).collect();
     for k in 0..r {
-        let mut p = k;
-        for i in k + 1..r {
-            if a[i * r + k].abs() > a[p * r + k].abs() {
-                p = i;
-            }
-        }
-        if p != k {
-            for j in 0..r {
-                a.swap(k * r + j, p * r + j);
-            }
-            perm.swap(k, p);
-        }
+        pivot(&mut a, r, k, &mut perm);
         let (d, recip) = (a[k * r + k], 1.0 / a[k * r + k]);
         // up to r = 4 the last column's one multiplier is divided out
         let divide = r <= 4 && k + 2 == r;
@@ -839,11 +861,7 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
             }
         }
     }
-    // P·I: row i is the unit vector of perm[i]
-    let mut x = vec![0f32; r * r];
-    for (i, &p) in perm.iter().enumerate() {
-        x[i * r + p] = 1.0;
-    }
+    let mut x = permuted_identity(&perm);
     // forward, with the unit lower factor
     for i in 1..r {
         for c in 0..r {

@@ -29,7 +29,7 @@
 //! [`super::inverse_as_torch`], where `mul_add` is the instruction (the C library's `fmaf`, which
 //! some round twice, otherwise); the recursion is unrolled into a [`Step`] list for that reason.
 
-use super::madd;
+use super::{identity_plus, madd, permuted_identity, pivot};
 
 /// The largest r at which [`inverse`] is torch's, whether torch runs on one thread or more and
 /// inverts one block or a batch (checked at every r from 17). Above it torch's bytes depend on
@@ -86,7 +86,7 @@ fn blocks(m: usize) -> Vec<std::ops::Range<usize>> {
 /// multiply-add one fused operation (the Intel processor; nothing else is modelled here).
 #[inline(always)]
 pub(super) fn inverse(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
-    let mut a: Vec<f32> = (0..r * r).map(|n| bi[n] + if n / r == n % r { 1.0 } else { 0.0 }).collect();
+    let mut a = identity_plus(bi, r);
     let mut perm: Vec<usize> = (0..r).collect();
     let mut plan = vec![];
     steps(0, r, &mut plan);
@@ -109,11 +109,7 @@ pub(super) fn inverse(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
             }
         }
     }
-    // P·I: row i is the unit vector of perm[i]
-    let mut x = vec![0f32; r * r];
-    for (i, &p) in perm.iter().enumerate() {
-        x[i * r + p] = 1.0;
-    }
+    let mut x = permuted_identity(&perm);
     forward(&mut x, &a, r, fused);
     backward(&mut x, &a, r, fused);
     x
@@ -234,18 +230,7 @@ fn panel(a: &mut [f32], r: usize, c: usize, w: usize, perm: &mut [usize], fused:
             }
             a[i * r + j] = (k0..j).fold(acc, |acc, k| madd(fused, acc, -a[i * r + k], a[k * r + j]));
         }
-        let mut p = j;
-        for i in j + 1..r {
-            if a[i * r + j].abs() > a[p * r + j].abs() {
-                p = i;
-            }
-        }
-        if p != j {
-            for k in 0..r {
-                a.swap(j * r + k, p * r + k);
-            }
-            perm.swap(j, p);
-        }
+        pivot(a, r, j, perm);
         let recip = 1.0 / a[j * r + j];
         for i in j + 1..r {
             a[i * r + j] *= recip;
