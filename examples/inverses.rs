@@ -2,23 +2,37 @@
 //! BAT unmerge (`ops::bat_inverses_as_torch`), written raw to stdout: for
 //! `fixtures/check_inverses.py`, which holds them to torch's own `inverse`.
 //!
-//!     cargo run --release --example inverses -- R BLOCKS.f32 [intel|amd] > INVERSES.f32
+//!     cargo run --release --example inverses -- R BLOCKS.f32 [intel|amd|fused|unfused] > INVERSES.f32
+//!
+//! `fused` and `unfused` call `ops::inverse_as_torch` itself at any r up to `ops::panels::LARGEST`
+//! (the model with fused multiply-adds or without), to try it on another processor.
 
-use bone_tool::ops::{bat_inverses_as_torch, BatSums};
+use bone_tool::ops::{bat_inverses_as_torch, inverse_as_torch, BatSums};
 use std::io::Write;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(args.len() >= 3, "usage: inverses R BLOCKS.f32 [intel|amd]");
     let r: usize = args[1].parse()?;
-    let sums = match args.get(3).map(String::as_str) {
-        None | Some("intel") => BatSums::Intel,
-        Some("amd") => BatSums::Amd,
-        Some(other) => anyhow::bail!("unknown processor {other:?}: intel or amd"),
-    };
+    let model = args.get(3).map(String::as_str);
     let bytes = std::fs::read(&args[2])?;
     let b: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     anyhow::ensure!(b.len() % (r * r) == 0, "{} values are not whole {r}×{r} blocks", b.len());
+    if let Some(fused @ ("fused" | "unfused")) = model {
+        anyhow::ensure!((1..=128).contains(&r), "the model covers r = 1 to 128, not {r}");
+        let out: Vec<u8> = b
+            .chunks(r * r)
+            .flat_map(|bi| inverse_as_torch(bi, r, fused == "fused"))
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::io::stdout().write_all(&out)?;
+        return Ok(());
+    }
+    let sums = match model {
+        None | Some("intel") => BatSums::Intel,
+        Some("amd") => BatSums::Amd,
+        Some(other) => anyhow::bail!("unknown processor {other:?}: intel, amd, fused or unfused"),
+    };
     anyhow::ensure!(sums.inverts_as_torch(r), "bone-tool does not invert as torch at r = {r}");
     let inv = bat_inverses_as_torch(&b, r, sums).map_err(|e| anyhow::anyhow!("block {} is singular", e.block))?;
     let out: Vec<u8> = inv.inv.iter().flat_map(|v| v.to_le_bytes()).collect();

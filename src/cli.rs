@@ -296,7 +296,7 @@ pub struct ApplyOptions {
     /// one processor to another (at r = 8 to 11 and from 193; f16/bf16 ones in a few values): `intel`,
     /// an Intel processor with AVX-512; `amd`, an AMD one with AVX-512 (whose sums at r = 9 to 11
     /// only the CPU computes, also under --device cuda). An unmerge's f32 (I + B)⁻¹ follows it too:
-    /// PEFT's bytes up to r = 128 with `intel`, at r = 8 with `amd` (else the f64 inverse, within
+    /// PEFT's bytes up to r = 128 with `intel`, up to 16 with `amd` (else the f64 inverse, within
     /// an ulp or so). Default and mini merges are the same either way
     #[arg(long, value_enum, default_value_t = BatSumsArg::Intel, value_name = "PROCESSOR")]
     pub bat_sums: BatSumsArg,

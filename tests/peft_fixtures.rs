@@ -36,9 +36,12 @@ struct Case {
     exact_merge: bool,
     autocast: bool,
     has_bat: bool,
-    /// Every BAT adapter has r = 8, where bone-tool inverts `I + B` as PEFT's torch does in f32
-    /// (`ops::inverse_as_torch`) on both processors: its BAT unmerges are PEFT's bytes too.
+    /// Every BAT adapter has r = 8, where torch's f32 inverse is the same on both processors.
     bat_r8: bool,
+    /// Every BAT adapter has an r where bone-tool inverts `I + B` as PEFT's torch does on the AMD
+    /// processor with AVX-512 ([`INVERTED_AS_TORCH_AMD`]): its `--bat-sums amd` unmerges are the
+    /// bytes PEFT's make there.
+    bat_inverted_amd: bool,
     /// Every BAT adapter has an r where bone-tool inverts `I + B` as PEFT's torch does on the
     /// Intel processor the fixtures were made on ([`INVERTED_AS_TORCH`]).
     bat_inverted: bool,
@@ -101,6 +104,7 @@ fn cases() -> Vec<Case> {
                 has_bat,
                 bat_r8: has_bat && bat_rs.iter().all(|&r| r == 8),
                 bat_inverted: has_bat && bat_rs.iter().all(|r| INVERTED_AS_TORCH.contains(r)),
+                bat_inverted_amd: has_bat && bat_rs.iter().all(|r| INVERTED_AS_TORCH_AMD.contains(r)),
                 merged_safe: c["merged_safe"].as_str().map(str::to_string),
                 merged_amd: c["merged_amd"].as_str().map(str::to_string),
                 merged_safe_amd: c["merged_safe_amd"].as_str().map(str::to_string),
@@ -280,6 +284,7 @@ fn bat_sums_amd_matches_peft_on_an_amd_processor() {
         has_bat: true,
         bat_r8: false,
         bat_inverted: false,
+        bat_inverted_amd: false,
         merged_safe: None,
         merged_amd: c["merged_amd"].as_str().map(str::to_string),
         merged_safe_amd: None,
@@ -321,9 +326,10 @@ fn bat_sums_amd_matches_peft_on_an_amd_processor() {
 }
 
 /// The r at which bone-tool takes BAT's `(I + B)⁻¹` as torch does on the Intel processor (MKL's
-/// `getrf`/`getrs` in f32, measured: README), so that its unmerges are PEFT's bytes; on the AMD
-/// processor only r = 8 (`bat_r8`).
+/// `getrf`/`getrs` in f32, measured: README), so that its unmerges are PEFT's bytes.
 const INVERTED_AS_TORCH: std::ops::RangeInclusive<u64> = 1..=128;
+/// And on the AMD processor with AVX-512 (`--bat-sums amd`).
+const INVERTED_AS_TORCH_AMD: std::ops::RangeInclusive<u64> = 1..=16;
 
 /// How an unmerge is held to PEFT's: bytes, but where BAT's `(I + B)⁻¹` is bone-tool's f64 one
 /// (`exact` false: an r where PEFT's, LAPACK's in f32, is not modelled), f16/bf16 within one ulp
@@ -699,9 +705,11 @@ fn inspect_text_is_readable() {
 #[test]
 fn bat_sums_amd_unmerges_match_peft_on_an_amd_processor() {
     // PEFT's unmerges of the committed merges made on an AMD processor with AVX-512
-    // (fixtures/generate.py --amd): with --bat-sums amd, bone-tool inverts I + B at r = 8 as torch
-    // does there (each a − l·u rounded twice, where the Intel processor fuses it) and sums the
-    // GEMM as MKL there does: PEFT's bytes; at r = 4, bone-tool's f64 inverse, held as above.
+    // (fixtures/generate.py --amd): with --bat-sums amd, bone-tool inverts I + B up to r = 16 as
+    // torch does there (each a − l·u rounded twice, where the Intel processor fuses it; from r = 9
+    // the solves in blocks of 4 rows, ops/fours.rs) and sums the GEMM as MKL there does: PEFT's
+    // bytes, which the Intel processor's differ from; beyond r = 16 bone-tool's f64 inverse, held
+    // as above.
     let tmp = tempfile::tempdir().unwrap();
     let mut checked = vec![];
     for c in cases() {
@@ -710,14 +718,21 @@ fn bat_sums_amd_unmerges_match_peft_on_an_amd_processor() {
         let is_f32 = peft.values().any(|t| t.dtype == safetensors::Dtype::F32);
         let out = tmp.path().join(format!("{}-amd", c.name));
         apply_env("unmerge", &c.dir.join("merged"), &c, &out, None, false, &["--bat-sums", "amd"]);
-        let bad = compare(&load(&out), &peft, unmerge_expect(&c, c.bat_r8, is_f32));
+        let bad = compare(&load(&out), &peft, unmerge_expect(&c, c.bat_inverted_amd, is_f32));
         assert!(bad.is_empty(), "{}: --bat-sums amd unmerge differs from PEFT's:\n{}", c.name, bad.join("\n"));
-        if c.bat_r8 {
+        if c.bat_inverted_amd {
             let out = tmp.path().join(format!("{}-intel", c.name));
             apply_env("unmerge", &c.dir.join("merged"), &c, &out, None, false, &[]);
             assert!(!compare(&load(&out), &peft, Expect::Bytes).is_empty(), "{}: Intel's give the same", c.name);
         }
-        checked.push((c.name.clone(), c.bat_r8));
+        checked.push((c.name.clone(), c.bat_inverted_amd));
     }
-    assert!(checked.len() >= 7 && checked.iter().filter(|c| c.1).count() >= 6, "{checked:?}");
+    // r = 4, 8 (six cases), 12 and 16 in bytes; 24, 48 and 100 (f64 inverses) held close
+    let exact: Vec<&str> = checked.iter().filter(|c| c.1).map(|c| c.0.as_str()).collect();
+    assert!(
+        checked.len() >= 12
+            && exact.len() >= 9
+            && ["miss-bat-f32", "bone-bat-r12-f32", "miss-bat-r16-f32"].iter().all(|n| exact.contains(n)),
+        "{checked:?}"
+    );
 }

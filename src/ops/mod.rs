@@ -5,6 +5,7 @@
 //! spec's "Dtype policy"), so that a chain of ops reproduces PEFT's bytes.
 
 pub mod dtype;
+mod fours;
 mod gemm;
 pub mod lowrank;
 mod panels;
@@ -758,7 +759,8 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 /// `(I + B)⁻¹` in f32 as torch's `inverse` computes it on the CPU, through MKL's `getrf` and
 /// `getrs`, for r up to 128 (measured on the Intel processor at every r from 1 to 16: 100 random
 /// blocks each, torch's `lu_factor` and `lu_solve` apart, and the fixtures' f32 BAT unmerges at
-/// r = 4, 8, 12 and 16; on the AMD processor at r = 8, 2,000 random blocks; from r = 17 to 128
+/// r = 4, 8, 12 and 16; on the AMD processor at every r to 16, 3,000 random blocks each, and
+/// PEFT's unmerges at r = 4, 8, 12 and 16 (`unmerged-amd`); from r = 17 to 128
 /// [`panels::inverse`], whose doc says how). Up to r = 16:
 /// - `I + B` rounded to f32; an LU factorisation with partial pivoting, right-looking: for each
 ///   column k the first row of largest magnitude swapped up, the column below the pivot
@@ -773,7 +775,9 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 ///   y directly); from r = 8 [`backward_blocks`].
 ///
 /// `fused`: each `a − l·u` and each product of a sum one fused multiply-add (the Intel processor)
-/// or a rounded product, then a rounded addition (the AMD processor, measured only at r = 8).
+/// or a rounded product, then a rounded addition (the AMD processor, whose solves from r = 9 go
+/// in blocks of 4 rows, [`fours`], and which at r = 3 multiplies the last column by the
+/// reciprocal too).
 /// From r = 17 MKL's LU is recursive, on panels of 16 columns with their own orders of summing:
 /// [`panels::inverse`]; above 128 not modelled ([`BatSums::inverts_as_torch`]).
 pub fn inverse_as_torch(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
@@ -862,6 +866,11 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
         }
     }
     let mut x = permuted_identity(&perm);
+    if !fused && r > 8 {
+        // the AMD processor's solves, in blocks of 4 rows
+        fours::solve(&mut x, &a, r);
+        return x;
+    }
     // forward, with the unit lower factor
     for i in 1..r {
         for c in 0..r {
@@ -891,8 +900,8 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
                     let acc = madd(first, -a[i * r + r - 1], x[(r - 1) * r + c]);
                     y + (i + 1..r - 2).rev().fold(acc, |acc, j| madd(acc, -a[i * r + j], x[j * r + c]))
                 };
-                // (at r = 3 the last column is divided)
-                x[i * r + c] = if r == 3 && c == 2 { v / a[i * r + i] } else { v * recip };
+                // (at r = 3 the Intel processor divides the last column)
+                x[i * r + c] = if fused && r == 3 && c == 2 { v / a[i * r + i] } else { v * recip };
             }
         }
     } else {
