@@ -17,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     let model = args.get(3).map(String::as_str);
     let bytes = std::fs::read(&args[2])?;
     let b: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    anyhow::ensure!(b.len() % (r * r) == 0, "{} values are not whole {r}×{r} blocks", b.len());
+    anyhow::ensure!(b.len().is_multiple_of(r * r), "{} values are not whole {r}×{r} blocks", b.len());
     if let Some(fused @ ("fused" | "unfused")) = model {
         anyhow::ensure!((1..=128).contains(&r), "the model covers r = 1 to 128, not {r}");
         let out: Vec<u8> = b

@@ -37,7 +37,7 @@ fn colored() -> bool {
 }
 
 fn auto() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// The label, coloured when colour is on: red for errors, yellow for warnings (bold).

@@ -131,7 +131,7 @@ fn truncated_safetensors() {
 /// A safetensors file written by hand: header JSON and data bytes.
 fn handmade(path: &Path, header: &str, data: &[u8]) {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut bytes = (h.len() as u64).to_le_bytes().to_vec();

@@ -274,7 +274,7 @@ impl Fused {
     /// Bytes per access for rows of `cols` elements of `d`: the widest allowed of 16 and 8 whose
     /// groups every row holds whole (so that every access is aligned), else 0.
     pub fn access_bytes(self, d: Float, cols: usize) -> usize {
-        [16, 8].into_iter().find(|&b| b <= self.max_bytes && cols % (b / d.size()) == 0).unwrap_or(0)
+        [16, 8].into_iter().find(|&b| b <= self.max_bytes && cols.is_multiple_of(b / d.size())).unwrap_or(0)
     }
 
     /// The kernel: `periodic_fused`, or `periodic_fused_x4` for four groups a thread.
@@ -981,7 +981,7 @@ pub(crate) fn strip_gemm_launches(
     [m, x, out]: [Arg; 3],
 ) -> impl Iterator<Item = (LaunchConfig, [Arg; 11])> {
     let block = sums.block(r);
-    let v = if r % 4 == 0 && block % 4 == 0 { 4 } else { 1 };
+    let v = if r.is_multiple_of(4) && block.is_multiple_of(4) { 4 } else { 1 };
     (0..r).step_by(block).map(move |k0| {
         let k1 = (k0 + block).min(r);
         let args = [

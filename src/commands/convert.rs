@@ -498,7 +498,7 @@ fn bat_low_ranks(
         match r {
             Ok(done) => all.extend(done),
             // the first layer's error, whichever worker saw it
-            Err((n, e)) if failed.as_ref().map_or(true, |(m, _)| n < *m) => failed = Some((n, e)),
+            Err((n, e)) if failed.as_ref().is_none_or(|(m, _)| n < *m) => failed = Some((n, e)),
             Err(_) => {}
         }
     }

@@ -326,7 +326,7 @@ mod tests {
         std::fs::write(&src, &src_bytes).unwrap();
         let header = b"{\"x\":1}".to_vec();
         let chunks = [1usize, 4095, 70_000, 9 << 20, 5];
-        let body: Vec<u8> = chunks.iter().flat_map(|&n| std::iter::repeat(n as u8).take(n)).collect();
+        let body: Vec<u8> = chunks.iter().flat_map(|&n| std::iter::repeat_n(n as u8, n)).collect();
         let copied = 1_234_567u64..2_900_000;
         let total = body.len() as u64 + (copied.end - copied.start);
         let mut expected = header.clone();

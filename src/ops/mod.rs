@@ -153,7 +153,7 @@ pub fn apply_chain(
     assert_eq!(src.len(), rows * i * d.size());
     assert_eq!(dst.len(), src.len());
     let unit = row_unit(ops);
-    assert!(rows % unit == 0 && row0 % unit == 0, "rows must split into whole BAT strips");
+    assert!(rows.is_multiple_of(unit) && row0.is_multiple_of(unit), "rows must split into whole BAT strips");
     let h = unit * (TASK_ELEMS / (unit * i.max(1))).max(1);
     let step = h * i * d.size();
     let first_bad = std::sync::atomic::AtomicUsize::new(usize::MAX);
@@ -662,7 +662,7 @@ fn apply_strips(w: &mut [f32], i: usize, op: &Prepared) {
 }
 
 fn check_bat(w: &[f32], o: usize, i: usize, b: &[f32], r: usize) {
-    assert!(r > 0 && o % r == 0 && i % r == 0, "BAT needs O and I divisible by r");
+    assert!(r > 0 && o.is_multiple_of(r) && i.is_multiple_of(r), "BAT needs O and I divisible by r");
     assert_eq!(w.len(), o * i);
     assert_eq!(b.len(), (o / r) * r * r);
 }
@@ -705,7 +705,7 @@ pub struct SingularBlock {
 pub const SINGULAR_COND: f64 = 1e14;
 
 pub fn bat_inverses(b: &[f32], r: usize) -> Result<BatInverses, SingularBlock> {
-    assert!(r > 0 && b.len() % (r * r) == 0);
+    assert!(r > 0 && b.len().is_multiple_of(r * r));
     let results: Vec<Result<(Vec<f32>, f64), SingularBlock>> = b
         .par_chunks(r * r)
         .enumerate()
@@ -956,7 +956,7 @@ fn backward_blocks(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
 /// The first block whose `I + B_i` is singular, found from an f64 LU factorisation alone (a third
 /// of the work of the inverses): a zero or non-finite pivot, or one negligible next to the largest.
 pub fn bat_singular(b: &[f32], r: usize) -> Option<SingularBlock> {
-    assert!(r > 0 && b.len() % (r * r) == 0);
+    assert!(r > 0 && b.len().is_multiple_of(r * r));
     b.par_chunks(r * r)
         .enumerate()
         .find_first(|(_, bi)| {
