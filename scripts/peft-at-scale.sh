@@ -12,6 +12,8 @@
 #                                                  (default), f16 or f32; R: 64 (default); an R that
 #                                                  leaves tail columns (48 at 1b) fits only the
 #                                                  default adapter: JOBS=default
+# BAT_SUMS=amd passes --bat-sums amd to bone-tool (on an AMD processor with AVX-512, whose PEFT sums
+# BAT's f32 GEMMs and inverts I + B otherwise).
 # Needs about 7x the model's size of free disk under AT_SCALE_DIR (default /tmp/bone-at-scale) and,
 # for PEFT, about 2.5x its size of memory; installs PEFT into fixtures/.venv on first use.
 set -euo pipefail
@@ -21,6 +23,8 @@ shape="${1:-1b}" dtype="${2:-bf16}" r="${3:-64}"
 dir="${AT_SCALE_DIR:-/tmp/bone-at-scale}/$shape-$dtype-r$r"
 cargo build --release --quiet --bins --example synth
 bin="$root/target/release/bone-tool"
+sums=()
+[ -z "${BAT_SUMS:-}" ] || sums=(--bat-sums "$BAT_SUMS")
 python="$(bash fixtures/venv.sh)"
 if [ ! -f "$dir/base/config.json" ] || [ ! -f "$dir/mini/adapter_config.json" ]; then
   echo "generating the $shape $dtype model in $dir ..." >&2
@@ -62,12 +66,12 @@ job() {
   local each=()
   for a in "$@"; do each+=(--adapter "$a"); done
   run "PEFT merge $v" "$python" fixtures/at_scale.py merge "$dir/base" "$work/peft-merged" "$@"
-  run "bone-tool merge $v" "$bin" merge --base "$dir/base" "${each[@]}" --out "$work/ours-merged" --quiet
+  run "bone-tool merge $v" "$bin" merge --base "$dir/base" "${each[@]}" "${sums[@]}" --out "$work/ours-merged" --quiet
   compare "merge $v" "$work/ours-merged" "$work/peft-merged"
   rm -rf "$work/ours-merged"
-  run "bone-tool verify $v" "$bin" verify --base "$dir/base" "${each[@]}" --merged "$work/peft-merged" --quiet
+  run "bone-tool verify $v" "$bin" verify --base "$dir/base" "${each[@]}" "${sums[@]}" --merged "$work/peft-merged" --quiet
   run "PEFT unmerge $v" "$python" fixtures/at_scale.py unmerge "$dir/base" "$work/peft-merged" "$work/peft-unmerged" "$@"
-  run "bone-tool unmerge $v" "$bin" unmerge --merged "$work/peft-merged" "${each[@]}" --out "$work/ours-unmerged" --quiet
+  run "bone-tool unmerge $v" "$bin" unmerge --merged "$work/peft-merged" "${each[@]}" "${sums[@]}" --out "$work/ours-unmerged" --quiet
   compare "unmerge $v" "$work/ours-unmerged" "$work/peft-unmerged" "$work/peft-merged" "$@"
   rm -rf "$work/peft-merged" "$work/peft-unmerged" "$work/ours-unmerged"
 }
@@ -77,7 +81,7 @@ jobs=" ${JOBS:-default bat mini stacked} "
 [[ "$jobs" != *" mini "* ]] || job mini "$dir/mini"
 [[ "$jobs" != *" stacked "* ]] || job "default+bat" "$dir/default" "$dir/bat"
 
-echo "$shape ($dtype, $(awk "BEGIN {printf \"%.2f\", $size / 1e9}") GB), r = $r, $(nproc) cores, one run each, $(date -u +%F):"
+echo "$shape ($dtype, $(awk "BEGIN {printf \"%.2f\", $size / 1e9}") GB), r = $r, $(nproc) cores, one run each, $(date -u +%F):${BAT_SUMS:+ (--bat-sums $BAT_SUMS)}"
 echo
 echo "| job | wall (s) | × cp -r | peak RSS (MB) |"
 echo "|---|---|---|---|"
