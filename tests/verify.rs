@@ -460,7 +460,8 @@ fn peft_merges_made_on_an_amd_processor_verify_and_say_so() {
 fn peft_unmerges_made_on_an_amd_processor_verify_and_say_so() {
     // PEFT's unmerges of the committed merges on an AMD processor (fixtures/generate.py --amd):
     // --reverse finds them different with the Intel processor's GEMMs and inverses, tries the AMD
-    // one's and says it matched; at r = 8 value for value
+    // one's and says it matched; at r up to 16 (where bone-tool inverts as torch does there) value
+    // for value
     let mut seen = 0;
     for c in manifest()["cases"].as_array().unwrap() {
         let Some(amd) = c["unmerged_amd"].as_str() else { continue };
@@ -471,8 +472,9 @@ fn peft_unmerges_made_on_an_amd_processor_verify_and_say_so() {
         let name = c["name"].as_str().unwrap();
         let case = fixtures().join("cases").join(name);
         let adapter = fixtures().join(adapters[0].as_str().unwrap());
-        let r8 = std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap().contains("\"r\": 8,");
-        if !r8 {
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+        if config["r"].as_u64().unwrap() > 16 {
             continue;
         }
         let (expected, merged) = (fixtures().join(amd), case.join("merged"));
@@ -489,5 +491,5 @@ fn peft_unmerges_made_on_an_amd_processor_verify_and_say_so() {
         assert_eq!(j["equal"].as_u64().unwrap() as usize, j["tensors"].as_array().unwrap().len(), "{name}: {j}");
         seen += 1;
     }
-    assert!(seen >= 7, "{seen}");
+    assert!(seen >= 13, "{seen}");
 }
