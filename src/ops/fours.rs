@@ -38,13 +38,16 @@ fn blocks(r: usize) -> Vec<Range<usize>> {
 }
 
 /// `Σ p` from +0 as MKL's GEMM kernel for a block of `height` rows sums one row's products:
-/// one row, the first 8 in order and then the rest from the last back; two rows, in two lanes
-/// (even and odd k) added at the end; four, in order.
+/// one row, in 8 lanes over the whole chunks of 8 (product k in lane k mod 8), the lanes added in
+/// order, then the rest from the last back (below 16 products: the first 8 in order, then the
+/// rest from the last back; probed up to 32); two rows, in two lanes (even and odd k) added at
+/// the end; four, in order.
 fn gemm_sum(p: &[f32], height: usize) -> f32 {
     match height {
         1 => {
-            let head = p.len().min(8);
-            p[head..].iter().rev().fold(p[..head].iter().fold(0f32, |s, v| s + v), |s, v| s + v)
+            let whole = p.len() / 8 * 8;
+            let lanes = (0..8.min(whole)).map(|l| p[l..whole].iter().step_by(8).fold(0f32, |s, v| s + v));
+            p[whole..].iter().rev().fold(lanes.fold(0f32, |s, v| s + v), |s, v| s + v)
         }
         2 => {
             let lane = |first: usize| p.iter().skip(first).step_by(2).fold(0f32, |s, v| s + v);
@@ -111,5 +114,9 @@ mod tests {
         assert_eq!(gemm_sum(&p, 1), 1.0);
         // two rows: the even lane big (its four 1s lost), the odd one 4 − big (exact), then added
         assert_eq!(gemm_sum(&p, 2), 4.0);
+        // one row of 16: lane 0 is big − big, lanes 1 to 7 two 1s each (in order: 7 1s lost)
+        let p: Vec<f32> = [big, -big].iter().flat_map(|&v| std::iter::once(v).chain([1.0; 7])).collect();
+        assert_eq!(p.iter().fold(0f32, |s, v| s + v), 7.0);
+        assert_eq!(gemm_sum(&p, 1), 14.0);
     }
 }
