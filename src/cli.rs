@@ -295,7 +295,8 @@ pub struct ApplyOptions {
     /// whose sums depend on the processor, so PEFT's own f32 BAT merges differ in the last bit from
     /// one processor to another (at r = 8 to 11 and from 193; f16/bf16 ones in a few values): `intel`,
     /// an Intel processor with AVX-512; `amd`, an AMD one with AVX-512 (whose sums at r = 9 to 11
-    /// only the CPU computes, also under --device cuda). An unmerge's f32 (I + B)⁻¹ follows it too:
+    /// only the CPU computes, also under --device cuda); `auto`, the one bone-tool runs on (for
+    /// PEFT's bytes on the same machine). An unmerge's f32 (I + B)⁻¹ follows it too:
     /// PEFT's bytes up to r = 128 with `intel`, up to 16 with `amd` (else the f64 inverse, within
     /// an ulp or so). Default and mini merges are the same either way
     #[arg(long, value_enum, default_value_t = BatSumsArg::Intel, value_name = "PROCESSOR")]
@@ -450,13 +451,25 @@ pub enum BatSumsArg {
     Intel,
     /// As on an AMD processor with AVX-512
     Amd,
+    /// As on the processor bone-tool runs on (for PEFT's bytes on this machine): `amd` on an AMD
+    /// processor with AVX-512, `intel` on an Intel one, and `intel` with a warning elsewhere
+    Auto,
 }
 
 impl BatSumsArg {
+    /// The sums to reproduce; `auto` warns where this processor's are not modelled.
     pub fn sums(self) -> crate::ops::BatSums {
         match self {
             BatSumsArg::Intel => crate::ops::BatSums::Intel,
             BatSumsArg::Amd => crate::ops::BatSums::Amd,
+            BatSumsArg::Auto => crate::ops::BatSums::this_processor().unwrap_or_else(|| {
+                crate::report::warning(
+                    "--bat-sums auto: this processor is no Intel or AMD x86-64 one with AVX-512, whose sums bone-tool \
+                     reproduces; BAT is summed as on the Intel one (--bat-sums intel), and PEFT's own f32 BAT \
+                     bytes here may differ from it in the last bit",
+                );
+                crate::ops::BatSums::Intel
+            }),
         }
     }
 }

@@ -325,6 +325,51 @@ fn bat_sums_amd_matches_peft_on_an_amd_processor() {
     assert!(checked.len() >= 8 && amd_only.iter().all(|a| checked.iter().any(|n| n == a)), "{checked:?}");
 }
 
+#[test]
+fn bat_sums_auto_follows_the_processor_it_runs_on() {
+    // --bat-sums auto: this machine's sums, the processor told here from /proc/cpuinfo (apart from
+    // bone-tool's CPUID): on an AMD processor with AVX-512 PEFT's merge and unmerge made on one
+    // (`merged-amd`, `unmerged-amd`), on an Intel one the fixtures' own; elsewhere Intel's, with a
+    // warning
+    let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
+        not_checked("--bat-sums auto: no /proc/cpuinfo to tell the processor by");
+        return;
+    };
+    let flag = info.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "avx512f"));
+    let vendor = |v: &str| info.lines().any(|l| l.starts_with("vendor_id") && l.trim_end().ends_with(v));
+    let avx512 = cfg!(target_arch = "x86_64") && flag;
+    let amd = avx512 && vendor("AuthenticAMD");
+    let modelled = amd || (avx512 && vendor("GenuineIntel"));
+    let tmp = tempfile::tempdir().unwrap();
+    for (cmd, name, amd_ref, own) in
+        [("merge", "bone-bat-f32", "merged-amd", "merged"), ("unmerge", "miss-bat-r16-f32", "unmerged-amd", "unmerged")]
+    {
+        let case = fixtures().join("cases").join(name);
+        let (amd_ref, own) = (load(&case.join(amd_ref)), load(&case.join(own)));
+        assert!(!compare(&amd_ref, &own, Expect::Bytes).is_empty(), "{name}: the processors' outputs are the same");
+        let from = if cmd == "merge" { fixtures().join("bases/llama-f32") } else { case.join("merged") };
+        let out = tmp.path().join(name);
+        let adapter = case.join("adapter");
+        let flag = if cmd == "merge" { "--base" } else { "--merged" };
+        let o = run(&[
+            cmd,
+            flag,
+            from.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--bat-sums",
+            "auto",
+        ]);
+        ok(&o);
+        let want = if amd { &amd_ref } else { &own };
+        let bad = compare(&load(&out), want, Expect::Bytes);
+        assert!(bad.is_empty(), "{name} (AMD: {amd}): {cmd} --bat-sums auto:\n{}", bad.join("\n"));
+        assert_eq!(stderr(&o).contains("--bat-sums auto:"), !modelled, "{}", stderr(&o));
+    }
+}
+
 /// The r at which bone-tool takes BAT's `(I + B)⁻¹` as torch does on the Intel processor (MKL's
 /// `getrf`/`getrs` in f32, measured: README), so that its unmerges are PEFT's bytes.
 const INVERTED_AS_TORCH: std::ops::RangeInclusive<u64> = 1..=128;

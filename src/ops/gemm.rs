@@ -60,6 +60,31 @@ impl BatSums {
         }
     }
 
+    /// The processor bone-tool runs on, where it is one whose sums are modelled: an Intel or an
+    /// AMD x86-64 processor with AVX-512 (by CPUID's vendor and the AVX-512F flag). `None`
+    /// elsewhere (no AVX-512, whose MKL code sums otherwise; another vendor or architecture).
+    pub fn this_processor() -> Option<BatSums> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !std::arch::is_x86_feature_detected!("avx512f") {
+                return None;
+            }
+            // SAFETY: every x86-64 processor has CPUID leaf 0 (newer compilers call it safe).
+            #[allow(unused_unsafe)]
+            let id = unsafe { std::arch::x86_64::__cpuid(0) };
+            let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+            match &vendor[..] {
+                b"GenuineIntel" => Some(BatSums::Intel),
+                b"AuthenticAMD" => Some(BatSums::Amd),
+                _ => None,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
     /// How MKL cuts the k of an r×r·r×r product: into blocks of this length from k = 0 (the last
     /// one shorter), each summed in order from +0, and the block sums added in order,
     /// `((s₀ + s₁) + s₂) + …`. Intel: measured on every value of r = 385, 392, 400, 448, 512, 640,
