@@ -2,10 +2,10 @@
 //! BAT unmerge (`ops::bat_inverses_as_torch`), written raw to stdout: for
 //! `fixtures/check_inverses.py`, which holds them to torch's own `inverse`.
 //!
-//!     cargo run --release --example inverses -- R BLOCKS.f32 [intel|amd|fused|unfused] > INVERSES.f32
+//!     cargo run --release --example inverses -- R BLOCKS.f32 [intel|amd|intel-any|amd-any] > INVERSES.f32
 //!
-//! `fused` and `unfused` call `ops::inverse_as_torch` itself at any r up to `ops::panels::LARGEST`
-//! (the model with fused multiply-adds or without), to try it on another processor.
+//! `intel-any` and `amd-any` call `ops::inverse_as_torch` itself with that processor's model at
+//! any r up to 128, also where bone-tool does not claim it is torch's, to see how far it holds.
 
 use bone_tool::ops::{bat_inverses_as_torch, inverse_as_torch, BatSums};
 use std::io::Write;
@@ -18,20 +18,18 @@ fn main() -> anyhow::Result<()> {
     let bytes = std::fs::read(&args[2])?;
     let b: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     anyhow::ensure!(b.len().is_multiple_of(r * r), "{} values are not whole {r}×{r} blocks", b.len());
-    if let Some(fused @ ("fused" | "unfused")) = model {
-        anyhow::ensure!((1..=128).contains(&r), "the model covers r = 1 to 128, not {r}");
-        let out: Vec<u8> = b
-            .chunks(r * r)
-            .flat_map(|bi| inverse_as_torch(bi, r, fused == "fused"))
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+    if let Some(any @ ("intel-any" | "amd-any")) = model {
+        anyhow::ensure!((1..=128).contains(&r), "the models cover r = 1 to 128, not {r}");
+        let sums = if any == "intel-any" { BatSums::Intel } else { BatSums::Amd };
+        let out: Vec<u8> =
+            b.chunks(r * r).flat_map(|bi| inverse_as_torch(bi, r, sums)).flat_map(|v| v.to_le_bytes()).collect();
         std::io::stdout().write_all(&out)?;
         return Ok(());
     }
     let sums = match model {
         None | Some("intel") => BatSums::Intel,
         Some("amd") => BatSums::Amd,
-        Some(other) => anyhow::bail!("unknown processor {other:?}: intel, amd, fused or unfused"),
+        Some(other) => anyhow::bail!("unknown processor {other:?}: intel, amd, intel-any or amd-any"),
     };
     anyhow::ensure!(sums.inverts_as_torch(r), "bone-tool does not invert as torch at r = {r}");
     let inv = bat_inverses_as_torch(&b, r, sums).map_err(|e| anyhow::anyhow!("block {} is singular", e.block))?;

@@ -297,7 +297,8 @@ pub struct ApplyOptions {
     /// an Intel processor with AVX-512; `amd`, an AMD one with AVX-512 (whose sums at r = 9 to 11
     /// only the CPU computes, also under --device cuda); `auto`, the one bone-tool runs on (for
     /// PEFT's bytes on the same machine). An unmerge's f32 (I + B)⁻¹ follows it too:
-    /// PEFT's bytes up to r = 128 with `intel`, up to 16 with `amd` (else the f64 inverse, within
+    /// PEFT's bytes up to r = 128 with `intel`, with `amd` up to 16 and at the multiples of 4 to
+    /// 128 (else the f64 inverse, within
     /// an ulp or so). Default and mini merges are the same either way
     #[arg(long, value_enum, default_value_t = BatSumsArg::Intel, value_name = "PROCESSOR")]
     pub bat_sums: BatSumsArg,

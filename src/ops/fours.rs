@@ -1,11 +1,15 @@
-//! The triangular solves of torch's f32 `inverse` (MKL's `getrs` on `P·I`) from r = 9 to 16 on
-//! the AMD processor with AVX-512 ([`super::BatSums::Amd`]), where each product is rounded and
-//! then added (no fused multiply-adds); the LU before them is [`super::inverse_as_torch`]'s.
+//! The triangular solves of torch's f32 `inverse` (MKL's `getrs` on `P·I`) from r = 9 on the AMD
+//! processor with AVX-512 ([`super::BatSums::Amd`]), where each product is rounded and then added
+//! (no fused multiply-adds but in [`update`]); the LU before them is
+//! [`super::inverse_as_torch`]'s up to r = 16, then [`super::crout`]'s.
 //!
 //! Found on 2026-12-02 on an AMD EPYC (torch 2.15, MKL 2024.2) with `fixtures/probe_sums.py`
 //! (each element's tree of sums), then checked against torch's `inverse` on every value of random
-//! blocks at every r from 9 to 16 (`fixtures/check_inverses.py --amd`):
+//! blocks at every r from 9 to 16 and, with [`super::crout`]'s LU, at the multiples of 4 up to 128
+//! (`fixtures/check_inverses.py --amd`):
 //!
+//! - above 64 rows the first 64 are solved first (backward the last 64), then the rest less their
+//!   products over them ([`halves`], [`update`]), each part as follows;
 //! - the rows are cut into blocks of 4 from the first row solved (the top going forward, the
 //!   bottom going backward), then one block of 2 and one of 1 for what is left ([`blocks`]);
 //! - each row first sums its products over the rows solved in the blocks before its own, from +0,
@@ -18,9 +22,9 @@
 
 use std::ops::Range;
 
-/// How MKL's solves cut r rows on the AMD processor, in the order solved going forward: blocks of
-/// 4, then the rest as one of 2 and one of 1 (11: 0-3, 4-7, 8-9, 10). Going backward the same
-/// blocks from the bottom (11: 7-10, 3-6, 1-2, 0).
+/// How MKL's solves cut r rows (up to 64: [`halves`]) on the AMD processor, in the order solved
+/// going forward: blocks of 4, then the rest as one of 2 and one of 1 (11: 0-3, 4-7, 8-9, 10).
+/// Going backward the same blocks from the bottom (11: 7-10, 3-6, 1-2, 0).
 fn blocks(r: usize) -> Vec<Range<usize>> {
     let mut out = vec![];
     let mut lo = 0;
@@ -58,33 +62,118 @@ fn gemm_sum(p: &[f32], height: usize) -> f32 {
 }
 
 /// Solve `x` (`P·I`, `[r, r]`, row-major) forward with the unit lower factor in `a` and backward
-/// with its upper one, as torch's `inverse` does on the AMD processor from r = 9 to 16.
+/// with its upper one, as torch's `inverse` does on the AMD processor (from r = 9; above 64 rows
+/// the first 64 first, backward the last 64: [`halves`]).
+#[inline(always)]
 pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize) {
-    let cut = blocks(r);
     let mut p = Vec::with_capacity(r);
-    for rows in &cut {
-        for i in rows.clone() {
-            for c in 0..r {
-                p.clear();
-                p.extend((0..rows.start).map(|j| a[i * r + j] * x[j * r + c]));
-                let s = (rows.start..i).fold(gemm_sum(&p, rows.len()), |s, j| s + a[i * r + j] * x[j * r + c]);
-                x[i * r + c] -= s;
+    // a block of 4 rows sums in order: a row at a time, each column's element in a lane of its own
+    let mut acc = vec![0f32; r];
+    for half in halves(r) {
+        update(x, a, r, half.clone(), 0..half.start, &mut acc);
+        for rows in blocks(half.len()).into_iter().map(|b| half.start + b.start..half.start + b.end) {
+            for i in rows.clone() {
+                if rows.len() == 4 {
+                    acc.fill(0.0);
+                    for j in half.start..i {
+                        add_products(&mut acc, a[i * r + j], &x[j * r..][..r]);
+                    }
+                    x[i * r..][..r].iter_mut().zip(&acc).for_each(|(v, s)| *v -= s);
+                    continue;
+                }
+                for c in 0..r {
+                    p.clear();
+                    p.extend((half.start..rows.start).map(|j| a[i * r + j] * x[j * r + c]));
+                    let s = (rows.start..i).fold(gemm_sum(&p, rows.len()), |s, j| s + a[i * r + j] * x[j * r + c]);
+                    x[i * r + c] -= s;
+                }
             }
         }
     }
-    for rows in cut.iter().map(|b| r - b.end..r - b.start) {
-        for i in rows.clone().rev() {
-            let recip = 1.0 / a[i * r + i];
-            for c in 0..r {
-                p.clear();
-                p.extend((rows.end..r).map(|j| a[i * r + j] * x[j * r + c]));
-                let s = (i + 2..rows.end).rev().fold(gemm_sum(&p, rows.len()), |s, j| a[i * r + j] * x[j * r + c] + s);
-                let mut v = x[i * r + c];
-                if i + 1 < rows.end {
-                    v -= a[i * r + i + 1] * x[(i + 1) * r + c];
+    for half in halves(r).into_iter().map(|h| r - h.end..r - h.start) {
+        update(x, a, r, half.clone(), half.end..r, &mut acc);
+        for rows in blocks(half.len()).into_iter().map(|b| half.end - b.end..half.end - b.start) {
+            for i in rows.clone().rev() {
+                let recip = 1.0 / a[i * r + i];
+                if rows.len() == 4 {
+                    acc.fill(0.0);
+                    for j in (rows.end..half.end).chain((i + 2..rows.end).rev()) {
+                        add_products(&mut acc, a[i * r + j], &x[j * r..][..r]);
+                    }
+                    let near = if i + 1 < rows.end { a[i * r + i + 1] } else { 0.0 };
+                    let (head, tail) = x.split_at_mut((i + 1) * r);
+                    let below = if i + 1 < r { &tail[..r] } else { &acc[..0] };
+                    for c in 0..r {
+                        let mut v = head[i * r + c];
+                        if i + 1 < rows.end {
+                            v -= near * below[c];
+                        }
+                        head[i * r + c] = (v - acc[c]) * recip;
+                    }
+                    continue;
                 }
-                x[i * r + c] = (v - s) * recip;
+                for c in 0..r {
+                    p.clear();
+                    p.extend((rows.end..half.end).map(|j| a[i * r + j] * x[j * r + c]));
+                    let s =
+                        (i + 2..rows.end).rev().fold(gemm_sum(&p, rows.len()), |s, j| a[i * r + j] * x[j * r + c] + s);
+                    let mut v = x[i * r + c];
+                    if i + 1 < rows.end {
+                        v -= a[i * r + i + 1] * x[(i + 1) * r + c];
+                    }
+                    x[i * r + c] = (v - s) * recip;
+                }
             }
+        }
+    }
+}
+
+/// `acc[c] + l·x[c]` for every column c, each product rounded and then added.
+#[inline(always)]
+fn add_products(acc: &mut [f32], l: f32, x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(s, v)| *s += l * v);
+}
+
+/// The rows the solves take apart first (going forward; backward the same from the bottom): up
+/// to 64 rows all at once, above that the first 64 and then the rest (up to r = 128, as far as
+/// measured).
+fn halves(r: usize) -> Vec<Range<usize>> {
+    if r > 64 {
+        vec![0..64, 64..r]
+    } else {
+        std::iter::once(0..r).collect()
+    }
+}
+
+/// Rows `rows` of `x` less their products with the rows `over` (solved already): where there are
+/// at least 12 such rows, summed from +0 with fused multiply-adds and then subtracted; else
+/// subtracted one by one in order, each product rounded.
+#[inline(always)]
+fn update(x: &mut [f32], a: &[f32], r: usize, rows: Range<usize>, over: Range<usize>, acc: &mut [f32]) {
+    if over.is_empty() {
+        return;
+    }
+    let fused = rows.len() >= 12;
+    for i in rows {
+        if fused {
+            acc.fill(0.0);
+        } else {
+            acc.copy_from_slice(&x[i * r..][..r]);
+        }
+        for j in over.clone() {
+            let l = a[i * r + j];
+            let xj = &x[j * r..][..r];
+            if fused {
+                acc.iter_mut().zip(xj).for_each(|(s, v)| *s = l.mul_add(*v, *s));
+            } else {
+                acc.iter_mut().zip(xj).for_each(|(s, v)| *s -= l * v);
+            }
+        }
+        let xi = &mut x[i * r..][..r];
+        if fused {
+            xi.iter_mut().zip(&*acc).for_each(|(v, s)| *v -= s);
+        } else {
+            xi.copy_from_slice(acc);
         }
     }
 }

@@ -49,14 +49,15 @@ impl BatSums {
     }
 
     /// Whether bone-tool knows how PEFT's torch inverts an r×r `I + B_i` in f32 on this processor
-    /// ([`super::inverse_as_torch`]): up to r = 128 on the Intel processor, up to 16 on the AMD
-    /// one (measured on each at every such r). Above 128 torch's bytes depend on its threads and
-    /// on how many blocks it inverts at once (`panels::LARGEST`), not modelled; nor the AMD
-    /// processor's recursive LU from r = 17, whose panels sum otherwise than the Intel one's.
+    /// ([`super::inverse_as_torch`]): up to r = 128 on the Intel processor; on the AMD one up to
+    /// 16 and then at the multiples of 4 up to 128 (measured on each at every such r). Above 128
+    /// torch's bytes depend on its threads and on how many blocks it inverts at once
+    /// (`panels::LARGEST`), not modelled; nor the AMD processor's other r from 17, where some of
+    /// its sums move with the blocks' alignment in memory (`crout`).
     pub const fn inverts_as_torch(self, r: usize) -> bool {
         match self {
             BatSums::Intel => r >= 1 && r <= super::panels::LARGEST,
-            BatSums::Amd => r >= 1 && r <= 16,
+            BatSums::Amd => (r >= 1 && r <= 16) || super::crout::models(r),
         }
     }
 

@@ -4,6 +4,7 @@
 //! decoded to f32; after each op every value is rounded exactly as PEFT 0.18.1 rounds it (see the
 //! spec's "Dtype policy"), so that a chain of ops reproduces PEFT's bytes.
 
+mod crout;
 pub mod dtype;
 mod fours;
 mod gemm;
@@ -746,7 +747,7 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
     let mut inv = bat_inverses(b, r)?;
     if sums.inverts_as_torch(r) {
         inv.inv.par_chunks_mut(r * r).zip(b.par_chunks(r * r)).for_each(|(out, bi)| {
-            let torch = inverse_as_torch(bi, r, sums == BatSums::Intel);
+            let torch = inverse_as_torch(bi, r, sums);
             // (the f64 check above passed: a finite f32 inverse; should it not be, keep f64's)
             if torch.iter().all(|x| x.is_finite()) {
                 out.copy_from_slice(&torch);
@@ -760,7 +761,8 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 /// `getrs`, for r up to 128 (measured on the Intel processor at every r from 1 to 16: 100 random
 /// blocks each, torch's `lu_factor` and `lu_solve` apart, and the fixtures' f32 BAT unmerges at
 /// r = 4, 8, 12 and 16; on the AMD processor at every r to 16, 3,000 random blocks each, and
-/// PEFT's unmerges at r = 4, 8, 12 and 16 (`unmerged-amd`); from r = 17 to 128
+/// PEFT's unmerges at r = 4, 8, 12 and 16 (`unmerged-amd`), and from 17 at the multiples of 4
+/// ([`crout`]); on the Intel processor from r = 17 to 128
 /// [`panels::inverse`], whose doc says how). Up to r = 16:
 /// - `I + B` rounded to f32; an LU factorisation with partial pivoting, right-looking: for each
 ///   column k the first row of largest magnitude swapped up, the column below the pivot
@@ -779,22 +781,23 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 /// in blocks of 4 rows, [`fours`], and which at r = 3 multiplies the last column by the
 /// reciprocal too).
 /// From r = 17 MKL's LU is recursive, on panels of 16 columns with their own orders of summing:
-/// [`panels::inverse`]; above 128 not modelled ([`BatSums::inverts_as_torch`]).
-pub fn inverse_as_torch(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
+/// [`panels::inverse`] on the Intel processor, [`crout::inverse`] on the AMD one; above 128 not
+/// modelled ([`BatSums::inverts_as_torch`]).
+pub fn inverse_as_torch(bi: &[f32], r: usize, sums: BatSums) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if fused && gemm::hardware_fma() {
+    if gemm::hardware_fma() {
         // SAFETY: the processor has FMA (hardware_fma's check), just above.
-        return unsafe { inverse_as_torch_fma(bi, r) };
+        return unsafe { inverse_as_torch_fma(bi, r, sums) };
     }
-    inverse_as_torch_body(bi, r, fused)
+    inverse_as_torch_body(bi, r, sums)
 }
 
 /// With the FMA instruction (`mul_add` is otherwise a call into the C library's `fmaf`, whose
 /// results some libraries round twice).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
-unsafe fn inverse_as_torch_fma(bi: &[f32], r: usize) -> Vec<f32> {
-    inverse_as_torch_body(bi, r, true)
+unsafe fn inverse_as_torch_fma(bi: &[f32], r: usize, sums: BatSums) -> Vec<f32> {
+    inverse_as_torch_body(bi, r, sums)
 }
 
 /// `acc + l·u`: one fused multiply-add, or a rounded product then a rounded addition
@@ -843,9 +846,11 @@ fn permuted_identity(perm: &[usize]) -> Vec<f32> {
 }
 
 #[inline(always)]
-fn inverse_as_torch_body(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
+fn inverse_as_torch_body(bi: &[f32], r: usize, sums: BatSums) -> Vec<f32> {
+    // the Intel processor fuses each multiply-add; the AMD one rounds the product first
+    let fused = sums == BatSums::Intel;
     if r > 16 {
-        return panels::inverse(bi, r, fused);
+        return if fused { panels::inverse(bi, r, true) } else { crout::inverse(bi, r) };
     }
     // a − l·u, and acc + l·u
     let sub = |a: f32, l: f32, u: f32| madd(fused, a, -l, u);
@@ -985,9 +990,9 @@ mod tests {
         let mut g = Xorshift(0x5EED_1234);
         let b = g.values(8 * 8 * 20, 0.05);
         let f64s = bat_inverses(&b, 8).unwrap().inv;
-        for fused in [true, false] {
+        for sums in [BatSums::Intel, BatSums::Amd] {
             for (n, bi) in b.chunks(64).enumerate() {
-                let inv = inverse_as_torch(bi, 8, fused);
+                let inv = inverse_as_torch(bi, 8, sums);
                 for (k, (x, y)) in inv.iter().zip(&f64s[n * 64..][..64]).enumerate() {
                     assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "block {n} element {k}: {x} vs {y}");
                 }
@@ -995,8 +1000,8 @@ mod tests {
         }
         // and the two processors' arithmetic differs somewhere
         let (a, c): (Vec<f32>, Vec<f32>) = (
-            b.chunks(64).flat_map(|bi| inverse_as_torch(bi, 8, true)).collect(),
-            b.chunks(64).flat_map(|bi| inverse_as_torch(bi, 8, false)).collect(),
+            b.chunks(64).flat_map(|bi| inverse_as_torch(bi, 8, BatSums::Intel)).collect(),
+            b.chunks(64).flat_map(|bi| inverse_as_torch(bi, 8, BatSums::Amd)).collect(),
         );
         assert!(a != c);
         // a block that needs pivoting (a zero on the diagonal of I + B)
@@ -1005,7 +1010,7 @@ mod tests {
             swap[i * 8 + i] = -1.0;
             swap[i * 8 + (i + 1) % 8] = 1.0;
         }
-        let inv = inverse_as_torch(&swap, 8, true);
+        let inv = inverse_as_torch(&swap, 8, BatSums::Intel);
         let want = bat_inverses(&swap, 8).unwrap().inv;
         assert!(inv.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-6), "{inv:?}");
     }
@@ -1013,16 +1018,17 @@ mod tests {
     #[test]
     fn the_inverse_as_torch_at_every_r_it_models_is_an_inverse() {
         // every way of summing (r below 8, 8, the blocks from 9 to 15, 16, the recursive LU's
-        // panels and blocks from 17) is an inverse (their bytes are PEFT's: tests/peft_fixtures.rs,
-        // the BAT unmerges at r = 4, 8, 12, 16, 24, 48 and 100); scale 0.5 (up to r = 16, then as
-        // well conditioned): rows swapped often
+        // panels and blocks from 17; the AMD processor's blocks of 4 rows and Crout panels) is an
+        // inverse (their bytes are PEFT's: tests/peft_fixtures.rs, the BAT unmerges at r = 4, 8,
+        // 12, 16, 24, 48 and 100); scale 0.5 (up to r = 16, then as well conditioned): rows
+        // swapped often
         let mut g = Xorshift(0x1A7E_5EED);
-        for r in (1..=25).chain([31, 32, 33, 40, 47, 48, 49, 64, 65, 100, 128]) {
+        for r in (1..=25).chain([28, 31, 32, 33, 36, 40, 44, 47, 48, 49, 52, 60, 64, 65, 100, 128]) {
             let b = g.values(r * r * 10, 2.0 / (r.max(16) as f32).sqrt());
             let f64s = bat_inverses(&b, r).unwrap();
             for (n, bi) in b.chunks(r * r).enumerate() {
-                for fused in [true, false] {
-                    let inv = inverse_as_torch(bi, r, fused);
+                for sums in [BatSums::Intel, BatSums::Amd] {
+                    let inv = inverse_as_torch(bi, r, sums);
                     // f32 against f64: within the inverse's condition number's worth of f32 rounding
                     let tol = 1e-6 * f64s.cond[n].max(1.0) as f32;
                     for (k, (x, y)) in inv.iter().zip(&f64s.inv[n * r * r..][..r * r]).enumerate() {

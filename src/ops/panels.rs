@@ -40,7 +40,7 @@ pub const LARGEST: usize = 128;
 
 /// One step of the recursive LU, unrolled.
 #[derive(Debug, PartialEq, Eq)]
-enum Step {
+pub(super) enum Step {
     /// Factor columns `c..c + w` (w ≤ 16) on all rows from c down.
     Panel { c: usize, w: usize },
     /// Columns `c + n1..c + n`: the rows `c..c + n1` solved with the unit lower factor of columns
@@ -48,7 +48,7 @@ enum Step {
     Update { c: usize, n1: usize, n: usize },
 }
 
-fn steps(c: usize, n: usize, out: &mut Vec<Step>) {
+pub(super) fn steps(c: usize, n: usize, out: &mut Vec<Step>) {
     if n <= 16 {
         out.push(Step::Panel { c, w: n });
         return;
