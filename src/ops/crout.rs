@@ -152,3 +152,32 @@ fn upper_sum(p: &[f32], w: usize, i: usize, d: usize) -> f32 {
 fn grouped(w: usize, m: usize, i: usize, j: usize) -> bool {
     w == 16 && (((9..=11).contains(&j) && i <= 11) || (m > 16 && (13..=15).contains(&j) && i <= 15))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_modelled_r_are_the_multiples_of_4_from_20_to_128() {
+        let r: Vec<usize> = (1..200).filter(|&r| models(r)).collect();
+        assert_eq!(r, (20..=128).step_by(4).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_16_column_panel_sums_some_elements_in_its_vector_code_s_order() {
+        // 2²⁴ + 1 rounds back to 2²⁴: each order loses other ones
+        let big = 16_777_216f32;
+        let p = [big, 1., 1., 1., 1., 1., -big, 1.];
+        // in order: big (four 1s and p₅ lost), − big, + 1
+        assert_eq!(upper_sum(&p, 16, 7, 1), 1.0);
+        assert_eq!(upper_sum(&p, 16, 8, 5), 1.0);
+        assert_eq!(upper_sum(&p, 8, 8, 1), 1.0);
+        // rows 8 to 11 within 4 columns of the diagonal: (big + p₆) + (p₅ + p₇) = 2
+        assert_eq!(upper_sum(&p, 16, 8, 4), 2.0);
+        assert_eq!(upper_sum(&p, 16, 11, 1), 2.0);
+        assert!(grouped(16, 20, 10, 9) && grouped(16, 20, 11, 11) && grouped(16, 17, 15, 13));
+        assert!(
+            !grouped(16, 20, 12, 9) && !grouped(16, 20, 10, 8) && !grouped(16, 16, 15, 13) && !grouped(12, 20, 10, 9)
+        );
+    }
+}
