@@ -21,10 +21,10 @@
 //!   by its rounded reciprocal. Each product rounded, no fused steps. In a panel of 16 columns some
 //!   elements sum otherwise ([`upper_sum`], [`grouped`]): where MKL's vector code takes over.
 //!
-//! Where r is no multiple of 4 those places move with the data's alignment (the panel's column
-//! j starts at element j·r of the column-major matrix), and torch's batch puts its blocks at
-//! alignments that vary too: not modelled, nor r above [`LARGEST`] (whose solves cut their rows at
-//! 64 and sum some updates otherwise).
+//! Where r is no multiple of 4 those places move (seen at r = 17, 18, 19 and 21), most likely
+//! with the data's alignment (column j of the column-major matrix starts at element j·r; for odd
+//! r torch's batch would put its blocks at varying alignments too): not modelled, nor r above
+//! [`LARGEST`].
 
 use super::panels::{steps, Step};
 use super::{identity_plus, permuted_identity, pivot};
