@@ -850,7 +850,7 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, sums: BatSums) -> Vec<f32> {
     // the Intel processor fuses each multiply-add; the AMD one rounds the product first
     let fused = sums == BatSums::Intel;
     if r > 16 {
-        return if fused { panels::inverse(bi, r, true) } else { crout::inverse(bi, r) };
+        return if fused { panels::inverse(bi, r) } else { crout::inverse(bi, r) };
     }
     // a − l·u, and acc + l·u
     let sub = |a: f32, l: f32, u: f32| madd(fused, a, -l, u);

@@ -29,7 +29,7 @@
 //! [`super::inverse_as_torch`], where `mul_add` is the instruction (the C library's `fmaf`, which
 //! some round twice, otherwise); the recursion is unrolled into a [`Step`] list for that reason.
 
-use super::{identity_plus, madd, permuted_identity, pivot};
+use super::{identity_plus, permuted_identity, pivot};
 
 /// The largest r at which [`inverse`] is torch's, whether torch runs on one thread or more and
 /// inverts one block or a batch (checked at every r from 17). Above it torch's bytes depend on
@@ -82,27 +82,27 @@ fn blocks(m: usize) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-/// `(I + B)⁻¹` of one r×r block `bi` (row-major), r from 17 to [`LARGEST`]. `fused`: each
-/// multiply-add one fused operation (the Intel processor; nothing else is modelled here).
+/// `(I + B)⁻¹` of one r×r block `bi` (row-major), r from 17 to [`LARGEST`], each multiply-add one
+/// fused operation (the Intel processor; the AMD one's is [`super::crout`]).
 #[inline(always)]
-pub(super) fn inverse(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
+pub(super) fn inverse(bi: &[f32], r: usize) -> Vec<f32> {
     let mut a = identity_plus(bi, r);
     let mut perm: Vec<usize> = (0..r).collect();
     let mut plan = vec![];
     steps(0, r, &mut plan);
     for step in plan {
         match step {
-            Step::Panel { c, w } => panel(&mut a, r, c, w, &mut perm, fused),
+            Step::Panel { c, w } => panel(&mut a, r, c, w, &mut perm),
             Step::Update { c, n1, n } => {
                 let cols = c + n1..c + n;
-                solve_down(&mut a, r, c, c + n1, cols.clone(), fused);
+                solve_down(&mut a, r, c, c + n1, cols.clone());
                 // the rows below less their products over the left part: a GEMM's sums
                 let mut g = vec![0f32; cols.len()];
                 for i in c + n1..r {
                     let (above, rest) = a.split_at_mut(i * r);
                     g.fill(0.0);
                     for k in c..c + n1 {
-                        add_product(fused, &mut g, rest[k], &above[k * r + cols.start..][..cols.len()]);
+                        add_product(&mut g, rest[k], &above[k * r + cols.start..][..cols.len()]);
                     }
                     subtract(&mut rest[cols.clone()], &g);
                 }
@@ -110,18 +110,18 @@ pub(super) fn inverse(bi: &[f32], r: usize, fused: bool) -> Vec<f32> {
         }
     }
     let mut x = permuted_identity(&perm);
-    forward(&mut x, &a, r, fused);
-    backward(&mut x, &a, r, fused);
+    forward(&mut x, &a, r);
+    backward(&mut x, &a, r);
     x
 }
 
-/// `dst[c] + l·src[c]` for every c (one fused multiply-add each, or not: [`madd`]). Every
+/// `dst[c] + l·src[c]` for every c (one fused multiply-add each). Every
 /// column's element of a row takes the same steps, so the solves go a row at a time, `c`
 /// innermost: vector instructions, the same values.
 #[inline(always)]
-fn add_product(fused: bool, dst: &mut [f32], l: f32, src: &[f32]) {
+fn add_product(dst: &mut [f32], l: f32, src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
-        *d = madd(fused, *d, l, *s);
+        *d = l.mul_add(*s, *d);
     }
 }
 
@@ -136,7 +136,7 @@ fn subtract(dst: &mut [f32], sums: &[f32]) {
 /// columns `lo..hi`, in [`blocks`] of those rows: each row first less one sum over the blocks
 /// above its own (from +0, in order), then less its products within its block, in order.
 #[inline(always)]
-fn solve_down(a: &mut [f32], r: usize, lo: usize, hi: usize, cols: std::ops::Range<usize>, fused: bool) {
+fn solve_down(a: &mut [f32], r: usize, lo: usize, hi: usize, cols: std::ops::Range<usize>) {
     let w = cols.len();
     let mut g = vec![0f32; w];
     for rows in blocks(hi - lo) {
@@ -149,12 +149,12 @@ fn solve_down(a: &mut [f32], r: usize, lo: usize, hi: usize, cols: std::ops::Ran
             if b0 > lo {
                 g.fill(0.0);
                 for k in lo..b0 {
-                    add_product(fused, &mut g, l[k], &above[k * r + cols.start..][..w]);
+                    add_product(&mut g, l[k], &above[k * r + cols.start..][..w]);
                 }
                 subtract(row, &g);
             }
             for k in b0..i {
-                add_product(fused, row, -l[k], &above[k * r + cols.start..][..w]);
+                add_product(row, -l[k], &above[k * r + cols.start..][..w]);
             }
         }
     }
@@ -162,7 +162,7 @@ fn solve_down(a: &mut [f32], r: usize, lo: usize, hi: usize, cols: std::ops::Ran
 
 /// The forward solve of `P·I` (in `x`, `[r, r]`) with the unit lower factor in `a`.
 #[inline(always)]
-fn forward(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
+fn forward(x: &mut [f32], a: &[f32], r: usize) {
     let mut g = vec![0f32; r];
     for rows in blocks(r) {
         for i in rows.clone() {
@@ -171,12 +171,12 @@ fn forward(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
             if rows.start > 0 {
                 g.fill(0.0);
                 for k in 0..rows.start {
-                    add_product(fused, &mut g, a[i * r + k], &above[k * r..][..r]);
+                    add_product(&mut g, a[i * r + k], &above[k * r..][..r]);
                 }
                 subtract(row, &g);
             }
             for k in rows.start..i {
-                add_product(fused, row, -a[i * r + k], &above[k * r..][..r]);
+                add_product(row, -a[i * r + k], &above[k * r..][..r]);
             }
         }
     }
@@ -186,7 +186,7 @@ fn forward(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
 /// bottom, each row less one sum over the blocks below (from +0, ascending), then its products
 /// within its block from the right, then multiplied by the pivot's rounded reciprocal.
 #[inline(always)]
-fn backward(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
+fn backward(x: &mut [f32], a: &[f32], r: usize) {
     let mut g = vec![0f32; r];
     for rows in blocks(r).into_iter().rev() {
         for i in rows.clone().rev() {
@@ -197,12 +197,12 @@ fn backward(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
             if rows.end < r {
                 g.fill(0.0);
                 for k in rows.end..r {
-                    add_product(fused, &mut g, a[i * r + k], &below[(k - i - 1) * r..][..r]);
+                    add_product(&mut g, a[i * r + k], &below[(k - i - 1) * r..][..r]);
                 }
                 subtract(row, &g);
             }
             for k in (i + 1..rows.end).rev() {
-                add_product(fused, row, -a[i * r + k], &below[(k - i - 1) * r..][..r]);
+                add_product(row, -a[i * r + k], &below[(k - i - 1) * r..][..r]);
             }
             row.iter_mut().for_each(|v| *v *= recip);
         }
@@ -211,7 +211,7 @@ fn backward(x: &mut [f32], a: &[f32], r: usize, fused: bool) {
 
 /// Factor the panel of columns `c..c + w` on rows `c..r` of `a`, swapping whole rows.
 #[inline(always)]
-fn panel(a: &mut [f32], r: usize, c: usize, w: usize, perm: &mut [usize], fused: bool) {
+fn panel(a: &mut [f32], r: usize, c: usize, w: usize, perm: &mut [usize]) {
     let mut l = [0f32; 16];
     let mut u = [0f32; 16];
     for j in c..c + w {
@@ -225,10 +225,10 @@ fn panel(a: &mut [f32], r: usize, c: usize, w: usize, perm: &mut [usize], fused:
                     l[k] = a[i * r + c + k];
                     u[k] = a[(c + k) * r + j];
                 }
-                acc = eight(acc, &l, &u, fused);
+                acc = eight(acc, &l, &u);
                 k0 = c + 8;
             }
-            a[i * r + j] = (k0..j).fold(acc, |acc, k| madd(fused, acc, -a[i * r + k], a[k * r + j]));
+            a[i * r + j] = (k0..j).fold(acc, |acc, k| (-a[i * r + k]).mul_add(a[k * r + j], acc));
         }
         pivot(a, r, j, perm);
         let recip = 1.0 / a[j * r + j];
@@ -248,7 +248,7 @@ fn panel(a: &mut [f32], r: usize, c: usize, w: usize, perm: &mut [usize], fused:
             for k in 0..n {
                 u[k] = a[(c + k) * r + col];
             }
-            a[j * r + col] -= dot(&l[..n], &u[..n], t < vectors, fused);
+            a[j * r + col] -= dot(&l[..n], &u[..n], t < vectors);
         }
     }
 }
@@ -257,11 +257,11 @@ fn panel(a: &mut [f32], r: usize, c: usize, w: usize, perm: &mut [usize], fused:
 /// `((a − p₆ − p₄) − (p₅ + p₇)) − ((p₀ + p₂) + (p₁ + p₃))`, the first two fused into a, and in
 /// each pair the second product rounded, the first fused into it.
 #[inline(always)]
-fn eight(a: f32, l: &[f32; 16], u: &[f32; 16], fused: bool) -> f32 {
-    let e = madd(fused, a, -l[6], u[6]);
-    let e = madd(fused, e, -l[4], u[4]);
-    let e = e - madd(fused, l[7] * u[7], l[5], u[5]);
-    let low = madd(fused, l[2] * u[2], l[0], u[0]) + madd(fused, l[3] * u[3], l[1], u[1]);
+fn eight(a: f32, l: &[f32; 16], u: &[f32; 16]) -> f32 {
+    let e = (-l[6]).mul_add(u[6], a);
+    let e = (-l[4]).mul_add(u[4], e);
+    let e = e - l[5].mul_add(u[5], l[7] * u[7]);
+    let low = l[0].mul_add(u[0], l[2] * u[2]) + l[1].mul_add(u[1], l[3] * u[3]);
     e - low
 }
 
@@ -270,7 +270,7 @@ fn eight(a: f32, l: &[f32; 16], u: &[f32; 16], fused: bool) -> f32 {
 /// i + 2, then 1). In a vector of columns (`vector`) lane 0 starts from p₀ with p₁ fused into it;
 /// one by one, p₀ is added to the halved sum last.
 #[inline(always)]
-fn dot(l: &[f32], u: &[f32], vector: bool, fused: bool) -> f32 {
+fn dot(l: &[f32], u: &[f32], vector: bool) -> f32 {
     let n = l.len();
     let mut lanes = [0f32; 8];
     let mut used = [false; 8];
@@ -278,7 +278,7 @@ fn dot(l: &[f32], u: &[f32], vector: bool, fused: bool) -> f32 {
         lanes[0] = l[0] * u[0];
         used[0] = true;
         if n > 1 {
-            lanes[0] = madd(fused, lanes[0], l[1], u[1]);
+            lanes[0] = l[1].mul_add(u[1], lanes[0]);
         }
         2
     } else {
@@ -340,7 +340,7 @@ mod tests {
             let mut u = vec![1f32; n];
             u[x] = big;
             u[y] = -big;
-            dot(&l, &u, vector, true)
+            dot(&l, &u, vector)
         };
         // 6 products in a vector: ((((0+1)+5)+3)+(2+4)): 0 and 5 meet with 3 left to add after
         assert_eq!(probe(6, 0, 5, true), 3.0);
@@ -355,7 +355,7 @@ mod tests {
             let mut u = [1f32; 16];
             u[x] = big;
             u[y] = -big;
-            -eight(0.0, &l, &u, true)
+            -eight(0.0, &l, &u)
         };
         assert_eq!(e(6, 4), 6.0);
         assert_eq!(e(5, 7), 6.0);
