@@ -12,28 +12,27 @@ use std::io::Write;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() >= 3, "usage: inverses R BLOCKS.f32 [intel|amd]");
+    anyhow::ensure!(args.len() >= 3, "usage: inverses R BLOCKS.f32 [intel|amd|intel-any|amd-any]");
     let r: usize = args[1].parse()?;
     let model = args.get(3).map(String::as_str);
     let bytes = std::fs::read(&args[2])?;
     let b: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     anyhow::ensure!(b.len().is_multiple_of(r * r), "{} values are not whole {r}×{r} blocks", b.len());
-    if let Some(any @ ("intel-any" | "amd-any")) = model {
-        anyhow::ensure!((1..=128).contains(&r), "the models cover r = 1 to 128, not {r}");
-        let sums = if any == "intel-any" { BatSums::Intel } else { BatSums::Amd };
-        let out: Vec<u8> =
-            b.chunks(r * r).flat_map(|bi| inverse_as_torch(bi, r, sums)).flat_map(|v| v.to_le_bytes()).collect();
-        std::io::stdout().write_all(&out)?;
-        return Ok(());
-    }
-    let sums = match model {
-        None | Some("intel") => BatSums::Intel,
-        Some("amd") => BatSums::Amd,
+    let (sums, any) = match model {
+        None | Some("intel") => (BatSums::Intel, false),
+        Some("amd") => (BatSums::Amd, false),
+        Some("intel-any") => (BatSums::Intel, true),
+        Some("amd-any") => (BatSums::Amd, true),
         Some(other) => anyhow::bail!("unknown processor {other:?}: intel, amd, intel-any or amd-any"),
     };
-    anyhow::ensure!(sums.inverts_as_torch(r), "bone-tool does not invert as torch at r = {r}");
-    let inv = bat_inverses_as_torch(&b, r, sums).map_err(|e| anyhow::anyhow!("block {} is singular", e.block))?;
-    let out: Vec<u8> = inv.inv.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let inv: Vec<f32> = if any {
+        anyhow::ensure!((1..=128).contains(&r), "the models cover r = 1 to 128, not {r}");
+        b.chunks(r * r).flat_map(|bi| inverse_as_torch(bi, r, sums)).collect()
+    } else {
+        anyhow::ensure!(sums.inverts_as_torch(r), "bone-tool does not invert as torch at r = {r}");
+        bat_inverses_as_torch(&b, r, sums).map_err(|e| anyhow::anyhow!("block {} is singular", e.block))?.inv
+    };
+    let out: Vec<u8> = inv.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::io::stdout().write_all(&out)?;
     Ok(())
 }
