@@ -27,7 +27,7 @@
 //! [`LARGEST`].
 
 use super::panels::{steps, Step};
-use super::{identity_plus, permuted_identity, pivot};
+use super::{add_products, identity_plus, permuted_identity, pivot, subtract};
 use std::ops::Range;
 
 /// The largest r at which [`inverse`] is torch's on the AMD processor (with every r from 17 to it
@@ -74,11 +74,11 @@ fn update(a: &mut [f32], r: usize, c: usize, h: usize, n: usize) {
         }
     } else {
         for i in c + h..r {
+            // (rows k above row i: split there to read them while row i changes)
+            let (above, row) = a.split_at_mut(i * r);
             for k in c..c + h {
-                let l = a[i * r + k];
-                for j in right.clone() {
-                    a[i * r + j] -= l * a[k * r + j];
-                }
+                let l = -row[k];
+                add_products(&mut row[right.clone()], l, &above[k * r + right.start..k * r + right.end], false);
             }
         }
     }
@@ -91,15 +91,9 @@ fn update(a: &mut [f32], r: usize, c: usize, h: usize, n: usize) {
 fn sum_into(a: &mut [f32], r: usize, i: usize, ks: Range<usize>, cols: Range<usize>, acc: &mut [f32], fused: bool) {
     acc.fill(0.0);
     for k in ks {
-        let l = a[i * r + k];
-        let u = &a[k * r + cols.start..k * r + cols.end];
-        if fused {
-            acc.iter_mut().zip(u).for_each(|(s, u)| *s = l.mul_add(*u, *s));
-        } else {
-            acc.iter_mut().zip(u).for_each(|(s, u)| *s += l * u);
-        }
+        add_products(acc, a[i * r + k], &a[k * r + cols.start..k * r + cols.end], fused);
     }
-    a[i * r + cols.start..i * r + cols.end].iter_mut().zip(&*acc).for_each(|(v, s)| *v -= s);
+    subtract(&mut a[i * r + cols.start..i * r + cols.end], acc);
 }
 
 /// The panel of columns `c..c + w` on rows `c..r`, column by column (Crout's order).

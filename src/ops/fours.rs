@@ -20,6 +20,7 @@
 //!   nearest the diagonal left out; the row's value less that nearest product, less the sum, is
 //!   multiplied by the pivot's rounded reciprocal.
 
+use super::{add_products, subtract};
 use std::ops::Range;
 
 /// How MKL's solves cut r rows (up to 64: [`halves`]) on the AMD processor, in the order solved
@@ -76,9 +77,9 @@ pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize) {
                 if rows.len() == 4 {
                     acc.fill(0.0);
                     for j in half.start..i {
-                        add_products(&mut acc, a[i * r + j], &x[j * r..][..r]);
+                        add_products(&mut acc, a[i * r + j], &x[j * r..][..r], false);
                     }
-                    x[i * r..][..r].iter_mut().zip(&acc).for_each(|(v, s)| *v -= s);
+                    subtract(&mut x[i * r..][..r], &acc);
                     continue;
                 }
                 for c in 0..r {
@@ -98,7 +99,7 @@ pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize) {
                 if rows.len() == 4 {
                     acc.fill(0.0);
                     for j in (rows.end..half.end).chain((i + 2..rows.end).rev()) {
-                        add_products(&mut acc, a[i * r + j], &x[j * r..][..r]);
+                        add_products(&mut acc, a[i * r + j], &x[j * r..][..r], false);
                     }
                     let near = if i + 1 < rows.end { a[i * r + i + 1] } else { 0.0 };
                     let (head, tail) = x.split_at_mut((i + 1) * r);
@@ -128,12 +129,6 @@ pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize) {
     }
 }
 
-/// `acc[c] + l·x[c]` for every column c, each product rounded and then added.
-#[inline(always)]
-fn add_products(acc: &mut [f32], l: f32, x: &[f32]) {
-    acc.iter_mut().zip(x).for_each(|(s, v)| *s += l * v);
-}
-
 /// The rows the solves take apart first (going forward; backward the same from the bottom): up
 /// to 64 rows all at once, above that the first 64 and then the rest (up to r = 128, as far as
 /// measured).
@@ -145,9 +140,9 @@ fn halves(r: usize) -> Vec<Range<usize>> {
     }
 }
 
-/// Rows `rows` of `x` less their products with the rows `over` (solved already): where there are
-/// at least 12 such rows, summed from +0 with fused multiply-adds and then subtracted; else
-/// subtracted one by one in order, each product rounded.
+/// Rows `rows` of `x` less their products with the rows `over` (solved already): where `rows` are
+/// at least 12, summed from +0 with fused multiply-adds and then subtracted; else subtracted one
+/// by one in order, each product rounded.
 #[inline(always)]
 fn update(x: &mut [f32], a: &[f32], r: usize, rows: Range<usize>, over: Range<usize>, acc: &mut [f32]) {
     if over.is_empty() {
@@ -161,17 +156,13 @@ fn update(x: &mut [f32], a: &[f32], r: usize, rows: Range<usize>, over: Range<us
             acc.copy_from_slice(&x[i * r..][..r]);
         }
         for j in over.clone() {
-            let l = a[i * r + j];
-            let xj = &x[j * r..][..r];
-            if fused {
-                acc.iter_mut().zip(xj).for_each(|(s, v)| *s = l.mul_add(*v, *s));
-            } else {
-                acc.iter_mut().zip(xj).for_each(|(s, v)| *s -= l * v);
-            }
+            // summed from +0, or subtracted from the value one by one
+            let l = if fused { a[i * r + j] } else { -a[i * r + j] };
+            add_products(acc, l, &x[j * r..][..r], fused);
         }
         let xi = &mut x[i * r..][..r];
         if fused {
-            xi.iter_mut().zip(&*acc).for_each(|(v, s)| *v -= s);
+            subtract(xi, acc);
         } else {
             xi.copy_from_slice(acc);
         }

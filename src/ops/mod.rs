@@ -812,6 +812,25 @@ fn madd(fused: bool, acc: f32, l: f32, u: f32) -> f32 {
     }
 }
 
+/// `acc[c] + l·src[c]` for every c: one fused multiply-add each, or the product rounded and then
+/// added ([`madd`]). The inverses' row-at-a-time sums: every column's element of a row takes the
+/// same steps, so `c` innermost (vector instructions) gives the same values. (`acc − l·src` is
+/// this with `−l`: the same roundings.)
+#[inline(always)]
+fn add_products(acc: &mut [f32], l: f32, src: &[f32], fused: bool) {
+    for (s, v) in acc.iter_mut().zip(src) {
+        *s = madd(fused, *s, l, *v);
+    }
+}
+
+/// `dst[c] − sums[c]` for every c.
+#[inline(always)]
+fn subtract(dst: &mut [f32], sums: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(sums) {
+        *d -= s;
+    }
+}
+
 /// `I + B` of one r×r block (row-major), rounded to f32 as torch's `eye(r) + B` is.
 fn identity_plus(bi: &[f32], r: usize) -> Vec<f32> {
     (0..r * r).map(|n| bi[n] + if n / r == n % r { 1.0 } else { 0.0 }).collect()

@@ -29,7 +29,7 @@
 //! [`super::inverse_as_torch`], where `mul_add` is the instruction (the C library's `fmaf`, which
 //! some round twice, otherwise); the recursion is unrolled into a [`Step`] list for that reason.
 
-use super::{identity_plus, permuted_identity, pivot};
+use super::{add_products, identity_plus, permuted_identity, pivot, subtract};
 
 /// The largest r at which [`inverse`] is torch's, whether torch runs on one thread or more and
 /// inverts one block or a batch (checked at every r from 17). Above it torch's bytes depend on
@@ -102,7 +102,7 @@ pub(super) fn inverse(bi: &[f32], r: usize) -> Vec<f32> {
                     let (above, rest) = a.split_at_mut(i * r);
                     g.fill(0.0);
                     for k in c..c + n1 {
-                        add_product(&mut g, rest[k], &above[k * r + cols.start..][..cols.len()]);
+                        add_products(&mut g, rest[k], &above[k * r + cols.start..][..cols.len()], true);
                     }
                     subtract(&mut rest[cols.clone()], &g);
                 }
@@ -113,23 +113,6 @@ pub(super) fn inverse(bi: &[f32], r: usize) -> Vec<f32> {
     forward(&mut x, &a, r);
     backward(&mut x, &a, r);
     x
-}
-
-/// `dst[c] + l·src[c]` for every c (one fused multiply-add each). Every
-/// column's element of a row takes the same steps, so the solves go a row at a time, `c`
-/// innermost: vector instructions, the same values.
-#[inline(always)]
-fn add_product(dst: &mut [f32], l: f32, src: &[f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = l.mul_add(*s, *d);
-    }
-}
-
-#[inline(always)]
-fn subtract(dst: &mut [f32], sums: &[f32]) {
-    for (d, s) in dst.iter_mut().zip(sums) {
-        *d -= s;
-    }
 }
 
 /// Rows `lo..hi` of columns `cols` of `a` solved with the unit lower factor in `a`'s rows and
@@ -149,12 +132,12 @@ fn solve_down(a: &mut [f32], r: usize, lo: usize, hi: usize, cols: std::ops::Ran
             if b0 > lo {
                 g.fill(0.0);
                 for k in lo..b0 {
-                    add_product(&mut g, l[k], &above[k * r + cols.start..][..w]);
+                    add_products(&mut g, l[k], &above[k * r + cols.start..][..w], true);
                 }
                 subtract(row, &g);
             }
             for k in b0..i {
-                add_product(row, -l[k], &above[k * r + cols.start..][..w]);
+                add_products(row, -l[k], &above[k * r + cols.start..][..w], true);
             }
         }
     }
@@ -171,12 +154,12 @@ fn forward(x: &mut [f32], a: &[f32], r: usize) {
             if rows.start > 0 {
                 g.fill(0.0);
                 for k in 0..rows.start {
-                    add_product(&mut g, a[i * r + k], &above[k * r..][..r]);
+                    add_products(&mut g, a[i * r + k], &above[k * r..][..r], true);
                 }
                 subtract(row, &g);
             }
             for k in rows.start..i {
-                add_product(row, -a[i * r + k], &above[k * r..][..r]);
+                add_products(row, -a[i * r + k], &above[k * r..][..r], true);
             }
         }
     }
@@ -197,12 +180,12 @@ fn backward(x: &mut [f32], a: &[f32], r: usize) {
             if rows.end < r {
                 g.fill(0.0);
                 for k in rows.end..r {
-                    add_product(&mut g, a[i * r + k], &below[(k - i - 1) * r..][..r]);
+                    add_products(&mut g, a[i * r + k], &below[(k - i - 1) * r..][..r], true);
                 }
                 subtract(row, &g);
             }
             for k in (i + 1..rows.end).rev() {
-                add_product(row, -a[i * r + k], &below[(k - i - 1) * r..][..r]);
+                add_products(row, -a[i * r + k], &below[(k - i - 1) * r..][..r], true);
             }
             row.iter_mut().for_each(|v| *v *= recip);
         }
