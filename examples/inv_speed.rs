@@ -22,7 +22,7 @@ fn main() {
         let mut time = |sums| {
             let t = Instant::now();
             for bi in b.chunks(r * r) {
-                acc += inverse_as_torch(bi, r, sums)[0];
+                acc += inverse_as_torch(bi, r, sums, 0)[0];
             }
             t.elapsed().as_secs_f64() / n as f64
         };

@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     };
     let inv: Vec<f32> = if any {
         anyhow::ensure!((1..=128).contains(&r), "the models cover r = 1 to 128, not {r}");
-        b.chunks(r * r).flat_map(|bi| inverse_as_torch(bi, r, sums)).collect()
+        b.chunks(r * r).enumerate().flat_map(|(block, bi)| inverse_as_torch(bi, r, sums, block)).collect()
     } else {
         anyhow::ensure!(sums.inverts_as_torch(r), "bone-tool does not invert as torch at r = {r}");
         bat_inverses_as_torch(&b, r, sums).map_err(|e| anyhow::anyhow!("block {} is singular", e.block))?.inv

@@ -294,12 +294,11 @@ pub struct ApplyOptions {
     /// Which processor's f32 sums BAT's GEMMs reproduce. PEFT's torch hands them to Intel MKL,
     /// whose sums depend on the processor, so PEFT's own f32 BAT merges differ in the last bit from
     /// one processor to another (at r = 8 to 11 and from 193; f16/bf16 ones in a few values): `intel`,
-    /// an Intel processor with AVX-512; `amd`, an AMD one with AVX-512 (whose sums at r = 9 to 11
-    /// only the CPU computes, also under --device cuda); `auto`, the one bone-tool runs on (for
-    /// PEFT's bytes on the same machine). An unmerge's f32 (I + B)⁻¹ follows it too:
-    /// PEFT's bytes up to r = 128 with `intel`, with `amd` up to 16 and at the multiples of 4 to
-    /// 128 (else the f64 inverse, within
-    /// an ulp or so). Default and mini merges are the same either way
+    /// an Intel processor with AVX-512; `amd`, an AMD one, with AVX-512 or without (whose sums at
+    /// r = 9 to 11 only the CPU computes, also under --device cuda); `auto`, the one bone-tool runs
+    /// on (for PEFT's bytes on the same machine). An unmerge's f32 (I + B)⁻¹ follows it too:
+    /// PEFT's bytes up to r = 128 with either (above it the f64 inverse, within an ulp or so).
+    /// Default and mini merges are the same either way
     #[arg(long, value_enum, default_value_t = BatSumsArg::Intel, value_name = "PROCESSOR")]
     pub bat_sums: BatSumsArg,
 
@@ -450,10 +449,10 @@ pub enum RoundingArg {
 pub enum BatSumsArg {
     /// As PEFT's torch sums on an Intel processor with AVX-512
     Intel,
-    /// As on an AMD processor with AVX-512
+    /// As on an AMD processor (with AVX-512 or without)
     Amd,
     /// As on the processor bone-tool runs on (for PEFT's bytes on this machine): `amd` on an AMD
-    /// processor with AVX-512, `intel` on an Intel one, and `intel` with a warning elsewhere
+    /// processor, `intel` on an Intel one with AVX-512, and `intel` with a warning elsewhere
     Auto,
 }
 
@@ -465,8 +464,8 @@ impl BatSumsArg {
             BatSumsArg::Amd => crate::ops::BatSums::Amd,
             BatSumsArg::Auto => crate::ops::BatSums::this_processor().unwrap_or_else(|| {
                 crate::report::warning(
-                    "--bat-sums auto: this processor is no Intel or AMD x86-64 one with AVX-512, whose sums bone-tool \
-                     reproduces; BAT is summed as on the Intel one (--bat-sums intel), and PEFT's own f32 BAT \
+                    "--bat-sums auto: this processor is neither an Intel x86-64 one with AVX-512 nor an AMD one with \
+                     AVX2, whose sums bone-tool reproduces; BAT is summed as on the Intel one (--bat-sums intel), and PEFT's own f32 BAT \
                      bytes here may differ from it in the last bit",
                 );
                 crate::ops::BatSums::Intel

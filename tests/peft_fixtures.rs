@@ -266,34 +266,14 @@ fn rounding_once_matches_peft_safe_merge() {
 
 #[test]
 fn bat_sums_amd_matches_peft_on_an_amd_processor() {
-    // PEFT's merges made on an AMD processor with AVX-512 (fixtures/generate.py --amd), where torch
+    // PEFT's merges made on an AMD processor (fixtures/generate.py --amd), where torch
     // sums f32 BAT GEMMs otherwise than on the Intel processor the other fixtures come from (r = 8:
     // each product rounded and then added; r = 200, the wide case: k in two blocks of 100; r = 9,
     // 10 and 11: the elements of a row before its first 16-byte boundary in chunks of four).
     // `--bat-sums amd` gives their bytes; the default, Intel's sums, does not.
     let tmp = tempfile::tempdir().unwrap();
-    let m = manifest();
-    let wide = m["amd"].as_array().expect("the manifest's AMD-only cases").iter().map(|c| Case {
-        name: c["name"].as_str().unwrap().to_string(),
-        dir: fixtures().join("cases").join(c["name"].as_str().unwrap()),
-        rounding_once: false,
-        base: c["base"].as_str().unwrap().to_string(),
-        adapters: c["adapters"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect(),
-        exact_merge: true,
-        autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
-        has_bat: true,
-        bat_r8: false,
-        bat_inverted: false,
-        bat_inverted_amd: false,
-        merged_safe: None,
-        merged_amd: c["merged_amd"].as_str().map(str::to_string),
-        merged_safe_amd: None,
-        unmerged_amd: c["unmerged_amd"].as_str().map(str::to_string),
-        untargeted: vec![],
-        without_blocks: vec![],
-    });
     let mut checked = vec![];
-    for c in cases().into_iter().chain(wide) {
+    for c in cases().into_iter().chain(amd_only_cases()) {
         for (peft, once) in [(&c.merged_amd, false), (&c.merged_safe_amd, true)] {
             let Some(peft) = peft else { continue };
             let peft = load(&fixtures().join(peft));
@@ -316,9 +296,7 @@ fn bat_sums_amd_matches_peft_on_an_amd_processor() {
                 bad.join("\n")
             );
             checked.push(c.name.clone());
-            if c.unmerged_amd.is_some() && !c.dir.join("merged").exists() {
-                // an AMD-only case made for its unmerge (bone-bat-r18-f32), whose merge both
-                // processors sum alike
+            if SAME_MERGE_AMD.contains(&c.name.as_str()) {
                 continue;
             }
             let out = tmp.path().join(format!("{}-{once}-intel", c.name));
@@ -330,21 +308,63 @@ fn bat_sums_amd_matches_peft_on_an_amd_processor() {
     assert!(checked.len() >= 8 && amd_only.iter().all(|a| checked.iter().any(|n| n == a)), "{checked:?}");
 }
 
+/// The AMD-only cases (the manifest's `amd`: PEFT's merges and unmerges on an AMD processor, of
+/// adapters made for them, fixtures/generate.py --amd), whose `merged-amd` an unmerge starts from.
+fn amd_only_cases() -> Vec<Case> {
+    let m = manifest();
+    let amd = m["amd"].as_array().expect("the manifest's AMD-only cases");
+    amd.iter()
+        .map(|c| {
+            let adapters: Vec<String> =
+                c["adapters"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().into()).collect();
+            let config: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(fixtures().join(&adapters[0]).join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            Case {
+                name: c["name"].as_str().unwrap().to_string(),
+                dir: fixtures().join("cases").join(c["name"].as_str().unwrap()),
+                rounding_once: false,
+                base: c["base"].as_str().unwrap().to_string(),
+                adapters,
+                exact_merge: true,
+                autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
+                has_bat: true,
+                bat_r8: false,
+                bat_inverted: false,
+                bat_inverted_amd: inverted_as_torch_amd(config["r"].as_u64().unwrap()),
+                merged_safe: None,
+                merged_amd: c["merged_amd"].as_str().map(str::to_string),
+                merged_safe_amd: None,
+                unmerged_amd: c["unmerged_amd"].as_str().map(str::to_string),
+                untargeted: vec![],
+                without_blocks: vec![],
+            }
+        })
+        .collect()
+}
+
+/// AMD-only cases made for their unmerges, at r from 12 to 192, where both processors sum a BAT
+/// merge's GEMM alike (each product fused, k in one block).
+const SAME_MERGE_AMD: [&str; 3] = ["bone-bat-r18-f32", "bone-bat-r19-f32", "miss-bat-r45-f32"];
+
 #[test]
 fn bat_sums_auto_follows_the_processor_it_runs_on() {
     // --bat-sums auto: this machine's sums, the processor told here from /proc/cpuinfo (apart from
-    // bone-tool's CPUID): on an AMD processor with AVX-512 PEFT's merge and unmerge made on one
-    // (`merged-amd`, `unmerged-amd`), on an Intel one the fixtures' own; elsewhere Intel's, with a
-    // warning
+    // bone-tool's CPUID): on an AMD processor (with AVX2 and FMA, AVX-512 or not) PEFT's merge and
+    // unmerge made on one (`merged-amd`, `unmerged-amd`), on an Intel one with AVX-512 the
+    // fixtures' own; elsewhere Intel's, with a warning
     let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
         not_checked("--bat-sums auto: no /proc/cpuinfo to tell the processor by");
         return;
     };
-    let flag = info.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "avx512f"));
+    let flag = |name: &str| {
+        cfg!(target_arch = "x86_64")
+            && info.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == name))
+    };
     let vendor = |v: &str| info.lines().any(|l| l.starts_with("vendor_id") && l.trim_end().ends_with(v));
-    let avx512 = cfg!(target_arch = "x86_64") && flag;
-    let amd = avx512 && vendor("AuthenticAMD");
-    let modelled = amd || (avx512 && vendor("GenuineIntel"));
+    let amd = flag("avx2") && flag("fma") && vendor("AuthenticAMD");
+    let modelled = amd || (flag("avx512f") && vendor("GenuineIntel"));
     let tmp = tempfile::tempdir().unwrap();
     for (cmd, name, amd_ref, own) in
         [("merge", "bone-bat-f32", "merged-amd", "merged"), ("unmerge", "miss-bat-r16-f32", "unmerged-amd", "unmerged")]
@@ -378,10 +398,9 @@ fn bat_sums_auto_follows_the_processor_it_runs_on() {
 /// The r at which bone-tool takes BAT's `(I + B)⁻¹` as torch does on the Intel processor (MKL's
 /// `getrf`/`getrs` in f32, measured: README), so that its unmerges are PEFT's bytes.
 const INVERTED_AS_TORCH: std::ops::RangeInclusive<u64> = 1..=128;
-/// And on the AMD processor with AVX-512 (`--bat-sums amd`): up to 16, then the multiples of 4
-/// up to 128.
+/// And on the AMD processor (`--bat-sums amd`): up to 128 too.
 fn inverted_as_torch_amd(r: u64) -> bool {
-    (1..=16).contains(&r) || (r <= 128 && r.is_multiple_of(4))
+    (1..=128).contains(&r)
 }
 
 /// How an unmerge is held to PEFT's: bytes, but where BAT's `(I + B)⁻¹` is bone-tool's f64 one
@@ -757,34 +776,46 @@ fn inspect_text_is_readable() {
 
 #[test]
 fn bat_sums_amd_unmerges_match_peft_on_an_amd_processor() {
-    // PEFT's unmerges of the committed merges made on an AMD processor with AVX-512
-    // (fixtures/generate.py --amd): with --bat-sums amd, bone-tool inverts I + B as torch does
-    // there up to r = 16 and at the multiples of 4 to 128 (each a − l·u rounded twice, where the
-    // Intel processor fuses it; from r = 9 the solves in blocks of 4 rows, ops/fours.rs; from 17
-    // the LU's panels in Crout's order, ops/crout.rs) and sums the GEMM as MKL there does: PEFT's
-    // bytes, which the Intel processor's differ from.
+    // PEFT's unmerges of the committed merges made on an AMD processor (fixtures/generate.py
+    // --amd), and of the AMD-only cases' own merges: with --bat-sums amd, bone-tool inverts I + B
+    // as torch does there up to r = 128 (each a − l·u rounded twice, where the Intel processor
+    // fuses it; from r = 9 the solves in blocks of 4 rows, ops/fours.rs; from 17 the LU's panels in
+    // Crout's order, ops/crout.rs, some sums by where each block starts in torch's batch) and sums
+    // the GEMM as MKL there does: PEFT's bytes, which the Intel processor's differ from. Above 128
+    // (the wide case, r = 200) f64's inverse, close.
     let tmp = tempfile::tempdir().unwrap();
     let mut checked = vec![];
-    for c in cases() {
+    for c in cases().into_iter().chain(amd_only_cases()) {
         let Some(peft) = &c.unmerged_amd else { continue };
         let peft = load(&fixtures().join(peft));
         let is_f32 = peft.values().any(|t| t.dtype == safetensors::Dtype::F32);
+        let merged = if c.dir.join("merged").exists() { c.dir.join("merged") } else { c.dir.join("merged-amd") };
         let out = tmp.path().join(format!("{}-amd", c.name));
-        apply_env("unmerge", &c.dir.join("merged"), &c, &out, None, false, &["--bat-sums", "amd"]);
+        apply_env("unmerge", &merged, &c, &out, None, false, &["--bat-sums", "amd"]);
         let bad = compare(&load(&out), &peft, unmerge_expect(&c, c.bat_inverted_amd, is_f32));
         assert!(bad.is_empty(), "{}: --bat-sums amd unmerge differs from PEFT's:\n{}", c.name, bad.join("\n"));
         if c.bat_inverted_amd {
             let out = tmp.path().join(format!("{}-intel", c.name));
-            apply_env("unmerge", &c.dir.join("merged"), &c, &out, None, false, &[]);
+            apply_env("unmerge", &merged, &c, &out, None, false, &[]);
             assert!(!compare(&load(&out), &peft, Expect::Bytes).is_empty(), "{}: Intel's give the same", c.name);
         }
         checked.push((c.name.clone(), c.bat_inverted_amd));
     }
-    // every one in bytes: r = 4, 8 (six cases), 12, 16, 24, 48 and 100
+    // every one but the wide case in bytes: r = 4, 8 (six cases), 12, 16, 18, 19 (four blocks, one
+    // at each alignment), 24, 45, 48 and 100
     let exact: Vec<&str> = checked.iter().filter(|c| c.1).map(|c| c.0.as_str()).collect();
-    let wanted = ["miss-bat-f32", "bone-bat-r12-f32", "miss-bat-r16-f32", "miss-bat-r24-bf16", "bone-bat-r48-f32"];
+    let wanted = [
+        "miss-bat-f32",
+        "bone-bat-r12-f32",
+        "miss-bat-r16-f32",
+        "bone-bat-r18-f32",
+        "bone-bat-r19-f32",
+        "miss-bat-r24-bf16",
+        "miss-bat-r45-f32",
+        "bone-bat-r48-f32",
+    ];
     assert!(
-        checked.len() >= 12 && exact.len() == checked.len() && wanted.iter().all(|n| exact.contains(n)),
+        checked.len() >= 16 && exact.len() + 1 == checked.len() && wanted.iter().all(|n| exact.contains(n)),
         "{checked:?}"
     );
 }

@@ -1,48 +1,45 @@
-//! torch's f32 `inverse` from r = 17 as MKL computes it on the AMD processor with AVX-512
+//! torch's f32 `inverse` from r = 17 as MKL computes it on the AMD processor
 //! ([`super::BatSums::Amd`]): [`super::inverse_as_torch`] below, and up to r = 16 with the solves
 //! of [`super::fours`], which this module's LU is followed by too.
 //!
-//! Found on 2026-12-02 on an AMD EPYC (torch 2.15, MKL 2024.2) with `fixtures/probe_sums.py grid`
-//! (each element's tree of sums on the LU) and then trying each step fused or not on random
-//! blocks; checked against torch's `inverse` on every value of random blocks (`fixtures/
-//! check_inverses.py --amd`) at every r that is a multiple of 4 from 20 to [`LARGEST`]:
+//! Found on 2026-12-02 on AMD EPYCs (torch 2.15, MKL 2024.2; one with AVX-512, one without, the
+//! same bytes) with `fixtures/probe_sums.py grid` (each element's tree of sums on the LU) and then
+//! trying each step fused or not on random blocks; checked against torch's `inverse` on every
+//! value of random batches of blocks (`fixtures/check_inverses.py --amd`) at every r from 17 to
+//! [`LARGEST`]:
 //!
 //! - the LU is recursive on columns as on the Intel processor ([`super::panels`]): a width above
 //!   16 cut at the largest power of two below it, the left part factored, the rows above the cut
 //!   of the right part solved with its unit lower factor (each `a − Σ l·u`, the products summed
 //!   from +0 in order, each rounded), the rows below less their products over the left part:
 //!   where the right part is at least 12 wide summed from +0 with fused multiply-adds and then
-//!   subtracted, where it is narrower subtracted one by one, each product rounded; then the right
-//!   part factored;
+//!   subtracted, where it is narrower subtracted one by one, each product rounded ([`take`]);
+//!   then the right part factored;
 //! - **a panel** (at most 16 columns, every row below it) goes column by column, left-looking
 //!   (Crout's order): the column's rows above the diagonal are their value less their products
-//!   summed from +0 in order, its rows from the diagonal down their value less each product in
-//!   order; the pivot (the first row of largest magnitude) swapped up, the rows below multiplied
-//!   by its rounded reciprocal. Each product rounded, no fused steps. In a panel of 16 columns some
-//!   elements sum otherwise ([`upper_sum`], [`grouped`]): where MKL's vector code takes over.
+//!   summed from +0 in order, but near the diagonal as MKL's vector code sums ([`upper_sum`]);
+//!   its rows from the diagonal down their value less each product in order ([`take`]); the pivot
+//!   (the first row of largest magnitude) swapped up, the rows below multiplied by its rounded
+//!   reciprocal. Each product rounded, no fused steps.
 //!
-//! Where r is no multiple of 4 those places move (seen at r = 17, 18, 19 and 21), most likely
-//! with the data's alignment (column j of the column-major matrix starts at element j·r; for odd
-//! r torch's batch would put its blocks at varying alignments too): not modelled, nor r above
-//! [`LARGEST`].
+//! MKL holds the matrix column-major, and torch's batch puts block i at i·r² floats: where a
+//! column's elements cross a 16-byte boundary moves with r and, for an odd r, with the block.
+//! Its vector code takes the elements before the first boundary apart ([`super::head_end`]), and
+//! the rows above the diagonal start their vectors after the first 1 to 4 products by where the
+//! row's start lies ([`upper_sum`]); `off`, where the block starts mod 4 floats, says which.
 
 use super::panels::{steps, Step};
-use super::{add_products, identity_plus, permuted_identity, pivot, subtract};
+use super::{add_products, head_end, identity_plus, permuted_identity, pivot, subtract, take};
 use std::ops::Range;
 
-/// The largest r at which [`inverse`] is torch's on the AMD processor (with every r from 17 to it
-/// that is a multiple of 4: [`models`]).
+/// The largest r at which [`inverse`] is torch's on the AMD processor (at every r from 17 to it).
 pub const LARGEST: usize = 128;
 
-/// Whether [`inverse`] gives torch's bytes at r (from 17): a multiple of 4 up to [`LARGEST`].
-pub const fn models(r: usize) -> bool {
-    r > 16 && r <= LARGEST && r.is_multiple_of(4)
-}
-
-/// `(I + B)⁻¹` of one r×r block `bi` (row-major) as torch computes it on the AMD processor, for
-/// the r that [`models`] names (at other r an inverse, summed in the same way, but not torch's).
+/// `(I + B)⁻¹` of one r×r block `bi` (row-major) as torch computes it on the AMD processor, up to
+/// r = [`LARGEST`] (above it an inverse, summed in the same way, but not torch's); `off`: where
+/// the block starts in torch's batch, mod 4 floats (block i: i·r² mod 4).
 #[inline(always)]
-pub(super) fn inverse(bi: &[f32], r: usize) -> Vec<f32> {
+pub(super) fn inverse(bi: &[f32], r: usize, off: usize) -> Vec<f32> {
     let mut a = identity_plus(bi, r);
     let mut perm: Vec<usize> = (0..r).collect();
     // the recursion unrolled (a recursive function would not be inlined into the FMA build)
@@ -50,19 +47,19 @@ pub(super) fn inverse(bi: &[f32], r: usize) -> Vec<f32> {
     steps(0, r, &mut plan);
     for step in plan {
         match step {
-            Step::Panel { c, w } => panel(&mut a, r, c, w, &mut perm),
-            Step::Update { c, n1, n } => update(&mut a, r, c, n1, n),
+            Step::Panel { c, w } => panel(&mut a, r, c, w, off, &mut perm),
+            Step::Update { c, n1, n } => update(&mut a, r, c, n1, n, off),
         }
     }
     let mut x = permuted_identity(&perm);
-    super::fours::solve(&mut x, &a, r);
+    super::fours::solve(&mut x, &a, r, off);
     x
 }
 
 /// Columns `c + h..c + n` once columns `c..c + h` are factored: the rows above the cut solved
 /// with their unit lower factor, the rows below less their products over them.
 #[inline(always)]
-fn update(a: &mut [f32], r: usize, c: usize, h: usize, n: usize) {
+fn update(a: &mut [f32], r: usize, c: usize, h: usize, n: usize, off: usize) {
     let right = c + h..c + n;
     let mut acc = vec![0f32; n - h];
     for i in c + 1..c + h {
@@ -73,12 +70,13 @@ fn update(a: &mut [f32], r: usize, c: usize, h: usize, n: usize) {
             sum_into(a, r, i, c..c + h, right.clone(), &mut acc, true);
         }
     } else {
-        for i in c + h..r {
-            // (rows k above row i: split there to read them while row i changes)
-            let (above, row) = a.split_at_mut(i * r);
-            for k in c..c + h {
-                let l = -row[k];
-                add_products(&mut row[right.clone()], l, &above[k * r + right.start..k * r + right.end], false);
+        let mut p = Vec::with_capacity(h);
+        for j in right {
+            let head = head_end(r, c + h..r, j, off);
+            for i in c + h..r {
+                p.clear();
+                p.extend((c..c + h).map(|k| a[i * r + k] * a[k * r + j]));
+                a[i * r + j] = take(a[i * r + j], &p, i < head);
             }
         }
     }
@@ -98,24 +96,19 @@ fn sum_into(a: &mut [f32], r: usize, i: usize, ks: Range<usize>, cols: Range<usi
 
 /// The panel of columns `c..c + w` on rows `c..r`, column by column (Crout's order).
 #[inline(always)]
-fn panel(a: &mut [f32], r: usize, c: usize, w: usize, perm: &mut [usize]) {
+fn panel(a: &mut [f32], r: usize, c: usize, w: usize, off: usize, perm: &mut [usize]) {
     let mut p = Vec::with_capacity(w);
     for j in c..c + w {
         for i in c + 1..j {
             p.clear();
             p.extend((c..i).map(|k| a[i * r + k] * a[k * r + j]));
-            a[i * r + j] -= upper_sum(&p, w, i - c, j - i);
+            a[i * r + j] -= upper_sum(&p, w, i - c, j - i, (off + i * r) % 4);
         }
+        let head = head_end(r, j..r, j, off);
         for i in j..r {
             p.clear();
             p.extend((c..j).map(|k| a[i * r + k] * a[k * r + j]));
-            let v = a[i * r + j];
-            a[i * r + j] = if grouped(w, r - c, i - c, j - c) {
-                let four = ((p[4] + p[5]) + p[6]) + p[7];
-                p[8..].iter().fold(p[..4].iter().fold(v, |v, q| v - q) - four, |v, q| v - q)
-            } else {
-                p.iter().fold(v, |v, q| v - q)
-            };
+            a[i * r + j] = take(a[i * r + j], &p, i < head);
         }
         pivot(a, r, j, perm);
         let recip = 1.0 / a[j * r + j];
@@ -126,52 +119,109 @@ fn panel(a: &mut [f32], r: usize, c: usize, w: usize, perm: &mut [usize]) {
 }
 
 /// The sum of the products `p` of the panel's row `i` (counted from the panel's first) above the
-/// diagonal, `d` columns right of it: from +0 in order, but in a panel of 16 columns on rows 8 to
-/// 11 within 4 columns of the diagonal the first 8 as `(((p₀ + … + p₄) + p₆) + (p₅ + p₇))`.
+/// diagonal, `d` columns right of it, from +0 in order; but in a panel of 16 columns, on rows up
+/// to 7 within 8 columns of the diagonal and on rows 8 to 11 within 4, MKL's vector code: the
+/// first `4 − s` products in order (`s`: where row i's start lies mod 4 floats), then the
+/// products in whole fours into 4 lanes (the first lane from that sum), the lanes added
+/// `(l₀ + l₂) + (l₁ + l₃)`, then the rest in order.
 #[inline(always)]
-fn upper_sum(p: &[f32], w: usize, i: usize, d: usize) -> f32 {
-    if w == 16 && (8..=11).contains(&i) && d <= 4 {
-        let head = p[..5].iter().fold(0f32, |s, q| s + q) + p[6] + (p[5] + p[7]);
-        p[8..].iter().fold(head, |s, q| s + q)
+fn upper_sum(p: &[f32], w: usize, i: usize, d: usize, s: usize) -> f32 {
+    let head = 4 - s;
+    let window = if i + 8 < w {
+        8
+    } else if i + 4 < w {
+        4
     } else {
-        p.iter().fold(0f32, |s, q| s + q)
+        0
+    };
+    let vector = d <= window && p.len() >= head + 4;
+    if !vector {
+        return p.iter().fold(0f32, |s, q| s + q);
     }
-}
-
-/// Whether the panel's element at row `i`, column `j` (both counted from its first column, `i ≥
-/// j`; `m` rows from it down) subtracts its products 4 to 7 as one sum: in a panel of 16 columns,
-/// columns 9 to 11 down to row 11, and, where the panel has more than 16 rows, columns 13 to 15
-/// down to row 15.
-#[inline(always)]
-fn grouped(w: usize, m: usize, i: usize, j: usize) -> bool {
-    w == 16 && (((9..=11).contains(&j) && i <= 11) || (m > 16 && (13..=15).contains(&j) && i <= 15))
+    let fours = (p.len() - head) / 4;
+    let mut lanes = [p[..head].iter().fold(0f32, |s, q| s + q), 0.0, 0.0, 0.0];
+    for t in 0..fours {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let q = p[head + 4 * t + l];
+            *lane = if t == 0 && l > 0 { q } else { *lane + q };
+        }
+    }
+    let sum = (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
+    p[head + 4 * fours..].iter().fold(sum, |s, q| s + q)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::{head_end, take};
+
+    // 2²⁴ + 1 rounds back to 2²⁴ (a tie, to even): each order of summing loses other ones
+    const BIG: f32 = 16_777_216.0;
 
     #[test]
-    fn the_modelled_r_are_the_multiples_of_4_from_20_to_128() {
-        let r: Vec<usize> = (1..200).filter(|&r| models(r)).collect();
-        assert_eq!(r, (20..=128).step_by(4).collect::<Vec<_>>());
+    fn rows_above_the_diagonal_sum_near_it_as_mkl_s_vector_code() {
+        let p = [BIG, 1., 1., 1., 1., 1., -BIG, 1.];
+        // in order: BIG (five 1s lost), − BIG, + 1
+        assert_eq!(upper_sum(&p, 16, 12, 1, 0), 1.0);
+        // row start at 0 mod 4: p₀…p₃ in order (BIG), then lanes BIG + p₄, p₅, p₆, p₇ added
+        // (l₀ + l₂) + (l₁ + l₃) = (BIG − BIG) + (1 + 1)
+        assert_eq!(upper_sum(&p, 16, 8, 4, 0), 2.0);
+        assert_eq!(upper_sum(&p, 16, 11, 1, 0), 2.0);
+        // at 2 mod 4: p₀ + p₁ (BIG), lanes BIG + p₂, p₃, p₄, p₅: (BIG + 1) + (1 + 1) = BIG + 2, then
+        // − BIG + 1 in order
+        assert_eq!(upper_sum(&p, 16, 7, 1, 2), 3.0);
+        // the window: 8 columns right of the diagonal where 8 more fit in the panel, else 4
+        assert_eq!(upper_sum(&p, 16, 7, 8, 2), 3.0);
+        assert_eq!(upper_sum(&p, 16, 7, 9, 2), 1.0);
+        assert_eq!(upper_sum(&p, 15, 7, 4, 2), 3.0);
+        assert_eq!(upper_sum(&p, 15, 7, 5, 2), 1.0);
+        assert_eq!(upper_sum(&p, 11, 7, 1, 2), 1.0);
+        // 7 products: at 0 mod 4 too few for a whole four after the first 4 (in order: 0); at 1 mod
+        // 4, p₀ + p₁ + p₂ (BIG), lanes BIG + p₃, p₄, p₅, p₆: (BIG + 1) + (1 − BIG) = 1
+        assert_eq!(upper_sum(&p[..7], 16, 8, 1, 0), 0.0);
+        assert_eq!(upper_sum(&p[..7], 16, 8, 1, 1), 1.0);
     }
 
     #[test]
-    fn a_16_column_panel_sums_some_elements_in_its_vector_code_s_order() {
-        // 2²⁴ + 1 rounds back to 2²⁴: each order loses other ones
-        let big = 16_777_216f32;
-        let p = [big, 1., 1., 1., 1., 1., -big, 1.];
-        // in order: big (four 1s and p₅ lost), − big, + 1
-        assert_eq!(upper_sum(&p, 16, 7, 1), 1.0);
-        assert_eq!(upper_sum(&p, 16, 8, 5), 1.0);
-        assert_eq!(upper_sum(&p, 8, 8, 1), 1.0);
-        // rows 8 to 11 within 4 columns of the diagonal: (big + p₆) + (p₅ + p₇) = 2
-        assert_eq!(upper_sum(&p, 16, 8, 4), 2.0);
-        assert_eq!(upper_sum(&p, 16, 11, 1), 2.0);
-        assert!(grouped(16, 20, 10, 9) && grouped(16, 20, 11, 11) && grouped(16, 17, 15, 13));
-        assert!(
-            !grouped(16, 20, 12, 9) && !grouped(16, 20, 10, 8) && !grouped(16, 16, 15, 13) && !grouped(12, 20, 10, 9)
-        );
+    fn a_column_s_head_ends_at_its_first_16_byte_boundary_if_4_rows_follow() {
+        // r = 20, column 9 from the diagonal: elements at 9 + 180 = 189 ≡ 1 mod 4, so rows 9 to
+        // 11, with 8 rows from 12; column 8 starts at 168 ≡ 0 (no head)
+        assert_eq!(head_end(20, 9..20, 9, 0), 12);
+        assert_eq!(head_end(20, 8..20, 8, 0), 8);
+        // r = 16, column 13: rows 13 to 15, but no row after them
+        assert_eq!(head_end(16, 13..16, 13, 0), 13);
+        // r = 17, column 9: at 9 + 153 = 162 ≡ 2 (rows 9, 10); in the batch's second block,
+        // 17² = 289 ≡ 1 further (row 9 only)
+        assert_eq!(head_end(17, 9..17, 9, 0), 11);
+        assert_eq!(head_end(17, 9..17, 9, 1), 10);
+        // r = 21, rows 16 to 20 of columns 18 (16 + 378 ≡ 2: 3 rows after the head of 2) and 19
+        assert_eq!(head_end(21, 16..21, 18, 0), 16);
+        assert_eq!(head_end(21, 16..21, 19, 0), 17);
+    }
+
+    #[test]
+    fn a_head_s_element_takes_products_4_to_7_of_each_8_as_one_sum() {
+        let p = [0., 0., 0., 0., -1., 1., 0., 0.];
+        // one by one: BIG + 1 is BIG, then − 1; as one sum: − 0
+        assert_eq!(take(BIG, &p, false), BIG - 1.0);
+        assert_eq!(take(BIG, &p, true), BIG);
+        // only whole fours
+        assert_eq!(take(BIG, &p[..7], true), BIG - 1.0);
+        let mut q = [0f32; 16];
+        q[12] = -1.0;
+        q[13] = 1.0;
+        assert_eq!(take(BIG, &q, true), BIG);
+        q.swap(12, 8);
+        q.swap(13, 9);
+        assert_eq!(take(BIG, &q, true), BIG - 1.0);
+    }
+
+    #[test]
+    fn at_an_odd_r_the_inverse_depends_on_where_the_block_starts() {
+        let mut g = crate::ops::Xorshift(0x0DD5_EED5);
+        let r = 19;
+        let b = g.values(r * r * 4, 0.3 / (r as f32).sqrt());
+        let differ = b.chunks(r * r).filter(|bi| (1..4).any(|off| inverse(bi, r, off) != inverse(bi, r, 0))).count();
+        assert!(differ > 0);
     }
 }

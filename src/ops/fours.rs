@@ -1,11 +1,11 @@
 //! The triangular solves of torch's f32 `inverse` (MKL's `getrs` on `P·I`) from r = 9 on the AMD
-//! processor with AVX-512 ([`super::BatSums::Amd`]), where each product is rounded and then added
+//! processor ([`super::BatSums::Amd`]), where each product is rounded and then added
 //! (no fused multiply-adds but in [`update`]); the LU before them is
 //! [`super::inverse_as_torch`]'s up to r = 16, then [`super::crout`]'s.
 //!
 //! Found on 2026-12-02 on an AMD EPYC (torch 2.15, MKL 2024.2) with `fixtures/probe_sums.py`
 //! (each element's tree of sums), then checked against torch's `inverse` on every value of random
-//! blocks at every r from 9 to 16 and, with [`super::crout`]'s LU, at the multiples of 4 up to 128
+//! blocks at every r from 9 to 16 and, with [`super::crout`]'s LU, at every r up to 128
 //! (`fixtures/check_inverses.py --amd`):
 //!
 //! - above 64 rows the first 64 are solved first (backward the last 64), then the rest less their
@@ -20,7 +20,7 @@
 //!   nearest the diagonal left out; the row's value less that nearest product, less the sum, is
 //!   multiplied by the pivot's rounded reciprocal.
 
-use super::{add_products, subtract};
+use super::{add_products, head_end, subtract, take};
 use std::ops::Range;
 
 /// How MKL's solves cut r rows (up to 64: [`halves`]) on the AMD processor, in the order solved
@@ -66,12 +66,12 @@ fn gemm_sum(p: &[f32], height: usize) -> f32 {
 /// with its upper one, as torch's `inverse` does on the AMD processor (from r = 9; above 64 rows
 /// the first 64 first, backward the last 64: [`halves`]).
 #[inline(always)]
-pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize) {
+pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize, off: usize) {
     let mut p = Vec::with_capacity(r);
     // a block of 4 rows sums in order: a row at a time, each column's element in a lane of its own
     let mut acc = vec![0f32; r];
     for half in halves(r) {
-        update(x, a, r, half.clone(), 0..half.start, &mut acc);
+        update(x, a, r, half.clone(), 0..half.start, off, &mut acc);
         for rows in blocks(half.len()).into_iter().map(|b| half.start + b.start..half.start + b.end) {
             for i in rows.clone() {
                 if rows.len() == 4 {
@@ -92,7 +92,7 @@ pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize) {
         }
     }
     for half in halves(r).into_iter().map(|h| r - h.end..r - h.start) {
-        update(x, a, r, half.clone(), half.end..r, &mut acc);
+        update(x, a, r, half.clone(), half.end..r, off, &mut acc);
         for rows in blocks(half.len()).into_iter().map(|b| half.end - b.end..half.end - b.start) {
             for i in rows.clone().rev() {
                 let recip = 1.0 / a[i * r + i];
@@ -142,13 +142,17 @@ fn halves(r: usize) -> Vec<Range<usize>> {
 
 /// Rows `rows` of `x` less their products with the rows `over` (solved already): where `rows` are
 /// at least 12, summed from +0 with fused multiply-adds and then subtracted; else subtracted one
-/// by one in order, each product rounded.
+/// by one in order, each product rounded, but in each column's head ([`head_end`]: `off`, where
+/// the block starts in torch's batch, mod 4) the products 4 to 7 of each 8 as one sum ([`take`]).
 #[inline(always)]
-fn update(x: &mut [f32], a: &[f32], r: usize, rows: Range<usize>, over: Range<usize>, acc: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn update(x: &mut [f32], a: &[f32], r: usize, rows: Range<usize>, over: Range<usize>, off: usize, acc: &mut [f32]) {
     if over.is_empty() {
         return;
     }
     let fused = rows.len() >= 12;
+    let heads: Vec<usize> = if fused { vec![] } else { (0..r).map(|c| head_end(r, rows.clone(), c, off)).collect() };
+    let mut p = Vec::with_capacity(over.len());
     for i in rows {
         if fused {
             acc.fill(0.0);
@@ -159,6 +163,11 @@ fn update(x: &mut [f32], a: &[f32], r: usize, rows: Range<usize>, over: Range<us
             // summed from +0, or subtracted from the value one by one
             let l = if fused { a[i * r + j] } else { -a[i * r + j] };
             add_products(acc, l, &x[j * r..][..r], fused);
+        }
+        for c in (0..heads.len()).filter(|&c| i < heads[c]) {
+            p.clear();
+            p.extend(over.clone().map(|j| a[i * r + j] * x[j * r + c]));
+            acc[c] = take(x[i * r + c], &p, true);
         }
         let xi = &mut x[i * r..][..r];
         if fused {

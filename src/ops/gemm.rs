@@ -23,7 +23,7 @@ pub enum BatSums {
     /// from 512.)
     #[default]
     Intel,
-    /// An AMD processor with AVX-512 (an EPYC, torch 2.15's MKL 2024.2): the plain loop up to
+    /// An AMD processor (EPYCs with AVX-512 and without, torch 2.15's MKL 2024.2): the plain loop up to
     /// r = 11 (MKL's own at r = 9 to 11, which sums the one to three elements of a row before its
     /// first 16-byte boundary in the output otherwise still: [`heads_as_mkl`]), fused from 12;
     /// one block up to r = 192,
@@ -49,34 +49,33 @@ impl BatSums {
     }
 
     /// Whether bone-tool knows how PEFT's torch inverts an r×r `I + B_i` in f32 on this processor
-    /// ([`super::inverse_as_torch`]): up to r = 128 on the Intel processor; on the AMD one up to
-    /// 16 and then at the multiples of 4 up to 128 (measured on each at every such r). Above 128
-    /// torch's bytes depend on its threads and on how many blocks it inverts at once
-    /// (`panels::LARGEST`), not modelled; nor the AMD processor's other r from 17, where some of
-    /// its sums move with the blocks' alignment in memory (`crout`).
+    /// ([`super::inverse_as_torch`]): up to r = 128 on either (measured on each at every r). Above
+    /// 128 torch's bytes depend on its threads and on how many blocks it inverts at once
+    /// (`panels::LARGEST`), not modelled.
     pub const fn inverts_as_torch(self, r: usize) -> bool {
         match self {
             BatSums::Intel => r >= 1 && r <= super::panels::LARGEST,
-            BatSums::Amd => (r >= 1 && r <= 16) || super::crout::models(r),
+            BatSums::Amd => r >= 1 && r <= super::crout::LARGEST,
         }
     }
 
-    /// The processor bone-tool runs on, where it is one whose sums are modelled: an Intel or an
-    /// AMD x86-64 processor with AVX-512 (by CPUID's vendor and the AVX-512F flag). `None`
-    /// elsewhere (no AVX-512, whose MKL code sums otherwise; another vendor or architecture).
+    /// The processor bone-tool runs on, where it is one whose sums are modelled (by CPUID's vendor
+    /// and flags): an Intel x86-64 processor with AVX-512, or an AMD one with AVX2 and FMA, with
+    /// AVX-512 or without (MKL runs the same code on both: PEFT's bytes on an EPYC without AVX-512
+    /// were those of one with it, every AMD fixture). `None` elsewhere (an Intel processor without
+    /// AVX-512, whose MKL code sums otherwise; another vendor or architecture).
     pub fn this_processor() -> Option<BatSums> {
         #[cfg(target_arch = "x86_64")]
         {
-            if !std::arch::is_x86_feature_detected!("avx512f") {
-                return None;
-            }
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+            let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
             // SAFETY: every x86-64 processor has CPUID leaf 0 (newer compilers call it safe).
             #[allow(unused_unsafe)]
             let id = unsafe { std::arch::x86_64::__cpuid(0) };
             let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
             match &vendor[..] {
-                b"GenuineIntel" => Some(BatSums::Intel),
-                b"AuthenticAMD" => Some(BatSums::Amd),
+                b"GenuineIntel" if avx512 => Some(BatSums::Intel),
+                b"AuthenticAMD" if avx2 => Some(BatSums::Amd),
                 _ => None,
             }
         }

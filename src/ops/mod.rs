@@ -746,8 +746,8 @@ pub fn bat_inverses(b: &[f32], r: usize) -> Result<BatInverses, SingularBlock> {
 pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatInverses, SingularBlock> {
     let mut inv = bat_inverses(b, r)?;
     if sums.inverts_as_torch(r) {
-        inv.inv.par_chunks_mut(r * r).zip(b.par_chunks(r * r)).for_each(|(out, bi)| {
-            let torch = inverse_as_torch(bi, r, sums);
+        inv.inv.par_chunks_mut(r * r).zip(b.par_chunks(r * r)).enumerate().for_each(|(block, (out, bi))| {
+            let torch = inverse_as_torch(bi, r, sums, block);
             // (the f64 check above passed: a finite f32 inverse; should it not be, keep f64's)
             if torch.iter().all(|x| x.is_finite()) {
                 out.copy_from_slice(&torch);
@@ -761,8 +761,8 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 /// `getrs`, for r up to 128 (measured on the Intel processor at every r from 1 to 16: 100 random
 /// blocks each, torch's `lu_factor` and `lu_solve` apart, and the fixtures' f32 BAT unmerges at
 /// r = 4, 8, 12 and 16; on the AMD processor at every r to 16, 3,000 random blocks each, and
-/// PEFT's unmerges at r = 4, 8, 12 and 16 (`unmerged-amd`), and from 17 at the multiples of 4
-/// ([`crout`]); on the Intel processor from r = 17 to 128
+/// PEFT's unmerges at r = 4, 8, 12 and 16 (`unmerged-amd`), and from 17 to 128 [`crout`]'s; on
+/// the Intel processor from r = 17 to 128
 /// [`panels::inverse`], whose doc says how). Up to r = 16:
 /// - `I + B` rounded to f32; an LU factorisation with partial pivoting, right-looking: for each
 ///   column k the first row of largest magnitude swapped up, the column below the pivot
@@ -783,21 +783,25 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 /// From r = 17 MKL's LU is recursive, on panels of 16 columns with their own orders of summing:
 /// [`panels::inverse`] on the Intel processor, [`crout::inverse`] on the AMD one; above 128 not
 /// modelled ([`BatSums::inverts_as_torch`]).
-pub fn inverse_as_torch(bi: &[f32], r: usize, sums: BatSums) -> Vec<f32> {
+///
+/// `block`: the block's index in the layer's `[O/r, r, r]` batch, which PEFT inverts at once:
+/// torch puts block i at i·r² floats, and on the AMD processor from r = 17 where a column crosses
+/// a 16-byte boundary changes some sums ([`crout`]), at an odd r from block to block.
+pub fn inverse_as_torch(bi: &[f32], r: usize, sums: BatSums, block: usize) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if gemm::hardware_fma() {
         // SAFETY: the processor has FMA (hardware_fma's check), just above.
-        return unsafe { inverse_as_torch_fma(bi, r, sums) };
+        return unsafe { inverse_as_torch_fma(bi, r, sums, block) };
     }
-    inverse_as_torch_body(bi, r, sums)
+    inverse_as_torch_body(bi, r, sums, block)
 }
 
 /// With the FMA instruction (`mul_add` is otherwise a call into the C library's `fmaf`, whose
 /// results some libraries round twice).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
-unsafe fn inverse_as_torch_fma(bi: &[f32], r: usize, sums: BatSums) -> Vec<f32> {
-    inverse_as_torch_body(bi, r, sums)
+unsafe fn inverse_as_torch_fma(bi: &[f32], r: usize, sums: BatSums, block: usize) -> Vec<f32> {
+    inverse_as_torch_body(bi, r, sums, block)
 }
 
 /// `acc + l·u`: one fused multiply-add, or a rounded product then a rounded addition
@@ -821,6 +825,41 @@ fn add_products(acc: &mut [f32], l: f32, src: &[f32], fused: bool) {
     for (s, v) in acc.iter_mut().zip(src) {
         *s = madd(fused, *s, l, *v);
     }
+}
+
+/// Where the head of column `j` on `rows` ends ([`take`]), in an r×r matrix that MKL holds
+/// column-major: the first of the rows whose element lies at a multiple of 4 floats (`off`: where
+/// the block starts in torch's batch, mod 4), if at least 4 of the rows follow from it; else
+/// `rows.start` (no head). MKL's AMD vector code takes the rows before it apart.
+#[inline(always)]
+fn head_end(r: usize, rows: std::ops::Range<usize>, j: usize, off: usize) -> usize {
+    let end = rows.clone().find(|&i| (off + i + j * r).is_multiple_of(4)).unwrap_or(rows.end);
+    if rows.end - end >= 4 {
+        end
+    } else {
+        rows.start
+    }
+}
+
+/// `v` less the products `p`, each in order, rounded; in a column's head ([`head_end`]) the
+/// products 4 to 7 of each 8 (whole fours only) subtracted as one sum.
+#[inline(always)]
+fn take(v: f32, p: &[f32], head: bool) -> f32 {
+    if !head {
+        return p.iter().fold(v, |v, q| v - q);
+    }
+    let mut v = v;
+    let mut k = 0;
+    while k < p.len() {
+        if k % 8 == 4 && k + 4 <= p.len() {
+            v -= ((p[k] + p[k + 1]) + p[k + 2]) + p[k + 3];
+            k += 4;
+        } else {
+            v -= p[k];
+            k += 1;
+        }
+    }
+    v
 }
 
 /// `dst[c] − sums[c]` for every c.
@@ -865,11 +904,11 @@ fn permuted_identity(perm: &[usize]) -> Vec<f32> {
 }
 
 #[inline(always)]
-fn inverse_as_torch_body(bi: &[f32], r: usize, sums: BatSums) -> Vec<f32> {
+fn inverse_as_torch_body(bi: &[f32], r: usize, sums: BatSums, block: usize) -> Vec<f32> {
     // the Intel processor fuses each multiply-add; the AMD one rounds the product first
     let fused = sums == BatSums::Intel;
     if r > 16 {
-        return if fused { panels::inverse(bi, r) } else { crout::inverse(bi, r) };
+        return if fused { panels::inverse(bi, r) } else { crout::inverse(bi, r, block * r * r % 4) };
     }
     // a − l·u, and acc + l·u
     let sub = |a: f32, l: f32, u: f32| madd(fused, a, -l, u);
@@ -892,7 +931,7 @@ fn inverse_as_torch_body(bi: &[f32], r: usize, sums: BatSums) -> Vec<f32> {
     let mut x = permuted_identity(&perm);
     if !fused && r > 8 {
         // the AMD processor's solves, in blocks of 4 rows
-        fours::solve(&mut x, &a, r);
+        fours::solve(&mut x, &a, r, 0);
         return x;
     }
     // forward, with the unit lower factor
@@ -1011,7 +1050,7 @@ mod tests {
         let f64s = bat_inverses(&b, 8).unwrap().inv;
         for sums in [BatSums::Intel, BatSums::Amd] {
             for (n, bi) in b.chunks(64).enumerate() {
-                let inv = inverse_as_torch(bi, 8, sums);
+                let inv = inverse_as_torch(bi, 8, sums, n);
                 for (k, (x, y)) in inv.iter().zip(&f64s[n * 64..][..64]).enumerate() {
                     assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "block {n} element {k}: {x} vs {y}");
                 }
@@ -1019,8 +1058,8 @@ mod tests {
         }
         // and the two processors' arithmetic differs somewhere
         let (a, c): (Vec<f32>, Vec<f32>) = (
-            b.chunks(64).flat_map(|bi| inverse_as_torch(bi, 8, BatSums::Intel)).collect(),
-            b.chunks(64).flat_map(|bi| inverse_as_torch(bi, 8, BatSums::Amd)).collect(),
+            b.chunks(64).flat_map(|bi| inverse_as_torch(bi, 8, BatSums::Intel, 0)).collect(),
+            b.chunks(64).flat_map(|bi| inverse_as_torch(bi, 8, BatSums::Amd, 0)).collect(),
         );
         assert!(a != c);
         // a block that needs pivoting (a zero on the diagonal of I + B)
@@ -1029,7 +1068,7 @@ mod tests {
             swap[i * 8 + i] = -1.0;
             swap[i * 8 + (i + 1) % 8] = 1.0;
         }
-        let inv = inverse_as_torch(&swap, 8, BatSums::Intel);
+        let inv = inverse_as_torch(&swap, 8, BatSums::Intel, 0);
         let want = bat_inverses(&swap, 8).unwrap().inv;
         assert!(inv.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-6), "{inv:?}");
     }
@@ -1047,7 +1086,7 @@ mod tests {
             let f64s = bat_inverses(&b, r).unwrap();
             for (n, bi) in b.chunks(r * r).enumerate() {
                 for sums in [BatSums::Intel, BatSums::Amd] {
-                    let inv = inverse_as_torch(bi, r, sums);
+                    let inv = inverse_as_torch(bi, r, sums, n);
                     // f32 against f64: within the inverse's condition number's worth of f32 rounding
                     let tol = 1e-6 * f64s.cond[n].max(1.0) as f32;
                     for (k, (x, y)) in inv.iter().zip(&f64s.inv[n * r * r..][..r * r]).enumerate() {
