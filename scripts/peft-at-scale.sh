@@ -12,7 +12,7 @@
 #                                                  (default), f16 or f32; R: 64 (default); an R that
 #                                                  leaves tail columns (48 at 1b) fits only the
 #                                                  default adapter: JOBS=default
-# BAT_SUMS=amd passes --bat-sums amd to bone-tool (on an AMD processor with AVX-512, whose PEFT sums
+# BAT_SUMS=amd passes --bat-sums amd to bone-tool (on an AMD processor, whose PEFT sums
 # BAT's f32 GEMMs and inverts I + B otherwise).
 # Needs about 7x the model's size of free disk under AT_SCALE_DIR (default /tmp/bone-at-scale) and,
 # for PEFT, about 2.5x its size of memory; installs PEFT into fixtures/.venv on first use.
