@@ -57,7 +57,8 @@ pub(super) fn inverse(bi: &[f32], r: usize, off: usize) -> Vec<f32> {
 }
 
 /// Columns `c + h..c + n` once columns `c..c + h` are factored: the rows above the cut solved
-/// with their unit lower factor, the rows below less their products over them.
+/// with their unit lower factor, the rows below less their products over them (summed first where
+/// the right part is at least 12 wide, else one by one, each column's head as [`take`] says).
 #[inline(always)]
 fn update(a: &mut [f32], r: usize, c: usize, h: usize, n: usize, off: usize) {
     let right = c + h..c + n;
