@@ -157,10 +157,14 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
         None => None,
         Some(d) if d.iter().all(|&d| d == Float::F32) => Some(format!(
             "every tensor that differs is f32 BAT and within 1e-5 of its largest value: {}PEFT's own f32 \
-             BAT sums depend on the processor it ran on (bone-tool reproduces an Intel and an AMD processor \
-             with AVX-512, --bat-sums{}; one without AVX-512 sums otherwise, see the README); \
-             `--tolerance 1e-5` accepts them ({} of them)",
-            if args.reverse { "PEFT's unmerge inverts I + B in f32 (bone-tool as it does up to r = 128 on an Intel processor and at r = 8 on an AMD one, else in f64), and " } else { "" },
+             BAT sums depend on the processor it ran on (bone-tool reproduces an Intel processor with \
+             AVX-512 and an AMD one, --bat-sums{}; an Intel one without AVX-512 sums otherwise, see the \
+             README); `--tolerance 1e-5` accepts them ({} of them)",
+            if args.reverse {
+                "PEFT's unmerge inverts I + B in f32 (bone-tool as it does up to r = 128, else in f64), and "
+            } else {
+                ""
+            },
             if args.reverse { "" } else { ", and neither matched" },
             bad.len()
         )),
