@@ -8,8 +8,8 @@
 //! blocks at every r from 9 to 16 and, with [`super::crout`]'s LU, at every r up to 128
 //! (`fixtures/check_inverses.py --amd`):
 //!
-//! - above 64 rows the first 64 are solved first (backward the last 64), then the rest less their
-//!   products over them ([`halves`], [`update`]), each part as follows;
+//! - above 64 rows in parts of 64: the first 64 are solved first (backward the last 64), then the
+//!   rest less their products over them, and so on ([`halves`], [`update`]), each part as follows;
 //! - the rows are cut into blocks of 4 from the first row solved (the top going forward, the
 //!   bottom going backward), then one block of 2 and one of 1 for what is left ([`blocks`]);
 //! - each row first sums its products over the rows solved in the blocks before its own, from +0,
@@ -64,14 +64,13 @@ fn gemm_sum(p: &[f32], height: usize) -> f32 {
 
 /// Solve `x` (`P·I`, `[r, r]`, row-major) forward with the unit lower factor in `a` and backward
 /// with its upper one, as torch's `inverse` does on the AMD processor (from r = 9; above 64 rows
-/// the first 64 first, backward the last 64: [`halves`]).
+/// in parts of 64 from the top, backward from the bottom: [`halves`]).
 #[inline(always)]
 pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize, off: usize) {
     let mut p = Vec::with_capacity(r);
     // a block of 4 rows sums in order: a row at a time, each column's element in a lane of its own
     let mut acc = vec![0f32; r];
     for half in halves(r) {
-        update(x, a, r, half.clone(), 0..half.start, off, &mut acc);
         for rows in blocks(half.len()).into_iter().map(|b| half.start + b.start..half.start + b.end) {
             for i in rows.clone() {
                 if rows.len() == 4 {
@@ -90,9 +89,10 @@ pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize, off: usize) {
                 }
             }
         }
+        // then the rows below less their products over these
+        update(x, a, r, half.end..r, half.clone(), off, &mut acc);
     }
     for half in halves(r).into_iter().map(|h| r - h.end..r - h.start) {
-        update(x, a, r, half.clone(), half.end..r, off, &mut acc);
         for rows in blocks(half.len()).into_iter().map(|b| half.end - b.end..half.end - b.start) {
             for i in rows.clone().rev() {
                 let recip = 1.0 / a[i * r + i];
@@ -126,18 +126,17 @@ pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize, off: usize) {
                 }
             }
         }
+        // then the rows above less their products over these
+        update(x, a, r, 0..half.start, half.clone(), off, &mut acc);
     }
 }
 
-/// The rows the solves take apart first (going forward; backward the same from the bottom): up
-/// to 64 rows all at once, above that the first 64 and then the rest (up to r = 128, as far as
-/// measured).
+/// How the solves cut the rows (going forward; backward the same from the bottom): into parts of
+/// 64, each solved and then taken from all the rows after it ([`update`]); at r = 129 row 128
+/// takes its products over rows 0-63 as one sum and then those over 64-127 one by one, the rule
+/// for the 65 rows and then the 1 after each part (probed; bone-tool inverts in f64 above 128).
 fn halves(r: usize) -> Vec<Range<usize>> {
-    if r > 64 {
-        vec![0..64, 64..r]
-    } else {
-        std::iter::once(0..r).collect()
-    }
+    (0..r).step_by(64).map(|s| s..r.min(s + 64)).collect()
 }
 
 /// Rows `rows` of `x` less their products with the rows `over` (solved already): where `rows` are
