@@ -76,44 +76,47 @@ fn cases() -> Vec<Case> {
         .flat_map(|(m, folder)| {
             let once = m["rounding"] == "once";
             let cases = m["cases"].as_array().unwrap().clone();
-            cases.into_iter().map(move |c| (c, folder, once))
-        })
-        .map(|(c, folder, rounding_once)| {
-            let adapters: Vec<String> =
-                c["adapters"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
-            let bat_rs: Vec<u64> = adapters
-                .iter()
-                .filter_map(|a| {
-                    let cfg: serde_json::Value = serde_json::from_str(
-                        &std::fs::read_to_string(fixtures().join(a).join("adapter_config.json")).unwrap(),
-                    )
-                    .unwrap();
-                    (cfg["init_weights"] == "bat").then(|| cfg["r"].as_u64().unwrap())
-                })
-                .collect();
-            let has_bat = !bat_rs.is_empty();
-            let name = c["name"].as_str().unwrap().to_string();
-            Case {
-                dir: fixtures().join(folder).join(&name),
-                name,
-                rounding_once,
-                base: c["base"].as_str().unwrap().to_string(),
-                adapters,
-                exact_merge: c["expect"] == "bytes",
-                autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
-                has_bat,
-                bat_r8: has_bat && bat_rs.iter().all(|&r| r == 8),
-                bat_inverted: has_bat && bat_rs.iter().all(|r| INVERTED_AS_TORCH.contains(r)),
-                bat_inverted_amd: has_bat && bat_rs.iter().all(|&r| inverted_as_torch_amd(r)),
-                merged_safe: c["merged_safe"].as_str().map(str::to_string),
-                merged_amd: c["merged_amd"].as_str().map(str::to_string),
-                merged_safe_amd: c["merged_safe_amd"].as_str().map(str::to_string),
-                unmerged_amd: c["unmerged_amd"].as_str().map(str::to_string),
-                untargeted: lists(&c["untargeted"]),
-                without_blocks: lists(&c["without_blocks"]),
-            }
+            cases.into_iter().map(move |c| case(&c, folder, once))
         })
         .collect()
+}
+
+/// One case of a manifest (`folder`: where its cases lie, relative to fixtures/). The AMD-only
+/// ones ([`amd_only_cases`]) carry no `expect` (their merges are PEFT's bytes), `untargeted` or
+/// `without_blocks`.
+fn case(c: &serde_json::Value, folder: &str, rounding_once: bool) -> Case {
+    let adapters: Vec<String> =
+        c["adapters"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect();
+    let bat_rs: Vec<u64> = adapters
+        .iter()
+        .filter_map(|a| {
+            let cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(fixtures().join(a).join("adapter_config.json")).unwrap())
+                    .unwrap();
+            (cfg["init_weights"] == "bat").then(|| cfg["r"].as_u64().unwrap())
+        })
+        .collect();
+    let has_bat = !bat_rs.is_empty();
+    let name = c["name"].as_str().unwrap().to_string();
+    Case {
+        dir: fixtures().join(folder).join(&name),
+        name,
+        rounding_once,
+        base: c["base"].as_str().unwrap().to_string(),
+        adapters,
+        exact_merge: c.get("expect").is_none_or(|e| e == "bytes"),
+        autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
+        has_bat,
+        bat_r8: has_bat && bat_rs.iter().all(|&r| r == 8),
+        bat_inverted: has_bat && bat_rs.iter().all(|r| INVERTED_AS_TORCH.contains(r)),
+        bat_inverted_amd: has_bat && bat_rs.iter().all(|&r| inverted_as_torch_amd(r)),
+        merged_safe: c["merged_safe"].as_str().map(str::to_string),
+        merged_amd: c["merged_amd"].as_str().map(str::to_string),
+        merged_safe_amd: c["merged_safe_amd"].as_str().map(str::to_string),
+        unmerged_amd: c["unmerged_amd"].as_str().map(str::to_string),
+        untargeted: c.get("untargeted").map(lists).unwrap_or_default(),
+        without_blocks: c.get("without_blocks").map(lists).unwrap_or_default(),
+    }
 }
 
 fn apply(cmd: &str, model: &Path, c: &Case, out: &Path) {
@@ -312,36 +315,7 @@ fn bat_sums_amd_matches_peft_on_an_amd_processor() {
 /// adapters made for them, fixtures/generate.py --amd), whose `merged-amd` an unmerge starts from.
 fn amd_only_cases() -> Vec<Case> {
     let m = manifest();
-    let amd = m["amd"].as_array().expect("the manifest's AMD-only cases");
-    amd.iter()
-        .map(|c| {
-            let adapters: Vec<String> =
-                c["adapters"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().into()).collect();
-            let config: serde_json::Value = serde_json::from_str(
-                &std::fs::read_to_string(fixtures().join(&adapters[0]).join("adapter_config.json")).unwrap(),
-            )
-            .unwrap();
-            Case {
-                name: c["name"].as_str().unwrap().to_string(),
-                dir: fixtures().join("cases").join(c["name"].as_str().unwrap()),
-                rounding_once: false,
-                base: c["base"].as_str().unwrap().to_string(),
-                adapters,
-                exact_merge: true,
-                autocast: c["autocast_adapter_dtype"].as_bool().unwrap(),
-                has_bat: true,
-                bat_r8: false,
-                bat_inverted: false,
-                bat_inverted_amd: inverted_as_torch_amd(config["r"].as_u64().unwrap()),
-                merged_safe: None,
-                merged_amd: c["merged_amd"].as_str().map(str::to_string),
-                merged_safe_amd: None,
-                unmerged_amd: c["unmerged_amd"].as_str().map(str::to_string),
-                untargeted: vec![],
-                without_blocks: vec![],
-            }
-        })
-        .collect()
+    m["amd"].as_array().expect("the manifest's AMD-only cases").iter().map(|c| case(c, "cases", false)).collect()
 }
 
 /// AMD-only cases made for their unmerges, at r from 12 to 192, where both processors sum a BAT
