@@ -318,10 +318,6 @@ fn amd_only_cases() -> Vec<Case> {
     m["amd"].as_array().expect("the manifest's AMD-only cases").iter().map(|c| case(c, "cases", false)).collect()
 }
 
-/// AMD-only cases made for their unmerges, at r from 12 to 192, where both processors sum a BAT
-/// merge's GEMM alike (each product fused, k in one block).
-const SAME_MERGE_AMD: [&str; 3] = ["bone-bat-r18-f32", "bone-bat-r19-f32", "miss-bat-r45-f32"];
-
 #[test]
 fn bat_sums_auto_follows_the_processor_it_runs_on() {
     // --bat-sums auto: this machine's sums, the processor told here from /proc/cpuinfo (apart from

@@ -431,9 +431,7 @@ fn peft_merges_made_on_an_amd_processor_verify_and_say_so() {
     let mut seen = vec![];
     let amd_only = m["amd"].as_array().unwrap();
     for c in m["cases"].as_array().unwrap().iter().chain(amd_only) {
-        if ["bone-bat-r18-f32", "bone-bat-r19-f32", "miss-bat-r45-f32"].contains(&c["name"].as_str().unwrap()) {
-            // AMD-only cases made for their unmerges, at r from 12 to 192, where both processors
-            // sum a merge's GEMM alike
+        if SAME_MERGE_AMD.contains(&c["name"].as_str().unwrap()) {
             continue;
         }
         for (key, once) in [("merged_amd", false), ("merged_safe_amd", true)] {
