@@ -120,9 +120,9 @@ fn panel(a: &mut [f32], r: usize, c: usize, w: usize, off: usize, perm: &mut [us
 }
 
 /// The sum of the products `p` of the panel's row `i` (counted from the panel's first) above the
-/// diagonal, `d` columns right of it, from +0 in order; but in a panel of 16 columns, on rows up
-/// to 7 within 8 columns of the diagonal and on rows 8 to 11 within 4, MKL's vector code: the
-/// first `4 − s` products in order (`s`: where row i's start lies mod 4 floats), then the
+/// diagonal, `d` columns right of it, from +0 in order; but within 8 columns of the diagonal where
+/// 8 more columns fit in the panel of `w` (`i + 8 < w`), else within 4 where 4 fit, MKL's vector
+/// code: the first `4 − s` products in order (`s`: where row i's start lies mod 4 floats), then the
 /// products in whole fours into 4 lanes (the first lane from that sum), the lanes added
 /// `(l₀ + l₂) + (l₁ + l₃)`, then the rest in order.
 #[inline(always)]

@@ -90,7 +90,7 @@ pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize, off: usize) {
             }
         }
         // then the rows below less their products over these
-        update(x, a, r, half.end..r, half.clone(), off, &mut acc);
+        update(x, a, r, half.end..r, half.clone(), off);
     }
     for half in halves(r).into_iter().map(|h| r - h.end..r - h.start) {
         for rows in blocks(half.len()).into_iter().map(|b| half.end - b.end..half.end - b.start) {
@@ -127,7 +127,7 @@ pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize, off: usize) {
             }
         }
         // then the rows above less their products over these
-        update(x, a, r, 0..half.start, half.clone(), off, &mut acc);
+        update(x, a, r, 0..half.start, half.clone(), off);
     }
 }
 
@@ -144,11 +144,11 @@ fn halves(r: usize) -> Vec<Range<usize>> {
 /// by one in order, each product rounded, but in each column's head ([`head_end`]: `off`, where
 /// the block starts in torch's batch, mod 4) the products 4 to 7 of each 8 as one sum ([`take`]).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn update(x: &mut [f32], a: &[f32], r: usize, rows: Range<usize>, over: Range<usize>, off: usize, acc: &mut [f32]) {
-    if over.is_empty() {
+fn update(x: &mut [f32], a: &[f32], r: usize, rows: Range<usize>, over: Range<usize>, off: usize) {
+    if over.is_empty() || rows.is_empty() {
         return;
     }
+    let mut acc = vec![0f32; r];
     let fused = rows.len() >= 12;
     let heads: Vec<usize> = if fused { vec![] } else { (0..r).map(|c| head_end(r, rows.clone(), c, off)).collect() };
     let mut p = Vec::with_capacity(over.len());
@@ -161,7 +161,7 @@ fn update(x: &mut [f32], a: &[f32], r: usize, rows: Range<usize>, over: Range<us
         for j in over.clone() {
             // summed from +0, or subtracted from the value one by one
             let l = if fused { a[i * r + j] } else { -a[i * r + j] };
-            add_products(acc, l, &x[j * r..][..r], fused);
+            add_products(&mut acc, l, &x[j * r..][..r], fused);
         }
         for c in (0..heads.len()).filter(|&c| i < heads[c]) {
             p.clear();
@@ -170,9 +170,9 @@ fn update(x: &mut [f32], a: &[f32], r: usize, rows: Range<usize>, over: Range<us
         }
         let xi = &mut x[i * r..][..r];
         if fused {
-            subtract(xi, acc);
+            subtract(xi, &acc);
         } else {
-            xi.copy_from_slice(acc);
+            xi.copy_from_slice(&acc);
         }
     }
 }
