@@ -1,6 +1,7 @@
 //! Milliseconds per block of BAT unmerge's `(I + B)⁻¹` on one thread as torch computes it
-//! (`ops::inverse_as_torch`, on the Intel processor and on the AMD one) and in f64 with faer (`ops::bat_inverses`, all threads, which bone-tool
-//! computes too: its condition numbers and the singular check) at r = 16, 32, 64 and 128.
+//! (`ops::inverse_as_torch`, on the Intel processor and on the AMD one) and in f64 with faer
+//! (`ops::bat_inverses`, all threads, which bone-tool computes too: its condition numbers and the
+//! singular check) at r = 16, 32, 64 and 128.
 //!
 //!     cargo run --release --example inv_speed
 

@@ -464,9 +464,9 @@ impl BatSumsArg {
             BatSumsArg::Amd => crate::ops::BatSums::Amd,
             BatSumsArg::Auto => crate::ops::BatSums::this_processor().unwrap_or_else(|| {
                 crate::report::warning(
-                    "--bat-sums auto: this processor is neither an Intel x86-64 one with AVX-512 nor an AMD one with \
-                     AVX2, whose sums bone-tool reproduces; BAT is summed as on the Intel one (--bat-sums intel), and PEFT's own f32 BAT \
-                     bytes here may differ from it in the last bit",
+                    "--bat-sums auto: this processor is neither an Intel x86-64 one with AVX-512 nor an AMD \
+                     one with AVX2, whose sums bone-tool reproduces; BAT is summed as on the Intel one \
+                     (--bat-sums intel), and PEFT's own f32 BAT bytes here may differ from it in the last bit",
                 );
                 crate::ops::BatSums::Intel
             }),

@@ -23,12 +23,11 @@ pub enum BatSums {
     /// from 512.)
     #[default]
     Intel,
-    /// An AMD processor (EPYCs with AVX-512 and without, torch 2.15's MKL 2024.2): the plain loop up to
-    /// r = 11 (MKL's own at r = 9 to 11, which sums the one to three elements of a row before its
-    /// first 16-byte boundary in the output otherwise still: [`heads_as_mkl`]), fused from 12;
-    /// one block up to r = 192,
-    /// blocks of floor(r/2) from 193 to 384 (the last one 1 long for an odd r), blocks of 192
-    /// beyond.
+    /// An AMD processor (EPYCs with AVX-512 and without, torch 2.15's MKL 2024.2): the plain loop
+    /// up to r = 11 (MKL's own at r = 9 to 11, which sums the one to three elements of a row
+    /// before its first 16-byte boundary in the output otherwise still: [`heads_as_mkl`]), fused
+    /// from 12; one block up to r = 192, blocks of floor(r/2) from 193 to 384 (the last one 1 long
+    /// for an odd r), blocks of 192 beyond.
     Amd,
 }
 
