@@ -295,7 +295,7 @@ pub struct ApplyOptions {
     /// whose sums depend on the processor, so PEFT's own f32 BAT merges differ in the last bit from
     /// one processor to another (at r = 8 to 11 and from 193; f16/bf16 ones in a few values): `intel`,
     /// an Intel processor with AVX-512; `amd`, an AMD one, with AVX-512 or without (whose sums at
-    /// r = 9 to 11 only the CPU computes, also under --device cuda); `auto`, the one bone-tool runs
+    /// r = 8 to 11 only the CPU computes in places, also under --device cuda); `auto`, the one bone-tool runs
     /// on (for PEFT's bytes on the same machine). An unmerge's f32 (I + B)⁻¹ follows it too:
     /// PEFT's bytes up to r = 128 with either (above it the f64 inverse, within an ulp or so).
     /// Default and mini merges are the same either way

@@ -344,11 +344,12 @@ pub fn run_into(
                 let (k, piece) = item?;
                 match piece {
                     Piece::Rows { job, chain, row0, src, last } => {
+                        let i = row_view(&job.src).1;
                         let dev = match opened.get(device, false)? {
-                            _ if cpu_only(&chain) => &cpu,
+                            _ if cpu_only(&chain, i) => &cpu,
                             Some(_) if opts.adds_on_cpu && !has_gemm(&chain) => &cpu,
                             Some(d) => d,
-                            None if opts.cpu_while_opening && same_bytes_on_every_device(&chain) => &cpu,
+                            None if opts.cpu_while_opening && same_bytes_on_every_device(&chain, i) => &cpu,
                             None => opened.get(device, true)?.expect("waited for"),
                         };
                         if !chain.is_empty() {

@@ -460,7 +460,7 @@ fn bat_chains_give_the_cpus_bytes_with_the_in_order_gemm_and_agree_with_cublas()
                     r,
                     rounding: Rounding { sums, ..Rounding::peft(Float::F32) },
                 }];
-                assert!(super::cpu_only(&chain) && !super::same_bytes_on_every_device(&chain));
+                assert!(super::cpu_only(&chain, i) && !super::same_bytes_on_every_device(&chain, i));
                 continue;
             }
             bat_shape(launch, o, i, r, StripGemm::InOrder, sums);

@@ -169,7 +169,7 @@ pub fn has_gemm(chain: &[Prepared]) -> bool {
     chain.iter().any(|op| !matches!(op, Prepared::Periodic { .. }))
 }
 
-/// True when a chain gives the same bytes on the CPU and on a GPU. The elementwise adds (default
+/// True when a chain gives the same bytes on the CPU and on a GPU, on a weight of `i` columns. The elementwise adds (default
 /// and mini) do: f32 with one rounding each, in the same order. BAT does where its GEMMs sum in
 /// the same order on both: the GPU's `strip_gemm` kernel sums each element's products in order
 /// (one fused multiply-add each from [`ops::BatSums::fused_from`], as PEFT's torch does; a rounded
@@ -178,26 +178,21 @@ pub fn has_gemm(chain: &[Prepared]) -> bool {
 /// in torch's blocks of at most 384); with
 /// `BONE_TOOL_GEMM=cublas`, cuBLAS sums in its own order. The pipeline computes these chains on
 /// the CPU while a GPU is starting, and the self-check holds a GPU to the CPU's bytes on them.
-pub fn same_bytes_on_every_device(chain: &[Prepared]) -> bool {
+pub fn same_bytes_on_every_device(chain: &[Prepared], i: usize) -> bool {
     chain.iter().all(|op| match op {
         Prepared::Periodic { .. } => true,
         Prepared::BatMerge { r, rounding, .. } | Prepared::BatUnmerge { r, rounding, .. } => {
-            gpu_gemm_in_order() && ops::gemm_is_in_order(*r, rounding.sums) && !cpu_only(std::slice::from_ref(op))
+            gpu_gemm_in_order() && ops::gemm_is_in_order(*r, rounding.sums) && !op.cpu_only(i)
         }
     })
 }
 
-/// True when only the CPU computes a chain as PEFT does: BAT with the AMD processor's sums at
-/// r = 9 to 11, where MKL sums the first elements of some rows otherwise
-/// ([`ops::BatSums::splits_heads`]), which the GPU's kernel does not model. The pipeline gives
-/// such chains to the CPU even where a GPU is open.
-pub fn cpu_only(chain: &[Prepared]) -> bool {
-    chain.iter().any(|op| match op {
-        Prepared::Periodic { .. } => false,
-        Prepared::BatMerge { r, rounding, .. } | Prepared::BatUnmerge { r, rounding, .. } => {
-            rounding.sums.splits_heads(*r)
-        }
-    })
+/// True when only the CPU computes a chain as PEFT does on a weight of `i` columns
+/// ([`Prepared::cpu_only`]: BAT with the AMD processor's sums at r = 9 to 11, and its unmerge at
+/// r = 8 to 11 on a weight of one block row or column, whose sums the GPU's kernel does not model).
+/// The pipeline gives such chains to the CPU even where a GPU is open.
+pub fn cpu_only(chain: &[Prepared], i: usize) -> bool {
+    chain.iter().any(|op| op.cpu_only(i))
 }
 
 /// Whether a GPU would sum BAT's GEMMs in order ([`cuda::StripGemm::InOrder`]).
@@ -433,7 +428,7 @@ impl Device {
                     results[1] = results[0].clone();
                 }
                 let paths = if self.lanes() > 1 { ["first lane", "second lane"] } else { ["synchronous"; 2] };
-                let exact = same_bytes_on_every_device(chain);
+                let exact = same_bytes_on_every_device(chain, i);
                 for (path, dev) in paths.iter().zip(&results) {
                     if let Some((k, p, q)) = d.disagreement_in(&cpu, dev) {
                         return Err(format!("{d} element {k}, {path}: CPU {p} vs device {q}"));
@@ -489,18 +484,52 @@ mod tests {
         let add = Prepared::Periodic { et: vec![0.0; 4], r: 2, sign: 1.0, rounding: rd };
         let bat = |r: usize| Prepared::BatMerge { b: vec![0.0; r * r], r, rounding: rd };
         let unmerge = |r: usize| Prepared::BatUnmerge { b: vec![0.0; r * r], inv: vec![0.0; r * r], r, rounding: rd };
-        assert!(same_bytes_on_every_device(&[]));
-        assert!(same_bytes_on_every_device(std::slice::from_ref(&add)));
+        // (i = 1024 columns: more than one block column at every r here)
+        assert!(same_bytes_on_every_device(&[], 1024));
+        assert!(same_bytes_on_every_device(std::slice::from_ref(&add), 1024));
         // this machine's GEMM sums in order (see ops' tests); the GPU's kernel always
-        assert!(same_bytes_on_every_device(&[add.clone(), bat(2)]));
-        assert!(same_bytes_on_every_device(&[bat(64), unmerge(64), add.clone()]));
-        assert!(same_bytes_on_every_device(&[bat(8), unmerge(1024)]));
+        assert!(same_bytes_on_every_device(&[add.clone(), bat(2)], 1024));
+        assert!(same_bytes_on_every_device(&[bat(64), unmerge(64), add.clone()], 1024));
+        assert!(same_bytes_on_every_device(&[bat(8), unmerge(1024)], 1024));
         // where it does not (faer without FMA), BAT waits for the GPU, and so does a chain with it
         for r in [8, 64, 1024] {
             assert_eq!(
-                same_bytes_on_every_device(&[add.clone(), bat(r)]),
+                same_bytes_on_every_device(&[add.clone(), bat(r)], 1024),
                 ops::gemm_is_in_order(r, ops::BatSums::Intel)
             );
+        }
+    }
+
+    #[test]
+    fn the_chains_only_the_cpu_computes_as_peft_are_the_amd_processors_at_r_8_to_11() {
+        let amd = Rounding { sums: ops::BatSums::Amd, ..Rounding::peft(Float::F32) };
+        let intel = Rounding::peft(Float::F32);
+        // o/r blocks of r×r
+        let merge = |r: usize, o: usize, rd| Prepared::BatMerge { b: vec![0.0; o * r], r, rounding: rd };
+        let unmerge = |r: usize, o: usize, rd| Prepared::BatUnmerge {
+            b: vec![0.0; o * r],
+            inv: vec![0.0; o * r],
+            r,
+            rounding: rd,
+        };
+        for r in 1..=16 {
+            let heads = (9..=11).contains(&r);
+            let dots = (8..=11).contains(&r);
+            for (o, i) in [(2 * r, 3 * r), (r, 3 * r), (2 * r, r), (r, r)] {
+                let single = o == r || i == r;
+                let chains = [
+                    (vec![merge(r, o, amd)], heads),
+                    (vec![unmerge(r, o, amd)], heads || (dots && single)),
+                    (vec![merge(r, o, intel), unmerge(r, o, amd)], heads || (dots && single)),
+                    (vec![merge(r, o, intel), unmerge(r, o, intel)], false),
+                ];
+                for (chain, cpu) in chains {
+                    assert_eq!(cpu_only(&chain, i), cpu, "r {r}, {o}×{i}: {chain:?}");
+                    if cpu {
+                        assert!(!same_bytes_on_every_device(&chain, i), "r {r}, {o}×{i}");
+                    }
+                }
+            }
         }
     }
 

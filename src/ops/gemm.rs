@@ -47,6 +47,15 @@ impl BatSums {
         matches!(self, BatSums::Amd) && r >= 9 && r < self.fused_from()
     }
 
+    /// Whether MKL computes BAT unmerge's `(W − B_i)·(I + B_i)⁻¹` as dot products
+    /// ([`dots_as_mkl`]) on a weight of a single block row or column (O = r or I = r): on the AMD
+    /// processor at r = 8 to 11. There torch hands MKL the inverse as `torch.inverse` left it,
+    /// column-major, where on other weights it copies the inverse out for every tile row first
+    /// (row-major, [`gemm`]'s sums).
+    pub const fn dots_single_blocks(self, r: usize) -> bool {
+        matches!(self, BatSums::Amd) && r >= 8 && r < self.fused_from()
+    }
+
     /// Whether bone-tool knows how PEFT's torch inverts an r×r `I + B_i` in f32 on this processor
     /// ([`super::inverse_as_torch`]): up to r = 128 on either (measured on each at every r). Above
     /// 128 torch's bytes depend on its threads and on how many blocks it inverts at once
@@ -193,6 +202,39 @@ pub(super) fn heads_as_mkl(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, 
                 acc += p(t);
             }
             *o = acc;
+        }
+    }
+}
+
+/// Where [`BatSums::dots_single_blocks`]: `dst` (`[n, r]`) = `lhs[n, r]·rhs[r, r]` as MKL on the AMD
+/// processor computes it from a column-major `rhs`, each element a dot product of a row of `lhs`
+/// (the tile row of `W − B_i`, whose first element `row_start(n)` is its index in the weight:
+/// torch's difference keeps the weight's layout, from a 64-byte aligned address) with a column of
+/// `rhs`, every product rounded and then added: the row's one to three elements before its first
+/// 16-byte boundary in order (its head), then 8 products in 8 lanes, the head's sum in lane 0, the
+/// lanes added `((l₀+l₄)+(l₂+l₆)) + ((l₁+l₅)+(l₃+l₇))`, or where fewer than 8 follow the head but 4 do
+/// and the column is one of the first 8, 4 products in 4 lanes, `(l₀+l₂)+(l₁+l₃)`; then the rest in
+/// order. Found with leaves of ±2⁴⁰ and ones (FPRev's method) on PEFT's own unmerge at r = 8 to 11,
+/// and measured on every value of PEFT's products there (weights of 1 to 7 tiles in a row and of 3
+/// to 5 in a column) and of the AMD-only fixtures' unmerges at r = 8 to 11.
+pub(super) fn dots_as_mkl(dst: &mut [f32], lhs: &[f32], rhs: &[f32], r: usize, row_start: impl Fn(usize) -> usize) {
+    for (n, (out, x)) in dst.chunks_exact_mut(r).zip(lhs.chunks_exact(r)).enumerate() {
+        let head = ((4 - row_start(n) % 4) % 4).min(r);
+        for (c, o) in out.iter_mut().enumerate() {
+            let p = |t: usize| x[t] * rhs[t * r + c]; // rounded: Rust never fuses
+            let mut acc = (0..head).fold(0f32, |s, t| s + p(t));
+            let mut k = head;
+            let lane = |j: usize, acc: f32| if j == 0 { acc + p(k) } else { p(k + j) };
+            if r - head >= 8 {
+                let l: [f32; 8] = std::array::from_fn(|j| lane(j, acc));
+                acc = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+                k += 8;
+            } else if r - head >= 4 && c < 8 {
+                let l: [f32; 4] = std::array::from_fn(|j| lane(j, acc));
+                acc = (l[0] + l[2]) + (l[1] + l[3]);
+                k += 4;
+            }
+            *o = (k..r).fold(acc, |s, t| s + p(t));
         }
     }
 }
@@ -503,6 +545,56 @@ mod tests {
             let mut out = vec![0f32; r];
             gemm_in_order(&mut out, &w, &b, 1, r, sums);
             assert_eq!(out[0], 1.0, "{sums:?}");
+        }
+    }
+
+    #[test]
+    fn unmerges_of_single_block_weights_are_dot_products_on_the_amd_processor() {
+        // FPRev's probe: a row of ones but +2^40 at k = p and -2^40 at q, times a column of ones,
+        // gives the count of ones summed outside the smallest subtree that holds p and q (inside
+        // it they vanish into 2^40). torch 2.15 on an AMD EPYC, PEFT's unmerge `(o - B) @ inv`
+        // with inv all ones as torch.inverse leaves it (column-major) on a weight of one block row
+        // and 4 block columns (tile a's rows start at a·r mod 4 = 0, r, 2r, 3r), gave these counts
+        // in tile a's row 0, columns 0 and r − 1: (r, p, q, [column 0 for a = 0..4], [column r − 1]).
+        type Counts = [u32; 4];
+        let torch: [(usize, usize, usize, Counts, Counts); 15] = [
+            (8, 0, 4, [6; 4], [6; 4]),
+            (8, 3, 7, [6; 4], [6; 4]),
+            (8, 2, 6, [6; 4], [6; 4]),
+            (9, 0, 4, [7, 2, 5, 0], [7, 4, 4, 0]),
+            (9, 3, 7, [7, 1, 1, 7], [7, 1, 1, 7]),
+            (9, 1, 2, [1, 6, 6, 0], [1, 6, 6, 0]),
+            (9, 2, 6, [7, 2, 2, 7], [7, 2, 2, 7]),
+            (10, 0, 4, [8, 4, 8, 4], [8, 4, 8, 4]),
+            (10, 3, 7, [8; 4], [8; 4]),
+            (10, 1, 2, [2, 7, 2, 7], [2, 7, 2, 7]),
+            (10, 2, 6, [8, 6, 8, 6], [8, 6, 8, 6]),
+            (11, 0, 4, [9, 2, 5, 0], [9, 2, 5, 0]),
+            (11, 3, 7, [9, 9, 9, 6], [9, 9, 9, 6]),
+            (11, 1, 2, [3, 2, 8, 8], [3, 2, 8, 8]),
+            (11, 2, 6, [9, 9, 7, 0], [9, 9, 7, 0]),
+        ];
+        let big = 2f32.powi(40);
+        let mut in_order_differs = 0;
+        for (r, p, q, first, last) in torch {
+            assert!(BatSums::Amd.dots_single_blocks(r) && !BatSums::Intel.dots_single_blocks(r));
+            let mut row = vec![1f32; r];
+            (row[p], row[q]) = (big, -big);
+            let lhs: Vec<f32> = (0..4).flat_map(|_| row.iter().copied()).collect();
+            let rhs = vec![1f32; r * r];
+            let mut out = vec![0f32; 4 * r];
+            dots_as_mkl(&mut out, &lhs, &rhs, r, |a| a * r);
+            for a in 0..4 {
+                let got = (out[a * r], out[a * r + r - 1]);
+                assert_eq!(got, (first[a] as f32, last[a] as f32), "r {r}, ±2^40 at {p} and {q}, tile {a}");
+            }
+            let mut in_order = vec![0f32; 4 * r];
+            gemm_in_order(&mut in_order, &lhs, &rhs, 4, r, BatSums::Amd);
+            in_order_differs += (in_order != out) as usize;
+        }
+        assert_eq!(in_order_differs, 15, "the in-order sum gives other counts in each case");
+        for r in (1..8).chain(12..=16) {
+            assert!(!BatSums::Amd.dots_single_blocks(r));
         }
     }
 }

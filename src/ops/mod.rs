@@ -11,7 +11,7 @@ mod gemm;
 pub mod lowrank;
 mod panels;
 
-use gemm::heads_as_mkl;
+use gemm::{dots_as_mkl, heads_as_mkl};
 pub use gemm::{faer_is_in_order, gemm_in_order, gemm_is_in_order, BatSums};
 use gemm::{gemm, plus_zero};
 
@@ -115,6 +115,21 @@ impl Prepared {
 
     fn is_bat(&self) -> bool {
         !matches!(self, Prepared::Periodic { .. })
+    }
+
+    /// Whether only the CPU computes this op as PEFT does, on a weight of `i` columns: BAT with the
+    /// AMD processor's sums at r = 9 to 11 ([`BatSums::splits_heads`]), and its unmerge at r = 8
+    /// to 11 on a weight of a single block row or column ([`BatSums::dots_single_blocks`]); the
+    /// GPU's kernel models neither.
+    pub fn cpu_only(&self, i: usize) -> bool {
+        match self {
+            Prepared::Periodic { .. } => false,
+            Prepared::BatMerge { r, rounding, .. } => rounding.sums.splits_heads(*r),
+            Prepared::BatUnmerge { b, r, rounding, .. } => {
+                let single = b.len() == r * r || i == *r;
+                rounding.sums.splits_heads(*r) || (rounding.sums.dots_single_blocks(*r) && single)
+            }
+        }
     }
 
     fn row_multiple(&self) -> usize {
@@ -607,7 +622,9 @@ fn bat_delta_view(delta: &mut [f32], w: &[f32], at: View, bi: &[f32], r: usize, 
 }
 
 /// BAT unmerge on the view rows `k0..` of one strip, as [`bat_merge_view`]:
-/// `W_ij = (W'_ij − B_i)·inv_i`, `inv` the `(I + B_i)⁻¹`, not yet rounded to D.
+/// `W_ij = (W'_ij − B_i)·inv_i`, `inv` the `(I + B_i)⁻¹`, not yet rounded to D. On a weight of a
+/// single block row or column the product is MKL's dot products where
+/// [`BatSums::dots_single_blocks`] (view row `k` starts at `strip·r·I + k·r` in the weight).
 #[inline(always)]
 fn bat_unmerge_view(w: &mut [f32], at: View, bi: &[f32], invi: &[f32], r: usize, sums: BatSums, diff: &mut Vec<f32>) {
     let n = w.len() / r;
@@ -618,7 +635,12 @@ fn bat_unmerge_view(w: &mut [f32], at: View, bi: &[f32], invi: &[f32], r: usize,
             *d = x - bv;
         }
     }
-    gemm_as_torch(w, diff, invi, r, sums, at);
+    if sums.dots_single_blocks(r) && (at.blocks == 1 || at.per_a == 1) {
+        let i = at.per_a * r;
+        dots_as_mkl(w, diff, invi, r, |n| at.strip * r * i + (at.k0 + n) * r);
+    } else {
+        gemm_as_torch(w, diff, invi, r, sums, at);
+    }
     w.iter_mut().for_each(|x| *x = plus_zero(*x));
 }
 
