@@ -225,13 +225,20 @@ fn main() {
         }
     }
     // the AMD-only cases (r = 200: the AMD processor's blocks of k of 100; r = 9 to 11: MKL's sums at
-    // the heads of rows, which only the CPU computes, also under --device cuda)
+    // the heads of rows, which only the CPU computes, also under --device cuda), and their unmerges
+    // where PEFT's is kept (the AMD inverses at r = 18 to 45 and 200, taken on the host; at r = 8
+    // to 11 MKL's dot products on weights of a single block row or column, only on the CPU)
     for c in manifests[0].0["amd"].as_array().unwrap().iter().filter(|c| chosen(c["name"].as_str().unwrap())) {
         let adapters: Vec<PathBuf> =
             c["adapters"].as_array().unwrap().iter().map(|a| fixtures.join(a.as_str().unwrap())).collect();
         let base = fixtures.join(c["base"].as_str().unwrap());
         let what = format!("{}-amd", c["name"].as_str().unwrap());
         cpu_and_cuda(&bin, &tmp, &what, "merge", &base, &adapters, &["--bat-sums", "amd"], exact, &mut tally);
+        if c["unmerged_amd"].is_string() {
+            let merged = fixtures.join(c["merged_amd"].as_str().unwrap());
+            let what = format!("{}-unmerge-amd", c["name"].as_str().unwrap());
+            cpu_and_cuda(&bin, &tmp, &what, "unmerge", &merged, &adapters, &["--bat-sums", "amd"], exact, &mut tally);
+        }
     }
     let _ = std::fs::remove_dir_all(&tmp);
     if !tally.notes.is_empty() {
