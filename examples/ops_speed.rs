@@ -21,7 +21,7 @@ fn main() {
         let ops = [Prepared::Periodic { et, r, sign: 1.0, rounding: Rounding::peft(d) }];
         let b = rng.values(o / r * r * r, 0.05);
         let inv = bone_tool::ops::bat_inverses(&b, r).expect("I + B is invertible").inv;
-        let unbat = [Prepared::BatUnmerge { b: b.clone(), inv, r, rounding: Rounding::peft(d) }];
+        let unbat = [Prepared::BatUnmerge { b: b.clone(), inv, r, rounding: Rounding::peft(d), transposed: false }];
         let bat = [Prepared::BatMerge { b, r, rounding: Rounding::peft(d) }];
         let mut unops = ops.clone();
         if let Prepared::Periodic { sign, .. } = &mut unops[0] {

@@ -658,7 +658,9 @@ fn source<'a>(
         }
     }
     let o = job.src.shape.first().copied().unwrap_or(1);
-    let chain = chain_ops.iter().map(|op| prepare(op, &job.name, o, adapters, warnings)).collect::<Result<Vec<_>>>()?;
+    let mut chain =
+        chain_ops.iter().map(|op| prepare(op, &job.name, o, adapters, warnings)).collect::<Result<Vec<_>>>()?;
+    ops::mark_transposed(&mut chain);
     Ok(Source { output, job, file, entry, convert_from, chain: Some(Arc::new(chain)) })
 }
 
@@ -1100,7 +1102,7 @@ fn prepare(op: &Op, tensor: &str, o: usize, adapters: &[Adapter], warnings: &mut
                         a.dir.display()
                     ));
                 }
-                Prepared::BatUnmerge { b, inv: inv.inv, r: *r, rounding: *rounding }
+                Prepared::BatUnmerge { b, inv: inv.inv, r: *r, rounding: *rounding, transposed: false }
             } else {
                 Prepared::BatMerge { b, r: *r, rounding: *rounding }
             }

@@ -902,7 +902,7 @@ pub(crate) fn program(
                 let (cfg, args) = bat_merge_post_launch(d, rows, i, r, rounding.once, rnd == 1, bufs);
                 x.launch(Kernel::BatMergePost, cfg, &args)?;
             }
-            Prepared::BatUnmerge { b, inv, r, rounding } => {
+            Prepared::BatUnmerge { b, inv, r, rounding, .. } => {
                 let r = *r;
                 let range = (row0 / r) * r * r..((row0 + rows) / r) * r * r;
                 let blocks = x.upload(&b[range.clone()])?;

@@ -479,7 +479,7 @@ fn bat_shape(launch: Launch, o: usize, i: usize, r: usize, gemm: StripGemm, sums
         let rd = Rounding { sums, ..Rounding::peft(d) };
         let once = Rounding { once: true, ..rd };
         let merge = |rounding| Prepared::BatMerge { b: b.clone(), r, rounding };
-        let unmerge = Prepared::BatUnmerge { b: b.clone(), inv: inv.clone(), r, rounding: rd };
+        let unmerge = Prepared::BatUnmerge { b: b.clone(), inv: inv.clone(), r, rounding: rd, transposed: false };
         let chains: Vec<(&str, Vec<Prepared>)> = vec![
             ("BAT merge", vec![merge(rd)]),
             ("BAT merge, rounded once", vec![merge(once)]),

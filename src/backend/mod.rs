@@ -405,7 +405,7 @@ impl Device {
                 vec![Prepared::BatMerge { b: b_bat.clone(), r, rounding: rd }],
                 vec![
                     Prepared::BatMerge { b: b_bat.clone(), r, rounding: rd },
-                    Prepared::BatUnmerge { b: b_bat.clone(), inv: inv.clone(), r, rounding: rd },
+                    Prepared::BatUnmerge { b: b_bat.clone(), inv: inv.clone(), r, rounding: rd, transposed: false },
                     Prepared::Periodic { et: ops::expand_transposed(&b_def, r, o, o), r, sign: -1.0, rounding: rd },
                 ],
             ];
@@ -483,7 +483,13 @@ mod tests {
         let rd = Rounding::peft(Float::BF16);
         let add = Prepared::Periodic { et: vec![0.0; 4], r: 2, sign: 1.0, rounding: rd };
         let bat = |r: usize| Prepared::BatMerge { b: vec![0.0; r * r], r, rounding: rd };
-        let unmerge = |r: usize| Prepared::BatUnmerge { b: vec![0.0; r * r], inv: vec![0.0; r * r], r, rounding: rd };
+        let unmerge = |r: usize| Prepared::BatUnmerge {
+            b: vec![0.0; r * r],
+            inv: vec![0.0; r * r],
+            r,
+            rounding: rd,
+            transposed: false,
+        };
         // (i = 1024 columns: more than one block column at every r here)
         assert!(same_bytes_on_every_device(&[], 1024));
         assert!(same_bytes_on_every_device(std::slice::from_ref(&add), 1024));
@@ -511,6 +517,7 @@ mod tests {
             inv: vec![0.0; o * r],
             r,
             rounding: rd,
+            transposed: false,
         };
         for r in 1..=16 {
             let heads = (9..=11).contains(&r);

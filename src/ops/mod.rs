@@ -68,8 +68,9 @@ pub enum Prepared {
     Periodic { et: Vec<f32>, r: usize, sign: f32, rounding: Rounding },
     /// BAT merge with blocks `[O/r, r, r]`.
     BatMerge { b: Vec<f32>, r: usize, rounding: Rounding },
-    /// BAT unmerge with blocks and their inverses `(I + B_i)⁻¹`.
-    BatUnmerge { b: Vec<f32>, inv: Vec<f32>, r: usize, rounding: Rounding },
+    /// BAT unmerge with blocks and their inverses `(I + B_i)⁻¹`; `transposed` where PEFT holds the
+    /// weight column-major by then ([`mark_transposed`]).
+    BatUnmerge { b: Vec<f32>, inv: Vec<f32>, r: usize, rounding: Rounding, transposed: bool },
 }
 
 impl Prepared {
@@ -100,10 +101,10 @@ impl Prepared {
                 bat_merge_view(w, at, &b[strip * r * r..][..r * r], *r, *rounding, scratch);
                 rounding
             }
-            Prepared::BatUnmerge { b, inv, r, rounding } => {
+            Prepared::BatUnmerge { b, inv, r, rounding, transposed } => {
                 let blk = strip * r * r..(strip + 1) * r * r;
                 let at = View { strip, k0, per_a, blocks: b.len() / (r * r) };
-                bat_unmerge_view(w, at, &b[blk.clone()], &inv[blk], *r, rounding.sums, scratch);
+                bat_unmerge_view(w, at, &b[blk.clone()], &inv[blk], *r, rounding.sums, *transposed, scratch);
                 rounding
             }
             Prepared::Periodic { .. } => unreachable!("view rows are BAT's"),
@@ -136,6 +137,27 @@ impl Prepared {
         match self {
             Prepared::Periodic { .. } => 1,
             Prepared::BatMerge { r, .. } | Prepared::BatUnmerge { r, .. } => *r,
+        }
+    }
+}
+
+/// Set each BAT unmerge's `transposed`: whether PEFT holds the weight column-major when it runs it.
+/// A BAT op at r = 1 leaves the weight so (its `permute(1, 2, 0, 3).reshape` is then a transposed
+/// view, not a copy), one at a larger r row-major, and a default or mini op as it found it; a
+/// chain starts from the weight as stored, row-major. MKL on the AMD processor multiplies a
+/// column-major weight of a single block row or column otherwise ([`bat_unmerge_view`]); the
+/// other ops' sums do not depend on it (measured on every value of PEFT's merges and unmerges of
+/// both layouts at r = 2 to 128).
+pub fn mark_transposed(chain: &mut [Prepared]) {
+    let mut column_major = false;
+    for op in chain {
+        match op {
+            Prepared::Periodic { .. } => {}
+            Prepared::BatMerge { r, .. } => column_major = *r == 1,
+            Prepared::BatUnmerge { r, transposed, .. } => {
+                *transposed = column_major;
+                column_major = *r == 1;
+            }
         }
     }
 }
@@ -623,10 +645,21 @@ fn bat_delta_view(delta: &mut [f32], w: &[f32], at: View, bi: &[f32], r: usize, 
 
 /// BAT unmerge on the view rows `k0..` of one strip, as [`bat_merge_view`]:
 /// `W_ij = (W'_ij − B_i)·inv_i`, `inv` the `(I + B_i)⁻¹`, not yet rounded to D. On a weight of a
-/// single block row or column the product is MKL's dot products where
-/// [`BatSums::dots_single_blocks`] (view row `k` starts at `strip·r·I + k·r` in the weight).
+/// single block row or column, where [`BatSums::dots_single_blocks`], the product is MKL's dot
+/// products (view row `k` starts at `strip·r·I + k·r` in the weight), or where PEFT holds the
+/// weight column-major (`transposed`, [`mark_transposed`]) its in-order sums without the heads.
 #[inline(always)]
-fn bat_unmerge_view(w: &mut [f32], at: View, bi: &[f32], invi: &[f32], r: usize, sums: BatSums, diff: &mut Vec<f32>) {
+#[allow(clippy::too_many_arguments)]
+fn bat_unmerge_view(
+    w: &mut [f32],
+    at: View,
+    bi: &[f32],
+    invi: &[f32],
+    r: usize,
+    sums: BatSums,
+    transposed: bool,
+    diff: &mut Vec<f32>,
+) {
     let n = w.len() / r;
     diff.resize(n * r, 0.0);
     for (k, (drow, wrow)) in diff.chunks_exact_mut(r).zip(w.chunks_exact(r)).enumerate() {
@@ -636,8 +669,12 @@ fn bat_unmerge_view(w: &mut [f32], at: View, bi: &[f32], invi: &[f32], r: usize,
         }
     }
     if sums.dots_single_blocks(r) && (at.blocks == 1 || at.per_a == 1) {
-        let i = at.per_a * r;
-        dots_as_mkl(w, diff, invi, r, |n| at.strip * r * i + (at.k0 + n) * r);
+        if transposed {
+            gemm(w, diff, invi, n, r, sums);
+        } else {
+            let i = at.per_a * r;
+            dots_as_mkl(w, diff, invi, r, |n| at.strip * r * i + (at.k0 + n) * r);
+        }
     } else {
         gemm_as_torch(w, diff, invi, r, sums, at);
     }
@@ -673,7 +710,7 @@ pub fn bat_merge(w: &mut [f32], o: usize, i: usize, b: &[f32], r: usize, rd: Rou
 pub fn bat_unmerge(w: &mut [f32], o: usize, i: usize, b: &[f32], inv: &[f32], r: usize, rd: Rounding) {
     check_bat(w, o, i, b, r);
     assert_eq!(inv.len(), b.len());
-    apply_strips(w, i, &Prepared::BatUnmerge { b: b.to_vec(), inv: inv.to_vec(), r, rounding: rd });
+    apply_strips(w, i, &Prepared::BatUnmerge { b: b.to_vec(), inv: inv.to_vec(), r, rounding: rd, transposed: false });
 }
 
 /// A BAT op on a whole weight of `i` columns, a strip per task, rounded to D.
@@ -1254,6 +1291,38 @@ mod tests {
     }
 
     #[test]
+    fn an_unmerge_after_bat_at_r_1_is_marked_transposed_until_bat_at_a_larger_r() {
+        // PEFT's layouts (torch 2.15, the ops' own expressions on 8×8 to 16×24 weights): BAT at
+        // r = 1 leaves a column-major weight, BAT at r = 2 or 4 a row-major one, default and mini
+        // ops (also with tail columns) the layout they found
+        let rd = Rounding::peft(Float::F32);
+        let merge = |r: usize| Prepared::BatMerge { b: vec![0.0; r * r], r, rounding: rd };
+        let unmerge = |r: usize| Prepared::BatUnmerge {
+            b: vec![0.0; r * r],
+            inv: vec![0.0; r * r],
+            r,
+            rounding: rd,
+            transposed: true,
+        };
+        let add = Prepared::Periodic { et: vec![0.0; 4], r: 2, sign: -1.0, rounding: rd };
+        let marks = |mut chain: Vec<Prepared>| {
+            mark_transposed(&mut chain);
+            chain
+                .iter()
+                .filter_map(|op| match op {
+                    Prepared::BatUnmerge { transposed, .. } => Some(*transposed),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(marks(vec![unmerge(10)]), [false]);
+        assert_eq!(marks(vec![unmerge(1), add.clone(), unmerge(10)]), [false, true]);
+        assert_eq!(marks(vec![merge(1), unmerge(8), unmerge(9)]), [true, false]);
+        assert_eq!(marks(vec![unmerge(1), unmerge(1), add.clone(), add, unmerge(11)]), [false, true, true]);
+        assert_eq!(marks(vec![unmerge(2), unmerge(8)]), [false, false]);
+    }
+
+    #[test]
     fn bat_inverse_reports_the_singular_block() {
         let r = 2;
         // block 0: I + B invertible; block 1: B = -I makes I + B zero.
@@ -1375,7 +1444,8 @@ mod tests {
                 let mut src = vec![0u8; o * i * d.size()];
                 d.encode_serial(&w, &mut src);
                 let merge = Prepared::BatMerge { b: b.clone(), r, rounding: Rounding::peft(d) };
-                let unmerge = Prepared::BatUnmerge { b: b.clone(), inv, r, rounding: Rounding::peft(d) };
+                let unmerge =
+                    Prepared::BatUnmerge { b: b.clone(), inv, r, rounding: Rounding::peft(d), transposed: false };
                 let once = Prepared::BatMerge {
                     b: b.iter().map(|x| x * 0.5).collect(),
                     r,
