@@ -147,7 +147,7 @@ impl Prepared {
 /// chain starts from the weight as stored, row-major. MKL on the AMD processor multiplies a
 /// column-major weight of a single block row or column otherwise ([`bat_unmerge_view`]); the
 /// other ops' sums do not depend on it (measured on every value of PEFT's merges and unmerges of
-/// both layouts at r = 2 to 128).
+/// both layouts at r = 2 to 128, as sampled).
 pub fn mark_transposed(chain: &mut [Prepared]) {
     let mut column_major = false;
     for op in chain {
