@@ -14,7 +14,8 @@
 #             sum (the kernel must give all); the + B_i pass;
 #   check     examples/gpu_check: every fixture merged and unmerged on cuda (two lanes) and on cpu
 #             (both manifests; f16/bf16 BAT also merged with --rounding once, as the transformers 5
-#             cases are; the BAT cases with merged-amd, and the wide one, with --bat-sums amd),
+#             cases are; the BAT cases with merged-amd and the AMD-only ones, merged and where
+#             PEFT's unmerge is kept unmerged, with --bat-sums amd),
 #             compared: the same bytes, also for five default/mini cases on copies of their bases
 #             with NaN weights (each NaN must come out quieted, as on the CPU, not as the GPU's
 #             canonical NaN); then BAT cases with cuBLAS's GEMMs (BONE_TOOL_GEMM=cublas),
