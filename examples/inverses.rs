@@ -5,7 +5,7 @@
 //!     cargo run --release --example inverses -- R BLOCKS.f32 [intel|amd|intel-any|amd-any] > INVERSES.f32
 //!
 //! `intel-any` and `amd-any` call `ops::inverse_as_torch` itself with that processor's model at
-//! any r up to 128, also where bone-tool does not claim it is torch's, to see how far it holds.
+//! any r up to 256, also where bone-tool does not claim it is torch's, to see how far it holds.
 
 use bone_tool::ops::{bat_inverses_as_torch, inverse_as_torch, BatSums};
 use std::io::Write;
@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
         Some(other) => anyhow::bail!("unknown processor {other:?}: intel, amd, intel-any or amd-any"),
     };
     let inv: Vec<f32> = if any {
-        anyhow::ensure!((1..=128).contains(&r), "the models cover r = 1 to 128, not {r}");
+        anyhow::ensure!((1..=256).contains(&r), "the models cover r = 1 to 256, not {r}");
         b.chunks(r * r).enumerate().flat_map(|(block, bi)| inverse_as_torch(bi, r, sums, block)).collect()
     } else {
         anyhow::ensure!(sums.inverts_as_torch(r), "bone-tool does not invert as torch at r = {r}");

@@ -297,7 +297,8 @@ pub struct ApplyOptions {
     /// an Intel processor with AVX-512; `amd`, an AMD one, with AVX-512 or without (whose sums at
     /// r = 8 to 11 only the CPU computes in places, also under --device cuda); `auto`, the one bone-tool runs
     /// on (for PEFT's bytes on the same machine). An unmerge's f32 (I + B)⁻¹ follows it too:
-    /// PEFT's bytes up to r = 128 with either (above it the f64 inverse, within an ulp or so).
+    /// PEFT's bytes up to r = 128 with intel and 149 with amd (above, the f64 inverse, within an
+    /// ulp or so).
     /// Default and mini merges are the same either way
     #[arg(long, value_enum, default_value_t = BatSumsArg::Intel, value_name = "PROCESSOR")]
     pub bat_sums: BatSumsArg,

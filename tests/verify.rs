@@ -465,7 +465,7 @@ fn peft_unmerges_made_on_an_amd_processor_verify_and_say_so() {
     // PEFT's unmerges of the committed merges on an AMD processor (fixtures/generate.py --amd), and
     // of the AMD-only cases' own merges: --reverse finds them different with the Intel processor's
     // GEMMs and inverses, tries the AMD one's and says it matched; value for value at the r where
-    // bone-tool inverts as torch does there (up to 128: every case here but miss-bat-r200-f32, the
+    // bone-tool inverts as torch does there (up to 149: every case here but miss-bat-r200-f32, the
     // tolerance test's)
     let mut seen = 0;
     let m = manifest();
@@ -484,7 +484,7 @@ fn peft_unmerges_made_on_an_amd_processor_verify_and_say_so() {
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
         let r = config["r"].as_u64().unwrap();
-        assert!(r <= 128, "{name}: r = {r}, whose AMD inverse bone-tool does not model");
+        assert!(r <= 149, "{name}: r = {r}, whose AMD inverse bone-tool does not model");
         let merged = if case.join("merged").exists() { case.join("merged") } else { case.join("merged-amd") };
         let expected = fixtures().join(amd);
         let (code, j) = verify(&expected, &adapter, &merged, &["--reverse"]);

@@ -161,7 +161,8 @@ pub fn run(args: &VerifyArgs, base: &std::path::Path, quiet: bool) -> Result<()>
              AVX-512 and an AMD one, --bat-sums{}; an Intel one without AVX-512 sums otherwise, see the \
              README); `--tolerance 1e-5` accepts them ({} of them)",
             if args.reverse {
-                "PEFT's unmerge inverts I + B in f32 (bone-tool as it does up to r = 128, else in f64), and "
+                "PEFT's unmerge inverts I + B in f32 (bone-tool as it does up to r = 128, or 149 with \
+                 --bat-sums amd, else in f64), and "
             } else {
                 ""
             },

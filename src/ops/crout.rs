@@ -11,7 +11,8 @@
 //! - the LU is recursive on columns as on the Intel processor ([`super::panels`]): a width above
 //!   16 cut at the largest power of two below it, the left part factored, the rows above the cut
 //!   of the right part solved with its unit lower factor (each `a − Σ l·u`, the products summed
-//!   from +0 in order, each rounded), the rows below less their products over the left part:
+//!   from +0 in order, each rounded; from r = 129, 128 rows, in two parts of 64: [`solve_unit`]),
+//!   the rows below less their products over the left part:
 //!   where the right part is at least 12 wide summed from +0 with fused multiply-adds and then
 //!   subtracted, where it is narrower subtracted one by one, each product rounded ([`take`]);
 //!   then the right part factored;
@@ -32,8 +33,10 @@ use super::panels::{steps, Step};
 use super::{add_products, head_end, identity_plus, permuted_identity, pivot, subtract, take};
 use std::ops::Range;
 
-/// The largest r at which [`inverse`] is torch's on the AMD processor (at every r from 17 to it).
-pub const LARGEST: usize = 128;
+/// The largest r at which [`inverse`] is torch's on the AMD processor (at every r from 17 to it),
+/// whatever torch's threads: from r = 150 MKL factors otherwise on more than two threads (every
+/// value differs), from 160 on two.
+pub const LARGEST: usize = 149;
 
 /// `(I + B)⁻¹` of one r×r block `bi` (row-major) as torch computes it on the AMD processor, up to
 /// r = [`LARGEST`] (above it an inverse, summed in the same way, but not torch's); `off`: where
@@ -63,9 +66,7 @@ pub(super) fn inverse(bi: &[f32], r: usize, off: usize) -> Vec<f32> {
 fn update(a: &mut [f32], r: usize, c: usize, h: usize, n: usize, off: usize) {
     let right = c + h..c + n;
     let mut acc = vec![0f32; n - h];
-    for i in c + 1..c + h {
-        sum_into(a, r, i, c..i, right.clone(), &mut acc, false);
-    }
+    solve_unit(a, r, c, h, right.clone(), &mut acc, off);
     if n - h >= 12 {
         for i in c + h..r {
             sum_into(a, r, i, c..c + h, right.clone(), &mut acc, true);
@@ -81,6 +82,59 @@ fn update(a: &mut [f32], r: usize, c: usize, h: usize, n: usize, off: usize) {
             }
         }
     }
+}
+
+/// Rows `c + 1..c + h` of the columns `right` solved with the unit lower factor of rows and
+/// columns `c..c + h`: up to 64 rows each row less its products summed from +0 in order, each
+/// rounded; more (from r = 129, where the left part is 128 wide) cut in two at 64 (probed at 128
+/// rows; beyond, at the largest power of two below, as the LU is), the first part solved, the
+/// rest less their products over it (summed from +0 with fused multiply-adds and then subtracted
+/// where `right` is at least 4 wide, else one by one, [`take`]), then solved. The recursion
+/// unrolled into [`solve_steps`] (see [`inverse`]).
+#[inline(always)]
+fn solve_unit(a: &mut [f32], r: usize, c: usize, h: usize, right: Range<usize>, acc: &mut [f32], off: usize) {
+    let mut plan = vec![];
+    solve_steps(c, h, &mut plan);
+    for (c, h1, h) in plan {
+        if h1 == h {
+            for i in c + 1..c + h {
+                sum_into(a, r, i, c..i, right.clone(), acc, false);
+            }
+            continue;
+        }
+        let rows = c + h1..c + h;
+        if right.len() >= 4 {
+            for i in rows.clone() {
+                sum_into(a, r, i, c..c + h1, right.clone(), acc, true);
+            }
+            continue;
+        }
+        let mut p = Vec::with_capacity(h1);
+        for j in right.clone() {
+            let head = head_end(r, rows.clone(), j, off);
+            for i in rows.clone() {
+                p.clear();
+                p.extend((c..c + h1).map(|k| a[i * r + k] * a[k * r + j]));
+                a[i * r + j] = take(a[i * r + j], &p, i < head);
+            }
+        }
+    }
+}
+
+/// [`solve_unit`]'s steps in order: `(c, h, h)` solves rows `c + 1..c + h` by their sums,
+/// `(c, h1, h)` takes rows `c + h1..c + h` less their products over columns `c..c + h1`.
+fn solve_steps(c: usize, h: usize, out: &mut Vec<(usize, usize, usize)>) {
+    if h <= 64 {
+        out.push((c, h, h));
+        return;
+    }
+    let mut h1 = 64;
+    while h1 * 2 < h {
+        h1 *= 2;
+    }
+    solve_steps(c, h1, out);
+    out.push((c, h1, h));
+    solve_steps(c + h1, h - h1, out);
 }
 
 /// Row `i`'s columns `cols` less `Σ l_ik·u_kj` over `ks`, summed from +0 in order first: with

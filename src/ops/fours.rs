@@ -5,7 +5,7 @@
 //!
 //! Found on 2026-12-02 on an AMD EPYC (torch 2.15, MKL 2024.2) with `fixtures/probe_sums.py`
 //! (each element's tree of sums), then checked against torch's `inverse` on every value of random
-//! blocks at every r from 9 to 16 and, with [`super::crout`]'s LU, at every r up to 128
+//! blocks at every r from 9 to 16 and, with [`super::crout`]'s LU, at every r up to 149
 //! (`fixtures/check_inverses.py --amd`):
 //!
 //! - above 64 rows in parts of 64: the first 64 are solved first (backward the last 64), then the
@@ -134,7 +134,8 @@ pub(super) fn solve(x: &mut [f32], a: &[f32], r: usize, off: usize) {
 /// How the solves cut the rows (going forward; backward the same from the bottom): into parts of
 /// 64, each solved and then taken from all the rows after it ([`update`]); at r = 129 row 128
 /// takes its products over rows 0-63 as one sum and then those over 64-127 one by one, the rule
-/// for the 65 rows and then the 1 after each part (probed; bone-tool inverts in f64 above 128).
+/// for the 65 rows and then the 1 after each part (probed; checked at every r from 129 to 149,
+/// [`super::crout::LARGEST`]; above it bone-tool inverts in f64).
 fn halves(r: usize) -> Vec<Range<usize>> {
     (0..r).step_by(64).map(|s| s..r.min(s + 64)).collect()
 }

@@ -57,9 +57,10 @@ impl BatSums {
     }
 
     /// Whether bone-tool knows how PEFT's torch inverts an r×r `I + B_i` in f32 on this processor
-    /// ([`super::inverse_as_torch`]): up to r = 128 on either (measured on each at every r). Above
-    /// 128 torch's bytes depend on its threads and on how many blocks it inverts at once
-    /// (`panels::LARGEST`), not modelled.
+    /// ([`super::inverse_as_torch`]): up to r = 128 on the Intel processor, 149 on the AMD one
+    /// (measured on each at every r; on the AMD one with 1 to 32 threads). Above, torch's bytes
+    /// depend on its threads and on how many blocks it inverts at once (`panels::LARGEST`,
+    /// `crout::LARGEST`), not modelled.
     pub const fn inverts_as_torch(self, r: usize) -> bool {
         match self {
             BatSums::Intel => r >= 1 && r <= super::panels::LARGEST,

@@ -817,10 +817,10 @@ pub fn bat_inverses_as_torch(b: &[f32], r: usize, sums: BatSums) -> Result<BatIn
 }
 
 /// `(I + B)⁻¹` in f32 as torch's `inverse` computes it on the CPU, through MKL's `getrf` and
-/// `getrs`, for r up to 128 (measured on the Intel processor at every r from 1 to 16: 100 random
+/// `getrs`, for r up to 128 (149 on the AMD processor; measured on the Intel processor at every r from 1 to 16: 100 random
 /// blocks each, torch's `lu_factor` and `lu_solve` apart, and the fixtures' f32 BAT unmerges at
 /// r = 4, 8, 12 and 16; on the AMD processor at every r to 16, 3,000 random blocks each, and
-/// PEFT's unmerges at r = 4, 8, 12 and 16 (`unmerged-amd`), and from 17 to 128 [`crout`]'s; on
+/// PEFT's unmerges at r = 4, 8, 12 and 16 (`unmerged-amd`), and from 17 to 149 [`crout`]'s; on
 /// the Intel processor from r = 17 to 128
 /// [`panels::inverse`], whose doc says how). Up to r = 16:
 /// - `I + B` rounded to f32; an LU factorisation with partial pivoting, right-looking: for each

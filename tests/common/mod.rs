@@ -209,7 +209,7 @@ pub fn leftovers(dir: &Path, needle: &str) -> Vec<String> {
 
 /// AMD-only cases of the manifest made for their unmerges, at r from 12 to 192, where both
 /// processors sum a BAT merge's GEMM alike (each product fused, k in one block).
-pub const SAME_MERGE_AMD: [&str; 3] = ["bone-bat-r18-f32", "bone-bat-r19-f32", "miss-bat-r45-f32"];
+pub const SAME_MERGE_AMD: [&str; 4] = ["bone-bat-r18-f32", "bone-bat-r19-f32", "miss-bat-r45-f32", "miss-bat-r136-f32"];
 
 /// The fixture manifest written by fixtures/generate.py.
 pub fn manifest() -> serde_json::Value {
