@@ -279,4 +279,33 @@ mod tests {
         let differ = b.chunks(r * r).filter(|bi| (1..4).any(|off| inverse(bi, r, off) != inverse(bi, r, 0))).count();
         assert!(differ > 0);
     }
+
+    #[test]
+    fn a_solve_of_more_than_64_rows_goes_in_two_parts() {
+        // (c, h, h): rows solved by their sums; (c, h1, h): rows c + h1.. less their products over
+        // the first h1 rows. Up to 64 rows one part; 128 (r = 129 to 149: the LU's cut at 128) in
+        // two of 64, as torch's products show
+        let plan = |c, h| {
+            let mut out = vec![];
+            solve_steps(c, h, &mut out);
+            out
+        };
+        assert_eq!(plan(0, 64), [(0, 64, 64)]);
+        assert_eq!(plan(16, 32), [(16, 32, 32)]);
+        assert_eq!(plan(0, 128), [(0, 64, 64), (0, 64, 128), (64, 64, 64)]);
+        assert_eq!(plan(0, 100), [(0, 64, 64), (0, 64, 100), (64, 36, 36)]);
+        // and an inverse there is one (I + B times it within a few ulp of I)
+        let mut g = crate::ops::Xorshift(0x0C0F_FEE5);
+        let r = 136;
+        let b = g.values(r * r, 0.3 / (r as f32).sqrt());
+        let x = inverse(&b, r, 0);
+        for i in 0..r {
+            for j in 0..r {
+                let e: f64 = (0..r)
+                    .map(|k| (f64::from(b[i * r + k]) + f64::from(u8::from(i == k))) * f64::from(x[k * r + j]))
+                    .sum();
+                assert!((e - f64::from(u8::from(i == j))).abs() < 1e-4, "({i}, {j}): {e}");
+            }
+        }
+    }
 }
